@@ -1,0 +1,35 @@
+# One command each: `make demo` sets up and trains the default (Siamese) model on Caltech101,
+# `make test` sets up and runs the test suite.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python train.py --config configs/siamese.yaml
+	$(BIN)/python evaluate.py --checkpoint "$$(ls -td experiments/siamese/*/ | head -1)checkpoints/best.pt"
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/embed.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/ann.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,66 @@
+"""Atomic checkpoint writes and safe loads (`weights_only=True`: no arbitrary pickles)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mltrain.errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A kill at any moment leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by `atomic_save`, refusing anything but tensors and plain data."""
+    path = Path(path)
+    if path.is_dir():
+        path = resolve_checkpoint(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(
+            f"{path} is not a loadable mltrain checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}); it may be corrupt, truncated or unsafe"
+        ) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not an mltrain checkpoint (no model/config inside)")
+    return ckpt
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder or its checkpoints/ folder means its `last.pt`."""
+    path = Path(path)
+    for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"no checkpoints/last.pt under {path}; pass a .pt file or a run folder")

@@ -1,0 +1,301 @@
+"""Typed configs: strict YAML loading and `--set key=value` overrides.
+
+Every key is checked against the dataclasses below: an unknown key or a wrong type is a
+`ConfigError` naming the key and the file, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from mltrain.errors import ConfigError
+
+Spec = dict[str, Any]  # a component written `{name: ..., args: {...}}`
+
+
+def spec(name: str, **args: Any) -> Spec:
+    return {"name": name, "args": args}
+
+
+@dataclass
+class DataConfig:
+    root: str = "../shared/data/101_ObjectCategories.tar.gz"
+    exclude_classes: list[str] = field(default_factory=lambda: ["BACKGROUND_Google"])
+    split: str = "per_class"  # per_class | class_disjoint | none
+    train_fraction: float = 0.5
+    augment: list[Spec] = field(default_factory=list)  # albumentations transforms by name
+    bad_images: str = "error"  # error | skip
+    check_images: bool = True
+    num_workers: Optional[int] = None  # None: min(cores, 4)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: Union[bool, str] = "offline"  # true (hub) | false | offline | path to weights
+    pooling: Spec = field(default_factory=lambda: spec("avg"))
+    embedding_dim: Optional[int] = None  # a linear projection (neck) when set
+    normalize: bool = True  # L2-normalise embeddings
+    head: bool = False  # linear classification head (classification mode)
+    frozen_stages: int = 0  # trunk stages kept frozen for the whole run
+    image_size: Optional[int] = None  # None: the backbone's own data config
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
+    loss: Spec = field(default_factory=lambda: spec("ContrastiveLoss"))
+    miner: Optional[Spec] = None
+    sampler: Spec = field(default_factory=lambda: spec("m_per_class", m=4))
+    optimizer: Spec = field(default_factory=lambda: spec("adamw", lr=1e-4, weight_decay=1e-4))
+    scheduler: Spec = field(default_factory=lambda: spec("cosine", warmup_epochs=0))
+    freeze_backbone_epochs: int = 0
+    grad_clip: Optional[float] = None
+    grad_accum: int = 1
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    channels_last: bool = True
+    cache_frozen: bool = False  # cache the frozen trunk prefix's outputs (needs frozen_stages)
+    cache_views: int = 1  # augmented views cached per image when cache_frozen is on
+    eval_every: int = 1
+    best_metric: str = "precision_at_1"
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    metric: str = "cosine"  # cosine | l2
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = 64
+    gallery: str = "heldout"  # heldout (leave-one-out) | train
+    pca_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 100, 128, 256, 512])
+    index_types: list[str] = field(default_factory=lambda: ["flat", "hnsw", "ivf_flat", "ivf_pq"])
+    verification_pairs: int = 20000
+    one_shot_ways: list[int] = field(default_factory=lambda: [5, 20])
+    one_shot_episodes: int = 500
+    tsne: bool = True
+    tsne_max_points: int = 3000
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "experiments"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "data.split": ("per_class", "class_disjoint", "none"),
+    "data.bad_images": ("error", "skip"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "eval.metric": ("cosine", "l2"),
+    "eval.gallery": ("heldout", "train"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        return _check_spec(value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is Any or isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _check_spec(value: Any, key: str) -> Spec:
+    if isinstance(value, str):  # shorthand: `loss: TripletMarginLoss`
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ConfigError(f"{key}: expected {{name: ..., args: {{...}}}}, got {value!r}")
+    unknown = set(value) - {"name", "args"}
+    if unknown:
+        raise ConfigError(f"{key}: unknown keys {sorted(unknown)}; a component has name and args")
+    args = value.get("args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"{key}.args: expected a mapping, got {args!r}")
+    return {"name": value["name"], "args": dict(args)}
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(names)}"
+        )
+    values = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**values)
+
+
+def validate(cfg: Config) -> Config:
+    """Range and choice checks that the types alone cannot express."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    positive = {
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.eval_every": cfg.train.eval_every,
+        "train.cache_views": cfg.train.cache_views,
+        "eval.batch_size": cfg.eval.batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps: must be at least 1, got {cfg.train.max_steps}")
+    if cfg.data.split != "none" and not 0 < cfg.data.train_fraction < 1:
+        raise ConfigError(f"data.train_fraction: must be in (0, 1), got {cfg.data.train_fraction}")
+    lr = cfg.train.optimizer.get("args", {}).get("lr")
+    if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
+        raise ConfigError(f"train.optimizer.args.lr: must be a positive number, got {lr!r}")
+    if cfg.model.embedding_dim is not None and cfg.model.embedding_dim < 1:
+        raise ConfigError(f"model.embedding_dim: must be at least 1, got {cfg.model.embedding_dim}")
+    if any(k < 1 for k in cfg.eval.ks):
+        raise ConfigError(f"eval.ks: every k must be at least 1, got {cfg.eval.ks}")
+    if any(n < 1 for n in cfg.eval.pca_lengths):
+        raise ConfigError(f"eval.pca_lengths: lengths must be at least 1, got {cfg.eval.pca_lengths}")
+    if cfg.model.frozen_stages < 0 or cfg.train.freeze_backbone_epochs < 0:
+        raise ConfigError("model.frozen_stages and train.freeze_backbone_epochs must be >= 0")
+    if cfg.train.cache_frozen and cfg.model.frozen_stages == 0:
+        raise ConfigError("train.cache_frozen needs model.frozen_stages > 0 (a frozen prefix)")
+    return cfg
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Build a validated `Config`; errors name `source` (the file) and the key."""
+    try:
+        return validate(_from_dict(Config, data or {}, ""))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML, so `1e-3`, `true`, `[1, 2]` work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads `1e-3` as a string
+    return key.strip().split("."), value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return _fix_floats(data)
+
+
+def _fix_floats(node: Any) -> Any:
+    """PyYAML reads `1e-4` (no dot) as a string; make numeric strings numbers."""
+    if isinstance(node, dict):
+        return {k: _fix_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_floats(v) for v in node]
+    if isinstance(node, str) and "e" in node.lower() and _looks_numeric(node):
+        return float(node)
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply `--set` overrides.
+
+    The run name defaults to the file's stem so runs land in `experiments/<config name>/`.
+    """
+    data = read_yaml(path) if path else {}
+    if path and "name" not in data:
+        data["name"] = Path(path).stem
+    data = apply_overrides(data, overrides or [])
+    source = str(path) if path else "defaults"
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return from_dict(data, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

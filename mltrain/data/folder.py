@@ -1,0 +1,169 @@
+"""Data roots: a folder of class sub-folders, or an archive of one that is extracted once.
+
+Extraction goes to a temporary sibling that is renamed into place, so a folder that exists
+is always complete and later runs (and other ranks) reuse it without re-reading the archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mltrain.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+_MARKER = ".mltrain-extracted"  # records the size of the archive a folder came from
+
+
+@dataclass
+class ImageFolder:
+    """Images of a class-per-sub-folder tree; `labels[i]` indexes `classes` for `paths[i]`."""
+
+    root: Path
+    paths: list[Path]
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _archive_stem(path: Path) -> str | None:
+    name = path.name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _writable(directory: Path) -> bool:
+    """Writable for us, and not marked read-only (root ignores mode bits; we respect them)."""
+    if not os.access(directory, os.W_OK):
+        return False
+    write_bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+    return bool(directory.stat().st_mode & write_bits)
+
+
+def _size_stamp(archive: Path) -> str:
+    # Size only: copying an archive with its extracted folder (new mtime) is not a change.
+    return f"size={archive.stat().st_size}"
+
+
+def extraction_dir(archive: Path) -> Path:
+    """Where `archive` is (or will be) extracted: beside it, else in the user cache."""
+    stem = _archive_stem(archive) or archive.name
+    if _writable(archive.parent):
+        return archive.parent / stem
+    base = os.environ.get("MLTRAIN_CACHE") or Path.home() / ".cache" / "mltrain" / "datasets"
+    st = archive.stat()
+    key = f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    short = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return Path(base) / f"{stem}-{short}"
+
+
+def _extract(archive: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"extracting {archive} to {dest} (once; later runs reuse it)", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(tmp, filter="data")  # "data" refuses absolute paths, "..", devices
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"cannot extract archive {archive}: {e}; is it complete?") from e
+        entries = [p for p in tmp.iterdir() if not p.name.startswith(".")]
+        # A single top-level folder is the data root; otherwise the archive's top level is.
+        top = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
+        (top / _MARKER).write_text(_size_stamp(archive) + "\n")
+        try:
+            top.rename(dest)
+        except OSError:
+            if not dest.is_dir():  # not a concurrent extraction that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    files = []
+    for d, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]  # prune hidden folders
+        files += [Path(d) / f for f in names if is_image(Path(f))]
+    return files
+
+
+def resolve_root(root: str | os.PathLike) -> Path:
+    """Return a folder of class sub-folders for `root`: a folder as is, an archive extracted."""
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"data root {path} does not exist; check data.root")
+    if path.is_dir():
+        return path
+    if _archive_stem(path) is None:
+        raise DataError(
+            f"data root {path} is neither a folder nor a {'/'.join(ARCHIVE_SUFFIXES)} archive; "
+            "point data.root at a folder of class sub-folders or at such an archive"
+        )
+    dest = extraction_dir(path)
+    if not dest.is_dir():
+        _extract(path, dest)
+    marker = dest / _MARKER
+    if marker.is_file() and marker.read_text().strip() != _size_stamp(path):
+        raise DataError(
+            f"archive {path} changed since it was extracted to {dest}; "
+            f"delete {dest} so that it is extracted again"
+        )
+    return dest
+
+
+def scan_folder(root: str | os.PathLike, exclude: tuple[str, ...] | list[str] = ()) -> ImageFolder:
+    """List the images of `root/<class>/...` (recursively), classes and files sorted."""
+    root = Path(root)
+    if isinstance(exclude, str):  # `exclude_classes: foo` in YAML means one class, not letters
+        exclude = (exclude,)
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder; check data.root")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise DataError(
+            f"data root {root} has no class sub-folders; expected {root}/<class name>/<image>"
+        )
+    unknown = sorted(set(exclude) - set(found))
+    if unknown:
+        raise DataError(
+            f"data.exclude_classes names {unknown} but {root} has no such class folder; "
+            f"classes are: {', '.join(found[:20])}{' ...' if len(found) > 20 else ''}"
+        )
+    classes = [c for c in found if c not in set(exclude)]
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        files = sorted(_images_under(root / name))
+        if not files:
+            raise DataError(
+                f"class folder {root / name} has no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                f"remove it or add '{name}' to data.exclude_classes"
+            )
+        paths += files
+        labels += [label] * len(files)
+    if len(classes) < 2:
+        raise DataError(
+            f"data root {root} has {len(classes)} class ({', '.join(classes)}); "
+            "metric learning needs at least 2 class sub-folders"
+        )
+    return ImageFolder(root, paths, np.asarray(labels, dtype=np.int64), classes)

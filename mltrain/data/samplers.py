@@ -1,0 +1,94 @@
+"""Batch samplers by name. Pair and triplet losses need positives in every batch: `m_per_class`
+puts `m` images of each of `batch_size / m` classes in each batch; `random` just shuffles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pytorch_metric_learning.samplers import MPerClassSampler
+from pytorch_metric_learning.utils import common_functions as pml_common
+from torch.utils.data import Sampler
+
+from mltrain.errors import ConfigError, DataError
+from mltrain.registry import Registry
+
+SAMPLERS = Registry("sampler")
+
+
+class SeededMPerClassSampler(MPerClassSampler):
+    """MPerClassSampler drawing from its own RNG instead of numpy's global one, so the batch
+    order is reproducible for a seed and does not depend on other users of np.random."""
+
+    def __init__(self, *args: Any, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rng = np.random.RandomState(seed)
+
+    def __iter__(self):
+        # pml draws from the module-level `NUMPY_RANDOM`; swap ours in while the epoch's
+        # index list is built (it is built eagerly, in the main process).
+        saved, pml_common.NUMPY_RANDOM = pml_common.NUMPY_RANDOM, self.rng
+        try:
+            return super().__iter__()
+        finally:
+            pml_common.NUMPY_RANDOM = saved
+
+
+@SAMPLERS.register("random")
+def random_sampler(**_: Any) -> None:
+    """No sampler: the loader shuffles."""
+    return None
+
+
+@SAMPLERS.register("m_per_class")
+def m_per_class_sampler(
+    labels: np.ndarray,
+    batch_size: int,
+    class_names: Sequence[str],
+    m: int = 4,
+    seed: int | None = None,
+) -> Sampler:
+    labels = np.asarray(labels, dtype=np.int64)
+    if m < 1 or batch_size % m or batch_size < 2 * m:
+        raise ConfigError(
+            f"sampler m_per_class: batch_size {batch_size} must be a multiple of m {m} and at "
+            f"least 2*m = {2 * m} (each batch holds batch_size/m classes)"
+        )
+    ids, counts = np.unique(labels, return_counts=True)
+    for label, count in zip(ids, counts, strict=True):
+        if count < 2:
+            raise DataError(
+                f"class '{class_names[label]}' has {count} image; pair and triplet losses need "
+                "at least 2 per class: add images or exclude the class with data.exclude_classes"
+            )
+    if len(ids) * m < batch_size:
+        raise ConfigError(
+            f"sampler m_per_class: {len(ids)} classes x m {m} = {len(ids) * m} images cannot "
+            f"fill a batch of {batch_size}; lower batch_size or raise m"
+        )
+    if len(labels) < batch_size:
+        raise ConfigError(
+            f"sampler m_per_class: {len(labels)} training images are fewer than batch_size "
+            f"{batch_size}; lower batch_size"
+        )
+    return SeededMPerClassSampler(
+        labels, m, batch_size=batch_size, length_before_new_iter=len(labels), seed=seed
+    )
+
+
+def build_sampler(
+    spec: Mapping[str, Any] | str,
+    labels: np.ndarray,
+    batch_size: int,
+    class_names: Sequence[str],
+    seed: int | None = None,
+) -> Sampler | None:
+    """Sampler from `{name, args}` (or a bare name); None means 'let the loader shuffle'."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    extra: dict[str, Any] = {"labels": labels, "batch_size": batch_size, "class_names": class_names}
+    if seed is not None:
+        extra["seed"] = seed
+    return SAMPLERS.build(spec, **extra)

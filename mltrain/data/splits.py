@@ -1,0 +1,165 @@
+"""Train / held-out splits, saved as JSON so that evaluation reuses exactly the same images.
+
+Kinds: `per_class` (every class on both sides: closed-set retrieval), `class_disjoint` (held-out
+classes never seen in training: the usual metric-learning protocol) and `none` (every image
+is both query and gallery, for a fixed catalogue). Splits use their own seeded generator, so
+they do not depend on (or disturb) the global RNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mltrain.data.folder import ImageFolder
+from mltrain.errors import ConfigError, DataError
+
+SPLIT_KINDS = ("per_class", "class_disjoint", "none")
+
+
+@dataclass
+class Split:
+    """Indices into an `ImageFolder`; `train` and `heldout` are sorted int64 arrays."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    kind: str
+    seed: int
+    train_fraction: float
+
+
+def _n_train(fraction: float, n: int) -> int:
+    # At least one on each side when there are two or more.
+    return 1 if n < 2 else min(max(round(fraction * n), 1), n - 1)
+
+
+def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int) -> Split:
+    """Split image indices by `kind`; deterministic for a given `seed`."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if kind not in SPLIT_KINDS:
+        raise ConfigError(f"unknown split kind '{kind}'; valid kinds: {', '.join(SPLIT_KINDS)}")
+    if kind == "none":
+        everything = np.arange(len(labels), dtype=np.int64)
+        return Split(everything, everything.copy(), kind, seed, float(train_fraction))
+    if not 0.0 < float(train_fraction) < 1.0:
+        raise ConfigError(
+            f"split train_fraction {train_fraction} must be strictly between 0 and 1 "
+            f"(e.g. 0.5) for split kind '{kind}'"
+        )
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    if kind == "per_class":
+        train_parts = []
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            train_parts.append(idx[: _n_train(train_fraction, len(idx))])
+        train = np.concatenate(train_parts) if train_parts else np.empty(0, np.int64)
+    else:
+        if len(classes) < 2:
+            raise DataError(
+                f"split kind 'class_disjoint' needs at least 2 classes, found {len(classes)}"
+            )
+        shuffled = rng.permutation(classes)
+        train_classes = shuffled[: _n_train(train_fraction, len(classes))]
+        train = np.flatnonzero(np.isin(labels, train_classes))
+    train = np.sort(train).astype(np.int64)
+    heldout = np.setdiff1d(np.arange(len(labels), dtype=np.int64), train)
+    return Split(train, heldout, kind, int(seed), float(train_fraction))
+
+
+def _entries(indices: np.ndarray, folder: ImageFolder) -> list[list[str]]:
+    return [
+        [folder.paths[i].relative_to(folder.root).as_posix(), folder.classes[folder.labels[i]]]
+        for i in indices
+    ]
+
+
+def save_split(path: str | os.PathLike, split: Split, folder: ImageFolder) -> None:
+    """Write `split` as JSON with paths relative to the data root (portable across machines)."""
+    doc = {
+        "kind": split.kind,
+        "seed": split.seed,
+        "train_fraction": split.train_fraction,
+        "train": _entries(split.train, folder),  # [relative path, class name]
+        "heldout": _entries(split.heldout, folder),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+
+
+def load_split(path: str | os.PathLike, folder: ImageFolder) -> Split:
+    """Read a split saved by `save_split` and map it onto `folder`, which must hold its images."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        sides = {side: doc[side] for side in ("train", "heldout")}
+        kind, seed, fraction = doc["kind"], doc["seed"], doc["train_fraction"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"cannot read split file {path}: {e}; delete it to make a new split") from e
+    index = {p.relative_to(folder.root).as_posix(): i for i, p in enumerate(folder.paths)}
+    missing: list[str] = []
+    relabelled: list[str] = []
+    out: dict[str, np.ndarray] = {}
+    for side, entries in sides.items():
+        found = []
+        for rel, cls in entries:
+            i = index.get(rel)
+            if i is None:
+                missing.append(rel)
+            elif folder.classes[folder.labels[i]] != cls:
+                relabelled.append(rel)
+            else:
+                found.append(i)
+        out[side] = np.asarray(sorted(found), dtype=np.int64)
+    bad = missing or relabelled
+    if bad:
+        what = "are not in" if missing else "have another class in"
+        raise DataError(
+            f"split file {path} lists {len(bad)} images that {what} data root {folder.root} "
+            f"(e.g. {', '.join(bad[:3])}); restore the images, or delete {path} to make a new split"
+        )
+    return Split(out["train"], out["heldout"], kind, int(seed), float(fraction))
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_duplicates(
+    paths: list[Path], train_idx: np.ndarray, heldout_idx: np.ndarray
+) -> list[tuple[str, str]]:
+    """(train path, held-out path) pairs of byte-identical files: they leak into evaluation.
+
+    Only files whose size occurs on both sides are hashed, so this is cheap on real data.
+    """
+    sizes = {int(i): os.path.getsize(paths[i]) for i in np.concatenate([train_idx, heldout_idx])}
+    common = {sizes[int(i)] for i in train_idx} & {sizes[int(i)] for i in heldout_idx}
+    digest: dict[int, str] = {}
+
+    def by_hash(indices: np.ndarray) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i in map(int, indices):
+            if sizes[i] in common:
+                digest.setdefault(i, _sha1(Path(paths[i])))
+                groups[digest[i]].append(i)
+        return groups
+
+    train_groups, held_groups = by_hash(train_idx), by_hash(heldout_idx)
+    pairs = [
+        (str(paths[a]), str(paths[b]))
+        for h in sorted(train_groups.keys() & held_groups.keys())
+        for a in train_groups[h]
+        for b in held_groups[h]
+        if a != b  # split kind 'none' puts each image on both sides
+    ]
+    return sorted(pairs)

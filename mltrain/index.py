@@ -1,0 +1,373 @@
+"""Faiss index building, chunked k-NN search and index persistence.
+
+Every nearest-neighbour search in mltrain goes through this module so that the metric
+convention is decided in one place:
+
+- "cosine": vectors are L2-normalised and searched by inner product; scores are cosine
+  similarities, higher is better.
+- "l2": vectors are searched as given; scores are *squared* Euclidean distances, lower is better.
+
+Queries are searched in chunks so that the result buffers, not just the index, stay bounded
+for galleries of a million vectors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import faiss
+import numpy as np
+
+from mltrain.errors import BundleError, ConfigError, DataError
+from mltrain.registry import Registry
+
+METRICS = ("cosine", "l2")
+DEFAULT_CHUNK = 8192
+
+INDEX_TYPES = Registry("index type")
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Float32 copy with unit-length rows; all-zero rows stay zero instead of becoming NaN."""
+    x = np.array(x, dtype=np.float32, copy=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def faiss_metric(metric: str) -> int:
+    """The Faiss metric constant that implements `metric` (cosine = inner product)."""
+    check_metric(metric)
+    return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric '{metric}'; valid metrics: {', '.join(METRICS)}")
+
+
+def as_vectors(x: np.ndarray, name: str = "vectors") -> np.ndarray:
+    """C-contiguous float32 2-D array, as Faiss requires; rejects empty or non-finite input."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise DataError(f"{name} must be a non-empty 2-D array (n, dim), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{name} contain NaN or inf; check the model output before searching")
+    return x
+
+
+def prepare(x: np.ndarray, metric: str, name: str = "vectors") -> np.ndarray:
+    """Vectors as the index expects them: float32, and unit length for cosine."""
+    check_metric(metric)
+    x = as_vectors(x, name)
+    return l2_normalize(x) if metric == "cosine" else x
+
+
+def check_k(k: int, gallery_size: int, exclude_self: bool = False) -> None:
+    """Reject k that the gallery cannot fill, rather than let Faiss pad with -1."""
+    available = gallery_size - (1 if exclude_self else 0)
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got k={k!r}")
+    if k > available:
+        others = " other" if exclude_self else ""
+        raise ConfigError(
+            f"k={k} exceeds the gallery size {gallery_size} ({available}{others} items "
+            f"can be retrieved); lower k or use a larger gallery"
+        )
+
+
+def drop_self(
+    scores: np.ndarray, indices: np.ndarray, start: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own index from a k+1 result, where query row i is gallery row start+i.
+
+    With exact duplicates Faiss may rank the duplicate first and push the row itself out of
+    the k+1 results; such rows drop their last column instead, so every row keeps k items
+    and none of them is the query itself.
+    """
+    n, width = indices.shape
+    own = np.arange(start, start + n)[:, None]
+    is_self = indices == own
+    # First occurrence of self, or the last column when it is absent.
+    pos = np.where(is_self.any(axis=1), is_self.argmax(axis=1), width - 1)
+    keep = np.ones_like(is_self)
+    keep[np.arange(n), pos] = False
+    return scores[keep].reshape(n, width - 1), indices[keep].reshape(n, width - 1)
+
+
+def search_chunks(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield `(start, scores, indices)` per chunk of queries so callers can reduce as they go.
+
+    Rows an approximate index cannot fill (e.g. IVF with few probes) have index -1.
+    """
+    check_index_metric(index, metric)
+    queries = prepare(queries, metric, "queries")
+    if queries.shape[1] != index.d:
+        raise DataError(f"queries have dimension {queries.shape[1]}, the index expects {index.d}")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
+    for start in range(0, len(queries), chunk_size):
+        scores, indices = index.search(queries[start : start + chunk_size], k)
+        yield start, scores, indices
+
+
+def check_index_metric(index: faiss.Index, metric: str) -> None:
+    """A cosine search on an L2 index (or vice versa) silently ranks wrongly, so refuse it."""
+    if index.metric_type != faiss_metric(metric):
+        kind = "inner-product" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "L2"
+        raise ConfigError(f"metric '{metric}' does not match this {kind} index")
+
+
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search a built index; efSearch/nprobe are whatever the index stores (set at build time).
+
+    Returns float32 scores and int64 indices of shape (n_queries, k); see the module
+    docstring for the score convention.
+    """
+    check_k(k, index.ntotal)
+    parts = list(search_chunks(index, queries, k, metric, chunk_size))
+    return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+def exact_index(dim: int, metric_type: int) -> faiss.Index:
+    """Empty brute-force index: IndexFlatIP for cosine (on unit vectors), IndexFlatL2 for l2."""
+    if metric_type == faiss.METRIC_INNER_PRODUCT:
+        return faiss.IndexFlatIP(dim)
+    return faiss.IndexFlatL2(dim)
+
+
+def flat_index(gallery: np.ndarray, metric: str = "cosine") -> faiss.Index:
+    """Exact index over an already prepared gallery (see `prepare`)."""
+    index = exact_index(gallery.shape[1], faiss_metric(metric))
+    index.add(gallery)
+    return index
+
+
+def knn_chunks(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    exclude_self: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Exact k-NN, yielded per chunk of queries as `(start, scores, indices)`.
+
+    `exclude_self=True` means the queries are the gallery (same rows, same order): each row
+    gets its k nearest *other* rows.
+    """
+    gallery = prepare(gallery, metric, "gallery")
+    queries = as_vectors(queries, "queries")
+    if exclude_self and queries.shape != gallery.shape:
+        raise DataError(
+            f"exclude_self needs queries identical to the gallery, got shapes "
+            f"{queries.shape} and {gallery.shape}"
+        )
+    check_k(k, len(gallery), exclude_self)
+    index = flat_index(gallery, metric)
+    extra = 1 if exclude_self else 0
+    for start, scores, indices in search_chunks(index, queries, k + extra, metric, chunk_size):
+        if exclude_self:
+            scores, indices = drop_self(scores, indices, start)
+        yield start, scores, indices
+
+
+def knn(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    exclude_self: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest gallery rows for every query: `(scores, indices)`, each (n_queries, k)."""
+    parts = list(knn_chunks(queries, gallery, k, metric, exclude_self, chunk_size))
+    return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+# --- index types -------------------------------------------------------------------------
+
+
+def _positive(name: str, value: Any) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"index arg {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def default_nlist(n_train: int) -> int:
+    """About 4*sqrt(n) lists, but at least 39 training points per list (Faiss's own minimum)."""
+    return int(np.clip(round(4 * math.sqrt(n_train)), 1, max(1, n_train // 39)))
+
+
+def _ivf_nlist(nlist: int | None, n_train: int) -> int:
+    nlist = default_nlist(n_train) if nlist is None else _positive("nlist", nlist)
+    if nlist > n_train:
+        raise ConfigError(
+            f"IVF with nlist={nlist} needs at least {nlist} training vectors, got {n_train}; "
+            f"lower nlist or leave it unset"
+        )
+    return nlist
+
+
+@INDEX_TYPES.register("flat")
+def _flat(dim: int, metric_type: int, n_train: int) -> faiss.Index:
+    return exact_index(dim, metric_type)
+
+
+@INDEX_TYPES.register("hnsw")
+def _hnsw(
+    dim: int,
+    metric_type: int,
+    n_train: int,
+    M: int = 32,  # noqa: N803 - Faiss's own name for the graph degree
+    ef_construction: int = 200,
+    ef_search: int = 128,
+) -> faiss.Index:
+    index = faiss.IndexHNSWFlat(dim, _positive("M", M), metric_type)
+    index.hnsw.efConstruction = _positive("ef_construction", ef_construction)
+    index.hnsw.efSearch = _positive("ef_search", ef_search)
+    return index
+
+
+@INDEX_TYPES.register("ivf_flat")
+def _ivf_flat(
+    dim: int, metric_type: int, n_train: int, nlist: int | None = None, nprobe: int = 16
+) -> faiss.Index:
+    nlist = _ivf_nlist(nlist, n_train)
+    index = faiss.IndexIVFFlat(exact_index(dim, metric_type), dim, nlist, metric_type)
+    index.nprobe = min(_positive("nprobe", nprobe), nlist)
+    return index
+
+
+@INDEX_TYPES.register("ivf_pq")
+def _ivf_pq(
+    dim: int,
+    metric_type: int,
+    n_train: int,
+    nlist: int | None = None,
+    m: int = 16,
+    nbits: int = 8,
+    nprobe: int = 16,
+) -> faiss.Index:
+    nlist = _ivf_nlist(nlist, n_train)
+    m, nbits = _positive("m", m), _positive("nbits", nbits)
+    if dim % m:
+        raise ConfigError(f"ivf_pq: m={m} sub-quantizers must divide the dimension {dim}")
+    if n_train < 2**nbits:
+        raise ConfigError(
+            f"ivf_pq with nbits={nbits} needs at least {2**nbits} training vectors, "
+            f"got {n_train}; lower nbits or use flat/hnsw"
+        )
+    quantizer = exact_index(dim, metric_type)
+    index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, metric_type)
+    index.nprobe = min(_positive("nprobe", nprobe), nlist)
+    return index
+
+
+def pca_transforms(
+    train_vectors: np.ndarray, pca_dim: int, metric: str = "cosine"
+) -> list[faiss.VectorTransform]:
+    """Trained transform chain: PCA to `pca_dim`, then re-normalisation for cosine.
+
+    `train_vectors` must already be prepared (unit length for cosine). Re-normalising after
+    the projection keeps the inner product a cosine similarity.
+    """
+    dim = train_vectors.shape[1]
+    if not isinstance(pca_dim, (int, np.integer)) or not 1 <= pca_dim <= dim:
+        raise ConfigError(f"pca_dim={pca_dim!r} must be an integer between 1 and the dim {dim}")
+    if len(train_vectors) < pca_dim:
+        raise ConfigError(
+            f"pca_dim={pca_dim} needs at least {pca_dim} training vectors, "
+            f"got {len(train_vectors)}"
+        )
+    pca = faiss.PCAMatrix(dim, int(pca_dim))
+    pca.train(train_vectors)
+    chain: list[faiss.VectorTransform] = [pca]
+    if metric == "cosine":
+        chain.append(faiss.NormalizationTransform(int(pca_dim), 2.0))
+    return chain
+
+
+def with_transforms(index: faiss.Index, chain: list[faiss.VectorTransform]) -> faiss.Index:
+    """Wrap `index` so that `chain` runs inside it on every add and search (and is saved)."""
+    if not chain:
+        return index
+    wrapped = faiss.IndexPreTransform(index)
+    for t in reversed(chain):
+        wrapped.prepend_transform(t)
+    return wrapped
+
+
+def apply_transforms(chain: list[faiss.VectorTransform], x: np.ndarray) -> np.ndarray:
+    """Run prepared vectors through a trained chain outside an index (float32 out)."""
+    for t in chain:
+        x = t.apply(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def build_index(
+    kind: str,
+    vectors: np.ndarray,
+    metric: str = "cosine",
+    pca_dim: int | None = None,
+    args: dict[str, Any] | None = None,
+    train_vectors: np.ndarray | None = None,
+) -> faiss.Index:
+    """Build, train and fill an index of type `kind` (see `INDEX_TYPES.names()`).
+
+    With `pca_dim` the PCA (fitted on `train_vectors`, default `vectors`) is stored inside
+    the index as an `IndexPreTransform`, so a saved index takes raw embeddings as queries.
+    """
+    vectors = prepare(vectors, metric, "vectors")
+    train = vectors if train_vectors is None else prepare(train_vectors, metric, "train_vectors")
+    if train.shape[1] != vectors.shape[1]:
+        raise DataError(
+            f"train_vectors have dimension {train.shape[1]}, vectors have {vectors.shape[1]}"
+        )
+    chain = [] if pca_dim is None else pca_transforms(train, pca_dim, metric)
+    dim = vectors.shape[1] if pca_dim is None else int(pca_dim)
+    spec = {"name": kind, "args": args or {}}
+    index = INDEX_TYPES.build(spec, dim=dim, metric_type=faiss_metric(metric), n_train=len(train))
+    index = with_transforms(index, chain)
+    index.train(train)
+    index.add(vectors)
+    return index
+
+
+# --- persistence -------------------------------------------------------------------------
+
+
+def index_nbytes(index: faiss.Index) -> int:
+    """Serialised size: what the index costs on disk and, roughly, in memory."""
+    return int(faiss.serialize_index(index).nbytes)
+
+
+def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
+    faiss.write_index(index, os.fspath(path))
+
+
+def load_index(path: str | os.PathLike) -> faiss.Index:
+    """Read an index written by `save_index`; missing or unreadable files are a BundleError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BundleError(f"index file {path} does not exist; rebuild the search bundle")
+    try:
+        return faiss.read_index(path)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        raise BundleError(f"index file {path} is corrupt or not a Faiss index ({first})") from e

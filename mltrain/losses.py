@@ -1,0 +1,97 @@
+"""Losses and miners by name: cross-entropy plus everything pytorch-metric-learning ships.
+
+A pml loss is composed of a distance, a reducer and a miner; nested components in `args`
+(e.g. `distance: {name: CosineSimilarity}`) are built from pml's own modules.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pytorch_metric_learning import distances, losses, miners, reducers, regularizers
+from torch import nn
+
+from mltrain.errors import ConfigError
+from mltrain.registry import Registry
+
+LOSSES = Registry("loss")
+MINERS = Registry("miner")
+_NESTED = {
+    "distance": Registry("distance"),
+    "reducer": Registry("reducer"),
+    "embedding_regularizer": Registry("regularizer"),
+    "weight_regularizer": Registry("regularizer"),
+}
+
+
+def _register_module(registry: Registry, module: Any, base: type) -> None:
+    for name, obj in vars(module).items():
+        if inspect.isclass(obj) and issubclass(obj, base) and obj is not base:
+            if not name.startswith("Base") and name not in registry:
+                registry.register(name, obj)
+
+
+_register_module(LOSSES, losses, losses.BaseMetricLossFunction)
+_register_module(MINERS, miners, miners.BaseMiner)
+_register_module(_NESTED["distance"], distances, distances.BaseDistance)
+_register_module(_NESTED["reducer"], reducers, reducers.BaseReducer)
+for _key in ("embedding_regularizer", "weight_regularizer"):
+    _register_module(_NESTED[_key], regularizers, regularizers.BaseRegularizer)
+LOSSES.register("cross_entropy", nn.CrossEntropyLoss)
+
+
+def _args(spec: dict, signature_of: Any, fill: dict[str, Any]) -> dict[str, Any]:
+    """The spec's args with nested components built and `fill` values the class accepts."""
+    args = dict(spec.get("args") or {})
+    for key, value in args.items():
+        if key in _NESTED and isinstance(value, (dict, str)):
+            nested = {"name": value} if isinstance(value, str) else value
+            args[key] = _NESTED[key].build(nested)
+    params = inspect.signature(signature_of).parameters
+    for key, value in fill.items():
+        if key in params and key not in args:
+            args[key] = value
+    return args
+
+
+@dataclass
+class Criterion:
+    """A loss with its optional miner; `uses_logits` marks classification losses on the head."""
+
+    loss: nn.Module
+    miner: nn.Module | None
+    uses_logits: bool
+
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor, head: nn.Module | None):
+        if self.uses_logits:
+            return self.loss(head(embeddings), labels)
+        tuples = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss(embeddings, labels, tuples)
+
+
+def build_criterion(
+    loss_spec: dict, miner_spec: dict | None, num_classes: int, embedding_dim: int, has_head: bool
+) -> Criterion:
+    """Losses that own weights (ArcFace, NormalizedSoftmax, ...) get their sizes filled in."""
+    name = loss_spec["name"]
+    loss_cls = LOSSES.get(name)
+    uses_logits = name == "cross_entropy"
+    if uses_logits and not has_head:
+        raise ConfigError("train.loss: cross_entropy needs a classifier: set model.head: true")
+    if has_head and not uses_logits:
+        raise ConfigError(f"model.head: true is only for train.loss cross_entropy, not {name}")
+    if uses_logits and miner_spec:
+        raise ConfigError("train.miner: a miner has no effect with cross_entropy; remove it")
+    fill = {"num_classes": num_classes, "embedding_size": embedding_dim}
+    try:
+        loss = loss_cls(**_args(loss_spec, loss_cls, fill))
+        miner = None
+        if miner_spec:
+            miner_cls = MINERS.get(miner_spec["name"])
+            miner = miner_cls(**_args(miner_spec, miner_cls, {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.loss/train.miner: bad args: {e}") from None
+    return Criterion(loss=loss, miner=miner, uses_logits=uses_logits)

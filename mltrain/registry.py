@@ -1,0 +1,51 @@
+"""Explicit registries: one dict from name to constructor per component kind."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from mltrain.errors import ConfigError
+
+
+class Registry:
+    """Maps names to constructors; `build({name, args})` makes a component.
+
+    Unknown names are a `ConfigError` that lists every valid name, so a typo in a config
+    never reaches a library's own traceback.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str, fn: Callable[..., Any] | None = None):
+        """Register `fn` under `name`; usable as a decorator when `fn` is omitted."""
+
+        def add(f: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._items:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._items[name] = f
+            return f
+
+        return add(fn) if fn is not None else add
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._items:
+            valid = ", ".join(self.names())
+            raise ConfigError(f"unknown {self.kind} '{name}'; valid names: {valid}")
+        return self._items[name]
+
+    def build(self, spec: Mapping[str, Any], **extra: Any) -> Any:
+        """Build from `{name, args}`; `extra` keyword arguments fill in what the config leaves out."""
+        fn = self.get(spec["name"])
+        args = {**extra, **dict(spec.get("args") or {})}
+        try:
+            return fn(**args)
+        except TypeError as e:
+            raise ConfigError(f"{self.kind} '{spec['name']}': bad args {sorted(args)}: {e}") from e

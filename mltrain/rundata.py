@@ -1,0 +1,114 @@
+"""From a config to image lists, a recorded split and data loaders."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mltrain.config import Config
+from mltrain.data.dataset import ImageDataset, make_loader
+from mltrain.data.folder import ImageFolder, resolve_root, scan_folder
+from mltrain.data.images import check_images
+from mltrain.data.samplers import build_sampler
+from mltrain.data.splits import Split, make_split, save_split
+from mltrain.data.transforms import eval_transform, train_transform
+from mltrain.errors import DataError
+
+
+@dataclass
+class RunData:
+    """The images of a run: the folder, its split, and training labels made contiguous."""
+
+    folder: ImageFolder
+    split: Split
+    train_classes: list[str]  # classes seen in training, indexed by the remapped labels
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        """Training labels remapped to 0..len(train_classes)-1 (class_disjoint leaves gaps)."""
+        original = self.folder.labels[self.split.train]
+        lookup = {c: i for i, c in enumerate(self.train_classes)}
+        return np.array([lookup[self.folder.classes[c]] for c in original], dtype=np.int64)
+
+    def paths(self, idx: np.ndarray) -> list[Path]:
+        return [self.folder.paths[i] for i in idx]
+
+
+def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
+    """Scan, check and split the data; writes `split.json` (and bad images) into `run_dir`."""
+    folder = scan_folder(resolve_root(cfg.data.root), exclude=cfg.data.exclude_classes)
+    if cfg.data.check_images:
+        folder = _drop_bad_images(folder, cfg, run_dir)
+    split = make_split(folder.labels, cfg.data.split, cfg.data.train_fraction, cfg.seed)
+    if len(split.train) == 0 or len(split.heldout) == 0:
+        raise DataError(f"data.split {cfg.data.split} left an empty side; add images")
+    if run_dir is not None:
+        save_split(run_dir / "split.json", split, folder)
+    used = sorted({int(c) for c in folder.labels[split.train]})
+    return RunData(folder, split, [folder.classes[c] for c in used])
+
+
+def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> ImageFolder:
+    bad = check_images(folder.paths)
+    if not bad:
+        return folder
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    if run_dir is not None:
+        (run_dir / "bad_images.txt").write_text(listing + "\n")
+    if cfg.data.bad_images == "error":
+        raise DataError(
+            f"{len(bad)} unreadable images under {folder.root}:\n{listing}\n"
+            "fix or delete them, or set data.bad_images: skip to leave them out"
+        )
+    print(f"skipping {len(bad)} unreadable images (listed in bad_images.txt)", file=sys.stderr)
+    bad_paths = {str(p) for p, _ in bad}
+    keep = [i for i, p in enumerate(folder.paths) if str(p) not in bad_paths]
+    return ImageFolder(
+        root=folder.root,
+        paths=[folder.paths[i] for i in keep],
+        labels=folder.labels[keep],
+        classes=folder.classes,
+    )
+
+
+class CachedFeatures(Dataset):
+    """Prefix features computed once; yields what an `ImageDataset` yields."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        self.feats, self.labels, self.indices = feats, labels, indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.feats[i], int(self.labels[i]), int(self.indices[i])
+
+
+def train_dataset(cfg: Config, data: RunData, dcfg: dict) -> ImageDataset:
+    transform = train_transform(dcfg, cfg.data.augment)
+    return ImageDataset(
+        data.paths(data.split.train), data.train_labels, transform, dcfg["input_size"][-1]
+    )
+
+
+def train_loader(cfg: Config, data: RunData, dcfg: dict, dataset: Dataset | None = None):
+    """Balanced or shuffled batches of training images (or of their cached features)."""
+    labels = data.train_labels
+    dataset = train_dataset(cfg, data, dcfg) if dataset is None else dataset
+    sampler = build_sampler(cfg.train.sampler, labels, cfg.train.batch_size, data.train_classes)
+    workers = 0 if isinstance(dataset, CachedFeatures) else cfg.data.num_workers
+    return make_loader(
+        dataset, cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+        num_workers=workers, drop_last=True, seed=cfg.seed,
+    )
+
+
+def eval_loader(cfg: Config, paths: list[Path], labels: np.ndarray, dcfg: dict, transform=None):
+    """Deterministic, ordered batches for embedding extraction."""
+    dataset = ImageDataset(paths, labels, transform or eval_transform(dcfg), dcfg["input_size"][-1])
+    return make_loader(dataset, cfg.eval.batch_size, num_workers=cfg.data.num_workers)

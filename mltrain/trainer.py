@@ -1,0 +1,260 @@
+"""`fit`: the whole training run, from a config to a run folder with checkpoints and metrics."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm.optim
+import timm.scheduler
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from mltrain import __version__
+from mltrain.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
+from mltrain.config import Config, from_dict, save_config, to_dict
+from mltrain.engine import (
+    LoopSettings, StepState, compute_prefix, extract_embeddings, resolve_amp, resolve_device,
+    train_one_epoch,
+)
+from mltrain.errors import ConfigError, MltrainError
+from mltrain.losses import Criterion, build_criterion
+from mltrain.metrics import retrieval_metrics
+from mltrain.models import EmbeddingModel, build_model, data_config
+from mltrain.data.dataset import make_loader
+from mltrain.rundata import (
+    CachedFeatures, RunData, eval_loader, prepare_data, train_dataset, train_loader,
+)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def new_run_dir(cfg: Config) -> Path:
+    base = Path(cfg.output_dir) / cfg.name / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, n = base, 1
+    while run_dir.exists():
+        run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise MltrainError(f"output_dir: cannot write to {run_dir} ({e}); pick another") from None
+    return run_dir
+
+
+def make_optimizer(cfg: Config, params: torch.nn.Module) -> torch.optim.Optimizer:
+    args = dict(cfg.train.optimizer.get("args") or {})
+    try:
+        return timm.optim.create_optimizer_v2(params, opt=cfg.train.optimizer["name"], **args)
+    except (AssertionError, ValueError, TypeError) as e:
+        valid = ", ".join(timm.optim.list_optimizers())
+        raise ConfigError(f"train.optimizer: {e}; valid names: {valid}") from None
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    args = dict(cfg.train.scheduler.get("args") or {})
+    try:
+        sched, _ = timm.scheduler.create_scheduler_v2(
+            optimizer, sched=cfg.train.scheduler["name"], num_epochs=cfg.train.epochs,
+            step_on_epochs=False, updates_per_epoch=updates_per_epoch, **args,
+        )
+    except (AssertionError, ValueError, TypeError) as e:
+        raise ConfigError(f"train.scheduler: {e}; valid names: cosine, step, multistep, plateau, "
+                          "poly, tanh") from None
+    if sched is None:
+        raise ConfigError(f"train.scheduler: unknown name {cfg.train.scheduler['name']!r}")
+    return sched
+
+
+class Run:
+    """Everything a training run holds; `fit` drives it epoch by epoch."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.train.device)
+        self.amp = resolve_amp(cfg.train.amp, self.device)
+        self.data: RunData = prepare_data(cfg, run_dir)
+        n_classes = len(self.data.train_classes)
+        self.model: EmbeddingModel = build_model(cfg.model, num_classes=n_classes)
+        self.dcfg = data_config(self.model, cfg.model.image_size)
+        self.criterion: Criterion = build_criterion(
+            cfg.train.loss, cfg.train.miner, n_classes, self.model.embedding_dim, cfg.model.head
+        )
+        self.model.to(self.device)
+        self.criterion.loss.to(self.device)
+        if cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._build_loaders()
+        trainable = torch.nn.ModuleDict({"model": self.model, "loss": self.criterion.loss})
+        self.optimizer = make_optimizer(cfg, trainable)
+        per_epoch = max(len(self.train_loader) // cfg.train.grad_accum, 1)
+        self.scheduler = make_scheduler(cfg, self.optimizer, per_epoch)
+        self.state = StepState()
+        self.best: dict[str, Any] = {}
+        self.writer = SummaryWriter(str(run_dir))
+
+    def _build_loaders(self) -> None:
+        cfg, data = self.cfg, self.data
+        heldout = eval_loader(cfg, data.paths(data.split.heldout),
+                              data.folder.labels[data.split.heldout], self.dcfg)
+        self.from_prefix = cfg.train.cache_frozen
+        if not self.from_prefix:
+            self.train_loader = train_loader(cfg, data, self.dcfg)
+            self.eval_batches = heldout
+            return
+        self.cached_views = [self._cache_view(v) for v in range(cfg.train.cache_views)]
+        feats = compute_prefix(self.model, heldout, self.device, self.amp,
+                               cfg.train.channels_last, "caching held-out prefix")
+        self.eval_batches = torch.utils.data.DataLoader(
+            CachedFeatures(*feats), batch_size=cfg.eval.batch_size)
+        self.train_loader = train_loader(cfg, data, self.dcfg, self.cached_views[0])
+
+    def _cache_view(self, view: int) -> CachedFeatures:
+        """One augmented pass over the training images through the frozen prefix."""
+        seed_everything(self.cfg.seed * 1000 + view)
+        dataset = train_dataset(self.cfg, self.data, self.dcfg)
+        dataset.set_epoch(view)
+        loader = make_loader(dataset, self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers)
+        feats = compute_prefix(self.model, loader, self.device, self.amp,
+                               self.cfg.train.channels_last, f"caching train prefix (view {view + 1})")
+        return CachedFeatures(*feats)
+
+    def settings(self) -> LoopSettings:
+        t = self.cfg.train
+        return LoopSettings(
+            device=self.device, amp_dtype=self.amp, channels_last=t.channels_last,
+            grad_accum=t.grad_accum, grad_clip=t.grad_clip, max_steps=t.max_steps,
+            max_bad_steps=t.max_bad_steps, from_prefix=self.from_prefix,
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        emb, labels, _ = extract_embeddings(
+            self.model, self.eval_batches, self.device, self.amp, self.cfg.train.channels_last,
+            from_prefix=self.from_prefix, desc="held-out embeddings",
+        )
+        metrics, _ = retrieval_metrics(emb, labels, metric=self.cfg.eval.metric, ks=self.cfg.eval.ks)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "mltrain_version": __version__,
+            "model": self.model.state_dict(),
+            "loss": self.criterion.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": asdict(self.state),
+            "best": self.best,
+            "config": to_dict(self.cfg),
+            "classes": list(self.data.folder.classes),
+            "train_classes": self.data.train_classes,
+            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.dcfg.items()},
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"], strict=True)
+        self.criterion.loss.load_state_dict(ckpt["loss"], strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state = StepState(**ckpt["state"])
+        self.best = dict(ckpt["best"])
+
+
+def _log_epoch(run: Run, epoch: int, stats: dict[str, float], metrics: dict[str, float]) -> None:
+    for k, v in stats.items():
+        run.writer.add_scalar(f"train/{k}", v, epoch)
+    for k, v in metrics.items():
+        run.writer.add_scalar(f"heldout/{k}", v, epoch)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("precision_at_1"))
+    print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
+          + (f", held-out {shown}" if shown else ""), file=sys.stderr)
+
+
+def _epoch(run: Run, epoch: int) -> None:
+    cfg = run.cfg
+    seed_everything(cfg.seed * 1000 + epoch)  # makes resuming at an epoch boundary exact
+    dataset = run.train_loader.dataset
+    if run.from_prefix:
+        dataset = run.cached_views[epoch % len(run.cached_views)]
+        run.train_loader = train_loader(cfg, run.data, run.dcfg, dataset)
+    elif hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    run.model.set_trunk_frozen(epoch < cfg.train.freeze_backbone_epochs)
+    stats = train_one_epoch(
+        run.model, run.criterion, run.train_loader, run.optimizer, run.scheduler, run.state,
+        run.settings(), log=run.writer.add_scalar,
+    )
+    run.scheduler.step(epoch + 1)
+    run.state.epoch = epoch + 1
+    done = run.state.epoch >= cfg.train.epochs or _hit_max_steps(run)
+    metrics = run.evaluate() if done or run.state.epoch % cfg.train.eval_every == 0 else {}
+    run.state.history.append({"epoch": run.state.epoch, "step": run.state.step, **stats, **metrics})
+    _log_epoch(run, run.state.epoch, stats, metrics)
+    key = cfg.train.best_metric
+    if key in metrics and metrics[key] >= run.best.get(key, -1.0):
+        run.best = {"epoch": run.state.epoch, **metrics}
+        atomic_save(run.checkpoint(), run.run_dir / "checkpoints" / "best.pt")
+    atomic_save(run.checkpoint(), run.run_dir / "checkpoints" / "last.pt")
+
+
+def _hit_max_steps(run: Run) -> bool:
+    return run.cfg.train.max_steps is not None and run.state.step >= run.cfg.train.max_steps
+
+
+def _raise_on_sigterm(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def fit(cfg: Config | None = None, resume: str | Path | None = None,
+        overrides: list[str] | None = None) -> Path:
+    """Train and return the run folder. `resume` is a run folder or checkpoint to continue."""
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        data = ckpt["config"]
+        if overrides:
+            from mltrain.config import apply_overrides
+            data = apply_overrides(data, overrides)
+        cfg = from_dict(data, f"checkpoint {resume}")
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).resolve().parent.parent
+    else:
+        run_dir = new_run_dir(cfg)
+        save_config(cfg, run_dir / "config.yaml")
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    run = Run(cfg, run_dir)
+    if ckpt is not None:
+        run.restore(ckpt)
+        print(f"resuming {run_dir} at epoch {run.state.epoch}, step {run.state.step}",
+              file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        for epoch in range(run.state.epoch, cfg.train.epochs):
+            if _hit_max_steps(run):
+                break
+            _epoch(run, epoch)
+    except KeyboardInterrupt:
+        print(f"interrupted; the last completed epoch's checkpoint is in {run_dir}/checkpoints; "
+              f"continue with --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        run.writer.close()
+    final = run.state.history[-1] if run.state.history else {}
+    summary = {"final": final, "best": run.best, "epochs": run.state.epoch, "steps": run.state.step,
+               "bad_steps": run.state.bad_steps_total, "train_seconds": time.perf_counter() - start}
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return run_dir
