@@ -1,10 +1,23 @@
 """Train an embedding model: python train.py --config configs/siamese.yaml [--set k=v]."""
 
 import argparse
+import json
+from pathlib import Path
 
 from mltrain.cli import add_config_args, run_main
 from mltrain.config import load_config
 from mltrain.errors import ConfigError
+
+
+def summary_line(run_dir: Path) -> str:
+    s = json.loads((run_dir / "metrics.json").read_text())
+    best = s.get("best") or {}
+    p1 = (
+        f", best held-out precision@1 {best['precision_at_1']:.4f} (epoch {best['epoch']})"
+        if "precision_at_1" in best
+        else ""
+    )
+    return f"done: {s['epochs']} epochs, {s['steps']} steps in {s['train_seconds']:.0f} s{p1}"
 
 
 def main() -> None:
@@ -20,7 +33,8 @@ def main() -> None:
         run_dir = fit(resume=args.resume, overrides=args.overrides)
     else:
         run_dir = fit(load_config(args.config, args.overrides))
-    print(f"run folder: {run_dir}")
+    print(summary_line(run_dir))
+    print(run_dir)  # last line: the run folder, for scripts
 
 
 if __name__ == "__main__":

@@ -48,9 +48,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        detail = (str(e).splitlines() or [""])[0][:300]
         raise CheckpointError(
-            f"{path} is not a loadable mltrain checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300]}); it may be corrupt, truncated or unsafe"
+            f"{path} is not a loadable mltrain checkpoint ({type(e).__name__}: {detail}); "
+            "it may be corrupt, truncated or unsafe"
         ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not an mltrain checkpoint (no model/config inside)")

@@ -7,11 +7,12 @@ Every key is checked against the dataclasses below: an unknown key or a wrong ty
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -33,33 +34,33 @@ class DataConfig:
     augment: list[Spec] = field(default_factory=list)  # albumentations transforms by name
     bad_images: str = "error"  # error | skip
     check_images: bool = True
-    num_workers: Optional[int] = None  # None: min(cores, 4)
+    num_workers: int | None = None  # None: min(cores, 4)
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "tf_efficientnet_lite0"
-    pretrained: Union[bool, str] = "offline"  # true (hub) | false | offline | path to weights
+    pretrained: bool | str = "offline"  # true (hub) | false | offline | path to weights
     pooling: Spec = field(default_factory=lambda: spec("avg"))
-    embedding_dim: Optional[int] = None  # a linear projection (neck) when set
+    embedding_dim: int | None = None  # a linear projection (neck) when set
     normalize: bool = True  # L2-normalise embeddings
     head: bool = False  # linear classification head (classification mode)
     frozen_stages: int = 0  # trunk stages kept frozen for the whole run
-    image_size: Optional[int] = None  # None: the backbone's own data config
+    image_size: int | None = None  # None: the backbone's own data config
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     loss: Spec = field(default_factory=lambda: spec("ContrastiveLoss"))
-    miner: Optional[Spec] = None
+    miner: Spec | None = None
     sampler: Spec = field(default_factory=lambda: spec("m_per_class", m=4))
     optimizer: Spec = field(default_factory=lambda: spec("adamw", lr=1e-4, weight_decay=1e-4))
     scheduler: Spec = field(default_factory=lambda: spec("cosine", warmup_epochs=0))
     freeze_backbone_epochs: int = 0
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     grad_accum: int = 1
     amp: str = "auto"  # auto | bf16 | fp16 | off
     channels_last: bool = True
@@ -87,6 +88,15 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    index: str = "hnsw"  # flat | hnsw | ivf_flat | ivf_pq
+    index_args: dict[str, Any] = field(default_factory=dict)
+    pca_dim: int | None = None  # PCA length inside the index; None keeps the full length
+    dtype: str = "float32"  # stored embeddings: float32 | float16
+    k: int = 5
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 0
@@ -95,6 +105,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 CHOICES = {
@@ -104,6 +115,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "eval.metric": ("cosine", "l2"),
     "eval.gallery": ("heldout", "train"),
+    "export.dtype": ("float32", "float16"),
 }
 
 
@@ -134,6 +146,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and key.endswith("_args"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is dict or tp is dict:
         return _check_spec(value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -167,9 +183,7 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(names)}"
-        )
+        raise ConfigError(f"unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(names)}")
     values = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**values)
 
@@ -188,6 +202,7 @@ def validate(cfg: Config) -> Config:
         "train.eval_every": cfg.train.eval_every,
         "train.cache_views": cfg.train.cache_views,
         "eval.batch_size": cfg.eval.batch_size,
+        "export.k": cfg.export.k,
     }
     for key, value in positive.items():
         if value < 1:
@@ -204,7 +219,9 @@ def validate(cfg: Config) -> Config:
     if any(k < 1 for k in cfg.eval.ks):
         raise ConfigError(f"eval.ks: every k must be at least 1, got {cfg.eval.ks}")
     if any(n < 1 for n in cfg.eval.pca_lengths):
-        raise ConfigError(f"eval.pca_lengths: lengths must be at least 1, got {cfg.eval.pca_lengths}")
+        raise ConfigError(
+            f"eval.pca_lengths: lengths must be at least 1, got {cfg.eval.pca_lengths}"
+        )
     if cfg.model.frozen_stages < 0 or cfg.train.freeze_backbone_epochs < 0:
         raise ConfigError("model.frozen_stages and train.freeze_backbone_epochs must be >= 0")
     if cfg.train.cache_frozen and cfg.model.frozen_stages == 0:
@@ -224,26 +241,31 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value parsed as YAML, so `1e-3`, `true`, `[1, 2]` work)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads `1e-3` as a string
     return key.strip().split("."), value
-
-
-def _looks_numeric(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -263,23 +285,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return _fix_floats(data)
-
-
-def _fix_floats(node: Any) -> Any:
-    """PyYAML reads `1e-4` (no dot) as a string; make numeric strings numbers."""
-    if isinstance(node, dict):
-        return {k: _fix_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_floats(v) for v in node]
-    if isinstance(node, str) and "e" in node.lower() and _looks_numeric(node):
-        return float(node)
-    return node
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -290,11 +301,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = read_yaml(path) if path else {}
     if path and "name" not in data:
         data["name"] = Path(path).stem
-    data = apply_overrides(data, overrides or [])
     source = str(path) if path else "defaults"
-    if overrides:
-        source += " with --set " + " ".join(overrides)
-    return from_dict(data, source)
+    if not overrides:
+        return from_dict(data, source)
+    # overrides apply on top of the filled-in defaults, so `--set train.optimizer.args.lr=..`
+    # works when the file leaves the optimizer out
+    data = apply_overrides(to_dict(from_dict(data, source)), overrides)
+    return from_dict(data, f"{source} with --set {' '.join(overrides)}")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,7 +124,9 @@ def train_one_epoch(
                 log("train/loss", loss.item(), state.step)
                 log("train/lr", optimizer.param_groups[0]["lr"], state.step)
         total, count, images = total + loss.item(), count + 1, images + len(y)
-        bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
+        bar.set_postfix(
+            loss=f"{total / count:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}"
+        )
         if cfg.max_steps is not None and state.step >= cfg.max_steps:
             break
         tick = time.perf_counter()
@@ -188,7 +191,11 @@ def extract_embeddings(
 
 @torch.inference_mode()
 def compute_prefix(
-    model: nn.Module, loader: Iterable, device: torch.device, amp_dtype, channels_last: bool,
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp_dtype,
+    channels_last: bool,
     desc: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Outputs of the frozen stages for every image, stored in bf16 to halve the memory."""

@@ -70,7 +70,7 @@ def check_k(k: int, gallery_size: int, exclude_self: bool = False) -> None:
     """Reject k that the gallery cannot fill, rather than let Faiss pad with -1."""
     available = gallery_size - (1 if exclude_self else 0)
     if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"k must be a positive integer, got k={k!r}")
+        raise ConfigError(f"k must be a positive integer, got k={k}")
     if k > available:
         others = " other" if exclude_self else ""
         raise ConfigError(
@@ -105,19 +105,26 @@ def search_chunks(
     metric: str = "cosine",
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield `(start, scores, indices)` per chunk of queries so callers can reduce as they go.
+    """Iterate `(start, scores, indices)` per chunk of queries so callers can reduce as they go.
 
-    Rows an approximate index cannot fill (e.g. IVF with few probes) have index -1.
+    Arguments are checked now, not at the first iteration; queries are normalised chunk by
+    chunk, so no full-size copy is made. Slots an approximate index cannot fill (e.g. IVF
+    with few probes) have index -1.
     """
     check_index_metric(index, metric)
-    queries = prepare(queries, metric, "queries")
+    queries = as_vectors(queries, "queries")
     if queries.shape[1] != index.d:
         raise DataError(f"queries have dimension {queries.shape[1]}, the index expects {index.d}")
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
-    for start in range(0, len(queries), chunk_size):
-        scores, indices = index.search(queries[start : start + chunk_size], k)
-        yield start, scores, indices
+
+    def chunks() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        for start in range(0, len(queries), chunk_size):
+            part = queries[start : start + chunk_size]
+            scores, indices = index.search(prepare(part, metric, "queries"), k)
+            yield start, scores, indices
+
+    return chunks()
 
 
 def check_index_metric(index: faiss.Index, metric: str) -> None:
@@ -179,12 +186,12 @@ def knn_chunks(
             f"{queries.shape} and {gallery.shape}"
         )
     check_k(k, len(gallery), exclude_self)
-    index = flat_index(gallery, metric)
-    extra = 1 if exclude_self else 0
-    for start, scores, indices in search_chunks(index, queries, k + extra, metric, chunk_size):
-        if exclude_self:
-            scores, indices = drop_self(scores, indices, start)
-        yield start, scores, indices
+    index = flat_index(gallery, metric)  # holds its own copy of the gallery
+    del gallery
+    found = search_chunks(index, queries, k + int(exclude_self), metric, chunk_size)
+    if not exclude_self:
+        return found
+    return ((start, *drop_self(scores, indices, start)) for start, scores, indices in found)
 
 
 def knn(
@@ -289,11 +296,10 @@ def pca_transforms(
     """
     dim = train_vectors.shape[1]
     if not isinstance(pca_dim, (int, np.integer)) or not 1 <= pca_dim <= dim:
-        raise ConfigError(f"pca_dim={pca_dim!r} must be an integer between 1 and the dim {dim}")
+        raise ConfigError(f"pca_dim={pca_dim} must be an integer between 1 and the dim {dim}")
     if len(train_vectors) < pca_dim:
         raise ConfigError(
-            f"pca_dim={pca_dim} needs at least {pca_dim} training vectors, "
-            f"got {len(train_vectors)}"
+            f"pca_dim={pca_dim} needs at least {pca_dim} training vectors, got {len(train_vectors)}"
         )
     pca = faiss.PCAMatrix(dim, int(pca_dim))
     pca.train(train_vectors)

@@ -30,6 +30,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from mltrain.errors import ConfigError, DataError
 from mltrain.index import as_vectors, check_metric, knn_chunks, l2_normalize
 
+# Neighbour columns `per_class_metrics` needs (precision_at_5).
+PER_CLASS_K = 5
 # Keys of `verification_metrics` that hold lists (the ROC curve) rather than scalars.
 CURVE_KEYS = ("fpr", "tpr")
 
@@ -56,6 +58,11 @@ class Neighbours:
 # --- validation ---------------------------------------------------------------------------
 
 
+def _plain(x: Any) -> Any:
+    """Python scalar for messages: `3`, not `np.int64(3)`."""
+    return x.item() if isinstance(x, np.generic) else x
+
+
 def check_labelled(
     emb: np.ndarray, labels: np.ndarray, name: str = "embeddings", min_classes: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +80,8 @@ def check_labelled(
     classes = np.unique(labels)
     if len(classes) < min_classes:
         raise DataError(
-            f"{name} labels have a single class ({classes[0]!r}); these metrics need at least "
-            f"{min_classes} classes, so evaluate on a split with more classes"
+            f"{name} labels have a single class ({_plain(classes[0])!r}); these metrics need "
+            f"at least {min_classes} classes, so evaluate on a split with more classes"
         )
     return emb, labels
 
@@ -137,16 +144,21 @@ def _pq_average_precision(hits: np.ndarray, r: np.ndarray, at_r: bool) -> np.nda
 
 
 def per_query_scores(
-    hits: np.ndarray, num_relevant: np.ndarray, ks: Sequence[int] = (1,)
+    hits: np.ndarray, num_relevant: np.ndarray, ks: Sequence[int] = (1,), r_k: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Every retrieval metric per query from a hit matrix; averages are left to the caller."""
+    """Every retrieval metric per query from a hit matrix; averages are left to the caller.
+
+    The R-based metrics use only the first `r_k` columns (default: all), so that extra columns
+    searched for large ks do not change mean_average_precision.
+    """
     out = {}
     for k in ks:
         out[f"precision_at_{k}"] = _pq_precision(hits, k)
         out[f"recall_at_{k}"] = _pq_recall(hits, k)
-    out["r_precision"] = _pq_r_precision(hits, num_relevant)
-    out["map_at_r"] = _pq_average_precision(hits, num_relevant, at_r=True)
-    out["mean_average_precision"] = _pq_average_precision(hits, num_relevant, at_r=False)
+    r_hits = hits[:, :r_k]
+    out["r_precision"] = _pq_r_precision(r_hits, num_relevant)
+    out["map_at_r"] = _pq_average_precision(r_hits, num_relevant, at_r=True)
+    out["mean_average_precision"] = _pq_average_precision(r_hits, num_relevant, at_r=False)
     return out
 
 
@@ -218,13 +230,14 @@ def score_neighbours(
     relevant: np.ndarray,
     ks: Sequence[int] = (1,),
     keep: int = 0,
+    r_k: int | None = None,
 ) -> tuple[dict[str, float], Neighbours]:
     """Reduce chunked search results (`mltrain.index.search_chunks` style) to metrics.
 
     Only per-query scores and the first `keep` neighbour columns are kept, so memory stays
     O(n_queries * keep) whatever k the search used. Index -1 (an approximate index that
     found fewer than k items) counts as a miss; its entry in `Neighbours.labels` is
-    meaningless.
+    meaningless. `r_k` is passed to `per_query_scores`.
     """
     n = len(query_labels)
     names = [f"{m}_at_{k}" for k in ks for m in ("precision", "recall")]
@@ -235,7 +248,7 @@ def score_neighbours(
         stop = start + len(indices)
         labels = gallery_labels[indices]
         hits = (labels == query_labels[start:stop, None]) & (indices >= 0)
-        for name, values in per_query_scores(hits, relevant[start:stop], ks).items():
+        for name, values in per_query_scores(hits, relevant[start:stop], ks, r_k).items():
             per_query[name][start:stop] = values
         if keep:
             for name, arr in (("indices", indices), ("scores", scores), ("labels", labels)):
@@ -267,9 +280,11 @@ def retrieval_metrics(
     """Retrieval metrics of queries against a gallery, plus the neighbours for per-class views.
 
     Without a gallery every query searches the other queries (leave-one-out: a query never
-    retrieves itself). One exact search with k = max(max(ks), min(max_k, max R)), clipped to
-    the gallery size; when R > max_k for some class, its r_precision and map_at_r are computed
-    on the first max_k results only (map_at_r then under-estimates).
+    retrieves itself). One exact search; the R-based metrics use its first
+    r_k = min(max_k, max R, gallery size) results, which is pml's `k="max_bin_count"`, and the
+    search goes deeper only as far as max(ks) and the 5 columns `per_class_metrics` needs.
+    When R > max_k for some class, its r_precision and map_at_r see only the first max_k
+    results (map_at_r then under-estimates).
 
     Returns `(metrics, neighbours)`. `metrics` has precision_at_{k} and recall_at_{k} for each
     k in ks, r_precision, map_at_r, mean_average_precision (averaged over scored queries),
@@ -310,11 +325,12 @@ def retrieval_metrics(
             f"ks include k={max(ks)} but the gallery has only {available} retrievable items; "
             f"lower ks"
         )
-    k = min(available, max(max(ks), min(max_k, int(relevant.max()))))
+    r_k = min(available, max_k, int(relevant.max()))
+    k = min(available, max(max(ks), PER_CLASS_K, r_k))
     chunks = knn_chunks(query_emb, gallery_emb, k, metric, exclude_self=leave_one_out)
     keep = min(k, max(10, max(ks)))
     metrics, neighbours = score_neighbours(
-        chunks, query_labels, gallery_labels, relevant, ks, keep
+        chunks, query_labels, gallery_labels, relevant, ks, keep, r_k
     )
     metrics.update(
         num_queries=int((relevant > 0).sum()),
@@ -349,11 +365,13 @@ def class_name(label: Any, class_names: ClassNames) -> str:
         return str(label)
     if isinstance(class_names, Mapping):
         if label not in class_names:
-            raise DataError(f"label {label!r} has no entry in class_names")
+            raise DataError(f"label {_plain(label)!r} has no entry in class_names")
         return str(class_names[label])
     idx = int(label)
     if not 0 <= idx < len(class_names):
-        raise DataError(f"label {label!r} is outside class_names ({len(class_names)} names)")
+        raise DataError(
+            f"label {_plain(label)!r} is outside class_names ({len(class_names)} names)"
+        )
     return str(class_names[idx])
 
 
@@ -365,7 +383,7 @@ def per_class_metrics(
     Pass only scored queries (see `Neighbours.scored`) to match `retrieval_metrics`.
     """
     hits = _hits(nn_labels, query_labels)
-    _check_width(5, hits.shape[1])
+    _check_width(PER_CLASS_K, hits.shape[1])
     classes, inverse = np.unique(query_labels, return_inverse=True)
     counts = np.bincount(inverse, minlength=len(classes))
     p1 = np.bincount(inverse, weights=_pq_precision(hits, 1), minlength=len(classes))
@@ -418,7 +436,7 @@ def confused_pairs(
             class_name(classes[p % len(classes)], class_names),
             int(c),
         )
-        for p, c in zip(pairs, counts)
+        for p, c in zip(pairs, counts, strict=True)
     ]
     return sorted(rows, key=lambda r: (-r[2], r[0], r[1]))[:n]
 
@@ -452,7 +470,7 @@ def sample_pairs(
     order, cls, starts, counts = _class_blocks(labels)
     if len(counts) < 2:
         raise DataError(
-            f"labels have a single class ({labels[0]!r}); impostor pairs need two classes"
+            f"labels have a single class ({_plain(labels[0])!r}); impostor pairs need two classes"
         )
     eligible = np.flatnonzero(counts[cls] >= 2)
     if not len(eligible):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -54,9 +55,11 @@ def _lite0_weights() -> dict[str, torch.Tensor]:
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
     dst = [k for k in reference if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst) or any(v.shape != reference[k].shape for k, v in zip(dst, src)):
+    if len(src) != len(dst) or any(
+        v.shape != reference[k].shape for k, v in zip(dst, src, strict=True)
+    ):
         raise MltrainError("offline EfficientNet-Lite0 weights do not match timm's layout")
-    return dict(zip(dst, src))
+    return dict(zip(dst, src, strict=True))
 
 
 OFFLINE_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from mltrain.errors import ConfigError
 
@@ -42,7 +43,7 @@ class Registry:
         return self._items[name]
 
     def build(self, spec: Mapping[str, Any], **extra: Any) -> Any:
-        """Build from `{name, args}`; `extra` keyword arguments fill in what the config leaves out."""
+        """Build from `{name, args}`; `extra` keyword arguments fill what the config leaves out."""
         fn = self.get(spec["name"])
         args = {**extra, **dict(spec.get("args") or {})}
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,26 +90,41 @@ class CachedFeatures(Dataset):
         return self.feats[i], int(self.labels[i]), int(self.indices[i])
 
 
+def decode_size(dcfg: dict) -> int:
+    """Smallest side JPEGs may be decoded at: the eval resize before its centre crop."""
+    return math.ceil(min(dcfg["input_size"][1:]) / dcfg.get("crop_pct", 1.0))
+
+
 def train_dataset(cfg: Config, data: RunData, dcfg: dict) -> ImageDataset:
     transform = train_transform(dcfg, cfg.data.augment)
     return ImageDataset(
-        data.paths(data.split.train), data.train_labels, transform, dcfg["input_size"][-1]
+        data.paths(data.split.train), data.train_labels, transform, decode_size(dcfg)
     )
 
 
-def train_loader(cfg: Config, data: RunData, dcfg: dict, dataset: Dataset | None = None):
-    """Balanced or shuffled batches of training images (or of their cached features)."""
+def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
+    """Balanced or shuffled batches of training images (or of their cached features).
+
+    Built afresh each epoch with an epoch-derived `seed`: order and augmentations then depend
+    only on (seed, epoch), which makes a resumed run repeat an uninterrupted one.
+    """
     labels = data.train_labels
-    dataset = train_dataset(cfg, data, dcfg) if dataset is None else dataset
-    sampler = build_sampler(cfg.train.sampler, labels, cfg.train.batch_size, data.train_classes)
+    sampler = build_sampler(
+        cfg.train.sampler, labels, cfg.train.batch_size, data.train_classes, seed=seed
+    )
     workers = 0 if isinstance(dataset, CachedFeatures) else cfg.data.num_workers
     return make_loader(
-        dataset, cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
-        num_workers=workers, drop_last=True, seed=cfg.seed,
+        dataset,
+        cfg.train.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        seed=seed,
     )
 
 
 def eval_loader(cfg: Config, paths: list[Path], labels: np.ndarray, dcfg: dict, transform=None):
     """Deterministic, ordered batches for embedding extraction."""
-    dataset = ImageDataset(paths, labels, transform or eval_transform(dcfg), dcfg["input_size"][-1])
+    dataset = ImageDataset(paths, labels, transform or eval_transform(dcfg), decode_size(dcfg))
     return make_loader(dataset, cfg.eval.batch_size, num_workers=cfg.data.num_workers)

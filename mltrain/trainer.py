@@ -21,17 +21,28 @@ from torch.utils.tensorboard import SummaryWriter
 from mltrain import __version__
 from mltrain.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
 from mltrain.config import Config, from_dict, save_config, to_dict
+from mltrain.data.dataset import make_loader
 from mltrain.engine import (
-    LoopSettings, StepState, compute_prefix, extract_embeddings, resolve_amp, resolve_device,
+    LoopSettings,
+    StepState,
+    compute_prefix,
+    extract_embeddings,
+    resolve_amp,
+    resolve_device,
     train_one_epoch,
 )
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.losses import Criterion, build_criterion
 from mltrain.metrics import retrieval_metrics
 from mltrain.models import EmbeddingModel, build_model, data_config
-from mltrain.data.dataset import make_loader
+from mltrain.prefix_cache import cached, weights_identity
 from mltrain.rundata import (
-    CachedFeatures, RunData, eval_loader, prepare_data, train_dataset, train_loader,
+    CachedFeatures,
+    RunData,
+    eval_loader,
+    prepare_data,
+    train_dataset,
+    train_loader,
 )
 
 
@@ -69,12 +80,17 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_ep
     args = dict(cfg.train.scheduler.get("args") or {})
     try:
         sched, _ = timm.scheduler.create_scheduler_v2(
-            optimizer, sched=cfg.train.scheduler["name"], num_epochs=cfg.train.epochs,
-            step_on_epochs=False, updates_per_epoch=updates_per_epoch, **args,
+            optimizer,
+            sched=cfg.train.scheduler["name"],
+            num_epochs=cfg.train.epochs,
+            step_on_epochs=False,
+            updates_per_epoch=updates_per_epoch,
+            **args,
         )
     except (AssertionError, ValueError, TypeError) as e:
-        raise ConfigError(f"train.scheduler: {e}; valid names: cosine, step, multistep, plateau, "
-                          "poly, tanh") from None
+        raise ConfigError(
+            f"train.scheduler: {e}; valid names: cosine, step, multistep, plateau, poly, tanh"
+        ) from None
     if sched is None:
         raise ConfigError(f"train.scheduler: unknown name {cfg.train.scheduler['name']!r}")
     return sched
@@ -102,7 +118,7 @@ class Run:
         self._build_loaders()
         trainable = torch.nn.ModuleDict({"model": self.model, "loss": self.criterion.loss})
         self.optimizer = make_optimizer(cfg, trainable)
-        per_epoch = max(len(self.train_loader) // cfg.train.grad_accum, 1)
+        per_epoch = max(len(self.epoch_loader(0)) // cfg.train.grad_accum, 1)
         self.scheduler = make_scheduler(cfg, self.optimizer, per_epoch)
         self.state = StepState()
         self.best: dict[str, Any] = {}
@@ -110,44 +126,86 @@ class Run:
 
     def _build_loaders(self) -> None:
         cfg, data = self.cfg, self.data
-        heldout = eval_loader(cfg, data.paths(data.split.heldout),
-                              data.folder.labels[data.split.heldout], self.dcfg)
+        heldout = eval_loader(
+            cfg, data.paths(data.split.heldout), data.folder.labels[data.split.heldout], self.dcfg
+        )
         self.from_prefix = cfg.train.cache_frozen
         if not self.from_prefix:
-            self.train_loader = train_loader(cfg, data, self.dcfg)
+            self.train_sets = [train_dataset(cfg, data, self.dcfg)]
             self.eval_batches = heldout
             return
-        self.cached_views = [self._cache_view(v) for v in range(cfg.train.cache_views)]
-        feats = compute_prefix(self.model, heldout, self.device, self.amp,
-                               cfg.train.channels_last, "caching held-out prefix")
+        self.train_sets = [self._cache_view(v) for v in range(cfg.train.cache_views)]
+        feats = self._prefix("heldout", heldout, "caching held-out prefix")
         self.eval_batches = torch.utils.data.DataLoader(
-            CachedFeatures(*feats), batch_size=cfg.eval.batch_size)
-        self.train_loader = train_loader(cfg, data, self.dcfg, self.cached_views[0])
+            CachedFeatures(*feats), batch_size=cfg.eval.batch_size
+        )
+
+    def _prefix(self, name: str, loader, desc: str, seed: int | None = None):
+        """Frozen-prefix outputs of a loader's images, through the shared disk cache."""
+        cfg = self.cfg
+        parts = {
+            "backbone": cfg.model.backbone,
+            "weights": weights_identity(cfg.model.pretrained),
+            "frozen_stages": cfg.model.frozen_stages,
+            "data_config": self.dcfg,
+            "augment": cfg.data.augment if name == "train" else None,
+            "seed": seed,
+            "amp": str(self.amp),
+            "paths": [str(p) for p in loader.dataset.paths],
+            "labels": loader.dataset.labels.tolist(),
+            "workers": loader.num_workers,
+            "version": 1,
+        }
+        return cached(
+            parts,
+            lambda: compute_prefix(
+                self.model, loader, self.device, self.amp, cfg.train.channels_last, desc
+            ),
+        )
+
+    def epoch_loader(self, epoch: int):
+        dataset = self.train_sets[epoch % len(self.train_sets)]
+        return train_loader(self.cfg, self.data, dataset, seed=self.cfg.seed * 1000 + epoch)
 
     def _cache_view(self, view: int) -> CachedFeatures:
         """One augmented pass over the training images through the frozen prefix."""
-        seed_everything(self.cfg.seed * 1000 + view)
-        dataset = train_dataset(self.cfg, self.data, self.dcfg)
-        dataset.set_epoch(view)
-        loader = make_loader(dataset, self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers)
-        feats = compute_prefix(self.model, loader, self.device, self.amp,
-                               self.cfg.train.channels_last, f"caching train prefix (view {view + 1})")
-        return CachedFeatures(*feats)
+        seed = self.cfg.seed * 1000 + 500 + view
+        loader = make_loader(
+            train_dataset(self.cfg, self.data, self.dcfg),
+            self.cfg.eval.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            seed=seed,
+        )
+        return CachedFeatures(
+            *self._prefix("train", loader, f"caching train prefix (view {view + 1})", seed)
+        )
 
     def settings(self) -> LoopSettings:
         t = self.cfg.train
         return LoopSettings(
-            device=self.device, amp_dtype=self.amp, channels_last=t.channels_last,
-            grad_accum=t.grad_accum, grad_clip=t.grad_clip, max_steps=t.max_steps,
-            max_bad_steps=t.max_bad_steps, from_prefix=self.from_prefix,
+            device=self.device,
+            amp_dtype=self.amp,
+            channels_last=t.channels_last,
+            grad_accum=t.grad_accum,
+            grad_clip=t.grad_clip,
+            max_steps=t.max_steps,
+            max_bad_steps=t.max_bad_steps,
+            from_prefix=self.from_prefix,
         )
 
     def evaluate(self) -> dict[str, float]:
         emb, labels, _ = extract_embeddings(
-            self.model, self.eval_batches, self.device, self.amp, self.cfg.train.channels_last,
-            from_prefix=self.from_prefix, desc="held-out embeddings",
+            self.model,
+            self.eval_batches,
+            self.device,
+            self.amp,
+            self.cfg.train.channels_last,
+            from_prefix=self.from_prefix,
+            desc="held-out embeddings",
         )
-        metrics, _ = retrieval_metrics(emb, labels, metric=self.cfg.eval.metric, ks=self.cfg.eval.ks)
+        metrics, _ = retrieval_metrics(
+            emb, labels, metric=self.cfg.eval.metric, ks=self.cfg.eval.ks
+        )
         return {k: float(v) for k, v in metrics.items()}
 
     def checkpoint(self) -> dict[str, Any]:
@@ -163,7 +221,9 @@ class Run:
             "config": to_dict(self.cfg),
             "classes": list(self.data.folder.classes),
             "train_classes": self.data.train_classes,
-            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.dcfg.items()},
+            "data_config": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in self.dcfg.items()
+            },
         }
 
     def restore(self, ckpt: dict[str, Any]) -> None:
@@ -180,24 +240,29 @@ def _log_epoch(run: Run, epoch: int, stats: dict[str, float], metrics: dict[str,
         run.writer.add_scalar(f"train/{k}", v, epoch)
     for k, v in metrics.items():
         run.writer.add_scalar(f"heldout/{k}", v, epoch)
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("precision_at_1"))
-    print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
-          + (f", held-out {shown}" if shown else ""), file=sys.stderr)
+    shown = ", ".join(
+        f"{k} {metrics[k]:.4f}" for k in ("precision_at_1", "map_at_r") if k in metrics
+    )
+    print(
+        f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
+        + (f", held-out {shown}" if shown else ""),
+        file=sys.stderr,
+    )
 
 
 def _epoch(run: Run, epoch: int) -> None:
     cfg = run.cfg
     seed_everything(cfg.seed * 1000 + epoch)  # makes resuming at an epoch boundary exact
-    dataset = run.train_loader.dataset
-    if run.from_prefix:
-        dataset = run.cached_views[epoch % len(run.cached_views)]
-        run.train_loader = train_loader(cfg, run.data, run.dcfg, dataset)
-    elif hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
     run.model.set_trunk_frozen(epoch < cfg.train.freeze_backbone_epochs)
     stats = train_one_epoch(
-        run.model, run.criterion, run.train_loader, run.optimizer, run.scheduler, run.state,
-        run.settings(), log=run.writer.add_scalar,
+        run.model,
+        run.criterion,
+        run.epoch_loader(epoch),
+        run.optimizer,
+        run.scheduler,
+        run.state,
+        run.settings(),
+        log=run.writer.add_scalar,
     )
     run.scheduler.step(epoch + 1)
     run.state.epoch = epoch + 1
@@ -220,8 +285,9 @@ def _raise_on_sigterm(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def fit(cfg: Config | None = None, resume: str | Path | None = None,
-        overrides: list[str] | None = None) -> Path:
+def fit(
+    cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] | None = None
+) -> Path:
     """Train and return the run folder. `resume` is a run folder or checkpoint to continue."""
     ckpt = None
     if resume is not None:
@@ -229,6 +295,7 @@ def fit(cfg: Config | None = None, resume: str | Path | None = None,
         data = ckpt["config"]
         if overrides:
             from mltrain.config import apply_overrides
+
             data = apply_overrides(data, overrides)
         cfg = from_dict(data, f"checkpoint {resume}")
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).resolve().parent.parent
@@ -239,8 +306,9 @@ def fit(cfg: Config | None = None, resume: str | Path | None = None,
     run = Run(cfg, run_dir)
     if ckpt is not None:
         run.restore(ckpt)
-        print(f"resuming {run_dir} at epoch {run.state.epoch}, step {run.state.step}",
-              file=sys.stderr)
+        print(
+            f"resuming {run_dir} at epoch {run.state.epoch}, step {run.state.step}", file=sys.stderr
+        )
     start = time.perf_counter()
     try:
         for epoch in range(run.state.epoch, cfg.train.epochs):
@@ -248,13 +316,22 @@ def fit(cfg: Config | None = None, resume: str | Path | None = None,
                 break
             _epoch(run, epoch)
     except KeyboardInterrupt:
-        print(f"interrupted; the last completed epoch's checkpoint is in {run_dir}/checkpoints; "
-              f"continue with --resume {run_dir}", file=sys.stderr)
+        print(
+            f"interrupted; the last completed epoch's checkpoint is in {run_dir}/checkpoints; "
+            f"continue with --resume {run_dir}",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     finally:
         run.writer.close()
     final = run.state.history[-1] if run.state.history else {}
-    summary = {"final": final, "best": run.best, "epochs": run.state.epoch, "steps": run.state.step,
-               "bad_steps": run.state.bad_steps_total, "train_seconds": time.perf_counter() - start}
+    summary = {
+        "final": final,
+        "best": run.best,
+        "epochs": run.state.epoch,
+        "steps": run.state.step,
+        "bad_steps": run.state.bad_steps_total,
+        "train_seconds": time.perf_counter() - start,
+    }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return run_dir

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mltrain.data.images import load_image
-from mltrain.errors import ConfigError
+from mltrain.errors import ConfigError, MltrainError
 
 
 class ImageDataset(Dataset):
@@ -38,7 +38,11 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         image = load_image(self.paths[index], self.size_hint)
-        return self.transform(image), int(self.labels[index]), int(index)
+        try:
+            tensor = self.transform(image)
+        except MltrainError as e:  # say which image, e.g. one too small for a fixed crop
+            raise type(e)(f"image {self.paths[index]}: {e}") from e
+        return tensor, int(self.labels[index]), int(index)
 
 
 def default_num_workers() -> int:

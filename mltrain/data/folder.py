@@ -76,15 +76,24 @@ def extraction_dir(archive: Path) -> Path:
 
 
 def _extract(archive: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    except OSError as e:
+        raise DataError(
+            f"cannot write to {dest.parent} to extract {archive} ({e}); "
+            "set MLTRAIN_CACHE to a writable folder"
+        ) from e
     print(f"extracting {archive} to {dest} (once; later runs reuse it)", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
         try:
             with tarfile.open(archive, "r:*") as tar:
                 tar.extractall(tmp, filter="data")  # "data" refuses absolute paths, "..", devices
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"cannot extract archive {archive}: {e}; is it complete?") from e
+            raise DataError(
+                f"cannot extract archive {archive} to {dest.parent} ({e}); check that the archive "
+                "is complete and the disk has room"
+            ) from e
         entries = [p for p in tmp.iterdir() if not p.name.startswith(".")]
         # A single top-level folder is the data root; otherwise the archive's top level is.
         top = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp

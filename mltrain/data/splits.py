@@ -98,9 +98,9 @@ def load_split(path: str | os.PathLike, folder: ImageFolder) -> Split:
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-        sides = {side: doc[side] for side in ("train", "heldout")}
+        sides = {side: [(str(p), str(c)) for p, c in doc[side]] for side in ("train", "heldout")}
         kind, seed, fraction = doc["kind"], doc["seed"], doc["train_fraction"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, wrong shape
         raise DataError(f"cannot read split file {path}: {e}; delete it to make a new split") from e
     index = {p.relative_to(folder.root).as_posix(): i for i, p in enumerate(folder.paths)}
     missing: list[str] = []

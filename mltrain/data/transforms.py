@@ -15,9 +15,10 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from albumentations.augmentations.crops.transforms import CropSizeError
 from albumentations.pytorch import ToTensorV2
 
-from mltrain.errors import ConfigError
+from mltrain.errors import ConfigError, DataError
 
 DEFAULT_AUGMENT: tuple[dict[str, Any], ...] = (
     {"name": "RandomResizedCrop", "args": {"scale": [0.6, 1.0]}},
@@ -44,6 +45,30 @@ _CHANGE_SIZE = {
 }
 
 
+class CenterCrop(A.ImageOnlyTransform):
+    """Center crop placed as torchvision places it (`round((h - crop_h) / 2)`), so eval crops
+    are pixel-aligned with timm's; albumentations' CenterCrop rounds down instead. Pads with
+    zeros where the image is smaller, as torchvision does."""
+
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__(p=1.0)
+        self.height, self.width = height, width
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        h, w = img.shape[:2]
+        if h < self.height or w < self.width:
+            dy, dx = max(self.height - h, 0), max(self.width - w, 0)
+            img = cv2.copyMakeBorder(
+                img, dy // 2, dy - dy // 2, dx // 2, dx - dx // 2, cv2.BORDER_CONSTANT, value=0
+            )
+            h, w = img.shape[:2]
+        top, left = int(round((h - self.height) / 2)), int(round((w - self.width) / 2))
+        return img[top : top + self.height, left : left + self.width]
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("height", "width")
+
+
 class ImageTransform:
     """Picklable callable: numpy H x W x 3 uint8 -> CHW float32 tensor of a fixed size."""
 
@@ -56,7 +81,13 @@ class ImageTransform:
         self.compose.set_random_seed(seed)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        out = self.compose(image=image)["image"]
+        try:
+            out = self.compose(image=image)["image"]
+        except CropSizeError as e:  # e.g. RandomCrop(224) on a 200-px image
+            raise DataError(
+                f"data.augment cannot crop a {image.shape[0]}x{image.shape[1]} image: {e}; "
+                "use RandomResizedCrop, or pad_if_needed: true"
+            ) from e
         if tuple(out.shape[1:]) != self.out_hw:
             raise ConfigError(
                 f"data.augment produced a {tuple(out.shape[1:])} image, expected {self.out_hw}: "
@@ -92,8 +123,7 @@ def _resize_and_crop(data_config: Mapping[str, Any]) -> list[A.BasicTransform]:
     crop_pct = data_config.get("crop_pct") or 0.875
     scaled = (int(h / crop_pct), int(w / crop_pct))
     resize = {"interpolation": _interpolation(data_config), "area_for_downscale": "image"}
-    # pad_if_needed only guards against off-by-one rounding when crop_pct is 1.
-    crop = A.CenterCrop(h, w, pad_if_needed=True)
+    crop = CenterCrop(h, w)
     mode = data_config.get("crop_mode") or "center"
     if mode == "center":  # shorter side to scaled size (both sides at least, if not square)
         return [A.SmallestMaxSize(max_size_hw=scaled, **resize), crop]
@@ -114,7 +144,7 @@ def eval_transform(data_config: Mapping[str, Any]) -> ImageTransform:
 
 
 def _build_one(spec: Mapping[str, Any], hw: tuple[int, int]) -> tuple[A.BasicTransform, bool]:
-    """One augmentation from `{name, args}`; also says whether it sets the output size."""
+    """One augmentation from `{name, args}`; also says whether it is a crop or resize."""
     name, args = spec.get("name"), dict(spec.get("args") or {})
     cls = getattr(A, str(name), None)
     if name in _ADDED_BY_US:
@@ -142,13 +172,17 @@ def _build_one(spec: Mapping[str, Any], hw: tuple[int, int]) -> tuple[A.BasicTra
         transform = cls(**args)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"albumentations {name}: bad args {args}: {e}") from e
-    return transform, sizer and transform.p >= 1
+    return transform, sizer
 
 
 def train_transform(
-    data_config: Mapping[str, Any], augment: Sequence[Mapping[str, Any]] = DEFAULT_AUGMENT
+    data_config: Mapping[str, Any], augment: Sequence[Mapping[str, Any]] | None = None
 ) -> ImageTransform:
-    """Augmentations named in the config, then (if none fixed the size) resize + center crop."""
+    """Augmentations named in the config, then (if none fixed the size) resize + center crop.
+
+    `augment=None` means `DEFAULT_AUGMENT`; `[]` means no augmentation.
+    """
+    augment = DEFAULT_AUGMENT if augment is None else augment
     hw = _input_hw(data_config)
     out_hw, transforms = None, []
     for spec in copy.deepcopy(list(augment)):
@@ -156,9 +190,9 @@ def train_transform(
             raise ConfigError(f"data.augment entries need a name (and args): got {spec!r}")
         transform, sizer = _build_one(spec, hw)
         transforms.append(transform)
-        if sizer:
+        if sizer and transform.p >= 1:
             out_hw = _sized(transform)
-        elif spec["name"] in _CHANGE_SIZE:
+        elif sizer or spec["name"] in _CHANGE_SIZE:  # size now varies from image to image
             out_hw = None
     if out_hw is None:
         transforms += _resize_and_crop(data_config)

@@ -1,0 +1,647 @@
+"""Search bundles: a self-contained, pickle-free folder that answers image queries.
+
+A bundle holds everything a search needs and nothing that executes code when loaded:
+
+    embeddings.npy   float32 or float16 rows, one per image (read with allow_pickle=False)
+    metadata.csv     path (relative to the image root), label, class, split; one row per image
+    index.faiss      the Faiss index over the embeddings (PCA inside it when pca_dim is set)
+    model.pt         the embedding model's state_dict: tensors only (torch.load weights_only)
+    manifest.json    versions, the full config, image_root, metric, sizes and the sha256 of
+                     every other file
+
+`load_bundle` checks every file against the manifest before using any of them, so a
+truncated, edited or mismatched file is a `BundleError` that names it, never a wrong answer.
+Exports and `add_images` write a complete new folder beside the old one and rename it into
+place, so an interrupted run never leaves a folder that looks complete.
+
+Rows of images added later with `add_images` that lie outside the image root are copied into
+the bundle's own `images/` folder; their metadata path reads `bundle:images/<class>/<file>`.
+`safe_image_path` resolves both kinds and refuses anything that escapes its root.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import filecmp
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import faiss
+import numpy as np
+import timm
+import torch
+
+import mltrain
+from mltrain.config import from_dict, to_dict
+from mltrain.data.folder import is_image
+from mltrain.data.images import load_image
+from mltrain.errors import BundleError, ConfigError, DataError
+from mltrain.index import build_index, index_nbytes, load_index, prepare, save_index
+from mltrain.inference import Embedder, make_embedder
+from mltrain.models import build_model
+from mltrain.rundata import prepare_data
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.npy"
+METADATA = "metadata.csv"
+INDEX = "index.faiss"
+MODEL = "model.pt"
+DATA_FILES = (EMBEDDINGS, METADATA, INDEX, MODEL)  # hashed in the manifest
+COLUMNS = ("path", "label", "class", "split")
+IMAGES_DIR = "images"  # copies of added images that lie outside the image root
+BUNDLE_PREFIX = "bundle:"  # metadata paths under the bundle folder rather than the image root
+_REQUIRED_KEYS = ("format_version", "config", "metric", "embedding_dim", "count", "dtype",
+                  "index", "files", "image_root", "classes")  # fmt: skip
+_REEXPORT = "re-export the bundle (python evaluate.py --checkpoint ... --export DIR)"
+
+
+@dataclass
+class Bundle:
+    """A validated bundle: `embeddings` is a read-only memory map, `root` the image root."""
+
+    path: Path
+    manifest: dict[str, Any]
+    embeddings: np.ndarray
+    metadata: list[dict[str, Any]]
+    index: faiss.Index
+    root: Path
+    _embedder: Embedder | None = field(default=None, repr=False)
+
+    @property
+    def metric(self) -> str:
+        return self.manifest["metric"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+
+# --- small helpers -------------------------------------------------------------------------
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "mltrain": mltrain.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _new_temp_dir(out_dir: Path, tag: str) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{tag}-", dir=out_dir.parent))
+
+
+def _is_bundle_dir(path: Path) -> bool:
+    return (path / MANIFEST).is_file() or (path.is_dir() and not any(path.iterdir()))
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished `tmp` folder to `out_dir`, replacing an older bundle there.
+
+    The old bundle is first renamed aside, so `out_dir` is at every moment absent, the old
+    complete bundle or the new complete one, never a mix.
+    """
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir() or not _is_bundle_dir(out_dir):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BundleError(
+                f"{out_dir} exists and is not a search bundle; choose another folder or "
+                "remove it (a bundle is only ever written over an older bundle)"
+            )
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old.rmdir()
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
+
+
+def _write_metadata(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([r["path"], int(r["label"]), r["class"], r["split"]])
+
+
+def _read_metadata(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(header) != COLUMNS:
+            raise BundleError(
+                f"{path}: expected the columns {', '.join(COLUMNS)}, got {header}; {_REEXPORT}"
+            )
+        for n, rec in enumerate(reader, start=2):
+            if len(rec) != len(COLUMNS):
+                raise BundleError(f"{path} line {n}: expected {len(COLUMNS)} fields; {_REEXPORT}")
+            try:
+                label = int(rec[1])
+            except ValueError:
+                raise BundleError(f"{path} line {n}: label {rec[1]!r} is not an integer") from None
+            rows.append({"path": rec[0], "label": label, "class": rec[2], "split": rec[3]})
+    return rows
+
+
+def _unsafe_reason(rel: str) -> str | None:
+    """Why the metadata path `rel` could point outside its root (lexically), or None."""
+    if not rel:
+        return "empty path"
+    inner = rel[len(BUNDLE_PREFIX) :] if rel.startswith(BUNDLE_PREFIX) else rel
+    if "\x00" in inner:
+        return "NUL byte"
+    if inner.startswith(("/", "\\")) or PurePosixPath(inner).is_absolute() or (
+        len(inner) > 1 and inner[1] == ":"
+    ):
+        return "absolute path"
+    if ".." in inner.replace("\\", "/").split("/"):
+        return "'..' component"
+    return None
+
+
+def _save_state_dict(model: torch.nn.Module, path: Path) -> None:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, path)
+
+
+def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:
+    """Re-apply efSearch / nprobe from the manifest (Faiss stores them, this is a safeguard)."""
+    inner = index
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(index.index)
+    inner = faiss.downcast_index(inner)
+    if "ef_search" in args and hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = int(args["ef_search"])
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None and "nprobe" in args:
+        ivf.nprobe = min(int(args["nprobe"]), ivf.nlist)
+
+
+# --- export --------------------------------------------------------------------------------
+
+
+def _splits_of(data) -> list[str]:
+    """Each image's side of the run's split: train, heldout, or all for split kind none."""
+    n = len(data.folder)
+    if data.split.kind == "none":
+        return ["all"] * n
+    out = ["heldout"] * n
+    for i in data.split.train:
+        out[int(i)] = "train"
+    return out
+
+
+def export_bundle(
+    embedder: Embedder,
+    out_dir: str | os.PathLike,
+    source: str,
+    index: str | None = None,
+    pca_dim: int | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Embed the whole image folder of `embedder.cfg.data` and write a bundle to `out_dir`.
+
+    `index`, `pca_dim` and `dtype` default to the config's `export` section; the index args
+    always come from `export.index_args`. Returns `out_dir`.
+    """
+    cfg = copy.deepcopy(embedder.cfg)
+    exp = cfg.export
+    kind = index or exp.index
+    pca = exp.pca_dim if pca_dim is None else pca_dim
+    dtype = dtype or exp.dtype
+    if dtype not in ("float32", "float16"):
+        raise ConfigError(f"export dtype {dtype!r} is not one of float32, float16")
+    exp.index, exp.pca_dim, exp.dtype = kind, pca, dtype  # the manifest's config says what ran
+    metric = cfg.eval.metric
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and _is_bundle_dir(out_dir)):
+        raise BundleError(
+            f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
+        )
+
+    data = prepare_data(cfg)
+    folder = data.folder
+    emb = embedder.embed(folder.paths, folder.labels, desc="bundle embeddings")
+    idx = build_index(kind, emb, metric, pca, exp.index_args)
+    splits = _splits_of(data)
+    rows = [
+        {
+            "path": p.relative_to(folder.root).as_posix(),
+            "label": int(lab),
+            "class": folder.classes[int(lab)],
+            "split": s,
+        }
+        for p, lab, s in zip(folder.paths, folder.labels, splits, strict=True)
+    ]
+    head = embedder.model.head
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "versions": _versions(),
+        "config": to_dict(cfg),
+        "image_root": str(folder.root.resolve()),
+        "classes": list(folder.classes),
+        "metric": metric,
+        "embedding_dim": int(emb.shape[1]),
+        "count": int(emb.shape[0]),
+        "dtype": dtype,
+        "num_classes": int(head.out_features) if head is not None else 0,
+        "split_kind": data.split.kind,
+    }
+    tmp = _new_temp_dir(out_dir, "partial")
+    try:
+        np.save(tmp / EMBEDDINGS, emb.astype(dtype), allow_pickle=False)
+        _write_metadata(tmp / METADATA, rows)
+        save_index(idx, tmp / INDEX)
+        _save_state_dict(embedder.model, tmp / MODEL)
+        _finish_manifest(tmp, manifest, kind, exp.index_args, pca, idx)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _finish_manifest(
+    folder: Path, manifest: dict[str, Any], kind: str, args: dict, pca: int | None, idx
+) -> None:
+    manifest["index"] = {
+        "kind": kind,
+        "args": dict(args or {}),
+        "pca_dim": pca,
+        "ntotal": int(idx.ntotal),
+        "bytes": index_nbytes(idx),
+    }
+    manifest["files"] = {name: sha256_file(folder / name) for name in DATA_FILES}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"search bundle {path} is not a folder; pass the folder that holds "
+                          f"{MANIFEST}")  # fmt: skip
+    if not mpath.is_file():
+        raise BundleError(f"{mpath} is missing: {path} is not a complete bundle; {_REEXPORT}")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e}); {_REEXPORT}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath} does not hold a JSON object; {_REEXPORT}")
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{mpath} lacks the keys {missing}; {_REEXPORT}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise BundleError(
+            f"{mpath}: bundle format {manifest['format_version']} is not supported by this "
+            f"mltrain (format {FORMAT_VERSION}); {_REEXPORT}"
+        )
+    return manifest
+
+
+def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Bundle:
+    """Validate every file of the bundle at `path` against its manifest, then load it.
+
+    Nothing is rebuilt or re-embedded. `image_root` overrides the manifest's (for a bundle
+    moved to another machine); it only matters for reading thumbnails.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    for name in DATA_FILES:
+        if not (path / name).is_file():
+            raise BundleError(f"{path / name} is missing; the bundle is incomplete: {_REEXPORT}")
+        expected = files.get(name)
+        if not expected:
+            raise BundleError(f"{path / MANIFEST} records no sha256 for {name}; {_REEXPORT}")
+        actual = sha256_file(path / name)
+        if actual != expected:
+            raise BundleError(
+                f"{path / name} does not match its sha256 in {MANIFEST} (changed, truncated or "
+                f"from another export); {_REEXPORT}"
+            )
+
+    count, dim = manifest["count"], manifest["embedding_dim"]
+    try:
+        emb = np.load(path / EMBEDDINGS, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise BundleError(f"{path / EMBEDDINGS} is not a readable .npy array ({e})") from None
+    if emb.ndim != 2 or emb.shape != (count, dim):
+        raise BundleError(
+            f"{path / EMBEDDINGS} has shape {emb.shape} but {MANIFEST} says ({count}, {dim}); "
+            f"{_REEXPORT}"
+        )
+    if emb.dtype != np.dtype(manifest["dtype"]):
+        raise BundleError(
+            f"{path / EMBEDDINGS} holds {emb.dtype} but {MANIFEST} says {manifest['dtype']}"
+        )
+    metadata = _read_metadata(path / METADATA)
+    if len(metadata) != count:
+        raise BundleError(
+            f"{path / METADATA} has {len(metadata)} rows but {MANIFEST} says {count}; {_REEXPORT}"
+        )
+    n_classes = len(manifest["classes"])
+    for n, row in enumerate(metadata, start=2):
+        reason = _unsafe_reason(row["path"])
+        if reason:
+            raise BundleError(
+                f"{path / METADATA} line {n}: path {row['path']!r} is unsafe ({reason}); "
+                "metadata paths must stay under the image root"
+            )
+        if not 0 <= row["label"] < n_classes:
+            raise BundleError(f"{path / METADATA} line {n}: label {row['label']} is out of range")
+    index = load_index(path / INDEX)
+    if index.ntotal != count:
+        raise BundleError(
+            f"{path / INDEX} holds {index.ntotal} vectors but {MANIFEST} says {count}; "
+            f"{_REEXPORT}"
+        )
+    if index.d != dim:
+        raise BundleError(f"{path / INDEX} takes {index.d}-d queries, embeddings are {dim}-d")
+    _apply_search_params(index, manifest["index"].get("args") or {})
+    root = Path(image_root) if image_root is not None else Path(manifest["image_root"])
+    return Bundle(path, manifest, emb, metadata, index, root)
+
+
+def bundle_config(bundle: Bundle):
+    return from_dict(copy.deepcopy(bundle.manifest["config"]), f"{bundle.path / MANIFEST}")
+
+
+def bundle_embedder(bundle: Bundle) -> Embedder:
+    """The bundle's model, rebuilt from its config with its own weights (no download)."""
+    if bundle._embedder is not None:
+        return bundle._embedder
+    cfg = bundle_config(bundle)
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.pretrained = False  # model.pt carries the weights
+    model = build_model(model_cfg, num_classes=int(bundle.manifest.get("num_classes", 0)))
+    mpath = bundle.path / MODEL
+    try:
+        state = torch.load(mpath, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise BundleError(
+            f"{mpath} is not a loadable tensor state_dict ({type(e).__name__}); {_REEXPORT}"
+        ) from None
+    if not isinstance(state, dict):
+        raise BundleError(f"{mpath} holds no state_dict; {_REEXPORT}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BundleError(
+            f"{mpath}: weights do not fit the model the manifest's config describes: "
+            f"{str(e)[:400]}; {_REEXPORT}"
+        ) from None
+    bundle._embedder = make_embedder(cfg, model)
+    return bundle._embedder
+
+
+def safe_image_path(bundle: Bundle, rel: str) -> Path:
+    """The file a metadata path names, refusing anything that leaves its root.
+
+    Plain paths live under the image root; `bundle:` paths under the bundle folder's
+    `images/`. `..`, absolute paths and symlinks that resolve outside are a BundleError.
+    """
+    reason = _unsafe_reason(rel)
+    if reason:
+        raise BundleError(f"metadata path {rel!r} is unsafe ({reason}); refusing to read it")
+    if rel.startswith(BUNDLE_PREFIX):
+        inner = rel[len(BUNDLE_PREFIX) :]
+        base = bundle.path / IMAGES_DIR
+        if not inner.startswith(IMAGES_DIR + "/"):
+            raise BundleError(f"metadata path {rel!r} must name a file under {IMAGES_DIR}/")
+        inner = inner[len(IMAGES_DIR) + 1 :]
+    else:
+        inner, base = rel, bundle.root
+    base = base.resolve()
+    target = (base / inner).resolve()
+    if not target.is_relative_to(base):
+        raise BundleError(
+            f"metadata path {rel!r} resolves to {target}, outside {base} (a symlink?); "
+            "refusing to read it"
+        )
+    return target
+
+
+# --- adding images -------------------------------------------------------------------------
+
+
+def _collect(
+    paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
+    label_names: str | Sequence[str] | None,
+) -> tuple[list[Path], list[str]]:
+    """Images to add and their class names.
+
+    A folder with class sub-folders: each sub-folder is a class. A folder of images, or a
+    list of files: the class is each file's parent folder name. `label_names` overrides:
+    one name for all, or one per image.
+    """
+    if isinstance(paths_or_folder, (str, os.PathLike)) and Path(paths_or_folder).is_dir():
+        folder = Path(paths_or_folder)
+        paths = sorted(p for p in folder.iterdir() if p.is_file() and is_image(p))
+        subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        for d in subdirs:
+            paths += sorted(p for p in d.rglob("*") if p.is_file() and is_image(p))
+        classes = [
+            p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1
+            else folder.name for p in paths
+        ]  # fmt: skip
+    else:
+        items = [paths_or_folder] if isinstance(paths_or_folder, (str, os.PathLike)) else list(
+            paths_or_folder
+        )
+        paths = [Path(p) for p in items]
+        classes = [p.parent.name or "added" for p in paths]
+    if not paths:
+        raise DataError(f"no images to add in {paths_or_folder}")
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"image {p} does not exist")
+    if label_names is not None:
+        if isinstance(label_names, str):
+            classes = [label_names] * len(paths)
+        else:
+            classes = list(label_names)
+            if len(classes) != len(paths):
+                raise ConfigError(
+                    f"label_names has {len(classes)} names for {len(paths)} images; give one "
+                    "name per image or a single name for all"
+                )
+    return paths, classes
+
+
+def _unique_copy(src: Path, dest_dir: Path, taken: set[str], bundle_dir: Path) -> str:
+    stem, suffix = src.stem, src.suffix
+    name, n = src.name, 1
+    while (dest_dir / name).exists() or _rel_to_bundle(dest_dir / name, bundle_dir) in taken:
+        name, n = f"{stem}-{n}{suffix}", n + 1
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dest_dir / name)
+    return _rel_to_bundle(dest_dir / name, bundle_dir)
+
+
+def _folder_name(class_name: str) -> str:
+    safe = class_name.replace("/", "_").replace("\\", "_").replace("\x00", "_")
+    return "added" if safe in ("", ".", "..") else safe
+
+
+def _rel_to_bundle(p: Path, bundle_dir: Path) -> str:
+    return BUNDLE_PREFIX + p.relative_to(bundle_dir).as_posix()
+
+
+def add_images(
+    bundle_path: str | os.PathLike,
+    paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
+    label_names: str | Sequence[str] | None = None,
+) -> int:
+    """Embed new images with the bundle's own model and add them to its index and metadata.
+
+    Approximate indexes (IVF, PQ, HNSW) are added to, not retrained. Images under the image
+    root are referenced in place; others are copied into the bundle's `images/<class>/`.
+    Images already in the bundle (same metadata path) are skipped. Returns the number added.
+    The new bundle is written beside the old one and renamed into place.
+    """
+    bundle_path = Path(bundle_path)
+    bundle = load_bundle(bundle_path)
+    paths, names = _collect(paths_or_folder, label_names)
+    bad = []
+    for p in paths:
+        try:
+            load_image(p, 64)
+        except DataError as e:
+            bad.append(str(e))
+    if bad:
+        raise DataError(f"{len(bad)} image(s) cannot be added:\n  " + "\n  ".join(bad))
+
+    manifest = copy.deepcopy(bundle.manifest)
+    classes = list(manifest["classes"])
+    root = bundle.root.resolve()
+    known = {r["path"] for r in bundle.metadata}
+    # Decide every new row's path before embedding: files already in the bundle are skipped.
+    plan: list[tuple[Path, str, str | None]] = []  # (image, class, path under root or None)
+    pending: set[Path] = set()
+    for p, name in zip(paths, names, strict=True):
+        resolved = p.resolve()
+        if resolved.is_relative_to(root):
+            rel = resolved.relative_to(root).as_posix()
+            if rel in known or resolved in pending:
+                continue
+        else:
+            rel = None
+            copied = bundle_path / IMAGES_DIR / _folder_name(name) / p.name
+            if copied.is_file() and filecmp.cmp(p, copied, shallow=False):
+                continue  # this very file was added (copied in) before
+        pending.add(resolved)
+        plan.append((p, name, rel))
+    if not plan:
+        return 0
+
+    embedder = bundle_embedder(bundle)
+    emb = embedder.embed([p for p, _, _ in plan], desc="adding images")
+    if emb.shape[1] != bundle.manifest["embedding_dim"]:
+        raise BundleError(
+            f"the bundle's model gives {emb.shape[1]}-d embeddings, the bundle holds "
+            f"{bundle.manifest['embedding_dim']}-d; {_REEXPORT}"
+        )
+    index = bundle.index
+    index.add(prepare(emb, bundle.metric, "new embeddings"))
+
+    tmp = _new_temp_dir(bundle_path, "adding")
+    try:
+        if (bundle_path / IMAGES_DIR).is_dir():
+            shutil.copytree(bundle_path / IMAGES_DIR, tmp / IMAGES_DIR, symlinks=True)
+        new_rows = []
+        taken: set[str] = set(known)
+        for p, name, rel in plan:
+            if rel is None:
+                rel = _unique_copy(p, tmp / IMAGES_DIR / _folder_name(name), taken, tmp)
+            if name not in classes:
+                classes.append(name)
+            taken.add(rel)
+            new_rows.append(
+                {"path": rel, "label": classes.index(name), "class": name, "split": "added"}
+            )
+        old = np.asarray(bundle.embeddings)
+        all_emb = np.concatenate([old, emb.astype(old.dtype)])
+        np.save(tmp / EMBEDDINGS, all_emb, allow_pickle=False)
+        _write_metadata(tmp / METADATA, [*bundle.metadata, *new_rows])
+        save_index(index, tmp / INDEX)
+        shutil.copy2(bundle_path / MODEL, tmp / MODEL)
+        manifest["classes"] = classes
+        manifest["count"] = int(len(all_emb))
+        manifest.setdefault("added", []).append(
+            {
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "count": len(new_rows),
+            }
+        )
+        info = manifest["index"]
+        _finish_manifest(tmp, manifest, info["kind"], info.get("args"), info.get("pca_dim"), index)
+        del old, all_emb
+        bundle.embeddings = np.empty((0, 0), np.float32)  # release the memory map before rename
+        _move_into_place(tmp, bundle_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(new_rows)
+
+
+__all__ = [
+    "Bundle",
+    "add_images",
+    "bundle_embedder",
+    "export_bundle",
+    "load_bundle",
+    "safe_image_path",
+]

@@ -1,0 +1,74 @@
+"""Rebuild an embedding model from a checkpoint alone, and embed image lists with it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mltrain.checkpoint import load_checkpoint
+from mltrain.config import Config, from_dict
+from mltrain.engine import extract_embeddings, resolve_amp, resolve_device
+from mltrain.errors import CheckpointError
+from mltrain.models import EmbeddingModel, build_model, data_config
+from mltrain.rundata import eval_loader
+
+
+@dataclass
+class Embedder:
+    """A model ready for inference: its config, preprocessing and device settings."""
+
+    cfg: Config
+    model: EmbeddingModel
+    dcfg: dict[str, Any]
+    device: torch.device
+    amp: torch.dtype | None
+
+    def embed(self, paths: list[Path], labels: np.ndarray | None = None, desc: str = "embedding"):
+        labels = np.zeros(len(paths), dtype=np.int64) if labels is None else labels
+        loader = eval_loader(self.cfg, paths, labels, self.dcfg)
+        emb, _, _ = extract_embeddings(
+            self.model, loader, self.device, self.amp, self.cfg.train.channels_last, desc=desc
+        )
+        return emb
+
+
+def make_embedder(cfg: Config, model: EmbeddingModel) -> Embedder:
+    device = resolve_device(cfg.train.device)
+    model.to(device).eval()
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    dcfg = data_config(model, cfg.model.image_size)
+    return Embedder(cfg, model, dcfg, device, resolve_amp(cfg.train.amp, device))
+
+
+def embedder_from_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Embedder:
+    """The checkpoint's own config rebuilds the model; its weights need no download."""
+    ckpt = load_checkpoint(path)
+    data = copy.deepcopy(ckpt["config"])
+    if overrides:
+        from mltrain.config import apply_overrides
+
+        data = apply_overrides(data, overrides)
+    cfg = from_dict(data, f"config stored in checkpoint {path}")
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.pretrained = False  # the checkpoint carries the weights
+    model = build_model(model_cfg, num_classes=len(ckpt.get("train_classes") or []))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model its config describes: {str(e)[:500]}"
+        ) from None
+    return make_embedder(cfg, model)
+
+
+def embedder_from_backbone(cfg: Config) -> Embedder:
+    """A pretrained backbone with no training: for comparing backbones before tuning."""
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.head = False
+    return make_embedder(cfg, build_model(model_cfg))

@@ -1,0 +1,308 @@
+"""Search bundles: export, validation on load, add_images and path safety (tiny random models)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mltrain.bundle as bundle_mod
+from mltrain.bundle import (
+    add_images,
+    bundle_embedder,
+    export_bundle,
+    load_bundle,
+    safe_image_path,
+    sha256_file,
+)
+from mltrain.config import Config
+from mltrain.errors import BundleError
+from mltrain.inference import Embedder, make_embedder
+from mltrain.models import build_model
+from mltrain.search import search_images
+from tests.conftest import write_image_folder
+
+CLASSES, PER_CLASS = 3, 5
+
+
+def make_embedder_for(root: Path, **export) -> Embedder:
+    cfg = Config()
+    cfg.model.backbone = "resnet18"
+    cfg.model.pretrained = False
+    cfg.model.image_size = 64
+    cfg.data.root = str(root)
+    cfg.data.exclude_classes = []
+    cfg.data.num_workers = 0
+    cfg.export.index = "flat"
+    for key, value in export.items():
+        setattr(cfg.export, key, value)
+    torch.manual_seed(0)
+    return make_embedder(cfg, build_model(cfg.model))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, request):
+    """One flat bundle per module over 3 classes x 5 images of 32 px; tests copy it."""
+
+
+    base = tmp_path_factory.mktemp("bundle")
+    root = write_image_folder(base / "data", CLASSES, PER_CLASS, (32, 32))
+    out = export_bundle(make_embedder_for(root), base / "bundle", "test export")
+    return root, out
+
+
+@pytest.fixture
+def bundle_dir(exported, tmp_path) -> Path:
+    copy = tmp_path / "b"
+    shutil.copytree(exported[1], copy)
+    return copy
+
+
+def image_paths(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix in (".jpg", ".png"))
+
+
+def write_new_class(root: Path, name: str, n: int) -> Path:
+    """`root/<name>/new_N.png`: striped images unlike any in the exported folder."""
+    (root / name).mkdir(parents=True)
+    rng = np.random.default_rng(123)
+    for i in range(n):
+        pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+        pixels[:, ::4] = 0
+        Image.fromarray(pixels).save(root / name / f"new_{i}.png")
+    return root
+
+
+def rewrite_metadata(bundle: Path, edit) -> None:
+    """Edit metadata.csv rows and re-sign it in the manifest (so only the edit is wrong)."""
+    with open(bundle / "metadata.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    rows = [rows[0], *edit(rows[1:])]
+    with open(bundle / "metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["metadata.csv"] = sha256_file(bundle / "metadata.csv")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_export_writes_complete_manifest_and_rows(exported):
+    root, out = exported
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["embeddings.npy", "index.faiss", "manifest.json", "metadata.csv", "model.pt"]
+    m = json.loads((out / "manifest.json").read_text())
+    n = CLASSES * PER_CLASS
+    assert m["count"] == n and m["embedding_dim"] == 512 and m["dtype"] == "float32"
+    assert m["index"]["kind"] == "flat" and m["index"]["ntotal"] == n and m["index"]["bytes"] > 0
+    assert m["image_root"] == str(root.resolve()) and m["metric"] == "cosine"
+    assert m["num_classes"] == 0 and m["source"] == "test export"
+    assert {"mltrain", "torch", "timm", "faiss", "numpy"} <= set(m["versions"])
+    assert m["config"]["model"]["backbone"] == "resnet18"
+    for name, digest in m["files"].items():
+        assert sha256_file(out / name) == digest
+    b = load_bundle(out)
+    assert [r["path"] for r in b.metadata] == [
+        p.relative_to(root).as_posix() for p in image_paths(root)
+    ]
+    assert {r["split"] for r in b.metadata} == {"train", "heldout"}
+    assert all(r["class"] == Path(r["path"]).parent.name for r in b.metadata)
+    assert all(b.classes[r["label"]] == r["class"] for r in b.metadata)
+    assert isinstance(b.embeddings, np.memmap) and not b.embeddings.flags.writeable
+
+
+def test_every_image_finds_itself_first(exported):
+    root, out = exported
+    b = load_bundle(out)
+    run = search_images(b, image_paths(root), k=3)
+    for r in run.results:
+        assert r.error is None
+        top = r.hits[0]
+        assert (root / top.path) == Path(r.query)
+        assert top.score == pytest.approx(1.0, abs=1e-3)
+        assert r.search_us is not None and r.search_us > 0
+
+
+def test_hnsw_with_pca_and_float16_round_trip(exported, tmp_path):
+    root, _ = exported
+    emb = make_embedder_for(root, index="hnsw", pca_dim=8, dtype="float16")
+    out = export_bundle(emb, tmp_path / "hnsw", "hnsw test")
+    b = load_bundle(out)
+    assert b.embeddings.dtype == np.float16
+    assert isinstance(faiss.downcast_index(b.index), faiss.IndexPreTransform)
+    assert b.manifest["index"]["pca_dim"] == 8 and b.manifest["config"]["export"]["pca_dim"] == 8
+    run = search_images(b, image_paths(root), k=2)
+    for r in run.results:
+        assert root / r.hits[0].path == Path(r.query)
+        assert r.hits[0].score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bundle_holds_no_pickles(exported):
+    _, out = exported
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".pkl", ".pickle", ".joblib")]
+    emb = np.load(out / "embeddings.npy", allow_pickle=False)
+    assert emb.shape == (CLASSES * PER_CLASS, 512) and emb.dtype == np.float32
+    state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    json.loads((out / "manifest.json").read_text())  # plain JSON
+
+
+def test_bundle_embedder_reproduces_the_stored_embeddings(exported):
+    root, out = exported
+    b = load_bundle(out)
+    e = bundle_embedder(b).embed(image_paths(root)[:4])
+    np.testing.assert_allclose(e, np.asarray(b.embeddings[:4]), atol=2e-2)
+    assert bundle_embedder(b) is bundle_embedder(b)  # built once per loaded bundle
+
+
+@pytest.mark.parametrize(
+    "name", ["embeddings.npy", "metadata.csv", "index.faiss", "model.pt", "manifest.json"]
+)
+def test_load_refuses_missing_file(bundle_dir, name):
+    (bundle_dir / name).unlink()
+    with pytest.raises(BundleError, match=name.replace(".", r"\.")) as e:
+        load_bundle(bundle_dir)
+    assert "re-export" in str(e.value)
+
+
+def test_load_refuses_truncated_or_modified_embeddings(bundle_dir):
+    path = bundle_dir / "embeddings.npy"
+    data = path.read_bytes()
+    path.write_bytes(data[:-64])
+    with pytest.raises(BundleError, match=r"embeddings\.npy.*sha256"):
+        load_bundle(bundle_dir)
+    modified = bytearray(data)
+    modified[-5] ^= 0xFF  # same size, one flipped byte
+    path.write_bytes(bytes(modified))
+    with pytest.raises(BundleError, match=r"embeddings\.npy.*sha256"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("key,value", [("count", 14), ("embedding_dim", 256)])
+def test_load_refuses_manifest_that_disagrees_with_files(bundle_dir, key, value):
+    mpath = bundle_dir / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m[key] = value
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"embeddings\.npy has shape \(15, 512\)"):
+        load_bundle(bundle_dir)
+
+
+def test_load_refuses_metadata_with_fewer_rows(bundle_dir):
+    rewrite_metadata(bundle_dir, lambda rows: rows[:-1])
+    with pytest.raises(BundleError, match=r"metadata\.csv has 14 rows.*15"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("bad", ["../outside.jpg", "class_0/../../x.jpg", "/etc/passwd"])
+def test_load_refuses_metadata_paths_that_escape(bundle_dir, bad):
+    rewrite_metadata(bundle_dir, lambda rows: [[bad, *rows[0][1:]], *rows[1:]])
+    with pytest.raises(BundleError, match="unsafe"):
+        load_bundle(bundle_dir)
+
+
+def test_safe_image_path_refuses_escapes(exported, tmp_path):
+    root, out = exported
+    b = load_bundle(out)
+    assert safe_image_path(b, b.metadata[0]["path"]) == (root / b.metadata[0]["path"]).resolve()
+    for bad in ["../secret.jpg", "class_0/../../secret.jpg", str(tmp_path / "x.jpg"), ""]:
+        with pytest.raises(BundleError):
+            safe_image_path(b, bad)
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"not yours")
+    link_root = tmp_path / "root"
+    (link_root / "class_0").mkdir(parents=True)
+    (link_root / "class_0" / "link.jpg").symlink_to(outside)
+    b.root = link_root
+    with pytest.raises(BundleError, match="outside"):
+        safe_image_path(b, "class_0/link.jpg")
+
+
+def test_loading_and_one_query_rebuild_and_re_embed_nothing(exported, monkeypatch):
+    root, out = exported
+
+    def forbidden(*a, **k):
+        raise AssertionError("the index must not be rebuilt")
+
+    monkeypatch.setattr(bundle_mod, "build_index", forbidden)
+    monkeypatch.setattr(faiss.Index, "train", forbidden, raising=False)
+    calls: list[int] = []
+    original = Embedder.embed
+
+    def counting(self, paths, labels=None, desc="embedding"):
+        calls.append(len(paths))
+        return original(self, paths, labels, desc)
+
+    monkeypatch.setattr(Embedder, "embed", counting)
+    b = load_bundle(out)
+    run = search_images(b, [image_paths(root)[7]], k=1)
+    assert calls == [1]
+    assert run.results[0].hits[0].row == 7
+
+
+def test_add_images_grows_the_bundle_and_finds_the_new_image(bundle_dir, tmp_path):
+
+
+    new = write_new_class(tmp_path / "new", "zebra", 2)
+    before = load_bundle(bundle_dir)
+    n0, classes0 = len(before), before.classes
+    assert add_images(bundle_dir, new) == 2
+    b = load_bundle(bundle_dir)
+    assert len(b) == n0 + 2 and b.index.ntotal == n0 + 2 and b.embeddings.shape[0] == n0 + 2
+    assert b.classes == [*classes0, "zebra"]
+    added = b.metadata[-2:]
+    assert [r["split"] for r in added] == ["added", "added"]
+    assert all(r["path"].startswith("bundle:images/zebra/") for r in added)
+    assert safe_image_path(b, added[0]["path"]).is_file()
+    query = new / "zebra" / "new_1.png"
+    hit = search_images(b, [query], k=1).results[0].hits[0]
+    assert hit.row == n0 + 1 and hit.cls == "zebra"
+    assert hit.score == pytest.approx(1.0, abs=1e-3)
+    assert add_images(bundle_dir, new) == 0  # the same files again: already copied in
+    assert len(load_bundle(bundle_dir)) == n0 + 2
+    assert not [p for p in bundle_dir.parent.iterdir() if p.name.startswith(".b.")]
+
+
+def test_add_images_under_the_image_root_is_not_duplicated(exported, tmp_path):
+    root, out = exported
+    emb = make_embedder_for(root, index="hnsw")
+    bdir = export_bundle(emb, tmp_path / "hnsw", "test")
+    assert add_images(bdir, [image_paths(root)[0]]) == 0  # already in the bundle
+    extra = root / "class_0" / "zz_extra.jpg"
+    shutil.copy(image_paths(root)[0], extra)
+    try:
+        assert add_images(bdir, [extra], label_names="class_2") == 1
+    finally:
+        extra.unlink()
+    b = load_bundle(bdir)
+    assert len(b) == CLASSES * PER_CLASS + 1 and b.index.ntotal == len(b)
+    assert b.metadata[-1]["path"] == "class_0/zz_extra.jpg"  # referenced in place, not copied
+    assert b.metadata[-1]["class"] == "class_2" and b.metadata[-1]["label"] == 2
+    assert not (bdir / "images").exists()
+
+
+def test_interrupted_export_leaves_no_bundle(exported, tmp_path, monkeypatch):
+    root, _ = exported
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_mod, "save_index", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(make_embedder_for(root), tmp_path / "out", "test")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_to_overwrite_a_folder_that_is_not_a_bundle(exported, tmp_path):
+    root, _ = exported
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="not a search bundle"):
+        export_bundle(make_embedder_for(root), tmp_path / "notes", "test")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"

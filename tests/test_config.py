@@ -1,0 +1,354 @@
+"""Typed configs: strict YAML, `--set` overrides, validation, round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mltrain.config import (
+    Config,
+    DataConfig,
+    from_dict,
+    load_config,
+    parse_override,
+    save_config,
+    validate,
+)
+from mltrain.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(tmp_path: Path, text: str) -> tuple[str, Path]:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return str(info.value), path
+
+
+# --- defaults and shipped files -------------------------------------------------------------
+
+
+def test_defaults_are_valid():
+    cfg = Config()
+    assert validate(cfg) is cfg
+    assert load_config() == cfg
+    assert cfg.train.optimizer == {"name": "adamw", "args": {"lr": 1e-4, "weight_decay": 1e-4}}
+
+
+def test_shipped_configs_exist():
+    assert {p.stem for p in SHIPPED} >= {"classification", "pooling", "siamese", "triplet"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_config_loads(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.name == path.stem
+    assert validate(cfg) is cfg
+    # numbers written as 1.0e-4 stay numbers, not strings
+    lr = cfg.train.optimizer["args"]["lr"]
+    assert isinstance(lr, float) and 0 < lr < 1
+    # every component is normalised to {name, args}
+    for comp in (cfg.train.loss, cfg.train.sampler, cfg.train.optimizer, cfg.model.pooling):
+        assert set(comp) == {"name", "args"} and isinstance(comp["args"], dict)
+
+
+# --- strict keys and types ------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_names_key_and_file(tmp_path):
+    msg, path = config_error(tmp_path, "epochs: 3\n")
+    assert "'epochs'" in msg
+    assert str(path) in msg
+    assert "valid keys here" in msg and "train" in msg
+
+
+def test_unknown_nested_key_names_dotted_key_and_file(tmp_path):
+    msg, path = config_error(tmp_path, "train:\n  epoch: 3\n")
+    assert "'train.epoch'" in msg
+    assert str(path) in msg
+    assert "epochs" in msg  # lists the valid keys of that section
+
+
+def test_unknown_key_in_deeper_section(tmp_path):
+    msg, _ = config_error(tmp_path, "model:\n  backbone: resnet18\n  embeding_dim: 64\n")
+    assert "'model.embeding_dim'" in msg
+
+
+def test_wrong_type_string_for_int_names_key(tmp_path):
+    msg, path = config_error(tmp_path, "train:\n  epochs: ten\n")
+    assert "train.epochs" in msg and "'ten'" in msg and str(path) in msg
+
+
+def test_wrong_type_int_for_bool_names_key(tmp_path):
+    msg, _ = config_error(tmp_path, "model:\n  head: 1\n")
+    assert "model.head" in msg and "true or false" in msg
+
+
+def test_bool_is_not_an_int(tmp_path):
+    msg, _ = config_error(tmp_path, "train:\n  epochs: true\n")
+    assert "train.epochs" in msg
+
+
+def test_section_must_be_a_mapping(tmp_path):
+    msg, _ = config_error(tmp_path, "train: 5\n")
+    assert "train" in msg and "mapping" in msg
+
+
+def test_list_item_type_names_index(tmp_path):
+    msg, _ = config_error(tmp_path, "eval:\n  ks: [1, five]\n")
+    assert "eval.ks[1]" in msg
+
+
+def test_ints_accepted_for_floats(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  grad_clip: 2\ndata:\n  train_fraction: 0.25\n"))
+    assert cfg.train.grad_clip == 2.0 and isinstance(cfg.train.grad_clip, float)
+    cfg = from_dict({"data": {"split": "none", "train_fraction": 1}})
+    assert isinstance(cfg.data.train_fraction, float)
+
+
+def test_pretrained_accepts_bool_or_string_but_not_int():
+    assert from_dict({"model": {"pretrained": False}}).model.pretrained is False
+    assert from_dict({"model": {"pretrained": "w.pt"}}).model.pretrained == "w.pt"
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        from_dict({"model": {"pretrained": 1}})
+
+
+def test_missing_file_invalid_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    msg, _ = config_error(tmp_path, "train: [unclosed\n")
+    assert "not valid YAML" in msg
+    msg, _ = config_error(tmp_path, "- a\n- b\n")
+    assert "mapping" in msg
+
+
+def test_empty_file_gives_defaults_with_stem_name(tmp_path):
+    cfg = load_config(write(tmp_path, "", name="empty.yaml"))
+    assert cfg == dataclasses.replace(Config(), name="empty")
+
+
+# --- --set overrides --------------------------------------------------------------------------
+
+
+def test_parse_override_values():
+    assert parse_override("train.epochs=3") == (["train", "epochs"], 3)
+    assert parse_override("a.b.c=1e-3") == (["a", "b", "c"], 0.001)
+    assert parse_override("x=[1, 2]") == (["x"], [1, 2])
+    assert parse_override("x=false") == (["x"], False)
+    assert parse_override("x=null") == (["x"], None)
+    assert parse_override("x=") == (["x"], None)
+    assert parse_override("x=a=b") == (["x"], "a=b")  # split on the first '=' only
+
+
+def test_override_top_level_and_nested():
+    cfg = load_config(None, ["seed=7", "train.epochs=3", "model.backbone=resnet18"])
+    assert (cfg.seed, cfg.train.epochs, cfg.model.backbone) == (7, 3, "resnet18")
+    assert cfg.train.batch_size == Config().train.batch_size  # untouched keys keep defaults
+
+
+def test_override_component_arg_in_file_merges_into_args():
+    cfg = load_config(REPO / "configs" / "triplet.yaml", ["train.optimizer.args.lr=1e-3"])
+    assert cfg.train.optimizer == {"name": "adamw", "args": {"lr": 0.001, "weight_decay": 1e-4}}
+    assert isinstance(cfg.train.optimizer["args"]["lr"], float)
+
+
+def test_override_numbers_lists_bools_null():
+    cfg = load_config(
+        None,
+        [
+            "train.grad_clip=1e-3",
+            "eval.ks=[1, 3]",
+            "model.normalize=false",
+            "model.embedding_dim=64",
+            "model.embedding_dim=null",  # later overrides win
+            "data.exclude_classes=[]",
+        ],
+    )
+    assert cfg.train.grad_clip == pytest.approx(0.001)
+    assert cfg.eval.ks == [1, 3]
+    assert cfg.model.normalize is False
+    assert cfg.model.embedding_dim is None
+    assert cfg.data.exclude_classes == []
+
+
+def test_override_component_shorthand():
+    cfg = load_config(None, ["train.loss=TripletMarginLoss"])
+    assert cfg.train.loss == {"name": "TripletMarginLoss", "args": {}}
+
+
+def test_override_without_equals_is_error():
+    with pytest.raises(ConfigError, match=r"--set 'nokey': expected key=value"):
+        load_config(None, ["nokey"])
+
+
+def test_override_unknown_key_names_key_and_override():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["nokey=1"])
+    assert "'nokey'" in str(info.value) and "--set nokey=1" in str(info.value)
+    with pytest.raises(ConfigError, match=r"'train\.nokey'"):
+        load_config(None, ["train.nokey=1"])
+
+
+def test_override_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"train\.epochs.*'ten'"):
+        load_config(None, ["train.epochs=ten"])
+
+
+def test_override_through_a_scalar_is_error(tmp_path):
+    path = write(tmp_path, "name: foo\n")
+    with pytest.raises(ConfigError, match="'name' is not a section"):
+        load_config(path, ["name.sub=1"])
+
+
+def test_override_component_arg_on_defaults():
+    cfg = load_config(None, ["train.optimizer.args.lr=1e-3"])
+    assert cfg.train.optimizer == {"name": "adamw", "args": {"lr": 0.001, "weight_decay": 1e-4}}
+
+
+def test_quoted_numeric_string_stays_string(tmp_path):
+    cfg = load_config(write(tmp_path, 'name: "1e3"\n'))
+    assert cfg.name == "1e3"
+
+
+# --- choices and ranges -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.split=random", "data.split"),
+        ("data.bad_images=ignore", "data.bad_images"),
+        ("train.amp=fp8", "train.amp"),
+        ("train.device=tpu", "train.device"),
+        ("eval.metric=dot", "eval.metric"),
+        ("eval.gallery=test", "eval.gallery"),
+    ],
+)
+def test_choices_rejected_with_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert f"{key}:" in str(info.value) and "is not one of" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.optimizer.args.lr=-1e-3", "train.optimizer.args.lr"),
+        ("train.optimizer.args.lr=0", "train.optimizer.args.lr"),
+        ("train.optimizer.args.lr=fast", "train.optimizer.args.lr"),
+        ("data.train_fraction=1.5", "data.train_fraction"),
+        ("data.train_fraction=0", "data.train_fraction"),
+        ("eval.ks=[0]", "eval.ks"),
+        ("eval.pca_lengths=[8, 0]", "eval.pca_lengths"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.batch_size=-4", "train.batch_size"),
+        ("model.embedding_dim=0", "model.embedding_dim"),
+        ("model.frozen_stages=-1", "model.frozen_stages"),
+        ("train.cache_frozen=true", "train.cache_frozen"),
+    ],
+)
+def test_ranges_rejected_with_key(override, key):
+    # triplet.yaml spells out the optimizer, so the lr override lands in a full component
+    path = REPO / "configs" / "triplet.yaml"
+    overrides = [override] + (["model.frozen_stages=0"] if "cache_frozen" in override else [])
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert key in str(info.value)
+
+
+def test_train_fraction_unchecked_without_split():
+    cfg = from_dict({"data": {"split": "none", "train_fraction": 1.5}})
+    assert cfg.data.train_fraction == 1.5
+
+
+def test_max_steps_one_is_fine():
+    assert load_config(None, ["train.max_steps=1"]).train.max_steps == 1
+
+
+# --- components -------------------------------------------------------------------------------
+
+
+def test_component_shorthand_in_file(tmp_path):
+    text = "train:\n  loss: TripletMarginLoss\n  miner: BatchHardMiner\n"
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.train.loss == {"name": "TripletMarginLoss", "args": {}}
+    assert cfg.train.miner == {"name": "BatchHardMiner", "args": {}}
+
+
+def test_component_null_args_become_empty(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  pooling: {name: gem, args: null}\n"))
+    assert cfg.model.pooling == {"name": "gem", "args": {}}
+
+
+def test_component_list_shorthand(tmp_path):
+    cfg = load_config(write(tmp_path, "data:\n  augment: [HorizontalFlip, {name: Blur}]\n"))
+    assert cfg.data.augment == [
+        {"name": "HorizontalFlip", "args": {}},
+        {"name": "Blur", "args": {}},
+    ]
+
+
+def test_component_extra_keys_rejected(tmp_path):
+    msg, path = config_error(tmp_path, "train:\n  loss: {name: TripletMarginLoss, margin: 0.1}\n")
+    assert "train.loss" in msg and "'margin'" in msg and str(path) in msg
+
+
+def test_component_without_name_or_bad_args_rejected(tmp_path):
+    msg, _ = config_error(tmp_path, "train:\n  loss: {args: {margin: 0.1}}\n")
+    assert "train.loss" in msg
+    msg, _ = config_error(tmp_path, "train:\n  loss: {name: TripletMarginLoss, args: [1]}\n")
+    assert "train.loss.args" in msg
+    msg, _ = config_error(tmp_path, "model:\n  pooling: 3\n")
+    assert "model.pooling" in msg
+
+
+# --- names and round trips --------------------------------------------------------------------
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    assert load_config(write(tmp_path, "seed: 1\n", name="my_run.yaml")).name == "my_run"
+    assert load_config(write(tmp_path, "name: other\n", name="x.yaml")).name == "other"
+    assert load_config(None).name == "run"
+
+
+def test_override_name_beats_file_stem(tmp_path):
+    assert load_config(write(tmp_path, "seed: 1\n", name="a.yaml"), ["name=b"]).name == "b"
+
+
+def test_save_then_load_round_trip(tmp_path):
+    cfg = load_config(
+        REPO / "configs" / "pooling.yaml",
+        [
+            "train.optimizer.args.lr=1e-5",
+            "train.grad_clip=0.5",
+            "model.pretrained=false",
+            "eval.ks=[1, 2]",
+            "model.embedding_dim=32",
+        ],
+    )
+    out = tmp_path / "saved.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    assert again.name == "pooling"  # the saved name, not the file stem "saved"
+    assert yaml.safe_load(out.read_text())["model"]["pretrained"] is False
+
+
+def test_round_trip_of_defaults(tmp_path):
+    out = tmp_path / "d.yaml"
+    save_config(Config(), out)
+    assert load_config(out) == Config()
+    assert isinstance(load_config(out).data, DataConfig)

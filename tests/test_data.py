@@ -1,0 +1,402 @@
+"""Tests for mltrain.data: folders and archives, splits, decoding, transforms, loaders, samplers."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import stat
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mltrain.data import dataset as dataset_mod
+from mltrain.data.dataset import ImageDataset, make_loader
+from mltrain.data.folder import resolve_root, scan_folder
+from mltrain.data.images import check_images, load_image
+from mltrain.data.samplers import SAMPLERS, build_sampler
+from mltrain.data.splits import find_duplicates, load_split, make_split, save_split
+from mltrain.data.transforms import DEFAULT_AUGMENT, eval_transform, train_transform
+from mltrain.errors import ConfigError, DataError
+
+CONFIG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.4, 0.3),
+    "std": (0.2, 0.25, 0.5),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+
+
+# ---------------------------------------------------------------- folders
+
+
+def test_scan_orders_classes_and_files_and_labels(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", classes=["zebra", "a b", "été"], per_class=[2, 3, 2])
+    (root / "zebra" / "notes.txt").write_text("not an image")
+    (root / "zebra" / ".hidden.jpg").write_bytes(b"")
+    (root / ".cache").mkdir()  # hidden folder: not a class
+    shutil.copy(root / "zebra" / "img_000.jpg", root / "zebra" / "UPPER.JPG")
+    folder = scan_folder(root)
+    assert folder.classes == ["a b", "zebra", "été"]
+    assert [p.relative_to(root).as_posix() for p in folder.paths] == [
+        "a b/img_000.jpg", "a b/img_001.png", "a b/img_002.jpg",
+        "zebra/UPPER.JPG", "zebra/img_000.jpg", "zebra/img_001.png",
+        "été/img_000.jpg", "été/img_001.png",
+    ]  # fmt: skip
+    assert folder.labels.dtype == np.int64
+    assert folder.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+
+
+def test_scan_exclude(tiny_folder):
+    folder = scan_folder(tiny_folder, exclude=["class_1"])
+    assert folder.classes == ["class_0", "class_2"]
+    assert len(folder) == 12 and set(folder.labels.tolist()) == {0, 1}
+    assert scan_folder(tiny_folder, exclude="class_0").classes == ["class_1", "class_2"]
+
+
+def test_scan_errors(tmp_path, make_image_folder):
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_root(tmp_path / "nope")
+    (tmp_path / "file.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match="neither a folder nor"):
+        resolve_root(tmp_path / "file.zip")
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="no class sub-folders"):
+        scan_folder(tmp_path / "flat")
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=2)
+    with pytest.raises(DataError, match="'nope'"):
+        scan_folder(root, exclude=["nope"])
+    with pytest.raises(DataError, match="at least 2 class"):
+        scan_folder(root, exclude=["class_0"])
+    (root / "empty").mkdir()
+    (root / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match="empty.*add 'empty' to data.exclude_classes"):
+        scan_folder(root)
+    assert scan_folder(root, exclude=["empty"]).classes == ["class_0", "class_1"]
+
+
+def _tar(archive: Path, source: Path, arcname: str) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname=arcname)
+    return archive
+
+
+def test_archive_extracted_once_beside_it(tmp_path, tiny_folder, capsys, monkeypatch):
+    archive = _tar(tmp_path / "cats.tar.gz", tiny_folder, "cats")
+    root = resolve_root(archive)
+    assert root == tmp_path / "cats"
+    assert "extracting" in capsys.readouterr().err
+    assert len(scan_folder(root)) == 18
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    mtime = root.stat().st_mtime_ns
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("extracted twice"))
+    assert resolve_root(archive) == root and root.stat().st_mtime_ns == mtime
+    assert capsys.readouterr().err == ""
+
+
+def test_archive_without_top_folder_and_unsafe_member(tmp_path, tiny_folder):
+    flat = tmp_path / "flat.tgz"
+    with tarfile.open(flat, "w:gz") as tar:
+        for cls in ("class_0", "class_1"):
+            tar.add(tiny_folder / cls, arcname=cls)
+    assert scan_folder(resolve_root(flat)).classes == ["class_0", "class_1"]
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(DataError, match="cannot extract"):
+        resolve_root(evil)
+    assert not (tmp_path.parent / "escaped.txt").exists()
+    assert not (tmp_path / "evil").exists()  # a failed extraction leaves nothing that looks done
+
+
+def test_archive_in_read_only_dir_goes_to_cache(tmp_path, tiny_folder, monkeypatch):
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    archive = _tar(shelf / "cats.tar.gz", tiny_folder, "cats")
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    shelf.chmod(0o555)  # also honoured when tests run as root, who could write anyway
+    try:
+        root = resolve_root(archive)
+        assert root.parent == tmp_path / "cache" and root.name.startswith("cats-")
+        assert sorted(p.name for p in shelf.iterdir()) == ["cats.tar.gz"]
+        assert resolve_root(archive) == root
+    finally:
+        shelf.chmod(stat.S_IRWXU)
+
+
+def test_archive_changed_after_extraction(tmp_path, tiny_folder, make_image_folder):
+    archive = _tar(tmp_path / "cats.tar.gz", tiny_folder, "cats")
+    resolve_root(archive)
+    bigger = make_image_folder(tmp_path / "bigger", classes=3, per_class=9)
+    _tar(archive, bigger, "cats")
+    with pytest.raises(DataError, match="changed since it was extracted"):
+        resolve_root(archive)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_per_class_split_fractions_and_disjoint():
+    labels = np.repeat([0, 1, 2, 3], [10, 5, 2, 1])
+    split = make_split(labels, "per_class", 0.6, seed=3)
+    assert np.intersect1d(split.train, split.heldout).size == 0
+    assert sorted(np.concatenate([split.train, split.heldout])) == list(range(18))
+    train_counts = np.bincount(labels[split.train], minlength=4).tolist()
+    assert train_counts == [6, 3, 1, 1]  # 2 images: 1 each side; 1 image: train only
+    assert split.train.dtype == np.int64 and split.heldout.dtype == np.int64
+
+
+def test_class_disjoint_split():
+    labels = np.repeat(np.arange(10), 3)
+    split = make_split(labels, "class_disjoint", 0.7, seed=0)
+    train_cls, held_cls = set(labels[split.train]), set(labels[split.heldout])
+    assert len(train_cls) == 7 and len(held_cls) == 3 and not train_cls & held_cls
+    assert len(split.train) + len(split.heldout) == 30
+    tiny = make_split(np.array([0, 1]), "class_disjoint", 0.99, seed=0)
+    assert len(tiny.train) == 1 and len(tiny.heldout) == 1
+
+
+def test_split_determinism_and_independence_from_global_rng():
+    labels = np.repeat(np.arange(5), 8)
+    np.random.seed(1)
+    a = make_split(labels, "per_class", 0.5, seed=7)
+    np.random.seed(2)
+    b = make_split(labels, "per_class", 0.5, seed=7)
+    c = make_split(labels, "per_class", 0.5, seed=8)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.heldout, b.heldout)
+    assert not np.array_equal(a.train, c.train)
+
+
+def test_split_none_and_errors():
+    split = make_split(np.array([0, 0, 1]), "none", 1.0, seed=0)
+    assert split.train.tolist() == split.heldout.tolist() == [0, 1, 2]
+    with pytest.raises(ConfigError, match="per_class, class_disjoint, none"):
+        make_split(np.array([0, 1]), "random", 0.5, seed=0)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match=f"train_fraction {bad}"):
+            make_split(np.array([0, 1]), "per_class", bad, seed=0)
+
+
+def test_save_load_split_round_trip_and_missing(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", classes=["a", "b c"], per_class=4)
+    folder = scan_folder(root)
+    split = make_split(folder.labels, "per_class", 0.5, seed=1)
+    path = tmp_path / "run" / "split.json"
+    save_split(path, split, folder)
+    doc = json.loads(path.read_text())
+    assert doc["kind"] == "per_class" and doc["train"][0][1] in ("a", "b c")
+    loaded = load_split(path, scan_folder(root))
+    assert np.array_equal(loaded.train, split.train)
+    assert np.array_equal(loaded.heldout, split.heldout)
+    assert (loaded.kind, loaded.seed, loaded.train_fraction) == ("per_class", 1, 0.5)
+    gone = folder.paths[int(split.heldout[0])]
+    gone.unlink()
+    with pytest.raises(DataError, match=f"1 images .*{gone.name}"):
+        load_split(path, scan_folder(root))
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="cannot read split file"):
+        load_split(path, folder)
+
+
+def test_find_duplicates(tiny_folder):
+    folder = scan_folder(tiny_folder)
+    copy = tiny_folder / "class_2" / "copy_of_0.jpg"
+    shutil.copy(folder.paths[0], copy)
+    paths = folder.paths + [copy]
+    train, heldout = np.arange(0, 6), np.array([6, 7, 12, 18])
+    assert find_duplicates(paths, train, heldout) == [(str(paths[0]), str(copy))]
+    assert find_duplicates(paths, np.arange(6), np.arange(6, 18)) == []
+    everything = np.arange(18)
+    assert find_duplicates(folder.paths, everything, everything) == []  # split kind 'none'
+
+
+# ---------------------------------------------------------------- images
+
+
+def _save(img: Image.Image, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+def test_load_image_modes(tmp_path):
+    grey = load_image(_save(Image.new("L", (5, 4), 77), tmp_path / "g.png"))
+    assert grey.shape == (4, 5, 3) and grey.dtype == np.uint8 and (grey == 77).all()
+    cmyk = load_image(_save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "c.jpg"))
+    assert cmyk.shape == (8, 8, 3) and cmyk[..., 0].min() > 230 and cmyk[..., 1:].max() < 25
+    deep = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    sixteen = _save(Image.fromarray(deep), tmp_path / "i16.png")
+    assert Image.open(sixteen).mode.startswith("I")
+    assert load_image(sixteen)[0, :, 0].tolist() == [0, 128, 255]
+    rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 255))
+    rgba.putpixel((1, 0), (0, 0, 0, 0))
+    assert load_image(_save(rgba, tmp_path / "a.png"))[0].tolist() == [[255, 0, 0], [255] * 3]
+    palette = Image.new("P", (3, 1))
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.putpixel((2, 0), 1)
+    assert load_image(_save(palette, tmp_path / "p.gif"))[0, 2].tolist() == [10, 200, 30]
+
+
+def test_load_image_exif_orientation_and_draft(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees on display
+    path = _save(Image.new("RGB", (40, 30), "red"), tmp_path / "o.jpg", exif=exif)
+    assert load_image(path).shape == (40, 30, 3)
+    big = _save(Image.new("RGB", (400, 300), "blue"), tmp_path / "big.jpg")
+    assert load_image(big, size_hint=64).shape == (75, 100, 3)  # 1/4 scale, both sides >= 64
+    assert load_image(big).shape == (300, 400, 3)
+
+
+def _bad_files(tmp_path: Path) -> list[Path]:
+    good = _save(Image.new("RGB", (64, 64), "green"), tmp_path / "good.jpg")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[:300])
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello, not a picture")
+    return [truncated, tmp_path / "zero.jpg", tmp_path / "text.png"]
+
+
+def test_load_image_bad_files_name_the_path(tmp_path):
+    for bad in _bad_files(tmp_path):
+        with pytest.raises(DataError, match=f"cannot read image .*{bad.name}"):
+            load_image(bad)
+
+
+def test_check_images_lists_exactly_the_bad_ones(tmp_path, tiny_folder):
+    bad = _bad_files(tmp_path)
+    paths = scan_folder(tiny_folder).paths[:4] + [bad[0]] + [tmp_path / "good.jpg"] + bad[1:]
+    found = check_images(paths, num_workers=2)
+    assert [p for p, _ in found] == [str(p) for p in bad]
+    assert all(reason for _, reason in found)
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_eval_transform_constant_image_normalised():
+    out = eval_transform(CONFIG)(np.full((50, 60, 3), 128, np.uint8))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    # (128 / 255 - mean) / std, by hand
+    expected = [0.00980, 0.40784, 0.40392]
+    assert torch.allclose(out.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-4)
+    assert float(out.std(dim=(1, 2)).max()) < 1e-5
+
+
+def test_eval_transform_geometry_matches_timm():
+    # timm: shorter side to int(32 / 0.5) = 64, then center crop 32: the central quarter.
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[25:75, 50:150] = 255
+    out = eval_transform({**CONFIG, "crop_pct": 0.5})(image)
+    assert out.shape == (3, 32, 32) and torch.allclose(out[0], out[0, 0, 0])
+    wide = eval_transform({**CONFIG, "input_size": (3, 24, 40), "crop_mode": "squash"})
+    assert wide(np.zeros((90, 30, 3), np.uint8)).shape == (3, 24, 40)
+
+
+def test_eval_center_crop_is_placed_like_torchvision():
+    # torchvision (timm) crops at round((w - 32) / 2): 3.5 -> 4 for width 39, 2.5 -> 2 for 37.
+    plain = {**CONFIG, "crop_pct": 1.0, "mean": (0.0,) * 3, "std": (1.0,) * 3}
+    for width, left in ((39, 4), (37, 2)):
+        columns = np.broadcast_to((np.arange(width) * 5)[None, :, None], (32, width, 3))
+        out = eval_transform(plain)(np.ascontiguousarray(columns, dtype=np.uint8))
+        assert round(float(out[0, 0, 0]) * 255) == left * 5
+
+
+def test_train_transform_sizes_and_errors():
+    image = np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8)
+    assert train_transform(CONFIG, DEFAULT_AUGMENT)(image).shape == (3, 32, 32)
+    flip_only = train_transform(CONFIG, [{"name": "HorizontalFlip", "args": {"p": 1.0}}])
+    assert flip_only(image).shape == (3, 32, 32)
+    small = train_transform(CONFIG, [{"name": "RandomCrop", "args": {"height": 20, "width": 24}}])
+    assert small(image).shape == (3, 20, 24)
+    maybe = train_transform(
+        CONFIG, [{"name": "RandomResizedCrop", "args": {"size": [20, 20], "p": 0.5}}]
+    )
+    assert {maybe(image).shape for _ in range(8)} == {(3, 32, 32)}  # p < 1: resized after
+    with pytest.raises(
+        ConfigError, match="unknown albumentations transform 'Flipz'.*albumentations.ai"
+    ):
+        train_transform(CONFIG, [{"name": "Flipz"}])
+    with pytest.raises(ConfigError, match="ColorJitter: unknown args \\['brightnes'\\]"):
+        train_transform(CONFIG, [{"name": "ColorJitter", "args": {"brightnes": 0.2}}])
+    with pytest.raises(ConfigError, match="RandomResizedCrop: bad args"):
+        train_transform(CONFIG, [{"name": "RandomResizedCrop", "args": {"scale": [0.5]}}])
+    with pytest.raises(ConfigError, match="remove 'Normalize'"):
+        train_transform(CONFIG, [{"name": "Normalize"}])
+
+
+# ---------------------------------------------------------------- dataset and loader
+
+
+def test_dataset_and_reproducible_loader(tiny_folder):
+    folder = scan_folder(tiny_folder)
+    too_big = train_transform(CONFIG, [{"name": "RandomCrop", "args": {"height": 64, "width": 64}}])
+    with pytest.raises(DataError, match="img_000.jpg.*cannot crop a 32x40 image"):
+        ImageDataset(folder.paths, folder.labels, too_big)[0]
+    ds = ImageDataset(folder.paths, folder.labels, train_transform(CONFIG), size_hint=36)
+    image, label, index = ds[7]
+    assert image.shape == (3, 32, 32) and (label, index) == (1, 7)
+    first = [b[2].tolist() for b in make_loader(ds, 4, shuffle=True, seed=5)]
+    again = [b[2].tolist() for b in make_loader(ds, 4, shuffle=True, seed=5)]
+    assert first == again and sorted(sum(first, [])) == list(range(18))
+    assert first != [b[2].tolist() for b in make_loader(ds, 4, shuffle=True, seed=6)]
+    assert make_loader(ds, 16).num_workers == 0  # fewer than 2 batches
+    with pytest.raises(ConfigError, match="exclude each other"):
+        make_loader(ds, 4, shuffle=True, sampler=build_sampler("m_per_class", ds.labels, 8, []))
+
+
+def test_worker_augmentations_differ_and_repeat(tiny_folder, monkeypatch):
+    monkeypatch.setattr(dataset_mod, "default_num_workers", lambda: 2)
+    folder = scan_folder(tiny_folder)
+    flip = [{"name": "HorizontalFlip", "args": {"p": 0.5}}, {"name": "ColorJitter"}]
+    ds = ImageDataset([folder.paths[0]] * 8, [0] * 8, train_transform(CONFIG, flip))
+
+    def run() -> torch.Tensor:
+        loader = make_loader(ds, 2, seed=3)
+        assert loader.num_workers == 2
+        return torch.cat([b[0] for b in loader])
+
+    a, b = run(), run()
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0:2], a[2:4])  # workers 0 and 1 do not share one RNG stream
+
+
+# ---------------------------------------------------------------- samplers
+
+
+def test_m_per_class_batches(tmp_path, make_image_folder):
+    folder = scan_folder(make_image_folder(tmp_path / "d", classes=4, per_class=[3, 5, 2, 6]))
+    sampler = build_sampler({"name": "m_per_class", "args": {"m": 2}}, folder.labels, 4, [], seed=1)
+    ds = ImageDataset(folder.paths, folder.labels, eval_transform(CONFIG))
+    batches = [b[1].tolist() for b in make_loader(ds, 4, sampler=sampler, num_workers=0)]
+    assert len(batches) == 4  # length_before_new_iter = 16 images
+    for labels in batches:
+        assert sorted(np.unique(labels, return_counts=True)[1].tolist()) == [2, 2]
+    spec = {"name": "m_per_class", "args": {"m": 2}}
+    one, two = (build_sampler(spec, folder.labels, 4, [], seed=1) for _ in range(2))
+    np.random.seed(0)  # the sampler's own RNG, not numpy's global one, decides
+    first = list(one)
+    np.random.seed(1)
+    assert first == list(two) and list(one) != first  # reproducible; epochs differ
+    assert build_sampler({"name": "random"}, folder.labels, 4, []) is None
+
+
+def test_sampler_errors():
+    labels = np.repeat([0, 1, 2], [4, 1, 4])
+    names = ["ok", "lonely", "fine"]
+    with pytest.raises(ConfigError, match="batch_size 6 .* m 4"):
+        build_sampler({"name": "m_per_class"}, labels, 6, names)
+    with pytest.raises(ConfigError, match="batch_size 4 .* m 4"):
+        build_sampler({"name": "m_per_class"}, labels, 4, names)
+    with pytest.raises(DataError, match="class 'lonely' has 1 image.*exclude_classes"):
+        build_sampler({"name": "m_per_class", "args": {"m": 2}}, labels, 4, names)
+    with pytest.raises(ConfigError, match="m_per_class, random"):
+        build_sampler({"name": "mper"}, labels, 4, names)
+    assert SAMPLERS.names() == ["m_per_class", "random"]

@@ -1,0 +1,96 @@
+"""Registry: build from {name, args}, defaults from `extra`, helpful unknown-name errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from mltrain.errors import ConfigError, MltrainError
+from mltrain.registry import Registry
+
+
+def _make() -> Registry:
+    reg = Registry("widget")
+
+    @reg.register("pair")
+    def pair(a, b=10):
+        return (a, b)
+
+    reg.register("triple", lambda x, y, z: x + y + z)
+    return reg
+
+
+def test_build_with_args():
+    reg = _make()
+    assert reg.build({"name": "pair", "args": {"a": 1, "b": 2}}) == (1, 2)
+    assert reg.build({"name": "triple", "args": {"x": 1, "y": 20, "z": 300}}) == 321
+
+
+def test_build_without_args_key_uses_function_defaults():
+    reg = _make()
+    assert reg.build({"name": "pair", "args": {"a": 5}}) == (5, 10)
+    assert reg.build({"name": "pair", "args": None}, a=7) == (7, 10)
+
+
+def test_extra_fills_missing_args_but_config_wins():
+    reg = _make()
+    assert reg.build({"name": "pair"}, a=3) == (3, 10)
+    assert reg.build({"name": "pair", "args": {"b": 4}}, a=3, b=99) == (3, 4)
+    assert reg.build({"name": "pair", "args": {"a": 1}}, a=3) == (1, 10)
+
+
+def test_register_returns_function_so_decorator_keeps_name():
+    reg = Registry("thing")
+
+    @reg.register("f")
+    def f():
+        return 42
+
+    assert f() == 42
+    assert reg.get("f") is f
+    assert "f" in reg and "g" not in reg
+
+
+def test_names_are_sorted():
+    reg = Registry("thing")
+    for n in ("zeta", "alpha", "mid"):
+        reg.register(n, lambda: None)
+    assert reg.names() == ["alpha", "mid", "zeta"]
+
+
+def test_unknown_name_lists_valid_names():
+    reg = _make()
+    with pytest.raises(ConfigError) as info:
+        reg.build({"name": "pear"})
+    msg = str(info.value)
+    assert "widget" in msg and "'pear'" in msg
+    assert "pair, triple" in msg
+    assert isinstance(info.value, MltrainError)
+
+
+def test_get_unknown_raises_config_error():
+    with pytest.raises(ConfigError, match="valid names: pair, triple"):
+        _make().get("nope")
+
+
+def test_bad_args_become_config_error_naming_component():
+    reg = _make()
+    with pytest.raises(ConfigError) as info:
+        reg.build({"name": "pair", "args": {"a": 1, "c": 3}})
+    msg = str(info.value)
+    assert "widget 'pair'" in msg and "'c'" in msg
+    with pytest.raises(ConfigError, match="pair"):
+        reg.build({"name": "pair"})  # missing required `a`
+
+
+def test_duplicate_registration_is_refused():
+    reg = _make()
+    with pytest.raises(ValueError, match="'pair' is registered twice"):
+        reg.register("pair", lambda: None)
+    with pytest.raises(ValueError, match="registered twice"):
+
+        @reg.register("triple")
+        def again():
+            return None
+
+    # the original stays in place
+    assert reg.build({"name": "pair", "args": {"a": 0}}) == (0, 10)

@@ -1,0 +1,217 @@
+"""The evaluation report on a tiny synthetic EvalResult: files, numbers, TensorBoard, colours."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mltrain import report
+from mltrain.config import Config
+from mltrain.evaluation import EmbeddedSplit, EvalResult, compute_metrics
+from mltrain.report import (
+    GREEN,
+    RED,
+    markdown_report,
+    plot_pca,
+    plot_roc,
+    plot_tsne,
+    query_grid,
+    render,
+    sample_rows,
+    scalar_metrics,
+    select_queries,
+    write_report,
+)
+
+CLASSES = ["alpha", "beta", "gamma"]
+PNGS = ["roc.png", "pca.png", "tsne.png", "tsne_worst.png", "queries.png"]
+INTRUDER = 0  # row 0 is an "alpha" embedded inside the "beta" cluster: a sure top-1 failure
+
+
+def _embeddings(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """3 classes x 10 points in 8-d, well separated; row 0 moved into class 1's cluster."""
+    centres = np.eye(8, dtype=np.float32)[:3] * 10
+    labels = np.repeat(np.arange(3), 10)
+    emb = centres[labels] + rng.normal(0, 0.5, (30, 8)).astype(np.float32)
+    emb[INTRUDER] = centres[1] + rng.normal(0, 0.5, 8)
+    return emb, labels
+
+
+def _images(root: Path, labels: np.ndarray) -> list[Path]:
+    colours = [(200, 150, 50), (60, 120, 200), (150, 60, 160)]  # far from RED and GREEN
+    root.mkdir(parents=True)
+    paths = []
+    for i, label in enumerate(labels):
+        path = root / f"img_{i:02d}.png"
+        Image.new("RGB", (12, 10), colours[label]).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> EvalResult:
+    rng = np.random.default_rng(0)
+    emb, labels = _embeddings(rng)
+    paths = _images(tmp_path_factory.mktemp("images") / "img", labels)
+    split = EmbeddedSplit(CLASSES, emb, labels, paths, emb, labels, same_set=True)
+    cfg = Config()
+    cfg.eval.pca_lengths = [2, 4]
+    cfg.eval.index_types = ["flat", "hnsw"]
+    cfg.eval.verification_pairs = 200
+    cfg.eval.one_shot_episodes = 20
+    cfg.eval.one_shot_ways = [2]
+    res = compute_metrics(split, cfg)
+    res.metrics["timing"] = {"embed_seconds": 1.5, "metrics_seconds": 0.25}
+    res.metrics["source"] = "synthetic-checkpoint.pt"
+    return res
+
+
+@pytest.fixture(scope="module")
+def report_dir(result: EvalResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    write_report(out, result, tsne_max_points=25, seed=0)
+    return out
+
+
+def _has_colour(pixels: np.ndarray, colour: tuple[int, int, int], tol: int = 12) -> bool:
+    return bool((np.abs(pixels.astype(int) - colour).max(axis=-1) <= tol).any())
+
+
+def _axes_pixels(fig, ax) -> np.ndarray:
+    """The rendered pixels inside one axes (figure y runs bottom-up, arrays top-down)."""
+    image = render(fig)
+    box = ax.get_window_extent()
+    h = image.shape[0]
+    return image[int(h - box.y1) : int(h - box.y0), int(box.x0) : int(box.x1)]
+
+
+def test_every_png_is_written_and_linked(report_dir: Path) -> None:
+    text = (report_dir / "report.md").read_text(encoding="utf-8")
+    for name in PNGS:
+        with Image.open(report_dir / name) as img:
+            img.load()
+            assert img.width > 100 and img.height > 100, name
+        assert f"]({name})" in text
+
+
+def test_report_md_has_the_numbers(result: EvalResult, report_dir: Path) -> None:
+    m = result.metrics
+    text = (report_dir / "report.md").read_text(encoding="utf-8")
+    assert "Source: `synthetic-checkpoint.pt`" in text
+    for key, label in [("precision_at_1", "precision@1"), ("map_at_r", "MAP@R"),
+                       ("recall_at_5", "recall@5"), ("book_accuracy", "book accuracy"),
+                       ("mean_per_class_precision_at_1", "mean per-class precision@1")]:
+        assert f"| {label} | {m[key]:.4f} |" in text
+    assert m["precision_at_1"] < 1  # the intruder makes the table worth checking
+    worst = text.split("## Worst")[1].split("##")[0]
+    assert [name for name, _ in m["worst_classes"]][0] == "alpha"
+    for name, p1 in m["worst_classes"]:
+        assert f"| {name} | {p1:.4f} |" in worst
+    assert "| alpha | beta |" in text  # the confused pair
+    assert ("shortest length within 0.5 points of full-length precision@1: "
+            f"{m['pca_shortest_within_0.5']}") in text
+    assert f"| {m['one_shot']['2']:.4f} |" in text
+    assert "| hnsw |" in text and "| embed | 1.50 |" in text
+
+
+def test_tensorboard_has_scalars_figures_and_projector(result: EvalResult,
+                                                       report_dir: Path) -> None:
+    acc = EventAccumulator(str(report_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    (event,) = acc.Scalars("eval/precision_at_1")
+    assert event.value == pytest.approx(result.metrics["precision_at_1"], abs=1e-6)
+    ver = acc.Scalars("eval/verification/roc_auc")[0].value
+    assert ver == pytest.approx(result.metrics["verification"]["roc_auc"], abs=1e-6)
+    assert "eval/one_shot/2_way" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("pca/precision_at_1")] == [2, 4, 8]
+    assert {f"report/{Path(n).stem}" for n in PNGS} <= set(acc.Tags()["images"])
+    meta = next(report_dir.glob("*/heldout/metadata.tsv")).read_text().split("\n")[:-1]
+    assert meta == [CLASSES[c] for c in result.split.heldout_labels]
+    assert next(report_dir.glob("*/heldout/sprite.png")).is_file()
+    assert "heldout" in (report_dir / "projector_config.pbtxt").read_text()
+
+
+def test_query_grid_outlines_wrong_results_red(result: EvalResult) -> None:
+    nb = result.neighbours
+    assert nb.labels[INTRUDER, 0] != nb.query_labels[INTRUDER]
+    right = int(np.flatnonzero(nb.labels[:, 0] == nb.query_labels)[0])
+    paths = result.split.heldout_paths
+    fig = query_grid(nb, paths, paths, CLASSES, queries=[INTRUDER, right], top=5)
+    axes = np.array(fig.axes).reshape(2, 6)
+    wrong_top = _axes_pixels(fig, axes[0, 1])
+    assert _has_colour(wrong_top, RED) and not _has_colour(wrong_top, GREEN)
+    right_top = _axes_pixels(fig, axes[1, 1])
+    assert _has_colour(right_top, GREEN) and not _has_colour(right_top, RED)
+    assert axes[0, 1].get_title() == "1. beta"
+
+
+def test_select_queries_puts_failures_first(result: EvalResult) -> None:
+    nb = result.neighbours
+    rows = select_queries(nb, n=8, seed=1)
+    wrong = nb.labels[rows, 0] != nb.query_labels[rows]
+    n_wrong = int((nb.labels[:, 0] != nb.query_labels).sum())
+    assert len(rows) == 8 and len(set(rows.tolist())) == 8
+    assert wrong.sum() == min(4, n_wrong) and wrong[: wrong.sum()].all()
+
+
+def test_no_tsne_and_a_foreign_gallery(result: EvalResult, tmp_path: Path) -> None:
+    """tsne=False skips both t-SNE pictures; neighbours from another gallery (labels that do
+    not match the held-out rows) skip the query grid with a note instead of wrong pictures."""
+    nb = result.neighbours
+    foreign = replace(nb, labels=(nb.labels + 1) % 3)
+    write_report(tmp_path, replace(result, neighbours=foreign), tsne=False)
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert not list(tmp_path.glob("tsne*.png")) and "tsne" not in text
+    assert not (tmp_path / "queries.png").exists() and "No query grid" in text
+    assert (tmp_path / "roc.png").is_file()
+
+
+def test_tsne_legend_only_up_to_20_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The legend logic is under test, not t-SNE (write_report's fixture runs the real one).
+    monkeypatch.setattr(report, "tsne_2d", lambda emb, seed=0: np.asarray(emb)[:, :2])
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(25), 2)
+    emb = rng.normal(size=(50, 8)) + labels[:, None]
+    names = [f"c{i}" for i in range(25)]
+    many = plot_tsne(emb, labels, names, max_points=40)
+    assert many.axes[0].get_legend() is None
+    assert sum(len(c.get_offsets()) for c in many.axes[0].collections) == 40
+    few = plot_tsne(emb, labels, names, keep_classes=["c3", "c7"])
+    texts = [t.get_text() for t in few.axes[0].get_legend().get_texts()]
+    assert texts == ["c3", "c7"]
+
+
+def test_sample_rows_is_seeded_and_bounded() -> None:
+    a, b = sample_rows(5000, 1000, seed=3), sample_rows(5000, 1000, seed=3)
+    assert len(a) == 1000 and np.array_equal(a, b) and np.all(np.diff(a) > 0)
+    assert np.array_equal(sample_rows(7, 1000), np.arange(7))
+
+
+def test_scalar_metrics_tags() -> None:
+    tags = scalar_metrics({"precision_at_1": 0.5, "flag": True, "per_class": {"a": {}},
+                           "verification": {"eer": 0.1}, "one_shot": {"5": 0.9, "20": None},
+                           "indexes": [{"kind": "hnsw", "query_us": 3.0}]})
+    assert tags == {"eval/precision_at_1": 0.5, "eval/verification/eer": 0.1,
+                    "eval/one_shot/5_way": 0.9, "eval/index/hnsw/query_us": 3.0}
+
+
+def test_plots_titles_and_axes(result: EvalResult) -> None:
+    ver = result.metrics["verification"]
+    roc = plot_roc(result.curves["fpr"], result.curves["tpr"], ver, log_x=True)
+    assert f"AUC {ver['roc_auc']:.4f}" in roc.axes[0].get_title()
+    assert roc.axes[0].get_xscale() == "log"
+    pca = plot_pca(list(result.metrics["pca"].values()))
+    assert pca.axes[0].get_xscale() == "log" and len(pca.axes) == 2  # twin latency axis
+
+
+def test_markdown_escapes_pipes_and_notes_missing_one_shot() -> None:
+    text = markdown_report({"worst_classes": [("a|b", 0.25)], "per_class": {"a|b": {
+        "num_queries": 4}}, "one_shot": {"20": None}, "confused_pairs": []})
+    assert "| a\\|b | 0.2500 | 4 |" in text
+    assert "| 20-way | n/a (too few classes) |" in text
+    assert "No top-1 mistakes." in text

@@ -1,0 +1,188 @@
+"""End to end: every shipped mode trains a few steps on tiny images; resume is exact;
+user mistakes give clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mltrain import trainer
+from mltrain.checkpoint import load_checkpoint
+from mltrain.config import load_config
+from mltrain.errors import ConfigError, DataError, MltrainError
+from tests.conftest import write_image_folder
+
+CONFIGS = sorted(Path("configs").glob("*.yaml"))
+TINY = [
+    "model.pretrained=false",
+    "model.image_size=32",
+    "data.exclude_classes=[]",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.epochs=2",
+    "eval.batch_size=16",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_private_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(config: Path | str, root: Path, out: Path, *extra: str):
+    return load_config(config, [*TINY, f"data.root={root}", f"output_dir={out}", *extra])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_trains_and_checkpoints(config, tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    run_dir = trainer.fit(tiny_cfg(config, root, tmp_path / "exp", "train.max_steps=3"))
+    assert run_dir.parent.name == config.stem
+    for name in (
+        "config.yaml",
+        "split.json",
+        "metrics.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["steps"] == 3  # max_steps stops the run
+    assert 0.0 <= summary["final"]["precision_at_1"] <= 1.0
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert ckpt["config"]["name"] == config.stem
+    assert ckpt["config"]["data"]["root"] == str(root)
+
+
+def test_training_changes_weights_and_lowers_loss(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    cfg = tiny_cfg(
+        "configs/classification.yaml",
+        root,
+        tmp_path / "exp",
+        "train.epochs=4",
+        "model.frozen_stages=0",
+        "train.cache_frozen=false",
+        "train.optimizer.args.lr=3e-3",
+    )
+    run_dir = trainer.fit(cfg)
+    history = json.loads((run_dir / "metrics.json").read_text())["final"]
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    summary = ckpt["state"]["history"]
+    assert summary[-1]["loss"] < summary[0]["loss"]
+    assert history["epoch"] == 4
+
+
+def _interrupt_at(monkeypatch, epoch_to_stop: int):
+    real = trainer._epoch
+
+    def fake(run, epoch):
+        if epoch == epoch_to_stop:
+            raise KeyboardInterrupt
+        real(run, epoch)
+
+    monkeypatch.setattr(trainer, "_epoch", fake)
+
+
+@pytest.mark.parametrize("config", ["configs/siamese.yaml", "configs/triplet.yaml"])
+@pytest.mark.parametrize("cache", [True, False])
+def test_resume_matches_uninterrupted_run(config, cache, tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    extra = ["train.epochs=3", f"train.cache_frozen={str(cache).lower()}"]
+    full = trainer.fit(tiny_cfg(config, root, tmp_path / "a", *extra))
+
+    _interrupt_at(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        trainer.fit(tiny_cfg(config, root, tmp_path / "b", *extra))
+    interrupted = next((tmp_path / "b").glob("*/*"))
+    assert load_checkpoint(interrupted)["state"]["epoch"] == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    resumed = trainer.fit(resume=interrupted)
+
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(resumed / "checkpoints" / "last.pt")
+    assert a["state"]["step"] == b["state"]["step"]
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert (
+        a["state"]["history"][-1]["precision_at_1"] == b["state"]["history"][-1]["precision_at_1"]
+    )
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    cfg = tiny_cfg("configs/siamese.yaml", tmp_path / "nowhere", tmp_path / "exp")
+    with pytest.raises(DataError, match="nowhere"):
+        trainer.fit(cfg)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    (root / "empty_one").mkdir()
+    with pytest.raises(DataError, match="empty_one"):
+        trainer.fit(tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp"))
+
+
+def test_class_with_one_image_under_pair_sampler(tmp_path):
+    root = write_image_folder(
+        tmp_path / "data", classes=["a", "b", "c", "lonely"], per_class=[8, 8, 8, 2]
+    )
+    # 2 images split half/half leave 1 training image in 'lonely'
+    with pytest.raises(DataError, match="lonely"):
+        trainer.fit(tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp"))
+
+
+def test_unreadable_image_stops_before_training_and_is_listed(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    (root / "class_1" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match="broken.jpg"):
+        trainer.fit(tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp"))
+    listed = next((tmp_path / "exp").rglob("bad_images.txt")).read_text()
+    assert "broken.jpg" in listed
+
+
+def test_unreadable_image_can_be_skipped(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=8)
+    (root / "class_1" / "broken.jpg").write_bytes(b"")
+    run_dir = trainer.fit(
+        tiny_cfg(
+            "configs/siamese.yaml",
+            root,
+            tmp_path / "exp",
+            "data.bad_images=skip",
+            "train.max_steps=1",
+        )
+    )
+    split = json.loads((run_dir / "split.json").read_text())
+    assert "broken.jpg" not in json.dumps(split)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model.backbone=not_a_model_xyz", "not_a_model_xyz"),
+        ("train.loss={name: NoSuchLoss}", "NoSuchLoss"),
+        ("train.miner={name: NoSuchMiner}", "NoSuchMiner"),
+        ("train.optimizer={name: nosuchopt, args: {lr: 0.1}}", "nosuchopt"),
+    ],
+)
+def test_unknown_component_names_are_config_errors(override, needle, tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    with pytest.raises(ConfigError, match=needle):
+        trainer.fit(tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp", override))
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    blocker = tmp_path / "file_not_dir"
+    blocker.write_text("x")
+    with pytest.raises(MltrainError, match="cannot write"):
+        trainer.fit(tiny_cfg("configs/siamese.yaml", root, blocker))
