@@ -33,8 +33,11 @@ def main() -> None:
         run_dir = fit(resume=args.resume, overrides=args.overrides)
     else:
         run_dir = fit(load_config(args.config, args.overrides))
-    print(summary_line(run_dir))
-    print(run_dir)  # last line: the run folder, for scripts
+    from mltrain.distributed import is_main
+
+    if is_main():
+        print(summary_line(run_dir))
+        print(run_dir)  # last line: the run folder, for scripts
 
 
 if __name__ == "__main__":

@@ -249,11 +249,14 @@ def export_bundle(
     """Embed the whole image folder of `embedder.cfg.data` and write a bundle to `out_dir`.
 
     `index`, `pca_dim` and `dtype` default to the config's `export` section; the index args
-    always come from `export.index_args`. Returns `out_dir`.
+    come from `export.index_args` when `index` is the configured kind, else the kind's
+    defaults apply. Returns `out_dir`.
     """
     cfg = copy.deepcopy(embedder.cfg)
     exp = cfg.export
     kind = index or exp.index
+    if kind != exp.index:
+        exp.index_args = {}  # args written for another index type do not fit this one
     pca = exp.pca_dim if pca_dim is None else pca_dim
     dtype = dtype or exp.dtype
     if dtype not in ("float32", "float16"):
@@ -343,6 +346,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"{mpath} lacks the keys {missing}; {_REEXPORT}")
+    types = {"files": dict, "index": dict, "classes": list, "count": int, "embedding_dim": int,
+             "config": dict, "image_root": str, "metric": str, "dtype": str}  # fmt: skip
+    wrong = [k for k, t in types.items() if not isinstance(manifest[k], t)]
+    if wrong:
+        raise BundleError(f"{mpath}: malformed entries {wrong}; {_REEXPORT}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise BundleError(
             f"{mpath}: bundle format {manifest['format_version']} is not supported by this "
@@ -487,22 +495,19 @@ def _collect(
     list of files: the class is each file's parent folder name. `label_names` overrides:
     one name for all, or one per image.
     """
-    if isinstance(paths_or_folder, (str, os.PathLike)) and Path(paths_or_folder).is_dir():
-        folder = Path(paths_or_folder)
-        paths = sorted(p for p in folder.iterdir() if p.is_file() and is_image(p))
-        subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-        for d in subdirs:
-            paths += sorted(p for p in d.rglob("*") if p.is_file() and is_image(p))
-        classes = [
-            p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1
-            else folder.name for p in paths
-        ]  # fmt: skip
-    else:
-        items = [paths_or_folder] if isinstance(paths_or_folder, (str, os.PathLike)) else list(
-            paths_or_folder
-        )
-        paths = [Path(p) for p in items]
-        classes = [p.parent.name or "added" for p in paths]
+    items = [paths_or_folder] if isinstance(paths_or_folder, (str, os.PathLike)) else list(
+        paths_or_folder
+    )
+    paths: list[Path] = []
+    classes: list[str] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = _images_in(item)
+            paths += [p for p, _ in found]
+            classes += [c for _, c in found]
+        else:
+            paths.append(item)
+            classes.append(item.parent.name or "added")
     if not paths:
         raise DataError(f"no images to add in {paths_or_folder}")
     for p in paths:
@@ -519,6 +524,14 @@ def _collect(
                     "name per image or a single name for all"
                 )
     return paths, classes
+
+
+def _images_in(folder: Path) -> list[tuple[Path, str]]:
+    """(image, class) under `folder`: sub-folders are classes, loose images take its name."""
+    found = [(p, folder.name) for p in sorted(folder.iterdir()) if p.is_file() and is_image(p)]
+    for d in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        found += [(p, d.name) for p in sorted(d.rglob("*")) if p.is_file() and is_image(p)]
+    return found
 
 
 def _unique_copy(src: Path, dest_dir: Path, taken: set[str], bundle_dir: Path) -> str:

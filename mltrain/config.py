@@ -46,6 +46,7 @@ class ModelConfig:
     normalize: bool = True  # L2-normalise embeddings
     head: bool = False  # linear classification head (classification mode)
     frozen_stages: int = 0  # trunk stages kept frozen for the whole run
+    freeze_bn: bool = False  # BatchNorm statistics stay pretrained (eval mode) while training
     image_size: int | None = None  # None: the backbone's own data config
 
 
@@ -242,8 +243,17 @@ def to_dict(cfg: Config) -> dict:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` (no dot) as a float, as YAML 1.2 does."""
+    """SafeLoader with YAML 1.2 scalars: `1e-4` is a float and only true/false are booleans
+    (YAML 1.1 would read `amp: off` as False)."""
 
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

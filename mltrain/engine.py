@@ -87,6 +87,7 @@ class LoopSettings:
     max_steps: int | None = None
     max_bad_steps: int = 5
     from_prefix: bool = False  # batches hold cached prefix features, not images
+    show_progress: bool = True
 
 
 def train_one_epoch(
@@ -105,13 +106,14 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     total, count, images, wait = 0.0, 0, 0, 0.0
     start = tick = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False, dynamic_ncols=True,
+               disable=not cfg.show_progress)
     for i, (x, y, _) in enumerate(bar):
         wait += time.perf_counter() - tick
         x, y = to_device(x, cfg.device, cfg.channels_last), y.to(cfg.device)
         with autocast(cfg.device, cfg.amp_dtype):
             emb = model(x, from_prefix=cfg.from_prefix)
-        loss = criterion(emb.float(), y, getattr(model, "head", None))
+        loss = criterion(emb.float(), y, getattr(getattr(model, "module", model), "head", None))
         if not torch.isfinite(loss):
             _count_bad_step(state, cfg, optimizer)
             tick = time.perf_counter()

@@ -139,7 +139,9 @@ def evaluate(embedder: Embedder, out_dir: Path, source: str) -> EvalResult:
     }
     result.metrics["source"] = source
     (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=_jsonable))
-    write_report(out_dir, result)
+    gallery_paths = data.paths(data.split.train) if cfg.eval.gallery == "train" else None
+    write_report(out_dir, result, tsne=cfg.eval.tsne, tsne_max_points=cfg.eval.tsne_max_points,
+                 seed=cfg.seed, gallery_paths=gallery_paths)
     return result
 
 

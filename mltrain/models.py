@@ -162,8 +162,10 @@ class EmbeddingModel(nn.Module):
         normalize: bool = True,
         num_classes: int = 0,
         frozen_stages: int = 0,
+        freeze_bn: bool = False,
     ) -> None:
         super().__init__()
+        self.freeze_bn = freeze_bn
         self.trunk = trunk
         self.pool = pooling
         feat_dim = trunk.num_features
@@ -202,6 +204,10 @@ class EmbeddingModel(nn.Module):
             frozen = [self.trunk]
         for stage in frozen:
             stage.eval()  # frozen BatchNorm statistics stay the pretrained ones
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,6 +249,7 @@ def build_model(model_cfg: Any, num_classes: int = 0) -> EmbeddingModel:
         normalize=model_cfg.normalize,
         num_classes=num_classes if model_cfg.head else 0,
         frozen_stages=model_cfg.frozen_stages,
+        freeze_bn=model_cfg.freeze_bn,
     )
 
 

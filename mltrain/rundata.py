@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mltrain import distributed
 from mltrain.config import Config
 from mltrain.data.dataset import ImageDataset, make_loader
 from mltrain.data.folder import ImageFolder, resolve_root, scan_folder
@@ -108,14 +109,17 @@ def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
     Built afresh each epoch with an epoch-derived `seed`: order and augmentations then depend
     only on (seed, epoch), which makes a resumed run repeat an uninterrupted one.
     """
-    labels = data.train_labels
-    sampler = build_sampler(
-        cfg.train.sampler, labels, cfg.train.batch_size, data.train_classes, seed=seed
-    )
+    labels, batch = data.train_labels, cfg.train.batch_size
+    sampler = build_sampler(cfg.train.sampler, labels, batch, data.train_classes, seed=seed)
+    if distributed.world()[1] > 1:  # this rank's slice of every global batch
+        m = cfg.train.sampler.get("args", {}).get("m", 4) if sampler is not None else None
+        local = distributed.local_batch_size(batch, m)
+        sampler = distributed.ShardedSampler(sampler, len(labels), batch, seed)
+        batch = local
     workers = 0 if isinstance(dataset, CachedFeatures) else cfg.data.num_workers
     return make_loader(
         dataset,
-        cfg.train.batch_size,
+        batch,
         shuffle=sampler is None,
         sampler=sampler,
         num_workers=workers,

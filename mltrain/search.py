@@ -187,7 +187,7 @@ COLOURS = {"match": (30, 160, 60), "miss": (210, 40, 40), "unknown": (150, 150, 
 
 def _thumb(path: Path | None):
     """A thumbnail PIL image, or None when there is no readable file."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if path is None:
         return None
@@ -195,8 +195,7 @@ def _thumb(path: Path | None):
         img = Image.fromarray(load_image(path, THUMB))
     except MltrainError:
         return None
-    img.thumbnail((THUMB, THUMB))
-    return img
+    return ImageOps.contain(img, (THUMB, THUMB))  # small images are scaled up too
 
 
 def _placeholder(text: str):

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm.layers
 import timm.optim
 import timm.scheduler
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from mltrain import __version__
+from mltrain import __version__, distributed
 from mltrain.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
 from mltrain.config import Config, from_dict, save_config, to_dict
 from mltrain.data.dataset import make_loader
@@ -104,7 +105,9 @@ class Run:
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.train.device)
         self.amp = resolve_amp(cfg.train.amp, self.device)
-        self.data: RunData = prepare_data(cfg, run_dir)
+        distributed.init(self.device)
+        self.main = distributed.is_main()
+        self.data: RunData = prepare_data(cfg, run_dir if self.main else None)
         n_classes = len(self.data.train_classes)
         self.model: EmbeddingModel = build_model(cfg.model, num_classes=n_classes)
         self.dcfg = data_config(self.model, cfg.model.image_size)
@@ -115,14 +118,26 @@ class Run:
         self.criterion.loss.to(self.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self._build_loaders()
+        with distributed.main_first():  # rank 0 fills the prefix cache, the others read it
+            self._build_loaders()
+        self.net = self.model
+        if distributed.world()[1] > 1:
+            if self.device.type == "cuda" and not cfg.model.freeze_bn:
+                self.model = timm.layers.convert_sync_batchnorm(self.model)  # GPU-only in torch
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, find_unused_parameters=cfg.train.freeze_backbone_epochs > 0
+            )
         trainable = torch.nn.ModuleDict({"model": self.model, "loss": self.criterion.loss})
         self.optimizer = make_optimizer(cfg, trainable)
         per_epoch = max(len(self.epoch_loader(0)) // cfg.train.grad_accum, 1)
         self.scheduler = make_scheduler(cfg, self.optimizer, per_epoch)
         self.state = StepState()
         self.best: dict[str, Any] = {}
-        self.writer = SummaryWriter(str(run_dir))
+        self.writer = SummaryWriter(str(run_dir)) if self.main else None
+
+    def loss(self, emb: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
+        """The loss of the global batch (gathered from every rank when distributed)."""
+        return self.criterion(*distributed.gather(emb, labels), head)
 
     def _build_loaders(self) -> None:
         cfg, data = self.cfg, self.data
@@ -191,6 +206,7 @@ class Run:
             max_steps=t.max_steps,
             max_bad_steps=t.max_bad_steps,
             from_prefix=self.from_prefix,
+            show_progress=self.main,
         )
 
     def evaluate(self) -> dict[str, float]:
@@ -254,18 +270,22 @@ def _epoch(run: Run, epoch: int) -> None:
     cfg = run.cfg
     seed_everything(cfg.seed * 1000 + epoch)  # makes resuming at an epoch boundary exact
     run.model.set_trunk_frozen(epoch < cfg.train.freeze_backbone_epochs)
+    log = run.writer.add_scalar if run.writer else None
+    loader = run.epoch_loader(epoch)
     stats = train_one_epoch(
-        run.model,
-        run.criterion,
-        run.epoch_loader(epoch),
-        run.optimizer,
-        run.scheduler,
-        run.state,
-        run.settings(),
-        log=run.writer.add_scalar,
+        run.net, run.loss, loader, run.optimizer, run.scheduler, run.state, run.settings(), log
     )
+    stats = {k: distributed.mean(v) for k, v in stats.items()}
     run.scheduler.step(epoch + 1)
     run.state.epoch = epoch + 1
+    if run.main:
+        _evaluate_and_save(run, stats)
+    distributed.barrier()
+
+
+def _evaluate_and_save(run: Run, stats: dict[str, float]) -> None:
+    """Held-out metrics every `eval_every` epochs and at the end; best.pt and last.pt."""
+    cfg = run.cfg
     done = run.state.epoch >= cfg.train.epochs or _hit_max_steps(run)
     metrics = run.evaluate() if done or run.state.epoch % cfg.train.eval_every == 0 else {}
     run.state.history.append({"epoch": run.state.epoch, "step": run.state.step, **stats, **metrics})
@@ -299,9 +319,12 @@ def fit(
             data = apply_overrides(data, overrides)
         cfg = from_dict(data, f"checkpoint {resume}")
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).resolve().parent.parent
+        distributed.init(resolve_device(cfg.train.device))
     else:
-        run_dir = new_run_dir(cfg)
-        save_config(cfg, run_dir / "config.yaml")
+        distributed.init(resolve_device(cfg.train.device))
+        run_dir = distributed.broadcast_path(new_run_dir(cfg) if distributed.is_main() else None)
+        if distributed.is_main():
+            save_config(cfg, run_dir / "config.yaml")
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     run = Run(cfg, run_dir)
     if ckpt is not None:
@@ -323,7 +346,11 @@ def fit(
         )
         raise SystemExit(130) from None
     finally:
-        run.writer.close()
+        if run.writer:
+            run.writer.close()
+    if not run.main:
+        distributed.shutdown()
+        return run_dir
     final = run.state.history[-1] if run.state.history else {}
     summary = {
         "final": final,
@@ -334,4 +361,5 @@ def fit(
         "train_seconds": time.perf_counter() - start,
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    distributed.shutdown()
     return run_dir

@@ -32,7 +32,7 @@ from tests.conftest import write_image_folder
 CLASSES, PER_CLASS = 3, 5
 
 
-def make_embedder_for(root: Path, **export) -> Embedder:
+def make_embedder_for(root: Path) -> Embedder:
     cfg = Config()
     cfg.model.backbone = "resnet18"
     cfg.model.pretrained = False
@@ -40,22 +40,40 @@ def make_embedder_for(root: Path, **export) -> Embedder:
     cfg.data.root = str(root)
     cfg.data.exclude_classes = []
     cfg.data.num_workers = 0
+    cfg.train.amp = "off"  # CPU bf16 autocast is ~10x slower on tiny inputs
     cfg.export.index = "flat"
-    for key, value in export.items():
-        setattr(cfg.export, key, value)
     torch.manual_seed(0)
     return make_embedder(cfg, build_model(cfg.model))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches gain nothing from threads, and on a busy machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, request):
-    """One flat bundle per module over 3 classes x 5 images of 32 px; tests copy it."""
+def embedder(tmp_path_factory) -> Embedder:
+    """A random resnet18 over 3 classes x 5 images of 32 px (built once per module)."""
+    root = write_image_folder(tmp_path_factory.mktemp("images") / "data", CLASSES, PER_CLASS,
+                              (32, 32))  # fmt: skip
+    return make_embedder_for(root)
 
 
-    base = tmp_path_factory.mktemp("bundle")
-    root = write_image_folder(base / "data", CLASSES, PER_CLASS, (32, 32))
-    out = export_bundle(make_embedder_for(root), base / "bundle", "test export")
-    return root, out
+@pytest.fixture(scope="module")
+def exported(embedder, tmp_path_factory):
+    """One flat bundle per module; tests that change it work on a copy (`bundle_dir`)."""
+    out = export_bundle(embedder, tmp_path_factory.mktemp("bundle") / "b", "test export")
+    return Path(embedder.cfg.data.root), out
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """The exported bundle loaded once, its model built once (read-only tests)."""
+    return load_bundle(exported[1])
 
 
 @pytest.fixture
@@ -116,9 +134,8 @@ def test_export_writes_complete_manifest_and_rows(exported):
     assert isinstance(b.embeddings, np.memmap) and not b.embeddings.flags.writeable
 
 
-def test_every_image_finds_itself_first(exported):
-    root, out = exported
-    b = load_bundle(out)
+def test_every_image_finds_itself_first(exported, loaded):
+    root, b = exported[0], loaded
     run = search_images(b, image_paths(root), k=3)
     for r in run.results:
         assert r.error is None
@@ -128,10 +145,9 @@ def test_every_image_finds_itself_first(exported):
         assert r.search_us is not None and r.search_us > 0
 
 
-def test_hnsw_with_pca_and_float16_round_trip(exported, tmp_path):
-    root, _ = exported
-    emb = make_embedder_for(root, index="hnsw", pca_dim=8, dtype="float16")
-    out = export_bundle(emb, tmp_path / "hnsw", "hnsw test")
+def test_hnsw_with_pca_and_float16_round_trip(exported, embedder, tmp_path):
+    root = exported[0]
+    out = export_bundle(embedder, tmp_path / "hnsw", "hnsw test", "hnsw", 8, "float16")
     b = load_bundle(out)
     assert b.embeddings.dtype == np.float16
     assert isinstance(faiss.downcast_index(b.index), faiss.IndexPreTransform)
@@ -153,11 +169,10 @@ def test_bundle_holds_no_pickles(exported):
     json.loads((out / "manifest.json").read_text())  # plain JSON
 
 
-def test_bundle_embedder_reproduces_the_stored_embeddings(exported):
-    root, out = exported
-    b = load_bundle(out)
+def test_bundle_embedder_reproduces_the_stored_embeddings(exported, loaded):
+    root, b = exported[0], loaded
     e = bundle_embedder(b).embed(image_paths(root)[:4])
-    np.testing.assert_allclose(e, np.asarray(b.embeddings[:4]), atol=2e-2)
+    np.testing.assert_allclose(e, np.asarray(b.embeddings[:4]), atol=1e-4)
     assert bundle_embedder(b) is bundle_embedder(b)  # built once per loaded bundle
 
 
@@ -269,10 +284,9 @@ def test_add_images_grows_the_bundle_and_finds_the_new_image(bundle_dir, tmp_pat
     assert not [p for p in bundle_dir.parent.iterdir() if p.name.startswith(".b.")]
 
 
-def test_add_images_under_the_image_root_is_not_duplicated(exported, tmp_path):
-    root, out = exported
-    emb = make_embedder_for(root, index="hnsw")
-    bdir = export_bundle(emb, tmp_path / "hnsw", "test")
+def test_add_images_under_the_image_root_is_not_duplicated(exported, embedder, tmp_path):
+    root = exported[0]
+    bdir = export_bundle(embedder, tmp_path / "hnsw", "test", index="hnsw")
     assert add_images(bdir, [image_paths(root)[0]]) == 0  # already in the bundle
     extra = root / "class_0" / "zz_extra.jpg"
     shutil.copy(image_paths(root)[0], extra)
@@ -287,22 +301,31 @@ def test_add_images_under_the_image_root_is_not_duplicated(exported, tmp_path):
     assert not (bdir / "images").exists()
 
 
-def test_interrupted_export_leaves_no_bundle(exported, tmp_path, monkeypatch):
-    root, _ = exported
+def test_interrupted_export_leaves_no_bundle(embedder, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bundle_mod, "save_index", boom)
     with pytest.raises(KeyboardInterrupt):
-        export_bundle(make_embedder_for(root), tmp_path / "out", "test")
+        export_bundle(embedder, tmp_path / "out", "test")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_refuses_to_overwrite_a_folder_that_is_not_a_bundle(exported, tmp_path):
-    root, _ = exported
+def test_export_refuses_to_overwrite_a_folder_that_is_not_a_bundle(embedder, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(BundleError, match="not a search bundle"):
-        export_bundle(make_embedder_for(root), tmp_path / "notes", "test")
+        export_bundle(embedder, tmp_path / "notes", "test")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_export_replaces_an_older_bundle_whole(exported, embedder, tmp_path):
+    target = tmp_path / "b"
+    shutil.copytree(exported[1], target)
+    (target / "stale.txt").write_text("from the old bundle")
+    export_bundle(embedder, target, "second export", index="hnsw")
+    b = load_bundle(target)
+    assert b.manifest["source"] == "second export" and b.manifest["index"]["kind"] == "hnsw"
+    assert not (target / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folders left

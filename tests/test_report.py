@@ -74,7 +74,10 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> EvalResult:
 @pytest.fixture(scope="module")
 def report_dir(result: EvalResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("report")
-    write_report(out, result, tsne_max_points=25, seed=0)
+    # The real t-SNE, at sklearn's minimum iteration count: its picture is not under test.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "TSNE_MAX_ITER", 250)
+        write_report(out, result, tsne_max_points=25, seed=0)
     return out
 
 
@@ -103,9 +106,13 @@ def test_report_md_has_the_numbers(result: EvalResult, report_dir: Path) -> None
     m = result.metrics
     text = (report_dir / "report.md").read_text(encoding="utf-8")
     assert "Source: `synthetic-checkpoint.pt`" in text
-    for key, label in [("precision_at_1", "precision@1"), ("map_at_r", "MAP@R"),
-                       ("recall_at_5", "recall@5"), ("book_accuracy", "book accuracy"),
-                       ("mean_per_class_precision_at_1", "mean per-class precision@1")]:
+    for key, label in [
+        ("precision_at_1", "precision@1"),
+        ("map_at_r", "MAP@R"),
+        ("recall_at_5", "recall@5"),
+        ("book_accuracy", "book accuracy"),
+        ("mean_per_class_precision_at_1", "mean per-class precision@1"),
+    ]:
         assert f"| {label} | {m[key]:.4f} |" in text
     assert m["precision_at_1"] < 1  # the intruder makes the table worth checking
     worst = text.split("## Worst")[1].split("##")[0]
@@ -113,14 +120,17 @@ def test_report_md_has_the_numbers(result: EvalResult, report_dir: Path) -> None
     for name, p1 in m["worst_classes"]:
         assert f"| {name} | {p1:.4f} |" in worst
     assert "| alpha | beta |" in text  # the confused pair
-    assert ("shortest length within 0.5 points of full-length precision@1: "
-            f"{m['pca_shortest_within_0.5']}") in text
+    assert (
+        "shortest length within 0.5 points of full-length precision@1: "
+        f"{m['pca_shortest_within_0.5']}"
+    ) in text
     assert f"| {m['one_shot']['2']:.4f} |" in text
     assert "| hnsw |" in text and "| embed | 1.50 |" in text
 
 
-def test_tensorboard_has_scalars_figures_and_projector(result: EvalResult,
-                                                       report_dir: Path) -> None:
+def test_tensorboard_has_scalars_figures_and_projector(
+    result: EvalResult, report_dir: Path
+) -> None:
     acc = EventAccumulator(str(report_dir), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     (event,) = acc.Scalars("eval/precision_at_1")
@@ -193,11 +203,22 @@ def test_sample_rows_is_seeded_and_bounded() -> None:
 
 
 def test_scalar_metrics_tags() -> None:
-    tags = scalar_metrics({"precision_at_1": 0.5, "flag": True, "per_class": {"a": {}},
-                           "verification": {"eer": 0.1}, "one_shot": {"5": 0.9, "20": None},
-                           "indexes": [{"kind": "hnsw", "query_us": 3.0}]})
-    assert tags == {"eval/precision_at_1": 0.5, "eval/verification/eer": 0.1,
-                    "eval/one_shot/5_way": 0.9, "eval/index/hnsw/query_us": 3.0}
+    tags = scalar_metrics(
+        {
+            "precision_at_1": 0.5,
+            "flag": True,
+            "per_class": {"a": {}},
+            "verification": {"eer": 0.1},
+            "one_shot": {"5": 0.9, "20": None},
+            "indexes": [{"kind": "hnsw", "query_us": 3.0}],
+        }
+    )
+    assert tags == {
+        "eval/precision_at_1": 0.5,
+        "eval/verification/eer": 0.1,
+        "eval/one_shot/5_way": 0.9,
+        "eval/index/hnsw/query_us": 3.0,
+    }
 
 
 def test_plots_titles_and_axes(result: EvalResult) -> None:
@@ -210,8 +231,14 @@ def test_plots_titles_and_axes(result: EvalResult) -> None:
 
 
 def test_markdown_escapes_pipes_and_notes_missing_one_shot() -> None:
-    text = markdown_report({"worst_classes": [("a|b", 0.25)], "per_class": {"a|b": {
-        "num_queries": 4}}, "one_shot": {"20": None}, "confused_pairs": []})
+    text = markdown_report(
+        {
+            "worst_classes": [("a|b", 0.25)],
+            "per_class": {"a|b": {"num_queries": 4}},
+            "one_shot": {"20": None},
+            "confused_pairs": [],
+        }
+    )
     assert "| a\\|b | 0.2500 | 4 |" in text
     assert "| 20-way | n/a (too few classes) |" in text
     assert "No top-1 mistakes." in text

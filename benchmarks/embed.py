@@ -1,0 +1,225 @@
+"""Embedding throughput: a naive notebook loop versus mltrain's inference path.
+
+    python benchmarks/embed.py [--images N] [--root PATH] [--batch 64] [--rounds 2]
+
+On the same N images (default 1000, spread evenly over the classes; 0 = all), times
+(a) the naive loop: PIL decode at full size, torchvision bicubic Resize/CenterCrop/ToTensor/
+    Normalize, fp32, NCHW, no workers, `torch.no_grad`;
+(b) the project path: `embedder_from_backbone(cfg).embed(paths)` (DataLoader workers, JPEG draft
+    decoding, cv2 resize, channels_last, bf16 autocast where the CPU has it, inference_mode);
+(c) the project path with `train.amp=off` (fp32), to isolate the bf16 gain;
+(d) decode-only throughput of both pipelines (no model).
+Variants run interleaved in `--rounds` rounds over disjoint parts of the images, each after
+an untimed warm-up batch, so that a shared machine's load hits them alike; every figure is
+also given as a ratio to the naive loop measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+try:
+    from benchmarks import common
+except ImportError:  # run as `python benchmarks/embed.py`
+    import common  # type: ignore[no-redef]
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
+
+from mltrain.config import Config, load_config  # noqa: E402
+from mltrain.engine import resolve_amp, resolve_device  # noqa: E402
+from mltrain.inference import Embedder, embedder_from_backbone  # noqa: E402
+from mltrain.metrics import retrieval_metrics  # noqa: E402
+from mltrain.rundata import decode_size, eval_loader  # noqa: E402
+
+TARGET_IMG_S = 100.0
+TARGET_SPEEDUP = 10.0
+TARGET_P1_POINTS = 0.2
+
+
+def naive_transform(dcfg: dict) -> T.Compose:
+    """The torchvision recipe with the backbone's own geometry and normalisation."""
+    _, h, w = dcfg["input_size"]
+    return T.Compose([
+        T.Resize(decode_size(dcfg), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop((h, w)),
+        T.ToTensor(),
+        T.Normalize(dcfg["mean"], dcfg["std"]),
+    ])
+
+
+def naive_batches(paths: list[Path], transform: T.Compose, batch: int):
+    for start in range(0, len(paths), batch):
+        images = []
+        for p in paths[start : start + batch]:
+            with Image.open(p) as img:
+                images.append(transform(img.convert("RGB")))
+        yield torch.stack(images)
+
+
+def naive_embed(model: torch.nn.Module, paths: list[Path], transform: T.Compose,
+                batch: int) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for x in naive_batches(paths, transform, batch):
+            out.append(model.embed(x).numpy())
+    return np.concatenate(out)
+
+
+def project_decode(cfg: Config, dcfg: dict, paths: list[Path]) -> int:
+    labels = np.zeros(len(paths), dtype=np.int64)
+    return sum(len(x) for x, _, _ in eval_loader(cfg, paths, labels, dcfg))
+
+
+def naive_decode(transform: T.Compose, paths: list[Path], batch: int) -> int:
+    return sum(len(x) for x in naive_batches(paths, transform, batch))
+
+
+def precision_at_1(emb: np.ndarray, labels: np.ndarray) -> float:
+    metrics, _ = retrieval_metrics(emb, labels, ks=(1,))
+    return metrics["precision_at_1"]
+
+
+def build(args: argparse.Namespace):
+    overrides = common.model_overrides(args)
+    probe = load_config(common.CONFIGS / "pooling.yaml", overrides)
+    root = common.data_root(args.root, probe)
+    cfg = common.config_for("pooling", root, [*overrides, f"eval.batch_size={args.batch}"])
+    folder = common.scan(cfg)
+    picked = common.sample_evenly(folder, args.images)
+    paths = [folder.paths[i] for i in picked]
+    labels = folder.labels[picked]
+    return cfg, root, paths, labels
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1000,
+                        help="images sampled evenly over the classes; 0 = all")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaving rounds (each variant embeds 1/rounds of the images "
+                             "per round)")
+    common.add_model_args(parser)
+    args = parser.parse_args(argv)
+
+    cfg, root, paths, labels = build(args)
+    rounds = max(1, min(args.rounds, len(paths) // max(args.batch, 1) or 1))
+    bf16: Embedder = embedder_from_backbone(cfg)
+    fp32_cfg = copy.deepcopy(cfg)
+    fp32_cfg.train.amp = "off"
+    fp32 = embedder_from_backbone(fp32_cfg)
+    fp32.model.load_state_dict(bf16.model.state_dict())  # identical weights even if random
+    one_proc = copy.deepcopy(cfg)
+    one_proc.data.num_workers = 0
+    naive_model = copy.deepcopy(bf16.model).to(memory_format=torch.contiguous_format).float()
+    naive_model.eval()
+    transform = naive_transform(bf16.dcfg)
+    device = resolve_device(cfg.train.device)
+    amp = resolve_amp(cfg.train.amp, device)
+    workers = bf16.cfg.data.num_workers
+    from mltrain.data.dataset import default_num_workers
+
+    workers = default_num_workers() if workers is None else workers
+
+    print(f"# embed benchmark: {len(paths)} images from {root} "
+          f"({len(set(labels.tolist()))} classes), batch {args.batch}, {rounds} rounds")
+    print(f"backbone {cfg.model.backbone} (pretrained={cfg.model.pretrained}), input "
+          f"{bf16.dcfg['input_size'][1:]}, project amp={amp}, loader workers {workers} "
+          f"(when >= 2 batches), torch threads {torch.get_num_threads()}")
+    print(common.load_note())
+
+    # Warm-up: one batch through every variant, untimed.
+    warm = paths[: args.batch]
+    naive_embed(naive_model, warm, transform, args.batch)
+    bf16.embed(warm)
+    fp32.embed(warm)
+
+    parts = [list(range(len(paths)))[r::rounds] for r in range(rounds)]
+    out = {name: np.zeros((len(paths), bf16.model.embedding_dim), np.float32)
+           for name in ("naive", "bf16", "fp32")}
+
+    def e2e(name, fn):
+        def run(r: int) -> int:
+            idx = parts[r]
+            out[name][idx] = fn([paths[i] for i in idx])
+            return len(idx)
+        return run
+
+    variants = {
+        "naive": e2e("naive", lambda p: naive_embed(naive_model, p, transform, args.batch)),
+        "bf16": e2e("bf16", bf16.embed),
+        "fp32": e2e("fp32", fp32.embed),
+    }
+    times: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    wall = time.perf_counter()
+    common.run_rounds(variants, rounds, times, counts)
+
+    def sub(fn):
+        return lambda r: fn([paths[i] for i in parts[r]])
+
+    decode_variants = {
+        "naive decode": sub(lambda p: naive_decode(transform, p, args.batch)),
+        "project decode": sub(lambda p: project_decode(cfg, bf16.dcfg, p)),
+        "project decode 1 proc": sub(lambda p: project_decode(one_proc, bf16.dcfg, p)),
+    }
+    naive_decode(transform, warm, args.batch)
+    project_decode(one_proc, bf16.dcfg, warm)
+    common.run_rounds(decode_variants, rounds, times, counts)
+    wall = time.perf_counter() - wall
+
+    rate = {k: counts[k] / times[k] for k in times}
+    amp_name = "bf16" if amp == torch.bfloat16 else str(amp).replace("torch.", "")
+    rows_spec = [
+        ("naive", "(a) naive loop: PIL full decode, torchvision, fp32 NCHW, no workers", "naive"),
+        ("bf16", f"(b) project path: .embed(), channels_last, amp={amp_name}", "naive"),
+        ("fp32", "(c) project path, train.amp=off (fp32)", "naive"),
+        ("naive decode", "(d) decode only, naive pipeline (1 process)", "naive decode"),
+        ("project decode", f"(d) decode only, project loader ({workers} workers)",
+         "naive decode"),
+        ("project decode 1 proc", "(d) decode only, project pipeline, 0 workers",
+         "naive decode"),
+    ]
+    rows = [[label, counts[k], times[k], rate[k], rate[k] / rate[base]]
+            for k, label, base in rows_spec]
+    print()
+    print(common.markdown_table(
+        ["variant", "images", "seconds", "img/s", "ratio vs naive"], rows))
+    print("(decode rows: ratio vs the naive decode row)")
+    print(f"bf16 gain on the project path: {rate['bf16'] / rate['fp32']:.2f}x fp32")
+
+    p1 = {k: precision_at_1(out[k], labels) for k in out}
+    diff = 100 * (p1["bf16"] - p1["fp32"])
+    cos = float(np.mean(np.sum(out["bf16"] * out["fp32"], axis=1)))
+    print()
+    print(f"precision@1 (leave-one-out, {len(paths)} images): project bf16 "
+          f"{100 * p1['bf16']:.2f}%, project fp32 {100 * p1['fp32']:.2f}%, "
+          f"difference {diff:+.2f} points; naive pipeline {100 * p1['naive']:.2f}%")
+    print(f"mean cosine(bf16 embedding, fp32 embedding) = {cos:.5f}")
+    print()
+    print(common.target_line("|bf16 - fp32 precision@1| points", abs(diff), TARGET_P1_POINTS,
+                             higher_is_better=False))
+    print(common.target_line("end-to-end img/s (project path)", rate["bf16"], TARGET_IMG_S))
+    print(common.target_line("speed-up vs naive loop", rate["bf16"] / rate["naive"],
+                             TARGET_SPEEDUP, unit="x"))
+    self_mb = common.rss_mb()
+    child_mb = common.rss_mb(resource.RUSAGE_CHILDREN)
+    print(f"peak RSS: main process {self_mb:.0f} MiB; largest worker process {child_mb:.0f} MiB "
+          "(ru_maxrss; workers share the parent's pages copy-on-write)")
+    print(f"wall time of the timed part: {wall:.0f} s; {common.load_note()}")
+    sys.stdout.flush()
+    return {"rate": rate, "counts": counts, "p1": p1, "diff_points": diff, "cos": cos,
+            "rss_mb": self_mb, "child_rss_mb": child_mb}
+
+
+if __name__ == "__main__":
+    main()
