@@ -17,7 +17,8 @@ def summary_line(run_dir: Path) -> str:
         if "precision_at_1" in best
         else ""
     )
-    return f"done: {s['epochs']} epochs, {s['steps']} steps in {s['train_seconds']:.0f} s{p1}"
+    took = f"{s['setup_seconds']:.0f} s setup + {s['train_seconds']:.0f} s training"
+    return f"done: {s['epochs']} epochs, {s['steps']} steps ({took}){p1}"
 
 
 def main() -> None:

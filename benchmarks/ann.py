@@ -7,10 +7,11 @@
 Compares Faiss Flat (exact), HNSW, IVF-Flat and IVF-PQ, plus Annoy and hnswlib when they are
 importable (`pip install -e .[ann]`), on (a) exported embeddings (`--bundle` or
 `--embeddings`; a random 1,000 of them, at most 10%, become queries and leave the base) and
-(b) a synthetic clustered set: a mixture of Gaussian clusters with random centres and
-per-cluster scales whose spread lies mostly in a low-dimensional subspace per cluster (as
-learned embeddings do), L2-normalised and searched by cosine; its queries are fresh draws
-from the same mixture, not in the base.
+(b) a synthetic clustered set: a mixture of a few thousand Gaussian clusters (N/250, at most
+4,000) whose centres scatter around 50 group centres (similar classes lie near each other),
+with per-cluster scales and a spread mostly in a 16-d subspace per cluster (as learned
+embeddings have a low intrinsic dimension), L2-normalised and searched by cosine; its queries
+are fresh draws from the same mixture, not in the base.
 
 Per index and search setting it reports build seconds, single-query latency (one query per
 call, after warm-up; median and p99 in microseconds), batched latency per query (one call
@@ -50,18 +51,27 @@ TARGET_US = 200.0
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    """A unit-length float32 copy (never in place: `x` may be a read-only memory map)."""
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
     faiss.normalize_L2(x)
     return x
 
 
 def clustered(
-    n: int, dim: int, n_queries: int, clusters: int, intrinsic: int, seed: int = 0
+    n: int, dim: int, n_queries: int, clusters: int, intrinsic: int, spread: float = 1.0,
+    groups: int = 0, group_spread: float = 0.7, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Base and query vectors from one mixture of Gaussian clusters (unit length)."""
+    """Base and query vectors from one mixture of Gaussian clusters (unit length).
+
+    With `groups`, cluster centres scatter around that many group centres (similar classes
+    lie near each other in real embedding spaces) instead of being independent.
+    """
     rng = np.random.default_rng(seed)
     intrinsic = min(intrinsic, dim)
     centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    if groups:
+        tops = rng.standard_normal((groups, dim), dtype=np.float32)
+        centres = tops[rng.integers(groups, size=clusters)] + group_spread * centres
     scales = rng.uniform(0.5, 1.5, clusters).astype(np.float32)  # tight and loose clusters
     weights = rng.dirichlet(np.full(clusters, 2.0))  # unequal cluster sizes
 
@@ -79,15 +89,16 @@ def clustered(
             basis /= np.sqrt(intrinsic)
             z = rng.standard_normal((len(rows), intrinsic), dtype=np.float32)
             noise = rng.standard_normal((len(rows), dim), dtype=np.float32) * 0.15
-            out[rows] = centres[c] + scales[c] * (z @ basis) * 0.9 + scales[c] * noise
+            out[rows] = centres[c] + spread * scales[c] * ((z @ basis) * 0.9 + noise)
         return out
 
     base = normalize(draw(n, rng))
     queries = normalize(draw(n_queries, np.random.default_rng(seed + 1)))
+    where = f"around {groups} group centres" if groups else "independent"
     desc = (
-        f"synthetic: {n:,} x {dim} float32, mixture of {clusters:,} Gaussian clusters (random "
-        f"centres, per-cluster scale 0.5-1.5, spread in a {intrinsic}-d subspace per cluster plus "
-        f"isotropic noise, Dirichlet cluster sizes), L2-normalised, cosine; {n_queries:,} "
+        f"synthetic: {n:,} x {dim} float32, mixture of {clusters:,} Gaussian clusters (centres "
+        f"{where}, per-cluster scale 0.5-1.5, spread in a {intrinsic}-d subspace per cluster "
+        f"plus isotropic noise, Dirichlet cluster sizes), L2-normalised, cosine; {n_queries:,} "
         "queries drawn from the same mixture, not in the base"
     )
     return base, queries, desc
@@ -493,7 +504,7 @@ def load_inputs(args) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
         b = load_bundle(args.bundle)
         if b.metric != "cosine":
             print(f"note: bundle metric is {b.metric}; this benchmark searches by cosine")
-        name = f"bundle {Path(args.bundle).name}"
+        name = f"bundle {args.bundle}"
         sets.append((name, *from_embeddings(np.asarray(b.embeddings), args.queries, name)))
     if args.embeddings:
         x = np.load(args.embeddings, allow_pickle=False, mmap_mode="r")
@@ -505,7 +516,7 @@ def load_inputs(args) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
         clusters = args.clusters or int(np.clip(args.synthetic // 250, 2, 4000))
         t = time.perf_counter()
         base, queries, desc = clustered(args.synthetic, args.dim, args.queries, clusters,
-                                        args.intrinsic_dim)  # fmt: skip
+                                        args.intrinsic_dim, args.spread, args.groups)  # fmt: skip
         print(f"generated the synthetic set in {time.perf_counter() - t:.1f} s")
         sets.append((f"synthetic {args.synthetic:,}x{args.dim}", base, queries, desc))
     return sets
@@ -520,7 +531,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic", type=int, default=1_000_000, help="synthetic base size (0: none)")
     p.add_argument("--dim", type=int, default=128, help="synthetic dimension")
     p.add_argument("--clusters", type=int, default=0, help="synthetic clusters (0: N/250, <= 4000)")
-    p.add_argument("--intrinsic-dim", type=int, default=24, help="per-cluster subspace dimension")
+    p.add_argument("--intrinsic-dim", type=int, default=16, help="per-cluster subspace dimension")
+    p.add_argument("--groups", type=int, default=50, help="groups of nearby clusters (0: none)")
+    p.add_argument("--spread", type=float, default=1.0, help="cluster spread multiplier")
     p.add_argument("--queries", type=int, default=1000, help="queries (also the batch size)")
     p.add_argument("--out", default="experiments/bench-ann", help="folder for table and plots")
     p.add_argument("--threads", type=int, default=2, help="OpenMP / library threads")

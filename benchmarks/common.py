@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # No progress bars in benchmark output: tqdm reads this when it is first imported.
 os.environ.setdefault("TQDM_DISABLE", "1")
 if str(REPO) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not the repo, first
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))
 
 from mltrain.config import Config, load_config  # noqa: E402
 from mltrain.data.folder import ImageFolder, resolve_root, scan_folder  # noqa: E402
@@ -160,11 +160,38 @@ def interleaved_order(variants: Sequence[str], round_: int) -> list[str]:
     return list(variants) if round_ % 2 == 0 else list(reversed(variants))
 
 
-def run_rounds(variants: dict[str, Callable[[int], int]], rounds: int,
-               times: dict[str, float], counts: dict[str, int]) -> None:
-    """Call each variant once per round (order alternating); each returns the images it did."""
+def cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (e.g. DataLoader workers, which
+    are joined when their loader goes away)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def run_rounds(variants: dict[str, Callable[[int], int]], rounds: int, times: dict[str, float],
+               counts: dict[str, int], cpu: dict[str, float] | None = None) -> None:
+    """Call each variant once per round (order alternating); each returns the images it did.
+    Wall seconds (and CPU seconds, when `cpu` is given) accumulate per variant."""
     for r in range(rounds):
         for name in interleaved_order(list(variants), r):
+            c0 = cpu_seconds()
             with stopwatch(times, name):
                 done = variants[name](r)
+            if cpu is not None:
+                cpu[name] = cpu.get(name, 0.0) + cpu_seconds() - c0
             counts[name] = counts.get(name, 0) + done
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's, one per core)")
+
+
+def apply_threads(n: int | None) -> int:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

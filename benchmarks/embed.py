@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import resource
 import sys
 import time
@@ -35,6 +36,7 @@ from PIL import Image  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
 from mltrain.config import Config, load_config  # noqa: E402
+from mltrain.data.dataset import default_num_workers  # noqa: E402
 from mltrain.engine import resolve_amp, resolve_device  # noqa: E402
 from mltrain.inference import Embedder, embedder_from_backbone  # noqa: E402
 from mltrain.metrics import retrieval_metrics  # noqa: E402
@@ -108,8 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=2,
                         help="interleaving rounds (each variant embeds 1/rounds of the images "
                              "per round)")
+    parser.add_argument("--naive-limit", type=int, default=0,
+                        help="time the naive loop on at most this many of the images, spread "
+                             "evenly (it is slow); 0 = all of them")
+    common.add_threads_arg(parser)
     common.add_model_args(parser)
     args = parser.parse_args(argv)
+    threads = common.apply_threads(args.threads)
 
     cfg, root, paths, labels = build(args)
     rounds = max(1, min(args.rounds, len(paths) // max(args.batch, 1) or 1))
@@ -123,18 +130,24 @@ def main(argv: list[str] | None = None) -> dict:
     naive_model = copy.deepcopy(bf16.model).to(memory_format=torch.contiguous_format).float()
     naive_model.eval()
     transform = naive_transform(bf16.dcfg)
-    device = resolve_device(cfg.train.device)
-    amp = resolve_amp(cfg.train.amp, device)
-    workers = bf16.cfg.data.num_workers
-    from mltrain.data.dataset import default_num_workers
-
+    amp = resolve_amp(cfg.train.amp, resolve_device(cfg.train.device))
+    workers = cfg.data.num_workers
     workers = default_num_workers() if workers is None else workers
+    amp_name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off (fp32)"}[amp]
+
+    parts = [np.arange(r, len(paths), rounds) for r in range(rounds)]
+    stride = 1
+    if 0 < args.naive_limit < len(paths):
+        stride = math.ceil(len(paths) / args.naive_limit)
+    naive_parts = [p[::stride] for p in parts]
+    n_naive = sum(len(p) for p in naive_parts)
 
     print(f"# embed benchmark: {len(paths)} images from {root} "
-          f"({len(set(labels.tolist()))} classes), batch {args.batch}, {rounds} rounds")
+          f"({len(set(labels.tolist()))} classes), batch {args.batch}, {rounds} interleaved "
+          f"rounds" + (f"; naive loop on {n_naive} of them" if stride > 1 else ""))
     print(f"backbone {cfg.model.backbone} (pretrained={cfg.model.pretrained}), input "
-          f"{bf16.dcfg['input_size'][1:]}, project amp={amp}, loader workers {workers} "
-          f"(when >= 2 batches), torch threads {torch.get_num_threads()}")
+          f"{tuple(bf16.dcfg['input_size'][1:])}, project amp {amp_name}, loader workers "
+          f"{workers} (for >= 2 batches), torch threads {threads}")
     print(common.load_note())
 
     # Warm-up: one batch through every variant, untimed.
@@ -142,69 +155,75 @@ def main(argv: list[str] | None = None) -> dict:
     naive_embed(naive_model, warm, transform, args.batch)
     bf16.embed(warm)
     fp32.embed(warm)
+    naive_decode(transform, warm, args.batch)
+    project_decode(one_proc, bf16.dcfg, warm)
 
-    parts = [list(range(len(paths)))[r::rounds] for r in range(rounds)]
     out = {name: np.zeros((len(paths), bf16.model.embedding_dim), np.float32)
            for name in ("naive", "bf16", "fp32")}
 
-    def e2e(name, fn):
+    def e2e(name, fn, which):
         def run(r: int) -> int:
-            idx = parts[r]
+            idx = which[r]
             out[name][idx] = fn([paths[i] for i in idx])
             return len(idx)
         return run
 
+    def decode(fn, which):
+        return lambda r: fn([paths[i] for i in which[r]])
+
     variants = {
-        "naive": e2e("naive", lambda p: naive_embed(naive_model, p, transform, args.batch)),
-        "bf16": e2e("bf16", bf16.embed),
-        "fp32": e2e("fp32", fp32.embed),
+        "naive": e2e("naive", lambda p: naive_embed(naive_model, p, transform, args.batch),
+                     naive_parts),
+        "bf16": e2e("bf16", bf16.embed, parts),
+        "fp32": e2e("fp32", fp32.embed, parts),
+    }
+    decode_variants = {
+        "naive decode": decode(lambda p: naive_decode(transform, p, args.batch), naive_parts),
+        "project decode": decode(lambda p: project_decode(cfg, bf16.dcfg, p), parts),
+        "project decode 1 proc": decode(lambda p: project_decode(one_proc, bf16.dcfg, p), parts),
     }
     times: dict[str, float] = {}
     counts: dict[str, int] = {}
+    cpu: dict[str, float] = {}
     wall = time.perf_counter()
-    common.run_rounds(variants, rounds, times, counts)
-
-    def sub(fn):
-        return lambda r: fn([paths[i] for i in parts[r]])
-
-    decode_variants = {
-        "naive decode": sub(lambda p: naive_decode(transform, p, args.batch)),
-        "project decode": sub(lambda p: project_decode(cfg, bf16.dcfg, p)),
-        "project decode 1 proc": sub(lambda p: project_decode(one_proc, bf16.dcfg, p)),
-    }
-    naive_decode(transform, warm, args.batch)
-    project_decode(one_proc, bf16.dcfg, warm)
-    common.run_rounds(decode_variants, rounds, times, counts)
+    common.run_rounds(variants, rounds, times, counts, cpu)
+    common.run_rounds(decode_variants, rounds, times, counts, cpu)
     wall = time.perf_counter() - wall
 
     rate = {k: counts[k] / times[k] for k in times}
-    amp_name = "bf16" if amp == torch.bfloat16 else str(amp).replace("torch.", "")
     rows_spec = [
         ("naive", "(a) naive loop: PIL full decode, torchvision, fp32 NCHW, no workers", "naive"),
-        ("bf16", f"(b) project path: .embed(), channels_last, amp={amp_name}", "naive"),
-        ("fp32", "(c) project path, train.amp=off (fp32)", "naive"),
+        ("bf16", f"(b) project path: .embed(), channels_last, amp {amp_name}", "naive"),
+        ("fp32", "(c) project path with train.amp=off (fp32)", "naive"),
         ("naive decode", "(d) decode only, naive pipeline (1 process)", "naive decode"),
         ("project decode", f"(d) decode only, project loader ({workers} workers)",
          "naive decode"),
         ("project decode 1 proc", "(d) decode only, project pipeline, 0 workers",
          "naive decode"),
     ]
-    rows = [[label, counts[k], times[k], rate[k], rate[k] / rate[base]]
-            for k, label, base in rows_spec]
+    rows = [[label, counts[k], times[k], rate[k], rate[k] / rate[base],
+             1000 * cpu[k] / counts[k]] for k, label, base in rows_spec]
     print()
     print(common.markdown_table(
-        ["variant", "images", "seconds", "img/s", "ratio vs naive"], rows))
-    print("(decode rows: ratio vs the naive decode row)")
+        ["variant", "images", "seconds", "img/s", "ratio vs naive", "CPU ms/img"], rows))
+    print("(decode rows: ratio vs the naive decode row; CPU ms/img counts this process and "
+          "its finished loader workers, spin-waiting included)")
     print(f"bf16 gain on the project path: {rate['bf16'] / rate['fp32']:.2f}x fp32")
 
-    p1 = {k: precision_at_1(out[k], labels) for k in out}
+    p1 = {k: precision_at_1(out[k], labels) for k in ("bf16", "fp32")}
+    naive_idx = np.sort(np.concatenate(naive_parts))
+    naive_labels = labels[naive_idx]
+    if len(np.unique(naive_labels)) >= 2:
+        p1["naive"] = precision_at_1(out["naive"][naive_idx], naive_labels)
     diff = 100 * (p1["bf16"] - p1["fp32"])
     cos = float(np.mean(np.sum(out["bf16"] * out["fp32"], axis=1)))
     print()
+    naive_p1 = (f"{100 * p1['naive']:.2f}%" + (f" (on its {n_naive} images)" if stride > 1
+                                                else "")) if "naive" in p1 else "n/a"
     print(f"precision@1 (leave-one-out, {len(paths)} images): project bf16 "
           f"{100 * p1['bf16']:.2f}%, project fp32 {100 * p1['fp32']:.2f}%, "
-          f"difference {diff:+.2f} points; naive pipeline {100 * p1['naive']:.2f}%")
-    print(f"mean cosine(bf16 embedding, fp32 embedding) = {cos:.5f}")
+          f"difference {diff:+.2f} points; naive pipeline {naive_p1}")
+    print(f"mean cosine(bf16 embedding, fp32 embedding) of the same image = {cos:.5f}")
     print()
     print(common.target_line("|bf16 - fp32 precision@1| points", abs(diff), TARGET_P1_POINTS,
                              higher_is_better=False))
@@ -213,12 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
                              TARGET_SPEEDUP, unit="x"))
     self_mb = common.rss_mb()
     child_mb = common.rss_mb(resource.RUSAGE_CHILDREN)
-    print(f"peak RSS: main process {self_mb:.0f} MiB; largest worker process {child_mb:.0f} MiB "
+    print(f"peak RSS: main process {self_mb:.0f} MiB; largest loader worker {child_mb:.0f} MiB "
           "(ru_maxrss; workers share the parent's pages copy-on-write)")
-    print(f"wall time of the timed part: {wall:.0f} s; {common.load_note()}")
+    print(f"timed part {wall:.0f} s; {common.load_note()}")
     sys.stdout.flush()
-    return {"rate": rate, "counts": counts, "p1": p1, "diff_points": diff, "cos": cos,
-            "rss_mb": self_mb, "child_rss_mb": child_mb}
+    return {"rate": rate, "counts": counts, "cpu": cpu, "p1": p1, "diff_points": diff,
+            "cos": cos, "rss_mb": self_mb, "child_rss_mb": child_mb, "threads": threads}
 
 
 if __name__ == "__main__":

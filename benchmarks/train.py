@@ -24,7 +24,7 @@ pure split in halves) so that drifting machine load hits them alike.
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import gc
 import math
 import os
@@ -62,11 +62,16 @@ def preload(run: Run, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches
 
 
+def _net_and_loss(run: Run):
+    """What `fit` hands `train_one_epoch`: the (possibly DDP-wrapped) net and the run's loss."""
+    return getattr(run, "net", run.model), getattr(run, "loss", run.criterion)
+
+
 def pure_steps(run: Run, batches, settings: LoopSettings) -> float:
     """The framework's step (same model, optimizer, autocast, layout) minus loader and hooks."""
-    model, criterion, opt = run.model, run.criterion, run.optimizer
+    (model, criterion), opt = _net_and_loss(run), run.optimizer
     model.train()
-    head = getattr(model, "head", None)
+    head = run.model.head
     start = time.perf_counter()
     for x, y in batches:
         x, y = to_device(x, settings.device, settings.channels_last), y.to(settings.device)
@@ -114,18 +119,22 @@ def framework_steps(run: Run, warmup: int, steps: int) -> dict[str, float]:
     Step ends are stamped by the loop's own log hook (which also writes tensorboard scalars,
     as `fit` does); the steady-state time leaves out the first `warmup` steps."""
     stamps: list[float] = []
+    writer = getattr(run, "writer", None)
 
     def log(key: str, value: float, step: int) -> None:
-        run.writer.add_scalar(key, value, step)
+        if writer is not None:
+            writer.add_scalar(key, value, step)
         if key == "train/loss":
             stamps.append(time.perf_counter())
 
     settings = run.settings()
     settings.max_steps = run.state.step + warmup + steps
-    import mltrain.engine as _e, sys as _s; print('DBG', _e.tqdm(range(1)).disable, os.environ.get('TQDM_DISABLE'), _e.tqdm.__init__, file=_s.stderr)
+    net, loss = _net_and_loss(run)
     start = time.perf_counter()
-    stats = train_one_epoch(run.model, run.criterion, run.epoch_loader(0), run.optimizer,
-                            run.scheduler, run.state, settings, log=log)
+    # the progress bar runs (and costs) as in `fit`, but its output goes nowhere
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+        stats = train_one_epoch(net, loss, run.epoch_loader(0), run.optimizer, run.scheduler,
+                                run.state, settings, log=log)
     timed = len(stamps) - warmup
     if timed < 1:
         raise SystemExit(f"only {len(stamps)} steps ran; lower --steps/--warmup or add images")
@@ -145,10 +154,10 @@ def make_subset(folder, root: Path, per_class: int, dest: Path) -> Path:
     """A folder of symlinks to `per_class` images of every class, spread over each class."""
     for c, name in enumerate(folder.classes):
         idx = [i for i in range(len(folder)) if folder.labels[i] == c]
-        take = [idx[round(j * (len(idx) - 1) / max(per_class - 1, 1))]
-                for j in range(min(per_class, len(idx)))]
+        n = min(per_class, len(idx))
+        take = [idx[round(j * (len(idx) - 1) / max(n - 1, 1))] for j in range(n)]
         (dest / name).mkdir(parents=True, exist_ok=True)
-        for j, i in enumerate(dict.fromkeys(take)):
+        for j, i in enumerate(take):
             src = folder.paths[i]
             (dest / name / f"{j:04d}_{src.name}").symlink_to(src.resolve())
     return dest
@@ -190,9 +199,9 @@ def bench_mode(mode: str, args, root: Path, subset: Path | None, tmp: Path) -> d
     t_pure += pure_steps(run, pure_b[half_q:], settings)
     t_plain += plain.steps(plain_b[half_p:])
     workers = run.epoch_loader(0).num_workers
-    run.writer.close()
-    if cached:
-        cached.writer.close()
+    for r in (run, cached):
+        if r is not None and getattr(r, "writer", None) is not None:
+            r.writer.close()
     batch = args.batch
     plain_step, pure_step = t_plain / len(plain_b), t_pure / len(pure_b)
     return {
@@ -230,11 +239,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="images per class in the cached run's subset (default: enough "
                              "for the steps)")
     parser.add_argument("--modes", default=",".join(common.MODES))
+    common.add_threads_arg(parser)
     common.add_model_args(parser)
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := sorted(set(modes) - set(common.MODES)):
         parser.error(f"unknown modes {unknown}; choose from {', '.join(common.MODES)}")
+    threads = common.apply_threads(args.threads)
     args.warmup = max(args.warmup, 1)  # the first step's end is the timing's reference
     args.plain_steps = min(args.steps, args.plain_steps or max(2, args.steps // 4))
     args.pure_steps = min(args.steps, args.pure_steps or max(2, args.steps // 2))
@@ -247,7 +258,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"(after {args.warmup} warm-up), plain {args.plain_steps} / pure {args.pure_steps} "
           f"steps; data {root} ({len(folder)} images, {len(folder.classes)} classes)")
     print(f"backbone {probe.model.backbone} (pretrained={probe.model.pretrained}), "
-          f"torch threads {torch.get_num_threads()}; {common.load_note()}")
+          f"torch threads {threads}; {common.load_note()}")
     wall = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="mltrain-bench-") as tmp_name:
@@ -318,8 +329,9 @@ def report(results: list[dict], args, wall: float) -> None:
                                  TARGET_RATIO, unit="x"))
         print(common.target_line(f"{r['mode']}: framework overhead", r["overhead_pct"],
                                  TARGET_OVERHEAD, higher_is_better=False, unit="%"))
-    print(f"peak RSS {common.rss_mb():.0f} MiB (main), {common.rss_mb(resource.RUSAGE_CHILDREN):.0f} MiB (largest "
-          f"worker); total {wall:.0f} s; {common.load_note()}")
+    child = common.rss_mb(resource.RUSAGE_CHILDREN)
+    print(f"peak RSS {common.rss_mb():.0f} MiB (main), {child:.0f} MiB (largest worker); "
+          f"total {wall:.0f} s; {common.load_note()}")
 
 
 if __name__ == "__main__":

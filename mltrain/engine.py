@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -106,8 +105,13 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     total, count, images, wait = 0.0, 0, 0, 0.0
     start = tick = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False, dynamic_ncols=True,
-               disable=not cfg.show_progress)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {state.epoch + 1}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not cfg.show_progress,
+    )
     for i, (x, y, _) in enumerate(bar):
         wait += time.perf_counter() - tick
         x, y = to_device(x, cfg.device, cfg.channels_last), y.to(cfg.device)
@@ -164,6 +168,27 @@ def _count_bad_step(state: StepState, cfg: LoopSettings, optimizer) -> None:
 
 
 @torch.inference_mode()
+def run_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    desc: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fn` over every batch in loader order: (outputs on CPU, labels, dataset indices)."""
+    outs, labels, indices = [], [], []
+    for x, y, idx in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        x = to_device(x, device, channels_last)
+        with autocast(device, amp_dtype):
+            outs.append(fn(x).cpu())
+        labels.append(torch.as_tensor(y))
+        indices.append(torch.as_tensor(idx))
+    if not outs:
+        raise MltrainError("nothing to embed: the image list is empty")
+    return torch.cat(outs), torch.cat(labels), torch.cat(indices)
+
+
 def extract_embeddings(
     model: nn.Module,
     loader: Iterable,
@@ -175,23 +200,20 @@ def extract_embeddings(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(embeddings float32, labels, dataset indices) in loader order, with a progress bar."""
     model.eval()
-    embs, labels, indices = [], [], []
-    for x, y, idx in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        x = to_device(x, device, channels_last)
-        with autocast(device, amp_dtype):
-            emb = model.embed(x, from_prefix=from_prefix)
-        embs.append(emb.float().cpu().numpy())
-        labels.append(np.asarray(y))
-        indices.append(np.asarray(idx))
-    if not embs:
-        raise MltrainError("nothing to embed: the image list is empty")
-    emb = np.concatenate(embs).astype(np.float32)
+    emb, labels, indices = run_batches(
+        lambda x: model.embed(x, from_prefix=from_prefix).float(),
+        loader,
+        device,
+        amp_dtype,
+        channels_last,
+        desc,
+    )
+    emb = emb.numpy().astype(np.float32, copy=False)
     if not np.isfinite(emb).all():
         raise MltrainError("embeddings contain NaN/inf; the checkpoint's weights are broken")
-    return emb, np.concatenate(labels), np.concatenate(indices)
+    return emb, labels.numpy(), indices.numpy()
 
 
-@torch.inference_mode()
 def compute_prefix(
     model: nn.Module,
     loader: Iterable,
@@ -202,16 +224,6 @@ def compute_prefix(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Outputs of the frozen stages for every image, stored in bf16 to halve the memory."""
     model.eval()
-    feats, labels, indices = [], [], []
-    for x, y, idx in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        x = to_device(x, device, channels_last)
-        with autocast(device, amp_dtype):
-            f = model.prefix(x)
-        feats.append(f.to(torch.bfloat16).cpu())
-        labels.append(torch.as_tensor(y))
-        indices.append(torch.as_tensor(idx))
-    return torch.cat(feats), torch.cat(labels), torch.cat(indices)
-
-
-def is_finite_number(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return run_batches(
+        lambda x: model.prefix(x).to(torch.bfloat16), loader, device, amp_dtype, channels_last, desc
+    )

@@ -326,7 +326,9 @@ def fit(
         if distributed.is_main():
             save_config(cfg, run_dir / "config.yaml")
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    setup_start = time.perf_counter()
     run = Run(cfg, run_dir)
+    setup_seconds = time.perf_counter() - setup_start
     if ckpt is not None:
         run.restore(ckpt)
         print(
@@ -358,6 +360,7 @@ def fit(
         "epochs": run.state.epoch,
         "steps": run.state.step,
         "bad_steps": run.state.bad_steps_total,
+        "setup_seconds": setup_seconds,  # data checks, model, prefix cache
         "train_seconds": time.perf_counter() - start,
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
