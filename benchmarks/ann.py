@@ -34,6 +34,7 @@ import os
 import platform
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -478,16 +479,20 @@ def plot(rows: list[Row], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for name in dict.fromkeys(r.index for r in rows):
         rs = sorted((r for r in rows if r.index == name), key=lambda r: r.median_us)
         ax.plot([r.median_us for r in rs], [r.recall for r in rs], marker="o", label=name)
+        for r in rs:
+            if r.search != "-":
+                ax.annotate(r.search.split("=")[1], (r.median_us, r.recall), fontsize=7,
+                            xytext=(3, -9), textcoords="offset points")  # fmt: skip
     ax.axhline(TARGET_RECALL, color="grey", ls="--", lw=0.8)
     ax.axvline(TARGET_US, color="grey", ls=":", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("single-query latency, median (us, log scale)")
     ax.set_ylabel(f"recall@{K}")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -576,7 +581,7 @@ def main(argv=None) -> None:
         gc.collect()
         target, per_gb = target_line(rows), per_gb_lines(rows)
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
-        plot(rows, desc[:110] + ("..." if len(desc) > 110 else ""), out / f"{slug}.png")
+        plot(rows, desc, out / f"{slug}.png")
         md = table(rows)
         print(f"\n## {name}\n\n{desc}\n\n{md}\n{target}\n" + "\n".join(per_gb))
         report.append(f"## {name}\n\n{desc}\n\n{md}\n{target}\n\n" + "\n".join(

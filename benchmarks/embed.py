@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import resource
 import sys
 import time
@@ -209,6 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("(decode rows: ratio vs the naive decode row; CPU ms/img counts this process and "
           "its finished loader workers, spin-waiting included)")
     print(f"bf16 gain on the project path: {rate['bf16'] / rate['fp32']:.2f}x fp32")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    bound = {k: cores * counts[k] / cpu[k] for k in ("naive", "bf16", "fp32") if cpu[k] > 0}
+    if bound:
+        print(f"idle-machine estimate from CPU time ({cores} cores x images / CPU seconds; "
+              "assumes perfect scaling, and spin-waits on a busy machine inflate CPU time): "
+              + ", ".join(f"{k} {v:.0f} img/s" for k, v in bound.items()))
 
     p1 = {k: precision_at_1(out[k], labels) for k in ("bf16", "fp32")}
     naive_idx = np.sort(np.concatenate(naive_parts))
@@ -236,8 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
           "(ru_maxrss; workers share the parent's pages copy-on-write)")
     print(f"timed part {wall:.0f} s; {common.load_note()}")
     sys.stdout.flush()
-    return {"rate": rate, "counts": counts, "cpu": cpu, "p1": p1, "diff_points": diff,
-            "cos": cos, "rss_mb": self_mb, "child_rss_mb": child_mb, "threads": threads}
+    return {"rate": rate, "counts": counts, "cpu": cpu, "cpu_bound": bound, "p1": p1,
+            "diff_points": diff, "cos": cos, "rss_mb": self_mb, "child_rss_mb": child_mb,
+            "threads": threads}
 
 
 if __name__ == "__main__":

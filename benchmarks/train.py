@@ -17,8 +17,8 @@ For each shipped config (classification, pooling, siamese, triplet):
   training the last stages on cached prefix features, through `Run` on a per-class subset
   of the images (the prefix cache is built once, untimed, in a private cache folder).
 
-The blocks run in the order plain, pure, framework, cached, pure, plain (each of plain and
-pure split in halves) so that drifting machine load hits them alike.
+Plain and pure steps alternate one by one, half of them before and half after the framework
+and cached blocks, so that drifting machine load hits every variant alike.
 """
 
 from __future__ import annotations
@@ -113,6 +113,18 @@ class Plain:
         return time.perf_counter() - start
 
 
+def alternate(plain: Plain, run: Run, plain_b, pure_b, settings) -> tuple[float, float]:
+    """Plain and pure-compute steps interleaved one by one (evenly spread), each timed alone,
+    so that both see the same machine load; returns (plain seconds, pure seconds)."""
+    order = sorted([((i + 0.5) / len(plain_b), "plain", b) for i, b in enumerate(plain_b)]
+                   + [((i + 0.5) / len(pure_b), "pure", b) for i, b in enumerate(pure_b)],
+                   key=lambda t: (t[0], t[1]))
+    spent = {"plain": 0.0, "pure": 0.0}
+    for _, kind, b in order:
+        spent[kind] += plain.steps([b]) if kind == "plain" else pure_steps(run, [b], settings)
+    return spent["plain"], spent["pure"]
+
+
 def framework_steps(run: Run, warmup: int, steps: int) -> dict[str, float]:
     """`train_one_epoch` over the Run's epoch-0 loader for warmup + steps optimizer steps.
 
@@ -192,12 +204,11 @@ def bench_mode(mode: str, args, root: Path, subset: Path | None, tmp: Path) -> d
     pure_steps(run, warm[:1], settings)
 
     half_p, half_q = len(plain_b) // 2, len(pure_b) // 2
-    t_plain = plain.steps(plain_b[:half_p])
-    t_pure = pure_steps(run, pure_b[:half_q], settings)
+    t_plain, t_pure = alternate(plain, run, plain_b[:half_p], pure_b[:half_q], settings)
     fw = framework_steps(run, args.warmup, args.steps)
     cw = framework_steps(cached, args.warmup, args.cached_steps) if cached else None
-    t_pure += pure_steps(run, pure_b[half_q:], settings)
-    t_plain += plain.steps(plain_b[half_p:])
+    t2_plain, t2_pure = alternate(plain, run, plain_b[half_p:], pure_b[half_q:], settings)
+    t_plain, t_pure = t_plain + t2_plain, t_pure + t2_pure
     workers = run.epoch_loader(0).num_workers
     for r in (run, cached):
         if r is not None and getattr(r, "writer", None) is not None:
@@ -232,7 +243,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--pure-steps", type=int, default=None,
                         help="timed pure-compute steps (default: steps/2, >= 2)")
     parser.add_argument("--cached-steps", type=int, default=None,
-                        help="timed steps on cached prefix features (default: 2 x steps)")
+                        help="timed steps on cached prefix features (default: steps)")
     parser.add_argument("--no-cached", action="store_true",
                         help="skip the shipped frozen_stages 7 + cache_frozen measurement")
     parser.add_argument("--cached-per-class", type=int, default=None,
@@ -249,7 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.warmup = max(args.warmup, 1)  # the first step's end is the timing's reference
     args.plain_steps = min(args.steps, args.plain_steps or max(2, args.steps // 4))
     args.pure_steps = min(args.steps, args.pure_steps or max(2, args.steps // 2))
-    args.cached_steps = args.cached_steps or 2 * args.steps
+    args.cached_steps = args.cached_steps or args.steps
 
     probe = load_config(common.CONFIGS / f"{modes[0]}.yaml", common.model_overrides(args))
     root = common.data_root(args.root, probe)
@@ -275,7 +286,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"cached runs: {per_class} images per class "
                       f"(symlinked subset), {args.cached_steps} timed steps")
             for mode in modes:
+                t0 = time.perf_counter()
                 results.append(bench_mode(mode, args, root, subset, tmp))
+                r = results[-1]
+                print(f"  {mode} done in {time.perf_counter() - t0:.0f} s: framework "
+                      f"{r['fw']['img_s']:.1f} img/s, plain {r['plain_img_s']:.1f} img/s",
+                      flush=True)
                 gc.collect()
         finally:
             if saved_cache is None:

@@ -17,7 +17,7 @@ from mltrain.data.dataset import ImageDataset, make_loader
 from mltrain.data.folder import ImageFolder, resolve_root, scan_folder
 from mltrain.data.images import check_images
 from mltrain.data.samplers import build_sampler
-from mltrain.data.splits import Split, make_split, save_split
+from mltrain.data.splits import Split, find_duplicates, make_split, save_split
 from mltrain.data.transforms import eval_transform, train_transform
 from mltrain.errors import DataError
 
@@ -51,8 +51,25 @@ def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
         raise DataError(f"data.split {cfg.data.split} left an empty side; add images")
     if run_dir is not None:
         save_split(run_dir / "split.json", split, folder)
+    if split.kind != "none":
+        _report_duplicates(folder, split, run_dir)
     used = sorted({int(c) for c in folder.labels[split.train]})
     return RunData(folder, split, [folder.classes[c] for c in used])
+
+
+def _report_duplicates(folder: ImageFolder, split: Split, run_dir: Path | None) -> None:
+    """Byte-identical files on both sides of the split inflate held-out figures: say so."""
+    pairs = find_duplicates(folder.paths, split.train, split.heldout)
+    if not pairs:
+        return
+    listing = "\n".join(f"  {a}  ==  {b}" for a, b in pairs)
+    if run_dir is not None:
+        (run_dir / "duplicates.txt").write_text(listing + "\n")
+    print(
+        f"warning: {len(pairs)} training images are byte-identical to held-out images "
+        "(listed in duplicates.txt); delete the copies for honest held-out figures",
+        file=sys.stderr,
+    )
 
 
 def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> ImageFolder:

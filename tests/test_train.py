@@ -186,3 +186,15 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
     blocker.write_text("x")
     with pytest.raises(MltrainError, match="cannot write"):
         trainer.fit(tiny_cfg("configs/siamese.yaml", root, blocker))
+
+
+def test_duplicates_across_the_split_are_reported(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=8)
+    images = sorted((root / "class_0").iterdir())
+    for dst in images[1:]:  # every image of class_0 identical: some land on both sides
+        dst.write_bytes(images[0].read_bytes())
+    run_dir = trainer.fit(tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp",
+                                   "train.max_steps=1"))
+    listed = (run_dir / "duplicates.txt").read_text()
+    assert "class_0" in listed and "==" in listed
+    assert "byte-identical" in capsys.readouterr().err
