@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/python evaluate.py --checkpoint "$$(ls -td experiments/siamese/*/ | head -1)checkpoints/best.pt"
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check .

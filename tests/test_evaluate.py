@@ -40,6 +40,14 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny inputs: a second thread only adds contention
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
@@ -76,7 +84,8 @@ def test_evaluation_is_the_training_runs_own_heldout_figure(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     out = tmp_path / "e"
     out.mkdir()
-    result = evaluate(embedder_from_checkpoint(run_dir / "checkpoints/last.pt"), out, "test")
+    embedder = embedder_from_checkpoint(run_dir / "checkpoints/last.pt", ["eval.tsne=false"])
+    result = evaluate(embedder, out, "test")
     history = load_checkpoint(run_dir / "checkpoints/last.pt")["state"]["history"]
     assert result.metrics["precision_at_1"] == pytest.approx(history[-1]["precision_at_1"])
 
@@ -84,7 +93,7 @@ def test_evaluation_is_the_training_runs_own_heldout_figure(tiny_run, tmp_path):
 def test_book_protocol_with_split_none(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=3, per_class=8)
     cfg = load_config(REPO / "configs/pooling.yaml",
-                      [*TINY, f"data.root={root}", "data.split=none"])
+                      [*TINY, f"data.root={root}", "data.split=none", "eval.tsne=false"])
     out = tmp_path / "book"
     out.mkdir()
     m = evaluate(embedder_from_backbone(cfg), out, "backbone").metrics
