@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -47,3 +48,22 @@ def make_image_folder() -> Callable[..., Path]:
 def tiny_folder(tmp_path: Path) -> Path:
     """3 classes x 6 images of 40 x 32 px under tmp_path/data."""
     return write_image_folder(tmp_path / "data")
+
+
+# config overrides for tiny, fast runs on generated images
+TINY_RUN = [
+    "model.pretrained=false",
+    "model.image_size=32",
+    "data.exclude_classes=[]",
+    "data.num_workers=0",
+    "train.batch_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny inputs gain nothing from a second thread; on a shared machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

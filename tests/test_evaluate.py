@@ -17,7 +17,7 @@ from mltrain.config import load_config
 from mltrain.errors import CheckpointError, ConfigError, DataError
 from mltrain.evaluation import evaluate
 from mltrain.inference import embedder_from_backbone, embedder_from_checkpoint
-from tests.conftest import write_image_folder
+from tests.conftest import TINY_RUN, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_EVAL = [
@@ -29,23 +29,10 @@ SMALL_EVAL = [
     "eval.tsne_max_points=60",
     "eval.ks=[1, 5]",
 ]
-TINY = [
-    "model.pretrained=false",
-    "model.image_size=32",
-    "data.exclude_classes=[]",
-    "data.num_workers=0",
-    "train.batch_size=8",
-    "eval.batch_size=32",
-    *SMALL_EVAL,
-]
+TINY = [*TINY_RUN, "eval.batch_size=32", *SMALL_EVAL]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny inputs: a second thread only adds contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from mltrain.models import build_model
 from mltrain.search import COLOURS, PAD, THUMB, main
 from tests.conftest import write_image_folder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches gain nothing from threads, and on a busy machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

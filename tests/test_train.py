@@ -13,18 +13,10 @@ from mltrain import trainer
 from mltrain.checkpoint import load_checkpoint
 from mltrain.config import load_config
 from mltrain.errors import ConfigError, DataError, MltrainError
-from tests.conftest import write_image_folder
+from tests.conftest import TINY_RUN, write_image_folder
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
-TINY = [
-    "model.pretrained=false",
-    "model.image_size=32",
-    "data.exclude_classes=[]",
-    "data.num_workers=0",
-    "train.batch_size=8",
-    "train.epochs=2",
-    "eval.batch_size=16",
-]
+TINY = [*TINY_RUN, "train.epochs=2", "eval.batch_size=16"]
 
 
 @pytest.fixture(autouse=True)
