@@ -13,7 +13,7 @@ For each shipped config (classification, pooling, siamese, triplet):
   memory, with no loader, progress bar or logging; overhead = (framework - pure) / framework.
 - plain: fp32, NCHW, the same batches pre-loaded, `loss.backward(); opt.step()` with
   `torch.optim.AdamW`, on a copy of the same model and loss.
-- cached (what the shipped configs run): `frozen_stages: 7` with `cache_frozen: true`, i.e.
+- cached (what the shipped configs run): their `frozen_stages` with `cache_frozen: true`, i.e.
   training the last stages on cached prefix features, through `Run` on a per-class subset
   of the images (the prefix cache is built once, untimed, in a private cache folder).
 
@@ -226,6 +226,7 @@ def bench_mode(mode: str, args, root: Path, subset: Path | None, tmp: Path) -> d
         "ratio": fw["img_s"] / (batch / plain_step),
         "cached_ratio": cw["img_s"] / (batch / plain_step) if cw else float("nan"),
         "amp": str(run.amp).replace("torch.", ""),
+        "shipped_frozen": cached.cfg.model.frozen_stages if cached else None,
         "workers": workers,
         "plain_steps": len(plain_b),
         "pure_steps": len(pure_b),
@@ -241,11 +242,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--plain-steps", type=int, default=None,
                         help="timed steps of the plain fp32 loop (default: steps/4, >= 2)")
     parser.add_argument("--pure-steps", type=int, default=None,
-                        help="timed pure-compute steps (default: steps/2, >= 2)")
+                        help="timed pure-compute steps (default: 2/5 of steps, >= 2)")
     parser.add_argument("--cached-steps", type=int, default=None,
-                        help="timed steps on cached prefix features (default: steps)")
+                        help="timed steps on cached prefix features (default: steps/2, >= 2)")
     parser.add_argument("--no-cached", action="store_true",
-                        help="skip the shipped frozen_stages 7 + cache_frozen measurement")
+                        help="skip the shipped frozen_stages + cache_frozen measurement")
     parser.add_argument("--cached-per-class", type=int, default=None,
                         help="images per class in the cached run's subset (default: enough "
                              "for the steps)")
@@ -259,8 +260,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     threads = common.apply_threads(args.threads)
     args.warmup = max(args.warmup, 1)  # the first step's end is the timing's reference
     args.plain_steps = min(args.steps, args.plain_steps or max(2, args.steps // 4))
-    args.pure_steps = min(args.steps, args.pure_steps or max(2, args.steps // 2))
-    args.cached_steps = args.cached_steps or args.steps
+    args.pure_steps = min(args.steps, args.pure_steps or max(2, 2 * args.steps // 5))
+    args.cached_steps = args.cached_steps or max(2, args.steps // 2)
 
     probe = load_config(common.CONFIGS / f"{modes[0]}.yaml", common.model_overrides(args))
     root = common.data_root(args.root, probe)
@@ -314,13 +315,14 @@ def report(results: list[dict], args, wall: float) -> None:
         rows.append([
             r["mode"], r["plain_img_s"], r["pure_img_s"], fw["img_s"], r["ratio"],
             r["overhead_pct"], 100 * fw["data_wait_share"],
-            cw["img_s"] if cw else float("nan"), r["cached_ratio"],
+            r["shipped_frozen"] if cw else "-", cw["img_s"] if cw else float("nan"),
+            r["cached_ratio"],
         ])
     print()
     print(common.markdown_table([
         "mode", "plain fp32 NCHW img/s", "pure compute img/s", "framework img/s",
         "framework / plain", "framework overhead %", "data wait %",
-        "cached (frozen 7) img/s", "cached / plain",
+        "shipped frozen_stages", "cached img/s", "cached / plain",
     ], rows))
     amp = results[0]["amp"] if results else "?"
     print(f"framework and pure compute: channels_last, autocast {amp}, loader workers "

@@ -88,6 +88,8 @@ def test_train_table_has_each_mode_with_positive_rates(make_image_folder, tmp_pa
     rows = table(out, "mode")
     assert list(rows) == ["siamese", "classification"]
     for mode, cells in rows.items():
+        frozen = int(cells.pop(6))  # the shipped config's frozen_stages
+        assert frozen > 0, mode
         plain, pure, framework, ratio, overhead, wait, cached, cached_ratio = map(number, cells)
         assert plain > 0 and pure > 0 and framework > 0 and cached > 0, mode
         assert math.isclose(ratio, framework / plain, rel_tol=0.02, abs_tol=0.01), mode
