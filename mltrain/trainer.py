@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm.layers
 import timm.optim
 import timm.scheduler
 import torch
@@ -121,9 +120,7 @@ class Run:
         with distributed.main_first():  # rank 0 fills the prefix cache, the others read it
             self._build_loaders()
         self.net = self.model
-        if distributed.world()[1] > 1:
-            if self.device.type == "cuda" and not cfg.model.freeze_bn:
-                self.model = timm.layers.convert_sync_batchnorm(self.model)  # GPU-only in torch
+        if distributed.world()[1] > 1:  # BatchNorm statistics stay per rank (see README)
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, find_unused_parameters=cfg.train.freeze_backbone_epochs > 0
             )
