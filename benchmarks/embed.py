@@ -7,7 +7,7 @@ On the same N images (default 1000, spread evenly over the classes; 0 = all), ti
     Normalize, fp32, NCHW, no workers, `torch.no_grad`;
 (b) the project path: `embedder_from_backbone(cfg).embed(paths)` (DataLoader workers, JPEG draft
     decoding, cv2 resize, channels_last, bf16 autocast where the CPU has it, inference_mode);
-(c) the project path with `train.amp=off` (fp32), to isolate the bf16 gain;
+(c) the project path with `eval.amp=off` (fp32), to isolate the bf16 gain;
 (d) decode-only throughput of both pipelines (no model).
 Variants run interleaved in `--rounds` rounds over disjoint parts of the images, each after
 an untimed warm-up batch, so that a shared machine's load hits them alike; every figure is
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = max(1, min(args.rounds, len(paths) // max(args.batch, 1) or 1))
     bf16: Embedder = embedder_from_backbone(cfg)
     fp32_cfg = copy.deepcopy(cfg)
-    fp32_cfg.train.amp = "off"
+    fp32_cfg.eval.amp = "off"
     fp32 = embedder_from_backbone(fp32_cfg)
     fp32.model.load_state_dict(bf16.model.state_dict())  # identical weights even if random
     one_proc = copy.deepcopy(cfg)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     naive_model = copy.deepcopy(bf16.model).to(memory_format=torch.contiguous_format).float()
     naive_model.eval()
     transform = naive_transform(bf16.dcfg)
-    amp = resolve_amp(cfg.train.amp, resolve_device(cfg.train.device))
+    amp = resolve_amp(cfg.eval.amp, resolve_device(cfg.train.device))
     workers = cfg.data.num_workers
     workers = default_num_workers() if workers is None else workers
     amp_name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off (fp32)"}[amp]
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows_spec = [
         ("naive", "(a) naive loop: PIL full decode, torchvision, fp32 NCHW, no workers", "naive"),
         ("bf16", f"(b) project path: .embed(), channels_last, amp {amp_name}", "naive"),
-        ("fp32", "(c) project path with train.amp=off (fp32)", "naive"),
+        ("fp32", "(c) project path with eval.amp=off (fp32)", "naive"),
         ("naive decode", "(d) decode only, naive pipeline (1 process)", "naive decode"),
         ("project decode", f"(d) decode only, project loader ({workers} workers)",
          "naive decode"),

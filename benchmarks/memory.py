@@ -14,6 +14,16 @@ Two measurements:
 - leave-one-out: all N vectors query each other, run when `--loo yes`, or with `--loo auto`
   when its time, extrapolated from the first measurement (time scales with the number of
   queries), fits in `--budget` seconds; otherwise the estimate is printed instead.
+
+    python benchmarks/memory.py --shards [--n 1000000] [--dim 128] [--shard-size 100000]
+                                [--index flat,ivf_pq] [--nlist 1024]
+
+`--shards` measures a sharded export instead (`mltrain.shards`, what `export.shard_size`
+turns on): writing the N x dim gallery into memory-mapped shards batch by batch, then, per
+index type, building the cosine index (a) from the gallery loaded into one array, as an
+export below `export.shard_size` does, and (b) from the shards (trained on an even sample,
+added shard by shard). Each in a fresh subprocess; the shards live in a temporary folder
+(`--tmp`, N x dim x 4 bytes of disk) removed afterwards.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,17 +79,28 @@ def _peak_mib() -> float:
     return kib / 1024
 
 
-def clustered(n: int, dim: int, classes: int, seed: int, chunk: int = 65536):
-    """(n x dim float32, labels) around `classes` Gaussian centres, made in place chunk by
-    chunk so no temporary larger than a chunk exists."""
+def clustered_chunks(n: int, dim: int, classes: int, seed: int, chunk: int = 65536):
+    """The rows of `clustered` (the same numbers), yielded as (rows, labels) chunk by chunk,
+    for writers that never hold the whole gallery."""
     rng = np.random.default_rng(seed)
     centres = np.random.default_rng(12345).standard_normal((classes, dim), dtype=np.float32)
-    emb = np.empty((n, dim), dtype=np.float32)
     labels = rng.integers(0, classes, size=n)
     for start in range(0, n, chunk):
         part = labels[start : start + chunk]
         noise = rng.standard_normal((len(part), dim), dtype=np.float32)
-        emb[start : start + chunk] = centres[part] + NOISE * noise
+        yield centres[part] + NOISE * noise, part
+
+
+def clustered(n: int, dim: int, classes: int, seed: int, chunk: int = 65536):
+    """(n x dim float32, labels) around `classes` Gaussian centres, made in place chunk by
+    chunk so no temporary larger than a chunk exists."""
+    emb = np.empty((n, dim), dtype=np.float32)
+    labels = np.empty(n, dtype=np.int64)
+    start = 0
+    for rows, part in clustered_chunks(n, dim, classes, seed, chunk):
+        emb[start : start + len(rows)] = rows
+        labels[start : start + len(rows)] = part
+        start += len(rows)
     return emb, labels
 
 
@@ -113,15 +135,112 @@ def child(mode: str, n: int, dim: int, queries: int, seed: int) -> dict:
 
 def measure(mode: str, n: int, dim: int, queries: int, seed: int) -> dict:
     """Run `child` in a subprocess and return its figures."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--n", str(n),
-           "--dim", str(dim), "--queries", str(queries), "--seed", str(seed)]
+    return _run_child(mode, ["--child", mode, "--n", str(n), "--dim", str(dim),
+                             "--queries", str(queries), "--seed", str(seed)])  # fmt: skip
+
+
+def _run_child(what: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"measurement {mode} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"measurement {what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- sharded export: writing shards, and building an index from them or from one array ----
+
+
+def index_args(kind: str, nlist: int, dim: int) -> dict:
+    """Benchmark index settings: IVF with `nlist` lists; PQ with up to 16 sub-quantizers."""
+    if kind == "ivf_pq":
+        return {"nlist": nlist, "m": max(m for m in range(1, 17) if dim % m == 0)}
+    return {"nlist": nlist} if kind == "ivf_flat" else {}
+
+
+def shard_child(mode: str, folder: str, n: int, dim: int, shard_size: int, kind: str,
+                nlist: int, seed: int) -> dict:
+    """One sharded-export measurement in this (fresh) process: `write` the gallery into
+    shards, or build a `kind` index from one `array` or from the `shards`."""
+    from mltrain.index import build_index, index_nbytes
+    from mltrain.shards import ShardReader, ShardWriter, index_from_shards
+
+    rss_imports = _rss_mib()
+    out = {"mode": mode, "kind": kind, "n": n, "dim": dim, "shard_size": shard_size,
+           "emb_mib": n * dim * 4 / 2**20, "rss_imports": rss_imports}  # fmt: skip
+    if mode == "write":
+        reset = _reset_peak()
+        start = time.perf_counter()
+        writer = ShardWriter(folder, n, shard_size)
+        for rows, _ in clustered_chunks(n, dim, max(2, n // CLASS_SIZE), seed, chunk=4096):
+            writer.write(rows)
+        out["shards"] = len(writer.close())
+        index = None
+    else:
+        reader = ShardReader(sorted(Path(folder).glob("embeddings-*.npy")))
+        args = index_args(kind, nlist, dim)
+        reset = _reset_peak()
+        start = time.perf_counter()
+        if mode == "array":  # what an export below export.shard_size does
+            emb = np.asarray(reader)
+            index = build_index(kind, emb, "cosine", None, args)
+        else:
+            index = index_from_shards(kind, reader, "cosine", None, args)
+    out["seconds"] = time.perf_counter() - start
+    out["peak"] = _peak_mib()
+    out["rss_after"] = _rss_mib()
+    out["peak_was_reset"] = reset
+    out["index_mib"] = index_nbytes(index) / 2**20 if index is not None else float("nan")
+    return out
+
+
+def shard_main(args: argparse.Namespace, common) -> list[dict]:
+    kinds = [k.strip() for k in args.index.split(",") if k.strip()]
+    from mltrain.index import default_nlist
+
+    nlist = args.nlist or min(1024, default_nlist(args.n))
+    print(f"# memory benchmark: sharded export of {args.n:,} x {args.dim} float32 clustered "
+          f"embeddings ({args.n * args.dim * 4 / 2**20:,.0f} MiB) in shards of "
+          f"{args.shard_size:,} rows; cosine indexes {', '.join(kinds)} (IVF nlist {nlist}); "
+          "each row measured in a fresh subprocess")
+    print(common.load_note())
+    wall = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mltrain-shards-", dir=args.tmp) as folder:
+        def run(mode: str, kind: str = "-") -> dict:
+            return _run_child(f"shards {mode} {kind}", [
+                "--shard-child", mode, "--dir", folder, "--n", str(args.n), "--dim",
+                str(args.dim), "--shard-size", str(args.shard_size), "--index", kind,
+                "--nlist", str(nlist), "--seed", str(args.seed)])  # fmt: skip
+
+        results.append(run("write"))
+        for kind in kinds:
+            results += [run("array", kind), run("shards", kind)]
+    rows, baseline = [], {}
+    for r in results:
+        grew = r["peak"] - r["rss_imports"]
+        if r["mode"] == "write":
+            what = f"write {r['n']:,} rows into {r['shards']} shards"
+        elif r["mode"] == "array":
+            what, baseline[r["kind"]] = f"{r['kind']} index from one array", grew
+        else:
+            what = f"{r['kind']} index from shards of {r['shard_size']:,}"
+        ratio = grew / baseline[r["kind"]] if r["mode"] == "shards" else float("nan")
+        rows.append([what, r["emb_mib"], r["rss_imports"], r["peak"], grew, ratio,
+                     r["index_mib"], r["seconds"]])  # fmt: skip
+    print()
+    print(common.markdown_table([
+        "build", "gallery MiB", "RSS before MiB", "peak RSS MiB", "peak - before MiB",
+        "vs one array", "index MiB", "seconds",
+    ], rows))
+    since = ("reset just before the work" if results[0]["peak_was_reset"]
+             else "since process start (reset refused)")
+    print(f"RSS before = after imports; peak = VmHWM {since}, memory-mapped shard pages "
+          "included; 'vs one array' = (peak - before) from shards / from one array")
+    print(f"total {time.perf_counter() - wall:.0f} s; {common.load_note()}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -135,10 +254,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--budget", type=float, default=300.0,
                         help="seconds the leave-one-out run may take under --loo auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shards", action="store_true",
+                        help="measure a sharded export instead (see the module docstring)")
+    parser.add_argument("--shard-size", type=int, default=100_000, help="rows per shard")
+    parser.add_argument("--index", default="flat,ivf_pq",
+                        help="with --shards: comma-separated index types to build")
+    parser.add_argument("--nlist", type=int, default=None,
+                        help="with --shards: IVF lists (default min(1024, 4 sqrt(n)))")
+    parser.add_argument("--tmp", default=None, help="with --shards: folder for the shards")
     parser.add_argument("--child", choices=("queries", "loo"), help=argparse.SUPPRESS)
+    parser.add_argument("--shard-child", choices=("write", "array", "shards"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.n, args.dim, args.queries, args.seed)))
+        return []
+    if args.shard_child:
+        print(json.dumps(shard_child(args.shard_child, args.dir, args.n, args.dim,
+                                     args.shard_size, args.index, args.nlist, args.seed)))
         return []
 
     try:  # imported here: the measuring child must not load torch through common
@@ -146,6 +280,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ImportError:
         import common  # type: ignore[no-redef]
 
+    if args.shards:
+        return shard_main(args, common)
     print(f"# memory benchmark: retrieval_metrics(ks={KS}, max_k={MAX_K}, metric=cosine) on "
           f"{args.n:,} x {args.dim} float32 clustered embeddings (~{CLASS_SIZE} per class); "
           "each row measured in a fresh subprocess")

@@ -9,6 +9,13 @@ A bundle holds everything a search needs and nothing that executes code when loa
     manifest.json    versions, the full config, image_root, metric, sizes and the sha256 of
                      every other file
 
+Galleries of more than `export.shard_size` images store their embeddings as shards instead
+of one embeddings.npy (`embeddings-00000.npy`, ...; bundle format 2): they are written through
+memory maps batch by batch, the index is trained on an even sample of them and filled shard
+by shard, so neither export nor loading holds the whole gallery in memory. The manifest lists
+each shard's name, rows and sha256 under "shards"; `Bundle.embeddings` is then a
+`mltrain.shards.ShardReader` (array-like, read through mmap).
+
 `load_bundle` checks every file against the manifest before using any of them, so a
 truncated, edited or mismatched file is a `BundleError` that names it, never a wrong answer.
 Exports and `add_images` write a complete new folder beside the old one and rename it into
@@ -40,24 +47,37 @@ import faiss
 import numpy as np
 import timm
 import torch
+from numpy.lib.format import open_memmap
 
 import mltrain
-from mltrain.config import from_dict, to_dict
+from mltrain.config import ExportConfig, from_dict, to_dict
 from mltrain.data.folder import is_image
 from mltrain.data.images import load_image
 from mltrain.errors import BundleError, ConfigError, DataError
-from mltrain.index import build_index, index_nbytes, load_index, prepare, save_index
+from mltrain.index import build_index, load_index, prepare, save_index
 from mltrain.inference import Embedder, make_embedder
 from mltrain.models import build_model
 from mltrain.rundata import prepare_data
+from mltrain.shards import (
+    CHUNK_ROWS,
+    SHARD_NAME,
+    Shard,
+    ShardReader,
+    ShardWriter,
+    index_from_shards,
+    shard_number,
+)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # embeddings in one embeddings.npy
+SHARDED_FORMAT = 2  # embeddings in the shards that the manifest lists
+FORMATS = (FORMAT_VERSION, SHARDED_FORMAT)
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
 METADATA = "metadata.csv"
 INDEX = "index.faiss"
 MODEL = "model.pt"
-DATA_FILES = (EMBEDDINGS, METADATA, INDEX, MODEL)  # hashed in the manifest
+DATA_FILES = (EMBEDDINGS, METADATA, INDEX, MODEL)  # hashed in the manifest's "files"
+SHARDED_DATA_FILES = (METADATA, INDEX, MODEL)  # shards are hashed in its "shards" list
 COLUMNS = ("path", "label", "class", "split")
 IMAGES_DIR = "images"  # copies of added images that lie outside the image root
 BUNDLE_PREFIX = "bundle:"  # metadata paths under the bundle folder rather than the image root
@@ -68,11 +88,12 @@ _REEXPORT = "re-export the bundle (python evaluate.py --checkpoint ... --export 
 
 @dataclass
 class Bundle:
-    """A validated bundle: `embeddings` is a read-only memory map, `root` the image root."""
+    """A validated bundle: `embeddings` is a read-only memory map (a `ShardReader` over
+    memory-mapped shards for a sharded bundle), `root` the image root."""
 
     path: Path
     manifest: dict[str, Any]
-    embeddings: np.ndarray
+    embeddings: np.ndarray | ShardReader
     metadata: list[dict[str, Any]]
     index: faiss.Index
     root: Path
@@ -245,12 +266,14 @@ def export_bundle(
     index: str | None = None,
     pca_dim: int | None = None,
     dtype: str | None = None,
+    shard_size: int | None = None,
 ) -> Path:
     """Embed the whole image folder of `embedder.cfg.data` and write a bundle to `out_dir`.
 
-    `index`, `pca_dim` and `dtype` default to the config's `export` section; the index args
-    come from `export.index_args` when `index` is the configured kind, else the kind's
-    defaults apply. Returns `out_dir`.
+    `index`, `pca_dim`, `dtype` and `shard_size` default to the config's `export` section;
+    the index args come from `export.index_args` when `index` is the configured kind, else
+    the kind's defaults apply. A folder of more than `shard_size` images is written as
+    shards (see the module docstring). Returns `out_dir`.
     """
     cfg = copy.deepcopy(embedder.cfg)
     exp = cfg.export
@@ -262,6 +285,10 @@ def export_bundle(
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"export dtype {dtype!r} is not one of float32, float16")
     exp.index, exp.pca_dim, exp.dtype = kind, pca, dtype  # the manifest's config says what ran
+    if shard_size is not None:
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise ConfigError(f"export shard_size must be a positive row count, not {shard_size!r}")
+        exp.shard_size = shard_size
     metric = cfg.eval.metric
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and _is_bundle_dir(out_dir)):
@@ -271,8 +298,6 @@ def export_bundle(
 
     data = prepare_data(cfg)
     folder = data.folder
-    emb = embedder.embed(folder.paths, folder.labels, desc="bundle embeddings")
-    idx = build_index(kind, emb, metric, pca, exp.index_args)
     splits = _splits_of(data)
     rows = [
         {
@@ -284,24 +309,28 @@ def export_bundle(
         for p, lab, s in zip(folder.paths, folder.labels, splits, strict=True)
     ]
     head = embedder.model.head
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        "versions": _versions(),
-        "config": to_dict(cfg),
-        "image_root": str(folder.root.resolve()),
-        "classes": list(folder.classes),
-        "metric": metric,
-        "embedding_dim": int(emb.shape[1]),
-        "count": int(emb.shape[0]),
-        "dtype": dtype,
-        "num_classes": int(head.out_features) if head is not None else 0,
-        "split_kind": data.split.kind,
-    }
     tmp = _new_temp_dir(out_dir, "partial")
     try:
-        np.save(tmp / EMBEDDINGS, emb.astype(dtype), allow_pickle=False)
+        idx, dim, shards = _write_embeddings(
+            embedder, folder.paths, folder.labels, tmp, exp, metric
+        )
+        manifest = {
+            "format_version": SHARDED_FORMAT if shards else FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "versions": _versions(),
+            "config": to_dict(cfg),
+            "image_root": str(folder.root.resolve()),
+            "classes": list(folder.classes),
+            "metric": metric,
+            "embedding_dim": dim,
+            "count": len(rows),
+            "dtype": dtype,
+            "num_classes": int(head.out_features) if head is not None else 0,
+            "split_kind": data.split.kind,
+        }
+        if shards:
+            manifest["shards"] = shards
         _write_metadata(tmp / METADATA, rows)
         save_index(idx, tmp / INDEX)
         _save_state_dict(embedder.model, tmp / MODEL)
@@ -313,6 +342,41 @@ def export_bundle(
     return out_dir
 
 
+def _write_embeddings(
+    embedder: Embedder,
+    paths: list[Path],
+    labels: np.ndarray,
+    tmp: Path,
+    exp: ExportConfig,
+    metric: str,
+) -> tuple[faiss.Index, int, list[dict[str, Any]] | None]:
+    """Embed `paths` into `tmp` and build the index: (index, dim, shard entries or None).
+
+    Up to `exp.shard_size` images: one embeddings.npy and an index built in memory. More:
+    shards filled batch by batch and an index trained on a sample of them and filled shard
+    by shard, so memory holds one shard (plus the index), never the gallery. The index is
+    then built from the stored rows, so with float16 it sees float16-rounded vectors.
+    """
+    if len(paths) <= exp.shard_size:
+        emb = embedder.embed(paths, labels, desc="bundle embeddings")
+        idx = build_index(exp.index, emb, metric, exp.pca_dim, exp.index_args)
+        np.save(tmp / EMBEDDINGS, emb.astype(exp.dtype), allow_pickle=False)
+        return idx, int(emb.shape[1]), None
+    writer = ShardWriter(tmp, len(paths), exp.shard_size, exp.dtype)
+    for batch in embedder.embed_batches(paths, labels, desc="bundle embeddings"):
+        writer.write(batch)
+    written = writer.close()
+    reader = ShardReader([tmp / s.name for s in written])
+    idx = index_from_shards(exp.index, reader, metric, exp.pca_dim, exp.index_args)
+    return idx, reader.shape[1], _shard_entries(tmp, written)
+
+
+def _shard_entries(folder: Path, shards: Sequence[Shard]) -> list[dict[str, Any]]:
+    """The manifest's record of written shards: name, rows and sha256 of each."""
+    return [{"name": s.name, "rows": s.rows, "sha256": sha256_file(folder / s.name)}
+            for s in shards]  # fmt: skip
+
+
 def _finish_manifest(
     folder: Path, manifest: dict[str, Any], kind: str, args: dict, pca: int | None, idx
 ) -> None:
@@ -321,9 +385,10 @@ def _finish_manifest(
         "args": dict(args or {}),
         "pca_dim": pca,
         "ntotal": int(idx.ntotal),
-        "bytes": index_nbytes(idx),
+        "bytes": (folder / INDEX).stat().st_size,  # as serialised; no second copy in memory
     }
-    manifest["files"] = {name: sha256_file(folder / name) for name in DATA_FILES}
+    names = SHARDED_DATA_FILES if manifest["format_version"] == SHARDED_FORMAT else DATA_FILES
+    manifest["files"] = {name: sha256_file(folder / name) for name in names}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -351,12 +416,46 @@ def read_manifest(path: Path) -> dict[str, Any]:
     wrong = [k for k, t in types.items() if not isinstance(manifest[k], t)]
     if wrong:
         raise BundleError(f"{mpath}: malformed entries {wrong}; {_REEXPORT}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in FORMATS:
         raise BundleError(
             f"{mpath}: bundle format {manifest['format_version']} is not supported by this "
-            f"mltrain (format {FORMAT_VERSION}); {_REEXPORT}"
+            f"mltrain (formats {', '.join(map(str, FORMATS))}); {_REEXPORT}"
         )
+    _check_shard_list(mpath, manifest)
     return manifest
+
+
+def _check_shard_list(mpath: Path, manifest: dict[str, Any]) -> None:
+    """A sharded bundle lists distinct, well-named shards, each with rows and a sha256.
+
+    The names are checked before any is opened: a manifest must not make `load_bundle` read
+    a file outside the bundle folder.
+    """
+    if manifest["format_version"] != SHARDED_FORMAT:
+        return
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise BundleError(f"{mpath}: a format-{SHARDED_FORMAT} bundle lists its embedding "
+                          f"shards under 'shards', this one does not; {_REEXPORT}")  # fmt: skip
+    for n, s in enumerate(shards):
+        if not _is_shard_entry(s):
+            raise BundleError(f"{mpath}: shards[{n}] needs a name, rows > 0 and a sha256; "
+                              f"{_REEXPORT}")  # fmt: skip
+        if not SHARD_NAME.fullmatch(s["name"]):
+            raise BundleError(f"{mpath}: shards[{n}] name {s['name']!r} is not a shard file name "
+                              f"(embeddings-NNNNN.npy); {_REEXPORT}")  # fmt: skip
+    if len({s["name"] for s in shards}) != len(shards):
+        raise BundleError(f"{mpath}: a shard is listed twice; {_REEXPORT}")
+
+
+def _is_shard_entry(s: Any) -> bool:
+    return (
+        isinstance(s, dict)
+        and isinstance(s.get("name"), str)
+        and isinstance(s.get("sha256"), str)
+        and type(s.get("rows")) is int
+        and s["rows"] > 0
+    )
 
 
 def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Bundle:
@@ -367,34 +466,18 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
     """
     path = Path(path)
     manifest = read_manifest(path)
+    shards = manifest.get("shards") if manifest["format_version"] == SHARDED_FORMAT else None
     files = manifest["files"]
-    for name in DATA_FILES:
-        if not (path / name).is_file():
-            raise BundleError(f"{path / name} is missing; the bundle is incomplete: {_REEXPORT}")
-        expected = files.get(name)
-        if not expected:
-            raise BundleError(f"{path / MANIFEST} records no sha256 for {name}; {_REEXPORT}")
-        actual = sha256_file(path / name)
-        if actual != expected:
-            raise BundleError(
-                f"{path / name} does not match its sha256 in {MANIFEST} (changed, truncated or "
-                f"from another export); {_REEXPORT}"
-            )
+    digests = [(name, files.get(name)) for name in (SHARDED_DATA_FILES if shards else DATA_FILES)]
+    digests += [(s["name"], s["sha256"]) for s in shards or []]
+    for name, expected in digests:
+        _check_digest(path, name, expected)
 
     count, dim = manifest["count"], manifest["embedding_dim"]
-    try:
-        emb = np.load(path / EMBEDDINGS, allow_pickle=False, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise BundleError(f"{path / EMBEDDINGS} is not a readable .npy array ({e})") from None
-    if emb.ndim != 2 or emb.shape != (count, dim):
-        raise BundleError(
-            f"{path / EMBEDDINGS} has shape {emb.shape} but {MANIFEST} says ({count}, {dim}); "
-            f"{_REEXPORT}"
-        )
-    if emb.dtype != np.dtype(manifest["dtype"]):
-        raise BundleError(
-            f"{path / EMBEDDINGS} holds {emb.dtype} but {MANIFEST} says {manifest['dtype']}"
-        )
+    if shards:
+        emb = _open_shards(path, shards, count, dim, manifest["dtype"])
+    else:
+        emb = _open_npy(path / EMBEDDINGS, count, dim, manifest["dtype"])
     metadata = _read_metadata(path / METADATA)
     if len(metadata) != count:
         raise BundleError(
@@ -421,6 +504,48 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
     _apply_search_params(index, manifest["index"].get("args") or {})
     root = Path(image_root) if image_root is not None else Path(manifest["image_root"])
     return Bundle(path, manifest, emb, metadata, index, root)
+
+
+def _check_digest(path: Path, name: str, expected: str | None) -> None:
+    if not (path / name).is_file():
+        raise BundleError(f"{path / name} is missing; the bundle is incomplete: {_REEXPORT}")
+    if not expected:
+        raise BundleError(f"{path / MANIFEST} records no sha256 for {name}; {_REEXPORT}")
+    if sha256_file(path / name) != expected:
+        raise BundleError(
+            f"{path / name} does not match its sha256 in {MANIFEST} (changed, truncated or "
+            f"from another export); {_REEXPORT}"
+        )
+
+
+def _open_npy(path: Path, rows: int, dim: int, dtype: str) -> np.memmap:
+    """A read-only memory map of an embeddings file whose shape and dtype the manifest gives."""
+    try:
+        emb = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise BundleError(f"{path} is not a readable .npy array ({e})") from None
+    if emb.ndim != 2 or emb.shape != (rows, dim):
+        raise BundleError(
+            f"{path} has shape {emb.shape} but {MANIFEST} says ({rows}, {dim}); {_REEXPORT}"
+        )
+    if emb.dtype != np.dtype(dtype):
+        raise BundleError(f"{path} holds {emb.dtype} but {MANIFEST} says {dtype}")
+    return emb
+
+
+def _open_shards(
+    path: Path, shards: list[dict[str, Any]], count: int, dim: int, dtype: str
+) -> ShardReader:
+    """Every shard checked against its manifest entry, then one reader over all of them."""
+    total = sum(s["rows"] for s in shards)
+    if total != count:
+        raise BundleError(
+            f"{path / MANIFEST}: its shards hold {total} rows but its count is {count}; "
+            f"{_REEXPORT}"
+        )
+    for s in shards:  # reads headers only; the reader maps a shard when it is used
+        _open_npy(path / s["name"], s["rows"], dim, dtype)
+    return ShardReader([path / s["name"] for s in shards])
 
 
 def bundle_config(bundle: Bundle):
@@ -553,6 +678,38 @@ def _rel_to_bundle(p: Path, bundle_dir: Path) -> str:
     return BUNDLE_PREFIX + p.relative_to(bundle_dir).as_posix()
 
 
+def _write_with_added(bundle: Bundle, emb: np.ndarray, tmp: Path, manifest: dict) -> int:
+    """The bundle's embeddings followed by `emb`, written into `tmp`; returns the row count.
+
+    A sharded bundle keeps its shards (hard links where possible: a shard is never changed
+    once written) and gets new shards for `emb`, recorded in `manifest`. A single-file
+    bundle gets a longer embeddings.npy, copied in chunks through memory maps.
+    """
+    dtype = np.dtype(manifest["dtype"])
+    if manifest["format_version"] != SHARDED_FORMAT:
+        old = bundle.embeddings
+        out = open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype,
+                          shape=(len(old) + len(emb), old.shape[1]))  # fmt: skip
+        for start in range(0, len(old), CHUNK_ROWS):
+            end = min(start + CHUNK_ROWS, len(old))
+            out[start:end] = old[start:end]
+        out[len(old) :] = emb
+        out.flush()
+        return len(out)
+    shards = manifest["shards"]
+    for s in shards:
+        try:
+            os.link(bundle.path / s["name"], tmp / s["name"])
+        except OSError:  # a file system without hard links
+            shutil.copy2(bundle.path / s["name"], tmp / s["name"])
+    first = 1 + max(shard_number(s["name"]) for s in shards)
+    shard_rows = bundle_embedder(bundle).cfg.export.shard_size
+    writer = ShardWriter(tmp, len(emb), shard_rows, dtype, first=first)
+    writer.write(emb)
+    manifest["shards"] = [*shards, *_shard_entries(tmp, writer.close())]
+    return sum(s["rows"] for s in manifest["shards"])
+
+
 def add_images(
     bundle_path: str | os.PathLike,
     paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
@@ -625,14 +782,12 @@ def add_images(
             new_rows.append(
                 {"path": rel, "label": classes.index(name), "class": name, "split": "added"}
             )
-        old = np.asarray(bundle.embeddings)
-        all_emb = np.concatenate([old, emb.astype(old.dtype)])
-        np.save(tmp / EMBEDDINGS, all_emb, allow_pickle=False)
+        count = _write_with_added(bundle, emb, tmp, manifest)
         _write_metadata(tmp / METADATA, [*bundle.metadata, *new_rows])
         save_index(index, tmp / INDEX)
         shutil.copy2(bundle_path / MODEL, tmp / MODEL)
         manifest["classes"] = classes
-        manifest["count"] = int(len(all_emb))
+        manifest["count"] = count
         manifest.setdefault("added", []).append(
             {
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -641,7 +796,6 @@ def add_images(
         )
         info = manifest["index"]
         _finish_manifest(tmp, manifest, info["kind"], info.get("args"), info.get("pca_dim"), index)
-        del old, all_emb
         bundle.embeddings = np.empty((0, 0), np.float32)  # release the memory map before rename
         _move_into_place(tmp, bundle_path)
     except BaseException:

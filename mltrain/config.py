@@ -63,7 +63,7 @@ class TrainConfig:
     freeze_backbone_epochs: int = 0
     grad_clip: float | None = None
     grad_accum: int = 1
-    amp: str = "auto"  # auto | bf16 | fp16 | off
+    amp: str = "auto"  # training steps: auto | bf16 | fp16 | off
     channels_last: bool = True
     cache_frozen: bool = False  # cache the frozen trunk prefix's outputs (needs frozen_stages)
     cache_views: int = 1  # augmented views cached per image when cache_frozen is on
@@ -78,6 +78,7 @@ class EvalConfig:
     metric: str = "cosine"  # cosine | l2
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 64
+    amp: str = "auto"  # inference (embeddings, prefix cache): auto | bf16 | fp16 | off
     gallery: str = "heldout"  # heldout (leave-one-out) | train
     pca_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 100, 128, 256, 512])
     index_types: list[str] = field(default_factory=lambda: ["flat", "hnsw", "ivf_flat", "ivf_pq"])
@@ -95,6 +96,7 @@ class ExportConfig:
     pca_dim: int | None = None  # PCA length inside the index; None keeps the full length
     dtype: str = "float32"  # stored embeddings: float32 | float16
     k: int = 5
+    shard_size: int = 1_000_000  # galleries with more rows are written as memory-mapped shards
 
 
 @dataclass
@@ -114,6 +116,7 @@ CHOICES = {
     "data.bad_images": ("error", "skip"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
+    "eval.amp": ("auto", "bf16", "fp16", "off"),
     "eval.metric": ("cosine", "l2"),
     "eval.gallery": ("heldout", "train"),
     "export.dtype": ("float32", "float16"),
@@ -204,6 +207,7 @@ def validate(cfg: Config) -> Config:
         "train.cache_views": cfg.train.cache_views,
         "eval.batch_size": cfg.eval.batch_size,
         "export.k": cfg.export.k,
+        "export.shard_size": cfg.export.shard_size,
     }
     for key, value in positive.items():
         if value < 1:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import random
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +72,40 @@ class StepState:
     bad_steps_in_row: int = 0
     bad_steps_total: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Where an interrupted epoch stopped (non-zero only in a checkpoint saved on SIGINT or
+    # SIGTERM): batches of epoch `epoch` already trained, their loss sum and count (so the
+    # epoch's mean loss is the uninterrupted one) and the RNG states at that point.
+    batches_done: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    rng: dict[str, Any] | None = None
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (CPU, and CUDA once used), numpy and python global RNG states, as tensors and
+    plain lists so that a `weights_only` checkpoint can hold them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Undo of `rng_state`; CUDA states are restored when the device count matches."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class NonFiniteLoss(MltrainError):
@@ -87,6 +123,7 @@ class LoopSettings:
     max_bad_steps: int = 5
     from_prefix: bool = False  # batches hold cached prefix features, not images
     show_progress: bool = True
+    stop: threading.Event | None = None  # set (by a signal handler): stop after this step
 
 
 def train_one_epoch(
@@ -100,19 +137,27 @@ def train_one_epoch(
     log: Callable[[str, float, int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns mean loss, images/s and the share of time spent waiting
-    for data. Non-finite losses skip the step; `max_bad_steps` in a row stop the run."""
+    for data. Non-finite losses skip the step; `max_bad_steps` in a row stop the run.
+
+    A set `cfg.stop` ends the pass after the next optimizer step, leaving the position in
+    `state.batches_done`; called again with that state, the pass resumes there exactly."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    total, count, images, wait = 0.0, 0, 0, 0.0
+    batches = _skip_done(loader, state)
+    images, wait = 0, 0.0
     start = tick = time.perf_counter()
     bar = tqdm(
-        loader,
+        batches,
         desc=f"epoch {state.epoch + 1}",
+        total=len(loader) if isinstance(loader, Sized) else None,
+        initial=state.batches_done,
         leave=False,
         dynamic_ncols=True,
         disable=not cfg.show_progress,
     )
-    for i, (x, y, _) in enumerate(bar):
+    stopped = False
+    for x, y, _ in bar:
+        state.batches_done += 1
         wait += time.perf_counter() - tick
         x, y = to_device(x, cfg.device, cfg.channels_last), y.to(cfg.device)
         with autocast(cfg.device, cfg.amp_dtype):
@@ -124,25 +169,54 @@ def train_one_epoch(
             continue
         state.bad_steps_in_row = 0
         (loss / cfg.grad_accum).backward()
-        if (i + 1) % cfg.grad_accum == 0:
+        stepped = state.batches_done % cfg.grad_accum == 0
+        if stepped:
             _optimizer_step(model, optimizer, scheduler, state, cfg)
             if log:
                 log("train/loss", loss.item(), state.step)
                 log("train/lr", optimizer.param_groups[0]["lr"], state.step)
-        total, count, images = total + loss.item(), count + 1, images + len(y)
+        state.loss_sum, state.loss_count = state.loss_sum + loss.item(), state.loss_count + 1
+        images += len(y)
         bar.set_postfix(
-            loss=f"{total / count:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}"
+            loss=f"{state.loss_sum / state.loss_count:.4f}",
+            img_s=f"{images / (time.perf_counter() - start):.1f}",
         )
         if cfg.max_steps is not None and state.step >= cfg.max_steps:
+            break
+        if stepped and cfg.stop is not None and cfg.stop.is_set():
+            stopped = True  # the caller saves the position; nothing is half-accumulated
             break
         tick = time.perf_counter()
     bar.close()
     elapsed = time.perf_counter() - start
-    return {
-        "loss": total / max(count, 1),
+    stats = {
+        "loss": state.loss_sum / max(state.loss_count, 1),
         "images_per_s": images / max(elapsed, 1e-9),
         "data_wait_share": wait / max(elapsed, 1e-9),
     }
+    if not stopped:  # the pass is over: the next call starts a new epoch
+        state.batches_done, state.loss_sum, state.loss_count = 0, 0.0, 0
+    return stats
+
+
+def _skip_done(loader: Iterable, state: StepState) -> Iterator:
+    """`loader` past the `state.batches_done` batches an interrupted epoch already trained.
+
+    They are drawn and dropped without running the model, so the sampler order and the
+    augmentation streams (in workers too) stay those of an uninterrupted epoch; then the RNG
+    states saved at the interrupt come back (dropout and the like draw from them)."""
+    batches = iter(loader)
+    for _ in range(state.batches_done):
+        if next(batches, None) is None:
+            raise MltrainError(
+                f"cannot resume at batch {state.batches_done} of epoch {state.epoch + 1}: the "
+                "epoch now has fewer batches (data or train.batch_size changed since the "
+                "checkpoint); resume without overrides that change them"
+            )
+    if state.rng is not None:
+        set_rng_state(state.rng)
+        state.rng = None
+    return batches
 
 
 def _optimizer_step(model, optimizer, scheduler, state: StepState, cfg: LoopSettings) -> None:
@@ -168,6 +242,25 @@ def _count_bad_step(state: StepState, cfg: LoopSettings, optimizer) -> None:
 
 
 @torch.inference_mode()
+def iter_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    desc: str,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`fn` over each batch in loader order, yielded as computed: (output on CPU, labels,
+    dataset indices). Nothing is kept, so a caller that writes batches out (shards) holds
+    one batch at a time; `run_batches` is the collecting form."""
+    for x, y, idx in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        x = to_device(x, device, channels_last)
+        with autocast(device, amp_dtype):
+            out = fn(x).cpu()
+        yield out, torch.as_tensor(y), torch.as_tensor(idx)
+
+
+@torch.inference_mode()
 def run_batches(
     fn: Callable[[torch.Tensor], torch.Tensor],
     loader: Iterable,
@@ -177,16 +270,22 @@ def run_batches(
     desc: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`fn` over every batch in loader order: (outputs on CPU, labels, dataset indices)."""
-    outs, labels, indices = [], [], []
-    for x, y, idx in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        x = to_device(x, device, channels_last)
-        with autocast(device, amp_dtype):
-            outs.append(fn(x).cpu())
-        labels.append(torch.as_tensor(y))
-        indices.append(torch.as_tensor(idx))
-    if not outs:
+    parts = list(iter_batches(fn, loader, device, amp_dtype, channels_last, desc))
+    if not parts:
         raise MltrainError("nothing to embed: the image list is empty")
+    outs, labels, indices = zip(*parts, strict=True)
     return torch.cat(outs), torch.cat(labels), torch.cat(indices)
+
+
+def _embed_fn(model: nn.Module, from_prefix: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: model.embed(x, from_prefix=from_prefix).float()
+
+
+def _checked(emb: torch.Tensor) -> np.ndarray:
+    emb_np = emb.numpy().astype(np.float32, copy=False)
+    if not np.isfinite(emb_np).all():
+        raise MltrainError("embeddings contain NaN/inf; the checkpoint's weights are broken")
+    return emb_np
 
 
 def extract_embeddings(
@@ -201,17 +300,28 @@ def extract_embeddings(
     """(embeddings float32, labels, dataset indices) in loader order, with a progress bar."""
     model.eval()
     emb, labels, indices = run_batches(
-        lambda x: model.embed(x, from_prefix=from_prefix).float(),
-        loader,
-        device,
-        amp_dtype,
-        channels_last,
-        desc,
+        _embed_fn(model, from_prefix), loader, device, amp_dtype, channels_last, desc
     )
-    emb = emb.numpy().astype(np.float32, copy=False)
-    if not np.isfinite(emb).all():
-        raise MltrainError("embeddings contain NaN/inf; the checkpoint's weights are broken")
-    return emb, labels.numpy(), indices.numpy()
+    return _checked(emb), labels.numpy(), indices.numpy()
+
+
+def stream_embeddings(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool = True,
+    from_prefix: bool = False,
+    desc: str = "embedding",
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`extract_embeddings` one batch at a time: (embeddings float32, labels, dataset
+    indices) per batch, for galleries written to disk as they come rather than held."""
+    model.eval()
+    batches = iter_batches(
+        _embed_fn(model, from_prefix), loader, device, amp_dtype, channels_last, desc
+    )
+    for emb, labels, indices in batches:
+        yield _checked(emb), labels.numpy(), indices.numpy()
 
 
 def compute_prefix(

@@ -345,13 +345,29 @@ def build_index(
         raise DataError(
             f"train_vectors have dimension {train.shape[1]}, vectors have {vectors.shape[1]}"
         )
+    index = train_index(kind, train, metric, pca_dim, args)
+    index.add(vectors)
+    return index
+
+
+def train_index(
+    kind: str,
+    train: np.ndarray,
+    metric: str = "cosine",
+    pca_dim: int | None = None,
+    args: dict[str, Any] | None = None,
+) -> faiss.Index:
+    """An empty index of type `kind`, trained (PCA included) on prepared `train` vectors.
+
+    Split from `build_index` so that a gallery too large for memory can be added in chunks
+    after training on a sample (see `mltrain.shards.index_from_shards`).
+    """
     chain = [] if pca_dim is None else pca_transforms(train, pca_dim, metric)
-    dim = vectors.shape[1] if pca_dim is None else int(pca_dim)
+    dim = train.shape[1] if pca_dim is None else int(pca_dim)
     spec = {"name": kind, "args": args or {}}
     index = INDEX_TYPES.build(spec, dim=dim, metric_type=faiss_metric(metric), n_train=len(train))
     index = with_transforms(index, chain)
     index.train(train)
-    index.add(vectors)
     return index
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 
 from mltrain.checkpoint import load_checkpoint
 from mltrain.config import Config, from_dict
-from mltrain.engine import extract_embeddings, resolve_amp, resolve_device
+from mltrain.engine import extract_embeddings, resolve_amp, resolve_device, stream_embeddings
 from mltrain.errors import CheckpointError
 from mltrain.models import EmbeddingModel, build_model, data_config
 from mltrain.rundata import eval_loader
@@ -36,6 +37,18 @@ class Embedder:
         )
         return emb
 
+    def embed_batches(
+        self, paths: list[Path], labels: np.ndarray | None = None, desc: str = "embedding"
+    ) -> Iterator[np.ndarray]:
+        """`embed` one batch at a time (float32, in `paths` order), so a gallery larger than
+        memory can be written out as it is embedded (see `mltrain.shards.ShardWriter`)."""
+        labels = np.zeros(len(paths), dtype=np.int64) if labels is None else labels
+        loader = eval_loader(self.cfg, paths, labels, self.dcfg)
+        for emb, _, _ in stream_embeddings(
+            self.model, loader, self.device, self.amp, self.cfg.train.channels_last, desc=desc
+        ):
+            yield emb
+
 
 def make_embedder(cfg: Config, model: EmbeddingModel) -> Embedder:
     device = resolve_device(cfg.train.device)
@@ -43,7 +56,7 @@ def make_embedder(cfg: Config, model: EmbeddingModel) -> Embedder:
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     dcfg = data_config(model, cfg.model.image_size)
-    return Embedder(cfg, model, dcfg, device, resolve_amp(cfg.train.amp, device))
+    return Embedder(cfg, model, dcfg, device, resolve_amp(cfg.eval.amp, device))
 
 
 def embedder_from_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Embedder:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import timm.optim
@@ -29,13 +32,14 @@ from mltrain.engine import (
     extract_embeddings,
     resolve_amp,
     resolve_device,
+    rng_state,
     train_one_epoch,
 )
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.losses import Criterion, build_criterion
 from mltrain.metrics import retrieval_metrics
 from mltrain.models import EmbeddingModel, build_model, data_config
-from mltrain.prefix_cache import cached, weights_identity
+from mltrain.prefix_cache import cache_dir, cached, weights_identity
 from mltrain.rundata import (
     CachedFeatures,
     RunData,
@@ -43,6 +47,13 @@ from mltrain.rundata import (
     prepare_data,
     train_dataset,
     train_loader,
+)
+from mltrain.storage import (
+    check_free_space,
+    check_writable,
+    checkpoint_bytes,
+    prefix_bytes_per_image,
+    run_space_needs,
 )
 
 
@@ -57,13 +68,12 @@ def new_run_dir(cfg: Config) -> Path:
     run_dir, n = base, 1
     while run_dir.exists():
         run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+    todo = "make it writable or set output_dir to another folder"
     try:
         (run_dir / "checkpoints").mkdir(parents=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"0" * 1024)
-        probe.unlink()
     except OSError as e:
-        raise MltrainError(f"output_dir: cannot write to {run_dir} ({e}); pick another") from None
+        raise MltrainError(f"output_dir: cannot write to {run_dir} ({e}); {todo}") from None
+    check_writable(run_dir / "checkpoints", f"output_dir: {todo}")
     return run_dir
 
 
@@ -103,7 +113,8 @@ class Run:
         self.cfg, self.run_dir = cfg, run_dir
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.train.device)
-        self.amp = resolve_amp(cfg.train.amp, self.device)
+        self.amp = resolve_amp(cfg.train.amp, self.device)  # training steps
+        self.infer_amp = resolve_amp(cfg.eval.amp, self.device)  # prefix cache, held-out
         distributed.init(self.device)
         self.main = distributed.is_main()
         self.data: RunData = prepare_data(cfg, run_dir if self.main else None)
@@ -113,6 +124,7 @@ class Run:
         self.criterion: Criterion = build_criterion(
             cfg.train.loss, cfg.train.miner, n_classes, self.model.embedding_dim, cfg.model.head
         )
+        self._check_disk_space()  # before the prefix cache and training, not after them
         self.model.to(self.device)
         self.criterion.loss.to(self.device)
         if cfg.train.channels_last:
@@ -130,6 +142,7 @@ class Run:
         self.scheduler = make_scheduler(cfg, self.optimizer, per_epoch)
         self.state = StepState()
         self.best: dict[str, Any] = {}
+        self.stop = threading.Event()  # set on SIGINT/SIGTERM: save at the next step boundary
         self.writer = SummaryWriter(str(run_dir)) if self.main else None
 
     def loss(self, emb: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
@@ -162,7 +175,7 @@ class Run:
             "data_config": self.dcfg,
             "augment": cfg.data.augment if name == "train" else None,
             "seed": seed,
-            "amp": str(self.amp),
+            "amp": str(self.infer_amp),
             "paths": [str(p) for p in loader.dataset.paths],
             "labels": loader.dataset.labels.tolist(),
             "workers": loader.num_workers,
@@ -171,7 +184,7 @@ class Run:
         return cached(
             parts,
             lambda: compute_prefix(
-                self.model, loader, self.device, self.amp, cfg.train.channels_last, desc
+                self.model, loader, self.device, self.infer_amp, cfg.train.channels_last, desc
             ),
         )
 
@@ -192,6 +205,18 @@ class Run:
             *self._prefix("train", loader, f"caching train prefix (view {view + 1})", seed)
         )
 
+    def _check_disk_space(self) -> None:
+        """Free space for the checkpoints (and the prefix cache) on the disks they go to; the
+        estimate is described in `mltrain.storage`."""
+        cache = None
+        if self.cfg.train.cache_frozen:
+            split = self.data.split
+            images = len(split.train) * self.cfg.train.cache_views + len(split.heldout)
+            per_image = prefix_bytes_per_image(self.model, tuple(self.dcfg["input_size"]))
+            cache = (cache_dir(), images * per_image)
+        size = checkpoint_bytes([self.model, self.criterion.loss])
+        check_free_space(run_space_needs(self.run_dir, size, cache))
+
     def settings(self) -> LoopSettings:
         t = self.cfg.train
         return LoopSettings(
@@ -204,6 +229,7 @@ class Run:
             max_bad_steps=t.max_bad_steps,
             from_prefix=self.from_prefix,
             show_progress=self.main,
+            stop=self.stop,
         )
 
     def evaluate(self) -> dict[str, float]:
@@ -211,7 +237,7 @@ class Run:
             self.model,
             self.eval_batches,
             self.device,
-            self.amp,
+            self.infer_amp,
             self.cfg.train.channels_last,
             from_prefix=self.from_prefix,
             desc="held-out embeddings",
@@ -272,6 +298,8 @@ def _epoch(run: Run, epoch: int) -> None:
     stats = train_one_epoch(
         run.net, run.loss, loader, run.optimizer, run.scheduler, run.state, run.settings(), log
     )
+    if run.state.batches_done:  # stopped mid-epoch by a signal: `fit` saves the position
+        return
     stats = {k: distributed.mean(v) for k, v in stats.items()}
     run.scheduler.step(epoch + 1)
     run.state.epoch = epoch + 1
@@ -283,29 +311,91 @@ def _epoch(run: Run, epoch: int) -> None:
 def _evaluate_and_save(run: Run, stats: dict[str, float]) -> None:
     """Held-out metrics every `eval_every` epochs and at the end; best.pt and last.pt."""
     cfg = run.cfg
-    done = run.state.epoch >= cfg.train.epochs or _hit_max_steps(run)
-    metrics = run.evaluate() if done or run.state.epoch % cfg.train.eval_every == 0 else {}
+    metrics = run.evaluate() if _done(run) or run.state.epoch % cfg.train.eval_every == 0 else {}
     run.state.history.append({"epoch": run.state.epoch, "step": run.state.step, **stats, **metrics})
     _log_epoch(run, run.state.epoch, stats, metrics)
     key = cfg.train.best_metric
     if key in metrics and metrics[key] >= run.best.get(key, -1.0):
         run.best = {"epoch": run.state.epoch, **metrics}
-        atomic_save(run.checkpoint(), run.run_dir / "checkpoints" / "best.pt")
-    atomic_save(run.checkpoint(), run.run_dir / "checkpoints" / "last.pt")
+        _save(run, "best.pt")
+    _save(run, "last.pt")
+
+
+def _save(run: Run, name: str) -> Path:
+    """`atomic_save` into checkpoints/: a failed write (full disk, lost permissions) leaves the
+    file there as it was, and the error says so and how to go on."""
+    path = run.run_dir / "checkpoints" / name
+    try:
+        atomic_save(run.checkpoint(), path)
+    except OSError as e:
+        last = run.run_dir / "checkpoints" / "last.pt"
+        if last.is_file():
+            then = f"{last} is intact; free space and continue with --resume {run.run_dir}"
+        else:
+            then = "no checkpoint was saved before this one; free space and start again"
+        raise MltrainError(f"cannot write checkpoint {path} ({e.strerror or e}); {then}") from None
+    return path
+
+
+def _save_interrupted(run: Run) -> NoReturn:
+    """After SIGINT/SIGTERM: `last.pt` with the position inside the epoch and the RNG states
+    (no held-out evaluation, no best.pt), then exit 130 as an interrupted program does."""
+    state = run.state
+    state.rng = rng_state() if state.batches_done else None
+    path = _save(run, "last.pt")
+    print(
+        f"interrupted {_position(state)}; saved {path}; "
+        f"continue exactly with --resume {run.run_dir}",
+        file=sys.stderr,
+    )
+    raise SystemExit(130)
+
+
+def _position(state: StepState) -> str:
+    if state.batches_done:
+        return f"in epoch {state.epoch + 1} after batch {state.batches_done}, step {state.step}"
+    return f"at epoch {state.epoch}, step {state.step}"
+
+
+def _done(run: Run) -> bool:
+    return run.state.epoch >= run.cfg.train.epochs or _hit_max_steps(run)
 
 
 def _hit_max_steps(run: Run) -> bool:
     return run.cfg.train.max_steps is not None and run.state.step >= run.cfg.train.max_steps
 
 
-def _raise_on_sigterm(signum, frame):  # noqa: ARG001
+def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM set `stop`: training ends after the current optimizer step and saves
+    its position. A second signal interrupts at once; an unfinished checkpoint write is then
+    dropped and the previous file stays. DataLoader workers forked from this process inherit
+    the handler and ignore it."""
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:
+            return
+        if stop.is_set():
+            raise KeyboardInterrupt(f"signal {signum}")
+        stop.set()
+        with contextlib.suppress(OSError):  # not print(): it may re-enter an interrupted write
+            os.write(2, b"\nstopping after this step to save a checkpoint (again: stop now)\n")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
 
 
 def fit(
     cfg: Config | None = None, resume: str | Path | None = None, overrides: list[str] | None = None
 ) -> Path:
-    """Train and return the run folder. `resume` is a run folder or checkpoint to continue."""
+    """Train and return the run folder. `resume` is a run folder or checkpoint to continue.
+
+    SIGINT/SIGTERM during training save the position inside the epoch to `last.pt` and exit
+    130 (single process; see `_stop_on_signals`); `resume` then continues exactly."""
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
@@ -317,29 +407,42 @@ def fit(
         cfg = from_dict(data, f"checkpoint {resume}")
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).resolve().parent.parent
         distributed.init(resolve_device(cfg.train.device))
+        check_writable(run_dir, "fix its permissions or free space, or resume a copy of it")
     else:
         distributed.init(resolve_device(cfg.train.device))
         run_dir = distributed.broadcast_path(new_run_dir(cfg) if distributed.is_main() else None)
         if distributed.is_main():
             save_config(cfg, run_dir / "config.yaml")
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # during setup: stop at once
+    try:
+        return _train(cfg, run_dir, ckpt)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
+    """Build the run (from `ckpt` when resuming), train the remaining epochs, write metrics."""
     setup_start = time.perf_counter()
     run = Run(cfg, run_dir)
     setup_seconds = time.perf_counter() - setup_start
     if ckpt is not None:
         run.restore(ckpt)
-        print(
-            f"resuming {run_dir} at epoch {run.state.epoch}, step {run.state.step}", file=sys.stderr
-        )
+        print(f"resuming {run_dir} {_position(run.state)}", file=sys.stderr)
+    if distributed.world()[1] == 1:  # under DDP ranks would have to agree on a stop step
+        _stop_on_signals(run.stop)
     start = time.perf_counter()
     try:
         for epoch in range(run.state.epoch, cfg.train.epochs):
             if _hit_max_steps(run):
                 break
             _epoch(run, epoch)
+            if run.stop.is_set() and not _done(run):
+                _save_interrupted(run)
     except KeyboardInterrupt:
         print(
-            f"interrupted; the last completed epoch's checkpoint is in {run_dir}/checkpoints; "
+            f"interrupted; {run_dir}/checkpoints/last.pt holds the last saved position; "
             f"continue with --resume {run_dir}",
             file=sys.stderr,
         )

@@ -123,3 +123,23 @@ def test_memory_skips_leave_one_out_over_budget(capsys):
     out = capsys.readouterr().out
     assert len(results) == 1 and len(table(out, "evaluation")) == 1
     assert "leave-one-out over all 2,000 not run" in out
+
+
+def test_memory_shards_compares_one_array_with_shards(tmp_path, capsys):
+    results = memory.main(["--shards", "--n", "3000", "--dim", "16", "--shard-size", "1000",
+                           "--tmp", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = table(out, "build")
+    assert list(rows) == [
+        "write 3,000 rows into 3 shards",
+        "flat index from one array", "flat index from shards of 1,000",
+        "ivf_pq index from one array", "ivf_pq index from shards of 1,000",
+    ]  # fmt: skip
+    for r in results:
+        assert r["peak"] >= r["rss_imports"] > 0 and r["seconds"] >= 0
+    for label, cells in rows.items():
+        ratio = cells[4]
+        assert (ratio == "n/a") != ("from shards" in label), label  # ratio on shard rows only
+        if "from shards" in label:
+            assert number(ratio) > 0
+    assert list(tmp_path.iterdir()) == []  # the shards are removed afterwards

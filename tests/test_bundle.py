@@ -24,9 +24,11 @@ from mltrain.bundle import (
 )
 from mltrain.config import Config
 from mltrain.errors import BundleError
+from mltrain.index import search
 from mltrain.inference import Embedder, make_embedder
 from mltrain.models import build_model
 from mltrain.search import search_images
+from mltrain.shards import ShardReader
 from tests.conftest import write_image_folder
 
 CLASSES, PER_CLASS = 3, 5
@@ -40,7 +42,7 @@ def make_embedder_for(root: Path) -> Embedder:
     cfg.data.root = str(root)
     cfg.data.exclude_classes = []
     cfg.data.num_workers = 0
-    cfg.train.amp = "off"  # CPU bf16 autocast is ~10x slower on tiny inputs
+    cfg.eval.amp = "off"  # CPU bf16 autocast is ~10x slower on tiny inputs
     cfg.export.index = "flat"
     torch.manual_seed(0)
     return make_embedder(cfg, build_model(cfg.model))
@@ -323,3 +325,116 @@ def test_export_replaces_an_older_bundle_whole(exported, embedder, tmp_path):
     assert b.manifest["source"] == "second export" and b.manifest["index"]["kind"] == "hnsw"
     assert not (target / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folders left
+
+
+# --- sharded bundles (export.shard_size smaller than the gallery) ---------------------------
+
+SHARDS = [f"embeddings-0000{i}.npy" for i in range(4)]  # 15 images in shards of 4
+
+
+@pytest.fixture(scope="module")
+def sharded(embedder, tmp_path_factory) -> Path:
+    return export_bundle(embedder, tmp_path_factory.mktemp("sharded") / "b", "sharded export",
+                         shard_size=4)  # fmt: skip
+
+
+@pytest.fixture
+def sharded_dir(sharded, tmp_path) -> Path:
+    copy = tmp_path / "b"
+    shutil.copytree(sharded, copy)
+    return copy
+
+
+def edit_manifest(bundle: Path, edit) -> None:
+    mpath = bundle / "manifest.json"
+    m = json.loads(mpath.read_text())
+    edit(m)
+    mpath.write_text(json.dumps(m))
+
+
+def test_sharded_export_matches_the_single_file_export(exported, loaded, sharded):
+    root = exported[0]
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(
+        [*SHARDS, "index.faiss", "manifest.json", "metadata.csv", "model.pt"]
+    )
+    m = json.loads((sharded / "manifest.json").read_text())
+    assert m["format_version"] == 2 and m["count"] == CLASSES * PER_CLASS
+    assert [s["name"] for s in m["shards"]] == SHARDS
+    assert [s["rows"] for s in m["shards"]] == [4, 4, 4, 3]
+    assert all(sha256_file(sharded / s["name"]) == s["sha256"] for s in m["shards"])
+    assert sorted(m["files"]) == ["index.faiss", "metadata.csv", "model.pt"]
+    assert m["config"]["export"]["shard_size"] == 4
+    b = load_bundle(sharded)
+    assert isinstance(b.embeddings, ShardReader) and b.embeddings.shape == (15, 512)
+    np.testing.assert_allclose(np.asarray(b.embeddings), np.asarray(loaded.embeddings),
+                               atol=1e-5)  # fmt: skip
+    assert b.metadata == loaded.metadata
+    # the exact (flat) indexes answer every image with the same neighbours
+    queries = np.asarray(loaded.embeddings)
+    s1, i1 = search(loaded.index, queries, 5, "cosine")
+    s2, i2 = search(b.index, queries, 5, "cosine")
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    hit = search_images(b, [image_paths(root)[7]], k=1).results[0].hits[0]
+    assert hit.row == 7 and hit.score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_sharded_export_with_pca_float16_and_hnsw_finds_every_image(exported, embedder,
+                                                                    tmp_path):
+    root = exported[0]
+    out = export_bundle(embedder, tmp_path / "s", "test", "hnsw", 8, "float16", shard_size=6)
+    b = load_bundle(out)
+    assert len(b.embeddings.paths) == 3 and b.embeddings.dtype == np.float16
+    assert isinstance(faiss.downcast_index(b.index), faiss.IndexPreTransform)
+    for r in search_images(b, image_paths(root), k=2).results:
+        assert root / r.hits[0].path == Path(r.query)
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+def test_load_refuses_a_tampered_or_missing_shard(sharded_dir, how):
+    path = sharded_dir / SHARDS[2]
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "truncate":
+        path.write_bytes(bytes(data[:-512]))
+    else:
+        path.unlink()
+    match = "is missing" if how == "delete" else "does not match its sha256"
+    with pytest.raises(BundleError, match=rf"embeddings-00002\.npy.*{match}") as e:
+        load_bundle(sharded_dir)
+    assert "re-export" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m["shards"][0].update(name="../embeddings-00000.npy"), "not a shard file name"),
+        (lambda m: m["shards"].append(dict(m["shards"][0])), "listed twice"),
+        (lambda m: m["shards"][0].update(rows=3), "shards hold 14 rows but its count is 15"),
+        (lambda m: (m["shards"][0].update(rows=5), m["shards"][1].update(rows=3)),
+         r"embeddings-00000\.npy has shape \(4, 512\) but manifest\.json says \(5, 512\)"),
+        (lambda m: m.pop("shards"), "lists its embedding shards"),
+    ],
+)  # fmt: skip
+def test_load_refuses_an_inconsistent_shard_list(sharded_dir, edit, match):
+    edit_manifest(sharded_dir, edit)
+    with pytest.raises(BundleError, match=match):
+        load_bundle(sharded_dir)
+
+
+def test_add_images_to_a_sharded_bundle_appends_a_shard(sharded_dir, tmp_path):
+    new = write_new_class(tmp_path / "new", "zebra", 2)
+    assert add_images(sharded_dir, new) == 2
+    b = load_bundle(sharded_dir)
+    n = CLASSES * PER_CLASS
+    assert len(b) == n + 2 and b.index.ntotal == n + 2 and b.embeddings.shape[0] == n + 2
+    names = [s["name"] for s in b.manifest["shards"]]
+    assert names == [*SHARDS, "embeddings-00004.npy"] and b.manifest["shards"][-1]["rows"] == 2
+    assert sorted(p.name for p in sharded_dir.glob("embeddings*")) == names
+    hit = search_images(b, [new / "zebra" / "new_1.png"], k=1).results[0].hits[0]
+    assert hit.row == n + 1 and hit.cls == "zebra" and hit.score == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_allclose(b.embeddings[n + 1], bundle_embedder(b).embed(
+        [new / "zebra" / "new_1.png"])[0], atol=1e-4)  # fmt: skip
+    assert not [p for p in sharded_dir.parent.iterdir() if p.name.startswith(".b.")]

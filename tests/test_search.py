@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
     cfg.data.root = str(root)
     cfg.data.exclude_classes = []
     cfg.data.num_workers = 0
-    cfg.train.amp = "off"  # CPU bf16 autocast is ~10x slower on tiny inputs
+    cfg.eval.amp = "off"  # CPU bf16 autocast is ~10x slower on tiny inputs
     cfg.export.index = "flat"
     cfg.export.k = 4
     torch.manual_seed(0)

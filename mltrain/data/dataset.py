@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,13 @@ def default_num_workers() -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return min(cpus, 4)
+
+
+def _init_worker(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process decides what happens (e.g.
+    # finish the step and save, see `trainer.fit`), so a worker must not die of it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _seed_everything_in_worker(worker_id)
 
 
 def _seed_everything_in_worker(worker_id: int) -> None:
@@ -104,7 +112,7 @@ def make_loader(
         num_workers=num_workers,
         drop_last=drop_last,
         generator=generator,
-        worker_init_fn=_seed_everything_in_worker if num_workers > 0 else None,
+        worker_init_fn=_init_worker if num_workers > 0 else None,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
