@@ -48,6 +48,10 @@ class ModelConfig:
     frozen_stages: int = 0  # trunk stages kept frozen for the whole run
     freeze_bn: bool = False  # BatchNorm statistics stay pretrained (eval mode) while training
     image_size: int | None = None  # None: the backbone's own data config
+    # Eval geometry: resize to image_size / crop_pct, then crop (timm's data config keys);
+    # None keeps the backbone's (0.875, center). 1.0 keeps whole objects in frame.
+    crop_pct: float | None = None
+    crop_mode: str | None = None  # center | squash | border
 
 
 @dataclass
@@ -79,6 +83,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 64
     amp: str = "auto"  # inference (embeddings, prefix cache): auto | bf16 | fp16 | off
+    fold_bn: bool = True  # embed with BatchNorm folded into the convolutions (same output)
     gallery: str = "heldout"  # heldout (leave-one-out) | train
     pca_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 100, 128, 256, 512])
     index_types: list[str] = field(default_factory=lambda: ["flat", "hnsw", "ivf_flat", "ivf_pq"])
@@ -226,6 +231,12 @@ def validate(cfg: Config) -> Config:
     if any(n < 1 for n in cfg.eval.pca_lengths):
         raise ConfigError(
             f"eval.pca_lengths: lengths must be at least 1, got {cfg.eval.pca_lengths}"
+        )
+    if cfg.model.crop_pct is not None and not 0 < cfg.model.crop_pct <= 1:
+        raise ConfigError(f"model.crop_pct: must be in (0, 1], got {cfg.model.crop_pct}")
+    if cfg.model.crop_mode not in (None, "center", "squash", "border"):
+        raise ConfigError(
+            f"model.crop_mode: {cfg.model.crop_mode!r} is not one of center, squash, border"
         )
     if cfg.model.frozen_stages < 0 or cfg.train.freeze_backbone_epochs < 0:
         raise ConfigError("model.frozen_stages and train.freeze_backbone_epochs must be >= 0")

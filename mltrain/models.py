@@ -253,9 +253,14 @@ def build_model(model_cfg: Any, num_classes: int = 0) -> EmbeddingModel:
     )
 
 
-def data_config(model: EmbeddingModel, image_size: int | None = None) -> dict[str, Any]:
-    """Preprocessing the backbone was trained with (timm `resolve_data_config`)."""
-    cfg = timm.data.resolve_data_config({}, model=model.trunk)
-    if image_size:
-        cfg["input_size"] = (3, image_size, image_size)
-    return cfg
+def data_config(model: EmbeddingModel, model_cfg: Any = None) -> dict[str, Any]:
+    """Preprocessing the backbone was trained with (timm `resolve_data_config`), with the
+    config's `image_size`, `crop_pct` and `crop_mode` where set."""
+    args: dict[str, Any] = {}
+    if model_cfg is not None:
+        if model_cfg.image_size:
+            args["input_size"] = (3, model_cfg.image_size, model_cfg.image_size)
+        for key in ("crop_pct", "crop_mode"):
+            if getattr(model_cfg, key) is not None:
+                args[key] = getattr(model_cfg, key)
+    return timm.data.resolve_data_config(args, model=model.trunk)

@@ -120,7 +120,7 @@ class Run:
         self.data: RunData = prepare_data(cfg, run_dir if self.main else None)
         n_classes = len(self.data.train_classes)
         self.model: EmbeddingModel = build_model(cfg.model, num_classes=n_classes)
-        self.dcfg = data_config(self.model, cfg.model.image_size)
+        self.dcfg = data_config(self.model, cfg.model)
         self.criterion: Criterion = build_criterion(
             cfg.train.loss, cfg.train.miner, n_classes, self.model.embedding_dim, cfg.model.head
         )

@@ -234,6 +234,8 @@ def test_quoted_numeric_string_stays_string(tmp_path):
         ("train.device=tpu", "train.device"),
         ("eval.metric=dot", "eval.metric"),
         ("eval.gallery=test", "eval.gallery"),
+        ("eval.amp=fp8", "eval.amp"),
+        ("model.crop_mode=zoom", "model.crop_mode"),
     ],
 )
 def test_choices_rejected_with_key(override, key):
@@ -257,6 +259,8 @@ def test_choices_rejected_with_key(override, key):
         ("train.batch_size=-4", "train.batch_size"),
         ("model.embedding_dim=0", "model.embedding_dim"),
         ("model.frozen_stages=-1", "model.frozen_stages"),
+        ("model.crop_pct=0", "model.crop_pct"),
+        ("model.crop_pct=1.2", "model.crop_pct"),
         ("train.cache_frozen=true", "train.cache_frozen"),
     ],
 )

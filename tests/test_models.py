@@ -214,10 +214,15 @@ def test_embed_is_unit_norm_only_when_normalize():
     assert not torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-3)
 
 
-def test_data_config_image_size_override():
+def test_data_config_overrides():
     model = build_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained=False))
-    assert data_config(model)["input_size"] == (3, 224, 224)
-    assert data_config(model, 96)["input_size"] == (3, 96, 96)
+    own = data_config(model)
+    assert own["input_size"] == (3, 224, 224)
+    assert (own["crop_pct"], own["crop_mode"]) == (0.875, "center")
+    cfg = ModelConfig(image_size=96, crop_pct=1.0, crop_mode="squash")
+    got = data_config(model, cfg)
+    assert (got["input_size"], got["crop_pct"], got["crop_mode"]) == ((3, 96, 96), 1.0, "squash")
+    assert data_config(model, ModelConfig())["crop_pct"] == 0.875
 
 
 # --- pooling ----------------------------------------------------------------------------------
