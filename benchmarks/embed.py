@@ -7,7 +7,8 @@ On the same N images (default 1000, spread evenly over the classes; 0 = all), ti
     Normalize, fp32, NCHW, no workers, `torch.no_grad`;
 (b) the project path: `embedder_from_backbone(cfg).embed(paths)` (DataLoader workers, JPEG draft
     decoding, cv2 resize, channels_last, bf16 autocast where the CPU has it, inference_mode);
-(c) the project path with `eval.amp=off` (fp32), to isolate the bf16 gain;
+(c) the project path with `eval.amp=off` (fp32), to isolate the bf16 gain, and (e) with
+    `eval.fold_bn=false`, to isolate BatchNorm folding;
 (d) decode-only throughput of both pipelines (no model).
 Variants run interleaved in `--rounds` rounds over disjoint parts of the images, each after
 an untimed warm-up batch, so that a shared machine's load hits them alike; every figure is
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
     fp32_cfg.eval.amp = "off"
     fp32 = embedder_from_backbone(fp32_cfg)
     fp32.model.load_state_dict(bf16.model.state_dict())  # identical weights even if random
+    nofold_cfg = copy.deepcopy(cfg)
+    nofold_cfg.eval.fold_bn = False
+    nofold = embedder_from_backbone(nofold_cfg)
+    nofold.model.load_state_dict(bf16.model.state_dict())
     one_proc = copy.deepcopy(cfg)
     one_proc.data.num_workers = 0
     naive_model = copy.deepcopy(bf16.model).to(memory_format=torch.contiguous_format).float()
@@ -156,11 +161,12 @@ def main(argv: list[str] | None = None) -> dict:
     naive_embed(naive_model, warm, transform, args.batch)
     bf16.embed(warm)
     fp32.embed(warm)
+    nofold.embed(warm)
     naive_decode(transform, warm, args.batch)
     project_decode(one_proc, bf16.dcfg, warm)
 
     out = {name: np.zeros((len(paths), bf16.model.embedding_dim), np.float32)
-           for name in ("naive", "bf16", "fp32")}
+           for name in ("naive", "bf16", "fp32", "nofold")}
 
     def e2e(name, fn, which):
         def run(r: int) -> int:
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
                      naive_parts),
         "bf16": e2e("bf16", bf16.embed, parts),
         "fp32": e2e("fp32", fp32.embed, parts),
+        "nofold": e2e("nofold", nofold.embed, parts),
     }
     decode_variants = {
         "naive decode": decode(lambda p: naive_decode(transform, p, args.batch), naive_parts),
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("naive", "(a) naive loop: PIL full decode, torchvision, fp32 NCHW, no workers", "naive"),
         ("bf16", f"(b) project path: .embed(), channels_last, amp {amp_name}", "naive"),
         ("fp32", "(c) project path with eval.amp=off (fp32)", "naive"),
+        ("nofold", "(e) project path with eval.fold_bn=false (BatchNorm unfolded)", "naive"),
         ("naive decode", "(d) decode only, naive pipeline (1 process)", "naive decode"),
         ("project decode", f"(d) decode only, project loader ({workers} workers)",
          "naive decode"),
@@ -209,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
         ["variant", "images", "seconds", "img/s", "ratio vs naive", "CPU ms/img"], rows))
     print("(decode rows: ratio vs the naive decode row; CPU ms/img counts this process and "
           "its finished loader workers, spin-waiting included)")
-    print(f"bf16 gain on the project path: {rate['bf16'] / rate['fp32']:.2f}x fp32")
+    print(f"bf16 gain on the project path: {rate['bf16'] / rate['fp32']:.2f}x fp32; "
+          f"BatchNorm folding: {rate['bf16'] / rate['nofold']:.2f}x unfolded")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     bound = {k: cores * counts[k] / cpu[k] for k in ("naive", "bf16", "fp32") if cpu[k] > 0}
     if bound:
