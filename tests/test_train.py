@@ -54,14 +54,16 @@ def test_every_shipped_config_trains_and_checkpoints(config, tmp_path):
     assert ckpt["config"]["data"]["root"] == str(root)
 
 
-def test_training_changes_weights_and_lowers_loss(tmp_path):
+def test_training_lowers_loss(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
     cfg = tiny_cfg(
         "configs/classification.yaml",
         root,
         tmp_path / "exp",
         "train.epochs=4",
-        "model.frozen_stages=0",
+        # a random trunk trained whole for 8 steps of 8 images is all noise; the last stage
+        # and the head learn these colour classes within a few steps, for any seed
+        "model.frozen_stages=7",
         "train.cache_frozen=false",
         "train.optimizer.args.lr=3e-3",
     )
@@ -69,7 +71,7 @@ def test_training_changes_weights_and_lowers_loss(tmp_path):
     history = json.loads((run_dir / "metrics.json").read_text())["final"]
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     summary = ckpt["state"]["history"]
-    assert summary[-1]["loss"] < summary[0]["loss"]
+    assert summary[-1]["loss"] < 0.8 * summary[0]["loss"]
     assert history["epoch"] == 4
 
 
