@@ -703,7 +703,7 @@ def _write_with_added(bundle: Bundle, emb: np.ndarray, tmp: Path, manifest: dict
         except OSError:  # a file system without hard links
             shutil.copy2(bundle.path / s["name"], tmp / s["name"])
     first = 1 + max(shard_number(s["name"]) for s in shards)
-    shard_rows = bundle_embedder(bundle).cfg.export.shard_size
+    shard_rows = bundle_config(bundle).export.shard_size
     writer = ShardWriter(tmp, len(emb), shard_rows, dtype, first=first)
     writer.write(emb)
     manifest["shards"] = [*shards, *_shard_entries(tmp, writer.close())]

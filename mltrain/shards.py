@@ -256,18 +256,14 @@ def index_from_shards(
     would. Peak memory: the index, the training sample and one shard.
     """
     args = dict(args or {})
-    nlist = None
-    if _takes_nlist(kind):
-        nlist = args.get("nlist")
-        if nlist is None:
-            nlist = args["nlist"] = default_nlist(len(reader))
-        elif not isinstance(nlist, (int, np.integer)) or isinstance(nlist, bool) or nlist < 1:
-            raise ConfigError(f"index arg nlist must be a positive integer, got {nlist!r}")
-    spec = {"name": kind, "args": args}
+    if _takes_nlist(kind) and args.get("nlist") is None:
+        args["nlist"] = default_nlist(len(reader))
+    spec = {"name": kind, "args": args}  # building it checks the args, as build_index does
     index = INDEX_TYPES.build(spec, dim=reader.shape[1], metric_type=faiss_metric(metric),
                               n_train=len(reader))  # fmt: skip
     if pca_dim is not None or not index.is_trained:  # flat and HNSW alone need no sample
-        train = prepare(reader.sample(training_rows(len(reader), nlist)), metric, "shard sample")
+        rows = training_rows(len(reader), args.get("nlist"))
+        train = prepare(reader.sample(rows), metric, "shard sample")
         index = train_index(kind, train, metric, pca_dim, args)
         del train
     for _, chunk in reader.chunks(chunk_rows):

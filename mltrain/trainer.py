@@ -341,8 +341,11 @@ def _save_interrupted(run: Run) -> NoReturn:
     """After SIGINT/SIGTERM: `last.pt` with the position inside the epoch and the RNG states
     (no held-out evaluation, no best.pt), then exit 130 as an interrupted program does."""
     state = run.state
-    state.rng = rng_state() if state.batches_done else None
-    path = _save(run, "last.pt")
+    if state.batches_done:
+        state.rng = rng_state()
+        path = _save(run, "last.pt")
+    else:  # stopped at an epoch boundary: that epoch's last.pt is already written
+        path = run.run_dir / "checkpoints" / "last.pt"
     print(
         f"interrupted {_position(state)}; saved {path}; "
         f"continue exactly with --resume {run.run_dir}",
