@@ -5,10 +5,13 @@
 On the same N images (default 1000, spread evenly over the classes; 0 = all), times
 (a) the naive loop: PIL decode at full size, torchvision bicubic Resize/CenterCrop/ToTensor/
     Normalize, fp32, NCHW, no workers, `torch.no_grad`;
-(b) the project path: `embedder_from_backbone(cfg).embed(paths)` (DataLoader workers, JPEG draft
-    decoding, cv2 resize, channels_last, bf16 autocast where the CPU has it, inference_mode);
+(b) the project path: `embedder_from_backbone(cfg).embed(paths)` (JPEG draft decoding, cv2
+    resize, BatchNorm folded, channels_last, bf16 autocast where the CPU has it,
+    inference_mode, and on CPU the model run in chunks of 8 inside the loader workers);
 (c) the project path with `eval.amp=off` (fp32), to isolate the bf16 gain, and (e) with
     `eval.fold_bn=false`, to isolate BatchNorm folding;
+(f) the model in this process with all threads while the workers only decode
+    (`eval.model_in_workers=false`), and (g) that with whole batches (`eval.cpu_chunk=0`);
 (d) decode-only throughput of both pipelines (no model).
 Variants run interleaved in `--rounds` rounds over disjoint parts of the images, each after
 an untimed warm-up batch, so that a shared machine's load hits them alike; every figure is
@@ -42,7 +45,7 @@ from mltrain.data.dataset import default_num_workers  # noqa: E402
 from mltrain.engine import resolve_amp, resolve_device  # noqa: E402
 from mltrain.inference import Embedder, embedder_from_backbone  # noqa: E402
 from mltrain.metrics import retrieval_metrics  # noqa: E402
-from mltrain.rundata import decode_size, eval_loader  # noqa: E402
+from mltrain.rundata import decode_size, eval_loader, inference_workers  # noqa: E402
 
 TARGET_IMG_S = 100.0
 TARGET_SPEEDUP = 10.0
@@ -131,6 +134,14 @@ def main(argv: list[str] | None = None) -> dict:
     nofold_cfg.eval.fold_bn = False
     nofold = embedder_from_backbone(nofold_cfg)
     nofold.model.load_state_dict(bf16.model.state_dict())
+    threads_cfg = copy.deepcopy(cfg)
+    threads_cfg.eval.model_in_workers = False
+    inproc = embedder_from_backbone(threads_cfg)
+    inproc.model.load_state_dict(bf16.model.state_dict())
+    whole_cfg = copy.deepcopy(threads_cfg)
+    whole_cfg.eval.cpu_chunk = 0
+    whole = embedder_from_backbone(whole_cfg)
+    whole.model.load_state_dict(bf16.model.state_dict())
     one_proc = copy.deepcopy(cfg)
     one_proc.data.num_workers = 0
     naive_model = copy.deepcopy(bf16.model).to(memory_format=torch.contiguous_format).float()
@@ -139,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     amp = resolve_amp(cfg.eval.amp, resolve_device(cfg.train.device))
     workers = cfg.data.num_workers
     workers = default_num_workers() if workers is None else workers
+    model_workers = inference_workers(cfg, 2 * cfg.eval.batch_size)
     amp_name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off (fp32)"}[amp]
 
     parts = [np.arange(r, len(paths), rounds) for r in range(rounds)]
@@ -162,11 +174,13 @@ def main(argv: list[str] | None = None) -> dict:
     bf16.embed(warm)
     fp32.embed(warm)
     nofold.embed(warm)
+    inproc.embed(warm)
+    whole.embed(warm)
     naive_decode(transform, warm, args.batch)
     project_decode(one_proc, bf16.dcfg, warm)
 
     out = {name: np.zeros((len(paths), bf16.model.embedding_dim), np.float32)
-           for name in ("naive", "bf16", "fp32", "nofold")}
+           for name in ("naive", "bf16", "fp32", "nofold", "threads", "whole")}
 
     def e2e(name, fn, which):
         def run(r: int) -> int:
@@ -184,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16": e2e("bf16", bf16.embed, parts),
         "fp32": e2e("fp32", fp32.embed, parts),
         "nofold": e2e("nofold", nofold.embed, parts),
+        "threads": e2e("threads", inproc.embed, parts),
+        "whole": e2e("whole", whole.embed, parts),
     }
     decode_variants = {
         "naive decode": decode(lambda p: naive_decode(transform, p, args.batch), naive_parts),
@@ -201,11 +217,16 @@ def main(argv: list[str] | None = None) -> dict:
     rate = {k: counts[k] / times[k] for k in times}
     rows_spec = [
         ("naive", "(a) naive loop: PIL full decode, torchvision, fp32 NCHW, no workers", "naive"),
-        ("bf16", f"(b) project path: .embed(), channels_last, amp {amp_name}", "naive"),
+        ("bf16", f"(b) project path: .embed(), channels_last, amp {amp_name}, model in "
+                 f"{model_workers} workers", "naive"),
         ("fp32", "(c) project path with eval.amp=off (fp32)", "naive"),
         ("nofold", "(e) project path with eval.fold_bn=false (BatchNorm unfolded)", "naive"),
+        ("threads", f"(f) model in this process ({threads} threads), workers only decode",
+         "naive"),
+        ("whole", "(g) as (f), whole batches (eval.cpu_chunk=0; the previous default)",
+         "naive"),
         ("naive decode", "(d) decode only, naive pipeline (1 process)", "naive decode"),
-        ("project decode", f"(d) decode only, project loader ({workers} workers)",
+        ("project decode", f"(d) decode only, project loader ({model_workers} workers)",
          "naive decode"),
         ("project decode 1 proc", "(d) decode only, project pipeline, 0 workers",
          "naive decode"),
@@ -218,7 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("(decode rows: ratio vs the naive decode row; CPU ms/img counts this process and "
           "its finished loader workers, spin-waiting included)")
     print(f"bf16 gain on the project path: {rate['bf16'] / rate['fp32']:.2f}x fp32; "
-          f"BatchNorm folding: {rate['bf16'] / rate['nofold']:.2f}x unfolded")
+          f"BatchNorm folding: {rate['bf16'] / rate['nofold']:.2f}x unfolded; model in the "
+          f"workers: {rate['bf16'] / rate['threads']:.2f}x in this process; chunks of "
+          f"{cfg.eval.cpu_chunk}: {rate['threads'] / rate['whole']:.2f}x whole batches")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     bound = {k: cores * counts[k] / cpu[k] for k in ("naive", "bf16", "fp32") if cpu[k] > 0}
     if bound:

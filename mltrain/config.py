@@ -84,6 +84,8 @@ class EvalConfig:
     batch_size: int = 64
     amp: str = "auto"  # inference (embeddings, prefix cache): auto | bf16 | fp16 | off
     fold_bn: bool = True  # embed with BatchNorm folded into the convolutions (same output)
+    cpu_chunk: int = 8  # images per model call on CPU (small batches stay in cache); 0 = all
+    model_in_workers: bool = True  # on CPU (Linux), loader workers decode and embed
     gallery: str = "heldout"  # heldout (leave-one-out) | train
     pca_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 100, 128, 256, 512])
     index_types: list[str] = field(default_factory=lambda: ["flat", "hnsw", "ivf_flat", "ivf_pq"])
@@ -217,6 +219,9 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if cfg.eval.cpu_chunk < 0:
+        raise ConfigError(f"eval.cpu_chunk: must be >= 0 (0 = whole batches), got "
+                          f"{cfg.eval.cpu_chunk}")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise ConfigError(f"train.max_steps: must be at least 1, got {cfg.train.max_steps}")
     if cfg.data.split != "none" and not 0 < cfg.data.train_fraction < 1:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 import threading
 import time
@@ -16,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mltrain.errors import MltrainError
+from mltrain.forward import InferSpec, autocast, batches, to_device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,21 +46,6 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    if x.dtype == torch.bfloat16:  # cached prefix features; autocast casts back as needed
-        x = x.float()
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 @dataclass
@@ -242,35 +227,22 @@ def _count_bad_step(state: StepState, cfg: LoopSettings, optimizer) -> None:
 
 
 @torch.inference_mode()
-def iter_batches(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    loader: Iterable,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-    desc: str,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def iter_batches(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, spec: InferSpec,
+                 desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`fn` over each batch in loader order, yielded as computed: (output on CPU, labels,
     dataset indices). Nothing is kept, so a caller that writes batches out (shards) holds
-    one batch at a time; `run_batches` is the collecting form."""
-    for x, y, idx in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        x = to_device(x, device, channels_last)
-        with autocast(device, amp_dtype):
-            out = fn(x).cpu()
-        yield out, torch.as_tensor(y), torch.as_tensor(idx)
+    one batch at a time; `run_batches` is the collecting form. `spec` says where the model
+    runs (see `mltrain.forward`)."""
+    total = len(loader) if isinstance(loader, Sized) else None
+    yield from tqdm(batches(fn, loader, spec), desc=desc, total=total, leave=False,
+                    dynamic_ncols=True)
 
 
 @torch.inference_mode()
-def run_batches(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    loader: Iterable,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-    desc: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_batches(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, spec: InferSpec,
+                desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`fn` over every batch in loader order: (outputs on CPU, labels, dataset indices)."""
-    parts = list(iter_batches(fn, loader, device, amp_dtype, channels_last, desc))
+    parts = list(iter_batches(fn, loader, spec, desc))
     if not parts:
         raise MltrainError("nothing to embed: the image list is empty")
     outs, labels, indices = zip(*parts, strict=True)
@@ -288,52 +260,27 @@ def _checked(emb: torch.Tensor) -> np.ndarray:
     return emb_np
 
 
-def extract_embeddings(
-    model: nn.Module,
-    loader: Iterable,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool = True,
-    from_prefix: bool = False,
-    desc: str = "embedding",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def extract_embeddings(model: nn.Module, loader: Iterable, spec: InferSpec,
+                       from_prefix: bool = False, desc: str = "embedding",
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(embeddings float32, labels, dataset indices) in loader order, with a progress bar."""
     model.eval()
-    emb, labels, indices = run_batches(
-        _embed_fn(model, from_prefix), loader, device, amp_dtype, channels_last, desc
-    )
+    emb, labels, indices = run_batches(_embed_fn(model, from_prefix), loader, spec, desc)
     return _checked(emb), labels.numpy(), indices.numpy()
 
 
-def stream_embeddings(
-    model: nn.Module,
-    loader: Iterable,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool = True,
-    from_prefix: bool = False,
-    desc: str = "embedding",
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def stream_embeddings(model: nn.Module, loader: Iterable, spec: InferSpec,
+                      from_prefix: bool = False, desc: str = "embedding",
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """`extract_embeddings` one batch at a time: (embeddings float32, labels, dataset
     indices) per batch, for galleries written to disk as they come rather than held."""
     model.eval()
-    batches = iter_batches(
-        _embed_fn(model, from_prefix), loader, device, amp_dtype, channels_last, desc
-    )
-    for emb, labels, indices in batches:
+    for emb, labels, indices in iter_batches(_embed_fn(model, from_prefix), loader, spec, desc):
         yield _checked(emb), labels.numpy(), indices.numpy()
 
 
-def compute_prefix(
-    model: nn.Module,
-    loader: Iterable,
-    device: torch.device,
-    amp_dtype,
-    channels_last: bool,
-    desc: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compute_prefix(model: nn.Module, loader: Iterable, spec: InferSpec, desc: str,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Outputs of the frozen stages for every image, stored in bf16 to halve the memory."""
     model.eval()
-    return run_batches(
-        lambda x: model.prefix(x).to(torch.bfloat16), loader, device, amp_dtype, channels_last, desc
-    )
+    return run_batches(lambda x: model.prefix(x).to(torch.bfloat16), loader, spec, desc)

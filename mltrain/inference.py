@@ -15,9 +15,10 @@ from mltrain.checkpoint import load_checkpoint
 from mltrain.config import Config, from_dict
 from mltrain.engine import extract_embeddings, resolve_amp, resolve_device, stream_embeddings
 from mltrain.errors import CheckpointError
+from mltrain.forward import InferSpec
 from mltrain.fusion import fold_batchnorm
 from mltrain.models import EmbeddingModel, build_model, data_config
-from mltrain.rundata import eval_loader
+from mltrain.rundata import eval_loader, infer_spec
 
 
 @dataclass
@@ -45,15 +46,17 @@ class Embedder:
                 self._fast.to(memory_format=torch.channels_last)
         return self._fast
 
+    @property
+    def spec(self) -> InferSpec:
+        return infer_spec(self.cfg, self.device, self.amp)
+
     def _loader(self, paths: list[Path], labels: np.ndarray | None):
         labels = np.zeros(len(paths), dtype=np.int64) if labels is None else labels
         return eval_loader(self.cfg, paths, labels, self.dcfg)
 
     def embed(self, paths: list[Path], labels: np.ndarray | None = None, desc: str = "embedding"):
         model, loader = self.forward_model, self._loader(paths, labels)
-        emb, _, _ = extract_embeddings(
-            model, loader, self.device, self.amp, self.cfg.train.channels_last, desc=desc
-        )
+        emb, _, _ = extract_embeddings(model, loader, self.spec, desc=desc)
         return emb
 
     def embed_batches(
@@ -62,10 +65,7 @@ class Embedder:
         """`embed` one batch at a time (float32, in `paths` order), so a gallery larger than
         memory can be written out as it is embedded (see `mltrain.shards.ShardWriter`)."""
         model, loader = self.forward_model, self._loader(paths, labels)
-        channels_last = self.cfg.train.channels_last
-        for emb, _, _ in stream_embeddings(
-            model, loader, self.device, self.amp, channels_last, desc=desc
-        ):
+        for emb, _, _ in stream_embeddings(model, loader, self.spec, desc=desc):
             yield emb
 
 

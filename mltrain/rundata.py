@@ -20,6 +20,7 @@ from mltrain.data.samplers import build_sampler
 from mltrain.data.splits import Split, find_duplicates, make_split, save_split
 from mltrain.data.transforms import eval_transform, train_transform
 from mltrain.errors import DataError
+from mltrain.forward import InferSpec, usable_cpus, workers_can_run_model
 
 
 @dataclass
@@ -145,7 +146,29 @@ def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
     )
 
 
+def infer_spec(cfg: Config, device: torch.device, amp: torch.dtype | None) -> InferSpec:
+    """How inference runs for this config (see `mltrain.forward`)."""
+    return InferSpec(device, amp, cfg.train.channels_last, cfg.eval.cpu_chunk,
+                     cfg.eval.model_in_workers)
+
+
+def inference_workers(cfg: Config, images: int) -> int | None:
+    """Loader workers for an inference pass. When the workers run the model (one thread
+    each), one per usable core, up to 16; otherwise `data.num_workers` (None: the default)."""
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    if cfg.eval.model_in_workers and workers_can_run_model():
+        return min(usable_cpus(), 16) if images >= 2 * cfg.eval.batch_size else 0
+    return None
+
+
+def inference_loader(cfg: Config, dataset: Dataset, seed: int = 0):
+    """Ordered batches of `dataset` for an inference pass."""
+    workers = inference_workers(cfg, len(dataset))
+    return make_loader(dataset, cfg.eval.batch_size, num_workers=workers, seed=seed)
+
+
 def eval_loader(cfg: Config, paths: list[Path], labels: np.ndarray, dcfg: dict, transform=None):
     """Deterministic, ordered batches for embedding extraction."""
     dataset = ImageDataset(paths, labels, transform or eval_transform(dcfg), decode_size(dcfg))
-    return make_loader(dataset, cfg.eval.batch_size, num_workers=cfg.data.num_workers)
+    return inference_loader(cfg, dataset)

@@ -24,7 +24,6 @@ from torch.utils.tensorboard import SummaryWriter
 from mltrain import __version__, distributed
 from mltrain.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
 from mltrain.config import Config, from_dict, save_config, to_dict
-from mltrain.data.dataset import make_loader
 from mltrain.engine import (
     LoopSettings,
     StepState,
@@ -44,6 +43,8 @@ from mltrain.rundata import (
     CachedFeatures,
     RunData,
     eval_loader,
+    infer_spec,
+    inference_loader,
     prepare_data,
     train_dataset,
     train_loader,
@@ -115,6 +116,7 @@ class Run:
         self.device = resolve_device(cfg.train.device)
         self.amp = resolve_amp(cfg.train.amp, self.device)  # training steps
         self.infer_amp = resolve_amp(cfg.eval.amp, self.device)  # prefix cache, held-out
+        self.infer_spec = infer_spec(cfg, self.device, self.infer_amp)
         distributed.init(self.device)
         self.main = distributed.is_main()
         self.data: RunData = prepare_data(cfg, run_dir if self.main else None)
@@ -179,13 +181,11 @@ class Run:
             "paths": [str(p) for p in loader.dataset.paths],
             "labels": loader.dataset.labels.tolist(),
             "workers": loader.num_workers,
-            "version": 1,
+            "version": 2,  # 2: chunked single-thread forward in the workers (mltrain.forward)
         }
         return cached(
             parts,
-            lambda: compute_prefix(
-                self.model, loader, self.device, self.infer_amp, cfg.train.channels_last, desc
-            ),
+            lambda: compute_prefix(self.model, loader, self.infer_spec, desc),
         )
 
     def epoch_loader(self, epoch: int):
@@ -195,12 +195,7 @@ class Run:
     def _cache_view(self, view: int) -> CachedFeatures:
         """One augmented pass over the training images through the frozen prefix."""
         seed = self.cfg.seed * 1000 + 500 + view
-        loader = make_loader(
-            train_dataset(self.cfg, self.data, self.dcfg),
-            self.cfg.eval.batch_size,
-            num_workers=self.cfg.data.num_workers,
-            seed=seed,
-        )
+        loader = inference_loader(self.cfg, train_dataset(self.cfg, self.data, self.dcfg), seed)
         return CachedFeatures(
             *self._prefix("train", loader, f"caching train prefix (view {view + 1})", seed)
         )
@@ -236,9 +231,7 @@ class Run:
         emb, labels, _ = extract_embeddings(
             self.model,
             self.eval_batches,
-            self.device,
-            self.infer_amp,
-            self.cfg.train.channels_last,
+            self.infer_spec,
             from_prefix=self.from_prefix,
             desc="held-out embeddings",
         )

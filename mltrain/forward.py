@@ -1,0 +1,127 @@
+"""How inference batches meet the model on CPU: small chunks, and the model in the workers.
+
+Two measured facts about a 2-core CPU shape this (`benchmarks/embed.py`, issue #5):
+
+- `tf_efficientnet_lite0` in bf16 embeds 8 images per call at about 1.6x the per-image speed
+  of 64 per call: a small batch's activations stay in cache. So on CPU every batch is fed to
+  the model in chunks of `eval.cpu_chunk` images.
+- When loader workers decode JPEGs while the main process runs the model with one OpenMP
+  thread per core, the two fight for the cores and each preempted OpenMP thread stalls its
+  whole team. Letting every worker decode *and* embed its own batches with one thread each
+  removes the contention: about 165 img/s end to end against 105.
+
+Workers are forked with the model already in memory (copy-on-write, nothing pickled), which
+is why this path needs Linux's fork and exactly one thread per worker: libgomp deadlocks in
+a forked child that opens a parallel region (a measured hang with 2 threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class InferSpec:
+    """Where and how batches run through the model during inference."""
+
+    device: torch.device
+    amp: torch.dtype | None
+    channels_last: bool = True
+    cpu_chunk: int = 0  # images per model call on CPU; 0 = the whole batch
+    in_workers: bool = False  # on CPU, run the model inside the loader's worker processes
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.bfloat16:  # cached prefix features; autocast casts back as needed
+        x = x.float()
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def apply(fn: Fn, x: torch.Tensor, spec: InferSpec) -> torch.Tensor:
+    """`fn(x)` on the CPU copy, in `spec.cpu_chunk`-sized pieces on CPU."""
+    x = to_device(x, spec.device, spec.channels_last)
+    chunk = spec.cpu_chunk if spec.device.type == "cpu" and spec.cpu_chunk > 0 else len(x)
+    with autocast(spec.device, spec.amp):
+        parts = [fn(x[s : s + chunk]).cpu() for s in range(0, len(x), chunk)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def workers_can_run_model() -> bool:
+    """Forked workers that inherit the model: Linux only (fork elsewhere is unsafe or absent)."""
+    return sys.platform.startswith("linux")
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _RunInWorker:
+    """A collate function that also runs the model, so the worker returns outputs."""
+
+    def __init__(self, fn: Fn, spec: InferSpec, collate: Callable) -> None:
+        self.fn, self.spec, self.collate = fn, spec, collate
+
+    def __call__(self, samples: list) -> Batch:
+        x, y, idx = self.collate(samples)
+        if torch.get_num_threads() != 1:  # see the module docstring: more deadlock after fork
+            torch.set_num_threads(1)
+        with torch.inference_mode():
+            return apply(self.fn, x, self.spec), torch.as_tensor(y), torch.as_tensor(idx)
+
+
+def batches(fn: Fn, loader: Iterable, spec: InferSpec) -> Iterator[Batch]:
+    """(fn output on CPU, labels, indices) per batch of `loader`, in loader order."""
+    if spec.in_workers and _can_move(loader, spec):
+        yield from _in_workers(fn, loader, spec)
+        return
+    for x, y, idx in loader:
+        yield apply(fn, x, spec), torch.as_tensor(y), torch.as_tensor(idx)
+
+
+def _can_move(loader: Iterable, spec: InferSpec) -> bool:
+    return (
+        isinstance(loader, DataLoader)
+        and loader.num_workers > 0
+        and spec.device.type == "cpu"
+        and workers_can_run_model()
+    )
+
+
+def _in_workers(fn: Fn, loader: DataLoader, spec: InferSpec) -> Iterator[Batch]:
+    """The same batches, workers and seeds as `loader`, with the model run in the workers.
+
+    A fresh, non-persistent loader is forked on every call, so the workers see the model's
+    current weights (a persistent worker would keep the weights of its first epoch)."""
+    moved = DataLoader(
+        loader.dataset,
+        batch_sampler=loader.batch_sampler,
+        num_workers=loader.num_workers,
+        collate_fn=_RunInWorker(fn, spec, loader.collate_fn),
+        worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+        multiprocessing_context="fork",
+    )
+    yield from moved
