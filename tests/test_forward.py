@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -139,3 +140,29 @@ def test_embedder_output_does_not_depend_on_placement(tiny_folder):
         torch.manual_seed(0)
         outs.append(embedder_from_backbone(cfg).embed(folder.paths))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_training_run_caches_and_evaluates_in_workers(tmp_path, monkeypatch):
+    """Prefix cache and held-out evaluation go through the workers and agree with the
+    in-process path."""
+    from mltrain import trainer
+    from tests.conftest import TINY_RUN, write_image_folder
+
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    calls = []
+    real = forward._in_workers
+    monkeypatch.setattr(forward, "_in_workers",
+                        lambda *a: calls.append(1) or real(*a))  # type: ignore[func-returns-value]
+    finals = []
+    for where in ("true", "false"):
+        monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / f"cache_{where}"))
+        cfg = load_config("configs/classification.yaml", [
+            *TINY_RUN, f"data.root={root}", f"output_dir={tmp_path / where}", "train.epochs=1",
+            "data.num_workers=2", "eval.batch_size=4", "eval.amp=off", "train.amp=off",
+            "model.frozen_stages=5", "train.cache_views=1", f"eval.model_in_workers={where}"])
+        run_dir = trainer.fit(cfg)
+        finals.append(json.loads((run_dir / "metrics.json").read_text())["final"])
+        if where == "true":
+            assert len(calls) == 2  # train view and held-out prefix (the cached tail: no workers)
+    assert len(calls) == 2  # nothing more with model_in_workers=false
+    assert finals[0]["loss"] == pytest.approx(finals[1]["loss"], rel=1e-4)
