@@ -227,20 +227,23 @@ def _count_bad_step(state: StepState, cfg: LoopSettings, optimizer) -> None:
 
 
 @torch.inference_mode()
-def iter_batches(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, spec: InferSpec,
-                 desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def iter_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, spec: InferSpec, desc: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`fn` over each batch in loader order, yielded as computed: (output on CPU, labels,
     dataset indices). Nothing is kept, so a caller that writes batches out (shards) holds
     one batch at a time; `run_batches` is the collecting form. `spec` says where the model
     runs (see `mltrain.forward`)."""
     total = len(loader) if isinstance(loader, Sized) else None
-    yield from tqdm(batches(fn, loader, spec), desc=desc, total=total, leave=False,
-                    dynamic_ncols=True)
+    yield from tqdm(
+        batches(fn, loader, spec), desc=desc, total=total, leave=False, dynamic_ncols=True
+    )
 
 
 @torch.inference_mode()
-def run_batches(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, spec: InferSpec,
-                desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, spec: InferSpec, desc: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`fn` over every batch in loader order: (outputs on CPU, labels, dataset indices)."""
     parts = list(iter_batches(fn, loader, spec, desc))
     if not parts:
@@ -260,18 +263,26 @@ def _checked(emb: torch.Tensor) -> np.ndarray:
     return emb_np
 
 
-def extract_embeddings(model: nn.Module, loader: Iterable, spec: InferSpec,
-                       from_prefix: bool = False, desc: str = "embedding",
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def extract_embeddings(
+    model: nn.Module,
+    loader: Iterable,
+    spec: InferSpec,
+    from_prefix: bool = False,
+    desc: str = "embedding",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(embeddings float32, labels, dataset indices) in loader order, with a progress bar."""
     model.eval()
     emb, labels, indices = run_batches(_embed_fn(model, from_prefix), loader, spec, desc)
     return _checked(emb), labels.numpy(), indices.numpy()
 
 
-def stream_embeddings(model: nn.Module, loader: Iterable, spec: InferSpec,
-                      from_prefix: bool = False, desc: str = "embedding",
-                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def stream_embeddings(
+    model: nn.Module,
+    loader: Iterable,
+    spec: InferSpec,
+    from_prefix: bool = False,
+    desc: str = "embedding",
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """`extract_embeddings` one batch at a time: (embeddings float32, labels, dataset
     indices) per batch, for galleries written to disk as they come rather than held."""
     model.eval()
@@ -279,8 +290,12 @@ def stream_embeddings(model: nn.Module, loader: Iterable, spec: InferSpec,
         yield _checked(emb), labels.numpy(), indices.numpy()
 
 
-def compute_prefix(model: nn.Module, loader: Iterable, spec: InferSpec, desc: str,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compute_prefix(
+    model: nn.Module,
+    loader: Iterable,
+    spec: InferSpec,
+    desc: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Outputs of the frozen stages for every image, stored in bf16 to halve the memory."""
     model.eval()
     return run_batches(lambda x: model.prefix(x).to(torch.bfloat16), loader, spec, desc)

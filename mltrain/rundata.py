@@ -148,8 +148,9 @@ def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
 
 def infer_spec(cfg: Config, device: torch.device, amp: torch.dtype | None) -> InferSpec:
     """How inference runs for this config (see `mltrain.forward`)."""
-    return InferSpec(device, amp, cfg.train.channels_last, cfg.eval.cpu_chunk,
-                     cfg.eval.model_in_workers)
+    return InferSpec(
+        device, amp, cfg.train.channels_last, cfg.eval.cpu_chunk, cfg.eval.model_in_workers
+    )
 
 
 def inference_workers(cfg: Config, images: int) -> int | None:

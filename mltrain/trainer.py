@@ -38,6 +38,7 @@ from mltrain.errors import ConfigError, MltrainError
 from mltrain.losses import Criterion, build_criterion
 from mltrain.metrics import retrieval_metrics
 from mltrain.models import EmbeddingModel, build_model, data_config
+from mltrain.precision import depthwise_in_fp32
 from mltrain.prefix_cache import cache_dir, cached, weights_identity
 from mltrain.rundata import (
     CachedFeatures,
@@ -131,6 +132,8 @@ class Run:
         self.criterion.loss.to(self.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if cfg.train.depthwise_fp32:
+            depthwise_in_fp32(self.model)
         with distributed.main_first():  # rank 0 fills the prefix cache, the others read it
             self._build_loaders()
         self.net = self.model

@@ -132,8 +132,14 @@ def test_embedder_output_does_not_depend_on_placement(tiny_folder):
     from mltrain.inference import embedder_from_backbone
 
     folder = scan_folder(tiny_folder)
-    base = ["model.backbone=tf_efficientnet_lite0", "model.pretrained=false", "eval.amp=off",
-            "eval.batch_size=4", "data.num_workers=2", "model.image_size=64"]
+    base = [
+        "model.backbone=tf_efficientnet_lite0",
+        "model.pretrained=false",
+        "eval.amp=off",
+        "eval.batch_size=4",
+        "data.num_workers=2",
+        "model.image_size=64",
+    ]
     outs = []
     for where in ("true", "false"):
         cfg = load_config(None, [*base, f"eval.model_in_workers={where}"])
@@ -151,15 +157,26 @@ def test_training_run_caches_and_evaluates_in_workers(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
     calls = []
     real = forward._in_workers
-    monkeypatch.setattr(forward, "_in_workers",
-                        lambda *a: calls.append(1) or real(*a))  # type: ignore[func-returns-value]
+    monkeypatch.setattr(forward, "_in_workers", lambda *a: calls.append(1) or real(*a))  # type: ignore[func-returns-value]
     finals = []
     for where in ("true", "false"):
         monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / f"cache_{where}"))
-        cfg = load_config("configs/classification.yaml", [
-            *TINY_RUN, f"data.root={root}", f"output_dir={tmp_path / where}", "train.epochs=1",
-            "data.num_workers=2", "eval.batch_size=4", "eval.amp=off", "train.amp=off",
-            "model.frozen_stages=5", "train.cache_views=1", f"eval.model_in_workers={where}"])
+        cfg = load_config(
+            "configs/classification.yaml",
+            [
+                *TINY_RUN,
+                f"data.root={root}",
+                f"output_dir={tmp_path / where}",
+                "train.epochs=1",
+                "data.num_workers=2",
+                "eval.batch_size=4",
+                "eval.amp=off",
+                "train.amp=off",
+                "model.frozen_stages=5",
+                "train.cache_views=1",
+                f"eval.model_in_workers={where}",
+            ],
+        )
         run_dir = trainer.fit(cfg)
         finals.append(json.loads((run_dir / "metrics.json").read_text())["final"])
         if where == "true":

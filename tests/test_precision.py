@@ -1,0 +1,85 @@
+"""Depthwise convolutions in fp32 under CPU bf16 autocast, only when they will be trained."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from mltrain.precision import depthwise_in_fp32, is_depthwise
+
+
+def block() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 1),  # pointwise
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise
+        nn.Conv2d(8, 8, 3, padding=1, groups=2),  # grouped, not depthwise
+    )
+
+
+def bf16(fn, *args):
+    with torch.autocast("cpu", torch.bfloat16):
+        return fn(*args)
+
+
+def test_only_depthwise_layers_are_switched_and_keys_stay():
+    net = block()
+    keys = list(net.state_dict())
+    assert depthwise_in_fp32(net) == 1
+    assert [is_depthwise(m) for m in net] == [False, True, False]
+    assert list(net.state_dict()) == keys
+
+
+def test_trained_depthwise_runs_in_fp32_and_matches_fp32():
+    net = block()
+    ref = copy.deepcopy(net[1])
+    depthwise_in_fp32(net)
+    x = torch.randn(2, 8, 6, 6)
+    out = bf16(net[1], x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref(x))  # the fp32 result, not a bf16 one
+    assert bf16(ref, x).dtype == torch.bfloat16
+    assert bf16(net[0], torch.randn(2, 4, 6, 6)).dtype == torch.bfloat16  # pointwise untouched
+
+
+def test_forward_only_passes_keep_bf16():
+    net = block()
+    depthwise_in_fp32(net)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.inference_mode():
+        assert bf16(net[1], x).dtype == torch.bfloat16
+    net[1].weight.requires_grad_(False)  # a frozen layer with no gradient flowing in
+    assert bf16(net[1], x).dtype == torch.bfloat16
+    assert bf16(net[1], x.requires_grad_()).dtype == torch.float32  # gradient flows through
+
+
+def test_without_autocast_nothing_changes():
+    net = block()
+    ref = copy.deepcopy(net)
+    depthwise_in_fp32(net)
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
+
+
+def test_a_copy_uses_its_own_weights():
+    net = block()
+    depthwise_in_fp32(net)
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin[1].weight.zero_()
+        twin[1].bias.zero_()
+    x = torch.randn(2, 8, 6, 6)
+    assert bf16(twin[1], x).abs().max() == 0
+    assert bf16(net[1], x).abs().max() > 0
+
+
+def test_gradients_flow_to_every_layer_in_a_bf16_step():
+    net = block()
+    depthwise_in_fp32(net)
+    loss = bf16(lambda x: net(x).float().square().mean(), torch.randn(2, 4, 6, 6))
+    loss.backward()
+    for p in net.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
