@@ -48,8 +48,9 @@ def test_embed_table_has_every_variant_and_the_accuracy_check(make_image_folder,
     out = capsys.readouterr().out
     rows = table(out, "variant")
     labels = list(rows)
-    assert len(labels) == 7
-    for prefix in ("(a) naive", "(b) project", "(c) project", "(e) project",
+    assert len(labels) == 9
+    for prefix in ("(a) naive", "(b) project", "(c) project", "(e) project", "(f) model in",
+                   "(g) as (f)",
                    "(d) decode only, naive",
                    "(d) decode only, project loader", "(d) decode only, project pipeline"):
         assert sum(label.startswith(prefix) for label in labels) == 1, prefix
