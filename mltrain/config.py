@@ -68,7 +68,7 @@ class TrainConfig:
     grad_clip: float | None = None
     grad_accum: int = 1
     amp: str = "auto"  # training steps: auto | bf16 | fp16 | off
-    depthwise_fp32: bool = True  # under CPU bf16, train depthwise convs in fp32 (faster)
+    depthwise_fp32: bool = True  # under CPU bf16, train 5x5 depthwise convs in fp32 (faster)
     channels_last: bool = True
     cache_frozen: bool = False  # cache the frozen trunk prefix's outputs (needs frozen_stages)
     cache_views: int = 1  # augmented views cached per image when cache_frozen is on

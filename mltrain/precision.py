@@ -1,16 +1,20 @@
-"""Per-layer precision under CPU bf16 autocast: depthwise convolutions train in fp32.
+"""Per-layer precision under CPU bf16 autocast: large-kernel depthwise convolutions train in fp32.
 
-On an AVX512-BF16 CPU, oneDNN's bf16 backward of a depthwise convolution is about 2.5x slower
-than its fp32 backward (profiled: `convolution_backward` 1.13 s against 0.45 s per step),
-while the pointwise convolutions that hold most of the FLOPs gain from bf16. Running only the
-depthwise layers in fp32 when a backward pass will go through them gives, per training step of
-`tf_efficientnet_lite0` at batch 32 (`/tmp` micro-benchmark, 2 cores):
+On an AVX512-BF16 CPU, oneDNN's bf16 backward of a 5x5 depthwise convolution is several times
+slower than its fp32 backward (profiled: `convolution_backward` 1.13 s against 0.45 s per step of
+the classification tail), while 3x3 depthwise and the pointwise convolutions, which hold most of
+the FLOPs, gain from bf16. Running only the depthwise layers with kernels of 5 or more in fp32,
+when a backward pass will go through them, gives per training step of `tf_efficientnet_lite0`
+at batch 32 (`/tmp` micro-benchmark, 2 cores):
 
-- whole network: 21.1-22.2 img/s against 16.2-17.2 in plain bf16 and 15.1-16.0 in fp32;
-- the stage-6 tail on cached features: 155-163 img/s against 65 in bf16 and 121 in fp32.
+- whole network: 22.9-24.8 img/s against 15.0-18.8 in plain bf16 (17.8-20.6 with every
+  depthwise layer in fp32);
+- the classification tail (stages 6-7) on cached features: 150-168 img/s against 65 in bf16
+  and 121 in fp32;
+- the metric configs' stage-7 tail (3x3 only): unchanged, about 590 img/s.
 
-Forward-only passes (inference, frozen layers) keep bf16: there the fp32 depthwise forward
-is the slower one (63 against 123 img/s on one thread).
+Forward-only passes (inference, frozen layers) keep bf16: there the fp32 depthwise forward is
+the slower one (63 against 123 img/s on one thread).
 
 The switch patches `forward` on the instances, so module classes, state-dict keys and
 checkpoints are unchanged.
@@ -39,16 +43,24 @@ def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x)
 
 
+MIN_KERNEL = 5  # 3x3 depthwise backward is fast enough in bf16 (measured, see above)
+
+
 def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels
 
 
+def slow_in_bf16(module: nn.Module) -> bool:
+    return is_depthwise(module) and max(module.kernel_size) >= MIN_KERNEL
+
+
 def depthwise_in_fp32(model: nn.Module) -> int:
-    """Make every depthwise convolution of `model` run in fp32 when it will be backpropagated
-    under CPU autocast (GPU and fp32 runs are unaffected). Returns how many were switched."""
+    """Make the large-kernel depthwise convolutions of `model` run in fp32 when they will be
+    backpropagated under CPU autocast (GPU and fp32 runs are unaffected). Returns how many
+    were switched."""
     count = 0
     for module in model.modules():
-        if is_depthwise(module):
+        if slow_in_bf16(module):
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count

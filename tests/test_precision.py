@@ -1,4 +1,4 @@
-"""Depthwise convolutions in fp32 under CPU bf16 autocast, only when they will be trained."""
+"""Large-kernel depthwise convolutions in fp32 under CPU bf16 autocast, only when trained."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import copy
 import torch
 from torch import nn
 
-from mltrain.precision import depthwise_in_fp32, is_depthwise
+from mltrain.precision import depthwise_in_fp32, is_depthwise, slow_in_bf16
 
 
 def block() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(4, 8, 1),  # pointwise
-        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise
+        nn.Conv2d(8, 8, 5, padding=2, groups=8),  # depthwise 5x5: switched
         nn.Conv2d(8, 8, 3, padding=1, groups=2),  # grouped, not depthwise
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise 3x3: fast in bf16, kept
     )
 
 
@@ -28,7 +29,8 @@ def test_only_depthwise_layers_are_switched_and_keys_stay():
     net = block()
     keys = list(net.state_dict())
     assert depthwise_in_fp32(net) == 1
-    assert [is_depthwise(m) for m in net] == [False, True, False]
+    assert [is_depthwise(m) for m in net] == [False, True, False, True]
+    assert [slow_in_bf16(m) for m in net] == [False, True, False, False]
     assert list(net.state_dict()) == keys
 
 
@@ -42,6 +44,7 @@ def test_trained_depthwise_runs_in_fp32_and_matches_fp32():
     torch.testing.assert_close(out, ref(x))  # the fp32 result, not a bf16 one
     assert bf16(ref, x).dtype == torch.bfloat16
     assert bf16(net[0], torch.randn(2, 4, 6, 6)).dtype == torch.bfloat16  # pointwise untouched
+    assert bf16(net[3], x).dtype == torch.bfloat16  # 3x3 depthwise untouched
 
 
 def test_forward_only_passes_keep_bf16():
