@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"rounds" + (f"; naive loop on {n_naive} of them" if stride > 1 else ""))
     print(f"backbone {cfg.model.backbone} (pretrained={cfg.model.pretrained}), input "
           f"{tuple(bf16.dcfg['input_size'][1:])}, project amp {amp_name}, loader workers "
-          f"{workers} (for >= 2 batches), torch threads {threads}")
+          f"{model_workers} running the model ({workers} decoding in rows f/g; for >= 2 "
+          f"batches), torch threads {threads}")
     print(common.load_note())
 
     # Warm-up: one batch through every variant, untimed.

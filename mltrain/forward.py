@@ -41,7 +41,7 @@ class InferSpec:
     in_workers: bool = False  # on CPU, run the model inside the loader's worker processes
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -60,6 +60,7 @@ def apply(fn: Fn, x: torch.Tensor, spec: InferSpec) -> torch.Tensor:
     """`fn(x)` on the CPU copy, in `spec.cpu_chunk`-sized pieces on CPU."""
     x = to_device(x, spec.device, spec.channels_last)
     chunk = spec.cpu_chunk if spec.device.type == "cpu" and spec.cpu_chunk > 0 else len(x)
+    chunk = max(chunk, 1)
     with autocast(spec.device, spec.amp):
         parts = [fn(x[s : s + chunk]).cpu() for s in range(0, len(x), chunk)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -84,9 +85,8 @@ class _RunInWorker:
         self.fn, self.spec, self.collate = fn, spec, collate
 
     def __call__(self, samples: list) -> Batch:
+        # One thread: PyTorch's worker loop has already set it (more would deadlock, see above).
         x, y, idx = self.collate(samples)
-        if torch.get_num_threads() != 1:  # see the module docstring: more deadlock after fork
-            torch.set_num_threads(1)
         with torch.inference_mode():
             return apply(self.fn, x, self.spec), torch.as_tensor(y), torch.as_tensor(idx)
 
@@ -101,10 +101,12 @@ def batches(fn: Fn, loader: Iterable, spec: InferSpec) -> Iterator[Batch]:
 
 
 def _can_move(loader: Iterable, spec: InferSpec) -> bool:
+    """Only on CPU, and only with a worker per core (up to 16): fewer single-threaded workers
+    would leave cores idle that the main process's threads would use."""
     return (
         isinstance(loader, DataLoader)
-        and loader.num_workers > 0
         and spec.device.type == "cpu"
+        and loader.num_workers >= min(usable_cpus(), 16)
         and workers_can_run_model()
     )
 

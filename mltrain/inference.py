@@ -48,6 +48,7 @@ class Embedder:
 
     @property
     def spec(self) -> InferSpec:
+        """Where the model runs for this config and device (see `mltrain.forward`)."""
         return infer_spec(self.cfg, self.device, self.amp)
 
     def _loader(self, paths: list[Path], labels: np.ndarray | None):

@@ -22,35 +22,45 @@ checkpoints are unchanged.
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
 
-def _cpu_autocast_on() -> bool:
+def _cpu_bf16_autocast() -> bool:
     try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+        on, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    except (TypeError, AttributeError):  # torch < 2.4
+        on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return on and dtype == torch.bfloat16
 
 
-def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    backward = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-    if backward and x.device.type == "cpu" and _cpu_autocast_on():
-        with torch.autocast("cpu", enabled=False):
-            return type(self).forward(self, x.float())
-    return type(self).forward(self, x)
+class Fp32WhenTrained:
+    """The `forward` of one convolution: fp32 when a backward pass will go through it under
+    CPU bf16 autocast, the class's own forward otherwise. An object rather than a bound
+    closure so that a patched model still pickles and deep-copies onto its copy."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        backward = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+        if backward and x.device.type == "cpu" and _cpu_bf16_autocast():
+            with torch.autocast("cpu", enabled=False):
+                return type(conv).forward(conv, x.float())
+        return type(conv).forward(conv, x)
 
 
 MIN_KERNEL = 5  # 3x3 depthwise backward is fast enough in bf16 (measured, see above)
 
 
 def is_depthwise(module: nn.Module) -> bool:
+    """One filter per input channel (groups == in_channels)."""
     return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels
 
 
 def slow_in_bf16(module: nn.Module) -> bool:
+    """A layer whose bf16 backward is slower than its fp32 one on AVX512-BF16 CPUs."""
     return is_depthwise(module) and max(module.kernel_size) >= MIN_KERNEL
 
 
@@ -61,6 +71,6 @@ def depthwise_in_fp32(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if slow_in_bf16(module):
-            module.forward = types.MethodType(_forward, module)
+            module.forward = Fp32WhenTrained(module)
             count += 1
     return count

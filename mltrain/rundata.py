@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from mltrain import distributed
 from mltrain.config import Config
@@ -19,6 +19,7 @@ from mltrain.data.images import check_images
 from mltrain.data.samplers import build_sampler
 from mltrain.data.splits import Split, find_duplicates, make_split, save_split
 from mltrain.data.transforms import eval_transform, train_transform
+from mltrain.engine import resolve_device
 from mltrain.errors import DataError
 from mltrain.forward import InferSpec, usable_cpus, workers_can_run_model
 
@@ -154,17 +155,19 @@ def infer_spec(cfg: Config, device: torch.device, amp: torch.dtype | None) -> In
 
 
 def inference_workers(cfg: Config, images: int) -> int | None:
-    """Loader workers for an inference pass. When the workers run the model (one thread
+    """Loader workers for an inference pass. When the workers run the model (CPU, one thread
     each), one per usable core, up to 16; otherwise `data.num_workers` (None: the default)."""
     if cfg.data.num_workers is not None:
         return cfg.data.num_workers
-    if cfg.eval.model_in_workers and workers_can_run_model():
+    on_cpu = resolve_device(cfg.train.device).type == "cpu"
+    if cfg.eval.model_in_workers and on_cpu and workers_can_run_model():
         return min(usable_cpus(), 16) if images >= 2 * cfg.eval.batch_size else 0
     return None
 
 
-def inference_loader(cfg: Config, dataset: Dataset, seed: int = 0):
-    """Ordered batches of `dataset` for an inference pass."""
+def inference_loader(cfg: Config, dataset: Dataset, seed: int = 0) -> DataLoader:
+    """Ordered batches of `dataset` for an inference pass with deterministic transforms (the
+    worker count may follow the core count; augmented passes must not, see `Run._cache_view`)."""
     workers = inference_workers(cfg, len(dataset))
     return make_loader(dataset, cfg.eval.batch_size, num_workers=workers, seed=seed)
 

@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from mltrain import __version__, distributed
 from mltrain.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
 from mltrain.config import Config, from_dict, save_config, to_dict
+from mltrain.data.dataset import make_loader
 from mltrain.engine import (
     LoopSettings,
     StepState,
@@ -45,7 +46,6 @@ from mltrain.rundata import (
     RunData,
     eval_loader,
     infer_spec,
-    inference_loader,
     prepare_data,
     train_dataset,
     train_loader,
@@ -184,7 +184,9 @@ class Run:
             "paths": [str(p) for p in loader.dataset.paths],
             "labels": loader.dataset.labels.tolist(),
             "workers": loader.num_workers,
-            "version": 2,  # 2: chunked single-thread forward in the workers (mltrain.forward)
+            # 2: chunked forward, in the workers on CPU (mltrain.forward). eval.cpu_chunk and
+            # where the model runs move bf16 results by rounding only, so they are not keyed.
+            "version": 2,
         }
         return cached(
             parts,
@@ -198,7 +200,14 @@ class Run:
     def _cache_view(self, view: int) -> CachedFeatures:
         """One augmented pass over the training images through the frozen prefix."""
         seed = self.cfg.seed * 1000 + 500 + view
-        loader = inference_loader(self.cfg, train_dataset(self.cfg, self.data, self.dcfg), seed)
+        # Augmentation streams follow the worker seeds, so the worker count stays the loader
+        # default (at most 4) rather than one per core: the same views on any machine of 4+.
+        loader = make_loader(
+            train_dataset(self.cfg, self.data, self.dcfg),
+            self.cfg.eval.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            seed=seed,
+        )
         return CachedFeatures(
             *self._prefix("train", loader, f"caching train prefix (view {view + 1})", seed)
         )

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mltrain import forward
 from mltrain.config import load_config
-from mltrain.errors import ConfigError, DataError
+from mltrain.errors import ConfigError, DataError, MltrainError
 from mltrain.forward import InferSpec, apply, batches
 from mltrain.rundata import inference_workers
 
@@ -35,6 +35,13 @@ class Tensors(Dataset):
         if i == self.bad:
             raise DataError(f"image {i}: cannot decode, delete or replace it")
         return self.x[i], i % 3, i
+
+
+@pytest.fixture(autouse=True)
+def _two_cores_on_linux(monkeypatch):
+    """The tests fork 2 workers; the model moves only with a worker per core."""
+    monkeypatch.setattr(forward, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(forward, "workers_can_run_model", lambda: True)
 
 
 def loader(dataset: Dataset, workers: int, batch: int = 4) -> DataLoader:
@@ -95,13 +102,21 @@ def test_each_call_forks_workers_that_see_the_current_weights():
     torch.testing.assert_close(after, before + 10.0)
 
 
-@pytest.mark.parametrize("why", ["not linux", "no workers", "not asked"])
+@pytest.mark.parametrize("why", ["not linux", "no workers", "not asked", "fewer than cores"])
 def test_model_stays_in_this_process_when_workers_cannot_take_it(monkeypatch, why):
     if why == "not linux":
         monkeypatch.setattr(forward, "workers_can_run_model", lambda: False)
+    if why == "fewer than cores":  # 2 one-thread workers would leave 6 cores idle
+        monkeypatch.setattr(forward, "usable_cpus", lambda: 8)
     spec = InferSpec(CPU, None, in_workers=why != "not asked")
     out = run(pid_fn, loader(Tensors(), 0 if why == "no workers" else 2), spec)[0]
     assert set(out[:, 0].long().tolist()) == {os.getpid()}
+
+
+def test_model_stays_in_this_process_on_a_gpu():
+    assert forward._can_move(loader(Tensors(), 2), InferSpec(CPU, None, in_workers=True))
+    cuda = InferSpec(torch.device("cuda"), None, in_workers=True)
+    assert not forward._can_move(loader(Tensors(), 2), cuda)
 
 
 def test_a_worker_error_reaches_the_caller_with_its_message():
@@ -110,9 +125,20 @@ def test_a_worker_error_reaches_the_caller_with_its_message():
         run(pid_fn, loader(Tensors(bad=9), 2), spec)
 
 
-def test_inference_workers_follow_config_and_core_count(monkeypatch, tmp_path):
+def broken_model(x: torch.Tensor) -> torch.Tensor:
+    raise MltrainError("embeddings contain NaN/inf; the checkpoint's weights are broken")
+
+
+def test_a_model_error_inside_a_worker_reaches_the_caller():
+    spec = InferSpec(CPU, None, in_workers=True)
+    with pytest.raises(MltrainError, match="weights are broken"):
+        run(broken_model, loader(Tensors(), 2), spec)
+
+
+def test_inference_workers_follow_config_and_core_count(monkeypatch):
     monkeypatch.setattr("mltrain.rundata.usable_cpus", lambda: 40)
-    cfg = load_config(None, ["eval.batch_size=8"])
+    monkeypatch.setattr("mltrain.rundata.workers_can_run_model", lambda: True)
+    cfg = load_config(None, ["eval.batch_size=8", "train.device=cpu"])
     assert inference_workers(cfg, 16) == 16  # one per core, at most 16
     assert inference_workers(cfg, 15) == 0  # fewer than 2 batches: not worth forking
     cfg.data.num_workers = 3

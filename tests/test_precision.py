@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
+import pytest
 import torch
 from torch import nn
 
-from mltrain.precision import depthwise_in_fp32, is_depthwise, slow_in_bf16
+from mltrain.precision import Fp32WhenTrained, depthwise_in_fp32, is_depthwise, slow_in_bf16
 
 
 def block() -> nn.Sequential:
@@ -86,3 +88,46 @@ def test_gradients_flow_to_every_layer_in_a_bf16_step():
     for p in net.parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_a_patched_model_pickles_and_keeps_the_switch():
+    net = block()
+    depthwise_in_fp32(net)
+    back = pickle.loads(pickle.dumps(net))
+    x = torch.randn(2, 8, 6, 6)
+    assert bf16(back[1], x).dtype == torch.float32
+    torch.testing.assert_close(bf16(back[1], x), bf16(net[1], x))
+
+
+def test_fp16_autocast_is_left_alone():
+    net = block()
+    depthwise_in_fp32(net)
+    with torch.autocast("cpu", torch.float16):
+        assert net[1](torch.randn(2, 8, 6, 6)).dtype == torch.float16
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_the_trainer_applies_train_depthwise_fp32(tmp_path, monkeypatch, switch):
+    from mltrain import trainer
+    from mltrain.config import load_config
+    from tests.conftest import TINY_RUN, write_image_folder
+
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    cfg = load_config(
+        "configs/classification.yaml",
+        [
+            *TINY_RUN,
+            f"data.root={root}",
+            f"output_dir={tmp_path / 'exp'}",
+            "train.cache_frozen=false",
+            "model.frozen_stages=0",
+            f"train.depthwise_fp32={str(switch).lower()}",
+        ],
+    )
+    run = trainer.Run(cfg, tmp_path / "run")
+    switched = [
+        m for m in run.model.modules() if isinstance(m.__dict__.get("forward"), Fp32WhenTrained)
+    ]
+    assert len(switched) == (sum(slow_in_bf16(m) for m in run.model.modules()) if switch else 0)
+    assert not switch or switched  # tf_efficientnet_lite0 has 5x5 depthwise layers

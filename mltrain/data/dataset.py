@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 from collections.abc import Callable, Sequence
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mltrain.data.images import load_image
 from mltrain.errors import ConfigError, MltrainError
+from mltrain.forward import usable_cpus
 
 
 class ImageDataset(Dataset):
@@ -48,11 +48,7 @@ class ImageDataset(Dataset):
 
 def default_num_workers() -> int:
     """CPUs this process may use (not the whole machine's), at most 4."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return min(cpus, 4)
+    return min(usable_cpus(), 4)
 
 
 def _init_worker(worker_id: int) -> None:
