@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import resource
 import sys
 import time
@@ -43,6 +42,7 @@ from torchvision import transforms as T  # noqa: E402
 from mltrain.config import Config, load_config  # noqa: E402
 from mltrain.data.dataset import default_num_workers  # noqa: E402
 from mltrain.engine import resolve_amp, resolve_device  # noqa: E402
+from mltrain.forward import usable_cpus  # noqa: E402
 from mltrain.inference import Embedder, embedder_from_backbone  # noqa: E402
 from mltrain.metrics import retrieval_metrics  # noqa: E402
 from mltrain.rundata import decode_size, eval_loader, inference_workers  # noqa: E402
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"BatchNorm folding: {rate['bf16'] / rate['nofold']:.2f}x unfolded; model in the "
           f"workers: {rate['bf16'] / rate['threads']:.2f}x in this process; chunks of "
           f"{cfg.eval.cpu_chunk}: {rate['threads'] / rate['whole']:.2f}x whole batches")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cpus()
     bound = {k: cores * counts[k] / cpu[k] for k in ("naive", "bf16", "fp32") if cpu[k] > 0}
     if bound:
         print(f"idle-machine estimate from CPU time ({cores} cores x images / CPU seconds; "

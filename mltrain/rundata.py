@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mltrain import distributed
 from mltrain.config import Config
-from mltrain.data.dataset import ImageDataset, make_loader
+from mltrain.data.dataset import ImageDataset, make_loader, worth_workers
 from mltrain.data.folder import ImageFolder, resolve_root, scan_folder
 from mltrain.data.images import check_images
 from mltrain.data.samplers import build_sampler
@@ -161,7 +161,7 @@ def inference_workers(cfg: Config, images: int) -> int | None:
         return cfg.data.num_workers
     on_cpu = resolve_device(cfg.train.device).type == "cpu"
     if cfg.eval.model_in_workers and on_cpu and workers_can_run_model():
-        return min(usable_cpus(), 16) if images >= 2 * cfg.eval.batch_size else 0
+        return min(usable_cpus(), 16) if worth_workers(images, cfg.eval.batch_size) else 0
     return None
 
 

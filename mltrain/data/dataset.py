@@ -51,6 +51,11 @@ def default_num_workers() -> int:
     return min(usable_cpus(), 4)
 
 
+def worth_workers(items: int, batch_size: int) -> bool:
+    """Starting worker processes costs more than loading fewer than 2 batches."""
+    return items >= 2 * batch_size
+
+
 def _init_worker(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; the main process decides what happens (e.g.
     # finish the step and save, see `trainer.fit`), so a worker must not die of it first.
@@ -88,15 +93,14 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader whose order and augmentations are reproducible for a given `seed`.
 
-    `num_workers=None` picks `default_num_workers()`, or 0 for fewer than 2 batches (starting
-    worker processes would cost more than the loading).
+    `num_workers=None` picks `default_num_workers()`, or 0 when not `worth_workers`.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if sampler is not None and shuffle:
         raise ConfigError("shuffle and a sampler exclude each other: the sampler sets the order")
     if num_workers is None:
-        num_workers = default_num_workers() if len(dataset) >= 2 * batch_size else 0
+        num_workers = default_num_workers() if worth_workers(len(dataset), batch_size) else 0
     if num_workers == 0:
         _reseed_transform(dataset, seed)
     generator = torch.Generator().manual_seed(seed)
