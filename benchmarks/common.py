@@ -24,7 +24,8 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not 
     sys.path.append(str(REPO))
 
 from mltrain.config import Config, load_config  # noqa: E402
-from mltrain.data.folder import ImageFolder, resolve_root, scan_folder  # noqa: E402
+from mltrain.data.archive import resolve_root  # noqa: E402
+from mltrain.data.folder import ImageFolder, scan_folder  # noqa: E402
 
 CONFIGS = REPO / "configs"
 MODES = ("classification", "pooling", "siamese", "triplet")

@@ -27,8 +27,10 @@ def spec(name: str, **args: Any) -> Spec:
 
 @dataclass
 class DataConfig:
-    root: str = "../shared/data/101_ObjectCategories.tar.gz"
+    root: str = "../shared/data/101_ObjectCategories.tar.gz"  # folder, archive or labels .csv
+    # Left out where present; a name that matches no class is a warning, not an error.
     exclude_classes: list[str] = field(default_factory=lambda: ["BACKGROUND_Google"])
+    class_depth: int | str = "auto"  # auto: the deepest folders holding images; N: depth N
     split: str = "per_class"  # per_class | class_disjoint | none
     train_fraction: float = 0.5
     augment: list[Spec] = field(default_factory=list)  # albumentations transforms by name
@@ -166,6 +168,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _check_spec(value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `exclude_classes: [10]`: YAML reads a class named 10 as a number
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int and isinstance(value, bool):
@@ -247,6 +251,9 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.model.frozen_stages < 0 or cfg.train.freeze_backbone_epochs < 0:
         raise ConfigError("model.frozen_stages and train.freeze_backbone_epochs must be >= 0")
+    depth = cfg.data.class_depth
+    if depth != "auto" and (not isinstance(depth, int) or depth < 1):
+        raise ConfigError(f"data.class_depth: expected auto or an integer >= 1, got {depth!r}")
     if cfg.train.cache_frozen and cfg.model.frozen_stages == 0:
         raise ConfigError("train.cache_frozen needs model.frozen_stages > 0 (a frozen prefix)")
     return cfg

@@ -14,6 +14,7 @@ import numpy as np
 from mltrain.ann_eval import index_comparison, pca_sweep, shortest_within
 from mltrain.config import Config, save_config
 from mltrain.errors import DataError
+from mltrain.eval_plan import EvalPlan, plan_evaluation
 from mltrain.inference import Embedder
 from mltrain.metrics import (
     CURVE_KEYS,
@@ -71,14 +72,33 @@ def embed_split(embedder: Embedder, data: RunData) -> EmbeddedSplit:
     )
 
 
-def compute_metrics(s: EmbeddedSplit, cfg: Config) -> EvalResult:
+def plan_for(cfg: Config, data: RunData, dim: int) -> EvalPlan:
+    """The evaluation that fits this split, from counts alone (before embedding)."""
+    held = data.folder.labels[data.split.heldout]
+    same = data.split.kind == "none"
+    n_train = len(data.split.heldout if same else data.split.train)
+    gallery = len(held) - 1
+    if cfg.eval.gallery == "train" and not same:
+        gallery = len(data.split.train)
+    return plan_evaluation(cfg.eval, n_train, held, dim, gallery)
+
+
+def compute_metrics(s: EmbeddedSplit, cfg: Config, plan: EvalPlan | None = None) -> EvalResult:
     """All figures from embeddings alone (no model): retrieval, per-class, verification,
-    one-shot, the book protocol, the PCA sweep and the index comparison."""
+    one-shot, the book protocol, the PCA sweep and the index comparison, as far as `plan`
+    (by default fitted to `s`) allows; its notes and skips go into the metrics."""
     e = cfg.eval
+    if plan is None:
+        n_train = len(s.heldout_emb if s.same_set else s.train_emb)
+        gallery = len(s.train_emb) if e.gallery == "train" and not s.same_set else None
+        gallery = len(s.heldout_emb) - 1 if gallery is None else gallery
+        plan = plan_evaluation(e, n_train, s.heldout_labels, s.heldout_emb.shape[1], gallery)
     gallery = {}
     if e.gallery == "train" and not s.same_set:
         gallery = {"gallery_emb": s.train_emb, "gallery_labels": s.train_labels}
-    m, nb = retrieval_metrics(s.heldout_emb, s.heldout_labels, metric=e.metric, ks=e.ks, **gallery)
+    m, nb = retrieval_metrics(
+        s.heldout_emb, s.heldout_labels, metric=e.metric, ks=plan.ks, **gallery
+    )
     metrics: dict[str, Any] = {k: v for k, v in m.items()}
     scored_labels = nb.labels[nb.scored]
     per_class = per_class_metrics(scored_labels, nb.query_labels[nb.scored], s.classes)
@@ -88,23 +108,32 @@ def compute_metrics(s: EmbeddedSplit, cfg: Config) -> EvalResult:
     metrics["confused_pairs"] = confused_pairs(
         scored_labels, nb.query_labels[nb.scored], s.classes, 10
     )
-    if s.same_set:
+    if s.same_set and len(s.heldout_emb) > 4:
         metrics["book_accuracy"] = book_accuracy(s.heldout_emb, s.heldout_labels, k=4)
-    ver = verification_metrics(
-        s.heldout_emb, s.heldout_labels, e.metric, e.verification_pairs, cfg.seed
-    )
-    curves = {k: ver.pop(k) for k in CURVE_KEYS}
-    metrics["verification"] = ver
+    curves: dict[str, list[float]] = {}
+    if plan.verification_pairs:
+        ver = verification_metrics(
+            s.heldout_emb, s.heldout_labels, e.metric, plan.verification_pairs, cfg.seed
+        )
+        curves = {k: ver.pop(k) for k in CURVE_KEYS}
+        metrics["verification"] = ver
     metrics["one_shot"] = {
         str(n): one_shot_accuracy(s.heldout_emb, s.heldout_labels, n, e.one_shot_episodes, cfg.seed)
-        for n in e.one_shot_ways
+        for n in plan.one_shot_ways
     }
-    rows = pca_sweep(s.train_emb, s.heldout_emb, s.heldout_labels, e.pca_lengths, e.metric)
+    rows = pca_sweep(s.train_emb, s.heldout_emb, s.heldout_labels, plan.pca_lengths, e.metric)
     metrics["pca"] = {str(r["length"]): r for r in rows}
     metrics["pca_shortest_within_0.5"] = shortest_within(rows)["length"]
     metrics["indexes"] = index_comparison(
-        s.heldout_emb, s.heldout_labels, s.heldout_emb, s.heldout_labels, e.index_types, e.metric
+        s.heldout_emb,
+        s.heldout_labels,
+        s.heldout_emb,
+        s.heldout_labels,
+        plan.index_types,
+        e.metric,
     )
+    metrics["notes"] = list(plan.notes)
+    metrics["skipped"] = dict(plan.skipped)
     return EvalResult(metrics, s, nb, curves)
 
 
@@ -126,13 +155,15 @@ def evaluate(embedder: Embedder, out_dir: Path, source: str) -> EvalResult:
     data = prepare_data(cfg, out_dir)
     if len(set(data.folder.labels[data.split.heldout].tolist())) < 2:
         raise DataError("the held-out split has fewer than 2 classes; nothing to retrieve")
+    plan = plan_for(cfg, data, embedder.model.embedding_dim)  # size checks before embedding
+    plan.notes[:0] = data.folder.notes
     start = time.perf_counter()
     split = embed_split(embedder, data)
     embed_s = time.perf_counter() - start
     np.save(out_dir / "heldout_embeddings.npy", split.heldout_emb)
     np.save(out_dir / "heldout_labels.npy", split.heldout_labels)
     start = time.perf_counter()
-    result = compute_metrics(split, cfg)
+    result = compute_metrics(split, cfg, plan)
     result.metrics["timing"] = {
         "embed_seconds": embed_s,
         "metrics_seconds": time.perf_counter() - start,
@@ -140,8 +171,14 @@ def evaluate(embedder: Embedder, out_dir: Path, source: str) -> EvalResult:
     result.metrics["source"] = source
     (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=_jsonable))
     gallery_paths = data.paths(data.split.train) if cfg.eval.gallery == "train" else None
-    write_report(out_dir, result, tsne=cfg.eval.tsne, tsne_max_points=cfg.eval.tsne_max_points,
-                 seed=cfg.seed, gallery_paths=gallery_paths)
+    write_report(
+        out_dir,
+        result,
+        tsne=plan.tsne,
+        tsne_max_points=cfg.eval.tsne_max_points,
+        seed=cfg.seed,
+        gallery_paths=gallery_paths,
+    )
     return result
 
 

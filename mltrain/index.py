@@ -261,29 +261,80 @@ def _ivf_flat(
     return index
 
 
+PQ_MIN_BITS = 4
+PQ_ROWS_PER_CENTROID = 10  # fitted code size: at least this many training rows per centroid
+
+
+def fitted_nbits(n_train: int) -> int:
+    """PQ bits per code for `n_train` rows: 8 (256 centroids) when there are 2,560 rows or more,
+    fewer below, so that every centroid has about 10 rows to learn from."""
+    return int(min(8, math.floor(math.log2(max(n_train, 1) / PQ_ROWS_PER_CENTROID))))
+
+
+def fitted_m(dim: int, wanted: int = 16) -> int:
+    """Sub-quantizers: the largest divisor of `dim` up to `wanted` (16 for 1280-d embeddings)."""
+    return max(m for m in range(1, min(wanted, dim) + 1) if dim % m == 0)
+
+
 @INDEX_TYPES.register("ivf_pq")
 def _ivf_pq(
     dim: int,
     metric_type: int,
     n_train: int,
     nlist: int | None = None,
-    m: int = 16,
-    nbits: int = 8,
+    m: int | None = None,
+    nbits: int | None = None,
     nprobe: int = 16,
 ) -> faiss.Index:
+    """IVF with product-quantised codes; unset `m` and `nbits` are fitted to dim and rows."""
     nlist = _ivf_nlist(nlist, n_train)
-    m, nbits = _positive("m", m), _positive("nbits", nbits)
+    m = fitted_m(dim) if m is None else _positive("m", m)
+    if nbits is None:
+        nbits = fitted_nbits(n_train)
+        if nbits < PQ_MIN_BITS:
+            raise ConfigError(
+                f"ivf_pq needs at least {PQ_ROWS_PER_CENTROID << PQ_MIN_BITS} training vectors "
+                f"for {PQ_MIN_BITS}-bit codes, got {n_train}; use flat or hnsw"
+            )
+    nbits = _positive("nbits", nbits)
     if dim % m:
         raise ConfigError(f"ivf_pq: m={m} sub-quantizers must divide the dimension {dim}")
     if n_train < 2**nbits:
         raise ConfigError(
             f"ivf_pq with nbits={nbits} needs at least {2**nbits} training vectors, "
-            f"got {n_train}; lower nbits or use flat/hnsw"
+            f"got {n_train}; lower nbits or leave it unset"
         )
     quantizer = exact_index(dim, metric_type)
     index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, metric_type)
     index.nprobe = min(_positive("nprobe", nprobe), nlist)
     return index
+
+
+def sparse_training_note(index: faiss.Index, n_train: int) -> str | None:
+    """One line where k-means gets fewer rows per centroid than Faiss recommends (39), instead
+    of Faiss's own warning printed once per sub-quantizer; its clustering is quieted here."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    parts = []
+    for name, cp, k in [("coarse lists", ivf.cp, ivf.nlist)] + _pq_clusterings(ivf):
+        if n_train < k * cp.min_points_per_centroid:
+            parts.append(f"{k} {name}")
+        cp.min_points_per_centroid = 1  # the note below replaces Faiss's stderr warning
+    if not parts:
+        return None
+    return (
+        f"{' and '.join(parts)} trained on {n_train} rows (Faiss recommends 39 per centroid); "
+        "approximate results may be coarser than on a large gallery"
+    )
+
+
+def _pq_clusterings(ivf: faiss.Index) -> list[tuple[str, Any, int]]:
+    pq_index = faiss.downcast_index(ivf)
+    if not hasattr(pq_index, "pq"):
+        return []
+    pq = pq_index.pq
+    return [(f"PQ centroids per sub-quantizer x {pq.M}", pq.cp, pq.ksub)]
 
 
 def pca_transforms(
@@ -366,9 +417,33 @@ def train_index(
     dim = train.shape[1] if pca_dim is None else int(pca_dim)
     spec = {"name": kind, "args": args or {}}
     index = INDEX_TYPES.build(spec, dim=dim, metric_type=faiss_metric(metric), n_train=len(train))
+    sparse_training_note(index, len(train))  # quiets Faiss; check_index_config reports it
     index = with_transforms(index, chain)
     index.train(train)
     return index
+
+
+def check_index_config(
+    kind: str,
+    n_train: int,
+    dim: int,
+    metric: str = "cosine",
+    pca_dim: int | None = None,
+    args: dict[str, Any] | None = None,
+) -> str | None:
+    """Validate an index configuration for `n_train` rows of `dim` before any embedding work:
+    builds the (empty, untrained) index, which is cheap, so bad args fail now with a
+    `ConfigError`. Returns a note when the data is thin for its clustering, else None."""
+    if pca_dim is not None and not 1 <= pca_dim <= min(dim, n_train):
+        raise ConfigError(
+            f"pca_dim={pca_dim} must be between 1 and min(embedding length {dim}, "
+            f"training rows {n_train}) = {min(dim, n_train)}"
+        )
+    spec = {"name": kind, "args": args or {}}
+    index = INDEX_TYPES.build(
+        spec, dim=pca_dim or dim, metric_type=faiss_metric(metric), n_train=n_train
+    )
+    return sparse_training_note(index, n_train)
 
 
 # --- persistence -------------------------------------------------------------------------

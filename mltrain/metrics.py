@@ -453,14 +453,42 @@ def _class_blocks(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return order, inverse, starts, counts
 
 
+def distinct_pairs(labels: np.ndarray) -> tuple[int, int]:
+    """(genuine, impostor) counts of the distinct unordered pairs that `labels` allow."""
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    genuine = int((counts * (counts - 1) // 2).sum())
+    n = int(counts.sum())
+    return genuine, n * (n - 1) // 2 - genuine
+
+
+def _all_genuine(order: np.ndarray, starts: np.ndarray, counts: np.ndarray):
+    parts = [np.triu_indices(c, 1) for c in counts]
+    i = np.concatenate([order[s + a] for s, (a, _) in zip(starts, parts, strict=True)])
+    j = np.concatenate([order[s + b] for s, (_, b) in zip(starts, parts, strict=True)])
+    return i, j
+
+
+def _all_impostor(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    i, j = np.triu_indices(len(labels), 1)
+    keep = labels[i] != labels[j]
+    return i[keep], j[keep]
+
+
+def _subset(rng, i: np.ndarray, j: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    pick = rng.choice(len(i), min(n, len(i)), replace=False)
+    return i[pick], j[pick]
+
+
 def sample_pairs(
     labels: np.ndarray, num_pairs: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Balanced pairs `(i, j, same)`: num_pairs // 2 genuine (same class, i != j), rest impostor.
 
-    Genuine anchors are drawn uniformly over images of classes with >= 2 images (so large
-    classes give more pairs, like a real gallery); partners and impostors uniformly. Pairs are
-    drawn with replacement, genuine first. Same seed, same pairs.
+    Where a kind has fewer than 4x the requested distinct pairs (small sets), its pairs are
+    drawn without replacement and capped at the distinct pairs that exist, so 30 images never
+    pretend to give 20,000 pairs. Otherwise genuine anchors are drawn uniformly over images of
+    classes with >= 2 images (large classes give more pairs, like a real gallery), partners
+    and impostors uniformly, with replacement. Genuine first. Same seed, same pairs.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) == 0:
@@ -478,20 +506,27 @@ def sample_pairs(
     rng = np.random.default_rng(seed)
     n_gen = num_pairs // 2
     n_imp = num_pairs - n_gen
+    genuine, impostor = distinct_pairs(labels)
 
-    a = rng.choice(eligible, n_gen)
-    c = cls[a]
-    r = rng.integers(0, counts[c] - 1)  # a different member of the block: skip a's own slot
-    b = starts[c] + r + (r >= a - starts[c])
-    gi, gj = order[a], order[b]
+    if genuine < 4 * n_gen:
+        gi, gj = _subset(rng, *_all_genuine(order, starts, counts), n_gen)
+    else:
+        a = rng.choice(eligible, n_gen)
+        c = cls[a]
+        r = rng.integers(0, counts[c] - 1)  # a different member of the block: skip a's own slot
+        b = starts[c] + r + (r >= a - starts[c])
+        gi, gj = order[a], order[b]
 
-    a = rng.integers(0, len(labels), n_imp)
-    c = cls[a]
-    r = rng.integers(0, len(labels) - counts[c])  # any position outside a's class block
-    b = np.where(r < starts[c], r, r + counts[c])
-    ii, ij = order[a], order[b]
+    if impostor < 4 * n_imp:
+        ii, ij = _subset(rng, *_all_impostor(labels), n_imp)
+    else:
+        a = rng.integers(0, len(labels), n_imp)
+        c = cls[a]
+        r = rng.integers(0, len(labels) - counts[c])  # any position outside a's class block
+        b = np.where(r < starts[c], r, r + counts[c])
+        ii, ij = order[a], order[b]
 
-    same = np.concatenate([np.ones(n_gen, bool), np.zeros(n_imp, bool)])
+    same = np.concatenate([np.ones(len(gi), bool), np.zeros(len(ii), bool)])
     return np.concatenate([gi, ii]), np.concatenate([gj, ij]), same
 
 
@@ -551,6 +586,7 @@ def verification_metrics(
     i, j, same = sample_pairs(labels, num_pairs, seed)
     out = roc_summary(same, pair_scores(emb, i, j, metric))
     out["num_pairs"] = int(len(same))
+    out["num_genuine"], out["num_impostor"] = int(same.sum()), int((~same).sum())
     return out
 
 

@@ -698,7 +698,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     m, split = result.metrics, result.split
     figures: dict[str, Figure] = {}
-    notes: list[str] = []
+    notes: list[str] = list(m.get("notes") or [])  # the data's and the plan's, then figures'
     timing: dict[str, float] = {}
     curves = result.curves or {}
     if curves.get("fpr") and curves.get("tpr"):

@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from mltrain import distributed
 from mltrain.config import Config
+from mltrain.data.archive import resolve_root
 from mltrain.data.dataset import ImageDataset, make_loader, worth_workers
-from mltrain.data.folder import ImageFolder, resolve_root, scan_folder
+from mltrain.data.folder import ImageFolder, scan_folder
 from mltrain.data.images import check_images
 from mltrain.data.samplers import build_sampler
 from mltrain.data.splits import Split, find_duplicates, make_split, save_split
@@ -45,7 +46,9 @@ class RunData:
 
 def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
     """Scan, check and split the data; writes `split.json` (and bad images) into `run_dir`."""
-    folder = scan_folder(resolve_root(cfg.data.root), exclude=cfg.data.exclude_classes)
+    d = cfg.data
+    folder = scan_folder(resolve_root(d.root), exclude=d.exclude_classes, class_depth=d.class_depth)
+    report_notes(folder.notes, run_dir)
     if cfg.data.check_images:
         folder = _drop_bad_images(folder, cfg, run_dir)
     split = make_split(folder.labels, cfg.data.split, cfg.data.train_fraction, cfg.seed)
@@ -94,7 +97,17 @@ def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> 
         paths=[folder.paths[i] for i in keep],
         labels=folder.labels[keep],
         classes=folder.classes,
+        notes=folder.notes,
     )
+
+
+def report_notes(notes: list[str], run_dir: Path | None) -> None:
+    """Say each adaptation or skip once on stderr, and keep them in the run's notes.txt."""
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if notes and run_dir is not None:
+        with open(run_dir / "notes.txt", "a", encoding="utf-8") as f:
+            f.write("".join(f"{n}\n" for n in notes))
 
 
 class CachedFeatures(Dataset):

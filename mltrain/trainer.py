@@ -25,6 +25,7 @@ from mltrain import __version__, distributed
 from mltrain.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
 from mltrain.config import Config, from_dict, save_config, to_dict
 from mltrain.data.dataset import make_loader
+from mltrain.data.samplers import fit_batch_size
 from mltrain.engine import (
     LoopSettings,
     StepState,
@@ -36,6 +37,7 @@ from mltrain.engine import (
     train_one_epoch,
 )
 from mltrain.errors import ConfigError, MltrainError
+from mltrain.eval_plan import usable_ks
 from mltrain.losses import Criterion, build_criterion
 from mltrain.metrics import retrieval_metrics
 from mltrain.models import EmbeddingModel, build_model, data_config
@@ -47,6 +49,7 @@ from mltrain.rundata import (
     eval_loader,
     infer_spec,
     prepare_data,
+    report_notes,
     train_dataset,
     train_loader,
 )
@@ -121,6 +124,7 @@ class Run:
         distributed.init(self.device)
         self.main = distributed.is_main()
         self.data: RunData = prepare_data(cfg, run_dir if self.main else None)
+        self._fit_batch_size()
         n_classes = len(self.data.train_classes)
         self.model: EmbeddingModel = build_model(cfg.model, num_classes=n_classes)
         self.dcfg = data_config(self.model, cfg.model)
@@ -149,6 +153,15 @@ class Run:
         self.best: dict[str, Any] = {}
         self.stop = threading.Event()  # set on SIGINT/SIGTERM: save at the next step boundary
         self.writer = SummaryWriter(str(run_dir)) if self.main else None
+
+    def _fit_batch_size(self) -> None:
+        """Shrink a batch the data cannot fill (few classes or images), saying so; the stored
+        config records the size that ran, so a resumed run keeps it."""
+        t = self.cfg.train
+        t.batch_size, note = fit_batch_size(t.sampler, self.data.train_labels, t.batch_size)
+        if note and self.main:
+            report_notes([note], self.run_dir)
+            save_config(self.cfg, self.run_dir / "config.yaml")
 
     def loss(self, emb: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
         """The loss of the global batch (gathered from every rank when distributed)."""
@@ -247,9 +260,8 @@ class Run:
             from_prefix=self.from_prefix,
             desc="held-out embeddings",
         )
-        metrics, _ = retrieval_metrics(
-            emb, labels, metric=self.cfg.eval.metric, ks=self.cfg.eval.ks
-        )
+        ks = usable_ks(self.cfg.eval.ks, len(labels) - 1)  # a small held-out set: fewer ks
+        metrics, _ = retrieval_metrics(emb, labels, metric=self.cfg.eval.metric, ks=ks)
         return {k: float(v) for k, v in metrics.items()}
 
     def checkpoint(self) -> dict[str, Any]:

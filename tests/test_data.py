@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import stat
 import tarfile
@@ -15,8 +16,9 @@ import torch
 from PIL import Image
 
 from mltrain.data import dataset as dataset_mod
+from mltrain.data.archive import resolve_root
 from mltrain.data.dataset import ImageDataset, make_loader
-from mltrain.data.folder import resolve_root, scan_folder
+from mltrain.data.folder import scan_folder
 from mltrain.data.images import check_images, load_image
 from mltrain.data.samplers import SAMPLERS, build_sampler
 from mltrain.data.splits import find_duplicates, load_split, make_split, save_split
@@ -64,22 +66,28 @@ def test_scan_errors(tmp_path, make_image_folder):
     with pytest.raises(DataError, match="does not exist"):
         resolve_root(tmp_path / "nope")
     (tmp_path / "file.zip").write_bytes(b"PK")
-    with pytest.raises(DataError, match="neither a folder nor"):
+    with pytest.raises(DataError, match="neither a folder, a .csv"):
         resolve_root(tmp_path / "file.zip")
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "x.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="no class sub-folders"):
         scan_folder(tmp_path / "flat")
     root = make_image_folder(tmp_path / "d", classes=2, per_class=2)
-    with pytest.raises(DataError, match="'nope'"):
-        scan_folder(root, exclude=["nope"])
     with pytest.raises(DataError, match="at least 2 class"):
         scan_folder(root, exclude=["class_0"])
+
+
+def test_scan_notes_missing_exclusion_and_folders_without_images(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", classes=3, per_class=2)
     (root / "empty").mkdir()
     (root / "empty" / "readme.txt").write_text("x")
-    with pytest.raises(DataError, match="empty.*add 'empty' to data.exclude_classes"):
-        scan_folder(root)
-    assert scan_folder(root, exclude=["empty"]).classes == ["class_0", "class_1"]
+    folder = scan_folder(root, exclude=["BACKGROUND_Google"])
+    assert folder.classes == ["class_0", "class_1", "class_2"]
+    assert any("no class 'BACKGROUND_Google'" in n for n in folder.notes)
+    assert any("empty" in n and ".txt" in n for n in folder.notes)
+    assert scan_folder(root, exclude=["class_1"]).notes == [
+        "folders with files but no images were left out: empty (files: .txt)"
+    ]
 
 
 def _tar(archive: Path, source: Path, arcname: str) -> Path:
@@ -400,3 +408,90 @@ def test_sampler_errors():
     with pytest.raises(ConfigError, match="m_per_class, random"):
         build_sampler({"name": "mper"}, labels, 4, names)
     assert SAMPLERS.names() == ["m_per_class", "random"]
+
+
+# ---------------------------------------------------------------- layouts beyond Caltech101
+
+
+def test_every_pillow_format_counts_as_an_image():
+    from mltrain.data.folder import IMAGE_EXTENSIONS
+
+    for ext in (".pgm", ".ppm", ".pbm", ".tif", ".webp", ".bmp", ".gif", ".jfif", ".jpe"):
+        assert ext in IMAGE_EXTENSIONS
+    assert not {".h5", ".mpg", ".txt", ".pdf"} & IMAGE_EXTENSIONS
+
+
+def test_nested_classes_auto_and_fixed_depth(tmp_path):
+    from tests.foreign_data import write_drawings
+
+    root = write_drawings(tmp_path / "d", alphabets=2, chars=3, per_class=2, size=16)
+    folder = scan_folder(root)
+    assert folder.classes == [f"alphabet_{a}/char_{c:02d}" for a in range(2) for c in range(3)]
+    assert len(folder) == 12 and np.bincount(folder.labels).tolist() == [2] * 6
+    assert load_image(folder.paths[0]).shape == (16, 16, 3)  # greyscale PGM read as RGB
+    top = scan_folder(root, class_depth=1)
+    assert top.classes == ["alphabet_0", "alphabet_1"] and len(top) == 12
+    assert scan_folder(root, exclude=["alphabet_1"]).classes == [
+        f"alphabet_0/char_{c:02d}" for c in range(3)
+    ]
+    with pytest.raises(DataError, match="no class sub-folders"):
+        scan_folder(root, class_depth=3)
+
+
+def test_natural_order_of_numeric_names(tmp_path):
+    from tests.foreign_data import write_photos
+
+    root = write_photos(tmp_path / "p", classes=12, per_class=2)
+    folder = scan_folder(root)
+    assert folder.classes[:3] == ["c1", "c2", "c3"] and folder.classes[-1] == "c12"
+    for i in (10, 2):
+        shutil.copy(root / "c1" / "0.jpg", root / "c1" / f"{i}.jpg")
+    assert [p.name for p in folder.paths[:2]] == ["0.jpg", "1.jpg"]
+    assert [p.name for p in scan_folder(root).paths[:4]] == ["0.jpg", "1.jpg", "2.jpg", "10.jpg"]
+
+
+def test_numeric_exclusion_from_yaml(tmp_path, make_image_folder):
+    from mltrain.config import load_config
+
+    root = make_image_folder(tmp_path / "d", classes=["2", "10", "7"], per_class=2)
+    cfg = load_config(None, [f"data.root={root}", "data.exclude_classes=[10]"])
+    assert cfg.data.exclude_classes == ["10"]
+    assert scan_folder(root, exclude=cfg.data.exclude_classes).classes == ["2", "7"]
+
+
+def test_labels_csv(tmp_path):
+    from tests.foreign_data import write_csv_folder
+
+    csv_path = write_csv_folder(tmp_path / "cat", classes=3, per_class=4)
+    folder = scan_folder(resolve_root(csv_path), exclude=["product 2", "nothing"])
+    assert folder.root == csv_path.parent and folder.classes == ["product 0", "product 1"]
+    assert folder.paths[0] == csv_path.parent / "images" / "0000.png" and len(folder) == 8
+    assert folder.notes == [f"data.exclude_classes: no label 'nothing' in {csv_path}; "
+                            "nothing excluded for it"]  # fmt: skip
+    headerless = tmp_path / "cat" / "plain.csv"
+    headerless.write_text("images/0000.png,a\nimages/0001.png,a\nimages/0005.png,b\n")
+    assert scan_folder(headerless).classes == ["a", "b"]
+    bad = tmp_path / "cat" / "bad.csv"
+    bad.write_text("path,label\nimages/0000.png,a\n../../etc/passwd,b\nmissing.png,b\nonly\n")
+    with pytest.raises(DataError, match=r"3 bad rows in .*line 3: \.\./\.\./etc/passwd lies "
+                                        r"outside.*line 4: missing.png does not exist.*line 5"):
+        scan_folder(bad)
+
+
+def test_hostile_trees_skip_loops_fifos_and_symlinks_out(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
+    outside = make_image_folder(tmp_path / "outside", classes=1, per_class=2)
+    (root / "class_0" / "loop").symlink_to("..")
+    (root / "class_1" / "away").symlink_to(outside / "class_0")
+    (root / "class_1" / "stolen.jpg").symlink_to(outside / "class_0" / "img_000.jpg")
+    (root / "class_1" / "alias.png").symlink_to(root / "class_0" / "img_001.png")
+    os.mkfifo(root / "class_0" / "pipe.jpg")
+    folder = scan_folder(root)
+    assert folder.classes == ["class_0", "class_1"]
+    names = [p.relative_to(root).as_posix() for p in folder.paths]
+    assert names == ["class_0/img_000.jpg", "class_0/img_001.png", "class_0/img_002.jpg",
+                     "class_1/alias.png", "class_1/img_000.jpg", "class_1/img_001.png",
+                     "class_1/img_002.jpg"]  # fmt: skip
+    text = "\n".join(folder.notes)
+    for skipped in ("loop", "away", "stolen.jpg", "pipe.jpg"):
+        assert f"/{skipped} (" in text

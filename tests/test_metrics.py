@@ -10,6 +10,7 @@ from mltrain.index import knn_chunks
 from mltrain.metrics import (
     book_accuracy,
     confused_pairs,
+    distinct_pairs,
     map_at_r,
     mean_average_precision,
     mean_per_class_precision_at_1,
@@ -238,12 +239,27 @@ def test_agrees_with_pytorch_metric_learning():
         assert ours["map_at_r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1e-6)
 
 
-def test_sample_pairs_balanced_valid_and_seeded():
+def test_sample_pairs_capped_at_the_distinct_pairs_of_a_small_set():
     labels = np.array([0, 0, 0, 1, 1, 2])  # class 2 has one image: never in a genuine pair
+    assert distinct_pairs(labels) == (3 + 1, 15 - 4)  # C(3,2) + C(2,2) genuine of C(6,2)
+    i, j, same = sample_pairs(labels, 1001, seed=3)
+    assert same.sum() == 4 and (~same).sum() == 11
+    pairs = {tuple(sorted(p)) for p in zip(i.tolist(), j.tolist(), strict=True)}
+    assert len(pairs) == 15  # every distinct pair once
+    assert (labels[i[same]] == labels[j[same]]).all() and (
+        labels[i[~same]] != labels[j[~same]]
+    ).all()
+    i, j, same = sample_pairs(labels, 6, seed=3)  # fewer requested than exist: no repeats
+    assert same.sum() == 3 and (~same).sum() == 3
+    assert len({tuple(sorted(p)) for p in zip(i.tolist(), j.tolist(), strict=True)}) == 6
+
+
+def test_sample_pairs_balanced_valid_and_seeded():
+    labels = np.repeat(np.arange(40), 30)[:-29]  # class 39 has one image: never genuine
     i, j, same = sample_pairs(labels, 1001, seed=3)
     assert same.sum() == 500 and (~same).sum() == 501
     assert (labels[i[same]] == labels[j[same]]).all() and (i[same] != j[same]).all()
-    assert not np.isin(labels[i[same]], [2]).any()
+    assert not np.isin(labels[i[same]], [39]).any()
     assert (labels[i[~same]] != labels[j[~same]]).all()
     again = sample_pairs(labels, 1001, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip((i, j, same), again, strict=True))
@@ -292,7 +308,8 @@ def test_verification_perfectly_separable(metric):
     out = verification_metrics(emb, labels, metric=metric, num_pairs=400, seed=1)
     assert out["roc_auc"] == 1.0 and out["eer"] == 0.0
     assert out["tar_at_far_1e-3"] == 1.0 and out["best_accuracy"] == 1.0
-    assert out["num_pairs"] == 400
+    assert out["num_pairs"] == 180 + 200  # 4 x C(10, 2) genuine pairs exist, 200 impostors asked
+    assert (out["num_genuine"], out["num_impostor"]) == (180, 200)
     if metric == "cosine":  # genuine ~ 1, impostor ~ 0: the threshold lies in between
         assert 0.0 < out["best_threshold"] <= 1.0 + 1e-6
 

@@ -1,7 +1,8 @@
 """Data: image folders and archives, splits, decoding, transforms, datasets and samplers."""
 
+from mltrain.data.archive import resolve_root
 from mltrain.data.dataset import ImageDataset, default_num_workers, make_loader
-from mltrain.data.folder import IMAGE_EXTENSIONS, ImageFolder, resolve_root, scan_folder
+from mltrain.data.folder import IMAGE_EXTENSIONS, ImageFolder, scan_folder
 from mltrain.data.images import check_images, load_image
 from mltrain.data.samplers import SAMPLERS, build_sampler
 from mltrain.data.splits import (

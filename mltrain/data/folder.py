@@ -1,38 +1,64 @@
-"""Data roots: a folder of class sub-folders, or an archive of one that is extracted once.
+"""Labelled images from a folder tree or a CSV: which files are images, and their classes.
 
-Extraction goes to a temporary sibling that is renamed into place, so a folder that exists
-is always complete and later runs (and other ranks) reuse it without re-reading the archive.
+Layouts:
+- a tree of class folders, classes at a fixed depth (`class_depth: 1` is one sub-folder per
+  class; deeper images belong to their ancestor at that depth) or, with `class_depth: auto`,
+  the deepest folders holding images, named by their relative path (`Greek/character01`);
+- a CSV of `path,label` rows, paths relative to the CSV file (see `mltrain.data.labels_csv`).
+
+Any format Pillow can decode counts as an image, by extension. Only regular files are read (a
+FIFO named `x.jpg` would hang a decoder), and symlinks are followed only to files inside the
+root: a symlinked folder would either leave the root or alias a folder read anyway, and a loop
+would relabel every image. What is skipped is kept in `ImageFolder.notes`, said once to the
+user and recorded in the run folder.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
-import shutil
-import stat
-import sys
-import tarfile
-import tempfile
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import EpsImagePlugin, Image, ImageFile
 
 from mltrain.errors import DataError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
-_MARKER = ".mltrain-extracted"  # records the size of the archive a folder came from
+# Formats Pillow identifies but cannot decode here: a video, or PostScript without Ghostscript.
+_UNDECODABLE = {"MPEG"} | (set() if EpsImagePlugin.has_ghostscript() else {"EPS"})
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions of every format this Pillow opens (PGM, TIFF, WebP, JPEG's .jfif...).
+
+    Stub plugins (HDF5, GRIB, BUFR) only identify files, so their extensions are left out.
+    """
+    Image.init()
+    exts = set()
+    for ext, fmt in Image.registered_extensions().items():
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+        if (factory is not None or fmt == "MPO") and not stub and fmt not in _UNDECODABLE:
+            exts.add(ext.lower())
+    return frozenset(exts)
+
+
+IMAGE_EXTENSIONS = image_extensions()
 
 
 @dataclass
 class ImageFolder:
-    """Images of a class-per-sub-folder tree; `labels[i]` indexes `classes` for `paths[i]`."""
+    """Labelled images: `labels[i]` indexes `classes` for `paths[i]`; paths lie under `root`."""
 
     root: Path
     paths: list[Path]
     labels: np.ndarray
     classes: list[str]
+    notes: list[str] = field(default_factory=list)  # what was skipped or adapted, and why
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -42,137 +68,144 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _archive_stem(path: Path) -> str | None:
-    name = path.name
-    for suffix in ARCHIVE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
+def natural_key(name: str) -> tuple:
+    """Sort key that orders digit runs by value: s2 < s10, 2 < 10, then by the text itself."""
+    parts = re.split(r"(\d+)", name)
+    return (tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name)
+
+
+def _inside(path: Path, real_root: Path) -> bool:
+    return path == real_root or real_root in path.parents
+
+
+@dataclass
+class _Walk:
+    """Images found under a root, by the folder (relative parts) that directly holds them."""
+
+    images: dict[tuple[str, ...], list[Path]] = field(default_factory=dict)
+    no_images: dict[tuple[str, ...], set[str]] = field(default_factory=dict)  # other suffixes
+    skipped: list[str] = field(default_factory=list)
+
+
+def _walk(root: Path) -> _Walk:
+    real_root = root.resolve()
+    out = _Walk()
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
+    while stack:
+        folder, rel = stack.pop()
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in seen:  # a bind mount or similar loop
+            out.skipped.append(f"{folder} (a loop back to a folder already read)")
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        for entry in entries:
+            _visit(entry, rel, real_root, stack, out)
+    return out
+
+
+def _visit(entry: os.DirEntry, rel: tuple[str, ...], real_root: Path, stack: list, out: _Walk):
+    path = Path(entry.path)
+    if entry.is_symlink():
+        target = path.resolve()
+        if entry.is_dir():
+            out.skipped.append(f"{path} (a symlinked folder; point data.root at real folders)")
+            return
+        if not _inside(target, real_root):
+            out.skipped.append(f"{path} (a symlink to {target}, outside the data root)")
+            return
+    if entry.is_dir(follow_symlinks=False):
+        stack.append((path, (*rel, entry.name)))
+    elif not is_image(path):
+        if entry.is_file():
+            out.no_images.setdefault(rel, set()).add(path.suffix.lower() or "(none)")
+    elif entry.is_file():
+        out.images.setdefault(rel, []).append(path)
+    else:
+        out.skipped.append(f"{path} (not a regular file)")
+
+
+def _class_of(rel: tuple[str, ...], depth: int | str) -> str | None:
+    if depth == "auto":
+        return "/".join(rel) or None
+    return "/".join(rel[:depth]) if len(rel) >= int(depth) else None
+
+
+def exclusion_of(name: str, exclude: Sequence[str]) -> str | None:
+    """The exclusion that removes class `name`: itself or a folder above it."""
+    for e in exclude:
+        if name == e or name.startswith(e.rstrip("/") + "/"):
+            return e
     return None
 
 
-def _writable(directory: Path) -> bool:
-    """Writable for us, and not marked read-only (root ignores mode bits; we respect them)."""
-    if not os.access(directory, os.W_OK):
-        return False
-    write_bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
-    return bool(directory.stat().st_mode & write_bits)
+def listing(items: Iterable[str], n: int = 5) -> str:
+    items = list(items)
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def _size_stamp(archive: Path) -> str:
-    # Size only: copying an archive with its extracted folder (new mtime) is not a change.
-    return f"size={archive.stat().st_size}"
-
-
-def extraction_dir(archive: Path) -> Path:
-    """Where `archive` is (or will be) extracted: beside it, else in the user cache."""
-    stem = _archive_stem(archive) or archive.name
-    if _writable(archive.parent):
-        return archive.parent / stem
-    base = os.environ.get("MLTRAIN_CACHE") or Path.home() / ".cache" / "mltrain" / "datasets"
-    st = archive.stat()
-    key = f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    short = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return Path(base) / f"{stem}-{short}"
-
-
-def _extract(archive: Path, dest: Path) -> None:
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    except OSError as e:
-        raise DataError(
-            f"cannot write to {dest.parent} to extract {archive} ({e}); "
-            "set MLTRAIN_CACHE to a writable folder"
-        ) from e
-    print(f"extracting {archive} to {dest} (once; later runs reuse it)", file=sys.stderr)
-    try:
-        try:
-            with tarfile.open(archive, "r:*") as tar:
-                tar.extractall(tmp, filter="data")  # "data" refuses absolute paths, "..", devices
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(
-                f"cannot extract archive {archive} to {dest.parent} ({e}); check that the archive "
-                "is complete and the disk has room"
-            ) from e
-        entries = [p for p in tmp.iterdir() if not p.name.startswith(".")]
-        # A single top-level folder is the data root; otherwise the archive's top level is.
-        top = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
-        (top / _MARKER).write_text(_size_stamp(archive) + "\n")
-        try:
-            top.rename(dest)
-        except OSError:
-            if not dest.is_dir():  # not a concurrent extraction that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _images_under(folder: Path) -> list[Path]:
-    files = []
-    for d, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = [x for x in dirs if not x.startswith(".")]  # prune hidden folders
-        files += [Path(d) / f for f in names if is_image(Path(f))]
-    return files
-
-
-def resolve_root(root: str | os.PathLike) -> Path:
-    """Return a folder of class sub-folders for `root`: a folder as is, an archive extracted."""
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise DataError(f"data root {path} does not exist; check data.root")
-    if path.is_dir():
-        return path
-    if _archive_stem(path) is None:
-        raise DataError(
-            f"data root {path} is neither a folder nor a {'/'.join(ARCHIVE_SUFFIXES)} archive; "
-            "point data.root at a folder of class sub-folders or at such an archive"
-        )
-    dest = extraction_dir(path)
-    if not dest.is_dir():
-        _extract(path, dest)
-    marker = dest / _MARKER
-    if marker.is_file() and marker.read_text().strip() != _size_stamp(path):
-        raise DataError(
-            f"archive {path} changed since it was extracted to {dest}; "
-            f"delete {dest} so that it is extracted again"
-        )
-    return dest
-
-
-def scan_folder(root: str | os.PathLike, exclude: tuple[str, ...] | list[str] = ()) -> ImageFolder:
-    """List the images of `root/<class>/...` (recursively), classes and files sorted."""
+def scan_folder(
+    root: str | os.PathLike,
+    exclude: Sequence[str] | str = (),
+    class_depth: int | str = "auto",
+) -> ImageFolder:
+    """Images under `root` (a folder, or a `path,label` CSV) with their classes, both sorted
+    naturally (class s2 before s10). Notes say what was skipped; errors name what to fix."""
     root = Path(root)
-    if isinstance(exclude, str):  # `exclude_classes: foo` in YAML means one class, not letters
-        exclude = (exclude,)
+    exclude = [exclude] if isinstance(exclude, str) else [str(e) for e in exclude]
+    if root.is_file() and root.suffix.lower() == ".csv":
+        from mltrain.data.labels_csv import read_labels_csv
+
+        return read_labels_csv(root, exclude)
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; check data.root")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not found:
+    walk = _walk(root)
+    by_class: dict[str, list[Path]] = {}
+    above: list[Path] = []
+    for rel, files in walk.images.items():
+        name = _class_of(rel, class_depth)
+        (above if name is None else by_class.setdefault(name, [])).extend(files)
+    notes = [f"skipped {s}" for s in walk.skipped]
+    if above:
+        where = "in the data root" if class_depth == "auto" else f"above depth {class_depth}"
+        notes.append(f"ignored {len(above)} images {where} (no class folder), e.g. {above[0]}")
+    return _labelled(root, by_class, exclude, notes, walk, class_depth)
+
+
+def _labelled(root, by_class, exclude, notes, walk: _Walk, depth) -> ImageFolder:
+    if not by_class:
         raise DataError(
-            f"data root {root} has no class sub-folders; expected {root}/<class name>/<image>"
+            f"data root {root} has no class sub-folders with images; expected "
+            f"{root}/<class name>/<image> (images: {listing(sorted(IMAGE_EXTENSIONS), 8)}, ...)"
         )
-    unknown = sorted(set(exclude) - set(found))
-    if unknown:
+    classes = [c for c in sorted(by_class, key=natural_key) if not exclusion_of(c, exclude)]
+    used = {exclusion_of(c, exclude) for c in by_class} - {None}
+    notes += [
+        f"data.exclude_classes: no class '{e}' under {root}; nothing excluded for it"
+        for e in exclude
+        if e not in used
+    ]
+    empty = [r for r in walk.no_images if depth == "auto" and "/".join(r) not in by_class and r]
+    if empty:
+        names = listing("/".join(r) for r in sorted(empty))
+        kinds = listing(sorted(set().union(*(walk.no_images[r] for r in empty))))
+        notes.append(f"folders with files but no images were left out: {names} (files: {kinds})")
+    return labelled_images(root, {c: by_class[c] for c in classes}, notes)
+
+
+def labelled_images(root: Path, by_class: dict[str, list[Path]], notes: list[str]) -> ImageFolder:
+    """An `ImageFolder` from class -> files (classes in the order given, files sorted)."""
+    if len(by_class) < 2:
         raise DataError(
-            f"data.exclude_classes names {unknown} but {root} has no such class folder; "
-            f"classes are: {', '.join(found[:20])}{' ...' if len(found) > 20 else ''}"
+            f"data root {root} has {len(by_class)} class ({', '.join(by_class)}) after "
+            "data.exclude_classes; metric learning needs at least 2 classes"
         )
-    classes = [c for c in found if c not in set(exclude)]
     paths: list[Path] = []
     labels: list[int] = []
-    for label, name in enumerate(classes):
-        files = sorted(_images_under(root / name))
-        if not files:
-            raise DataError(
-                f"class folder {root / name} has no images "
-                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                f"remove it or add '{name}' to data.exclude_classes"
-            )
+    for label, files in enumerate(by_class.values()):
+        files = sorted(files, key=lambda p: natural_key(p.as_posix()))
         paths += files
         labels += [label] * len(files)
-    if len(classes) < 2:
-        raise DataError(
-            f"data root {root} has {len(classes)} class ({', '.join(classes)}); "
-            "metric learning needs at least 2 class sub-folders"
-        )
-    return ImageFolder(root, paths, np.asarray(labels, dtype=np.int64), classes)
+    return ImageFolder(root, paths, np.asarray(labels, dtype=np.int64), list(by_class), notes)

@@ -78,6 +78,31 @@ def m_per_class_sampler(
     )
 
 
+def fit_batch_size(
+    spec: Mapping[str, Any] | str, labels: np.ndarray, batch_size: int
+) -> tuple[int, str | None]:
+    """The batch size the training images can fill, and a note when it is smaller than asked.
+
+    m_per_class batches hold m images of batch_size/m classes: with 3 classes and m=4 a batch
+    of 64 cannot be filled, so it becomes 12 (a multiple of m, within the classes and images).
+    Other samplers shrink to the number of images, since full batches only are trained.
+    """
+    spec = {"name": spec} if isinstance(spec, str) else spec
+    n = len(labels)
+    if spec.get("name") == "m_per_class":
+        m = int((spec.get("args") or {}).get("m", 4))
+        fits = min(len(np.unique(labels)) * m, n // m * m) if m >= 1 else batch_size
+        if batch_size <= fits or fits < 2 * m:  # fits, or cannot: the sampler's error explains
+            return batch_size, None
+        why = f"{len(np.unique(labels))} classes x m {m}, {n} training images"
+    else:
+        fits = n
+        if batch_size <= fits:
+            return batch_size, None
+        why = f"{n} training images"
+    return fits, f"train.batch_size {batch_size} lowered to {fits} to fit the data ({why})"
+
+
 def build_sampler(
     spec: Mapping[str, Any] | str,
     labels: np.ndarray,

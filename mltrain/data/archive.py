@@ -1,0 +1,111 @@
+"""Archived data roots: a `.tar.gz` (or similar) of an image folder, extracted once.
+
+Extraction goes to a temporary sibling that is renamed into place, so a folder that exists
+is always complete and later runs (and other ranks) reuse it without re-reading the archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from mltrain.errors import DataError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+_MARKER = ".mltrain-extracted"  # records the size of the archive a folder came from
+
+
+def _archive_stem(path: Path) -> str | None:
+    name = path.name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _writable(directory: Path) -> bool:
+    """Writable for us, and not marked read-only (root ignores mode bits; we respect them)."""
+    if not os.access(directory, os.W_OK):
+        return False
+    write_bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+    return bool(directory.stat().st_mode & write_bits)
+
+
+def _size_stamp(archive: Path) -> str:
+    # Size only: copying an archive with its extracted folder (new mtime) is not a change.
+    return f"size={archive.stat().st_size}"
+
+
+def extraction_dir(archive: Path) -> Path:
+    """Where `archive` is (or will be) extracted: beside it, else in the user cache."""
+    stem = _archive_stem(archive) or archive.name
+    if _writable(archive.parent):
+        return archive.parent / stem
+    base = os.environ.get("MLTRAIN_CACHE") or Path.home() / ".cache" / "mltrain" / "datasets"
+    st = archive.stat()
+    key = f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    short = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return Path(base) / f"{stem}-{short}"
+
+
+def _extract(archive: Path, dest: Path) -> None:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    except OSError as e:
+        raise DataError(
+            f"cannot write to {dest.parent} to extract {archive} ({e}); "
+            "set MLTRAIN_CACHE to a writable folder"
+        ) from e
+    print(f"extracting {archive} to {dest} (once; later runs reuse it)", file=sys.stderr)
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(tmp, filter="data")  # "data" refuses absolute paths, "..", devices
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(
+                f"cannot extract archive {archive} to {dest.parent} ({e}); check that the archive "
+                "is complete and the disk has room"
+            ) from e
+        entries = [p for p in tmp.iterdir() if not p.name.startswith(".")]
+        # A single top-level folder is the data root; otherwise the archive's top level is.
+        top = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
+        (top / _MARKER).write_text(_size_stamp(archive) + "\n")
+        try:
+            top.rename(dest)
+        except OSError:
+            if not dest.is_dir():  # not a concurrent extraction that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_root(root: str | os.PathLike) -> Path:
+    """`root` ready to scan: a folder or a `.csv` of labels as is, an archive extracted."""
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"data root {path} does not exist; check data.root")
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".csv"):
+        return path
+    if _archive_stem(path) is None:
+        raise DataError(
+            f"data root {path} is neither a folder, a .csv of labels nor a "
+            f"{'/'.join(ARCHIVE_SUFFIXES)} archive; point data.root at a folder of class "
+            "sub-folders, a path,label CSV or such an archive"
+        )
+    dest = extraction_dir(path)
+    if not dest.is_dir():
+        _extract(path, dest)
+    marker = dest / _MARKER
+    if marker.is_file() and marker.read_text().strip() != _size_stamp(path):
+        raise DataError(
+            f"archive {path} changed since it was extracted to {dest}; "
+            f"delete {dest} so that it is extracted again"
+        )
+    return dest

@@ -1,0 +1,85 @@
+"""A CSV of `path,label` rows as a data root, the way product catalogues and many public data
+sets ship their labels.
+
+Paths are relative to the CSV file and must stay inside its folder (the CSV may come from
+someone else). A header row is optional: when the first row names a path column (`path`,
+`file`, `filename`, `image`) and a label column (`label`, `class`, `category`), those columns
+are used and others ignored; without one, the first two columns are path and label.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from mltrain.data.folder import ImageFolder, exclusion_of, labelled_images, listing, natural_key
+from mltrain.errors import DataError
+
+PATH_COLUMNS = ("path", "file", "filename", "image")
+LABEL_COLUMNS = ("label", "class", "category")
+
+
+def _columns(first: list[str]) -> tuple[int, int, bool]:
+    """(path column, label column, whether `first` is a header)."""
+    names = [c.strip().lower() for c in first]
+    path = next((names.index(n) for n in PATH_COLUMNS if n in names), None)
+    label = next((names.index(n) for n in LABEL_COLUMNS if n in names), None)
+    if path is not None and label is not None:
+        return path, label, True
+    return 0, 1, False
+
+
+def _rows(csv_path: Path) -> list[tuple[int, list[str]]]:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = enumerate(csv.reader(f), 1)
+            return [(n, row) for n, row in rows if any(c.strip() for c in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read labels file {csv_path} ({e}); save it as UTF-8 CSV") from e
+
+
+def read_labels_csv(csv_path: Path, exclude: list[str]) -> ImageFolder:
+    """Labelled images listed in `csv_path`; every problem row is named by its line number."""
+    rows = _rows(csv_path)
+    if not rows:
+        raise DataError(f"labels file {csv_path} is empty; write one 'path,label' row per image")
+    col_path, col_label, header = _columns(rows[0][1])
+    base = csv_path.parent
+    real_base = base.resolve()
+    by_class: dict[str, list[Path]] = {}
+    labels: set[str] = set()
+    problems: list[str] = []
+    for line, row in rows[int(header) :]:
+        if len(row) <= max(col_path, col_label):
+            problems.append(f"line {line}: expected path,label, got {row!r}")
+            continue
+        rel, label = row[col_path].strip(), row[col_label].strip()
+        labels.add(label)
+        problem = _problem(base, real_base, rel, label)
+        if problem:
+            problems.append(f"line {line}: {problem}")
+        elif not exclusion_of(label, exclude):
+            by_class.setdefault(label, []).append(base / rel)
+    if problems:
+        raise DataError(
+            f"{len(problems)} bad rows in {csv_path}: {listing(problems, 3)}; "
+            "paths are relative to the CSV's folder"
+        )
+    notes = [
+        f"data.exclude_classes: no label '{e}' in {csv_path}; nothing excluded for it"
+        for e in exclude
+        if not any(exclusion_of(label, [e]) for label in labels)
+    ]
+    classes = sorted(by_class, key=natural_key)
+    return labelled_images(base, {c: by_class[c] for c in classes}, notes)
+
+
+def _problem(base: Path, real_base: Path, rel: str, label: str) -> str | None:
+    if not rel or not label:
+        return "empty path or label"
+    path = base / rel
+    if Path(rel).is_absolute() or not path.resolve().is_relative_to(real_base):
+        return f"{rel} lies outside {base}"
+    if not path.is_file():
+        return f"{rel} is not a file" if path.exists() else f"{rel} does not exist"
+    return None
