@@ -45,7 +45,18 @@ def main() -> None:
         source = f"pretrained backbone {args.backbone}"
     out = Path(args.out) if args.out else new_eval_dir(base)
     out.mkdir(parents=True, exist_ok=True)
-    result = evaluate(embedder, out, source)
+    from mltrain.config import save_config
+    from mltrain.rundata import prepare_data
+
+    save_config(embedder.cfg, out / "config.yaml")
+    data = prepare_data(embedder.cfg, out)  # scanned and checked once, for both
+    if args.export:  # its size checks before any embedding, not after the evaluation
+        from mltrain.bundle import check_export_index
+
+        cfg = embedder.cfg
+        dim = embedder.model.embedding_dim
+        check_export_index(cfg.export, len(data.folder), dim, cfg.eval.metric)
+    result = evaluate(embedder, out, source, data)
     m = result.metrics
     print(
         f"precision@1 {m['precision_at_1']:.4f}  MAP@R {m['map_at_r']:.4f}  "
@@ -55,7 +66,7 @@ def main() -> None:
     if args.export:
         from mltrain.bundle import export_bundle
 
-        export_bundle(embedder, Path(args.export), source)
+        export_bundle(embedder, Path(args.export), source, data=data)
     print(f"results: {out}")
 
 

@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,10 +55,10 @@ from mltrain.config import ExportConfig, from_dict, to_dict
 from mltrain.data.folder import is_image
 from mltrain.data.images import load_image
 from mltrain.errors import BundleError, ConfigError, DataError
-from mltrain.index import build_index, load_index, prepare, save_index
+from mltrain.index import build_index, check_index_config, load_index, prepare, save_index
 from mltrain.inference import Embedder, make_embedder
 from mltrain.models import build_model
-from mltrain.rundata import prepare_data
+from mltrain.rundata import RunData, prepare_data
 from mltrain.shards import (
     CHUNK_ROWS,
     SHARD_NAME,
@@ -66,6 +67,7 @@ from mltrain.shards import (
     ShardWriter,
     index_from_shards,
     shard_number,
+    training_rows,
 )
 
 FORMAT_VERSION = 1  # embeddings in one embeddings.npy
@@ -267,8 +269,11 @@ def export_bundle(
     pca_dim: int | None = None,
     dtype: str | None = None,
     shard_size: int | None = None,
+    data: RunData | None = None,
 ) -> Path:
     """Embed the whole image folder of `embedder.cfg.data` and write a bundle to `out_dir`.
+
+    `data` is that folder already scanned and checked (`prepare_data`), to avoid a second pass.
 
     `index`, `pca_dim`, `dtype` and `shard_size` default to the config's `export` section;
     the index args come from `export.index_args` when `index` is the configured kind, else
@@ -296,8 +301,9 @@ def export_bundle(
             f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
         )
 
-    data = prepare_data(cfg)
+    data = data or prepare_data(cfg)
     folder = data.folder
+    check_export_index(exp, len(folder), embedder.model.embedding_dim, metric)
     splits = _splits_of(data)
     rows = [
         {
@@ -340,6 +346,19 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_export_index(exp: ExportConfig, rows: int, dim: int, metric: str) -> None:
+    """Refuse index settings the gallery cannot train before any image is embedded; unset
+    sizes (IVF lists, PQ codes) are fitted to the rows, with a note where data is thin."""
+    sharded = rows > exp.shard_size  # trained on a sample of the shards, else on every row
+    n_train = training_rows(rows, exp.index_args.get("nlist")) if sharded else rows
+    try:
+        note = check_index_config(exp.index, n_train, dim, metric, exp.pca_dim, exp.index_args)
+    except ConfigError as e:
+        raise ConfigError(f"export.index {exp.index} for {rows} images: {e}") from None
+    if note:
+        print(f"note: export index {exp.index}: {note}", file=sys.stderr)
 
 
 def _write_embeddings(

@@ -146,13 +146,17 @@ def new_eval_dir(base: Path) -> Path:
     return out
 
 
-def evaluate(embedder: Embedder, out_dir: Path, source: str) -> EvalResult:
-    """Embed the run's split, compute every metric, write metrics.json, embeddings and report."""
+def evaluate(
+    embedder: Embedder, out_dir: Path, source: str, data: RunData | None = None
+) -> EvalResult:
+    """Embed the run's split, compute every metric, write metrics.json, embeddings and report.
+
+    `data` is the run's data already prepared into `out_dir` (else it is prepared here)."""
     from mltrain.report import write_report  # matplotlib and TensorBoard only when reporting
 
     cfg = embedder.cfg
     save_config(cfg, out_dir / "config.yaml")
-    data = prepare_data(cfg, out_dir)
+    data = data or prepare_data(cfg, out_dir)
     if len(set(data.folder.labels[data.split.heldout].tolist())) < 2:
         raise DataError("the held-out split has fewer than 2 classes; nothing to retrieve")
     plan = plan_for(cfg, data, embedder.model.embedding_dim)  # size checks before embedding
