@@ -12,9 +12,12 @@ from mltrain.errors import ConfigError
 def summary_line(run_dir: Path) -> str:
     s = json.loads((run_dir / "metrics.json").read_text())
     best = s.get("best") or {}
+    shown = [(k, n) for k, n in (("map_at_r", "MAP@R"), ("precision_at_1", "precision@1"),
+                                  ("eer", "EER")) if k in best]  # fmt: skip
     p1 = (
-        f", best held-out precision@1 {best['precision_at_1']:.4f} (epoch {best['epoch']})"
-        if "precision_at_1" in best
+        f", best held-out {', '.join(f'{n} {best[k]:.4f}' for k, n in shown)} "
+        f"(epoch {best['epoch']}, picked by {s.get('best_metric', 'map_at_r')})"
+        if shown
         else ""
     )
     took = f"{s['setup_seconds']:.0f} s setup + {s['train_seconds']:.0f} s training"

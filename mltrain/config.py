@@ -66,6 +66,8 @@ class TrainConfig:
     sampler: Spec = field(default_factory=lambda: spec("m_per_class", m=4))
     optimizer: Spec = field(default_factory=lambda: spec("adamw", lr=1e-4, weight_decay=1e-4))
     scheduler: Spec = field(default_factory=lambda: spec("cosine", warmup_epochs=0))
+    loss_lr: float | None = None  # the loss's own parameters (proxies); None: the optimizer's lr
+    layer_decay: float | None = None  # timm layer-wise lr decay: each earlier layer x this
     freeze_backbone_epochs: int = 0
     grad_clip: float | None = None
     grad_accum: int = 1
@@ -75,7 +77,9 @@ class TrainConfig:
     cache_frozen: bool = False  # cache the frozen trunk prefix's outputs (needs frozen_stages)
     cache_views: int = 1  # augmented views cached per image when cache_frozen is on
     eval_every: int = 1
-    best_metric: str = "precision_at_1"
+    # held-out metric that picks best.pt: map_at_r does not saturate on small held-out sets as
+    # precision_at_1 does; eer (lower is better) or roc_auc for verification
+    best_metric: str = "map_at_r"
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     device: str = "auto"  # auto | cpu | cuda
 
@@ -121,6 +125,11 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+BEST_METRICS = re.compile(
+    r"map_at_r|r_precision|mean_average_precision|(precision|recall)_at_\d+|eer|roc_auc"
+)
+LOWER_IS_BETTER = ("eer",)
+
 CHOICES = {
     "data.split": ("per_class", "class_disjoint", "none"),
     "data.bad_images": ("error", "skip"),
@@ -159,6 +168,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
+        if item is str:  # `exclude_classes: [10]`: YAML reads a class named 10 as a number
+            value = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                     for v in value]  # fmt: skip
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict and key.endswith("_args"):
         if not isinstance(value, dict):
@@ -168,8 +180,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _check_spec(value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # `exclude_classes: [10]`: YAML reads a class named 10 as a number
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int and isinstance(value, bool):
@@ -235,6 +245,10 @@ def validate(cfg: Config) -> Config:
     lr = cfg.train.optimizer.get("args", {}).get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
         raise ConfigError(f"train.optimizer.args.lr: must be a positive number, got {lr!r}")
+    if cfg.train.loss_lr is not None and cfg.train.loss_lr <= 0:
+        raise ConfigError(f"train.loss_lr: must be a positive number, got {cfg.train.loss_lr}")
+    if cfg.train.layer_decay is not None and not 0 < cfg.train.layer_decay <= 1:
+        raise ConfigError(f"train.layer_decay: must be in (0, 1], got {cfg.train.layer_decay}")
     if cfg.model.embedding_dim is not None and cfg.model.embedding_dim < 1:
         raise ConfigError(f"model.embedding_dim: must be at least 1, got {cfg.model.embedding_dim}")
     if any(k < 1 for k in cfg.eval.ks):
@@ -251,6 +265,11 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.model.frozen_stages < 0 or cfg.train.freeze_backbone_epochs < 0:
         raise ConfigError("model.frozen_stages and train.freeze_backbone_epochs must be >= 0")
+    if not BEST_METRICS.fullmatch(cfg.train.best_metric):
+        raise ConfigError(
+            f"train.best_metric: {cfg.train.best_metric!r} is not a held-out metric; use map_at_r, "
+            "precision_at_<k>, recall_at_<k>, r_precision, mean_average_precision, eer or roc_auc"
+        )
     depth = cfg.data.class_depth
     if depth != "auto" and (not isinstance(depth, int) or depth < 1):
         raise ConfigError(f"data.class_depth: expected auto or an integer >= 1, got {depth!r}")

@@ -41,6 +41,11 @@ _register_module(_NESTED["reducer"], reducers, reducers.BaseReducer)
 for _key in ("embedding_regularizer", "weight_regularizer"):
     _register_module(_NESTED[_key], regularizers, regularizers.BaseRegularizer)
 LOSSES.register("cross_entropy", nn.CrossEntropyLoss)
+# A wrapper: the loss it wraps (and its miner) sees the batch against a memory of recent
+# batches' embeddings, so a CPU batch of 32 gets thousands of negatives.
+LOSSES.register("CrossBatchMemory", losses.CrossBatchMemory)
+_NESTED["loss"] = LOSSES
+_NESTED["miner"] = MINERS
 
 
 def _args(spec: dict, signature_of: Any, fill: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +90,11 @@ def build_criterion(
         raise ConfigError(f"model.head: true is only for train.loss cross_entropy, not {name}")
     if uses_logits and miner_spec:
         raise ConfigError("train.miner: a miner has no effect with cross_entropy; remove it")
+    if name == "CrossBatchMemory" and miner_spec:
+        raise ConfigError(
+            "train.miner: CrossBatchMemory mines batch against memory itself; move the miner "
+            "into train.loss.args.miner"
+        )
     fill = {"num_classes": num_classes, "embedding_size": embedding_dim}
     try:
         loss = loss_cls(**_args(loss_spec, loss_cls, fill))

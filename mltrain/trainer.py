@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mltrain import __version__, distributed
 from mltrain.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
-from mltrain.config import Config, from_dict, save_config, to_dict
+from mltrain.config import LOWER_IS_BETTER, Config, from_dict, save_config, to_dict
 from mltrain.data.dataset import make_loader
 from mltrain.data.samplers import fit_batch_size
 from mltrain.engine import (
@@ -39,7 +39,7 @@ from mltrain.engine import (
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.eval_plan import usable_ks
 from mltrain.losses import Criterion, build_criterion
-from mltrain.metrics import retrieval_metrics
+from mltrain.metrics import retrieval_metrics, verification_metrics
 from mltrain.models import EmbeddingModel, build_model, data_config
 from mltrain.precision import depthwise_in_fp32
 from mltrain.prefix_cache import cache_dir, cached, weights_identity
@@ -82,13 +82,27 @@ def new_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def make_optimizer(cfg: Config, params: torch.nn.Module) -> torch.optim.Optimizer:
-    args = dict(cfg.train.optimizer.get("args") or {})
+def make_optimizer(
+    cfg: Config, model: torch.nn.Module, loss: torch.nn.Module
+) -> torch.optim.Optimizer:
+    """timm's optimizer over the model (with `train.layer_decay`, earlier layers learn slower),
+    plus the loss's own parameters (proxies, class centres) in a group of their own at
+    `train.loss_lr`: proxies need about 100x the backbone's rate to keep up with it."""
+    t = cfg.train
+    args = dict(t.optimizer.get("args") or {})
     try:
-        return timm.optim.create_optimizer_v2(params, opt=cfg.train.optimizer["name"], **args)
+        optimizer = timm.optim.create_optimizer_v2(
+            model, opt=t.optimizer["name"], layer_decay=t.layer_decay, **args
+        )
     except (AssertionError, ValueError, TypeError) as e:
         valid = ", ".join(timm.optim.list_optimizers())
         raise ConfigError(f"train.optimizer: {e}; valid names: {valid}") from None
+    owned = [p for p in loss.parameters() if p.requires_grad]
+    if owned:
+        base = optimizer.defaults["lr"]  # timm's schedulers scale each group's base by lr_scale
+        scale = (t.loss_lr or base) / base
+        optimizer.add_param_group({"params": owned, "lr": base, "lr_scale": scale})
+    return optimizer
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
@@ -145,8 +159,7 @@ class Run:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, find_unused_parameters=cfg.train.freeze_backbone_epochs > 0
             )
-        trainable = torch.nn.ModuleDict({"model": self.model, "loss": self.criterion.loss})
-        self.optimizer = make_optimizer(cfg, trainable)
+        self.optimizer = make_optimizer(cfg, self.model, self.criterion.loss)
         per_epoch = max(len(self.epoch_loader(0)) // cfg.train.grad_accum, 1)
         self.scheduler = make_scheduler(cfg, self.optimizer, per_epoch)
         self.state = StepState()
@@ -260,8 +273,12 @@ class Run:
             from_prefix=self.from_prefix,
             desc="held-out embeddings",
         )
-        ks = usable_ks(self.cfg.eval.ks, len(labels) - 1)  # a small held-out set: fewer ks
-        metrics, _ = retrieval_metrics(emb, labels, metric=self.cfg.eval.metric, ks=ks)
+        e = self.cfg.eval
+        ks = usable_ks(e.ks, len(labels) - 1)  # a small held-out set: fewer ks
+        metrics, _ = retrieval_metrics(emb, labels, metric=e.metric, ks=ks)
+        if self.cfg.train.best_metric in ("eer", "roc_auc"):  # checkpoints picked on verification
+            ver = verification_metrics(emb, labels, e.metric, e.verification_pairs, self.cfg.seed)
+            metrics.update(eer=ver["eer"], roc_auc=ver["roc_auc"])
         return {k: float(v) for k, v in metrics.items()}
 
     def checkpoint(self) -> dict[str, Any]:
@@ -332,7 +349,9 @@ def _evaluate_and_save(run: Run, stats: dict[str, float]) -> None:
     run.state.history.append({"epoch": run.state.epoch, "step": run.state.step, **stats, **metrics})
     _log_epoch(run, run.state.epoch, stats, metrics)
     key = cfg.train.best_metric
-    if key in metrics and metrics[key] >= run.best.get(key, -1.0):
+    sign = -1.0 if key in LOWER_IS_BETTER else 1.0
+    best = run.best.get(key)
+    if key in metrics and (best is None or sign * metrics[key] >= sign * best):
         run.best = {"epoch": run.state.epoch, **metrics}
         _save(run, "best.pt")
     _save(run, "last.pt")
@@ -477,6 +496,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
     summary = {
         "final": final,
         "best": run.best,
+        "best_metric": cfg.train.best_metric,
         "epochs": run.state.epoch,
         "steps": run.state.step,
         "bad_steps": run.state.bad_steps_total,

@@ -11,8 +11,11 @@ from mltrain.errors import BundleError, ConfigError, DataError
 from mltrain.index import (
     INDEX_TYPES,
     build_index,
+    check_index_config,
     default_nlist,
     drop_self,
+    fitted_m,
+    fitted_nbits,
     index_nbytes,
     knn,
     l2_normalize,
@@ -128,7 +131,9 @@ def test_unknown_index_type_and_bad_args_are_config_errors():
     with pytest.raises(ConfigError, match="nlist=50.*got 20"):
         build_index("ivf_flat", x[:20], args={"nlist": 50})
     with pytest.raises(ConfigError, match="nbits=8 needs at least 256 .*got 100"):
-        build_index("ivf_pq", x[:100])
+        build_index("ivf_pq", x[:100], args={"nbits": 8})
+    with pytest.raises(ConfigError, match="ivf_pq needs at least 160 training vectors .*got 100"):
+        build_index("ivf_pq", x[:100])  # unset nbits is fitted, and 100 rows are too few
     assert INDEX_TYPES.names() == ["flat", "hnsw", "ivf_flat", "ivf_pq"]
 
 
@@ -240,3 +245,24 @@ def test_index_comparison_sees_approximation_loss():
     assert ivf["map_at_r"] < flat["map_at_r"]
     with pytest.raises(ConfigError, match="unknown index type"):
         index_comparison(emb, labels, emb, labels, kinds=("lsh",))
+
+
+def test_pq_code_size_and_sub_quantizers_fit_the_data():
+    assert [fitted_nbits(n) for n in (159, 160, 320, 1500, 2559, 2560, 10**6)] == [
+        3, 4, 5, 7, 7, 8, 8,
+    ]  # about 10 rows per centroid, at most 256 centroids
+    assert (fitted_m(1280), fitted_m(100), fitted_m(7)) == (16, 10, 7)
+    index = faiss.downcast_index(build_index("ivf_pq", random_data(400, dim=20)))
+    assert (index.pq.nbits, index.pq.M, index.nlist) == (5, 10, 10)
+
+
+def test_thin_training_is_one_note_not_faiss_warnings(capfd):
+    assert check_index_config("ivf_pq", 1500, 64) == (
+        "128 PQ centroids per sub-quantizer x 16 trained on 1500 rows (Faiss recommends 39 per "
+        "centroid); approximate results may be coarser than on a large gallery"
+    )
+    assert check_index_config("ivf_flat", 1500, 64) is None  # 155 lists: 39 rows each fit
+    build_index("ivf_pq", random_data(1500, dim=64))
+    assert "WARNING clustering" not in capfd.readouterr().err
+    with pytest.raises(ConfigError, match=r"pca_dim=64 .*min\(embedding length 128, training"):
+        check_index_config("flat", 60, 128, pca_dim=64)

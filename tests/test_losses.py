@@ -214,3 +214,29 @@ def test_triplet_loss_by_hand_single_triplet():
     tuples = (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
     loss = c.loss(emb, labels, tuples)
     assert loss.item() == pytest.approx(math.sqrt(2) - math.sqrt(0.8) + 0.5, abs=1e-5)
+
+
+# --- cross-batch memory ---------------------------------------------------------------------
+
+
+def test_cross_batch_memory_wraps_a_loss_and_its_miner():
+    spec = {
+        "name": "CrossBatchMemory",
+        "args": {
+            "loss": {"name": "ContrastiveLoss", "args": {"neg_margin": 0.8}},
+            "memory_size": 20,
+            "miner": "MultiSimilarityMiner",
+        },
+    }
+    crit = build_criterion(spec, None, num_classes=3, embedding_dim=8, has_head=False)
+    assert crit.loss.embedding_size == 8  # filled from the model
+    assert type(crit.loss.loss).__name__ == "ContrastiveLoss"
+    assert type(crit.loss.miner).__name__ == "MultiSimilarityMiner"
+    torch.manual_seed(0)
+    for _ in range(3):
+        emb = torch.randn(8, 8, requires_grad=True)
+        crit(emb, torch.tensor([0, 0, 1, 1, 2, 2, 0, 1]), None).backward()
+        assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert crit.loss.has_been_filled and crit.loss.queue_idx == 4  # 24 rows through 20 slots
+    with pytest.raises(ConfigError, match="move the miner into train.loss.args.miner"):
+        build_criterion(spec, {"name": "MultiSimilarityMiner"}, 3, 8, False)

@@ -118,11 +118,15 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
         trainer.fit(cfg)
 
 
-def test_empty_class_folder_is_named(tmp_path):
+def test_folder_without_images_is_a_note_not_a_class(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
     (root / "empty_one").mkdir()
-    with pytest.raises(DataError, match="empty_one"):
-        trainer.fit(tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp"))
+    (root / "empty_one" / "readme.txt").write_text("not an image")
+    cfg = tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp", "train.max_steps=1")
+    run_dir = trainer.fit(cfg)
+    assert "left out: empty_one (files: .txt)" in (run_dir / "notes.txt").read_text()
+    split = json.loads((run_dir / "split.json").read_text())
+    assert {c for _, c in split["train"]} == {"class_0", "class_1", "class_2"}
 
 
 def test_class_with_one_image_under_pair_sampler(tmp_path):
@@ -192,3 +196,47 @@ def test_duplicates_across_the_split_are_reported(tmp_path, capsys):
     listed = (run_dir / "duplicates.txt").read_text()
     assert "class_0" in listed and "==" in listed
     assert "byte-identical" in capsys.readouterr().err
+
+
+# --- optimizer groups and checkpoint selection ---------------------------------------------
+
+
+def test_proxies_get_their_own_learning_rate_and_layers_decay(tmp_path):
+    from mltrain.losses import build_criterion
+    from mltrain.models import build_model
+
+    cfg = load_config("configs/pooling.yaml", [
+        "model.pretrained=false", "train.loss={name: ProxyAnchorLoss}", "train.miner=null",
+        "train.optimizer.args.lr=1e-3", "train.loss_lr=0.1", "train.layer_decay=0.5",
+        "train.scheduler.args.warmup_epochs=0",
+    ])  # fmt: skip
+    model = build_model(cfg.model)
+    crit = build_criterion(cfg.train.loss, None, 7, model.embedding_dim, False)
+    opt = trainer.make_optimizer(cfg, model, crit.loss)
+    trainer.make_scheduler(cfg, opt, 10).step_update(0)
+    proxies = opt.param_groups[-1]
+    assert proxies["params"] == [crit.loss.proxies] and proxies["lr"] == pytest.approx(0.1)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    head = model.trunk.conv_head.weight
+    last_block = model.trunk.blocks[6][0].conv_pw.weight  # frozen_stages 7: stage 7 trains
+    assert lr_of[id(head)] == pytest.approx(1e-3 * 0.5)  # one layer below the top
+    assert lr_of[id(last_block)] <= lr_of[id(head)]
+    assert id(model.trunk.conv_stem.weight) not in lr_of  # frozen: not optimised at all
+
+
+def test_best_metric_is_checked_and_eer_picks_the_lowest(tmp_path):
+    with pytest.raises(ConfigError, match="train.best_metric: 'precision@1' is not a held-out"):
+        load_config("configs/siamese.yaml", ["train.best_metric=precision@1"])
+    assert load_config("configs/siamese.yaml").train.best_metric == "map_at_r"
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    cfg = tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp",
+                   "train.best_metric=eer", "train.epochs=3")  # fmt: skip
+    run_dir = trainer.fit(cfg)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    eers = [h["eer"] for h in trainer_history(run_dir)]
+    assert summary["best_metric"] == "eer" and summary["best"]["eer"] == min(eers)
+
+
+def trainer_history(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    return ckpt["state"]["history"]

@@ -7,10 +7,11 @@ Layouts:
 - a CSV of `path,label` rows, paths relative to the CSV file (see `mltrain.data.labels_csv`).
 
 Any format Pillow can decode counts as an image, by extension. Only regular files are read (a
-FIFO named `x.jpg` would hang a decoder), and symlinks are followed only to files inside the
-root: a symlinked folder would either leave the root or alias a folder read anyway, and a loop
-would relabel every image. What is skipped is kept in `ImageFolder.notes`, said once to the
-user and recorded in the run folder.
+FIFO named `x.jpg` would hang a decoder). A symlink to a file is followed (it names one image,
+labelled by the folder it sits in, as symlinked subsets of a data set are made), but a
+symlinked folder never is: it could leave the root, alias a class read anyway, or loop and
+relabel every image. What is skipped is kept in `ImageFolder.notes`, said once to the user and
+recorded in the run folder.
 """
 
 from __future__ import annotations
@@ -74,10 +75,6 @@ def natural_key(name: str) -> tuple:
     return (tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name)
 
 
-def _inside(path: Path, real_root: Path) -> bool:
-    return path == real_root or real_root in path.parents
-
-
 @dataclass
 class _Walk:
     """Images found under a root, by the folder (relative parts) that directly holds them."""
@@ -88,7 +85,6 @@ class _Walk:
 
 
 def _walk(root: Path) -> _Walk:
-    real_root = root.resolve()
     out = _Walk()
     seen: set[tuple[int, int]] = set()
     stack: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
@@ -102,26 +98,20 @@ def _walk(root: Path) -> _Walk:
         with os.scandir(folder) as it:
             entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
         for entry in entries:
-            _visit(entry, rel, real_root, stack, out)
+            _visit(entry, rel, stack, out)
     return out
 
 
-def _visit(entry: os.DirEntry, rel: tuple[str, ...], real_root: Path, stack: list, out: _Walk):
+def _visit(entry: os.DirEntry, rel: tuple[str, ...], stack: list, out: _Walk) -> None:
     path = Path(entry.path)
-    if entry.is_symlink():
-        target = path.resolve()
-        if entry.is_dir():
-            out.skipped.append(f"{path} (a symlinked folder; point data.root at real folders)")
-            return
-        if not _inside(target, real_root):
-            out.skipped.append(f"{path} (a symlink to {target}, outside the data root)")
-            return
-    if entry.is_dir(follow_symlinks=False):
+    if entry.is_symlink() and entry.is_dir():
+        out.skipped.append(f"{path} (a symlinked folder, to {path.resolve()}; not followed)")
+    elif entry.is_dir(follow_symlinks=False):
         stack.append((path, (*rel, entry.name)))
     elif not is_image(path):
         if entry.is_file():
             out.no_images.setdefault(rel, set()).add(path.suffix.lower() or "(none)")
-    elif entry.is_file():
+    elif entry.is_file():  # follows a file symlink: it names one image, in this folder's class
         out.images.setdefault(rel, []).append(path)
     else:
         out.skipped.append(f"{path} (not a regular file)")
