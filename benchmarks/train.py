@@ -71,7 +71,7 @@ def pure_steps(run: Run, batches, settings: LoopSettings) -> float:
     """The framework's step (same model, optimizer, autocast, layout) minus loader and hooks."""
     (model, criterion), opt = _net_and_loss(run), run.optimizer
     model.train()
-    head = run.model.head
+    head = run.model.logits if run.model.head is not None else None
     start = time.perf_counter()
     for x, y in batches:
         x, y = to_device(x, settings.device, settings.channels_last), y.to(settings.device)
@@ -94,7 +94,8 @@ class Plain:
         self.model.load_state_dict(run.model.state_dict())  # identical start, even if random
         self.model.to(memory_format=torch.contiguous_format)
         self.criterion = build_criterion(cfg.train.loss, cfg.train.miner, n_classes,
-                                         self.model.embedding_dim, cfg.model.head)
+                                         self.model.embedding_dim, cfg.model.head,
+                                         hybrid=cfg.model.bnneck)
         args = dict(cfg.train.optimizer.get("args") or {})
         params = [*self.model.parameters(), *self.criterion.loss.parameters()]
         self.opt = torch.optim.AdamW(
@@ -106,7 +107,8 @@ class Plain:
         self.model.train()
         start = time.perf_counter()
         for x, y in batches:
-            loss = self.criterion(self.model(x), y, self.model.head)
+            logits = self.model.logits if self.model.head is not None else None
+            loss = self.criterion(self.model(x), y, logits)
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()

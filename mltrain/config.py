@@ -47,6 +47,7 @@ class ModelConfig:
     embedding_dim: int | None = None  # a linear projection (neck) when set
     normalize: bool = True  # L2-normalise embeddings
     head: bool = False  # linear classification head (classification mode)
+    bnneck: bool = False  # with head and a metric loss: BNNeck hybrid (metric + cross-entropy)
     frozen_stages: int = 0  # trunk stages kept frozen for the whole run
     freeze_bn: bool = False  # BatchNorm statistics stay pretrained (eval mode) while training
     image_size: int | None = None  # None: the backbone's own data config
@@ -93,6 +94,7 @@ class EvalConfig:
     fold_bn: bool = True  # embed with BatchNorm folded into the convolutions (same output)
     cpu_chunk: int = 8  # images per model call on CPU (small batches stay in cache); 0 = all
     model_in_workers: bool = True  # on CPU (Linux), loader workers decode and embed
+    flip_tta: bool = False  # embed image and mirror, average: costs 2x embedding time
     gallery: str = "heldout"  # heldout (leave-one-out) | train
     pca_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 100, 128, 256, 512])
     index_types: list[str] = field(default_factory=lambda: ["flat", "hnsw", "ivf_flat", "ivf_pq"])
@@ -273,6 +275,11 @@ def validate(cfg: Config) -> Config:
     depth = cfg.data.class_depth
     if depth != "auto" and (not isinstance(depth, int) or depth < 1):
         raise ConfigError(f"data.class_depth: expected auto or an integer >= 1, got {depth!r}")
+    if cfg.model.bnneck and (not cfg.model.head or cfg.train.loss["name"] == "cross_entropy"):
+        raise ConfigError(
+            "model.bnneck: the hybrid trains a metric loss and a classifier together; set "
+            "model.head: true and a metric train.loss (e.g. TripletMarginLoss)"
+        )
     if cfg.train.cache_frozen and cfg.model.frozen_stages == 0:
         raise ConfigError("train.cache_frozen needs model.frozen_stages > 0 (a frozen prefix)")
     return cfg

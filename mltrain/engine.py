@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -147,7 +148,8 @@ def train_one_epoch(
         x, y = to_device(x, cfg.device, cfg.channels_last), y.to(cfg.device)
         with autocast(cfg.device, cfg.amp_dtype):
             emb = model(x, from_prefix=cfg.from_prefix)
-        loss = criterion(emb.float(), y, getattr(getattr(model, "module", model), "head", None))
+        net = getattr(model, "module", model)  # DDP wraps it
+        loss = criterion(emb.float(), y, net.logits if net.head is not None else None)
         if not torch.isfinite(loss):
             _count_bad_step(state, cfg, optimizer)
             tick = time.perf_counter()
@@ -252,8 +254,20 @@ def run_batches(
     return torch.cat(outs), torch.cat(labels), torch.cat(indices)
 
 
-def _embed_fn(model: nn.Module, from_prefix: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: model.embed(x, from_prefix=from_prefix).float()
+def _embed_fn(
+    model: nn.Module, from_prefix: bool, flip: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The embedding of a batch; with `flip`, the mean of the image's and its mirror's
+    (re-normalised when the model normalises). Cached prefix features are never flipped:
+    a mirrored feature map is not the features of the mirrored image."""
+    if not flip or from_prefix:
+        return lambda x: model.embed(x, from_prefix=from_prefix).float()
+
+    def both(x: torch.Tensor) -> torch.Tensor:
+        emb = model.embed(x).float() + model.embed(x.flip(3)).float()
+        return F.normalize(emb, dim=1) if model.normalize else emb / 2
+
+    return both
 
 
 def _checked(emb: torch.Tensor) -> np.ndarray:
@@ -272,7 +286,8 @@ def extract_embeddings(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(embeddings float32, labels, dataset indices) in loader order, with a progress bar."""
     model.eval()
-    emb, labels, indices = run_batches(_embed_fn(model, from_prefix), loader, spec, desc)
+    fn = _embed_fn(model, from_prefix, spec.flip)
+    emb, labels, indices = run_batches(fn, loader, spec, desc)
     return _checked(emb), labels.numpy(), indices.numpy()
 
 
@@ -286,7 +301,8 @@ def stream_embeddings(
     """`extract_embeddings` one batch at a time: (embeddings float32, labels, dataset
     indices) per batch, for galleries written to disk as they come rather than held."""
     model.eval()
-    for emb, labels, indices in iter_batches(_embed_fn(model, from_prefix), loader, spec, desc):
+    fn = _embed_fn(model, from_prefix, spec.flip)
+    for emb, labels, indices in iter_batches(fn, loader, spec, desc):
         yield _checked(emb), labels.numpy(), indices.numpy()
 
 

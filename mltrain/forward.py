@@ -39,6 +39,7 @@ class InferSpec:
     channels_last: bool = True
     cpu_chunk: int = 0  # images per model call on CPU; 0 = the whole batch
     in_workers: bool = False  # on CPU, run the model inside the loader's worker processes
+    flip: bool = False  # embed each image and its mirror, and average (eval.flip_tta)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

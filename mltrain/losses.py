@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners, reducers, regularizers
 from torch import nn
 
@@ -62,32 +63,55 @@ def _args(spec: dict, signature_of: Any, fill: dict[str, Any]) -> dict[str, Any]
     return args
 
 
+HYBRID_LABEL_SMOOTHING = 0.1
+
+
 @dataclass
 class Criterion:
-    """A loss with its optional miner; `uses_logits` marks classification losses on the head."""
+    """A loss with its optional miner; `uses_logits` marks classification losses on the head.
+
+    `hybrid` (BNNeck) adds label-smoothed cross-entropy on the head's logits to the metric loss.
+    `logits` maps embeddings to classifier scores (the model's `logits`).
+    """
 
     loss: nn.Module
     miner: nn.Module | None
     uses_logits: bool
+    hybrid: bool = False
 
-    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor, head: nn.Module | None):
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor, logits: Any | None):
         if self.uses_logits:
-            return self.loss(head(embeddings), labels)
+            return self.loss(logits(embeddings), labels)
         tuples = self.miner(embeddings, labels) if self.miner is not None else None
-        return self.loss(embeddings, labels, tuples)
+        out = self.loss(embeddings, labels, tuples)
+        if self.hybrid:
+            ce = F.cross_entropy(
+                logits(embeddings).float(), labels, label_smoothing=HYBRID_LABEL_SMOOTHING
+            )
+            out = out + ce
+        return out
 
 
 def build_criterion(
-    loss_spec: dict, miner_spec: dict | None, num_classes: int, embedding_dim: int, has_head: bool
+    loss_spec: dict,
+    miner_spec: dict | None,
+    num_classes: int,
+    embedding_dim: int,
+    has_head: bool,
+    hybrid: bool = False,
 ) -> Criterion:
-    """Losses that own weights (ArcFace, NormalizedSoftmax, ...) get their sizes filled in."""
+    """Losses that own weights (ArcFace, NormalizedSoftmax, ...) get their sizes filled in;
+    `hybrid` (model.bnneck) adds cross-entropy on the head to a metric loss."""
     name = loss_spec["name"]
     loss_cls = LOSSES.get(name)
     uses_logits = name == "cross_entropy"
     if uses_logits and not has_head:
         raise ConfigError("train.loss: cross_entropy needs a classifier: set model.head: true")
-    if has_head and not uses_logits:
-        raise ConfigError(f"model.head: true is only for train.loss cross_entropy, not {name}")
+    if has_head and not uses_logits and not hybrid:
+        raise ConfigError(
+            f"model.head: true is only for train.loss cross_entropy, not {name} (or add "
+            "model.bnneck: true for a metric + classification hybrid)"
+        )
     if uses_logits and miner_spec:
         raise ConfigError("train.miner: a miner has no effect with cross_entropy; remove it")
     if name == "CrossBatchMemory" and miner_spec:
@@ -104,4 +128,4 @@ def build_criterion(
             miner = miner_cls(**_args(miner_spec, miner_cls, {}))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"train.loss/train.miner: bad args: {e}") from None
-    return Criterion(loss=loss, miner=miner, uses_logits=uses_logits)
+    return Criterion(loss=loss, miner=miner, uses_logits=uses_logits, hybrid=hybrid)

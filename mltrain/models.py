@@ -168,6 +168,7 @@ class EmbeddingModel(nn.Module):
         num_classes: int = 0,
         frozen_stages: int = 0,
         freeze_bn: bool = False,
+        bnneck: bool = False,
     ) -> None:
         super().__init__()
         self.freeze_bn = freeze_bn
@@ -176,7 +177,15 @@ class EmbeddingModel(nn.Module):
         feat_dim = trunk.num_features
         self.neck = nn.Linear(feat_dim, embedding_dim) if embedding_dim else nn.Identity()
         self.embedding_dim = embedding_dim or feat_dim
-        self.head = nn.Linear(self.embedding_dim, num_classes) if num_classes else None
+        # BNNeck (re-identification baselines): the metric loss sees the feature, the classifier
+        # and retrieval its batch-normalised form, so the two objectives do not pull one space
+        self.bnneck = nn.BatchNorm1d(self.embedding_dim) if bnneck else None
+        if self.bnneck is not None:
+            self.bnneck.bias.requires_grad_(False)
+        head_bias = not bnneck
+        self.head = (
+            nn.Linear(self.embedding_dim, num_classes, bias=head_bias) if num_classes else None
+        )
         self.normalize = normalize
         stages = trunk_stages(trunk)
         if frozen_stages and stages is None:
@@ -251,8 +260,15 @@ class EmbeddingModel(nn.Module):
     def forward(self, x: torch.Tensor, from_prefix: bool = False) -> torch.Tensor:
         return self.neck(self.pool(self.features(x, from_prefix)))
 
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """Classifier scores of embeddings from `forward` (through the BNNeck when there is one)."""
+        return self.head(self.bnneck(emb) if self.bnneck is not None else emb)
+
     def embed(self, x: torch.Tensor, from_prefix: bool = False) -> torch.Tensor:
-        emb = self.forward(x, from_prefix).float()
+        emb = self.forward(x, from_prefix)
+        if self.bnneck is not None:
+            emb = self.bnneck(emb)
+        emb = emb.float()
         return F.normalize(emb, dim=1) if self.normalize else emb
 
 
@@ -268,6 +284,7 @@ def build_model(model_cfg: Any, num_classes: int = 0) -> EmbeddingModel:
         num_classes=num_classes if model_cfg.head else 0,
         frozen_stages=model_cfg.frozen_stages,
         freeze_bn=model_cfg.freeze_bn,
+        bnneck=model_cfg.bnneck,
     )
 
 

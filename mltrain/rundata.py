@@ -162,8 +162,9 @@ def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
 
 def infer_spec(cfg: Config, device: torch.device, amp: torch.dtype | None) -> InferSpec:
     """How inference runs for this config (see `mltrain.forward`)."""
+    e = cfg.eval
     return InferSpec(
-        device, amp, cfg.train.channels_last, cfg.eval.cpu_chunk, cfg.eval.model_in_workers
+        device, amp, cfg.train.channels_last, e.cpu_chunk, e.model_in_workers, e.flip_tta
     )
 
 

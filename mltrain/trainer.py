@@ -143,7 +143,8 @@ class Run:
         self.model: EmbeddingModel = build_model(cfg.model, num_classes=n_classes)
         self.dcfg = data_config(self.model, cfg.model)
         self.criterion: Criterion = build_criterion(
-            cfg.train.loss, cfg.train.miner, n_classes, self.model.embedding_dim, cfg.model.head
+            cfg.train.loss, cfg.train.miner, n_classes, self.model.embedding_dim, cfg.model.head,
+            hybrid=cfg.model.bnneck,
         )
         self._check_disk_space()  # before the prefix cache and training, not after them
         self.model.to(self.device)

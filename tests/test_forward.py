@@ -209,3 +209,24 @@ def test_training_run_caches_and_evaluates_in_workers(tmp_path, monkeypatch):
             assert len(calls) == 2  # train view and held-out prefix (the cached tail: no workers)
     assert len(calls) == 2  # nothing more with model_in_workers=false
     assert finals[0]["loss"] == pytest.approx(finals[1]["loss"], rel=1e-4)
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(tiny_folder):
+    from mltrain.data.folder import scan_folder
+    from mltrain.inference import embedder_from_backbone
+
+    paths = scan_folder(tiny_folder).paths[:4]
+    base = ["model.pretrained=false", "eval.amp=off", "eval.fold_bn=false", "data.num_workers=0",
+            "model.image_size=32"]  # fmt: skip
+    torch.manual_seed(0)
+    plain = embedder_from_backbone(load_config(None, base))
+    torch.manual_seed(0)
+    flipped = embedder_from_backbone(load_config(None, [*base, "eval.flip_tta=true"]))
+    x = torch.stack([plain._loader(paths, None).dataset[i][0] for i in range(4)])
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(
+            plain.model.embed(x) + plain.model.embed(x.flip(3)), dim=1
+        )
+    got = flipped.embed(paths)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, plain.embed(paths), atol=1e-3)  # the mirror changed something

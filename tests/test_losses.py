@@ -240,3 +240,19 @@ def test_cross_batch_memory_wraps_a_loss_and_its_miner():
     assert crit.loss.has_been_filled and crit.loss.queue_idx == 4  # 24 rows through 20 slots
     with pytest.raises(ConfigError, match="move the miner into train.loss.args.miner"):
         build_criterion(spec, {"name": "MultiSimilarityMiner"}, 3, 8, False)
+
+
+# --- BNNeck hybrid --------------------------------------------------------------------------
+
+
+def test_bnneck_hybrid_adds_label_smoothed_cross_entropy_by_hand():
+    torch.manual_seed(0)
+    head = nn.Linear(4, 3, bias=False)
+    emb, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    triplet = {"name": "TripletMarginLoss", "args": {}}
+    hybrid = build_criterion(triplet, None, 3, 4, has_head=True, hybrid=True)
+    metric = losses.TripletMarginLoss()(emb, labels)
+    ce = nn.CrossEntropyLoss(label_smoothing=0.1)(head(emb), labels)
+    assert hybrid(emb, labels, head).item() == pytest.approx((metric + ce).item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="model.bnneck: true for a metric"):
+        build_criterion(triplet, None, 3, 4, has_head=True)

@@ -240,3 +240,21 @@ def test_best_metric_is_checked_and_eer_picks_the_lowest(tmp_path):
 def trainer_history(run_dir):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     return ckpt["state"]["history"]
+
+
+def test_bnneck_hybrid_trains_and_embeds_through_the_neck(tmp_path):
+    from mltrain.inference import embedder_from_checkpoint
+
+    with pytest.raises(ConfigError, match="model.bnneck: the hybrid trains a metric loss"):
+        load_config("configs/triplet.yaml", ["model.bnneck=true"])
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    cfg = tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp", "model.head=true",
+                   "model.bnneck=true", "train.epochs=2")  # fmt: skip
+    run_dir = trainer.fit(cfg)
+    model = embedder_from_checkpoint(run_dir / "checkpoints" / "best.pt").model
+    assert model.head.bias is None and not model.bnneck.bias.requires_grad
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.bnneck(model(x)), dim=1)
+        assert torch.allclose(model.embed(x), expected, atol=1e-6)
+    assert int(model.bnneck.num_batches_tracked) > 0  # the neck's statistics were trained
