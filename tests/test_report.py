@@ -299,6 +299,12 @@ def test_compressed_index_above_exact_is_commented() -> None:
     text = markdown_report({"indexes": rows})
     assert "ivf_pq scores above exact search (MAP@R 0.6910 against 0.6330)" in text
     assert "hnsw scores above" not in text
+    pca = {
+        str(n): {"length": n, "pca": n < 64, "precision_at_1": p1, "map_at_r": 0.5}
+        for n, p1 in [(16, 0.8), (32, 0.87), (64, 0.84)]
+    }
+    text = markdown_report({"pca": pca})
+    assert "PCA to 32 scores above the full length (precision@1 0.8700 against 0.8400)" in text
 
 
 def test_sample_rows_is_seeded_and_bounded() -> None:
