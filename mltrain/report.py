@@ -452,11 +452,11 @@ def query_grid(
     rows = select_queries(neighbours, n=n, seed=seed) if chosen else np.asarray(queries)
     top = min(top, np.asarray(neighbours.indices).shape[1])
     border = max(2, thumb // 24)
-    height = 1.75 * max(len(rows), 1) + 0.8
+    height = 1.75 * max(len(rows), 1) + 1.0
     # A fixed layout: constrained layout costs more than the 50 images it arranges.
     fig = new_figure(1.35 * (top + 1), height, layout=None)
     fig.subplots_adjust(
-        left=0.01, right=0.99, bottom=0.45 / height, top=1 - 0.75 / height, wspace=0.1,
+        left=0.01, right=0.99, bottom=0.65 / height, top=1 - 0.75 / height, wspace=0.1,
         hspace=0.55,
     )
     axes = fig.subplots(max(len(rows), 1), top + 1, squeeze=False)
