@@ -352,7 +352,8 @@ def _hparam_metrics(cfg: Config) -> list[str]:
     """The scalar tags the HParams tab lists per run: the best and the final (latest)
     held-out figures, and the last epoch's training loss."""
     best = [f"best/{k}" for k in dict.fromkeys([cfg.train.best_metric, *BEST_KEYS])]
-    final = [f"heldout/{k}" for k in ("precision_at_1", "map_at_r", "roc_auc", "eer")]
+    keys = ("precision_at_1", "map_at_r", *(("roc_auc", "eer") if cfg.train.figures_every else ()))
+    final = [f"heldout/{k}" for k in keys]
     return [*best, *final, "train/loss_epoch"]
 
 

@@ -174,6 +174,8 @@ def test_resume_purges_the_lost_runs_events(tmp_path, monkeypatch) -> None:
     assert steps(acc, "train/loss") == [1, 2, 3, 4]
     assert steps(acc, "heldout/precision_at_1") == [2, 4]
     assert "heldout/roc_auc" not in acc.Tags()["scalars"]  # figures_every=0
+    declared = hparams(acc)["_hparams_/experiment"].experiment.metric_infos
+    assert {m.name.tag for m in declared} <= set(acc.Tags()["scalars"])
 
 
 def test_training_loop_embeds_held_out_images_as_evaluate_does(train_py_run: Path, tmp_path):
