@@ -62,7 +62,8 @@ HEADLINE = (
     (
         "mean_average_precision",
         "mAP",
-        "average precision over the whole ranking, not only the first R",
+        "average precision of the same-class images anywhere in the searched depth, not "
+        "only among the first R",
     ),
     (
         "mean_per_class_precision_at_1",
