@@ -78,6 +78,9 @@ class TrainConfig:
     cache_frozen: bool = False  # cache the frozen trunk prefix's outputs (needs frozen_stages)
     cache_views: int = 1  # augmented views cached per image when cache_frozen is on
     eval_every: int = 1
+    # Every N epochs (of those evaluated, and the last): held-out ROC AUC/EER, the PR curve,
+    # the ROC and a query grid in TensorBoard; 0: never.
+    figures_every: int = 1
     # held-out metric that picks best.pt: map_at_r does not saturate on small held-out sets as
     # precision_at_1 does; eer (lower is better) or roc_auc for verification
     best_metric: str = "map_at_r"
@@ -236,6 +239,10 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if cfg.train.figures_every < 0:
+        raise ConfigError(
+            f"train.figures_every: must be >= 0 (0 = never), got {cfg.train.figures_every}"
+        )
     if cfg.eval.cpu_chunk < 0:
         raise ConfigError(
             f"eval.cpu_chunk: must be >= 0 (0 = whole batches), got {cfg.eval.cpu_chunk}"

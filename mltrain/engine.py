@@ -142,6 +142,7 @@ def train_one_epoch(
         disable=not cfg.show_progress,
     )
     stopped = False
+    step_loss, step_batches = 0.0, 0  # micro-batches accumulated into the next optimizer step
     for x, y, _ in bar:
         state.batches_done += 1
         wait += time.perf_counter() - tick
@@ -156,13 +157,17 @@ def train_one_epoch(
             continue
         state.bad_steps_in_row = 0
         (loss / cfg.grad_accum).backward()
+        value = loss.item()
+        step_loss, step_batches = step_loss + value, step_batches + 1
         stepped = state.batches_done % cfg.grad_accum == 0
         if stepped:
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step was taken with
             _optimizer_step(model, optimizer, scheduler, state, cfg)
-            if log:
-                log("train/loss", loss.item(), state.step)
-                log("train/lr", optimizer.param_groups[0]["lr"], state.step)
-        state.loss_sum, state.loss_count = state.loss_sum + loss.item(), state.loss_count + 1
+            if log:  # one point per optimizer step, at the step's number (1, 2, ...)
+                log("train/loss", step_loss / step_batches, state.step)
+                log("train/lr", lr, state.step)
+            step_loss, step_batches = 0.0, 0
+        state.loss_sum, state.loss_count = state.loss_sum + value, state.loss_count + 1
         images += len(y)
         bar.set_postfix(
             loss=f"{state.loss_sum / state.loss_count:.4f}",

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from mltrain.ann_eval import index_comparison, pca_sweep, shortest_within
-from mltrain.config import Config, save_config
+from mltrain.config import Config, save_config, to_dict
 from mltrain.errors import DataError
 from mltrain.eval_plan import EvalPlan, plan_evaluation
 from mltrain.inference import Embedder
@@ -175,14 +175,9 @@ def evaluate(
     result.metrics["source"] = source
     (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=_jsonable))
     gallery_paths = data.paths(data.split.train) if cfg.eval.gallery == "train" else None
-    write_report(
-        out_dir,
-        result,
-        tsne=plan.tsne,
-        tsne_max_points=cfg.eval.tsne_max_points,
-        seed=cfg.seed,
-        gallery_paths=gallery_paths,
-    )
+    write_report(out_dir, result, tsne=plan.tsne, tsne_max_points=cfg.eval.tsne_max_points,
+                 seed=cfg.seed, gallery_paths=gallery_paths, step=embedder.global_step,
+                 config=to_dict(cfg), metric=cfg.eval.metric)
     return result
 
 

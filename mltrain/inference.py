@@ -31,6 +31,9 @@ class Embedder:
     device: torch.device
     amp: torch.dtype | None
     _fast: EmbeddingModel | None = field(default=None, repr=False)
+    # Optimizer steps the weights were trained for (0: untrained): evaluations of a
+    # checkpoint are logged at this step, on the axis of its training curves.
+    global_step: int = 0
 
     @property
     def forward_model(self) -> EmbeddingModel:
@@ -97,7 +100,9 @@ def embedder_from_checkpoint(path: str | Path, overrides: list[str] | None = Non
         raise CheckpointError(
             f"{path}: weights do not fit the model its config describes: {str(e)[:500]}"
         ) from None
-    return make_embedder(cfg, model)
+    embedder = make_embedder(cfg, model)
+    embedder.global_step = int((ckpt.get("state") or {}).get("step", 0))
+    return embedder
 
 
 def embedder_from_backbone(cfg: Config) -> Embedder:

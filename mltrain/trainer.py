@@ -19,9 +19,10 @@ import numpy as np
 import timm.optim
 import timm.scheduler
 import torch
+import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from mltrain import __version__, distributed
+from mltrain import __version__, distributed, report
 from mltrain.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
 from mltrain.config import LOWER_IS_BETTER, Config, from_dict, save_config, to_dict
 from mltrain.data.dataset import make_loader
@@ -36,8 +37,9 @@ from mltrain.engine import (
     rng_state,
     train_one_epoch,
 )
-from mltrain.errors import ConfigError, MltrainError
+from mltrain.errors import ConfigError, DataError, MltrainError
 from mltrain.eval_plan import usable_ks
+from mltrain.fusion import fold_batchnorm
 from mltrain.losses import Criterion, build_criterion
 from mltrain.metrics import retrieval_metrics, verification_metrics
 from mltrain.models import EmbeddingModel, build_model, data_config
@@ -60,6 +62,9 @@ from mltrain.storage import (
     prefix_bytes_per_image,
     run_space_needs,
 )
+
+# Held-out figures kept as "best/<key>" scalars (with train.best_metric) for the HParams tab.
+BEST_KEYS = ("precision_at_1", "map_at_r")
 
 
 def seed_everything(seed: int) -> None:
@@ -192,14 +197,17 @@ class Run:
             self.eval_batches = heldout
             return
         self.train_sets = [self._cache_view(v) for v in range(cfg.train.cache_views)]
-        feats = self._prefix("heldout", heldout, "caching held-out prefix")
+        feats = self._prefix(
+            "heldout", heldout, "caching held-out prefix", model=self.inference_model()
+        )
         self.eval_batches = torch.utils.data.DataLoader(
             CachedFeatures(*feats), batch_size=cfg.eval.batch_size
         )
 
-    def _prefix(self, name: str, loader, desc: str, seed: int | None = None):
-        """Frozen-prefix outputs of a loader's images, through the shared disk cache."""
-        cfg = self.cfg
+    def _prefix(self, name: str, loader, desc: str, seed: int | None = None, model=None):
+        """Frozen-prefix outputs of a loader's images (through `model`, default the training
+        model), via the shared disk cache."""
+        cfg, model = self.cfg, self.model if model is None else model
         parts = {
             "backbone": cfg.model.backbone,
             "weights": weights_identity(cfg.model.pretrained),
@@ -215,9 +223,11 @@ class Run:
             # where the model runs move bf16 results by rounding only, so they are not keyed.
             "version": 2,
         }
+        if name == "heldout":  # the inference model: BatchNorm folded or not (eval.fold_bn)
+            parts["fold_bn"] = model is not self.model
         return cached(
             parts,
-            lambda: compute_prefix(self.model, loader, self.infer_spec, desc),
+            lambda: compute_prefix(model, loader, self.infer_spec, desc),
         )
 
     def epoch_loader(self, epoch: int):
@@ -266,9 +276,29 @@ class Run:
             stop=self.stop,
         )
 
-    def evaluate(self) -> dict[str, float]:
-        emb, labels, _ = extract_embeddings(
-            self.model,
+    def inference_model(self) -> EmbeddingModel:
+        """The model held-out embeddings come from: the one evaluate.py embeds with (see
+        `Embedder.forward_model`; with `eval.fold_bn` a copy with BatchNorm folded in).
+
+        Under bf16 autocast folding changes the rounding (embeddings move by up to ~0.5%),
+        which flips near-tied neighbours: the training log's best held-out figures and
+        evaluate.py on that best.pt agree only when both embed through the same model."""
+        if not self.cfg.eval.fold_bn:
+            return self.model
+        # A private generator: drawing the probe must not shift the training RNG streams.
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn(2, *self.dcfg["input_size"], generator=gen).to(self.device)
+        fast = fold_batchnorm(self.model, probe)
+        if fast is not self.model and self.cfg.train.channels_last:
+            fast.to(memory_format=torch.channels_last)
+        return fast
+
+    def evaluate(self, figures: bool = False) -> dict[str, float]:
+        """Held-out retrieval metrics; with `figures`, also ROC AUC and EER of the
+        verification pairs, and (on the main process) their PR curve, the ROC and a small
+        query grid in TensorBoard at the current global step."""
+        emb, labels, indices = extract_embeddings(
+            self.inference_model(),
             self.eval_batches,
             self.infer_spec,
             from_prefix=self.from_prefix,
@@ -276,11 +306,35 @@ class Run:
         )
         e = self.cfg.eval
         ks = usable_ks(e.ks, len(labels) - 1)  # a small held-out set: fewer ks
-        metrics, _ = retrieval_metrics(emb, labels, metric=e.metric, ks=ks)
-        if self.cfg.train.best_metric in ("eer", "roc_auc"):  # checkpoints picked on verification
+        metrics, neighbours = retrieval_metrics(emb, labels, metric=e.metric, ks=ks)
+        out = {k: float(v) for k, v in metrics.items()}
+        if figures or self.cfg.train.best_metric in ("eer", "roc_auc"):
+            out.update(self._heldout_verification(emb, labels, indices, neighbours, figures))
+        return out
+
+    def _heldout_verification(self, emb, labels, indices, neighbours, draw) -> dict[str, float]:
+        e, step = self.cfg.eval, self.state.step
+        try:
             ver = verification_metrics(emb, labels, e.metric, e.verification_pairs, self.cfg.seed)
-            metrics.update(eer=ver["eer"], roc_auc=ver["roc_auc"])
-        return {k: float(v) for k, v in metrics.items()}
+        except DataError as err:  # e.g. no class with two held-out images
+            print(f"no held-out verification figures: {err}", file=sys.stderr)
+            return {}
+        if self.writer and draw:
+            pairs = report.verification_pairs(
+                emb, labels, e.metric, ver["num_pairs"], self.cfg.seed
+            )
+            report.add_pr_curve(self.writer, "heldout/verification_pr", *pairs, step)
+            roc = report.plot_roc(ver["fpr"], ver["tpr"], ver)
+            self.writer.add_image("heldout/roc", report.render(roc, 80), step, dataformats="HWC")
+            held = self.data.paths(self.data.split.heldout)
+            paths = [held[i] for i in indices]
+            grid = report.query_grid(
+                neighbours, paths, paths, self.data.folder.classes, top=4, thumb=64,
+                seed=self.cfg.seed, n=4, metric=e.metric,
+            )
+            image = report.render(grid, report.FIGURE_DPI)
+            self.writer.add_image("heldout/queries", image, step, dataformats="HWC")
+        return {k: ver[k] for k in report.HELDOUT_VERIFICATION}
 
     def checkpoint(self) -> dict[str, Any]:
         return {
@@ -307,13 +361,42 @@ class Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = StepState(**ckpt["state"])
         self.best = dict(ckpt["best"])
+        if self.writer:  # events past the checkpoint's step came from the lost run: purge
+            self.writer.close()
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.step + 1)
+
+
+def _log_start(run: Run) -> None:
+    """The config as text and the hparams summary, at the step training starts from, so the
+    run shows in the Text and HParams tabs while it trains."""
+    config = to_dict(run.cfg)
+    text = yaml.safe_dump(config, sort_keys=False)
+    run.writer.add_text("config", f"```yaml\n{text}```", run.state.step)
+    report.add_hparams(run.writer, config, _hparam_metrics(run.cfg), run.state.step)
+
+
+def _hparam_metrics(cfg: Config) -> list[str]:
+    """The scalar tags the HParams tab lists per run: the best and the final (latest)
+    held-out figures, and the last epoch's training loss."""
+    best = [f"best/{k}" for k in dict.fromkeys([cfg.train.best_metric, *BEST_KEYS])]
+    keys = ("precision_at_1", "map_at_r", *(("roc_auc", "eer") if cfg.train.figures_every else ()))
+    final = [f"heldout/{k}" for k in keys]
+    return [*best, *final, "train/loss_epoch"]
 
 
 def _log_epoch(run: Run, epoch: int, stats: dict[str, float], metrics: dict[str, float]) -> None:
+    """Epoch aggregates and held-out metrics at the global step of the epoch's end: the
+    x-axis `train/loss` and `train/lr` are logged on, per optimizer step."""
+    step = run.state.step
+    run.writer.add_scalar("train/epoch", epoch, step)
     for k, v in stats.items():
-        run.writer.add_scalar(f"train/{k}", v, epoch)
-    for k, v in metrics.items():
-        run.writer.add_scalar(f"heldout/{k}", v, epoch)
+        run.writer.add_scalar(f"train/{k}_epoch" if k == "loss" else f"train/{k}", v, step)
+    for tag, v in report.heldout_scalars(metrics).items():
+        run.writer.add_scalar(tag, v, step)
+    if metrics:
+        for k in dict.fromkeys([run.cfg.train.best_metric, *BEST_KEYS]):
+            if k in run.best:
+                run.writer.add_scalar(f"best/{k}", run.best[k], step)
     shown = ", ".join(
         f"{k} {metrics[k]:.4f}" for k in ("precision_at_1", "map_at_r") if k in metrics
     )
@@ -345,15 +428,20 @@ def _epoch(run: Run, epoch: int) -> None:
 
 def _evaluate_and_save(run: Run, stats: dict[str, float]) -> None:
     """Held-out metrics every `eval_every` epochs and at the end; best.pt and last.pt."""
-    cfg = run.cfg
-    metrics = run.evaluate() if _done(run) or run.state.epoch % cfg.train.eval_every == 0 else {}
-    run.state.history.append({"epoch": run.state.epoch, "step": run.state.step, **stats, **metrics})
-    _log_epoch(run, run.state.epoch, stats, metrics)
+    cfg, epoch, done = run.cfg, run.state.epoch, _done(run)
+    metrics = {}
+    if done or epoch % cfg.train.eval_every == 0:
+        every = cfg.train.figures_every
+        metrics = run.evaluate(figures=every > 0 and (done or epoch % every == 0))
+    run.state.history.append({"epoch": epoch, "step": run.state.step, **stats, **metrics})
     key = cfg.train.best_metric
     sign = -1.0 if key in LOWER_IS_BETTER else 1.0
     best = run.best.get(key)
-    if key in metrics and (best is None or sign * metrics[key] >= sign * best):
-        run.best = {"epoch": run.state.epoch, **metrics}
+    improved = key in metrics and (best is None or sign * metrics[key] >= sign * best)
+    if improved:
+        run.best = {"epoch": epoch, "step": run.state.step, **metrics}
+    _log_epoch(run, epoch, stats, metrics)
+    if improved:
         _save(run, "best.pt")
     _save(run, "last.pt")
 
@@ -472,6 +560,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
         print(f"resuming {run_dir} {_position(run.state)}", file=sys.stderr)
     if distributed.world()[1] == 1:  # under DDP ranks would have to agree on a stop step
         _stop_on_signals(run.stop)
+    if run.writer:
+        _log_start(run)
     start = time.perf_counter()
     try:
         for epoch in range(run.state.epoch, cfg.train.epochs):
@@ -487,6 +577,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
             file=sys.stderr,
         )
         raise SystemExit(130) from None
+    else:
+        if run.writer:  # the HParams tab marks the session finished
+            report.add_hparams(run.writer, to_dict(cfg), _hparam_metrics(cfg), run.state.step, True)
     finally:
         if run.writer:
             run.writer.close()

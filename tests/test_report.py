@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from mltrain import report
 from mltrain.config import Config
@@ -16,6 +17,7 @@ from mltrain.evaluation import EmbeddedSplit, EvalResult, compute_metrics
 from mltrain.report import (
     GREEN,
     RED,
+    heldout_scalars,
     markdown_report,
     plot_pca,
     plot_roc,
@@ -23,14 +25,15 @@ from mltrain.report import (
     query_grid,
     render,
     sample_rows,
-    scalar_metrics,
     select_queries,
+    worst_below_mean,
     write_report,
 )
 
 CLASSES = ["alpha", "beta", "gamma"]
 PNGS = ["roc.png", "pca.png", "tsne.png", "tsne_worst.png", "queries.png"]
 INTRUDER = 0  # row 0 is an "alpha" embedded inside the "beta" cluster: a sure top-1 failure
+STEP = 123  # the checkpoint's global step the evaluation is logged at
 
 
 def _embeddings(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +80,8 @@ def report_dir(result: EvalResult, tmp_path_factory: pytest.TempPathFactory) -> 
     # The real t-SNE, at sklearn's minimum iteration count: its picture is not under test.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(report, "TSNE_MAX_ITER", 250)
-        write_report(out, result, tsne_max_points=25, seed=0)
+        write_report(out, result, tsne_max_points=25, seed=0, step=STEP,
+                     config={"name": "tiny", "train": {"lr": 0.1, "max_steps": None}})
     return out
 
 
@@ -117,8 +121,10 @@ def test_report_md_has_the_numbers(result: EvalResult, report_dir: Path) -> None
     assert m["precision_at_1"] < 1  # the intruder makes the table worth checking
     worst = text.split("## Worst")[1].split("##")[0]
     assert [name for name, _ in m["worst_classes"]][0] == "alpha"
+    below = worst_below_mean(m)
+    assert [name for name, _ in below] == ["alpha", "beta"]  # gamma, at 1.0, is not "worst"
     for name, p1 in m["worst_classes"]:
-        assert f"| {name} | {p1:.4f} |" in worst
+        assert (f"| {name} | {p1:.4f} |" in worst) == ((name, p1) in below)
     assert "| alpha | beta |" in text  # the confused pair
     assert (
         "shortest length within 0.5 points of full-length precision@1: "
@@ -128,22 +134,72 @@ def test_report_md_has_the_numbers(result: EvalResult, report_dir: Path) -> None
     assert "| hnsw |" in text and "| embed | 1.50 |" in text
 
 
-def test_tensorboard_has_scalars_figures_and_projector(
+def _events(folder: Path) -> EventAccumulator:
+    acc = EventAccumulator(
+        str(folder), size_guidance={"images": 0, "scalars": 0, "tensors": 0}
+    )
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_holds_heldout_metrics_at_the_checkpoint_step(
     result: EvalResult, report_dir: Path
 ) -> None:
-    acc = EventAccumulator(str(report_dir), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    (event,) = acc.Scalars("eval/precision_at_1")
+    acc = _events(report_dir)
+    (event,) = acc.Scalars("heldout/precision_at_1")
+    assert event.step == STEP
     assert event.value == pytest.approx(result.metrics["precision_at_1"], abs=1e-6)
-    ver = acc.Scalars("eval/verification/roc_auc")[0].value
-    assert ver == pytest.approx(result.metrics["verification"]["roc_auc"], abs=1e-6)
-    assert "eval/one_shot/2_way" in acc.Tags()["scalars"]
-    assert [e.step for e in acc.Scalars("pca/precision_at_1")] == [2, 4, 8]
+    (auc,) = acc.Scalars("heldout/roc_auc")
+    assert auc.value == pytest.approx(result.metrics["verification"]["roc_auc"], abs=1e-6)
+    scalars = acc.Tags()["scalars"]
+    assert all(tag.startswith("heldout/") for tag in scalars)  # no one-dot count charts
+    assert {e.step for tag in scalars for e in acc.Scalars(tag)} == {STEP}
     assert {f"report/{Path(n).stem}" for n in PNGS} <= set(acc.Tags()["images"])
-    meta = next(report_dir.glob("*/heldout/metadata.tsv")).read_text().split("\n")[:-1]
-    assert meta == [CLASSES[c] for c in result.split.heldout_labels]
+    assert {e.step for e in acc.Images("report/roc")} == {STEP}
+
+
+def test_tensorboard_text_hparams_and_pr_curve(result: EvalResult, report_dir: Path) -> None:
+    acc = _events(report_dir)
+    texts = {
+        tag: acc.Tensors(tag)[0].tensor_proto.string_val[0].decode()
+        for tag in acc.Tags()["tensors"]
+        if tag.endswith("text_summary")
+    }
+    report_text = texts["eval/report/text_summary"]
+    assert report_text.startswith("# Evaluation report") and "![" not in report_text
+    diagnostics = texts["eval/diagnostics/text_summary"]
+    assert f"| num queries | {result.metrics['num_queries']} |" in diagnostics
+    assert "| embed | 1.50 |" in diagnostics and "| hnsw |" in diagnostics
+    content = acc.PluginTagToContent("hparams")
+    hp = HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert hp.session_start_info.hparams["train.lr"].number_value == 0.1
+    assert hp.session_start_info.hparams["train.max_steps"].string_value == "none"
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert "heldout/precision_at_1" in {m.name.tag for m in experiment.metric_infos}
+    (pr,) = acc.Tensors("heldout/verification_pr")
+    assert pr.step == STEP
+
+
+def test_projector_metadata_has_a_header_and_columns(
+    result: EvalResult, report_dir: Path
+) -> None:
+    lines = next(report_dir.glob("*/heldout/metadata.tsv")).read_text().split("\n")[:-1]
+    assert lines[0].split("\t") == report.PROJECTOR_HEADER
+    rows = [line.split("\t") for line in lines[1:]]
+    assert len(rows) == len(result.split.heldout_labels)
+    assert [r[0] for r in rows] == [CLASSES[c] for c in result.split.heldout_labels]
+    assert rows[INTRUDER][1:3] == ["no", "beta"]  # top-1 wrong, retrieved from beta
+    assert [r[3] for r in rows] == [p.name for p in result.split.heldout_paths]
+    worst = {name for name, _ in worst_below_mean(result.metrics)}
+    assert worst == {"alpha", "beta"}
+    assert all((r[4] == "yes") == (r[0] in worst) for r in rows)
+    assert sum(r[1] == "yes" for r in rows) == round(
+        result.metrics["precision_at_1"] * result.metrics["num_queries"]
+    )
     assert next(report_dir.glob("*/heldout/sprite.png")).is_file()
     assert "heldout" in (report_dir / "projector_config.pbtxt").read_text()
+    text = (report_dir / "report.md").read_text(encoding="utf-8")
+    assert f"projector holds {len(rows)} of the {len(rows)} held-out embeddings" in text
 
 
 def test_query_grid_outlines_wrong_results_red(result: EvalResult) -> None:
@@ -157,7 +213,9 @@ def test_query_grid_outlines_wrong_results_red(result: EvalResult) -> None:
     assert _has_colour(wrong_top, RED) and not _has_colour(wrong_top, GREEN)
     right_top = _axes_pixels(fig, axes[1, 1])
     assert _has_colour(right_top, GREEN) and not _has_colour(right_top, RED)
-    assert axes[0, 1].get_title() == "1. beta"
+    score = nb.scores[INTRUDER, 0]
+    assert axes[0, 1].get_title() == f"1. beta\n{score:.3f}"
+    assert axes[0, 1].texts[0].get_text() == paths[nb.indices[INTRUDER, 0]].name
 
 
 def test_select_queries_puts_failures_first(result: EvalResult) -> None:
@@ -181,7 +239,9 @@ def test_no_tsne_and_a_foreign_gallery(result: EvalResult, tmp_path: Path) -> No
     assert (tmp_path / "roc.png").is_file()
 
 
-def test_tsne_legend_only_up_to_20_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tsne_legend_up_to_20_classes_then_names_at_centres(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The legend logic is under test, not t-SNE (write_report's fixture runs the real one).
     monkeypatch.setattr(report, "tsne_2d", lambda emb, seed=0: np.asarray(emb)[:, :2])
     rng = np.random.default_rng(0)
@@ -189,11 +249,62 @@ def test_tsne_legend_only_up_to_20_classes(monkeypatch: pytest.MonkeyPatch) -> N
     emb = rng.normal(size=(50, 8)) + labels[:, None]
     names = [f"c{i}" for i in range(25)]
     many = plot_tsne(emb, labels, names, max_points=40)
-    assert many.axes[0].get_legend() is None
-    assert sum(len(c.get_offsets()) for c in many.axes[0].collections) == 40
+    ax = many.axes[0]
+    assert ax.get_legend() is None  # nothing highlighted: names at the cluster centres only
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 40
+    present = {names[c] for c in labels[sample_rows(50, 40)]}
+    assert {t.get_text() for t in ax.texts} == present
+    marked = plot_tsne(emb, labels, names, highlight=["c3", "c7"])
+    legend = marked.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["c3", "c7"]
+    assert legend.get_title().get_text() == "worst classes"
     few = plot_tsne(emb, labels, names, keep_classes=["c3", "c7"])
     texts = [t.get_text() for t in few.axes[0].get_legend().get_texts()]
-    assert texts == ["c3", "c7"]
+    assert texts == ["c3", "c7"] and not few.axes[0].texts
+
+
+def test_worst_means_below_the_mean() -> None:
+    even = {"worst_classes": [("a", 1.0), ("b", 1.0)], "mean_per_class_precision_at_1": 1.0}
+    assert worst_below_mean(even) == []
+    text = markdown_report({**even, "per_class": {"a": {}, "b": {}}})
+    assert "No class is below the mean" in text and "| a | 1.0000 |" not in text
+    mixed = {
+        "worst_classes": [("a", 0.5), ("b", 0.9), ("c", 1.0)],
+        "mean_per_class_precision_at_1": 0.8,
+    }
+    assert worst_below_mean(mixed) == [("a", 0.5)]
+
+
+def test_report_explains_metrics_and_flags_small_data(report_dir: Path) -> None:
+    text = (report_dir / "report.md").read_text(encoding="utf-8")
+    for key, label, _ in [*report.HEADLINE, *report.VERIFICATION]:
+        if f"| {label} |" in text:
+            row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+            assert len(row.split("|")) == 5 and len(row.split("|")[3].strip()) > 10, key
+    assert "book accuracy" in text and "share of its 4 nearest" in text
+    trust = text.split("## How far to trust these numbers")[1].split("##")[0]
+    # 30 images in 3 classes: 135 same-class and 300 different-class pairs exist
+    assert "30 scored queries: one query moves precision@1 by 0.0333" in trust
+    assert "TAR @ FAR 1e-3 is not resolved" in trust and "there are 100" in trust
+    assert "TAR @ FAR 1e-2" not in trust  # 100 impostor pairs resolve FAR 1e-2
+    assert "queries.png: 2 queries drawn at random (seed 0) from the 2 whose top" in text
+
+
+def test_compressed_index_above_exact_is_commented() -> None:
+    rows = [
+        {"kind": k, "precision_at_1": p1, "map_at_r": mr, "build_seconds": 0.1, "query_us": 1.0,
+         "bytes": 100}
+        for k, p1, mr in [("flat", 0.9, 0.633), ("hnsw", 0.9, 0.633), ("ivf_pq", 0.88, 0.691)]
+    ]
+    text = markdown_report({"indexes": rows})
+    assert "ivf_pq scores above exact search (MAP@R 0.6910 against 0.6330)" in text
+    assert "hnsw scores above" not in text
+    pca = {
+        str(n): {"length": n, "pca": n < 64, "precision_at_1": p1, "map_at_r": 0.5}
+        for n, p1 in [(16, 0.8), (32, 0.87), (64, 0.84)]
+    }
+    text = markdown_report({"pca": pca})
+    assert "PCA to 32 scores above the full length (precision@1 0.8700 against 0.8400)" in text
 
 
 def test_sample_rows_is_seeded_and_bounded() -> None:
@@ -202,23 +313,29 @@ def test_sample_rows_is_seeded_and_bounded() -> None:
     assert np.array_equal(sample_rows(7, 1000), np.arange(7))
 
 
-def test_scalar_metrics_tags() -> None:
-    tags = scalar_metrics(
+def test_heldout_scalars_are_the_headline_fractions() -> None:
+    tags = heldout_scalars(
         {
             "precision_at_1": 0.5,
+            "recall_at_5": 0.75,
+            "map_at_r": 0.25,
+            "num_queries": 30,
+            "embedding_dim": 8,
             "flag": True,
             "per_class": {"a": {}},
-            "verification": {"eer": 0.1},
-            "one_shot": {"5": 0.9, "20": None},
+            "verification": {"eer": 0.1, "num_pairs": 200, "best_threshold": 0.3},
+            "one_shot": {"5": 0.9},
             "indexes": [{"kind": "hnsw", "query_us": 3.0}],
         }
     )
     assert tags == {
-        "eval/precision_at_1": 0.5,
-        "eval/verification/eer": 0.1,
-        "eval/one_shot/5_way": 0.9,
-        "eval/index/hnsw/query_us": 3.0,
+        "heldout/precision_at_1": 0.5,
+        "heldout/recall_at_5": 0.75,
+        "heldout/map_at_r": 0.25,
+        "heldout/eer": 0.1,
     }
+    # the training loop keeps verification figures flat: same tags
+    assert heldout_scalars({"roc_auc": 0.9, "num_queries": 3}) == {"heldout/roc_auc": 0.9}
 
 
 def test_plots_titles_and_axes(result: EvalResult) -> None:
@@ -226,8 +343,15 @@ def test_plots_titles_and_axes(result: EvalResult) -> None:
     roc = plot_roc(result.curves["fpr"], result.curves["tpr"], ver, log_x=True)
     assert f"AUC {ver['roc_auc']:.4f}" in roc.axes[0].get_title()
     assert roc.axes[0].get_xscale() == "log"
-    pca = plot_pca(list(result.metrics["pca"].values()))
-    assert pca.axes[0].get_xscale() == "log" and len(pca.axes) == 2  # twin latency axis
+    rows = list(result.metrics["pca"].values())
+    pca = plot_pca(rows, shortest=rows[0]["length"])
+    assert len(pca.axes) == 2  # twin latency axis
+    ticks = [t.get_text() for t in pca.axes[0].get_xticklabels()]
+    assert ticks == ["2", "4", "8\n(full)"]  # one tick per length, evenly spaced
+    assert np.allclose(pca.axes[0].get_xticks(), [0, 1, 2])
+    (legend,) = pca.legends  # the figure's, under the axes: it cannot cover a curve
+    assert pca.axes[0].get_legend() is None
+    assert "shortest within 0.5 points (2)" in [t.get_text() for t in legend.get_texts()]
 
 
 def test_markdown_escapes_pipes_and_notes_missing_one_shot() -> None:
