@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,35 @@ def build_model(model_cfg: Any, num_classes: int = 0) -> EmbeddingModel:
         frozen_stages=model_cfg.frozen_stages,
         freeze_bn=model_cfg.freeze_bn,
     )
+
+
+def check_state_fits(
+    model_cfg: Any, num_classes: int, state: Mapping[str, Any], source: str
+) -> None:
+    """Compare `state`'s keys and shapes with the model `model_cfg` describes, built on the
+    meta device (no memory, no weights), so that a config naming a huge backbone beside a
+    small weights file is refused before anything large is allocated. Raises
+    `CheckpointError` naming `source`, what is missing or unexpected, and shapes that differ.
+    """
+    meta_cfg = copy.copy(model_cfg)
+    meta_cfg.pretrained = False
+    with torch.device("meta"):
+        meta_model = build_model(meta_cfg, num_classes)
+    own = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {own[k]}" for k in sorted(set(own) & set(state))
+              if k not in bad and tuple(state[k].shape) != own[k]]  # fmt: skip
+    if bad or missing or unexpected or shapes:
+        parts = [f"{what} {items[:3]}{' ...' if len(items) > 3 else ''} ({len(items)})"
+                 for what, items in (("not tensors:", bad), ("missing:", missing),
+                                     ("unexpected:", unexpected), ("shapes differ:", shapes))
+                 if items]  # fmt: skip
+        raise CheckpointError(
+            f"{source}: the weights do not fit the model its config describes "
+            f"({model_cfg.backbone}): {'; '.join(parts)}"
+        )
 
 
 def data_config(model: EmbeddingModel, model_cfg: Any = None) -> dict[str, Any]:

@@ -90,9 +90,10 @@ def _size(n: int) -> str:
     return f"{n:,} bytes"
 
 
-def check_free_space(needs: list[tuple[Path, str, int]]) -> None:
+def check_free_space(needs: list[tuple[Path, str, int]], what_to_do: str | None = None) -> None:
     """`needs` lists (folder, what goes there, bytes); folders on one filesystem add up.
-    Raises `MltrainError` naming the folder, the bytes needed and free, and what to do."""
+    Raises `MltrainError` naming the folder, the bytes needed and free, and what to do
+    (`what_to_do`, or for a training run where to point its outputs instead)."""
     by_device: dict[int, list[tuple[Path, str, int]]] = {}
     for folder, what, n in needs:
         by_device.setdefault(_existing(folder).stat().st_dev, []).append((folder, what, n))
@@ -103,9 +104,10 @@ def check_free_space(needs: list[tuple[Path, str, int]]) -> None:
             parts = ", ".join(f"{what} in {folder}: {_size(n)}" for folder, what, n in entries)
             raise MltrainError(
                 f"not enough disk space: this run needs about {_size(need)} ({parts}) but "
-                f"only {_size(free)} is free on the disk holding {entries[0][0]}; free some "
-                "space, or set output_dir (checkpoints) or the MLTRAIN_CACHE environment "
-                "variable (prefix cache) to a folder on a larger disk"
+                f"only {_size(free)} is free on the disk holding {entries[0][0]}; "
+                + (what_to_do or "free some space, or set output_dir (checkpoints) or the "
+                   "MLTRAIN_CACHE environment variable (prefix cache) to a folder on a larger "
+                   "disk")
             )
 
 
