@@ -242,6 +242,17 @@ def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:
 # --- export --------------------------------------------------------------------------------
 
 
+def check_export_target(out_dir: Path) -> None:
+    """A bundle is only written to a new folder or over an older bundle (never over other
+    files); callers check this before long work."""
+    if (out_dir.exists() or out_dir.is_symlink()) and not (
+        out_dir.is_dir() and _is_bundle_dir(out_dir)
+    ):
+        raise BundleError(
+            f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
+        )
+
+
 def _splits_of(data) -> list[str]:
     """Each image's side of the run's split: train, heldout, or all for split kind none."""
     n = len(data.folder)
@@ -285,10 +296,7 @@ def export_bundle(
         exp.shard_size = shard_size
     metric = cfg.eval.metric
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and _is_bundle_dir(out_dir)):
-        raise BundleError(
-            f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
-        )
+    check_export_target(out_dir)
 
     data = prepare_data(cfg)
     folder = data.folder

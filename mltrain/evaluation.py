@@ -108,12 +108,15 @@ def compute_metrics(s: EmbeddedSplit, cfg: Config) -> EvalResult:
     return EvalResult(metrics, s, nb, curves)
 
 
-def new_eval_dir(base: Path) -> Path:
+def new_eval_dir(base: Path, create: bool = True) -> Path:
+    """A free `base/eval/<time>[-N]`; with `create=False` only its name (evaluate.py writes
+    into a staging folder and renames it there when done)."""
     out = base / "eval" / datetime.now().strftime("%Y%m%d-%H%M%S")
     n = 1
     while out.exists():
         out, n = out.with_name(f"{out.name}-{n}"), n + 1
-    out.mkdir(parents=True)
+    if create:
+        out.mkdir(parents=True)
     return out
 
 

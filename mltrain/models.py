@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mltrain.checkpoint import load_error_reason
 from mltrain.errors import CheckpointError, ConfigError, MltrainError
 from mltrain.registry import Registry
 
@@ -72,7 +74,7 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        raise CheckpointError(f"cannot load weights from {path}: {e}") from None
+        raise CheckpointError(f"cannot load weights from {path} ({load_error_reason(e)})") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -98,11 +100,18 @@ def _load_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str) 
     model.load_state_dict(weights, strict=True)
 
 
+def _similar_models(name: str) -> str:
+    """The closest timm model names by edit similarity (so `resnet5O` suggests resnet50)."""
+    base = name.split(".")[0].lower()
+    close = difflib.get_close_matches(base, timm.list_models(), n=8, cutoff=0.6)
+    listing = "python -c 'import timm; print(timm.list_models(\"*resnet*\"))'"
+    return f"; similar: {', '.join(close)}" if close else f"; list them with {listing}"
+
+
 def create_backbone(name: str, pretrained: bool | str, num_classes: int = 0) -> nn.Module:
     """A timm model by name with weights from the hub, an offline package or a file."""
     if not timm.is_model(name.split(".")[0]):
-        close = timm.list_models(f"*{name.split('_')[0][:6]}*")[:10]
-        raise ConfigError(f"model.backbone: unknown timm model '{name}'; similar: {close}")
+        raise ConfigError(f"model.backbone: unknown timm model '{name}'{_similar_models(name)}")
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if pretrained is True:
         try:

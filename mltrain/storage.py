@@ -111,6 +111,14 @@ def check_free_space(needs: list[tuple[Path, str, int]], what_to_do: str | None 
             )
 
 
+def check_output_folders(needs: list[tuple[Path, str, int]], what_to_do: str) -> None:
+    """Before long work whose results go to folders that may not exist yet: the first
+    existing folder on each path is writable (probe file) and the disks have the bytes."""
+    for folder, what, _ in needs:
+        check_writable(_existing(folder.parent), f"{what}: {what_to_do}")
+    check_free_space([(_existing(folder), what, n) for folder, what, n in needs], what_to_do)
+
+
 def run_space_needs(
     run_dir: Path, checkpoint_size: int, cache: tuple[Path, int] | None
 ) -> list[tuple[Path, str, int]]:
