@@ -399,7 +399,7 @@ def _bundle_file(folder: Path, name: str) -> Path:
     path = folder / name
     if not (path.exists() or path.is_symlink()):
         raise BundleError(f"{path} is missing; the bundle is incomplete: {_REEXPORT}")
-    safefs.inside(folder, name, BundleError, "bundle file")
+    safefs.inside(folder, name, BundleError, f"bundle file {path}")
     if not safefs.is_regular(path):
         raise BundleError(f"{path} is not a regular file; {_REEXPORT}")
     return path
@@ -679,8 +679,8 @@ def safe_image_path(bundle: Bundle, rel: str) -> Path:
         raise BundleError(f"metadata path {rel!r} is unsafe ({reason}); refusing to read it")
     if rel.startswith(BUNDLE_PREFIX):
         return safefs.inside(bundle.path, rel[len(BUNDLE_PREFIX) :], BundleError,
-                             "metadata path")  # fmt: skip
-    return safefs.inside(bundle.root, rel, BundleError, "metadata path")
+                             f"metadata path {rel!r}")  # fmt: skip
+    return safefs.inside(bundle.root, rel, BundleError, f"metadata path {rel!r}")
 
 
 # --- adding images -------------------------------------------------------------------------
@@ -898,7 +898,7 @@ def _copied_before(bundle_path: Path, image: Path, name: str) -> bool:
     that resolves outside the bundle is never compared (never read)."""
     rel = f"{IMAGES_DIR}/{_folder_name(name)}/{image.name}"
     try:
-        copied = safefs.inside(bundle_path, rel, BundleError, "added image")
+        copied = safefs.inside(bundle_path, rel, BundleError, f"added image {rel!r}")
     except BundleError:
         return False
     return safefs.is_regular(copied) and filecmp.cmp(image, copied, shallow=False)

@@ -28,6 +28,7 @@ _held: set[Path] = set()  # targets whose lock this process holds (the lock is r
 
 def inside(anchor: Path, rel: str, error: type[Exception], what: str) -> Path:
     """`anchor/rel` resolved, or `error` when it resolves outside `anchor` (resolved too).
+    `what` names the path in the message (e.g. "metadata path 'bundle:images/a.jpg'").
 
     `rel` must already be relative without `..` (callers check that lexically); this catches
     symlinks anywhere along it, including a symlinked first component such as `images`.
@@ -36,7 +37,7 @@ def inside(anchor: Path, rel: str, error: type[Exception], what: str) -> Path:
     target = (base / rel).resolve()
     if not target.is_relative_to(base):
         raise error(
-            f"{what} {rel!r} resolves to {target}, outside {base} (a symlink?); refusing to read it"
+            f"{what} resolves to {target}, outside {base} (a symlink?); refusing to read it"
         )
     return target
 
