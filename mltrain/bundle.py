@@ -33,6 +33,7 @@ import copy
 import csv
 import filecmp
 import hashlib
+import io
 import json
 import os
 import platform
@@ -222,8 +223,12 @@ def _unsafe_reason(rel: str) -> str | None:
 
 
 def _save_state_dict(model: torch.nn.Module, path: Path) -> None:
+    """Serialised in memory, then written by Python: torch's own writer turns a full or
+    read-only disk into an opaque RuntimeError, this one into an OSError naming `path`."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path.write_bytes(buf.getbuffer())
 
 
 def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:
@@ -771,6 +776,7 @@ def _write_with_added(bundle: Bundle, emb: np.ndarray, tmp: Path, manifest: dict
         old = bundle.embeddings
         out = open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype,
                           shape=(len(old) + len(emb), old.shape[1]))  # fmt: skip
+        safefs.reserve(tmp / EMBEDDINGS)  # a full disk: an OSError now, not a SIGBUS later
         for start in range(0, len(old), CHUNK_ROWS):
             end = min(start + CHUNK_ROWS, len(old))
             out[start:end] = old[start:end]

@@ -19,11 +19,12 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 STAGING_TAGS = ("partial", "adding", "old")  # hidden siblings `.NAME.<tag>-XXXX` of a target
-_held: set[Path] = set()  # targets whose lock this process holds (the lock is re-entrant)
+_local = threading.local()  # .held: targets whose lock this thread holds (re-entrant)
 
 
 def inside(anchor: Path, rel: str, error: type[Exception], what: str) -> Path:
@@ -98,6 +99,22 @@ def fsync_tree(folder: Path) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(Path(d))
+
+
+def reserve(path: Path) -> None:
+    """Allocate the blocks of a file about to be filled through a memory map, so a full disk
+    is an OSError now rather than a SIGBUS (a crash) at the first page the disk cannot hold.
+    File systems without fallocate keep the old behaviour."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
 
 
 def _renameat2_exchange(a: Path, b: Path) -> bool:
@@ -181,11 +198,12 @@ def lock(target: Path) -> Iterator[None]:
 
     Writers of a folder hold it from before they read the old state until the swap is done,
     so concurrent writers queue instead of losing each other's changes, and staging folders
-    seen under the lock are stale. Re-entrant within a process. The lock file is removed on
+    seen under the lock are stale. Re-entrant within a thread. The lock file is removed on
     release; a waiter that then holds the lock of a removed file tries again.
     """
     key = target.absolute()
-    if key in _held:
+    held: set[Path] = _local.__dict__.setdefault("held", set())
+    if key in held:
         yield
         return
     path = target.parent / f".{target.name}.lock"
@@ -208,11 +226,11 @@ def lock(target: Path) -> Iterator[None]:
         if same:
             break
         os.close(fd)  # the holder removed that lock file: lock the current one
-    _held.add(key)
+    held.add(key)
     try:
         yield
     finally:
-        _held.discard(key)
+        held.discard(key)
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
