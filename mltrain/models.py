@@ -108,10 +108,16 @@ def _similar_models(name: str) -> str:
     return f"; similar: {', '.join(close)}" if close else f"; list them with {listing}"
 
 
-def create_backbone(name: str, pretrained: bool | str, num_classes: int = 0) -> nn.Module:
-    """A timm model by name with weights from the hub, an offline package or a file."""
+def check_backbone_name(name: str) -> None:
+    """An unknown timm model name is a ConfigError with the closest names (cheap: callers
+    check it before scanning data or creating folders)."""
     if not timm.is_model(name.split(".")[0]):
         raise ConfigError(f"model.backbone: unknown timm model '{name}'{_similar_models(name)}")
+
+
+def create_backbone(name: str, pretrained: bool | str, num_classes: int = 0) -> nn.Module:
+    """A timm model by name with weights from the hub, an offline package or a file."""
+    check_backbone_name(name)
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if pretrained is True:
         try:

@@ -42,7 +42,7 @@ from mltrain.engine import (
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.losses import Criterion, build_criterion
 from mltrain.metrics import retrieval_metrics
-from mltrain.models import EmbeddingModel, build_model, data_config
+from mltrain.models import EmbeddingModel, build_model, check_backbone_name, data_config
 from mltrain.precision import depthwise_in_fp32
 from mltrain.prefix_cache import cache_dir, cached, weights_identity
 from mltrain.rundata import (
@@ -121,8 +121,10 @@ def _optimizer_problem(name: str, e: Exception) -> str:
 
 
 def check_optimization(cfg: Config) -> None:
-    """Build the optimizer and scheduler once for a one-parameter model: a bad name or
-    argument fails in milliseconds, before a run folder, data checks or a model exist."""
+    """Check the backbone name, and build the optimizer and scheduler once for a
+    one-parameter model: a bad name or argument fails in milliseconds, before a run folder,
+    data checks or a model exist."""
+    check_backbone_name(cfg.model.backbone)
     try:
         optimizer = make_optimizer(cfg, torch.nn.Linear(1, 1))
         make_scheduler(cfg, optimizer, 1)
@@ -491,6 +493,8 @@ def _remove_if_stub(run_dir: Path) -> None:
             (run_dir / "checkpoints").rmdir()
         return
     shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # <output_dir>/<name> when this was its only run
+        run_dir.parent.rmdir()
 
 
 def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:

@@ -534,13 +534,20 @@ def test_failed_training_leaves_no_stub_run_folder(tmp_path, monkeypatch, proble
     with pytest.raises((MltrainError, KeyboardInterrupt)):
         trainer.fit(_tiny_train_cfg(root, tmp_path / "exp", *extra))
     assert len(made) == 1 and not made[0].exists()  # it was created, then removed
+    assert not made[0].parent.exists()  # and <output_dir>/<name>, empty now, too
 
 
-def test_bad_optimizer_args_fail_before_any_run_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bad,match", [
+    ("train.optimizer.args.warp_speed=9", "no argument 'warp_speed'"),
+    ("model.backbone=resnet5O", "unknown timm model 'resnet5O'"),
+    ("train.scheduler.name=sometimes", "sometimes"),
+])  # fmt: skip
+def test_bad_components_fail_before_any_run_folder_or_data_scan(tmp_path, monkeypatch, bad,
+                                                                match):  # fmt: skip
     monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
-    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
-    cfg = _tiny_train_cfg(root, tmp_path / "exp", "train.optimizer.args.warp_speed=9")
-    with pytest.raises(ConfigError, match="warp_speed"):
+    monkeypatch.setattr(trainer, "prepare_data", lambda *a: pytest.fail("data scanned"))
+    cfg = _tiny_train_cfg(tmp_path / "no-data", tmp_path / "exp", bad)
+    with pytest.raises(ConfigError, match=match):
         trainer.fit(cfg)
     assert not (tmp_path / "exp").exists()
 
