@@ -18,8 +18,14 @@ each shard's name, rows and sha256 under "shards"; `Bundle.embeddings` is then a
 
 `load_bundle` checks every file against the manifest before using any of them, so a
 truncated, edited or mismatched file is a `BundleError` that names it, never a wrong answer.
-Exports and `add_images` write a complete new folder beside the old one and rename it into
-place, so an interrupted run never leaves a folder that looks complete.
+Bundles also come from other people, so everything in one is untrusted: every file must be a
+regular file that resolves inside the bundle (`mltrain.safefs.inside`), `images/` a real
+folder, the image root no file-system root, system or home folder, class names strings
+(printed escaped), and model.pt must fit the config before that model is built.
+Exports and `add_images` write a complete new folder beside the old one and swap it into
+place under a per-bundle lock (`mltrain.safefs.replace_dir`): the path never stands empty,
+or, where the system has no atomic exchange, the next load puts the old bundle back; staging
+folders of killed writers are deleted by the next writer.
 
 Rows of images added later with `add_images` that lie outside the image root are copied into
 the bundle's own `images/` folder; their metadata path reads `bundle:images/<class>/<file>`.
@@ -160,16 +166,10 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
     `out_dir` is at every moment the old complete bundle or the new complete one (see
     `mltrain.safefs.replace_dir`; where the swap takes two renames, `load_bundle` puts the
-    old bundle back after a kill between them). Callers hold `safefs.lock(out_dir)`.
+    old bundle back after a kill between them). Callers hold `safefs.lock(out_dir)` (and
+    `_staged` removes `tmp` when this raises).
     """
-    if (out_dir.exists() or out_dir.is_symlink()) and not (
-        out_dir.is_dir() and _is_bundle_dir(out_dir)
-    ):
-        safefs.remove(tmp)
-        raise BundleError(
-            f"{out_dir} exists and is not a search bundle; choose another folder or "
-            "remove it (a bundle is only ever written over an older bundle)"
-        )
+    check_export_target(out_dir)  # again: the folder may have changed while we wrote
     safefs.replace_dir(tmp, out_dir)
 
 
