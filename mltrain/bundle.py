@@ -152,6 +152,7 @@ def _staged(out_dir: Path, tag: str) -> Iterator[Path]:
     """A new staging folder beside `out_dir`, under the bundle's lock (staging folders that
     killed writers left there are deleted first); removed again unless moved into place."""
     with safefs.lock(out_dir):
+        _recover(out_dir)  # a previous bundle set aside by a killed swap is no stale folder
         safefs.clean_stale(out_dir)
         tmp = safefs.staging_dir(out_dir, tag)
         try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 import shutil
 import stat
@@ -22,6 +21,11 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: writers are not serialised
+    fcntl = None
 
 STAGING_TAGS = ("partial", "adding", "old")  # hidden siblings `.NAME.<tag>-XXXX` of a target
 _local = threading.local()  # .held: targets whose lock this thread holds (re-entrant)
@@ -203,7 +207,7 @@ def lock(target: Path) -> Iterator[None]:
     """
     key = target.absolute()
     held: set[Path] = _local.__dict__.setdefault("held", set())
-    if key in held:
+    if key in held or fcntl is None:
         yield
         return
     path = target.parent / f".{target.name}.lock"
