@@ -331,9 +331,10 @@ def _run(argv: Sequence[str] | None) -> int:
         print(json.dumps(_json_doc(run, bundle, load_ms), indent=2))
     else:
         info = bundle.manifest["index"]
-        pca = f", PCA {info['pca_dim']}" if info.get("pca_dim") else ""
-        print(f"bundle {printable(bundle.path)}: {len(bundle)} images, {info['kind']} index{pca}, "
-              f"{bundle.metric} metric; loaded and verified in {load_ms:.0f} ms")  # fmt: skip
+        pca = f", PCA {printable(info['pca_dim'])}" if info.get("pca_dim") else ""
+        print(f"bundle {printable(bundle.path)}: {len(bundle)} images, "
+              f"{printable(info['kind'])} index{pca}, {printable(bundle.metric)} metric; "
+              f"loaded and verified in {load_ms:.0f} ms")  # fmt: skip
         _print_table(run, bundle)
     if args.sheet:
         out = write_sheet(run, bundle, args.sheet)

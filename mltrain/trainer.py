@@ -86,7 +86,11 @@ def new_run_dir(cfg: Config) -> Path:
         (run_dir / "checkpoints").mkdir()
     except OSError as e:
         raise MltrainError(f"output_dir: cannot write to {run_dir} ({e}); {todo}") from None
-    check_writable(run_dir / "checkpoints", f"output_dir: {todo}")
+    try:
+        check_writable(run_dir / "checkpoints", f"output_dir: {todo}")
+    except MltrainError:
+        shutil.rmtree(run_dir, ignore_errors=True)  # no stub folder for a run that never began
+        raise
     return run_dir
 
 
