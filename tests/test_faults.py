@@ -364,6 +364,19 @@ def test_disk_full_during_export_is_one_line_and_leaves_no_staging(eval_root, sm
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
 
 
+@pytest.mark.parametrize("leave_kib", [16, 160])  # full while writing embeddings / figures
+def test_disk_full_during_evaluation_is_one_line_and_leaves_nothing(eval_root, small_disk,
+                                                                    leave_kib, monkeypatch,
+                                                                    capsys):  # fmt: skip
+    import mltrain.storage as storage_mod
+
+    monkeypatch.setattr(storage_mod, "check_free_space", lambda *a, **k: None)
+    fill(small_disk, leave=leave_kib * 1024)
+    code, err = evaluate_cli(monkeypatch, capsys, eval_root, "--out", str(small_disk / "o"))
+    assert code == 2 and "No space left on device" in one_error_line(err)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
 # --- Ctrl-C: exit 130, one line, nothing half-written at the target --------------------------
 
 
