@@ -812,6 +812,9 @@ def add_images(
     is held from loading to the swap, so concurrent adds queue instead of losing images.
     """
     bundle_path = Path(bundle_path)
+    if not bundle_path.parent.is_dir():  # a mistyped path: say so rather than create folders
+        raise BundleError(f"search bundle {bundle_path} is not a folder; pass the folder that "
+                          f"holds {MANIFEST}")  # fmt: skip
     check_writable(bundle_path.parent, "--add writes the updated bundle beside the old one: "
                    "make the folder writable, or copy the bundle to a writable disk")  # fmt: skip
     with safefs.lock(bundle_path):
