@@ -39,7 +39,6 @@ import copy
 import csv
 import filecmp
 import hashlib
-import io
 import json
 import os
 import platform
@@ -59,6 +58,7 @@ from numpy.lib.format import open_memmap
 
 import mltrain
 from mltrain import safefs
+from mltrain.checkpoint import torch_save
 from mltrain.config import ExportConfig, from_dict, to_dict
 from mltrain.data.folder import IMAGE_EXTENSIONS, is_image
 from mltrain.data.images import load_image
@@ -224,12 +224,9 @@ def _unsafe_reason(rel: str) -> str | None:
 
 
 def _save_state_dict(model: torch.nn.Module, path: Path) -> None:
-    """Serialised in memory, then written by Python: torch's own writer turns a full or
-    read-only disk into an opaque RuntimeError, this one into an OSError naming `path`."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    path.write_bytes(buf.getbuffer())
+    with open(path, "wb") as f:
+        torch_save(state, f, path)  # a full disk: an OSError naming the file
 
 
 def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:

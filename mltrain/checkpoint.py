@@ -6,13 +6,48 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from mltrain.errors import CheckpointError
 
 FORMAT_VERSION = 1
+
+
+class _WriteRecorder:
+    """A file wrapper that keeps the OSError of a failed write: torch's zip writer reports
+    it as an opaque RuntimeError ("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def torch_save(obj: Any, f: BinaryIO, name: str | Path) -> None:
+    """`torch.save` into an open file; a failed write (full disk, read-only file system)
+    is an OSError naming `name`, as for any other file."""
+    recorder = _WriteRecorder(f)
+    try:
+        torch.save(obj, recorder)
+    except RuntimeError:
+        if recorder.error is None:
+            raise
+        e = recorder.error
+        raise OSError(e.errno, e.strerror, str(name)) from None
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -25,7 +60,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            torch_save(obj, f, path)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

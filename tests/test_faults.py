@@ -299,6 +299,19 @@ def test_sheet_on_a_full_or_read_only_disk_is_one_line_and_no_file(exported, sma
     assert sorted(p.name for p in small_disk.iterdir()) == (["filler"] if disk == "full" else [])
 
 
+def test_checkpoint_write_on_a_full_disk_is_an_os_error_and_keeps_the_old_file(small_disk):
+    from mltrain.checkpoint import atomic_save, load_checkpoint
+
+    path = small_disk / "last.pt"
+    atomic_save({"model": {"w": torch.zeros(10)}, "config": {}}, path)
+    fill(small_disk, leave=64 * 1024)
+    with pytest.raises(OSError) as info:  # torch's own writer would say "unexpected pos"
+        atomic_save({"model": {"w": torch.zeros(200_000)}, "config": {}}, path)
+    assert info.value.errno == 28 and info.value.filename == str(path)
+    assert load_checkpoint(path)["model"]["w"].shape == (10,)  # the previous one, intact
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "last.pt"]
+
+
 # --- evaluate.py: targets checked first, nothing half-written --------------------------------
 
 
