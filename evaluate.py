@@ -2,6 +2,9 @@
 
 python evaluate.py --checkpoint experiments/<run>/checkpoints/best.pt
 python evaluate.py --backbone tf_efficientnet_lite0 --config configs/pooling.yaml
+
+Results are written to a hidden staging folder beside the target and renamed into place when
+complete; --out and --export are checked for writability and free space before evaluating.
 """
 
 import argparse
@@ -28,7 +31,7 @@ def main() -> None:
     if bool(args.checkpoint) == bool(args.backbone):
         raise ConfigError("give exactly one of --checkpoint or --backbone")
     from mltrain.config import load_config
-    from mltrain.evaluation import evaluate, new_eval_dir
+    from mltrain.evaluation import new_eval_dir
     from mltrain.inference import embedder_from_backbone, embedder_from_checkpoint
 
     if args.checkpoint:
@@ -43,20 +46,13 @@ def main() -> None:
         embedder = embedder_from_backbone(cfg)
         base = Path(cfg.output_dir) / f"backbone-{args.backbone}"
         source = f"pretrained backbone {args.backbone}"
-    out = Path(args.out) if args.out else new_eval_dir(base)
-    out.mkdir(parents=True, exist_ok=True)
-    from mltrain.config import save_config
+    out = Path(args.out) if args.out else new_eval_dir(base, create=False)
+    export = Path(args.export) if args.export else None
     from mltrain.rundata import prepare_data
 
-    save_config(embedder.cfg, out / "config.yaml")
-    data = prepare_data(embedder.cfg, out)  # scanned and checked once, for both
-    if args.export:  # its size checks before any embedding, not after the evaluation
-        from mltrain.bundle import check_export_index
-
-        cfg = embedder.cfg
-        dim = embedder.model.embedding_dim
-        check_export_index(cfg.export, len(data.folder), dim, cfg.eval.metric)
-    result = evaluate(embedder, out, source, data)
+    data = prepare_data(embedder.cfg)  # scanned and checked once: checks, evaluation, export
+    check_targets(embedder, out, export, len(data.folder))
+    result, out = evaluate_into(embedder, out, source, bool(args.out), base, data)
     m = result.metrics
     print(
         f"precision@1 {m['precision_at_1']:.4f}  MAP@R {m['map_at_r']:.4f}  "
@@ -66,8 +62,59 @@ def main() -> None:
     if args.export:
         from mltrain.bundle import export_bundle
 
-        export_bundle(embedder, Path(args.export), source, data=data)
+        export_bundle(embedder, export, source, data=data)
     print(f"results: {out}")
+
+
+def check_targets(embedder, out: Path, export: Path | None, images: int) -> None:
+    """Before the evaluation: the targets may be written (an --out folder holding other
+    files is not replaced) and their disks hold a rough upper estimate of the results:
+    embeddings (npy and TensorBoard) plus 64 MiB of figures; a bundle's embeddings, index
+    and model. The export's index settings must fit the `images` it will hold."""
+    from mltrain.bundle import check_export_index, check_export_target
+    from mltrain.storage import check_output_folders
+
+    if out.exists() and not (out.is_dir() and (is_eval_dir(out) or not any(out.iterdir()))):
+        raise ConfigError(f"--out {out} exists and is not an evaluation folder; choose a new "
+                          "folder (an earlier evaluation's folder is replaced whole)")  # fmt: skip
+    cfg = embedder.cfg
+    dim = embedder.model.embedding_dim
+    if export is not None:
+        check_export_target(export)
+        check_export_index(cfg.export, images, dim, cfg.eval.metric)
+    needs = [(out, "evaluation results (--out)", images * dim * 8 + 64 * 2**20)]
+    if export is not None:
+        weights = sum(t.numel() * t.element_size() for t in embedder.model.state_dict().values())
+        needs.append((export, "search bundle (--export)", images * (dim * 8 + 512) + weights))
+    check_output_folders(needs, "free space, make the folder writable or choose another one")
+
+
+def is_eval_dir(path: Path) -> bool:
+    return (path / "metrics.json").is_file() and (path / "config.yaml").is_file()
+
+
+def evaluate_into(embedder, out: Path, source: str, replace: bool, base: Path, data) -> tuple:
+    """`evaluate` into a staging folder, renamed to `out` when complete: an interrupted or
+    failed evaluation leaves nothing at `out`. An --out folder (`replace`) is swapped whole;
+    a default `<run>/eval/<time>` that another evaluation took meanwhile gets the next name.
+    Returns (EvalResult, the folder it is in)."""
+    from mltrain import safefs
+    from mltrain.evaluation import evaluate, new_eval_dir
+
+    with safefs.lock(out):
+        safefs.clean_stale(out)  # staging folders of killed evaluations
+        tmp = safefs.staging_dir(out, "partial")
+        try:
+            result = evaluate(embedder, tmp, source, data)
+            while not replace and (out.exists() or out.is_symlink()):
+                out = new_eval_dir(base, create=False)
+            if replace and out.exists() and not (is_eval_dir(out) or not any(out.iterdir())):
+                raise ConfigError(f"--out {out} now holds other files; results not moved there")
+            safefs.replace_dir(tmp, out)
+        except BaseException:
+            safefs.remove(tmp)
+            raise
+    return result, out
 
 
 if __name__ == "__main__":

@@ -18,8 +18,14 @@ each shard's name, rows and sha256 under "shards"; `Bundle.embeddings` is then a
 
 `load_bundle` checks every file against the manifest before using any of them, so a
 truncated, edited or mismatched file is a `BundleError` that names it, never a wrong answer.
-Exports and `add_images` write a complete new folder beside the old one and rename it into
-place, so an interrupted run never leaves a folder that looks complete.
+Bundles also come from other people, so everything in one is untrusted: every file must be a
+regular file that resolves inside the bundle (`mltrain.safefs.inside`), `images/` a real
+folder, the image root no file-system root, system or home folder, class names strings
+(printed escaped), and model.pt must fit the config before that model is built.
+Exports and `add_images` write a complete new folder beside the old one and swap it into
+place under a per-bundle lock (`mltrain.safefs.replace_dir`): the path never stands empty,
+or, where the system has no atomic exchange, the next load puts the old bundle back; staging
+folders of killed writers are deleted by the next writer.
 
 Rows of images added later with `add_images` that lie outside the image root are copied into
 the bundle's own `images/` folder; their metadata path reads `bundle:images/<class>/<file>`.
@@ -28,6 +34,7 @@ the bundle's own `images/` folder; their metadata path reads `bundle:images/<cla
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import filecmp
@@ -37,8 +44,7 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -51,13 +57,15 @@ import torch
 from numpy.lib.format import open_memmap
 
 import mltrain
+from mltrain import safefs
+from mltrain.checkpoint import torch_save
 from mltrain.config import ExportConfig, from_dict, to_dict
-from mltrain.data.folder import is_image
+from mltrain.data.folder import IMAGE_EXTENSIONS, is_image
 from mltrain.data.images import load_image
-from mltrain.errors import BundleError, ConfigError, DataError
+from mltrain.errors import BundleError, CheckpointError, ConfigError, DataError
 from mltrain.index import build_index, check_index_config, load_index, prepare, save_index
 from mltrain.inference import Embedder, make_embedder
-from mltrain.models import build_model
+from mltrain.models import build_model, check_state_fits
 from mltrain.rundata import RunData, prepare_data
 from mltrain.shards import (
     CHUNK_ROWS,
@@ -69,6 +77,7 @@ from mltrain.shards import (
     shard_number,
     training_rows,
 )
+from mltrain.storage import check_free_space, check_writable
 
 FORMAT_VERSION = 1  # embeddings in one embeddings.npy
 SHARDED_FORMAT = 2  # embeddings in the shards that the manifest lists
@@ -135,54 +144,35 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _new_temp_dir(out_dir: Path, tag: str) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{tag}-", dir=out_dir.parent))
-
-
 def _is_bundle_dir(path: Path) -> bool:
     return (path / MANIFEST).is_file() or (path.is_dir() and not any(path.iterdir()))
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished `tmp` folder to `out_dir`, replacing an older bundle there.
+@contextlib.contextmanager
+def _staged(out_dir: Path, tag: str) -> Iterator[Path]:
+    """A new staging folder beside `out_dir`, under the bundle's lock (staging folders that
+    killed writers left there are deleted first); removed again unless moved into place."""
+    with safefs.lock(out_dir):
+        _recover(out_dir)  # a previous bundle set aside by a killed swap is no stale folder
+        safefs.clean_stale(out_dir)
+        tmp = safefs.staging_dir(out_dir, tag)
+        try:
+            yield tmp
+        except BaseException:
+            safefs.remove(tmp)
+            raise
 
-    The old bundle is first renamed aside, so `out_dir` is at every moment absent, the old
-    complete bundle or the new complete one, never a mix.
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Put the finished `tmp` folder at `out_dir`, replacing an older bundle there.
+
+    `out_dir` is at every moment the old complete bundle or the new complete one (see
+    `mltrain.safefs.replace_dir`; where the swap takes two renames, `load_bundle` puts the
+    old bundle back after a kill between them). Callers hold `safefs.lock(out_dir)` (and
+    `_staged` removes `tmp` when this raises).
     """
-    for f in tmp.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if out_dir.exists() or out_dir.is_symlink():
-        if not out_dir.is_dir() or not _is_bundle_dir(out_dir):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise BundleError(
-                f"{out_dir} exists and is not a search bundle; choose another folder or "
-                "remove it (a bundle is only ever written over an older bundle)"
-            )
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        old.rmdir()
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    check_export_target(out_dir)  # again: the folder may have changed while we wrote
+    safefs.replace_dir(tmp, out_dir)
 
 
 def _write_metadata(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -226,12 +216,18 @@ def _unsafe_reason(rel: str) -> str | None:
         return "absolute path"
     if ".." in inner.replace("\\", "/").split("/"):
         return "'..' component"
+    if rel.startswith(BUNDLE_PREFIX):
+        if not inner.startswith(IMAGES_DIR + "/"):
+            return f"a {BUNDLE_PREFIX} path must name a file under {IMAGES_DIR}/"
+    elif not is_image(PurePosixPath(inner)):  # only images are read from the image root
+        return "not an image file name"
     return None
 
 
 def _save_state_dict(model: torch.nn.Module, path: Path) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, path)
+    with open(path, "wb") as f:
+        torch_save(state, f, path)  # a full disk: an OSError naming the file
 
 
 def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:
@@ -248,6 +244,17 @@ def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:
 
 
 # --- export --------------------------------------------------------------------------------
+
+
+def check_export_target(out_dir: Path) -> None:
+    """A bundle is only written to a new folder or over an older bundle (never over other
+    files); callers check this before long work."""
+    if (out_dir.exists() or out_dir.is_symlink()) and not (
+        out_dir.is_dir() and _is_bundle_dir(out_dir)
+    ):
+        raise BundleError(
+            f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
+        )
 
 
 def _splits_of(data) -> list[str]:
@@ -296,10 +303,7 @@ def export_bundle(
         exp.shard_size = shard_size
     metric = cfg.eval.metric
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and _is_bundle_dir(out_dir)):
-        raise BundleError(
-            f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
-        )
+    check_export_target(out_dir)
 
     data = data or prepare_data(cfg)
     folder = data.folder
@@ -315,8 +319,7 @@ def export_bundle(
         for p, lab, s in zip(folder.paths, folder.labels, splits, strict=True)
     ]
     head = embedder.model.head
-    tmp = _new_temp_dir(out_dir, "partial")
-    try:
+    with _staged(out_dir, "partial") as tmp:
         idx, dim, shards = _write_embeddings(
             embedder, folder.paths, folder.labels, tmp, exp, metric
         )
@@ -342,9 +345,6 @@ def export_bundle(
         _save_state_dict(embedder.model, tmp / MODEL)
         _finish_manifest(tmp, manifest, kind, exp.index_args, pca, idx)
         _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -414,13 +414,45 @@ def _finish_manifest(
 # --- loading -------------------------------------------------------------------------------
 
 
+def _bundle_file(folder: Path, name: str) -> Path:
+    """`folder/name` as a regular file inside the bundle. A symlink out of the bundle is
+    refused before anything is read, and so are FIFOs and devices (reading one hangs)."""
+    path = folder / name
+    if not (path.exists() or path.is_symlink()):
+        raise BundleError(f"{path} is missing; the bundle is incomplete: {_REEXPORT}")
+    safefs.inside(folder, name, BundleError, f"bundle file {path}")
+    if not safefs.is_regular(path):
+        raise BundleError(f"{path} is not a regular file; {_REEXPORT}")
+    return path
+
+
+def _recover(path: Path) -> None:
+    """A kill between the two renames of a swap left no bundle at `path`: put the old one back."""
+    if path.exists() or path.is_symlink():
+        return
+    try:
+        restored = safefs.recover_dir(path, lambda p: (p / MANIFEST).is_file())
+    except OSError as e:
+        raise BundleError(
+            f"search bundle {path} is missing and its previous version beside it could not be "
+            f"put back ({e.strerror or e}); rename the newest .{path.name}.old-* folder to "
+            f"{path.name}"
+        ) from None
+    if restored is not None:
+        print(f"note: {path} was missing after an interrupted write; restored the previous "
+              f"bundle from {restored.name} (repeat the interrupted --add)",
+              file=sys.stderr)  # fmt: skip
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
+    _recover(path)
     mpath = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"search bundle {path} is not a folder; pass the folder that holds "
                           f"{MANIFEST}")  # fmt: skip
-    if not mpath.is_file():
+    if not mpath.exists():
         raise BundleError(f"{mpath} is missing: {path} is not a complete bundle; {_REEXPORT}")
+    _bundle_file(path, MANIFEST)
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -433,6 +465,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     types = {"files": dict, "index": dict, "classes": list, "count": int, "embedding_dim": int,
              "config": dict, "image_root": str, "metric": str, "dtype": str}  # fmt: skip
     wrong = [k for k, t in types.items() if not isinstance(manifest[k], t)]
+    if not all(isinstance(c, str) for c in manifest["classes"]):
+        wrong.append("classes")
     if wrong:
         raise BundleError(f"{mpath}: malformed entries {wrong}; {_REEXPORT}")
     if manifest["format_version"] not in FORMATS:
@@ -502,7 +536,7 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
         raise BundleError(
             f"{path / METADATA} has {len(metadata)} rows but {MANIFEST} says {count}; {_REEXPORT}"
         )
-    n_classes = len(manifest["classes"])
+    classes = manifest["classes"]
     for n, row in enumerate(metadata, start=2):
         reason = _unsafe_reason(row["path"])
         if reason:
@@ -510,8 +544,14 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
                 f"{path / METADATA} line {n}: path {row['path']!r} is unsafe ({reason}); "
                 "metadata paths must stay under the image root"
             )
-        if not 0 <= row["label"] < n_classes:
+        if not 0 <= row["label"] < len(classes):
             raise BundleError(f"{path / METADATA} line {n}: label {row['label']} is out of range")
+        if row["class"] != classes[row["label"]]:
+            raise BundleError(
+                f"{path / METADATA} line {n}: class {row['class']!r} is not class "
+                f"{row['label']} of {MANIFEST} ({classes[row['label']]!r}); {_REEXPORT}"
+            )
+    _check_images_dir(path)
     index = load_index(path / INDEX)
     if index.ntotal != count:
         raise BundleError(
@@ -522,12 +562,47 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
         raise BundleError(f"{path / INDEX} takes {index.d}-d queries, embeddings are {dim}-d")
     _apply_search_params(index, manifest["index"].get("args") or {})
     root = Path(image_root) if image_root is not None else Path(manifest["image_root"])
+    _check_image_root(root, "--image-root" if image_root is not None else f"{path / MANIFEST}")
     return Bundle(path, manifest, emb, metadata, index, root)
 
 
+_SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/proc", "/root",
+                "/run", "/sbin", "/sys", "/usr", "/var")  # fmt: skip
+
+
+def _check_image_root(root: Path, where: str) -> None:
+    """Refuse an image root that is a whole file system, a system folder or a home folder.
+
+    Metadata paths only name images under the root, but with `image_root: /` a tampered
+    bundle could still show any image of this machine on a contact sheet; a data folder is
+    always something narrower.
+    """
+    real = root.resolve()
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home folder known
+        home = Path("/nonexistent-home")
+    if real == real.parent or str(real) in _SYSTEM_DIRS or home.is_relative_to(real):
+        raise BundleError(
+            f"{where}: image root {root} is a file-system root, a system folder or a home "
+            "folder, not a data folder; refusing to read images from it (pass --image-root "
+            "with the folder the bundle was exported from)"
+        )
+
+
+def _check_images_dir(path: Path) -> None:
+    """`images/` (copies of added images) must be a real folder inside the bundle: a symlink
+    would make every `bundle:images/...` row, and `--add`'s copy of the folder, read outside."""
+    images = path / IMAGES_DIR
+    if images.is_symlink() or (images.exists() and not images.is_dir()):
+        raise BundleError(
+            f"{images} is a symlink or not a folder; a bundle keeps added images in a real "
+            f"{IMAGES_DIR}/ folder inside it, refusing to read outside the bundle; {_REEXPORT}"
+        )
+
+
 def _check_digest(path: Path, name: str, expected: str | None) -> None:
-    if not (path / name).is_file():
-        raise BundleError(f"{path / name} is missing; the bundle is incomplete: {_REEXPORT}")
+    _bundle_file(path, name)
     if not expected:
         raise BundleError(f"{path / MANIFEST} records no sha256 for {name}; {_REEXPORT}")
     if sha256_file(path / name) != expected:
@@ -572,13 +647,17 @@ def bundle_config(bundle: Bundle):
 
 
 def bundle_embedder(bundle: Bundle) -> Embedder:
-    """The bundle's model, rebuilt from its config with its own weights (no download)."""
+    """The bundle's model, rebuilt from its config with its own weights (no download).
+
+    model.pt is read first and compared, key by key and shape by shape, with the config's
+    model built on the meta device: a manifest naming a huge backbone is refused before
+    that backbone is allocated.
+    """
     if bundle._embedder is not None:
         return bundle._embedder
     cfg = bundle_config(bundle)
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.pretrained = False  # model.pt carries the weights
-    model = build_model(model_cfg, num_classes=int(bundle.manifest.get("num_classes", 0)))
     mpath = bundle.path / MODEL
     try:
         state = torch.load(mpath, map_location="cpu", weights_only=True)
@@ -588,6 +667,15 @@ def bundle_embedder(bundle: Bundle) -> Embedder:
         ) from None
     if not isinstance(state, dict):
         raise BundleError(f"{mpath} holds no state_dict; {_REEXPORT}")
+    num_classes = bundle.manifest.get("num_classes", 0)
+    if type(num_classes) is not int or num_classes < 0:
+        raise BundleError(f"{bundle.path / MANIFEST}: num_classes {num_classes!r} is not a "
+                          f"count; {_REEXPORT}")  # fmt: skip
+    try:
+        check_state_fits(model_cfg, num_classes, state, str(mpath))
+    except CheckpointError as e:
+        raise BundleError(f"{e}; {_REEXPORT}") from None
+    model = build_model(model_cfg, num_classes=num_classes)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -603,27 +691,17 @@ def safe_image_path(bundle: Bundle, rel: str) -> Path:
     """The file a metadata path names, refusing anything that leaves its root.
 
     Plain paths live under the image root; `bundle:` paths under the bundle folder's
-    `images/`. `..`, absolute paths and symlinks that resolve outside are a BundleError.
+    `images/`. `..`, absolute paths and symlinks that resolve outside (a symlinked
+    `images/` included) are a BundleError: the bundle's own folder, resolved, is the bound
+    for `bundle:` paths, never wherever `images/` points.
     """
     reason = _unsafe_reason(rel)
     if reason:
         raise BundleError(f"metadata path {rel!r} is unsafe ({reason}); refusing to read it")
     if rel.startswith(BUNDLE_PREFIX):
-        inner = rel[len(BUNDLE_PREFIX) :]
-        base = bundle.path / IMAGES_DIR
-        if not inner.startswith(IMAGES_DIR + "/"):
-            raise BundleError(f"metadata path {rel!r} must name a file under {IMAGES_DIR}/")
-        inner = inner[len(IMAGES_DIR) + 1 :]
-    else:
-        inner, base = rel, bundle.root
-    base = base.resolve()
-    target = (base / inner).resolve()
-    if not target.is_relative_to(base):
-        raise BundleError(
-            f"metadata path {rel!r} resolves to {target}, outside {base} (a symlink?); "
-            "refusing to read it"
-        )
-    return target
+        return safefs.inside(bundle.path, rel[len(BUNDLE_PREFIX) :], BundleError,
+                             f"metadata path {rel!r}")  # fmt: skip
+    return safefs.inside(bundle.root, rel, BundleError, f"metadata path {rel!r}")
 
 
 # --- adding images -------------------------------------------------------------------------
@@ -655,8 +733,13 @@ def _collect(
     if not paths:
         raise DataError(f"no images to add in {paths_or_folder}")
     for p in paths:
-        if not p.is_file():
+        if not (p.exists() or p.is_symlink()):
             raise DataError(f"image {p} does not exist")
+        if not safefs.is_regular(p):  # a FIFO would hang the reader
+            raise DataError(f"image {p} is not a regular file (a folder, FIFO or device)")
+        if not is_image(p):
+            raise DataError(f"{p} is not an image file name ({', '.join(sorted(IMAGE_EXTENSIONS))}"
+                            "); rename it or convert it")  # fmt: skip
     if label_names is not None:
         if isinstance(label_names, str):
             classes = [label_names] * len(paths)
@@ -709,6 +792,7 @@ def _write_with_added(bundle: Bundle, emb: np.ndarray, tmp: Path, manifest: dict
         old = bundle.embeddings
         out = open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype,
                           shape=(len(old) + len(emb), old.shape[1]))  # fmt: skip
+        safefs.reserve(tmp / EMBEDDINGS)  # a full disk: an OSError now, not a SIGBUS later
         for start in range(0, len(old), CHUNK_ROWS):
             end = min(start + CHUNK_ROWS, len(old))
             out[start:end] = old[start:end]
@@ -739,9 +823,24 @@ def add_images(
     Approximate indexes (IVF, PQ, HNSW) are added to, not retrained. Images under the image
     root are referenced in place; others are copied into the bundle's `images/<class>/`.
     Images already in the bundle (same metadata path) are skipped. Returns the number added.
-    The new bundle is written beside the old one and renamed into place.
+    The new bundle is written beside the old one and swapped into place; the bundle's lock
+    is held from loading to the swap, so concurrent adds queue instead of losing images.
     """
     bundle_path = Path(bundle_path)
+    if not bundle_path.parent.is_dir():  # a mistyped path: say so rather than create folders
+        raise BundleError(f"search bundle {bundle_path} is not a folder; pass the folder that "
+                          f"holds {MANIFEST}")  # fmt: skip
+    check_writable(bundle_path.parent, "--add writes the updated bundle beside the old one: "
+                   "make the folder writable, or copy the bundle to a writable disk")  # fmt: skip
+    with safefs.lock(bundle_path):
+        return _add_locked(bundle_path, paths_or_folder, label_names)
+
+
+def _add_locked(
+    bundle_path: Path,
+    paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
+    label_names: str | Sequence[str] | None,
+) -> int:
     bundle = load_bundle(bundle_path)
     paths, names = _collect(paths_or_folder, label_names)
     bad = []
@@ -768,13 +867,13 @@ def add_images(
                 continue
         else:
             rel = None
-            copied = bundle_path / IMAGES_DIR / _folder_name(name) / p.name
-            if copied.is_file() and filecmp.cmp(p, copied, shallow=False):
-                continue  # this very file was added (copied in) before
+            if _copied_before(bundle_path, p, name):
+                continue
         pending.add(resolved)
         plan.append((p, name, rel))
     if not plan:
         return 0
+    _check_add_space(bundle, [p for p, _, rel in plan if rel is None], len(plan))
 
     embedder = bundle_embedder(bundle)
     emb = embedder.embed([p for p, _, _ in plan], desc="adding images")
@@ -786,9 +885,8 @@ def add_images(
     index = bundle.index
     index.add(prepare(emb, bundle.metric, "new embeddings"))
 
-    tmp = _new_temp_dir(bundle_path, "adding")
-    try:
-        if (bundle_path / IMAGES_DIR).is_dir():
+    with _staged(bundle_path, "adding") as tmp:
+        if (bundle_path / IMAGES_DIR).is_dir():  # a real folder: load_bundle refuses a link
             shutil.copytree(bundle_path / IMAGES_DIR, tmp / IMAGES_DIR, symlinks=True)
         new_rows = []
         taken: set[str] = set(known)
@@ -817,10 +915,31 @@ def add_images(
         _finish_manifest(tmp, manifest, info["kind"], info.get("args"), info.get("pca_dim"), index)
         bundle.embeddings = np.empty((0, 0), np.float32)  # release the memory map before rename
         _move_into_place(tmp, bundle_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return len(new_rows)
+
+
+def _copied_before(bundle_path: Path, image: Path, name: str) -> bool:
+    """Whether this very file was added (copied into the bundle's images/) before. A copy
+    that resolves outside the bundle is never compared (never read)."""
+    rel = f"{IMAGES_DIR}/{_folder_name(name)}/{image.name}"
+    try:
+        copied = safefs.inside(bundle_path, rel, BundleError, f"added image {rel!r}")
+    except BundleError:
+        return False
+    return safefs.is_regular(copied) and filecmp.cmp(image, copied, shallow=False)
+
+
+def _check_add_space(bundle: Bundle, copies: list[Path], new_rows: int) -> None:
+    """Free space for the updated bundle beside the old one, before anything is embedded:
+    a copy of every bundle file (shards are hard-linked where possible, counted anyway),
+    the images copied in, and new rows of embeddings and index (float32, twice)."""
+    need = sum(os.lstat(os.path.join(d, f)).st_size
+               for d, _, names in os.walk(bundle.path) for f in names)  # fmt: skip
+    need += sum(p.stat().st_size for p in copies) + new_rows * bundle.embeddings.shape[1] * 8
+    check_free_space(
+        [(bundle.path.parent, "the updated bundle", need + 2**20)],
+        "free space, or copy the bundle to a larger disk and add there",
+    )
 
 
 __all__ = [

@@ -3,15 +3,51 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from mltrain.errors import CheckpointError
 
 FORMAT_VERSION = 1
+
+
+class _WriteRecorder:
+    """A file wrapper that keeps the OSError of a failed write: torch's zip writer reports
+    it as an opaque RuntimeError ("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def torch_save(obj: Any, f: BinaryIO, name: str | Path) -> None:
+    """`torch.save` into an open file; a failed write (full disk, read-only file system)
+    is an OSError naming `name`, as for any other file."""
+    recorder = _WriteRecorder(f)
+    try:
+        torch.save(obj, recorder)
+    except RuntimeError:
+        if recorder.error is None:
+            raise
+        e = recorder.error
+        raise OSError(e.errno, e.strerror, str(name)) from None
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -24,7 +60,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            torch_save(obj, f, path)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,18 +80,37 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = resolve_checkpoint(path)
     if not path.is_file():
+        if path.exists():  # a FIFO or device would hang the read
+            raise CheckpointError(f"checkpoint {path} is not a regular file; pass a .pt file")
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        detail = (str(e).splitlines() or [""])[0][:300]
         raise CheckpointError(
-            f"{path} is not a loadable mltrain checkpoint ({type(e).__name__}: {detail}); "
+            f"{path} is not a loadable mltrain checkpoint ({load_error_reason(e)}); "
             "it may be corrupt, truncated or unsafe"
         ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not an mltrain checkpoint (no model/config inside)")
     return ckpt
+
+
+def load_error_reason(e: Exception) -> str:
+    """Why `torch.load(..., weights_only=True)` refused a file, in one short clause.
+
+    torch's own text for a refused pickle advises retrying with `weights_only=False`, which
+    would run whatever code the file carries; that advice is never passed on. Only the line
+    naming what was refused is kept.
+    """
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text:
+        lines = [line.strip() for line in text.splitlines()]
+        what = next((x for x in lines if x.startswith(("Trying to load", "Unsupported"))), "")
+        return ("it holds Python objects other than tensors and plain data, or is no torch "
+                "file at all; refused by the safe loader, nothing in it ran"
+                + (f": {what[:200]}" if what else ""))  # fmt: skip
+    first = (text.splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

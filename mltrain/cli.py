@@ -1,12 +1,23 @@
-"""Command-line plumbing shared by the entry points: user errors become one clear line."""
+"""Command-line plumbing shared by the entry points: user errors become one clear line.
+
+`run_main` (and `mltrain.search.main`) catch failures by kind at the command boundary: a
+user mistake (`MltrainError`), a file-system failure (full disk, read-only file system,
+permissions: `OSError`), memory exhaustion and Ctrl-C. Each prints one line without a
+traceback; Ctrl-C exits 130, everything else 2. Text that came from files (class names,
+paths) is made printable first, so a bundle cannot send escape codes to the terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import unicodedata
 from collections.abc import Callable
 
 from mltrain.errors import MltrainError
+
+INTERRUPTED = 130  # the exit status of a program stopped by SIGINT
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +32,63 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def printable(text: object, keep_newlines: bool = False) -> str:
+    """`text` with control and format characters (escape codes, bidi overrides, newlines)
+    written as `\\x1b`-style escapes, so that names from untrusted files print as they are
+    rather than steering the terminal. `keep_newlines` keeps line breaks of messages that
+    list one item per line (they move the cursor, nothing more)."""
+    out = []
+    for ch in str(text):
+        if keep_newlines and ch == "\n":
+            out.append(ch)
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space or choose a folder on another disk",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another folder",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EACCES: "permission denied: fix the permissions or choose another folder",
+    errno.EPERM: "not permitted: fix the permissions or choose another folder",
+    errno.EISDIR: "it is a folder: give a file path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.ENOENT: "it does not exist: check the path",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a file-system failure: the file, what went wrong and what to do."""
+    names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e) or type(e).__name__
+    advice = _ADVICE.get(e.errno, "check the path, the disk and the permissions")
+    return f"{names + ': ' if names else ''}{what}; {advice}"
+
+
+def error_line(e: BaseException) -> str:
+    """The one line `run_main` prints for a failure caught at the command boundary."""
+    if isinstance(e, MltrainError):
+        text = str(e)
+    elif isinstance(e, OSError):
+        text = os_error_message(e)
+    else:  # MemoryError
+        text = ("out of memory; use a smaller batch (eval.batch_size, train.batch_size), a "
+                "smaller model or a machine with more memory")  # fmt: skip
+    return f"error: {printable(text, keep_newlines=True)}"
+
+
 def run_main(main: Callable[[], object]) -> None:
-    """Run `main`; an `MltrainError` (a user mistake) prints without a traceback, exit 2."""
+    """Run `main`; every failure is one line on stderr without a traceback: exit 2, or 130
+    for Ctrl-C (commands remove their half-written output before it arrives here)."""
     try:
         main()
-    except MltrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+    except (MltrainError, OSError, MemoryError) as e:
+        print(error_line(e), file=sys.stderr)
         raise SystemExit(2) from None

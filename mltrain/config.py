@@ -254,6 +254,7 @@ def validate(cfg: Config) -> Config:
     lr = cfg.train.optimizer.get("args", {}).get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
         raise ConfigError(f"train.optimizer.args.lr: must be a positive number, got {lr!r}")
+    _check_numeric_args(cfg.train.optimizer.get("args") or {}, "train.optimizer.args")
     if cfg.train.loss_lr is not None and cfg.train.loss_lr <= 0:
         raise ConfigError(f"train.loss_lr: must be a positive number, got {cfg.train.loss_lr}")
     if cfg.train.layer_decay is not None and not 0 < cfg.train.layer_decay <= 1:
@@ -290,6 +291,38 @@ def validate(cfg: Config) -> Config:
     if cfg.train.cache_frozen and cfg.model.frozen_stages == 0:
         raise ConfigError("train.cache_frozen needs model.frozen_stages > 0 (a frozen prefix)")
     return cfg
+
+
+# Optimizer arguments that are numbers (betas: a list of them). A quoted "1e-4" would pass
+# the types and fail inside the optimizer at the first step.
+NUMERIC_OPTIMIZER_ARGS = ("lr", "weight_decay", "momentum", "eps", "alpha", "dampening",
+                          "lr_decay", "layer_decay", "rho", "initial_accumulator_value",
+                          "betas")  # fmt: skip
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _numeric_text(x: Any) -> bool:
+    try:
+        float(x)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(x, str)
+
+
+def _check_numeric_args(args: dict[str, Any], key: str) -> None:
+    for name in NUMERIC_OPTIMIZER_ARGS:
+        if name not in args:
+            continue
+        value = args[name]
+        ok = (isinstance(value, (list, tuple)) and len(value) > 0
+              and all(_is_number(v) for v in value)) if name == "betas" else _is_number(value)
+        if not ok:
+            hint = " (a quoted number: write it without quotes)" if _numeric_text(value) else ""
+            want = "a list of numbers" if name == "betas" else "a number"
+            raise ConfigError(f"{key}.{name}: expected {want}, got {value!r}{hint}")
 
 
 def from_dict(data: dict, source: str = "<dict>") -> Config:
@@ -354,8 +387,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        raise ConfigError(
+            f"--config {path} is a folder; pass one YAML file in it"
+            + (f", e.g. {path / found[0]} (it holds {', '.join(found)})" if found else "")
+        )
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+    if not path.is_file():  # a FIFO or device would hang the read
+        raise ConfigError(f"config file {path} is not a regular file; pass a YAML file")
     try:
         data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as e:

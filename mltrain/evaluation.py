@@ -27,7 +27,7 @@ from mltrain.metrics import (
     verification_metrics,
     worst_classes,
 )
-from mltrain.rundata import RunData, prepare_data
+from mltrain.rundata import RunData, prepare_data, record_data
 
 
 @dataclass
@@ -137,12 +137,15 @@ def compute_metrics(s: EmbeddedSplit, cfg: Config, plan: EvalPlan | None = None)
     return EvalResult(metrics, s, nb, curves)
 
 
-def new_eval_dir(base: Path) -> Path:
+def new_eval_dir(base: Path, create: bool = True) -> Path:
+    """A free `base/eval/<time>[-N]`; with `create=False` only its name (evaluate.py writes
+    into a staging folder and renames it there when done)."""
     out = base / "eval" / datetime.now().strftime("%Y%m%d-%H%M%S")
     n = 1
     while out.exists():
         out, n = out.with_name(f"{out.name}-{n}"), n + 1
-    out.mkdir(parents=True)
+    if create:
+        out.mkdir(parents=True)
     return out
 
 
@@ -156,7 +159,10 @@ def evaluate(
 
     cfg = embedder.cfg
     save_config(cfg, out_dir / "config.yaml")
-    data = data or prepare_data(cfg, out_dir)
+    if data is None:
+        data = prepare_data(cfg, out_dir)
+    else:
+        record_data(data, out_dir)
     if len(set(data.folder.labels[data.split.heldout].tolist())) < 2:
         raise DataError("the held-out split has fewer than 2 classes; nothing to retrieve")
     plan = plan_for(cfg, data, embedder.model.embedding_dim)  # size checks before embedding

@@ -455,16 +455,36 @@ def index_nbytes(index: faiss.Index) -> int:
 
 
 def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
-    faiss.write_index(index, os.fspath(path))
+    """Write through a Python file, so a full or read-only disk is an OSError naming `path`
+    (Faiss's own writer raises a RuntimeError with the errno only in its text)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "wb") as f:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def load_index(path: str | os.PathLike) -> faiss.Index:
-    """Read an index written by `save_index`; missing or unreadable files are a BundleError."""
+    """Read an index written by `save_index`; missing or unreadable files are a BundleError.
+
+    Bundles are untrusted: a crafted header could ask Faiss for a vector of a terabyte. No
+    vector of a valid index is larger than the file, so Faiss's allocation limit is lowered
+    to a bound from the file size while it reads, and an allocation failure is refused too.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise BundleError(f"index file {path} does not exist; rebuild the search bundle")
+    limit = faiss.get_deserialization_vector_byte_limit()
+    faiss.set_deserialization_vector_byte_limit(min(limit, 4 * os.path.getsize(path) + 2**20))
     try:
         return faiss.read_index(path)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
-        raise BundleError(f"index file {path} is corrupt or not a Faiss index ({first})") from e
+    except (RuntimeError, MemoryError, ValueError, OverflowError) as e:
+        text = str(e).strip() or type(e).__name__
+        first = text.splitlines()[-1][:300]
+        raise BundleError(
+            f"index file {path} is corrupt, crafted or not a Faiss index ({first}); "
+            "rebuild the search bundle"
+        ) from e
+    finally:
+        faiss.set_deserialization_vector_byte_limit(limit)

@@ -17,7 +17,7 @@ from mltrain.engine import extract_embeddings, resolve_amp, resolve_device, stre
 from mltrain.errors import CheckpointError
 from mltrain.forward import InferSpec
 from mltrain.fusion import fold_batchnorm
-from mltrain.models import EmbeddingModel, build_model, data_config
+from mltrain.models import EmbeddingModel, build_model, check_state_fits, data_config
 from mltrain.rundata import eval_loader, infer_spec
 
 
@@ -93,7 +93,13 @@ def embedder_from_checkpoint(path: str | Path, overrides: list[str] | None = Non
     cfg = from_dict(data, f"config stored in checkpoint {path}")
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.pretrained = False  # the checkpoint carries the weights
-    model = build_model(model_cfg, num_classes=len(ckpt.get("train_classes") or []))
+    num_classes = len(ckpt.get("train_classes") or [])
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: 'model' holds no state dict")
+    # keys and shapes against the config's model on the meta device: a config naming a huge
+    # backbone is refused before that backbone is allocated
+    check_state_fits(model_cfg, num_classes, ckpt["model"], str(path))
+    model = build_model(model_cfg, num_classes=num_classes)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import difflib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mltrain.checkpoint import load_error_reason
 from mltrain.errors import CheckpointError, ConfigError, MltrainError
 from mltrain.registry import Registry
 
@@ -76,7 +79,7 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        raise CheckpointError(f"cannot load weights from {path}: {e}") from None
+        raise CheckpointError(f"cannot load weights from {path} ({load_error_reason(e)})") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -102,11 +105,24 @@ def _load_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str) 
     model.load_state_dict(weights, strict=True)
 
 
+def _similar_models(name: str) -> str:
+    """The closest timm model names by edit similarity (so `resnet5O` suggests resnet50)."""
+    base = name.split(".")[0].lower()
+    close = difflib.get_close_matches(base, timm.list_models(), n=8, cutoff=0.6)
+    listing = "python -c 'import timm; print(timm.list_models(\"*resnet*\"))'"
+    return f"; similar: {', '.join(close)}" if close else f"; list them with {listing}"
+
+
+def check_backbone_name(name: str) -> None:
+    """An unknown timm model name is a ConfigError with the closest names (cheap: callers
+    check it before scanning data or creating folders)."""
+    if not timm.is_model(name.split(".")[0]):
+        raise ConfigError(f"model.backbone: unknown timm model '{name}'{_similar_models(name)}")
+
+
 def create_backbone(name: str, pretrained: bool | str, num_classes: int = 0) -> nn.Module:
     """A timm model by name with weights from the hub, an offline package or a file."""
-    if not timm.is_model(name.split(".")[0]):
-        close = timm.list_models(f"*{name.split('_')[0][:6]}*")[:10]
-        raise ConfigError(f"model.backbone: unknown timm model '{name}'; similar: {close}")
+    check_backbone_name(name)
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if pretrained is True:
         try:
@@ -286,6 +302,35 @@ def build_model(model_cfg: Any, num_classes: int = 0) -> EmbeddingModel:
         freeze_bn=model_cfg.freeze_bn,
         bnneck=model_cfg.bnneck,
     )
+
+
+def check_state_fits(
+    model_cfg: Any, num_classes: int, state: Mapping[str, Any], source: str
+) -> None:
+    """Compare `state`'s keys and shapes with the model `model_cfg` describes, built on the
+    meta device (no memory, no weights), so that a config naming a huge backbone beside a
+    small weights file is refused before anything large is allocated. Raises
+    `CheckpointError` naming `source`, what is missing or unexpected, and shapes that differ.
+    """
+    meta_cfg = copy.copy(model_cfg)
+    meta_cfg.pretrained = False
+    with torch.device("meta"):
+        meta_model = build_model(meta_cfg, num_classes)
+    own = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {own[k]}" for k in sorted(set(own) & set(state))
+              if k not in bad and tuple(state[k].shape) != own[k]]  # fmt: skip
+    if bad or missing or unexpected or shapes:
+        parts = [f"{what} {items[:3]}{' ...' if len(items) > 3 else ''} ({len(items)})"
+                 for what, items in (("not tensors:", bad), ("missing:", missing),
+                                     ("unexpected:", unexpected), ("shapes differ:", shapes))
+                 if items]  # fmt: skip
+        raise CheckpointError(
+            f"{source}: the weights do not fit the model its config describes "
+            f"({model_cfg.backbone}): {'; '.join(parts)}"
+        )
 
 
 def data_config(model: EmbeddingModel, model_cfg: Any = None) -> dict[str, Any]:

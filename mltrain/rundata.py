@@ -101,6 +101,14 @@ def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> 
     )
 
 
+def record_data(data: RunData, run_dir: Path) -> None:
+    """Write what `prepare_data(cfg, run_dir)` would have recorded, for data prepared before
+    the run folder existed: the split and the notes."""
+    save_split(run_dir / "split.json", data.split, data.folder)
+    if data.folder.notes:
+        (run_dir / "notes.txt").write_text("".join(f"{n}\n" for n in data.folder.notes))
+
+
 def report_notes(notes: list[str], run_dir: Path | None) -> None:
     """Say each adaptation or skip once on stderr, and keep them in the run's notes.txt."""
     for note in notes:

@@ -19,7 +19,9 @@ alone, after one warm-up search) and once the time spent embedding the queries.
   --image-root  where the bundle's images are now, if they moved (thumbnails only)
 
 An unreadable query prints an error line naming it and the other queries still run.
-Exit code 0: every query answered; 1: some query failed; 2: unusable bundle or arguments.
+Exit code 0: every query answered; 1: some query failed; 2: unusable bundle or arguments,
+or a file that cannot be written; 130: interrupted (Ctrl-C). Class names and paths from
+the bundle are printed with control characters escaped.
 
 Add (`--add`): embeds only the new images with the bundle's model and appends them to its
 embeddings, metadata and index (approximate indexes are added to, not retrained). A folder
@@ -31,8 +33,11 @@ copied into BUNDLE/images/. The updated bundle replaces the old one in a single 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,9 +46,11 @@ from pathlib import Path
 import numpy as np
 
 from mltrain.bundle import Bundle, add_images, bundle_embedder, load_bundle, safe_image_path
+from mltrain.cli import INTERRUPTED, error_line, printable
 from mltrain.data.images import load_image
-from mltrain.errors import MltrainError
+from mltrain.errors import ConfigError, MltrainError
 from mltrain.index import check_index_metric, prepare
+from mltrain.storage import check_writable
 
 
 @dataclass
@@ -136,11 +143,12 @@ def _print_table(run: SearchRun, bundle: Bundle) -> None:
     for r in run.results:
         if r.error is not None:
             continue
-        print(f"\nquery {r.query}  (index search {r.search_us:.0f} us)")
-        width = max([5, *(len(h.cls) for h in r.hits)])
+        print(f"\nquery {printable(r.query)}  (index search {r.search_us:.0f} us)")
+        width = max([5, *(len(printable(h.cls)) for h in r.hits)])
         print(f"  {'rank':>4}  {score_name:>8}  {'class':<{width}}  path")
         for h in r.hits:
-            print(f"  {h.rank:>4}  {h.score:>8.4f}  {h.cls:<{width}}  {h.path}")
+            print(f"  {h.rank:>4}  {h.score:>8.4f}  {printable(h.cls):<{width}}  "
+                  f"{printable(h.path)}")  # fmt: skip
     n_ok = sum(r.error is None for r in run.results)
     per = run.embed_ms / n_ok if n_ok else 0.0
     us = [r.search_us for r in run.results if r.search_us is not None]
@@ -234,23 +242,43 @@ def write_sheet(run: SearchRun, bundle: Bundle, out: str | Path) -> Path:
         qpath = Path(r.query)
         qclass = qpath.parent.name
         img = _thumb(qpath) or _placeholder("unreadable")
-        cell(r_i, 0, img, COLOURS["query"], ["query", qpath.name])
+        cell(r_i, 0, img, COLOURS["query"], ["query", printable(qpath.name)])
         for h in r.hits:
-            try:
-                tpath = safe_image_path(bundle, h.path)
-            except MltrainError as e:
-                print(f"warning: no thumbnail for {h.path}: {e}", file=sys.stderr)
-                tpath = None
-            img = _thumb(tpath) or _placeholder("missing")
+            # A path that escapes its root is a tampered bundle: a BundleError, no sheet.
+            img = _thumb(safe_image_path(bundle, h.path)) or _placeholder("missing")
             if qclass not in classes:
                 outline = COLOURS["unknown"]
             else:
                 outline = COLOURS["match"] if h.cls == qclass else COLOURS["miss"]
-            cell(r_i, h.rank, img, outline, [h.cls, f"{h.score:.3f}"])
+            cell(r_i, h.rank, img, outline, [printable(h.cls), f"{h.score:.3f}"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, format="PNG")
+    # A temporary file renamed over `out`: a full disk or Ctrl-C leaves no half-written PNG.
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            sheet.save(f, format="PNG")
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return out
+
+
+def check_sheet_target(out: str | Path) -> None:
+    """Before any search: `--sheet` must name a file in a folder we can write (the first
+    existing one on its path, when the rest is still to be made)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--sheet {out} is a folder; give a file path such as "
+                          f"{out / 'sheet.png'}")  # fmt: skip
+    folder = out.parent.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--sheet {out}: {folder} is not a folder; fix the path")
+    check_writable(folder, "--sheet: choose a file in a writable folder")
 
 
 # --- command line --------------------------------------------------------------------------
@@ -278,11 +306,13 @@ def _run(argv: Sequence[str] | None) -> int:
         target = args.images[0] if len(args.images) == 1 else args.images
         added = add_images(args.bundle, target, args.class_name)
         total = load_bundle(args.bundle).manifest["count"]
-        print(f"added {added} images to {args.bundle} (now {total})")
+        print(f"added {added} images to {printable(args.bundle)} (now {total})")
         return 0
     if args.class_name:
         print("error: --class only applies with --add", file=sys.stderr)
         return 2
+    if args.sheet:
+        check_sheet_target(args.sheet)
     t0 = time.perf_counter()
     bundle = load_bundle(args.bundle, args.image_root)
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -296,27 +326,33 @@ def _run(argv: Sequence[str] | None) -> int:
     run = search_images(bundle, args.images, k)
     for r in run.results:
         if r.error is not None:
-            print(f"error: query {r.query}: {r.error}", file=sys.stderr)
+            print(f"error: query {printable(r.query)}: {printable(r.error)}", file=sys.stderr)
     if args.json:
         print(json.dumps(_json_doc(run, bundle, load_ms), indent=2))
     else:
         info = bundle.manifest["index"]
-        pca = f", PCA {info['pca_dim']}" if info.get("pca_dim") else ""
-        print(f"bundle {bundle.path}: {len(bundle)} images, {info['kind']} index{pca}, "
-              f"{bundle.metric} metric; loaded and verified in {load_ms:.0f} ms")  # fmt: skip
+        pca = f", PCA {printable(info['pca_dim'])}" if info.get("pca_dim") else ""
+        print(f"bundle {printable(bundle.path)}: {len(bundle)} images, "
+              f"{printable(info['kind'])} index{pca}, {printable(bundle.metric)} metric; "
+              f"loaded and verified in {load_ms:.0f} ms")  # fmt: skip
         _print_table(run, bundle)
     if args.sheet:
         out = write_sheet(run, bundle, args.sheet)
-        print(f"contact sheet: {out}", file=sys.stderr if args.json else sys.stdout)
+        print(f"contact sheet: {printable(out)}", file=sys.stderr if args.json else sys.stdout)
     return 1 if any(r.error is not None for r in run.results) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; a bad bundle or argument prints one line (no traceback) and returns 2."""
+    """Entry point; a bad bundle or argument, a file that cannot be written or too little
+    memory prints one line (no traceback) and returns 2; Ctrl-C returns 130 (an interrupted
+    --add or --sheet leaves the old bundle and no partial file)."""
     try:
         return _run(argv)
-    except MltrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
+        return INTERRUPTED
+    except (MltrainError, OSError, MemoryError) as e:
+        print(error_line(e), file=sys.stderr)
         return 2
 
 

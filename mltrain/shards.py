@@ -27,6 +27,7 @@ from numpy.lib.format import open_memmap
 
 from mltrain.errors import ConfigError, DataError
 from mltrain.index import INDEX_TYPES, default_nlist, faiss_metric, prepare, train_index
+from mltrain.safefs import reserve
 
 SHARD_PREFIX = "embeddings"
 SHARD_NAME = re.compile(rf"{SHARD_PREFIX}-\d{{5,}}\.npy")
@@ -120,6 +121,7 @@ class ShardWriter:
         if path.exists():  # it may be a hard link into another bundle: never write through it
             raise DataError(f"{path} already exists; shards are written once, never over")
         self._current = open_memmap(path, mode="w+", dtype=self.dtype, shape=(rows, self.dim))
+        reserve(path)  # a full disk: an OSError here, not a SIGBUS while filling the map
         self._filled = 0
 
     def _finish_current(self) -> None:

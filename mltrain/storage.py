@@ -90,9 +90,10 @@ def _size(n: int) -> str:
     return f"{n:,} bytes"
 
 
-def check_free_space(needs: list[tuple[Path, str, int]]) -> None:
+def check_free_space(needs: list[tuple[Path, str, int]], what_to_do: str | None = None) -> None:
     """`needs` lists (folder, what goes there, bytes); folders on one filesystem add up.
-    Raises `MltrainError` naming the folder, the bytes needed and free, and what to do."""
+    Raises `MltrainError` naming the folder, the bytes needed and free, and what to do
+    (`what_to_do`, or for a training run where to point its outputs instead)."""
     by_device: dict[int, list[tuple[Path, str, int]]] = {}
     for folder, what, n in needs:
         by_device.setdefault(_existing(folder).stat().st_dev, []).append((folder, what, n))
@@ -103,10 +104,19 @@ def check_free_space(needs: list[tuple[Path, str, int]]) -> None:
             parts = ", ".join(f"{what} in {folder}: {_size(n)}" for folder, what, n in entries)
             raise MltrainError(
                 f"not enough disk space: this run needs about {_size(need)} ({parts}) but "
-                f"only {_size(free)} is free on the disk holding {entries[0][0]}; free some "
-                "space, or set output_dir (checkpoints) or the MLTRAIN_CACHE environment "
-                "variable (prefix cache) to a folder on a larger disk"
+                f"only {_size(free)} is free on the disk holding {entries[0][0]}; "
+                + (what_to_do or "free some space, or set output_dir (checkpoints) or the "
+                   "MLTRAIN_CACHE environment variable (prefix cache) to a folder on a larger "
+                   "disk")
             )
+
+
+def check_output_folders(needs: list[tuple[Path, str, int]], what_to_do: str) -> None:
+    """Before long work whose results go to folders that may not exist yet: the first
+    existing folder on each path is writable (probe file) and the disks have the bytes."""
+    for folder, what, _ in needs:
+        check_writable(_existing(folder.parent), f"{what}: {what_to_do}")
+    check_free_space([(_existing(folder), what, n) for folder, what, n in needs], what_to_do)
 
 
 def run_space_needs(

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -42,7 +46,7 @@ from mltrain.eval_plan import usable_ks
 from mltrain.fusion import fold_batchnorm
 from mltrain.losses import Criterion, build_criterion
 from mltrain.metrics import retrieval_metrics, verification_metrics
-from mltrain.models import EmbeddingModel, build_model, data_config
+from mltrain.models import EmbeddingModel, build_model, check_backbone_name, data_config
 from mltrain.precision import depthwise_in_fp32
 from mltrain.prefix_cache import cache_dir, cached, weights_identity
 from mltrain.rundata import (
@@ -74,40 +78,86 @@ def seed_everything(seed: int) -> None:
 
 
 def new_run_dir(cfg: Config) -> Path:
+    """A new run folder `<output_dir>/<name>/<time>[-N]`. The name is taken by `mkdir`
+    itself, so two runs started in the same second get different folders."""
     base = Path(cfg.output_dir) / cfg.name / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir, n = base, 1
-    while run_dir.exists():
-        run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
     todo = "make it writable or set output_dir to another folder"
     try:
-        (run_dir / "checkpoints").mkdir(parents=True)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+        (run_dir / "checkpoints").mkdir()
     except OSError as e:
         raise MltrainError(f"output_dir: cannot write to {run_dir} ({e}); {todo}") from None
-    check_writable(run_dir / "checkpoints", f"output_dir: {todo}")
+    try:
+        check_writable(run_dir / "checkpoints", f"output_dir: {todo}")
+    except MltrainError:
+        shutil.rmtree(run_dir, ignore_errors=True)  # no stub folder for a run that never began
+        raise
     return run_dir
 
 
 def make_optimizer(
-    cfg: Config, model: torch.nn.Module, loss: torch.nn.Module
+    cfg: Config, model: torch.nn.Module, loss: torch.nn.Module | None = None
 ) -> torch.optim.Optimizer:
     """timm's optimizer over the model (with `train.layer_decay`, earlier layers learn slower),
     plus the loss's own parameters (proxies, class centres) in a group of their own at
     `train.loss_lr`: proxies need about 100x the backbone's rate to keep up with it."""
     t = cfg.train
     args = dict(t.optimizer.get("args") or {})
+    name = t.optimizer["name"]
     try:
         optimizer = timm.optim.create_optimizer_v2(
-            model, opt=t.optimizer["name"], layer_decay=t.layer_decay, **args
+            model, opt=name, layer_decay=t.layer_decay, **args
         )
     except (AssertionError, ValueError, TypeError) as e:
-        valid = ", ".join(timm.optim.list_optimizers())
-        raise ConfigError(f"train.optimizer: {e}; valid names: {valid}") from None
-    owned = [p for p in loss.parameters() if p.requires_grad]
+        raise ConfigError(f"train.optimizer: {_optimizer_problem(name, e)}") from None
+    owned = [p for p in loss.parameters() if p.requires_grad] if loss is not None else []
     if owned:
         base = optimizer.defaults["lr"]  # timm's schedulers scale each group's base by lr_scale
         scale = (t.loss_lr or base) / base
         optimizer.add_param_group({"params": owned, "lr": base, "lr_scale": scale})
     return optimizer
+
+
+def _optimizer_problem(name: str, e: Exception) -> str:
+    """What is wrong, naming only the few names that matter: close matches for an unknown
+    optimizer, the accepted arguments for an unknown argument."""
+    known = timm.optim.list_optimizers()
+    if name.lower().split("_")[-1] not in known and name.lower() not in known:
+        close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.6)
+        similar = f"; similar: {', '.join(close)}" if close else ""
+        return (f"unknown optimizer {name!r}{similar} (all {len(known)} names: "
+                "python -c 'import timm.optim; print(timm.optim.list_optimizers())')")  # fmt: skip
+    arg = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+    if arg:
+        try:
+            sig = inspect.signature(timm.optim.get_optimizer_class(name))
+            valid = [p for p in sig.parameters if p not in ("self", "params")]
+        except Exception:  # noqa: BLE001 - only the hint is lost
+            valid = []
+        takes = f"; it takes {', '.join(valid)}" if valid else ""
+        return f"{name} has no argument {arg.group(1)!r} (train.optimizer.args){takes}"
+    return f"{name}: {e}"
+
+
+def check_optimization(cfg: Config) -> None:
+    """Check the backbone name, and build the optimizer and scheduler once for a
+    one-parameter model: a bad name or argument fails in milliseconds, before a run folder,
+    data checks or a model exist."""
+    check_backbone_name(cfg.model.backbone)
+    try:
+        optimizer = make_optimizer(cfg, torch.nn.Linear(1, 1))
+        make_scheduler(cfg, optimizer, 1)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - args that need the real model (layer_decay): checked then
+        pass
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
@@ -533,21 +583,42 @@ def fit(
 
             data = apply_overrides(data, overrides)
         cfg = from_dict(data, f"checkpoint {resume}")
+    check_optimization(cfg)
+    if resume is not None:
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).resolve().parent.parent
         distributed.init(resolve_device(cfg.train.device))
         check_writable(run_dir, "fix its permissions or free space, or resume a copy of it")
     else:
         distributed.init(resolve_device(cfg.train.device))
         run_dir = distributed.broadcast_path(new_run_dir(cfg) if distributed.is_main() else None)
-        if distributed.is_main():
-            save_config(cfg, run_dir / "config.yaml")
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _raise_on_sigterm)  # during setup: stop at once
     try:
+        if ckpt is None and distributed.is_main():
+            save_config(cfg, run_dir / "config.yaml")
         return _train(cfg, run_dir, ckpt)
+    except BaseException:
+        if ckpt is None and distributed.is_main():
+            _remove_if_stub(run_dir)
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _remove_if_stub(run_dir: Path) -> None:
+    """A new run that failed before its first checkpoint holds nothing to resume (its config,
+    split and an empty checkpoints/): remove it, so failed attempts leave no stub folders.
+    One that listed unreadable images keeps that list (`bad_images.txt`) and its config."""
+    if any((run_dir / "checkpoints").glob("*.pt")):
+        return
+    if (run_dir / "bad_images.txt").is_file():
+        with contextlib.suppress(OSError):
+            (run_dir / "checkpoints").rmdir()
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # <output_dir>/<name> when this was its only run
+        run_dir.parent.rmdir()
 
 
 def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
@@ -571,11 +642,14 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
             if run.stop.is_set() and not _done(run):
                 _save_interrupted(run)
     except KeyboardInterrupt:
-        print(
-            f"interrupted; {run_dir}/checkpoints/last.pt holds the last saved position; "
-            f"continue with --resume {run_dir}",
-            file=sys.stderr,
-        )
+        if (run_dir / "checkpoints" / "last.pt").is_file():
+            print(
+                f"interrupted; {run_dir}/checkpoints/last.pt holds the last saved position; "
+                f"continue with --resume {run_dir}",
+                file=sys.stderr,
+            )
+        else:
+            print("interrupted before the first checkpoint; nothing to resume", file=sys.stderr)
         raise SystemExit(130) from None
     else:
         if run.writer:  # the HParams tab marks the session finished

@@ -34,6 +34,7 @@ DATASETS = {"caltech101": download_caltech101}
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Download a data set; a failed download exits 1 with one line."""
     parser = argparse.ArgumentParser(prog="python -m mltrain.data.download", description=__doc__)
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("dest", type=Path, help="folder to download into")
@@ -46,4 +47,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mltrain.cli import run_main  # Ctrl-C and disk errors: one line, no traceback
+
+    run_main(main)

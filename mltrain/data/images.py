@@ -8,8 +8,10 @@ not with a decoder traceback hours into training.
 from __future__ import annotations
 
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -42,8 +44,28 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"))  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+class NotRegularFile(Exception):
+    """A FIFO, socket, device or folder where an image file was expected."""
+
+
+def _open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open `path` for reading only if it is a regular file. O_NONBLOCK makes opening a FIFO
+    return at once (a blocking open waits for a writer forever); fstat on the open file
+    then decides, so no swap between a check and the open can slip a FIFO in."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile("not a regular file (a FIFO, socket, device or folder)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _decode(path: str | os.PathLike, size_hint: int | None) -> np.ndarray:
-    with Image.open(path) as img:
+    with _open_regular(path) as f, Image.open(f) as img:
         if size_hint and img.format == "JPEG":
             # The JPEG decoder scales by 1/2, 1/4 or 1/8 for free, keeping both sides >= hint.
             img.draft("RGB", (size_hint, size_hint))
@@ -52,6 +74,8 @@ def _decode(path: str | os.PathLike, size_hint: int | None) -> np.ndarray:
 
 
 def _reason(e: Exception) -> str:
+    if isinstance(e, NotRegularFile):
+        return str(e)
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 

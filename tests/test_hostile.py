@@ -1,0 +1,575 @@
+"""Hostile input: tampered bundles, odd files (FIFOs, devices, folders) and user mistakes.
+
+Every case must end in one clear line (no traceback), read nothing outside a bundle and
+never hang. Bundles use timm's tiny `test_efficientnet` with random weights on 32 px images.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import struct
+import threading
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+import mltrain.bundle as bundle_mod
+import mltrain.data.images as images_mod
+from mltrain import inference, trainer
+from mltrain.bundle import add_images, export_bundle, load_bundle, safe_image_path, sha256_file
+from mltrain.checkpoint import atomic_save, load_checkpoint
+from mltrain.cli import error_line, os_error_message, printable
+from mltrain.config import Config, load_config, to_dict
+from mltrain.data.images import load_image
+from mltrain.errors import BundleError, CheckpointError, ConfigError, DataError, MltrainError
+from mltrain.index import load_index
+from mltrain.inference import make_embedder
+from mltrain.models import build_model, create_backbone
+from mltrain.search import main as search_main
+from tests.conftest import TINY_RUN, write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ESC = "\x1b[31mred\x1b]0;owned\x07"  # colour and window-title escape codes
+
+
+def tiny_embedder(root: Path):
+    cfg = Config()
+    cfg.model.backbone = "test_efficientnet"
+    cfg.model.pretrained = False
+    cfg.model.image_size = 32
+    cfg.data.root = str(root)
+    cfg.data.exclude_classes = []
+    cfg.data.num_workers = 0
+    cfg.eval.amp = "off"
+    cfg.export.index = "flat"
+    cfg.export.k = 3
+    torch.manual_seed(0)
+    return make_embedder(cfg, build_model(cfg.model))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path]:
+    """(image root, bundle) exported once; tests change copies (`bundle`)."""
+    base = tmp_path_factory.mktemp("hostile")
+    root = write_image_folder(base / "data", classes=3, per_class=4, size=(32, 32))
+    return root, export_bundle(tiny_embedder(root), base / "b", "hostile tests")
+
+
+@pytest.fixture
+def bundle(exported, tmp_path) -> Path:
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(exported[1], copy, symlinks=True)
+    return copy
+
+
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """A folder outside every bundle holding an image nobody may read through one."""
+    folder = write_image_folder(tmp_path / "outside", classes=["secret"], per_class=1)
+    return folder
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Every file (links as their target text) under `folder`: proves nothing changed."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(folder))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def rewrite_metadata(b: Path, edit) -> None:
+    """Edit metadata.csv rows and re-sign it, as a tamperer would."""
+    with open(b / "metadata.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    rows = [rows[0], *edit(rows[1:])]
+    with open(b / "metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    edit_manifest(b, lambda m: m["files"].__setitem__("metadata.csv",
+                                                       sha256_file(b / "metadata.csv")))
+
+
+def edit_manifest(b: Path, edit) -> None:
+    m = json.loads((b / "manifest.json").read_text())
+    edit(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
+def resign(b: Path, name: str) -> None:
+    edit_manifest(b, lambda m: m["files"].__setitem__(name, sha256_file(b / name)))
+
+
+def one_error_line(err: str) -> str:
+    """The command printed exactly one line, an error, and no traceback (progress bars,
+    which redraw themselves with carriage returns, aside)."""
+    lines = [x.split("\r")[-1].strip() for x in err.splitlines()]
+    lines = [x for x in lines if x and "it/s]" not in x and "s/it]" not in x]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """Every path that image decoding opens (a spy on the one place images are opened)."""
+    seen: list[str] = []
+    real = images_mod._open_regular
+
+    def spy(path):
+        seen.append(str(Path(path).resolve()))
+        return real(path)
+
+    monkeypatch.setattr(images_mod, "_open_regular", spy)
+    return seen
+
+
+@pytest.fixture
+def deadline():
+    """Fail instead of hanging: SIGALRM after 60 s."""
+
+    def boom(signum, frame):
+        raise TimeoutError("hung: no answer within 60 s")
+
+    previous = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+# --- tampered bundles: reading outside ------------------------------------------------------
+
+
+def _symlink_images_out(b: Path, outside: Path) -> str:
+    """images -> outside, and a row naming the secret through it; returns that row's path."""
+    (b / "images").symlink_to(outside)
+    row = "bundle:images/secret/img_000.jpg"
+    rewrite_metadata(b, lambda rows: [[row, *rows[0][1:]], *rows[1:]])
+    return row
+
+
+def test_symlinked_images_folder_is_refused_on_load(bundle, outside):
+    _symlink_images_out(bundle, outside)
+    with pytest.raises(BundleError, match="images is a symlink"):
+        load_bundle(bundle)
+
+
+def test_search_sheet_on_symlinked_images_exits_2_and_reads_nothing_outside(
+    bundle, outside, exported, tmp_path, capsys, opened
+):
+    _symlink_images_out(bundle, outside)
+    sheet = tmp_path / "s.png"
+    query = exported[0] / "class_0" / "img_000.jpg"
+    assert search_main([str(bundle), str(query), "--sheet", str(sheet)]) == 2
+    assert "symlink" in one_error_line(capsys.readouterr().err)
+    assert not sheet.exists()
+    assert not [p for p in opened if p.startswith(str(outside.resolve()))]
+
+
+def test_images_symlinked_to_filesystem_root_is_refused(bundle):
+    (bundle / "images").symlink_to("/")
+    rewrite_metadata(bundle, lambda rows: [["bundle:images/etc/hostname", *rows[0][1:]],
+                                           *rows[1:]])  # fmt: skip
+    with pytest.raises(BundleError, match="symlink"):
+        load_bundle(bundle)
+
+
+def test_symlink_inside_images_pointing_out_is_never_read(bundle, outside, exported, tmp_path,
+                                                          capsys, opened):  # fmt: skip
+    (bundle / "images" / "x").mkdir(parents=True)
+    (bundle / "images" / "x" / "a.jpg").symlink_to(outside / "secret" / "img_000.jpg")
+    rewrite_metadata(bundle, lambda rows: [["bundle:images/x/a.jpg", *rows[0][1:]], *rows[1:]])
+    b = load_bundle(bundle)
+    with pytest.raises(BundleError, match="outside"):
+        safe_image_path(b, "bundle:images/x/a.jpg")
+    sheet = tmp_path / "s.png"
+    query = exported[0] / "class_0" / "img_000.jpg"  # its own row 0 is the tampered one
+    assert search_main([str(bundle), str(query), "-k", "3", "--sheet", str(sheet)]) == 2
+    assert "outside" in one_error_line(capsys.readouterr().err)
+    assert not sheet.exists()
+    assert not [p for p in opened if p.startswith(str(outside.resolve()))]
+
+
+def test_add_never_copies_what_a_symlinked_images_points_at(bundle, outside, tmp_path, capsys):
+    (bundle / "images").symlink_to(outside)
+    before = fingerprint(bundle)
+    new = write_image_folder(tmp_path / "new", classes=["zebra"], per_class=1)
+    assert search_main(["--add", str(bundle), str(new)]) == 2
+    assert "symlink" in one_error_line(capsys.readouterr().err)
+    assert (bundle / "images").is_symlink() and fingerprint(bundle) == before
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".b.")]
+
+
+@pytest.mark.parametrize("root", ["/", "/etc", "~"])
+def test_image_root_that_is_not_a_data_folder_is_refused(bundle, root):
+    root = str(Path(root).expanduser())
+    edit_manifest(bundle, lambda m: m.__setitem__("image_root", root))
+    with pytest.raises(BundleError, match="not a data folder"):
+        load_bundle(bundle)
+
+
+def test_image_root_override_is_checked_too(bundle, exported):
+    with pytest.raises(BundleError, match="--image-root"):
+        load_bundle(bundle, image_root="/")
+    assert load_bundle(bundle, image_root=exported[0]).root == exported[0]
+
+
+def test_root_paths_must_name_images(bundle):
+    rewrite_metadata(bundle, lambda rows: [["etc/hostname", *rows[0][1:]], *rows[1:]])
+    with pytest.raises(BundleError, match="not an image file name"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "index.faiss", "metadata.csv", "embeddings.npy"])
+def test_bundle_file_symlinked_out_is_refused_before_reading(bundle, outside, name, monkeypatch):
+    hashed = []
+    real = bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
+    secret = outside / "copy"
+    secret.write_bytes((bundle / name).read_bytes())
+    (bundle / name).unlink()
+    (bundle / name).symlink_to(secret)  # same bytes: only the containment check can refuse
+    with pytest.raises(BundleError, match="outside"):
+        load_bundle(bundle)
+    assert not [p for p in hashed if Path(p).name == name]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_bundle_file_that_is_a_fifo_or_device_fails_fast(bundle, kind, deadline):
+    target = bundle / "model.pt"
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to("/dev/zero")  # outside, and endless
+    with pytest.raises(BundleError, match="not a regular file|outside"):
+        load_bundle(bundle)
+
+
+def test_fifo_manifest_fails_fast(bundle, deadline):
+    (bundle / "manifest.json").unlink()
+    os.mkfifo(bundle / "manifest.json")
+    with pytest.raises(BundleError, match="not a regular file"):
+        load_bundle(bundle)
+
+
+# --- tampered bundles: class names, index, model --------------------------------------------
+
+
+def _escape_class(b: Path) -> None:
+    edit_manifest(b, lambda m: m["classes"].__setitem__(0, ESC))
+    rewrite_metadata(b, lambda rows: [[r[0], r[1], ESC if r[1] == "0" else r[2], r[3]]
+                                      for r in rows])  # fmt: skip
+
+
+def test_escape_codes_in_class_names_are_printed_escaped(bundle, exported, capsys):
+    _escape_class(bundle)
+    query = exported[0] / "class_0" / "img_000.jpg"
+    assert search_main([str(bundle), str(query), "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert printable(ESC) in out and "\\x1b[31mred" in out
+
+
+def test_escape_codes_stay_escaped_in_json(bundle, exported, capsys):
+    _escape_class(bundle)
+    query = exported[0] / "class_0" / "img_000.jpg"
+    assert search_main([str(bundle), str(query), "-k", "3", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert json.loads(out)["queries"][0]["results"][0]["class"] == ESC  # data kept exact
+
+
+def test_error_lines_escape_control_characters():
+    line = error_line(DataError(f"class folder {ESC} has no images\n  second line"))
+    assert "\x1b" not in line and "\x07" not in line and "\\x1b" in line
+    assert line.count("\n") == 1  # listings keep their line breaks
+    assert printable("a\u202eb\nc") == "a\\u202eb\\x0ac"  # bidi override and newline
+
+
+def test_metadata_class_that_disagrees_with_the_manifest_is_refused(bundle):
+    rewrite_metadata(bundle, lambda rows: [[*rows[0][:2], "impostor", rows[0][3]], *rows[1:]])
+    with pytest.raises(BundleError, match="impostor"):
+        load_bundle(bundle)
+
+
+def test_class_names_that_are_not_strings_are_refused(bundle):
+    edit_manifest(bundle, lambda m: m["classes"].__setitem__(0, {"not": "a name"}))
+    with pytest.raises(BundleError, match="malformed.*classes"):
+        load_bundle(bundle)
+
+
+def _flat_bytes() -> bytes:
+    idx = faiss.IndexFlatIP(8)
+    idx.add(np.random.default_rng(0).random((5, 8), dtype=np.float32))
+    return faiss.serialize_index(idx).tobytes()
+
+
+def test_crafted_vector_size_is_refused_without_allocating_it(tmp_path):
+    raw = _flat_bytes()
+    at = raw.find(struct.pack("<Q", 40))  # the codes vector: 5 x 8 floats
+    crafted = raw[:at] + struct.pack("<Q", 1 << 24) + raw[at + 8 :]  # 64 MiB claimed, 200 B file
+    path = tmp_path / "index.faiss"
+    path.write_bytes(crafted)
+    limit = faiss.get_deserialization_vector_byte_limit()
+    with pytest.raises(BundleError, match="crafted") as info:
+        load_index(path)
+    assert "deserialization_vector_byte_limit" in str(info.value)  # refused before allocating
+    assert faiss.get_deserialization_vector_byte_limit() == limit  # and the limit restored
+
+
+@pytest.mark.parametrize("header", [b"IxZZ", b"\xff\xff\xff\xff"])
+def test_unknown_index_header_is_a_bundle_error(tmp_path, header):
+    path = tmp_path / "index.faiss"
+    path.write_bytes(header + _flat_bytes()[4:])
+    with pytest.raises(BundleError, match="corrupt"):
+        load_index(path)
+
+
+def test_memory_error_while_reading_an_index_is_a_bundle_error(tmp_path, monkeypatch):
+    path = tmp_path / "index.faiss"
+    path.write_bytes(_flat_bytes())
+
+    def bad_alloc(*args):
+        raise MemoryError("std::bad_alloc")
+
+    monkeypatch.setattr(faiss, "read_index", bad_alloc)
+    with pytest.raises(BundleError, match="bad_alloc"):
+        load_index(path)
+
+
+def test_crafted_index_in_a_bundle_exits_2_with_one_line(bundle, exported, capsys):
+    raw = (bundle / "index.faiss").read_bytes()
+    (bundle / "index.faiss").write_bytes(raw[:4] + b"\xff" * 64 + raw[68:])
+    resign(bundle, "index.faiss")
+    query = exported[0] / "class_0" / "img_000.jpg"
+    assert search_main([str(bundle), str(query)]) == 2
+    assert "index.faiss" in one_error_line(capsys.readouterr().err)
+
+
+def test_manifest_naming_a_huge_backbone_is_refused_before_building_it(bundle, monkeypatch):
+    def config(m):
+        m["config"]["model"]["backbone"] = "vit_giant_patch14_224"
+
+    edit_manifest(bundle, config)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before its weights were checked")
+
+    monkeypatch.setattr(bundle_mod, "build_model", no_build)
+    with pytest.raises(BundleError, match="do not fit.*vit_giant"):
+        bundle_mod.bundle_embedder(load_bundle(bundle))
+
+
+def test_checkpoint_naming_a_huge_backbone_is_refused_before_building_it(tmp_path, monkeypatch):
+    small = build_model(tiny_embedder(tmp_path).cfg.model).state_dict()
+    cfg = Config()
+    cfg.model.backbone = "vit_giant_patch14_224"  # 1 billion parameters, 4 GB
+    atomic_save({"model": small, "config": to_dict(cfg), "train_classes": []},
+                tmp_path / "giant.pt")  # fmt: skip
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before its weights were checked")
+
+    monkeypatch.setattr(inference, "build_model", no_build)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        inference.embedder_from_checkpoint(tmp_path / "giant.pt")
+
+
+# --- odd files: FIFOs, devices, folders -----------------------------------------------------
+
+
+def test_fifo_query_fails_fast_and_other_queries_run(exported, tmp_path, capsys, deadline):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    good = exported[0] / "class_1" / "img_001.png"
+    assert search_main([str(exported[1]), str(fifo), str(good), "-k", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "pipe.jpg" in one_error_line(captured.err) and "not a regular file" in captured.err
+    assert f"query {good}" in captured.out
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "folder"])
+def test_devices_and_folders_are_not_images(tmp_path, path, deadline):
+    target = Path(path) if path.startswith("/") else tmp_path
+    with pytest.raises(DataError, match="not a regular file"):
+        load_image(target)
+
+
+def test_fifo_given_to_add_is_refused(exported, tmp_path, capsys, deadline):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(exported[1], copy)
+    before = fingerprint(copy)
+    os.mkfifo(tmp_path / "pipe.png")
+    assert search_main(["--add", str(copy), str(tmp_path / "pipe.png")]) == 2
+    assert "not a regular file" in one_error_line(capsys.readouterr().err)
+    assert fingerprint(copy) == before
+
+
+def test_fifo_config_and_checkpoint_fail_fast(tmp_path, deadline):
+    os.mkfifo(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(tmp_path / "c.yaml")
+    os.mkfifo(tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_sheet_pointing_at_a_folder_fails_before_searching(exported, tmp_path, capsys,
+                                                           monkeypatch):  # fmt: skip
+    import mltrain.search as search_mod
+
+    monkeypatch.setattr(search_mod, "search_images", lambda *a: pytest.fail("searched"))
+    query = exported[0] / "class_0" / "img_000.jpg"
+    assert search_main([str(exported[1]), str(query), "--sheet", str(tmp_path)]) == 2
+    assert "is a folder" in one_error_line(capsys.readouterr().err)
+
+
+def test_added_file_without_an_image_name_is_refused(bundle, tmp_path):
+    odd = tmp_path / "photo.txt"
+    odd.write_bytes(b"not named as an image")
+    with pytest.raises(DataError, match="not an image file name"):
+        add_images(bundle, [odd])
+
+
+# --- user mistakes: one line that says what to do -------------------------------------------
+
+
+def test_quoted_weight_decay_fails_at_config_time():
+    with pytest.raises(ConfigError, match=r"weight_decay: expected a number, got '1e-4'.*quotes"):
+        load_config(None, ['train.optimizer.args.weight_decay="1e-4"'])
+    with pytest.raises(ConfigError, match="betas: expected a list of numbers"):
+        load_config(None, ["train.optimizer.args.betas=[0.9, fast]"])
+
+
+def test_unknown_optimizer_arg_names_the_accepted_ones_not_every_optimizer():
+    cfg = load_config(None, ["train.optimizer.args.warp_speed=9"])
+    with pytest.raises(ConfigError) as info:
+        trainer.check_optimization(cfg)
+    message = str(info.value)
+    assert "'warp_speed'" in message and "betas" in message and "eps" in message
+    assert "lamb" not in message and "madgrad" not in message and len(message) < 400
+
+
+def test_unknown_optimizer_name_suggests_close_ones():
+    cfg = load_config(None, ["train.optimizer.name=adamx"])
+    with pytest.raises(ConfigError, match="unknown optimizer 'adamx'; similar: .*adam") as info:
+        trainer.check_optimization(cfg)
+    assert len(str(info.value)) < 400
+
+
+def test_similar_backbone_names_come_from_edit_distance():
+    with pytest.raises(ConfigError, match="unknown timm model 'resnet5O'; similar: resnet50"):
+        create_backbone("resnet5O", False)
+
+
+def test_config_folder_is_named_as_a_folder():
+    with pytest.raises(ConfigError, match=r"configs is a folder; pass one YAML file.*siamese"):
+        load_config(REPO / "configs")
+
+
+def test_random_bytes_as_checkpoint_get_no_weights_only_false_advice(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"model": Payload(), "config": {}}, tmp_path / "evil.pt")
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(1).bytes(4096))
+    messages = {}
+    for name in ("evil.pt", "random.bin"):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(tmp_path / name)
+        messages[name] = str(info.value)
+        assert name in messages[name]
+        assert "weights_only" not in messages[name] and "likely succeed" not in messages[name]
+    assert "nothing in it ran" in messages["evil.pt"]
+    assert not (tmp_path / "ran").exists()
+
+
+def test_os_errors_become_one_line_naming_the_file_and_what_to_do():
+    import errno
+
+    line = os_error_message(OSError(errno.ENOSPC, "No space left on device", "/x/sheet.png"))
+    assert line.startswith("/x/sheet.png: No space left on device;") and "free space" in line
+    assert "read-only" in os_error_message(OSError(errno.EROFS, "Read-only file system", "/x"))
+    assert "give a file path" in os_error_message(IsADirectoryError(errno.EISDIR, "Is a dir", "d"))
+
+
+# --- training: no stub folders, no races ----------------------------------------------------
+
+
+def _tiny_train_cfg(root: Path, out: Path, *extra: str):
+    return load_config(REPO / "configs/siamese.yaml",
+                       [*TINY_RUN, f"data.root={root}", f"output_dir={out}", *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize("problem", ["one class", "unknown loss", "Ctrl-C in setup"])
+def test_failed_training_leaves_no_stub_run_folder(tmp_path, monkeypatch, problem):
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    root = write_image_folder(tmp_path / "data", classes=1 if problem == "one class" else 3,
+                              per_class=6)  # fmt: skip
+    extra = ["train.loss.name=NoSuchLoss"] if problem == "unknown loss" else []
+    made = []
+    real = trainer.new_run_dir
+    monkeypatch.setattr(trainer, "new_run_dir", lambda cfg: made.append(real(cfg)) or made[-1])
+    if problem == "Ctrl-C in setup":
+        def interrupt(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(trainer, "build_model", interrupt)
+    with pytest.raises((MltrainError, KeyboardInterrupt)):
+        trainer.fit(_tiny_train_cfg(root, tmp_path / "exp", *extra))
+    assert len(made) == 1 and not made[0].exists()  # it was created, then removed
+    assert not made[0].parent.exists()  # and <output_dir>/<name>, empty now, too
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("train.optimizer.args.warp_speed=9", "no argument 'warp_speed'"),
+    ("model.backbone=resnet5O", "unknown timm model 'resnet5O'"),
+    ("train.scheduler.name=sometimes", "sometimes"),
+])  # fmt: skip
+def test_bad_components_fail_before_any_run_folder_or_data_scan(tmp_path, monkeypatch, bad,
+                                                                match):  # fmt: skip
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(trainer, "prepare_data", lambda *a: pytest.fail("data scanned"))
+    cfg = _tiny_train_cfg(tmp_path / "no-data", tmp_path / "exp", bad)
+    with pytest.raises(ConfigError, match=match):
+        trainer.fit(cfg)
+    assert not (tmp_path / "exp").exists()
+
+
+def test_run_folders_created_at_the_same_instant_are_distinct(tmp_path):
+    cfg = Config()
+    cfg.output_dir, cfg.name = str(tmp_path / "exp"), "race"
+    start = threading.Barrier(8)
+    made: list[Path] = []
+    errors: list[Exception] = []
+
+    def make():
+        start.wait()
+        try:
+            made.append(trainer.new_run_dir(cfg))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(made)) == 8
+    assert all((p / "checkpoints").is_dir() for p in made)
