@@ -150,7 +150,8 @@ def train_one_epoch(
         with autocast(cfg.device, cfg.amp_dtype):
             emb = model(x, from_prefix=cfg.from_prefix)
         net = getattr(model, "module", model)  # DDP wraps it
-        loss = criterion(emb.float(), y, net.logits if net.head is not None else None)
+        logits = net.logits if getattr(net, "head", None) is not None else None
+        loss = criterion(emb.float(), y, logits)
         if not torch.isfinite(loss):
             _count_bad_step(state, cfg, optimizer)
             tick = time.perf_counter()
