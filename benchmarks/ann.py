@@ -504,7 +504,7 @@ def load_inputs(args) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
     sets = []
     if args.bundle:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from mltrain.bundle import load_bundle
+        from mltrain.retrieval.bundle import load_bundle
 
         b = load_bundle(args.bundle)
         if b.metric != "cosine":

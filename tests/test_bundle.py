@@ -13,8 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-import mltrain.bundle as bundle_mod
-from mltrain.bundle import (
+import mltrain.retrieval.bundle as bundle_mod
+from mltrain.config import Config
+from mltrain.errors import BundleError
+from mltrain.inference.embedder import Embedder, make_embedder
+from mltrain.model.network import build_model
+from mltrain.retrieval.bundle import (
     add_images,
     bundle_embedder,
     export_bundle,
@@ -22,13 +26,9 @@ from mltrain.bundle import (
     safe_image_path,
     sha256_file,
 )
-from mltrain.config import Config
-from mltrain.errors import BundleError
-from mltrain.index import search
-from mltrain.inference import Embedder, make_embedder
-from mltrain.models import build_model
-from mltrain.search import search_images
-from mltrain.shards import ShardReader
+from mltrain.retrieval.index import search
+from mltrain.retrieval.search import search_images
+from mltrain.retrieval.shards import ShardReader
 from tests.conftest import write_image_folder
 
 CLASSES, PER_CLASS = 3, 5

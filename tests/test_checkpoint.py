@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mltrain import checkpoint
-from mltrain.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint
 from mltrain.errors import CheckpointError
+from mltrain.files import atomic_save
+from mltrain.model import checkpoint
+from mltrain.model.checkpoint import load_checkpoint, resolve_checkpoint
 
 
 def sample(epoch: int = 3) -> dict:
@@ -25,7 +26,7 @@ def sample(epoch: int = 3) -> dict:
         "best": None,
         "pair": (1, "a"),
         "rng": torch.get_rng_state(),
-        "format_version": checkpoint.FORMAT_VERSION,
+        "format_version": checkpoint.CHECKPOINT_FORMAT,
     }
 
 

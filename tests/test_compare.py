@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mltrain.compare import compare, main, markdown
+from mltrain.evaluation.compare import compare, main, markdown
 from tests.foreign_data import write_drawings
 
 

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from mltrain import trainer
-from mltrain.checkpoint import atomic_save, load_checkpoint
 from mltrain.config import load_config
 from mltrain.errors import CheckpointError, ConfigError, DataError
-from mltrain.evaluation import evaluate
-from mltrain.inference import embedder_from_backbone, embedder_from_checkpoint
+from mltrain.evaluation.evaluate import evaluate
+from mltrain.files import atomic_save
+from mltrain.inference.embedder import embedder_from_backbone, embedder_from_checkpoint
+from mltrain.model.checkpoint import load_checkpoint
+from mltrain.train import run as trainer
 from tests.conftest import TINY_RUN, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]

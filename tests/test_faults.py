@@ -21,15 +21,15 @@ import pytest
 import torch
 from PIL import Image
 
-import mltrain.bundle as bundle_mod
-import mltrain.evaluation as evaluation_mod
-from mltrain import safefs
-from mltrain.bundle import add_images, export_bundle, load_bundle
+import mltrain.evaluation.evaluate as evaluation_mod
+import mltrain.retrieval.bundle as bundle_mod
+from mltrain import files as safefs
 from mltrain.cli import run_main
 from mltrain.config import Config
-from mltrain.inference import Embedder, make_embedder
-from mltrain.models import build_model
-from mltrain.search import main as search_main
+from mltrain.inference.embedder import Embedder, make_embedder
+from mltrain.model.network import build_model
+from mltrain.retrieval.bundle import add_images, export_bundle, load_bundle
+from mltrain.retrieval.search import main as search_main
 from tests.conftest import TINY_RUN, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,8 +173,8 @@ def test_a_really_killed_add_is_recovered_on_the_next_load(bundle, tmp_path):
     new = new_images(tmp_path / "new", "zebra")
     script = f"""
 import os
-from mltrain import safefs
-from mltrain.bundle import add_images
+from mltrain import files as safefs
+from mltrain.retrieval.bundle import add_images
 real, calls = safefs.rename, []
 def rename(src, dst):
     calls.append(src)
@@ -300,7 +300,8 @@ def test_sheet_on_a_full_or_read_only_disk_is_one_line_and_no_file(exported, sma
 
 
 def test_checkpoint_write_on_a_full_disk_is_an_os_error_and_keeps_the_old_file(small_disk):
-    from mltrain.checkpoint import atomic_save, load_checkpoint
+    from mltrain.files import atomic_save
+    from mltrain.model.checkpoint import load_checkpoint
 
     path = small_disk / "last.pt"
     atomic_save({"model": {"w": torch.zeros(10)}, "config": {}}, path)
@@ -366,7 +367,7 @@ def test_evaluation_target_without_room_fails_before_evaluating(eval_root, small
 def test_disk_full_during_export_is_one_line_and_leaves_no_staging(eval_root, small_disk,
                                                                    tmp_path, monkeypatch,
                                                                    capsys):  # fmt: skip
-    import mltrain.storage as storage_mod
+    import mltrain.files as storage_mod
 
     monkeypatch.setattr(storage_mod, "check_free_space", lambda *a, **k: None)
     fill(small_disk, leave=64 * 1024)
@@ -381,7 +382,7 @@ def test_disk_full_during_export_is_one_line_and_leaves_no_staging(eval_root, sm
 def test_disk_full_during_evaluation_is_one_line_and_leaves_nothing(eval_root, small_disk,
                                                                     leave_kib, monkeypatch,
                                                                     capsys):  # fmt: skip
-    import mltrain.storage as storage_mod
+    import mltrain.files as storage_mod
 
     monkeypatch.setattr(storage_mod, "check_free_space", lambda *a, **k: None)
     fill(small_disk, leave=leave_kib * 1024)

@@ -1,4 +1,5 @@
-"""Inference placement (mltrain.forward): chunked calls and the model run in loader workers."""
+"""Inference placement (mltrain.inference.batching): chunked calls and the model run in loader
+workers."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mltrain import forward
 from mltrain.config import load_config
+from mltrain.data.pipeline import inference_workers
 from mltrain.errors import ConfigError, DataError, MltrainError
-from mltrain.forward import InferSpec, apply, batches
-from mltrain.rundata import inference_workers
+from mltrain.inference import batching as forward
+from mltrain.inference.batching import apply, batches
+from mltrain.runtime import InferSpec
 
 CPU = torch.device("cpu")
 
@@ -136,8 +138,8 @@ def test_a_model_error_inside_a_worker_reaches_the_caller():
 
 
 def test_inference_workers_follow_config_and_core_count(monkeypatch):
-    monkeypatch.setattr("mltrain.rundata.usable_cpus", lambda: 40)
-    monkeypatch.setattr("mltrain.rundata.workers_can_run_model", lambda: True)
+    monkeypatch.setattr("mltrain.data.pipeline.usable_cpus", lambda: 40)
+    monkeypatch.setattr("mltrain.data.pipeline.workers_can_run_model", lambda: True)
     cfg = load_config(None, ["eval.batch_size=8", "train.device=cpu"])
     assert inference_workers(cfg, 16) == 16  # one per core, at most 16
     assert inference_workers(cfg, 15) == 0  # fewer than 2 batches: not worth forking
@@ -155,7 +157,7 @@ def test_negative_cpu_chunk_is_a_config_error():
 def test_embedder_output_does_not_depend_on_placement(tiny_folder):
     """The real path: decode + model in workers equals decode in workers + model here."""
     from mltrain.data.folder import scan_folder
-    from mltrain.inference import embedder_from_backbone
+    from mltrain.inference.embedder import embedder_from_backbone
 
     folder = scan_folder(tiny_folder)
     base = [
@@ -177,7 +179,7 @@ def test_embedder_output_does_not_depend_on_placement(tiny_folder):
 def test_training_run_caches_and_evaluates_in_workers(tmp_path, monkeypatch):
     """Prefix cache and held-out evaluation go through the workers and agree with the
     in-process path."""
-    from mltrain import trainer
+    from mltrain.train import run as trainer
     from tests.conftest import TINY_RUN, write_image_folder
 
     root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
@@ -213,7 +215,7 @@ def test_training_run_caches_and_evaluates_in_workers(tmp_path, monkeypatch):
 
 def test_flip_tta_averages_the_image_and_its_mirror(tiny_folder):
     from mltrain.data.folder import scan_folder
-    from mltrain.inference import embedder_from_backbone
+    from mltrain.inference.embedder import embedder_from_backbone
 
     paths = scan_folder(tiny_folder).paths[:4]
     base = ["model.pretrained=false", "eval.amp=off", "eval.fold_bn=false", "data.num_workers=0",

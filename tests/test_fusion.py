@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from mltrain.config import ModelConfig
-from mltrain.fusion import fold_batchnorm
-from mltrain.models import EmbeddingModel, build_model
+from mltrain.model.fusion import fold_batchnorm
+from mltrain.model.network import EmbeddingModel, build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -74,7 +74,7 @@ def test_model_without_batchnorm_is_returned_as_is():
 
 def test_embedder_folds_by_default_and_matches_unfolded(tmp_path):
     from mltrain.config import load_config
-    from mltrain.inference import make_embedder
+    from mltrain.inference.embedder import make_embedder
     from tests.conftest import TINY_RUN, write_image_folder
 
     root = write_image_folder(tmp_path / "data", classes=2, per_class=3)

@@ -20,19 +20,27 @@ import numpy as np
 import pytest
 import torch
 
-import mltrain.bundle as bundle_mod
 import mltrain.data.images as images_mod
-from mltrain import inference, trainer
-from mltrain.bundle import add_images, export_bundle, load_bundle, safe_image_path, sha256_file
-from mltrain.checkpoint import atomic_save, load_checkpoint
+import mltrain.retrieval.bundle as bundle_mod
 from mltrain.cli import error_line, os_error_message, printable
 from mltrain.config import Config, load_config, to_dict
 from mltrain.data.images import load_image
 from mltrain.errors import BundleError, CheckpointError, ConfigError, DataError, MltrainError
-from mltrain.index import load_index
-from mltrain.inference import make_embedder
-from mltrain.models import build_model, create_backbone
-from mltrain.search import main as search_main
+from mltrain.files import atomic_save
+from mltrain.inference import embedder as inference
+from mltrain.inference.embedder import make_embedder
+from mltrain.model.checkpoint import load_checkpoint
+from mltrain.model.network import build_model, create_backbone
+from mltrain.retrieval.bundle import (
+    add_images,
+    export_bundle,
+    load_bundle,
+    safe_image_path,
+    sha256_file,
+)
+from mltrain.retrieval.index import load_index
+from mltrain.retrieval.search import main as search_main
+from mltrain.train import run as trainer
 from tests.conftest import TINY_RUN, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -431,7 +439,7 @@ def test_fifo_config_and_checkpoint_fail_fast(tmp_path, deadline):
 
 def test_sheet_pointing_at_a_folder_fails_before_searching(exported, tmp_path, capsys,
                                                            monkeypatch):  # fmt: skip
-    import mltrain.search as search_mod
+    import mltrain.retrieval.search as search_mod
 
     monkeypatch.setattr(search_mod, "search_images", lambda *a: pytest.fail("searched"))
     query = exported[0] / "class_0" / "img_000.jpg"

@@ -6,9 +6,10 @@ import faiss
 import numpy as np
 import pytest
 
-from mltrain.ann_eval import index_comparison, pca_sweep, shortest_within
 from mltrain.errors import BundleError, ConfigError, DataError
-from mltrain.index import (
+from mltrain.evaluation.metrics import retrieval_metrics
+from mltrain.evaluation.sweeps import index_comparison, pca_sweep, shortest_within
+from mltrain.retrieval.index import (
     INDEX_TYPES,
     build_index,
     check_index_config,
@@ -23,7 +24,6 @@ from mltrain.index import (
     save_index,
     search,
 )
-from mltrain.metrics import retrieval_metrics
 
 
 def random_data(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:

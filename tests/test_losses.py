@@ -11,7 +11,7 @@ from pytorch_metric_learning import distances, losses, miners, reducers
 from torch import nn
 
 from mltrain.errors import ConfigError
-from mltrain.losses import LOSSES, MINERS, Criterion, build_criterion
+from mltrain.model.losses import LOSSES, MINERS, Criterion, build_criterion
 
 
 def crit(loss, miner=None, num_classes=3, embedding_dim=2, has_head=False) -> Criterion:

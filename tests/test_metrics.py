@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from mltrain.errors import ConfigError, DataError
-from mltrain.index import knn_chunks
-from mltrain.metrics import (
+from mltrain.evaluation.metrics import (
     book_accuracy,
     confused_pairs,
     distinct_pairs,
@@ -28,6 +27,7 @@ from mltrain.metrics import (
     verification_metrics,
     worst_classes,
 )
+from mltrain.retrieval.index import knn_chunks
 
 # Neighbour labels for 3 queries of classes 0, 1, 2; hits are
 # [[1, 0, 1], [1, 1, 0], [0, 0, 1]].

@@ -9,7 +9,7 @@ from torch import nn
 
 from mltrain.config import ModelConfig
 from mltrain.errors import CheckpointError, ConfigError
-from mltrain.models import (
+from mltrain.model.network import (
     POOLINGS,
     EmbeddingModel,
     GeM,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mltrain.precision import Fp32WhenTrained, depthwise_in_fp32, is_depthwise, slow_in_bf16
+from mltrain.model.precision import Fp32WhenTrained, depthwise_in_fp32, is_depthwise, slow_in_bf16
 
 
 def block() -> nn.Sequential:
@@ -108,8 +108,8 @@ def test_fp16_autocast_is_left_alone():
 
 @pytest.mark.parametrize("switch", [True, False])
 def test_the_trainer_applies_train_depthwise_fp32(tmp_path, monkeypatch, switch):
-    from mltrain import trainer
     from mltrain.config import load_config
+    from mltrain.train import run as trainer
     from tests.conftest import TINY_RUN, write_image_folder
 
     monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mltrain import trainer
-from mltrain.checkpoint import load_checkpoint
 from mltrain.config import load_config
-from mltrain.engine import NonFiniteLoss
 from mltrain.errors import MltrainError
-from mltrain.losses import Criterion
+from mltrain.model.checkpoint import load_checkpoint
+from mltrain.model.losses import Criterion
+from mltrain.train import run as trainer
+from mltrain.train.loop import NonFiniteLoss
 from tests.conftest import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrup
 SLOW_FROM_STEP_8 = """
 import os, runpy, sys, time
 from pathlib import Path
-from mltrain import engine
+from mltrain.train import loop as engine
 real = engine._optimizer_step
 def slowed(model, optimizer, scheduler, state, cfg):
     real(model, optimizer, scheduler, state, cfg)
@@ -233,7 +233,7 @@ def _toy_epoch(net, state, opt_state=None, stop=None, log=None):
     """One epoch of `train_one_epoch` on a loader built afresh with a fixed seed, as `fit`
     builds one per epoch."""
     from mltrain.data.dataset import make_loader
-    from mltrain.engine import LoopSettings, train_one_epoch
+    from mltrain.train.loop import LoopSettings, train_one_epoch
 
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     if opt_state is not None:
@@ -251,7 +251,7 @@ def test_train_one_epoch_stops_on_flag_and_resumes_exactly(one_torch_thread):
     import threading
     from dataclasses import asdict
 
-    from mltrain.engine import StepState, rng_state
+    from mltrain.train.loop import StepState, rng_state
 
     torch.manual_seed(0)
     start = copy.deepcopy(_Net().state_dict())
@@ -293,7 +293,7 @@ def test_train_one_epoch_stops_on_flag_and_resumes_exactly(one_torch_thread):
 
 def _signal_at_step(monkeypatch, step: int) -> None:
     """SIGTERM to this process right after optimizer step `step`, as a `kill` would."""
-    from mltrain import engine
+    from mltrain.train import loop as engine
 
     real = engine._optimizer_step
 
@@ -353,7 +353,7 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch):
 def test_too_little_disk_space_fails_before_the_prefix_cache(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from mltrain import storage
+    from mltrain import files as storage
 
     monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
     root = write_image_folder(tmp_path / "data", classes=3, per_class=6)

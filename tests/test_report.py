@@ -11,10 +11,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from mltrain import report
 from mltrain.config import Config
-from mltrain.evaluation import EmbeddedSplit, EvalResult, compute_metrics
-from mltrain.report import (
+from mltrain.evaluation import report
+from mltrain.evaluation.evaluate import EmbeddedSplit, EvalResult, compute_metrics
+from mltrain.evaluation.report import (
     GREEN,
     RED,
     heldout_scalars,

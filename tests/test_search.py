@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mltrain.bundle import export_bundle, load_bundle
 from mltrain.config import Config
-from mltrain.inference import make_embedder
-from mltrain.models import build_model
-from mltrain.search import COLOURS, PAD, THUMB, main
+from mltrain.inference.embedder import make_embedder
+from mltrain.model.network import build_model
+from mltrain.retrieval.bundle import export_bundle, load_bundle
+from mltrain.retrieval.search import COLOURS, PAD, THUMB, main
 from tests.conftest import write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,11 +9,11 @@ import faiss
 import numpy as np
 import pytest
 
-import mltrain.shards as shards_mod
+import mltrain.retrieval.shards as shards_mod
 from mltrain.config import load_config
 from mltrain.errors import ConfigError, DataError
-from mltrain.index import build_index, default_nlist, prepare, search
-from mltrain.shards import (
+from mltrain.retrieval.index import build_index, default_nlist, prepare, search
+from mltrain.retrieval.shards import (
     ShardReader,
     ShardWriter,
     index_from_shards,

@@ -15,12 +15,12 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from mltrain import trainer
-from mltrain.checkpoint import load_checkpoint
 from mltrain.config import load_config
-from mltrain.engine import extract_embeddings
-from mltrain.evaluation import evaluate
-from mltrain.inference import embedder_from_checkpoint
+from mltrain.evaluation.evaluate import evaluate
+from mltrain.inference.batching import extract_embeddings
+from mltrain.inference.embedder import embedder_from_checkpoint
+from mltrain.model.checkpoint import load_checkpoint
+from mltrain.train import run as trainer
 from tests.conftest import TINY_RUN, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mltrain import trainer
-from mltrain.checkpoint import load_checkpoint
 from mltrain.config import load_config
 from mltrain.errors import ConfigError, DataError, MltrainError
+from mltrain.model.checkpoint import load_checkpoint
+from mltrain.train import run as trainer
 from tests.conftest import TINY_RUN, write_image_folder
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
@@ -202,8 +202,8 @@ def test_duplicates_across_the_split_are_reported(tmp_path, capsys):
 
 
 def test_proxies_get_their_own_learning_rate_and_layers_decay(tmp_path):
-    from mltrain.losses import build_criterion
-    from mltrain.models import build_model
+    from mltrain.model.losses import build_criterion
+    from mltrain.model.network import build_model
 
     cfg = load_config("configs/pooling.yaml", [
         "model.pretrained=false", "train.loss={name: ProxyAnchorLoss}", "train.miner=null",
@@ -243,7 +243,7 @@ def trainer_history(run_dir):
 
 
 def test_bnneck_hybrid_trains_and_embeds_through_the_neck(tmp_path):
-    from mltrain.inference import embedder_from_checkpoint
+    from mltrain.inference.embedder import embedder_from_checkpoint
 
     with pytest.raises(ConfigError, match="model.bnneck: the hybrid trains a metric loss"):
         load_config("configs/triplet.yaml", ["model.bnneck=true"])

@@ -17,35 +17,20 @@ a forked child that opens a parallel region (a measured hang with 2 threads).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sized
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mltrain.errors import MltrainError
+from mltrain.runtime import InferSpec, autocast, usable_cpus, workers_can_run_model
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Fn = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class InferSpec:
-    """Where and how batches run through the model during inference."""
-
-    device: torch.device
-    amp: torch.dtype | None
-    channels_last: bool = True
-    cpu_chunk: int = 0  # images per model call on CPU; 0 = the whole batch
-    in_workers: bool = False  # on CPU, run the model inside the loader's worker processes
-    flip: bool = False  # embed each image and its mirror, and average (eval.flip_tta)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -65,18 +50,6 @@ def apply(fn: Fn, x: torch.Tensor, spec: InferSpec) -> torch.Tensor:
     with autocast(spec.device, spec.amp):
         parts = [fn(x[s : s + chunk]).cpu() for s in range(0, len(x), chunk)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def workers_can_run_model() -> bool:
-    """Forked workers that inherit the model: Linux only (fork elsewhere is unsafe or absent)."""
-    return sys.platform.startswith("linux")
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class _RunInWorker:
@@ -128,3 +101,81 @@ def _in_workers(fn: Fn, loader: DataLoader, spec: InferSpec) -> Iterator[Batch]:
         multiprocessing_context="fork",
     )
     yield from moved
+
+
+@torch.inference_mode()
+def iter_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, spec: InferSpec, desc: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`fn` over each batch in loader order, yielded as computed: (output on CPU, labels,
+    dataset indices). Nothing is kept, so a caller that writes batches out (shards) holds
+    one batch at a time; `run_batches` is the collecting form. `spec` says where the model
+    runs (see `mltrain.inference.batching`)."""
+    total = len(loader) if isinstance(loader, Sized) else None
+    yield from tqdm(
+        batches(fn, loader, spec), desc=desc, total=total, leave=False, dynamic_ncols=True
+    )
+
+
+@torch.inference_mode()
+def run_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, spec: InferSpec, desc: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fn` over every batch in loader order: (outputs on CPU, labels, dataset indices)."""
+    parts = list(iter_batches(fn, loader, spec, desc))
+    if not parts:
+        raise MltrainError("nothing to embed: the image list is empty")
+    outs, labels, indices = zip(*parts, strict=True)
+    return torch.cat(outs), torch.cat(labels), torch.cat(indices)
+
+
+def _embed_fn(
+    model: nn.Module, from_prefix: bool, flip: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The embedding of a batch; with `flip`, the mean of the image's and its mirror's
+    (re-normalised when the model normalises). Cached prefix features are never flipped:
+    a mirrored feature map is not the features of the mirrored image."""
+    if not flip or from_prefix:
+        return lambda x: model.embed(x, from_prefix=from_prefix).float()
+
+    def both(x: torch.Tensor) -> torch.Tensor:
+        emb = model.embed(x).float() + model.embed(x.flip(3)).float()
+        return F.normalize(emb, dim=1) if model.normalize else emb / 2
+
+    return both
+
+
+def _checked(emb: torch.Tensor) -> np.ndarray:
+    emb_np = emb.numpy().astype(np.float32, copy=False)
+    if not np.isfinite(emb_np).all():
+        raise MltrainError("embeddings contain NaN/inf; the checkpoint's weights are broken")
+    return emb_np
+
+
+def extract_embeddings(
+    model: nn.Module,
+    loader: Iterable,
+    spec: InferSpec,
+    from_prefix: bool = False,
+    desc: str = "embedding",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings float32, labels, dataset indices) in loader order, with a progress bar."""
+    model.eval()
+    fn = _embed_fn(model, from_prefix, spec.flip)
+    emb, labels, indices = run_batches(fn, loader, spec, desc)
+    return _checked(emb), labels.numpy(), indices.numpy()
+
+
+def stream_embeddings(
+    model: nn.Module,
+    loader: Iterable,
+    spec: InferSpec,
+    from_prefix: bool = False,
+    desc: str = "embedding",
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`extract_embeddings` one batch at a time: (embeddings float32, labels, dataset
+    indices) per batch, for galleries written to disk as they come rather than held."""
+    model.eval()
+    fn = _embed_fn(model, from_prefix, spec.flip)
+    for emb, labels, indices in iter_batches(fn, loader, spec, desc):
+        yield _checked(emb), labels.numpy(), indices.numpy()

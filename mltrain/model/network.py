@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mltrain.checkpoint import load_error_reason
 from mltrain.errors import CheckpointError, ConfigError, MltrainError
+from mltrain.model.checkpoint import load_error_reason
 from mltrain.registry import Registry
 
 POOLINGS = Registry("pooling")

@@ -1,6 +1,6 @@
 """The evaluation report: TensorBoard events, PNG figures and a Markdown summary.
 
-`write_report` turns an `mltrain.evaluation.EvalResult` into files a person reads: numbers
+`write_report` turns an `mltrain.evaluation.evaluate.EvalResult` into files a person reads: numbers
 alone hide *which* classes fail and *how* (a cluster split in two, two classes merged), so the
 report adds pictures of the embedding space and of real queries next to the tables.
 
@@ -31,7 +31,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from mltrain.data.images import load_image
 from mltrain.errors import DataError
-from mltrain.metrics import class_name, pair_scores, sample_pairs
+from mltrain.evaluation.metrics import class_name, pair_scores, sample_pairs
 
 GREEN = (0, 160, 0)
 RED = (220, 0, 0)
@@ -1047,7 +1047,7 @@ def write_report(
 ) -> None:
     """Write report.md, roc/pca/tsne/tsne_worst/queries PNGs and TensorBoard events to out_dir.
 
-    `result` is an `mltrain.evaluation.EvalResult`. `gallery_paths` are the images the
+    `result` is an `mltrain.evaluation.evaluate.EvalResult`. `gallery_paths` are the images the
     neighbour rows point at; the default, the held-out paths, is right for leave-one-out
     evaluation. t-SNE pictures are skipped with `tsne=False` (they dominate the run time);
     the same `seed` samples the same points, so reports of two checkpoints compare directly.

@@ -411,7 +411,7 @@ def train_index(
     """An empty index of type `kind`, trained (PCA included) on prepared `train` vectors.
 
     Split from `build_index` so that a gallery too large for memory can be added in chunks
-    after training on a sample (see `mltrain.shards.index_from_shards`).
+    after training on a sample (see `mltrain.retrieval.shards.index_from_shards`).
     """
     chain = [] if pca_dim is None else pca_transforms(train, pca_dim, metric)
     dim = train.shape[1] if pca_dim is None else int(pca_dim)

@@ -1,77 +1,17 @@
-"""Atomic checkpoint writes and safe loads (`weights_only=True`: no arbitrary pickles)."""
+"""Reading checkpoints safely (`weights_only=True`: no arbitrary pickles); `mltrain.files`
+writes them crash-safely."""
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from mltrain.errors import CheckpointError
 
-FORMAT_VERSION = 1
-
-
-class _WriteRecorder:
-    """A file wrapper that keeps the OSError of a failed write: torch's zip writer reports
-    it as an opaque RuntimeError ("unexpected pos ..."), which would hide a full disk."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        try:
-            self.f.flush()
-        except OSError as e:
-            self.error = e
-            raise
-
-
-def torch_save(obj: Any, f: BinaryIO, name: str | Path) -> None:
-    """`torch.save` into an open file; a failed write (full disk, read-only file system)
-    is an OSError naming `name`, as for any other file."""
-    recorder = _WriteRecorder(f)
-    try:
-        torch.save(obj, recorder)
-    except RuntimeError:
-        if recorder.error is None:
-            raise
-        e = recorder.error
-        raise OSError(e.errno, e.strerror, str(name)) from None
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A kill at any moment leaves either the old file or the new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch_save(obj, f, path)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+CHECKPOINT_FORMAT = 1  # the layout of a training checkpoint's dict
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

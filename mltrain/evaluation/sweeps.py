@@ -16,7 +16,14 @@ import faiss
 import numpy as np
 
 from mltrain.errors import ConfigError, DataError
-from mltrain.index import (
+from mltrain.evaluation.metrics import (
+    book_accuracy,
+    check_labelled,
+    num_relevant,
+    retrieval_metrics,
+    score_neighbours,
+)
+from mltrain.retrieval.index import (
     INDEX_TYPES,
     apply_transforms,
     build_index,
@@ -28,13 +35,6 @@ from mltrain.index import (
     prepare,
     search_chunks,
     with_transforms,
-)
-from mltrain.metrics import (
-    book_accuracy,
-    check_labelled,
-    num_relevant,
-    retrieval_metrics,
-    score_neighbours,
 )
 
 TIMING_QUERIES = 200
@@ -143,8 +143,8 @@ def index_comparison(
 
     `same_set=True` means the queries are the gallery rows (leave-one-out: a query's own row
     is dropped from its results). `args` maps an index kind to its builder args (see
-    `mltrain.index.INDEX_TYPES`). Search k is min(max_k, largest R), so map_at_r is exact up
-    to max_k; an approximate index returning fewer items simply scores lower.
+    `mltrain.retrieval.index.INDEX_TYPES`). Search k is min(max_k, largest R), so map_at_r is
+    exact up to max_k; an approximate index returning fewer items simply scores lower.
 
     Row keys: kind, precision_at_1, map_at_r, build_seconds, query_us, bytes.
     """

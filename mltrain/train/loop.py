@@ -1,4 +1,4 @@
-"""The training step loop and embedding extraction: one readable loop each."""
+"""The training step loop: one readable loop over batches, with resumable RNG and step state."""
 
 from __future__ import annotations
 
@@ -11,42 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from mltrain.errors import MltrainError
-from mltrain.forward import InferSpec, autocast, batches, to_device
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MltrainError("train.device: cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    """bf16 autocast pays off only with native bf16 instructions (AVX512-BF16 / AMX)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "AVX512" in capability
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.amp`; `auto` picks bf16 where the hardware has it."""
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else None
+from mltrain.inference.batching import run_batches, to_device
+from mltrain.runtime import InferSpec, autocast
 
 
 @dataclass
@@ -232,84 +202,6 @@ def _count_bad_step(state: StepState, cfg: LoopSettings, optimizer) -> None:
             "lower train.optimizer.args.lr or set train.grad_clip. The last good checkpoint "
             "is kept."
         )
-
-
-@torch.inference_mode()
-def iter_batches(
-    fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, spec: InferSpec, desc: str
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`fn` over each batch in loader order, yielded as computed: (output on CPU, labels,
-    dataset indices). Nothing is kept, so a caller that writes batches out (shards) holds
-    one batch at a time; `run_batches` is the collecting form. `spec` says where the model
-    runs (see `mltrain.forward`)."""
-    total = len(loader) if isinstance(loader, Sized) else None
-    yield from tqdm(
-        batches(fn, loader, spec), desc=desc, total=total, leave=False, dynamic_ncols=True
-    )
-
-
-@torch.inference_mode()
-def run_batches(
-    fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, spec: InferSpec, desc: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`fn` over every batch in loader order: (outputs on CPU, labels, dataset indices)."""
-    parts = list(iter_batches(fn, loader, spec, desc))
-    if not parts:
-        raise MltrainError("nothing to embed: the image list is empty")
-    outs, labels, indices = zip(*parts, strict=True)
-    return torch.cat(outs), torch.cat(labels), torch.cat(indices)
-
-
-def _embed_fn(
-    model: nn.Module, from_prefix: bool, flip: bool = False
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The embedding of a batch; with `flip`, the mean of the image's and its mirror's
-    (re-normalised when the model normalises). Cached prefix features are never flipped:
-    a mirrored feature map is not the features of the mirrored image."""
-    if not flip or from_prefix:
-        return lambda x: model.embed(x, from_prefix=from_prefix).float()
-
-    def both(x: torch.Tensor) -> torch.Tensor:
-        emb = model.embed(x).float() + model.embed(x.flip(3)).float()
-        return F.normalize(emb, dim=1) if model.normalize else emb / 2
-
-    return both
-
-
-def _checked(emb: torch.Tensor) -> np.ndarray:
-    emb_np = emb.numpy().astype(np.float32, copy=False)
-    if not np.isfinite(emb_np).all():
-        raise MltrainError("embeddings contain NaN/inf; the checkpoint's weights are broken")
-    return emb_np
-
-
-def extract_embeddings(
-    model: nn.Module,
-    loader: Iterable,
-    spec: InferSpec,
-    from_prefix: bool = False,
-    desc: str = "embedding",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(embeddings float32, labels, dataset indices) in loader order, with a progress bar."""
-    model.eval()
-    fn = _embed_fn(model, from_prefix, spec.flip)
-    emb, labels, indices = run_batches(fn, loader, spec, desc)
-    return _checked(emb), labels.numpy(), indices.numpy()
-
-
-def stream_embeddings(
-    model: nn.Module,
-    loader: Iterable,
-    spec: InferSpec,
-    from_prefix: bool = False,
-    desc: str = "embedding",
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """`extract_embeddings` one batch at a time: (embeddings float32, labels, dataset
-    indices) per batch, for galleries written to disk as they come rather than held."""
-    model.eval()
-    fn = _embed_fn(model, from_prefix, spec.flip)
-    for emb, labels, indices in iter_batches(fn, loader, spec, desc):
-        yield _checked(emb), labels.numpy(), indices.numpy()
 
 
 def compute_prefix(

@@ -14,16 +14,16 @@ of one embeddings.npy (`embeddings-00000.npy`, ...; bundle format 2): they are w
 memory maps batch by batch, the index is trained on an even sample of them and filled shard
 by shard, so neither export nor loading holds the whole gallery in memory. The manifest lists
 each shard's name, rows and sha256 under "shards"; `Bundle.embeddings` is then a
-`mltrain.shards.ShardReader` (array-like, read through mmap).
+`mltrain.retrieval.shards.ShardReader` (array-like, read through mmap).
 
 `load_bundle` checks every file against the manifest before using any of them, so a
 truncated, edited or mismatched file is a `BundleError` that names it, never a wrong answer.
 Bundles also come from other people, so everything in one is untrusted: every file must be a
-regular file that resolves inside the bundle (`mltrain.safefs.inside`), `images/` a real
+regular file that resolves inside the bundle (`mltrain.files.inside`), `images/` a real
 folder, the image root no file-system root, system or home folder, class names strings
 (printed escaped), and model.pt must fit the config before that model is built.
 Exports and `add_images` write a complete new folder beside the old one and swap it into
-place under a per-bundle lock (`mltrain.safefs.replace_dir`): the path never stands empty,
+place under a per-bundle lock (`mltrain.files.replace_dir`): the path never stands empty,
 or, where the system has no atomic exchange, the next load puts the old bundle back; staging
 folders of killed writers are deleted by the next writer.
 
@@ -57,17 +57,17 @@ import torch
 from numpy.lib.format import open_memmap
 
 import mltrain
-from mltrain import safefs
-from mltrain.checkpoint import torch_save
+from mltrain import files
 from mltrain.config import ExportConfig, from_dict, to_dict
 from mltrain.data.folder import IMAGE_EXTENSIONS, is_image
 from mltrain.data.images import load_image
+from mltrain.data.pipeline import RunData, prepare_data
 from mltrain.errors import BundleError, CheckpointError, ConfigError, DataError
-from mltrain.index import build_index, check_index_config, load_index, prepare, save_index
-from mltrain.inference import Embedder, make_embedder
-from mltrain.models import build_model, check_state_fits
-from mltrain.rundata import RunData, prepare_data
-from mltrain.shards import (
+from mltrain.files import check_free_space, check_writable, torch_save
+from mltrain.inference.embedder import Embedder, make_embedder
+from mltrain.model.network import build_model, check_state_fits
+from mltrain.retrieval.index import build_index, check_index_config, load_index, prepare, save_index
+from mltrain.retrieval.shards import (
     CHUNK_ROWS,
     SHARD_NAME,
     Shard,
@@ -77,11 +77,10 @@ from mltrain.shards import (
     shard_number,
     training_rows,
 )
-from mltrain.storage import check_free_space, check_writable
 
-FORMAT_VERSION = 1  # embeddings in one embeddings.npy
+ARRAY_FORMAT = 1  # embeddings in one embeddings.npy
 SHARDED_FORMAT = 2  # embeddings in the shards that the manifest lists
-FORMATS = (FORMAT_VERSION, SHARDED_FORMAT)
+FORMATS = (ARRAY_FORMAT, SHARDED_FORMAT)
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
 METADATA = "metadata.csv"
@@ -152,14 +151,14 @@ def _is_bundle_dir(path: Path) -> bool:
 def _staged(out_dir: Path, tag: str) -> Iterator[Path]:
     """A new staging folder beside `out_dir`, under the bundle's lock (staging folders that
     killed writers left there are deleted first); removed again unless moved into place."""
-    with safefs.lock(out_dir):
+    with files.lock(out_dir):
         _recover(out_dir)  # a previous bundle set aside by a killed swap is no stale folder
-        safefs.clean_stale(out_dir)
-        tmp = safefs.staging_dir(out_dir, tag)
+        files.clean_stale(out_dir)
+        tmp = files.staging_dir(out_dir, tag)
         try:
             yield tmp
         except BaseException:
-            safefs.remove(tmp)
+            files.remove(tmp)
             raise
 
 
@@ -167,12 +166,12 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """Put the finished `tmp` folder at `out_dir`, replacing an older bundle there.
 
     `out_dir` is at every moment the old complete bundle or the new complete one (see
-    `mltrain.safefs.replace_dir`; where the swap takes two renames, `load_bundle` puts the
-    old bundle back after a kill between them). Callers hold `safefs.lock(out_dir)` (and
+    `mltrain.files.replace_dir`; where the swap takes two renames, `load_bundle` puts the
+    old bundle back after a kill between them). Callers hold `files.lock(out_dir)` (and
     `_staged` removes `tmp` when this raises).
     """
     check_export_target(out_dir)  # again: the folder may have changed while we wrote
-    safefs.replace_dir(tmp, out_dir)
+    files.replace_dir(tmp, out_dir)
 
 
 def _write_metadata(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -324,7 +323,7 @@ def export_bundle(
             embedder, folder.paths, folder.labels, tmp, exp, metric
         )
         manifest = {
-            "format_version": SHARDED_FORMAT if shards else FORMAT_VERSION,
+            "format_version": SHARDED_FORMAT if shards else ARRAY_FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": source,
             "versions": _versions(),
@@ -420,8 +419,8 @@ def _bundle_file(folder: Path, name: str) -> Path:
     path = folder / name
     if not (path.exists() or path.is_symlink()):
         raise BundleError(f"{path} is missing; the bundle is incomplete: {_REEXPORT}")
-    safefs.inside(folder, name, BundleError, f"bundle file {path}")
-    if not safefs.is_regular(path):
+    files.inside(folder, name, BundleError, f"bundle file {path}")
+    if not files.is_regular(path):
         raise BundleError(f"{path} is not a regular file; {_REEXPORT}")
     return path
 
@@ -431,7 +430,7 @@ def _recover(path: Path) -> None:
     if path.exists() or path.is_symlink():
         return
     try:
-        restored = safefs.recover_dir(path, lambda p: (p / MANIFEST).is_file())
+        restored = files.recover_dir(path, lambda p: (p / MANIFEST).is_file())
     except OSError as e:
         raise BundleError(
             f"search bundle {path} is missing and its previous version beside it could not be "
@@ -520,8 +519,8 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
     path = Path(path)
     manifest = read_manifest(path)
     shards = manifest.get("shards") if manifest["format_version"] == SHARDED_FORMAT else None
-    files = manifest["files"]
-    digests = [(name, files.get(name)) for name in (SHARDED_DATA_FILES if shards else DATA_FILES)]
+    hashes = manifest["files"]
+    digests = [(name, hashes.get(name)) for name in (SHARDED_DATA_FILES if shards else DATA_FILES)]
     digests += [(s["name"], s["sha256"]) for s in shards or []]
     for name, expected in digests:
         _check_digest(path, name, expected)
@@ -699,9 +698,9 @@ def safe_image_path(bundle: Bundle, rel: str) -> Path:
     if reason:
         raise BundleError(f"metadata path {rel!r} is unsafe ({reason}); refusing to read it")
     if rel.startswith(BUNDLE_PREFIX):
-        return safefs.inside(bundle.path, rel[len(BUNDLE_PREFIX) :], BundleError,
+        return files.inside(bundle.path, rel[len(BUNDLE_PREFIX) :], BundleError,
                              f"metadata path {rel!r}")  # fmt: skip
-    return safefs.inside(bundle.root, rel, BundleError, f"metadata path {rel!r}")
+    return files.inside(bundle.root, rel, BundleError, f"metadata path {rel!r}")
 
 
 # --- adding images -------------------------------------------------------------------------
@@ -735,7 +734,7 @@ def _collect(
     for p in paths:
         if not (p.exists() or p.is_symlink()):
             raise DataError(f"image {p} does not exist")
-        if not safefs.is_regular(p):  # a FIFO would hang the reader
+        if not files.is_regular(p):  # a FIFO would hang the reader
             raise DataError(f"image {p} is not a regular file (a folder, FIFO or device)")
         if not is_image(p):
             raise DataError(f"{p} is not an image file name ({', '.join(sorted(IMAGE_EXTENSIONS))}"
@@ -792,7 +791,7 @@ def _write_with_added(bundle: Bundle, emb: np.ndarray, tmp: Path, manifest: dict
         old = bundle.embeddings
         out = open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype,
                           shape=(len(old) + len(emb), old.shape[1]))  # fmt: skip
-        safefs.reserve(tmp / EMBEDDINGS)  # a full disk: an OSError now, not a SIGBUS later
+        files.reserve(tmp / EMBEDDINGS)  # a full disk: an OSError now, not a SIGBUS later
         for start in range(0, len(old), CHUNK_ROWS):
             end = min(start + CHUNK_ROWS, len(old))
             out[start:end] = old[start:end]
@@ -832,7 +831,7 @@ def add_images(
                           f"holds {MANIFEST}")  # fmt: skip
     check_writable(bundle_path.parent, "--add writes the updated bundle beside the old one: "
                    "make the folder writable, or copy the bundle to a writable disk")  # fmt: skip
-    with safefs.lock(bundle_path):
+    with files.lock(bundle_path):
         return _add_locked(bundle_path, paths_or_folder, label_names)
 
 
@@ -923,10 +922,10 @@ def _copied_before(bundle_path: Path, image: Path, name: str) -> bool:
     that resolves outside the bundle is never compared (never read)."""
     rel = f"{IMAGES_DIR}/{_folder_name(name)}/{image.name}"
     try:
-        copied = safefs.inside(bundle_path, rel, BundleError, f"added image {rel!r}")
+        copied = files.inside(bundle_path, rel, BundleError, f"added image {rel!r}")
     except BundleError:
         return False
-    return safefs.is_regular(copied) and filecmp.cmp(image, copied, shallow=False)
+    return files.is_regular(copied) and filecmp.cmp(image, copied, shallow=False)
 
 
 def _check_add_space(bundle: Bundle, copies: list[Path], new_rows: int) -> None:

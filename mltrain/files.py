@@ -1,5 +1,6 @@
-"""File-system safety shared by bundles, evaluation folders and search: containment, regular
-files, a crash-safe directory swap and a per-target lock.
+"""Crash-safe writes and file-system safety, shared by training, bundles, evaluation folders
+and search: containment, regular files, a crash-safe directory swap, a per-target lock, atomic
+`torch.save`, and disk checks that fail before long work rather than during it.
 
 Bundles come from other people, so a path inside one is untrusted: `inside` resolves both the
 trusted folder and the joined path, so neither a `..` nor a symlink (the folder `images/`
@@ -21,6 +22,11 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from mltrain.errors import MltrainError
 
 try:
     import fcntl
@@ -238,3 +244,122 @@ def lock(target: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
+
+
+def check_writable(folder: Path, what_to_do: str) -> None:
+    """Write, fsync and delete a small probe file in `folder`: a read-only folder, a full disk
+    or a permission problem shows up now rather than at the first checkpoint."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            Path(probe).unlink(missing_ok=True)
+    except OSError as e:
+        raise MltrainError(f"cannot write to {folder} ({e.strerror or e}); {what_to_do}") from None
+
+
+def _existing(path: Path) -> Path:
+    """`path` or its nearest existing parent (the cache folder may not exist yet)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
+
+
+def check_free_space(needs: list[tuple[Path, str, int]], what_to_do: str | None = None) -> None:
+    """`needs` lists (folder, what goes there, bytes); folders on one filesystem add up.
+    Raises `MltrainError` naming the folder, the bytes needed and free, and what to do
+    (`what_to_do`, or for a training run where to point its outputs instead)."""
+    by_device: dict[int, list[tuple[Path, str, int]]] = {}
+    for folder, what, n in needs:
+        by_device.setdefault(_existing(folder).stat().st_dev, []).append((folder, what, n))
+    for entries in by_device.values():
+        need = sum(n for _, _, n in entries)
+        free = shutil.disk_usage(_existing(entries[0][0])).free
+        if free < need:
+            parts = ", ".join(f"{what} in {folder}: {_size(n)}" for folder, what, n in entries)
+            raise MltrainError(
+                f"not enough disk space: this run needs about {_size(need)} ({parts}) but "
+                f"only {_size(free)} is free on the disk holding {entries[0][0]}; "
+                + (what_to_do or "free some space, or set output_dir (checkpoints) or the "
+                   "MLTRAIN_CACHE environment variable (prefix cache) to a folder on a larger "
+                   "disk")
+            )
+
+
+def check_output_folders(needs: list[tuple[Path, str, int]], what_to_do: str) -> None:
+    """Before long work whose results go to folders that may not exist yet: the first
+    existing folder on each path is writable (probe file) and the disks have the bytes."""
+    for folder, what, _ in needs:
+        check_writable(_existing(folder.parent), f"{what}: {what_to_do}")
+    check_free_space([(_existing(folder), what, n) for folder, what, n in needs], what_to_do)
+
+
+class _WriteRecorder:
+    """A file wrapper that keeps the OSError of a failed write: torch's zip writer reports
+    it as an opaque RuntimeError ("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def torch_save(obj: Any, f: BinaryIO, name: str | Path) -> None:
+    """`torch.save` into an open file; a failed write (full disk, read-only file system)
+    is an OSError naming `name`, as for any other file."""
+    recorder = _WriteRecorder(f)
+    try:
+        torch.save(obj, recorder)
+    except RuntimeError:
+        if recorder.error is None:
+            raise
+        e = recorder.error
+        raise OSError(e.errno, e.strerror, str(name)) from None
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A kill at any moment leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch_save(obj, f, path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

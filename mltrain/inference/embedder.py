@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mltrain.checkpoint import load_checkpoint
 from mltrain.config import Config, from_dict
-from mltrain.engine import extract_embeddings, resolve_amp, resolve_device, stream_embeddings
+from mltrain.data.pipeline import eval_loader, infer_spec
 from mltrain.errors import CheckpointError
-from mltrain.forward import InferSpec
-from mltrain.fusion import fold_batchnorm
-from mltrain.models import EmbeddingModel, build_model, check_state_fits, data_config
-from mltrain.rundata import eval_loader, infer_spec
+from mltrain.inference.batching import extract_embeddings, stream_embeddings
+from mltrain.model.checkpoint import load_checkpoint
+from mltrain.model.fusion import fold_batchnorm
+from mltrain.model.network import EmbeddingModel, build_model, check_state_fits, data_config
+from mltrain.runtime import InferSpec, resolve_amp, resolve_device
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Embedder:
 
     @property
     def spec(self) -> InferSpec:
-        """Where the model runs for this config and device (see `mltrain.forward`)."""
+        """Where the model runs for this config and device (see `mltrain.inference.batching`)."""
         return infer_spec(self.cfg, self.device, self.amp)
 
     def _loader(self, paths: list[Path], labels: np.ndarray | None):
@@ -67,7 +67,7 @@ class Embedder:
         self, paths: list[Path], labels: np.ndarray | None = None, desc: str = "embedding"
     ) -> Iterator[np.ndarray]:
         """`embed` one batch at a time (float32, in `paths` order), so a gallery larger than
-        memory can be written out as it is embedded (see `mltrain.shards.ShardWriter`)."""
+        memory can be written out as it is embedded (see `mltrain.retrieval.shards.ShardWriter`)."""
         model, loader = self.forward_model, self._loader(paths, labels)
         for emb, _, _ in stream_embeddings(model, loader, self.spec, desc=desc):
             yield emb

@@ -16,35 +16,14 @@ The space estimate is deliberately rough and errs on the large side:
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mltrain.errors import MltrainError
-
 LOGS_ALLOWANCE = 16 * 2**20  # events, split.json, metrics.json, bad_images.txt
 CHECKPOINT_COPIES = 3  # last.pt, best.pt and a temporary file while one is replaced
-
-
-def check_writable(folder: Path, what_to_do: str) -> None:
-    """Write, fsync and delete a small probe file in `folder`: a read-only folder, a full disk
-    or a permission problem shows up now rather than at the first checkpoint."""
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(b"0" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            Path(probe).unlink(missing_ok=True)
-    except OSError as e:
-        raise MltrainError(f"cannot write to {folder} ({e.strerror or e}); {what_to_do}") from None
 
 
 def checkpoint_bytes(modules: Iterable[nn.Module]) -> int:
@@ -73,50 +52,6 @@ def prefix_bytes_per_image(model: nn.Module, input_size: tuple[int, ...]) -> int
         for m, training in modes.items():
             m.training = training
     return out.numel() * 2 + 16
-
-
-def _existing(path: Path) -> Path:
-    """`path` or its nearest existing parent (the cache folder may not exist yet)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
-    return f"{n:,} bytes"
-
-
-def check_free_space(needs: list[tuple[Path, str, int]], what_to_do: str | None = None) -> None:
-    """`needs` lists (folder, what goes there, bytes); folders on one filesystem add up.
-    Raises `MltrainError` naming the folder, the bytes needed and free, and what to do
-    (`what_to_do`, or for a training run where to point its outputs instead)."""
-    by_device: dict[int, list[tuple[Path, str, int]]] = {}
-    for folder, what, n in needs:
-        by_device.setdefault(_existing(folder).stat().st_dev, []).append((folder, what, n))
-    for entries in by_device.values():
-        need = sum(n for _, _, n in entries)
-        free = shutil.disk_usage(_existing(entries[0][0])).free
-        if free < need:
-            parts = ", ".join(f"{what} in {folder}: {_size(n)}" for folder, what, n in entries)
-            raise MltrainError(
-                f"not enough disk space: this run needs about {_size(need)} ({parts}) but "
-                f"only {_size(free)} is free on the disk holding {entries[0][0]}; "
-                + (what_to_do or "free some space, or set output_dir (checkpoints) or the "
-                   "MLTRAIN_CACHE environment variable (prefix cache) to a folder on a larger "
-                   "disk")
-            )
-
-
-def check_output_folders(needs: list[tuple[Path, str, int]], what_to_do: str) -> None:
-    """Before long work whose results go to folders that may not exist yet: the first
-    existing folder on each path is writable (probe file) and the disks have the bytes."""
-    for folder, what, _ in needs:
-        check_writable(_existing(folder.parent), f"{what}: {what_to_do}")
-    check_free_space([(_existing(folder), what, n) for folder, what, n in needs], what_to_do)
 
 
 def run_space_needs(

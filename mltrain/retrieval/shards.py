@@ -26,8 +26,8 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from mltrain.errors import ConfigError, DataError
-from mltrain.index import INDEX_TYPES, default_nlist, faiss_metric, prepare, train_index
-from mltrain.safefs import reserve
+from mltrain.files import reserve
+from mltrain.retrieval.index import INDEX_TYPES, default_nlist, faiss_metric, prepare, train_index
 
 SHARD_PREFIX = "embeddings"
 SHARD_NAME = re.compile(rf"{SHARD_PREFIX}-\d{{5,}}\.npy")

@@ -11,12 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from mltrain.ann_eval import index_comparison, pca_sweep, shortest_within
 from mltrain.config import Config, save_config, to_dict
+from mltrain.data.pipeline import RunData, prepare_data, record_data
 from mltrain.errors import DataError
-from mltrain.eval_plan import EvalPlan, plan_evaluation
-from mltrain.inference import Embedder
-from mltrain.metrics import (
+from mltrain.evaluation.metrics import (
     CURVE_KEYS,
     book_accuracy,
     confused_pairs,
@@ -27,7 +25,9 @@ from mltrain.metrics import (
     verification_metrics,
     worst_classes,
 )
-from mltrain.rundata import RunData, prepare_data, record_data
+from mltrain.evaluation.plan import EvalPlan, plan_evaluation
+from mltrain.evaluation.sweeps import index_comparison, pca_sweep, shortest_within
+from mltrain.inference.embedder import Embedder
 
 
 @dataclass
@@ -47,7 +47,7 @@ class EmbeddedSplit:
 class EvalResult:
     metrics: dict[str, Any]
     split: EmbeddedSplit
-    neighbours: Any  # mltrain.metrics.Neighbours of the held-out queries
+    neighbours: Any  # mltrain.evaluation.metrics.Neighbours of the held-out queries
     curves: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -155,7 +155,9 @@ def evaluate(
     """Embed the run's split, compute every metric, write metrics.json, embeddings and report.
 
     `data` is the run's data already prepared into `out_dir` (else it is prepared here)."""
-    from mltrain.report import write_report  # matplotlib and TensorBoard only when reporting
+    from mltrain.evaluation.report import (
+        write_report,  # matplotlib and TensorBoard only when reporting
+    )
 
     cfg = embedder.cfg
     save_config(cfg, out_dir / "config.yaml")

@@ -26,30 +26,10 @@ import torch
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from mltrain import __version__, distributed, report
-from mltrain.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
+from mltrain import __version__, distributed
 from mltrain.config import LOWER_IS_BETTER, Config, from_dict, save_config, to_dict
 from mltrain.data.dataset import make_loader
-from mltrain.data.samplers import fit_batch_size
-from mltrain.engine import (
-    LoopSettings,
-    StepState,
-    compute_prefix,
-    extract_embeddings,
-    resolve_amp,
-    resolve_device,
-    rng_state,
-    train_one_epoch,
-)
-from mltrain.errors import ConfigError, DataError, MltrainError
-from mltrain.eval_plan import usable_ks
-from mltrain.fusion import fold_batchnorm
-from mltrain.losses import Criterion, build_criterion
-from mltrain.metrics import retrieval_metrics, verification_metrics
-from mltrain.models import EmbeddingModel, build_model, check_backbone_name, data_config
-from mltrain.precision import depthwise_in_fp32
-from mltrain.prefix_cache import cache_dir, cached, weights_identity
-from mltrain.rundata import (
+from mltrain.data.pipeline import (
     CachedFeatures,
     RunData,
     eval_loader,
@@ -59,13 +39,22 @@ from mltrain.rundata import (
     train_dataset,
     train_loader,
 )
-from mltrain.storage import (
-    check_free_space,
-    check_writable,
-    checkpoint_bytes,
-    prefix_bytes_per_image,
-    run_space_needs,
-)
+from mltrain.data.samplers import fit_batch_size
+from mltrain.errors import ConfigError, DataError, MltrainError
+from mltrain.evaluation import report
+from mltrain.evaluation.metrics import retrieval_metrics, verification_metrics
+from mltrain.evaluation.plan import usable_ks
+from mltrain.files import atomic_save, check_free_space, check_writable
+from mltrain.inference.batching import extract_embeddings
+from mltrain.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from mltrain.model.fusion import fold_batchnorm
+from mltrain.model.losses import Criterion, build_criterion
+from mltrain.model.network import EmbeddingModel, build_model, check_backbone_name, data_config
+from mltrain.model.precision import depthwise_in_fp32
+from mltrain.runtime import resolve_amp, resolve_device
+from mltrain.train.disk import checkpoint_bytes, prefix_bytes_per_image, run_space_needs
+from mltrain.train.loop import LoopSettings, StepState, compute_prefix, rng_state, train_one_epoch
+from mltrain.train.prefix_cache import cache_dir, cached, weights_identity
 
 # Held-out figures kept as "best/<key>" scalars (with train.best_metric) for the HParams tab.
 BEST_KEYS = ("precision_at_1", "map_at_r")
@@ -269,8 +258,9 @@ class Run:
             "paths": [str(p) for p in loader.dataset.paths],
             "labels": loader.dataset.labels.tolist(),
             "workers": loader.num_workers,
-            # 2: chunked forward, in the workers on CPU (mltrain.forward). eval.cpu_chunk and
-            # where the model runs move bf16 results by rounding only, so they are not keyed.
+            # 2: chunked forward, in the workers on CPU (mltrain.inference.batching).
+            # eval.cpu_chunk and where the model runs move bf16 results by rounding only, so they
+            # are not keyed.
             "version": 2,
         }
         if name == "heldout":  # the inference model: BatchNorm folded or not (eval.fold_bn)
@@ -301,7 +291,7 @@ class Run:
 
     def _check_disk_space(self) -> None:
         """Free space for the checkpoints (and the prefix cache) on the disks they go to; the
-        estimate is described in `mltrain.storage`."""
+        estimate is described in `mltrain.train.disk`."""
         cache = None
         if self.cfg.train.cache_frozen:
             split = self.data.split
@@ -388,7 +378,7 @@ class Run:
 
     def checkpoint(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": CHECKPOINT_FORMAT,
             "mltrain_version": __version__,
             "model": self.model.state_dict(),
             "loss": self.criterion.loss.state_dict(),

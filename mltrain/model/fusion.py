@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from mltrain.models import EmbeddingModel, trunk_stages
+from mltrain.model.network import EmbeddingModel, trunk_stages
 
 
 def _after_bn(bn: nn.BatchNorm2d) -> nn.Module:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mltrain.checkpoint import atomic_save
+from mltrain.files import atomic_save
 
 
 def cache_dir() -> Path:

@@ -15,7 +15,7 @@ comparable with papers that use it:
 Queries whose class has no other item in the gallery ("lone" queries) cannot be scored and are
 left out of every retrieval average, as pytorch-metric-learning does.
 
-All k-NN searches go through `mltrain.index` (Faiss); nothing here builds an N x N matrix.
+All k-NN searches go through `mltrain.retrieval.index` (Faiss); nothing here builds an N x N matrix.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from mltrain.errors import ConfigError, DataError
-from mltrain.index import as_vectors, check_metric, knn_chunks, l2_normalize
+from mltrain.retrieval.index import as_vectors, check_metric, knn_chunks, l2_normalize
 
 # Neighbour columns `per_class_metrics` needs (precision_at_5).
 PER_CLASS_K = 5
@@ -43,8 +43,8 @@ class Neighbours:
     """Top neighbours kept by `retrieval_metrics`, so per-class figures need no second search.
 
     indices, scores and labels are (n_queries, n_kept), best first: gallery row numbers, search
-    scores (see `mltrain.index`) and gallery labels. `scored` marks the queries that count in
-    the metrics (their class has at least one other gallery item); filter with it before
+    scores (see `mltrain.retrieval.index`) and gallery labels. `scored` marks the queries that
+    count in the metrics (their class has at least one other gallery item); filter with it before
     calling `per_class_metrics` or `confused_pairs` to describe the same queries.
     """
 
@@ -232,7 +232,7 @@ def score_neighbours(
     keep: int = 0,
     r_k: int | None = None,
 ) -> tuple[dict[str, float], Neighbours]:
-    """Reduce chunked search results (`mltrain.index.search_chunks` style) to metrics.
+    """Reduce chunked search results (`mltrain.retrieval.index.search_chunks` style) to metrics.
 
     Only per-query scores and the first `keep` neighbour columns are kept, so memory stays
     O(n_queries * keep) whatever k the search used. Index -1 (an approximate index that
