@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mltrain.config import Config, from_dict
+from mltrain.config import Config
 from mltrain.data.pipeline import eval_loader, infer_spec
 from mltrain.errors import CheckpointError
 from mltrain.inference.batching import extract_embeddings, stream_embeddings
-from mltrain.model.checkpoint import load_checkpoint
+from mltrain.model.checkpoint import checkpoint_config, load_checkpoint
 from mltrain.model.fusion import fold_batchnorm
-from mltrain.model.network import EmbeddingModel, build_model, check_state_fits, data_config
+from mltrain.model.network import EmbeddingModel, build_model, data_config, model_from_state
 from mltrain.runtime import InferSpec, resolve_amp, resolve_device
 
 
@@ -85,27 +85,11 @@ def make_embedder(cfg: Config, model: EmbeddingModel) -> Embedder:
 def embedder_from_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Embedder:
     """The checkpoint's own config rebuilds the model; its weights need no download."""
     ckpt = load_checkpoint(path)
-    data = copy.deepcopy(ckpt["config"])
-    if overrides:
-        from mltrain.config import apply_overrides
-
-        data = apply_overrides(data, overrides)
-    cfg = from_dict(data, f"config stored in checkpoint {path}")
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.pretrained = False  # the checkpoint carries the weights
+    cfg = checkpoint_config(ckpt, overrides, f"config stored in checkpoint {path}")
     num_classes = len(ckpt.get("train_classes") or [])
     if not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{path}: 'model' holds no state dict")
-    # keys and shapes against the config's model on the meta device: a config naming a huge
-    # backbone is refused before that backbone is allocated
-    check_state_fits(model_cfg, num_classes, ckpt["model"], str(path))
-    model = build_model(model_cfg, num_classes=num_classes)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{path}: weights do not fit the model its config describes: {str(e)[:500]}"
-        ) from None
+    model = model_from_state(cfg.model, num_classes, ckpt["model"], str(path))
     embedder = make_embedder(cfg, model)
     embedder.global_step = int((ckpt.get("state") or {}).get("step", 0))
     return embedder

@@ -3,12 +3,14 @@ writes them crash-safely."""
 
 from __future__ import annotations
 
+import copy
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mltrain.config import Config, apply_overrides, from_dict
 from mltrain.errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1  # the layout of a training checkpoint's dict
@@ -60,3 +62,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     raise CheckpointError(f"no checkpoints/last.pt under {path}; pass a .pt file or a run folder")
+
+
+def checkpoint_config(ckpt: dict[str, Any], overrides: list[str] | None, source: str) -> Config:
+    """The config a checkpoint was trained with, `--set` overrides on top: resuming and
+    evaluating read a checkpoint's settings the same way. `ckpt` is left unchanged."""
+    data = copy.deepcopy(ckpt["config"])
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return from_dict(data, source)

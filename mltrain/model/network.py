@@ -333,6 +333,33 @@ def check_state_fits(
         )
 
 
+def model_from_state(
+    model_cfg: Any,
+    num_classes: int,
+    state: Mapping[str, Any],
+    source: str,
+    described_by: str = "its config",
+) -> EmbeddingModel:
+    """The model `model_cfg` describes, holding `state`'s weights, with nothing downloaded.
+
+    Evaluation, export and search rebuild a saved model this way, so they accept and refuse
+    the same weights. Keys and shapes are compared on the meta device first (see
+    `check_state_fits`): a config naming a huge backbone is refused before it is allocated.
+    Raises `CheckpointError` naming `source`.
+    """
+    model_cfg = copy.deepcopy(model_cfg)
+    model_cfg.pretrained = False  # the state carries the weights
+    check_state_fits(model_cfg, num_classes, state, source)
+    model = build_model(model_cfg, num_classes=num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{source}: weights do not fit the model {described_by} describes: {str(e)[:500]}"
+        ) from None
+    return model
+
+
 def data_config(model: EmbeddingModel, model_cfg: Any = None) -> dict[str, Any]:
     """Preprocessing the backbone was trained with (timm `resolve_data_config`), with the
     config's `image_size`, `crop_pct` and `crop_mode` where set."""

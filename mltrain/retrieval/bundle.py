@@ -65,7 +65,7 @@ from mltrain.data.pipeline import RunData, prepare_data
 from mltrain.errors import BundleError, CheckpointError, ConfigError, DataError
 from mltrain.files import check_free_space, check_writable, torch_save
 from mltrain.inference.embedder import Embedder, make_embedder
-from mltrain.model.network import build_model, check_state_fits
+from mltrain.model.network import model_from_state
 from mltrain.retrieval.index import build_index, check_index_config, load_index, prepare, save_index
 from mltrain.retrieval.shards import (
     CHUNK_ROWS,
@@ -655,8 +655,6 @@ def bundle_embedder(bundle: Bundle) -> Embedder:
     if bundle._embedder is not None:
         return bundle._embedder
     cfg = bundle_config(bundle)
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.pretrained = False  # model.pt carries the weights
     mpath = bundle.path / MODEL
     try:
         state = torch.load(mpath, map_location="cpu", weights_only=True)
@@ -671,17 +669,10 @@ def bundle_embedder(bundle: Bundle) -> Embedder:
         raise BundleError(f"{bundle.path / MANIFEST}: num_classes {num_classes!r} is not a "
                           f"count; {_REEXPORT}")  # fmt: skip
     try:
-        check_state_fits(model_cfg, num_classes, state, str(mpath))
+        model = model_from_state(cfg.model, num_classes, state, str(mpath),
+                                 described_by="the manifest's config")  # fmt: skip
     except CheckpointError as e:
         raise BundleError(f"{e}; {_REEXPORT}") from None
-    model = build_model(model_cfg, num_classes=num_classes)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise BundleError(
-            f"{mpath}: weights do not fit the model the manifest's config describes: "
-            f"{str(e)[:400]}; {_REEXPORT}"
-        ) from None
     bundle._embedder = make_embedder(cfg, model)
     return bundle._embedder
 

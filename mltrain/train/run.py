@@ -27,7 +27,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from mltrain import __version__, distributed
-from mltrain.config import LOWER_IS_BETTER, Config, from_dict, save_config, to_dict
+from mltrain.config import LOWER_IS_BETTER, Config, save_config, to_dict
 from mltrain.data.dataset import make_loader
 from mltrain.data.pipeline import (
     CachedFeatures,
@@ -46,7 +46,7 @@ from mltrain.evaluation.metrics import retrieval_metrics, verification_metrics
 from mltrain.evaluation.plan import usable_ks
 from mltrain.files import atomic_save, check_free_space, check_writable
 from mltrain.inference.batching import extract_embeddings
-from mltrain.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from mltrain.model.checkpoint import CHECKPOINT_FORMAT, checkpoint_config, load_checkpoint
 from mltrain.model.fusion import fold_batchnorm
 from mltrain.model.losses import Criterion, build_criterion
 from mltrain.model.network import EmbeddingModel, build_model, check_backbone_name, data_config
@@ -567,12 +567,7 @@ def fit(
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        data = ckpt["config"]
-        if overrides:
-            from mltrain.config import apply_overrides
-
-            data = apply_overrides(data, overrides)
-        cfg = from_dict(data, f"checkpoint {resume}")
+        cfg = checkpoint_config(ckpt, overrides, f"checkpoint {resume}")
     check_optimization(cfg)
     if resume is not None:
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).resolve().parent.parent
