@@ -153,7 +153,7 @@ def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
     if distributed.world()[1] > 1:  # this rank's slice of every global batch
         m = cfg.train.sampler.get("args", {}).get("m", 4) if sampler is not None else None
         local = distributed.local_batch_size(batch, m)
-        sampler = distributed.ShardedSampler(sampler, len(labels), batch, seed)
+        sampler = distributed.RankSliceSampler(sampler, len(labels), batch, seed)
         batch = local
     workers = 0 if isinstance(dataset, CachedFeatures) else cfg.data.num_workers
     return make_loader(

@@ -89,13 +89,13 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: StepState,
-    cfg: LoopSettings,
+    settings: LoopSettings,
     log: Callable[[str, float, int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns mean loss, images/s and the share of time spent waiting
     for data. Non-finite losses skip the step; `max_bad_steps` in a row stop the run.
 
-    A set `cfg.stop` ends the pass after the next optimizer step, leaving the position in
+    A set `settings.stop` ends the pass after the next optimizer step, leaving the position in
     `state.batches_done`; called again with that state, the pass resumes there exactly."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -109,31 +109,31 @@ def train_one_epoch(
         initial=state.batches_done,
         leave=False,
         dynamic_ncols=True,
-        disable=not cfg.show_progress,
+        disable=not settings.show_progress,
     )
     stopped = False
     step_loss, step_batches = 0.0, 0  # micro-batches accumulated into the next optimizer step
     for x, y, _ in bar:
         state.batches_done += 1
         wait += time.perf_counter() - tick
-        x, y = to_device(x, cfg.device, cfg.channels_last), y.to(cfg.device)
-        with autocast(cfg.device, cfg.amp_dtype):
-            emb = model(x, from_prefix=cfg.from_prefix)
+        x, y = to_device(x, settings.device, settings.channels_last), y.to(settings.device)
+        with autocast(settings.device, settings.amp_dtype):
+            emb = model(x, from_prefix=settings.from_prefix)
         net = getattr(model, "module", model)  # DDP wraps it
         logits = net.logits if getattr(net, "head", None) is not None else None
         loss = criterion(emb.float(), y, logits)
         if not torch.isfinite(loss):
-            _count_bad_step(state, cfg, optimizer)
+            _count_bad_step(state, settings, optimizer)
             tick = time.perf_counter()
             continue
         state.bad_steps_in_row = 0
-        (loss / cfg.grad_accum).backward()
+        (loss / settings.grad_accum).backward()
         value = loss.item()
         step_loss, step_batches = step_loss + value, step_batches + 1
-        stepped = state.batches_done % cfg.grad_accum == 0
+        stepped = state.batches_done % settings.grad_accum == 0
         if stepped:
             lr = optimizer.param_groups[0]["lr"]  # the rate this step was taken with
-            _optimizer_step(model, optimizer, scheduler, state, cfg)
+            _optimizer_step(model, optimizer, scheduler, state, settings)
             if log:  # one point per optimizer step, at the step's number (1, 2, ...)
                 log("train/loss", step_loss / step_batches, state.step)
                 log("train/lr", lr, state.step)
@@ -144,9 +144,9 @@ def train_one_epoch(
             loss=f"{state.loss_sum / state.loss_count:.4f}",
             img_s=f"{images / (time.perf_counter() - start):.1f}",
         )
-        if cfg.max_steps is not None and state.step >= cfg.max_steps:
+        if settings.max_steps is not None and state.step >= settings.max_steps:
             break
-        if stepped and cfg.stop is not None and cfg.stop.is_set():
+        if stepped and settings.stop is not None and settings.stop.is_set():
             stopped = True  # the caller saves the position; nothing is half-accumulated
             break
         tick = time.perf_counter()
@@ -182,9 +182,9 @@ def _skip_done(loader: Iterable, state: StepState) -> Iterator:
     return batches
 
 
-def _optimizer_step(model, optimizer, scheduler, state: StepState, cfg: LoopSettings) -> None:
-    if cfg.grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+def _optimizer_step(model, optimizer, scheduler, state: StepState, settings: LoopSettings) -> None:
+    if settings.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -192,11 +192,11 @@ def _optimizer_step(model, optimizer, scheduler, state: StepState, cfg: LoopSett
         scheduler.step_update(num_updates=state.step)
 
 
-def _count_bad_step(state: StepState, cfg: LoopSettings, optimizer) -> None:
+def _count_bad_step(state: StepState, settings: LoopSettings, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     state.bad_steps_in_row += 1
     state.bad_steps_total += 1
-    if state.bad_steps_in_row >= cfg.max_bad_steps:
+    if state.bad_steps_in_row >= settings.max_bad_steps:
         raise NonFiniteLoss(
             f"{state.bad_steps_in_row} non-finite losses in a row at step {state.step}; "
             "lower train.optimizer.args.lr or set train.grad_clip. The last good checkpoint "
