@@ -43,6 +43,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mltrain.retrieval.index import timed_single_queries  # noqa: E402
+
 K = 10
 TARGET_RECALL = 0.95
 TARGET_US = 200.0
@@ -155,14 +158,11 @@ def single_query_times(
 ) -> np.ndarray:
     """Seconds per one-query call, after 10 warm-up calls; stops after `budget_s` once it has
     `min_queries` samples (20 when a call takes over 10 ms, as exact search at 1M does)."""
-    for i in range(min(10, len(queries))):
-        search_one(queries[i : i + 1])
+    timed = timed_single_queries(search_one, queries, warmups=10)
     times: list[float] = []
     start = time.perf_counter()
-    for i in range(len(queries)):
-        t = time.perf_counter()
-        search_one(queries[i : i + 1])
-        times.append(time.perf_counter() - t)
+    for seconds, _ in timed:
+        times.append(seconds)
         spent = time.perf_counter() - start
         enough = min_queries if spent / len(times) < 0.01 else 20  # slow (exact) searches
         if len(times) >= enough and spent > budget_s:
@@ -503,7 +503,6 @@ def plot(rows: list[Row], title: str, path: Path) -> None:
 def load_inputs(args) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
     sets = []
     if args.bundle:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from mltrain.retrieval.bundle import load_bundle
 
         b = load_bundle(args.bundle)

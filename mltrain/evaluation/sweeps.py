@@ -34,6 +34,7 @@ from mltrain.retrieval.index import (
     pca_transforms,
     prepare,
     search_chunks,
+    timed_single_queries,
     with_transforms,
 )
 
@@ -50,12 +51,7 @@ def single_query_us(
     )
     q = prepare(queries[pick], metric, "queries")
     k = min(k, index.ntotal)
-    index.search(q[:1], k)  # warm-up: first call pays allocation
-    times = np.empty(len(q))
-    for i in range(len(q)):
-        t0 = time.perf_counter()
-        index.search(q[i : i + 1], k)
-        times[i] = time.perf_counter() - t0
+    times = np.array([s for s, _ in timed_single_queries(lambda x: index.search(x, k), q)])
     return float(np.median(times) * 1e6)
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import faiss
@@ -192,6 +193,27 @@ def knn_chunks(
     if not exclude_self:
         return found
     return ((start, *drop_self(scores, indices, start)) for start, scores, indices in found)
+
+
+def timed_single_queries(
+    search_one: Callable[[np.ndarray], Any], queries: np.ndarray, warmups: int = 1
+) -> Iterator[tuple[float, Any]]:
+    """(seconds, result) of `search_one` on each row of `queries` alone, in order.
+
+    A user's query arrives alone, so latency is timed one query per call. The `warmups`
+    untimed calls on the first rows run before this returns: the first calls pay one-off
+    allocations that a warm index does not. The search, the sweeps and the ANN benchmark
+    time queries this one way; a caller may stop iterating on a time budget."""
+    for i in range(min(warmups, len(queries))):
+        search_one(queries[i : i + 1])
+    return _timed(search_one, queries)
+
+
+def _timed(search_one: Callable[[np.ndarray], Any], queries: np.ndarray) -> Iterator:
+    for i in range(len(queries)):
+        start = time.perf_counter()
+        out = search_one(queries[i : i + 1])
+        yield time.perf_counter() - start, out
 
 
 def knn(

@@ -56,7 +56,7 @@ from mltrain.retrieval.bundle import (
     load_bundle,
     safe_image_path,
 )
-from mltrain.retrieval.index import check_index_metric, prepare
+from mltrain.retrieval.index import check_index_metric, prepare, timed_single_queries
 
 
 @dataclass
@@ -122,15 +122,12 @@ def search_images(bundle: Bundle, paths: Sequence[str | Path], k: int) -> Search
     index, metric = bundle.index, bundle.metric
     check_index_metric(index, metric)
     k = max(1, min(k, index.ntotal))
-    warmed = False
-    for i, emb in embs.items():
-        q = prepare(emb[None, :], metric, "query")
-        if not warmed:  # the first call pays one-off allocations
-            index.search(q, k)
-            warmed = True
-        t = time.perf_counter()
-        scores, rows = index.search(q, k)
-        results[i].search_us = (time.perf_counter() - t) * 1e6
+    order = list(embs)
+    queries = (np.concatenate([prepare(embs[i][None, :], metric, "query") for i in order])
+               if order else np.empty((0, index.d), np.float32))  # fmt: skip
+    timed = timed_single_queries(lambda q: index.search(q, k), queries)
+    for i, (seconds, (scores, rows)) in zip(order, timed, strict=True):
+        results[i].search_us = seconds * 1e6
         hits = []
         for score, row in zip(scores[0], rows[0], strict=True):
             if row < 0:  # an approximate index may not fill every slot
