@@ -1,18 +1,19 @@
 """How inference batches meet the model on CPU: small chunks, and the model in the workers.
 
-Two measured facts about a 2-core CPU shape this (`benchmarks/embed.py`, issue #5):
+Two facts about small CPUs shape this (`benchmarks/embed.py` measures them; the README has
+today's figures):
 
-- `tf_efficientnet_lite0` in bf16 embeds 8 images per call at about 1.6x the per-image speed
-  of 64 per call: a small batch's activations stay in cache. So on CPU every batch is fed to
-  the model in chunks of `eval.cpu_chunk` images.
+- A small batch's activations stay in cache, so a model call on a few images embeds each
+  faster than one call on many. On CPU every batch is fed to the model in chunks of
+  `eval.cpu_chunk` images.
 - When loader workers decode JPEGs while the main process runs the model with one OpenMP
   thread per core, the two fight for the cores and each preempted OpenMP thread stalls its
   whole team. Letting every worker decode *and* embed its own batches with one thread each
-  removes the contention: about 165 img/s end to end against 105.
+  removes the contention.
 
 Workers are forked with the model already in memory (copy-on-write, nothing pickled), which
 is why this path needs Linux's fork and exactly one thread per worker: libgomp deadlocks in
-a forked child that opens a parallel region (a measured hang with 2 threads).
+a forked child that opens a parallel region.
 """
 
 from __future__ import annotations

@@ -1,20 +1,14 @@
 """Per-layer precision under CPU bf16 autocast: large-kernel depthwise convolutions train in fp32.
 
-On an AVX512-BF16 CPU, oneDNN's bf16 backward of a 5x5 depthwise convolution is several times
-slower than its fp32 backward (profiled: `convolution_backward` 1.13 s against 0.45 s per step of
-the classification tail), while 3x3 depthwise and the pointwise convolutions, which hold most of
-the FLOPs, gain from bf16. Running only the depthwise layers with kernels of 5 or more in fp32,
-when a backward pass will go through them, gives per training step of `tf_efficientnet_lite0`
-at batch 32 (`/tmp` micro-benchmark, 2 cores):
-
-- whole network: 22.9-24.8 img/s against 15.0-18.8 in plain bf16 (17.8-20.6 with every
-  depthwise layer in fp32);
-- the classification tail (stages 6-7) on cached features: 150-168 img/s against 65 in bf16
-  and 121 in fp32;
-- the metric configs' stage-7 tail (3x3 only): unchanged, about 590 img/s.
+On an AVX512-BF16 CPU, oneDNN's bf16 backward of a large-kernel (5x5 and up) depthwise
+convolution is several times slower than its fp32 backward, while 3x3 depthwise and the
+pointwise convolutions, which hold most of the FLOPs, gain from bf16. So only the depthwise
+layers with kernels of 5 or more run in fp32, and only when a backward pass will go through
+them: this beats both plain bf16 and every depthwise layer in fp32 (the README's training
+table has today's figures).
 
 Forward-only passes (inference, frozen layers) keep bf16: there the fp32 depthwise forward is
-the slower one (63 against 123 img/s on one thread).
+the slower one.
 
 The switch patches `forward` on the instances, so module classes, state-dict keys and
 checkpoints are unchanged.

@@ -18,7 +18,7 @@ import pytest
 
 from tests.foreign_data import write_csv_folder, write_drawings, write_photos
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = ["classification", "pooling", "siamese", "triplet"]
 DRAWING_CLASSES = [f"alphabet_{a}/char_{c:02d}" for a in range(4) for c in range(5)]
 

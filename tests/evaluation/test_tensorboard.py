@@ -23,7 +23,7 @@ from mltrain.model.checkpoint import load_checkpoint
 from mltrain.train import run as trainer
 from tests.conftest import TINY_RUN, write_image_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL_EVAL = [
     "eval.index_types=[flat, hnsw]",
     "eval.pca_lengths=[4, 8]",

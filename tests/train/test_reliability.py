@@ -21,7 +21,7 @@ from mltrain.train import run as trainer
 from mltrain.train.loop import NonFiniteLoss
 from tests.conftest import write_image_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = [
     "model.pretrained=false",
     "model.image_size=32",
