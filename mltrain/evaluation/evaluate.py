@@ -155,9 +155,8 @@ def evaluate(
     """Embed the run's split, compute every metric, write metrics.json, embeddings and report.
 
     `data` is the run's data already prepared into `out_dir` (else it is prepared here)."""
-    from mltrain.evaluation.report import (
-        write_report,  # matplotlib and TensorBoard only when reporting
-    )
+    # matplotlib and TensorBoard only when reporting
+    from mltrain.evaluation.report import write_report
 
     cfg = embedder.cfg
     save_config(cfg, out_dir / "config.yaml")

@@ -41,7 +41,7 @@ from mltrain.data.pipeline import (
 )
 from mltrain.data.samplers import fit_batch_size
 from mltrain.errors import ConfigError, DataError, MltrainError
-from mltrain.evaluation import report
+from mltrain.evaluation import figures, tensorboard
 from mltrain.evaluation.metrics import retrieval_metrics, verification_metrics
 from mltrain.evaluation.plan import usable_ks
 from mltrain.files import atomic_save, check_free_space, check_writable
@@ -360,21 +360,21 @@ class Run:
             print(f"no held-out verification figures: {err}", file=sys.stderr)
             return {}
         if self.writer and draw:
-            pairs = report.verification_pairs(
+            pairs = tensorboard.verification_pairs(
                 emb, labels, e.metric, ver["num_pairs"], self.cfg.seed
             )
-            report.add_pr_curve(self.writer, "heldout/verification_pr", *pairs, step)
-            roc = report.plot_roc(ver["fpr"], ver["tpr"], ver)
-            self.writer.add_image("heldout/roc", report.render(roc, 80), step, dataformats="HWC")
+            tensorboard.add_pr_curve(self.writer, "heldout/verification_pr", *pairs, step)
+            roc = figures.plot_roc(ver["fpr"], ver["tpr"], ver)
+            self.writer.add_image("heldout/roc", figures.render(roc, 80), step, dataformats="HWC")
             held = self.data.paths(self.data.split.heldout)
             paths = [held[i] for i in indices]
-            grid = report.query_grid(
+            grid = figures.query_grid(
                 neighbours, paths, paths, self.data.folder.classes, top=4, thumb=64,
                 seed=self.cfg.seed, n=4, metric=e.metric,
             )
-            image = report.render(grid, report.FIGURE_DPI)
+            image = figures.render(grid, figures.FIGURE_DPI)
             self.writer.add_image("heldout/queries", image, step, dataformats="HWC")
-        return {k: ver[k] for k in report.HELDOUT_VERIFICATION}
+        return {k: ver[k] for k in tensorboard.HELDOUT_VERIFICATION}
 
     def checkpoint(self) -> dict[str, Any]:
         return {
@@ -412,7 +412,7 @@ def _log_start(run: Run) -> None:
     config = to_dict(run.cfg)
     text = yaml.safe_dump(config, sort_keys=False)
     run.writer.add_text("config", f"```yaml\n{text}```", run.state.step)
-    report.add_hparams(run.writer, config, _hparam_metrics(run.cfg), run.state.step)
+    tensorboard.add_hparams(run.writer, config, _hparam_metrics(run.cfg), run.state.step)
 
 
 def _hparam_metrics(cfg: Config) -> list[str]:
@@ -431,7 +431,7 @@ def _log_epoch(run: Run, epoch: int, stats: dict[str, float], metrics: dict[str,
     run.writer.add_scalar("train/epoch", epoch, step)
     for k, v in stats.items():
         run.writer.add_scalar(f"train/{k}_epoch" if k == "loss" else f"train/{k}", v, step)
-    for tag, v in report.heldout_scalars(metrics).items():
+    for tag, v in tensorboard.heldout_scalars(metrics).items():
         run.writer.add_scalar(tag, v, step)
     if metrics:
         for k in dict.fromkeys([run.cfg.train.best_metric, *BEST_KEYS]):
@@ -638,7 +638,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
         raise SystemExit(130) from None
     else:
         if run.writer:  # the HParams tab marks the session finished
-            report.add_hparams(run.writer, to_dict(cfg), _hparam_metrics(cfg), run.state.step, True)
+            tensorboard.add_hparams(
+                run.writer, to_dict(cfg), _hparam_metrics(cfg), run.state.step, True
+            )
     finally:
         if run.writer:
             run.writer.close()

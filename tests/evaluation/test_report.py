@@ -12,13 +12,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from mltrain.config import Config
-from mltrain.evaluation import report
+from mltrain.evaluation import figures, markdown, tensorboard
 from mltrain.evaluation.evaluate import EmbeddedSplit, EvalResult, compute_metrics
-from mltrain.evaluation.report import (
+from mltrain.evaluation.figures import (
     GREEN,
     RED,
-    heldout_scalars,
-    markdown_report,
     plot_pca,
     plot_roc,
     plot_tsne,
@@ -26,9 +24,10 @@ from mltrain.evaluation.report import (
     render,
     sample_rows,
     select_queries,
-    worst_below_mean,
-    write_report,
 )
+from mltrain.evaluation.markdown import markdown_report, worst_below_mean
+from mltrain.evaluation.report import write_report
+from mltrain.evaluation.tensorboard import heldout_scalars
 
 CLASSES = ["alpha", "beta", "gamma"]
 PNGS = ["roc.png", "pca.png", "tsne.png", "tsne_worst.png", "queries.png"]
@@ -79,7 +78,7 @@ def report_dir(result: EvalResult, tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("report")
     # The real t-SNE, at sklearn's minimum iteration count: its picture is not under test.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(report, "TSNE_MAX_ITER", 250)
+        mp.setattr(figures, "TSNE_MAX_ITER", 250)
         write_report(out, result, tsne_max_points=25, seed=0, step=STEP,
                      config={"name": "tiny", "train": {"lr": 0.1, "max_steps": None}})
     return out
@@ -184,7 +183,7 @@ def test_projector_metadata_has_a_header_and_columns(
     result: EvalResult, report_dir: Path
 ) -> None:
     lines = next(report_dir.glob("*/heldout/metadata.tsv")).read_text().split("\n")[:-1]
-    assert lines[0].split("\t") == report.PROJECTOR_HEADER
+    assert lines[0].split("\t") == tensorboard.PROJECTOR_HEADER
     rows = [line.split("\t") for line in lines[1:]]
     assert len(rows) == len(result.split.heldout_labels)
     assert [r[0] for r in rows] == [CLASSES[c] for c in result.split.heldout_labels]
@@ -243,7 +242,7 @@ def test_tsne_legend_up_to_20_classes_then_names_at_centres(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The legend logic is under test, not t-SNE (write_report's fixture runs the real one).
-    monkeypatch.setattr(report, "tsne_2d", lambda emb, seed=0: np.asarray(emb)[:, :2])
+    monkeypatch.setattr(figures, "tsne_2d", lambda emb, seed=0: np.asarray(emb)[:, :2])
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(25), 2)
     emb = rng.normal(size=(50, 8)) + labels[:, None]
@@ -277,7 +276,7 @@ def test_worst_means_below_the_mean() -> None:
 
 def test_report_explains_metrics_and_flags_small_data(report_dir: Path) -> None:
     text = (report_dir / "report.md").read_text(encoding="utf-8")
-    for key, label, _ in [*report.HEADLINE, *report.VERIFICATION]:
+    for key, label, _ in [*markdown.HEADLINE, *markdown.VERIFICATION]:
         if f"| {label} |" in text:
             row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
             assert len(row.split("|")) == 5 and len(row.split("|")[3].strip()) > 10, key
