@@ -60,7 +60,7 @@ def main() -> None:
         f"({m['num_queries']} queries, {m['embedding_dim']}-d)"
     )
     if args.export:
-        from mltrain.retrieval.bundle import export_bundle
+        from mltrain.retrieval.export import export_bundle
 
         export_bundle(embedder, export, source, data=data)
     print(f"results: {out}")
@@ -72,7 +72,8 @@ def check_targets(embedder, out: Path, export: Path | None, images: int) -> None
     embeddings (npy and TensorBoard) plus 64 MiB of figures; a bundle's embeddings, index
     and model. The export's index settings must fit the `images` it will hold."""
     from mltrain.files import check_output_folders
-    from mltrain.retrieval.bundle import check_export_index, check_export_target
+    from mltrain.retrieval.bundle import check_export_target
+    from mltrain.retrieval.export import check_export_index
 
     if out.exists() and not (out.is_dir() and (is_eval_dir(out) or not any(out.iterdir()))):
         raise ConfigError(f"--out {out} exists and is not an evaluation folder; choose a new "

@@ -22,13 +22,16 @@ import torch
 from PIL import Image
 
 import mltrain.evaluation.evaluate as evaluation_mod
-import mltrain.retrieval.bundle as bundle_mod
+import mltrain.retrieval.add as add_mod
+import mltrain.retrieval.export as export_mod
 from mltrain import files as safefs
 from mltrain.cli import run_main
 from mltrain.config import Config
 from mltrain.inference.embedder import Embedder, make_embedder
 from mltrain.model.network import build_model
-from mltrain.retrieval.bundle import add_images, export_bundle, load_bundle
+from mltrain.retrieval.add import add_images
+from mltrain.retrieval.bundle import load_bundle
+from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.search import main as search_main
 from tests.conftest import TINY_RUN, write_image_folder
 
@@ -174,7 +177,7 @@ def test_a_really_killed_add_is_recovered_on_the_next_load(bundle, tmp_path):
     script = f"""
 import os
 from mltrain import files as safefs
-from mltrain.retrieval.bundle import add_images
+from mltrain.retrieval.add import add_images
 real, calls = safefs.rename, []
 def rename(src, dst):
     calls.append(src)
@@ -267,7 +270,7 @@ def test_disk_full_while_adding_leaves_the_bundle_and_no_staging(exported, small
     b = small_disk / "b"
     shutil.copytree(exported[1], b)
     before = fingerprint(b)
-    monkeypatch.setattr(bundle_mod, "check_free_space", lambda *a, **k: None)  # reach the write
+    monkeypatch.setattr(add_mod, "check_free_space", lambda *a, **k: None)  # reach the write
     assert search_main(["--add", str(b), str(new_images(tmp_path / "n", "zebra"))]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "free space" in line
@@ -416,7 +419,7 @@ def test_ctrl_c_in_evaluation_with_the_default_folder_leaves_nothing(eval_root, 
 
 def test_ctrl_c_during_export_keeps_the_complete_evaluation_only(eval_root, tmp_path,
                                                                  monkeypatch, capsys):  # fmt: skip
-    monkeypatch.setattr(bundle_mod, "save_index", interrupt)
+    monkeypatch.setattr(export_mod, "save_index", interrupt)
     code, err = evaluate_cli(monkeypatch, capsys, eval_root, "--out", str(tmp_path / "o"),
                              "--export", str(tmp_path / "bundle"))  # fmt: skip
     assert code == 130 and one_error_line(err).startswith("interrupted")
@@ -426,7 +429,7 @@ def test_ctrl_c_during_export_keeps_the_complete_evaluation_only(eval_root, tmp_
 
 def test_ctrl_c_during_add_leaves_the_bundle_untouched(bundle, tmp_path, monkeypatch, capsys):
     before = fingerprint(bundle)
-    monkeypatch.setattr(bundle_mod, "_write_with_added", interrupt)
+    monkeypatch.setattr(add_mod, "_write_with_added", interrupt)
     assert search_main(["--add", str(bundle), str(new_images(tmp_path / "n", "zebra"))]) == 130
     assert one_error_line(capsys.readouterr().err).startswith("interrupted")
     assert fingerprint(bundle) == before and leftovers(bundle) == []

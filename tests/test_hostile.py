@@ -32,13 +32,9 @@ from mltrain.inference import embedder as inference
 from mltrain.inference.embedder import make_embedder
 from mltrain.model.checkpoint import load_checkpoint
 from mltrain.model.network import build_model, create_backbone
-from mltrain.retrieval.bundle import (
-    add_images,
-    export_bundle,
-    load_bundle,
-    safe_image_path,
-    sha256_file,
-)
+from mltrain.retrieval.add import add_images
+from mltrain.retrieval.bundle import load_bundle, safe_image_path, sha256_file
+from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.index import load_index
 from mltrain.retrieval.search import main as search_main
 from mltrain.train import run as trainer

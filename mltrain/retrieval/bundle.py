@@ -37,16 +37,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import filecmp
 import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -54,28 +51,19 @@ import faiss
 import numpy as np
 import timm
 import torch
-from numpy.lib.format import open_memmap
 
 import mltrain
 from mltrain import files
-from mltrain.config import ExportConfig, from_dict, to_dict
-from mltrain.data.folder import IMAGE_EXTENSIONS, is_image
-from mltrain.data.images import load_image
-from mltrain.data.pipeline import RunData, prepare_data
-from mltrain.errors import BundleError, CheckpointError, ConfigError, DataError
-from mltrain.files import check_free_space, check_writable, torch_save
+from mltrain.config import from_dict
+from mltrain.data.folder import is_image
+from mltrain.errors import BundleError, CheckpointError
+from mltrain.files import torch_save
 from mltrain.inference.embedder import Embedder, make_embedder
 from mltrain.model.network import model_from_state
-from mltrain.retrieval.index import build_index, check_index_config, load_index, prepare, save_index
+from mltrain.retrieval.index import load_index
 from mltrain.retrieval.shards import (
-    CHUNK_ROWS,
     SHARD_NAME,
-    Shard,
     ShardReader,
-    ShardWriter,
-    index_from_shards,
-    shard_number,
-    training_rows,
 )
 
 ARRAY_FORMAT = 1  # embeddings in one embeddings.npy
@@ -93,7 +81,7 @@ IMAGES_DIR = "images"  # copies of added images that lie outside the image root
 BUNDLE_PREFIX = "bundle:"  # metadata paths under the bundle folder rather than the image root
 _REQUIRED_KEYS = ("format_version", "config", "metric", "embedding_dim", "count", "dtype",
                   "index", "files", "image_root", "classes")  # fmt: skip
-_REEXPORT = "re-export the bundle (python evaluate.py --checkpoint ... --export DIR)"
+REEXPORT = "re-export the bundle (python evaluate.py --checkpoint ... --export DIR)"
 
 
 @dataclass
@@ -132,7 +120,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     return {
         "mltrain": mltrain.__version__,
         "python": platform.python_version(),
@@ -143,12 +131,12 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _is_bundle_dir(path: Path) -> bool:
+def is_bundle_dir(path: Path) -> bool:
     return (path / MANIFEST).is_file() or (path.is_dir() and not any(path.iterdir()))
 
 
 @contextlib.contextmanager
-def _staged(out_dir: Path, tag: str) -> Iterator[Path]:
+def staged(out_dir: Path, tag: str) -> Iterator[Path]:
     """A new staging folder beside `out_dir`, under the bundle's lock (staging folders that
     killed writers left there are deleted first); removed again unless moved into place."""
     with files.lock(out_dir):
@@ -162,19 +150,19 @@ def _staged(out_dir: Path, tag: str) -> Iterator[Path]:
             raise
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
+def move_into_place(tmp: Path, out_dir: Path) -> None:
     """Put the finished `tmp` folder at `out_dir`, replacing an older bundle there.
 
     `out_dir` is at every moment the old complete bundle or the new complete one (see
     `mltrain.files.replace_dir`; where the swap takes two renames, `load_bundle` puts the
     old bundle back after a kill between them). Callers hold `files.lock(out_dir)` (and
-    `_staged` removes `tmp` when this raises).
+    `staged` removes `tmp` when this raises).
     """
     check_export_target(out_dir)  # again: the folder may have changed while we wrote
     files.replace_dir(tmp, out_dir)
 
 
-def _write_metadata(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def write_metadata(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
@@ -189,11 +177,11 @@ def _read_metadata(path: Path) -> list[dict[str, Any]]:
         header = next(reader, None)
         if header is None or tuple(header) != COLUMNS:
             raise BundleError(
-                f"{path}: expected the columns {', '.join(COLUMNS)}, got {header}; {_REEXPORT}"
+                f"{path}: expected the columns {', '.join(COLUMNS)}, got {header}; {REEXPORT}"
             )
         for n, rec in enumerate(reader, start=2):
             if len(rec) != len(COLUMNS):
-                raise BundleError(f"{path} line {n}: expected {len(COLUMNS)} fields; {_REEXPORT}")
+                raise BundleError(f"{path} line {n}: expected {len(COLUMNS)} fields; {REEXPORT}")
             try:
                 label = int(rec[1])
             except ValueError:
@@ -223,7 +211,7 @@ def _unsafe_reason(rel: str) -> str | None:
     return None
 
 
-def _save_state_dict(model: torch.nn.Module, path: Path) -> None:
+def save_state_dict(model: torch.nn.Module, path: Path) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with open(path, "wb") as f:
         torch_save(state, f, path)  # a full disk: an OSError naming the file
@@ -242,174 +230,6 @@ def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:
         ivf.nprobe = min(int(args["nprobe"]), ivf.nlist)
 
 
-# --- export --------------------------------------------------------------------------------
-
-
-def check_export_target(out_dir: Path) -> None:
-    """A bundle is only written to a new folder or over an older bundle (never over other
-    files); callers check this before long work."""
-    if (out_dir.exists() or out_dir.is_symlink()) and not (
-        out_dir.is_dir() and _is_bundle_dir(out_dir)
-    ):
-        raise BundleError(
-            f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
-        )
-
-
-def _splits_of(data) -> list[str]:
-    """Each image's side of the run's split: train, heldout, or all for split kind none."""
-    n = len(data.folder)
-    if data.split.kind == "none":
-        return ["all"] * n
-    out = ["heldout"] * n
-    for i in data.split.train:
-        out[int(i)] = "train"
-    return out
-
-
-def export_bundle(
-    embedder: Embedder,
-    out_dir: str | os.PathLike,
-    source: str,
-    index: str | None = None,
-    pca_dim: int | None = None,
-    dtype: str | None = None,
-    shard_size: int | None = None,
-    data: RunData | None = None,
-) -> Path:
-    """Embed the whole image folder of `embedder.cfg.data` and write a bundle to `out_dir`.
-
-    `data` is that folder already scanned and checked (`prepare_data`), to avoid a second pass.
-
-    `index`, `pca_dim`, `dtype` and `shard_size` default to the config's `export` section;
-    the index args come from `export.index_args` when `index` is the configured kind, else
-    the kind's defaults apply. A folder of more than `shard_size` images is written as
-    shards (see the module docstring). Returns `out_dir`.
-    """
-    cfg = copy.deepcopy(embedder.cfg)
-    exp = cfg.export
-    kind = index or exp.index
-    if kind != exp.index:
-        exp.index_args = {}  # args written for another index type do not fit this one
-    pca = exp.pca_dim if pca_dim is None else pca_dim
-    dtype = dtype or exp.dtype
-    if dtype not in ("float32", "float16"):
-        raise ConfigError(f"export dtype {dtype!r} is not one of float32, float16")
-    exp.index, exp.pca_dim, exp.dtype = kind, pca, dtype  # the manifest's config says what ran
-    if shard_size is not None:
-        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-            raise ConfigError(f"export shard_size must be a positive row count, not {shard_size!r}")
-        exp.shard_size = shard_size
-    metric = cfg.eval.metric
-    out_dir = Path(out_dir)
-    check_export_target(out_dir)
-
-    data = data or prepare_data(cfg)
-    folder = data.folder
-    check_export_index(exp, len(folder), embedder.model.embedding_dim, metric)
-    splits = _splits_of(data)
-    rows = [
-        {
-            "path": p.relative_to(folder.root).as_posix(),
-            "label": int(lab),
-            "class": folder.classes[int(lab)],
-            "split": s,
-        }
-        for p, lab, s in zip(folder.paths, folder.labels, splits, strict=True)
-    ]
-    head = embedder.model.head
-    with _staged(out_dir, "partial") as tmp:
-        idx, dim, shards = _write_embeddings(
-            embedder, folder.paths, folder.labels, tmp, exp, metric
-        )
-        manifest = {
-            "format_version": SHARDED_FORMAT if shards else ARRAY_FORMAT,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": source,
-            "versions": _versions(),
-            "config": to_dict(cfg),
-            "image_root": str(folder.root.resolve()),
-            "classes": list(folder.classes),
-            "metric": metric,
-            "embedding_dim": dim,
-            "count": len(rows),
-            "dtype": dtype,
-            "num_classes": int(head.out_features) if head is not None else 0,
-            "split_kind": data.split.kind,
-        }
-        if shards:
-            manifest["shards"] = shards
-        _write_metadata(tmp / METADATA, rows)
-        save_index(idx, tmp / INDEX)
-        _save_state_dict(embedder.model, tmp / MODEL)
-        _finish_manifest(tmp, manifest, kind, exp.index_args, pca, idx)
-        _move_into_place(tmp, out_dir)
-    return out_dir
-
-
-def check_export_index(exp: ExportConfig, rows: int, dim: int, metric: str) -> None:
-    """Refuse index settings the gallery cannot train before any image is embedded; unset
-    sizes (IVF lists, PQ codes) are fitted to the rows, with a note where data is thin."""
-    sharded = rows > exp.shard_size  # trained on a sample of the shards, else on every row
-    n_train = training_rows(rows, exp.index_args.get("nlist")) if sharded else rows
-    try:
-        note = check_index_config(exp.index, n_train, dim, metric, exp.pca_dim, exp.index_args)
-    except ConfigError as e:
-        raise ConfigError(f"export.index {exp.index} for {rows} images: {e}") from None
-    if note:
-        print(f"note: export index {exp.index}: {note}", file=sys.stderr)
-
-
-def _write_embeddings(
-    embedder: Embedder,
-    paths: list[Path],
-    labels: np.ndarray,
-    tmp: Path,
-    exp: ExportConfig,
-    metric: str,
-) -> tuple[faiss.Index, int, list[dict[str, Any]] | None]:
-    """Embed `paths` into `tmp` and build the index: (index, dim, shard entries or None).
-
-    Up to `exp.shard_size` images: one embeddings.npy and an index built in memory. More:
-    shards filled batch by batch and an index trained on a sample of them and filled shard
-    by shard, so memory holds one shard (plus the index), never the gallery. The index is
-    then built from the stored rows, so with float16 it sees float16-rounded vectors.
-    """
-    if len(paths) <= exp.shard_size:
-        emb = embedder.embed(paths, labels, desc="bundle embeddings")
-        idx = build_index(exp.index, emb, metric, exp.pca_dim, exp.index_args)
-        np.save(tmp / EMBEDDINGS, emb.astype(exp.dtype), allow_pickle=False)
-        return idx, int(emb.shape[1]), None
-    writer = ShardWriter(tmp, len(paths), exp.shard_size, exp.dtype)
-    for batch in embedder.embed_batches(paths, labels, desc="bundle embeddings"):
-        writer.write(batch)
-    written = writer.close()
-    reader = ShardReader([tmp / s.name for s in written])
-    idx = index_from_shards(exp.index, reader, metric, exp.pca_dim, exp.index_args)
-    return idx, reader.shape[1], _shard_entries(tmp, written)
-
-
-def _shard_entries(folder: Path, shards: Sequence[Shard]) -> list[dict[str, Any]]:
-    """The manifest's record of written shards: name, rows and sha256 of each."""
-    return [{"name": s.name, "rows": s.rows, "sha256": sha256_file(folder / s.name)}
-            for s in shards]  # fmt: skip
-
-
-def _finish_manifest(
-    folder: Path, manifest: dict[str, Any], kind: str, args: dict, pca: int | None, idx
-) -> None:
-    manifest["index"] = {
-        "kind": kind,
-        "args": dict(args or {}),
-        "pca_dim": pca,
-        "ntotal": int(idx.ntotal),
-        "bytes": (folder / INDEX).stat().st_size,  # as serialised; no second copy in memory
-    }
-    names = SHARDED_DATA_FILES if manifest["format_version"] == SHARDED_FORMAT else DATA_FILES
-    manifest["files"] = {name: sha256_file(folder / name) for name in names}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
 # --- loading -------------------------------------------------------------------------------
 
 
@@ -418,10 +238,10 @@ def _bundle_file(folder: Path, name: str) -> Path:
     refused before anything is read, and so are FIFOs and devices (reading one hangs)."""
     path = folder / name
     if not (path.exists() or path.is_symlink()):
-        raise BundleError(f"{path} is missing; the bundle is incomplete: {_REEXPORT}")
+        raise BundleError(f"{path} is missing; the bundle is incomplete: {REEXPORT}")
     files.inside(folder, name, BundleError, f"bundle file {path}")
     if not files.is_regular(path):
-        raise BundleError(f"{path} is not a regular file; {_REEXPORT}")
+        raise BundleError(f"{path} is not a regular file; {REEXPORT}")
     return path
 
 
@@ -450,28 +270,28 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise BundleError(f"search bundle {path} is not a folder; pass the folder that holds "
                           f"{MANIFEST}")  # fmt: skip
     if not mpath.exists():
-        raise BundleError(f"{mpath} is missing: {path} is not a complete bundle; {_REEXPORT}")
+        raise BundleError(f"{mpath} is missing: {path} is not a complete bundle; {REEXPORT}")
     _bundle_file(path, MANIFEST)
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath} is not valid JSON ({e}); {_REEXPORT}") from None
+        raise BundleError(f"{mpath} is not valid JSON ({e}); {REEXPORT}") from None
     if not isinstance(manifest, dict):
-        raise BundleError(f"{mpath} does not hold a JSON object; {_REEXPORT}")
+        raise BundleError(f"{mpath} does not hold a JSON object; {REEXPORT}")
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
-        raise BundleError(f"{mpath} lacks the keys {missing}; {_REEXPORT}")
+        raise BundleError(f"{mpath} lacks the keys {missing}; {REEXPORT}")
     types = {"files": dict, "index": dict, "classes": list, "count": int, "embedding_dim": int,
              "config": dict, "image_root": str, "metric": str, "dtype": str}  # fmt: skip
     wrong = [k for k, t in types.items() if not isinstance(manifest[k], t)]
     if not all(isinstance(c, str) for c in manifest["classes"]):
         wrong.append("classes")
     if wrong:
-        raise BundleError(f"{mpath}: malformed entries {wrong}; {_REEXPORT}")
+        raise BundleError(f"{mpath}: malformed entries {wrong}; {REEXPORT}")
     if manifest["format_version"] not in FORMATS:
         raise BundleError(
             f"{mpath}: bundle format {manifest['format_version']} is not supported by this "
-            f"mltrain (formats {', '.join(map(str, FORMATS))}); {_REEXPORT}"
+            f"mltrain (formats {', '.join(map(str, FORMATS))}); {REEXPORT}"
         )
     _check_shard_list(mpath, manifest)
     return manifest
@@ -488,16 +308,16 @@ def _check_shard_list(mpath: Path, manifest: dict[str, Any]) -> None:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not shards:
         raise BundleError(f"{mpath}: a format-{SHARDED_FORMAT} bundle lists its embedding "
-                          f"shards under 'shards', this one does not; {_REEXPORT}")  # fmt: skip
+                          f"shards under 'shards', this one does not; {REEXPORT}")  # fmt: skip
     for n, s in enumerate(shards):
         if not _is_shard_entry(s):
             raise BundleError(f"{mpath}: shards[{n}] needs a name, rows > 0 and a sha256; "
-                              f"{_REEXPORT}")  # fmt: skip
+                              f"{REEXPORT}")  # fmt: skip
         if not SHARD_NAME.fullmatch(s["name"]):
             raise BundleError(f"{mpath}: shards[{n}] name {s['name']!r} is not a shard file name "
-                              f"(embeddings-NNNNN.npy); {_REEXPORT}")  # fmt: skip
+                              f"(embeddings-NNNNN.npy); {REEXPORT}")  # fmt: skip
     if len({s["name"] for s in shards}) != len(shards):
-        raise BundleError(f"{mpath}: a shard is listed twice; {_REEXPORT}")
+        raise BundleError(f"{mpath}: a shard is listed twice; {REEXPORT}")
 
 
 def _is_shard_entry(s: Any) -> bool:
@@ -533,7 +353,7 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
     metadata = _read_metadata(path / METADATA)
     if len(metadata) != count:
         raise BundleError(
-            f"{path / METADATA} has {len(metadata)} rows but {MANIFEST} says {count}; {_REEXPORT}"
+            f"{path / METADATA} has {len(metadata)} rows but {MANIFEST} says {count}; {REEXPORT}"
         )
     classes = manifest["classes"]
     for n, row in enumerate(metadata, start=2):
@@ -548,14 +368,14 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
         if row["class"] != classes[row["label"]]:
             raise BundleError(
                 f"{path / METADATA} line {n}: class {row['class']!r} is not class "
-                f"{row['label']} of {MANIFEST} ({classes[row['label']]!r}); {_REEXPORT}"
+                f"{row['label']} of {MANIFEST} ({classes[row['label']]!r}); {REEXPORT}"
             )
     _check_images_dir(path)
     index = load_index(path / INDEX)
     if index.ntotal != count:
         raise BundleError(
             f"{path / INDEX} holds {index.ntotal} vectors but {MANIFEST} says {count}; "
-            f"{_REEXPORT}"
+            f"{REEXPORT}"
         )
     if index.d != dim:
         raise BundleError(f"{path / INDEX} takes {index.d}-d queries, embeddings are {dim}-d")
@@ -596,18 +416,18 @@ def _check_images_dir(path: Path) -> None:
     if images.is_symlink() or (images.exists() and not images.is_dir()):
         raise BundleError(
             f"{images} is a symlink or not a folder; a bundle keeps added images in a real "
-            f"{IMAGES_DIR}/ folder inside it, refusing to read outside the bundle; {_REEXPORT}"
+            f"{IMAGES_DIR}/ folder inside it, refusing to read outside the bundle; {REEXPORT}"
         )
 
 
 def _check_digest(path: Path, name: str, expected: str | None) -> None:
     _bundle_file(path, name)
     if not expected:
-        raise BundleError(f"{path / MANIFEST} records no sha256 for {name}; {_REEXPORT}")
+        raise BundleError(f"{path / MANIFEST} records no sha256 for {name}; {REEXPORT}")
     if sha256_file(path / name) != expected:
         raise BundleError(
             f"{path / name} does not match its sha256 in {MANIFEST} (changed, truncated or "
-            f"from another export); {_REEXPORT}"
+            f"from another export); {REEXPORT}"
         )
 
 
@@ -619,7 +439,7 @@ def _open_npy(path: Path, rows: int, dim: int, dtype: str) -> np.memmap:
         raise BundleError(f"{path} is not a readable .npy array ({e})") from None
     if emb.ndim != 2 or emb.shape != (rows, dim):
         raise BundleError(
-            f"{path} has shape {emb.shape} but {MANIFEST} says ({rows}, {dim}); {_REEXPORT}"
+            f"{path} has shape {emb.shape} but {MANIFEST} says ({rows}, {dim}); {REEXPORT}"
         )
     if emb.dtype != np.dtype(dtype):
         raise BundleError(f"{path} holds {emb.dtype} but {MANIFEST} says {dtype}")
@@ -634,7 +454,7 @@ def _open_shards(
     if total != count:
         raise BundleError(
             f"{path / MANIFEST}: its shards hold {total} rows but its count is {count}; "
-            f"{_REEXPORT}"
+            f"{REEXPORT}"
         )
     for s in shards:  # reads headers only; the reader maps a shard when it is used
         _open_npy(path / s["name"], s["rows"], dim, dtype)
@@ -660,19 +480,19 @@ def bundle_embedder(bundle: Bundle) -> Embedder:
         state = torch.load(mpath, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
         raise BundleError(
-            f"{mpath} is not a loadable tensor state_dict ({type(e).__name__}); {_REEXPORT}"
+            f"{mpath} is not a loadable tensor state_dict ({type(e).__name__}); {REEXPORT}"
         ) from None
     if not isinstance(state, dict):
-        raise BundleError(f"{mpath} holds no state_dict; {_REEXPORT}")
+        raise BundleError(f"{mpath} holds no state_dict; {REEXPORT}")
     num_classes = bundle.manifest.get("num_classes", 0)
     if type(num_classes) is not int or num_classes < 0:
         raise BundleError(f"{bundle.path / MANIFEST}: num_classes {num_classes!r} is not a "
-                          f"count; {_REEXPORT}")  # fmt: skip
+                          f"count; {REEXPORT}")  # fmt: skip
     try:
         model = model_from_state(cfg.model, num_classes, state, str(mpath),
                                  described_by="the manifest's config")  # fmt: skip
     except CheckpointError as e:
-        raise BundleError(f"{e}; {_REEXPORT}") from None
+        raise BundleError(f"{e}; {REEXPORT}") from None
     bundle._embedder = make_embedder(cfg, model)
     return bundle._embedder
 
@@ -694,249 +514,15 @@ def safe_image_path(bundle: Bundle, rel: str) -> Path:
     return files.inside(bundle.root, rel, BundleError, f"metadata path {rel!r}")
 
 
-# --- adding images -------------------------------------------------------------------------
+__all__ = ["Bundle", "bundle_embedder", "load_bundle", "safe_image_path"]
 
 
-def _collect(
-    paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
-    label_names: str | Sequence[str] | None,
-) -> tuple[list[Path], list[str]]:
-    """Images to add and their class names.
-
-    A folder with class sub-folders: each sub-folder is a class. A folder of images, or a
-    list of files: the class is each file's parent folder name. `label_names` overrides:
-    one name for all, or one per image.
-    """
-    items = [paths_or_folder] if isinstance(paths_or_folder, (str, os.PathLike)) else list(
-        paths_or_folder
-    )
-    paths: list[Path] = []
-    classes: list[str] = []
-    for item in map(Path, items):
-        if item.is_dir():
-            found = _images_in(item)
-            paths += [p for p, _ in found]
-            classes += [c for _, c in found]
-        else:
-            paths.append(item)
-            classes.append(item.parent.name or "added")
-    if not paths:
-        raise DataError(f"no images to add in {paths_or_folder}")
-    for p in paths:
-        if not (p.exists() or p.is_symlink()):
-            raise DataError(f"image {p} does not exist")
-        if not files.is_regular(p):  # a FIFO would hang the reader
-            raise DataError(f"image {p} is not a regular file (a folder, FIFO or device)")
-        if not is_image(p):
-            raise DataError(f"{p} is not an image file name ({', '.join(sorted(IMAGE_EXTENSIONS))}"
-                            "); rename it or convert it")  # fmt: skip
-    if label_names is not None:
-        if isinstance(label_names, str):
-            classes = [label_names] * len(paths)
-        else:
-            classes = list(label_names)
-            if len(classes) != len(paths):
-                raise ConfigError(
-                    f"label_names has {len(classes)} names for {len(paths)} images; give one "
-                    "name per image or a single name for all"
-                )
-    return paths, classes
-
-
-def _images_in(folder: Path) -> list[tuple[Path, str]]:
-    """(image, class) under `folder`: sub-folders are classes, loose images take its name."""
-    found = [(p, folder.name) for p in sorted(folder.iterdir()) if p.is_file() and is_image(p)]
-    for d in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        found += [(p, d.name) for p in sorted(d.rglob("*")) if p.is_file() and is_image(p)]
-    return found
-
-
-def _unique_copy(src: Path, dest_dir: Path, taken: set[str], bundle_dir: Path) -> str:
-    stem, suffix = src.stem, src.suffix
-    name, n = src.name, 1
-    while (dest_dir / name).exists() or _rel_to_bundle(dest_dir / name, bundle_dir) in taken:
-        name, n = f"{stem}-{n}{suffix}", n + 1
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dest_dir / name)
-    return _rel_to_bundle(dest_dir / name, bundle_dir)
-
-
-def _folder_name(class_name: str) -> str:
-    safe = class_name.replace("/", "_").replace("\\", "_").replace("\x00", "_")
-    return "added" if safe in ("", ".", "..") else safe
-
-
-def _rel_to_bundle(p: Path, bundle_dir: Path) -> str:
-    return BUNDLE_PREFIX + p.relative_to(bundle_dir).as_posix()
-
-
-def _write_with_added(bundle: Bundle, emb: np.ndarray, tmp: Path, manifest: dict) -> int:
-    """The bundle's embeddings followed by `emb`, written into `tmp`; returns the row count.
-
-    A sharded bundle keeps its shards (hard links where possible: a shard is never changed
-    once written) and gets new shards for `emb`, recorded in `manifest`. A single-file
-    bundle gets a longer embeddings.npy, copied in chunks through memory maps.
-    """
-    dtype = np.dtype(manifest["dtype"])
-    if manifest["format_version"] != SHARDED_FORMAT:
-        old = bundle.embeddings
-        out = open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype,
-                          shape=(len(old) + len(emb), old.shape[1]))  # fmt: skip
-        files.reserve(tmp / EMBEDDINGS)  # a full disk: an OSError now, not a SIGBUS later
-        for start in range(0, len(old), CHUNK_ROWS):
-            end = min(start + CHUNK_ROWS, len(old))
-            out[start:end] = old[start:end]
-        out[len(old) :] = emb
-        out.flush()
-        return len(out)
-    shards = manifest["shards"]
-    for s in shards:
-        try:
-            os.link(bundle.path / s["name"], tmp / s["name"])
-        except OSError:  # a file system without hard links
-            shutil.copy2(bundle.path / s["name"], tmp / s["name"])
-    first = 1 + max(shard_number(s["name"]) for s in shards)
-    shard_rows = bundle_config(bundle).export.shard_size
-    writer = ShardWriter(tmp, len(emb), shard_rows, dtype, first=first)
-    writer.write(emb)
-    manifest["shards"] = [*shards, *_shard_entries(tmp, writer.close())]
-    return sum(s["rows"] for s in manifest["shards"])
-
-
-def add_images(
-    bundle_path: str | os.PathLike,
-    paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
-    label_names: str | Sequence[str] | None = None,
-) -> int:
-    """Embed new images with the bundle's own model and add them to its index and metadata.
-
-    Approximate indexes (IVF, PQ, HNSW) are added to, not retrained. Images under the image
-    root are referenced in place; others are copied into the bundle's `images/<class>/`.
-    Images already in the bundle (same metadata path) are skipped. Returns the number added.
-    The new bundle is written beside the old one and swapped into place; the bundle's lock
-    is held from loading to the swap, so concurrent adds queue instead of losing images.
-    """
-    bundle_path = Path(bundle_path)
-    if not bundle_path.parent.is_dir():  # a mistyped path: say so rather than create folders
-        raise BundleError(f"search bundle {bundle_path} is not a folder; pass the folder that "
-                          f"holds {MANIFEST}")  # fmt: skip
-    check_writable(bundle_path.parent, "--add writes the updated bundle beside the old one: "
-                   "make the folder writable, or copy the bundle to a writable disk")  # fmt: skip
-    with files.lock(bundle_path):
-        return _add_locked(bundle_path, paths_or_folder, label_names)
-
-
-def _add_locked(
-    bundle_path: Path,
-    paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
-    label_names: str | Sequence[str] | None,
-) -> int:
-    bundle = load_bundle(bundle_path)
-    paths, names = _collect(paths_or_folder, label_names)
-    bad = []
-    for p in paths:
-        try:
-            load_image(p, 64)
-        except DataError as e:
-            bad.append(str(e))
-    if bad:
-        raise DataError(f"{len(bad)} image(s) cannot be added:\n  " + "\n  ".join(bad))
-
-    manifest = copy.deepcopy(bundle.manifest)
-    classes = list(manifest["classes"])
-    root = bundle.root.resolve()
-    known = {r["path"] for r in bundle.metadata}
-    # Decide every new row's path before embedding: files already in the bundle are skipped.
-    plan: list[tuple[Path, str, str | None]] = []  # (image, class, path under root or None)
-    pending: set[Path] = set()
-    for p, name in zip(paths, names, strict=True):
-        resolved = p.resolve()
-        if resolved.is_relative_to(root):
-            rel = resolved.relative_to(root).as_posix()
-            if rel in known or resolved in pending:
-                continue
-        else:
-            rel = None
-            if _copied_before(bundle_path, p, name):
-                continue
-        pending.add(resolved)
-        plan.append((p, name, rel))
-    if not plan:
-        return 0
-    _check_add_space(bundle, [p for p, _, rel in plan if rel is None], len(plan))
-
-    embedder = bundle_embedder(bundle)
-    emb = embedder.embed([p for p, _, _ in plan], desc="adding images")
-    if emb.shape[1] != bundle.manifest["embedding_dim"]:
+def check_export_target(out_dir: Path) -> None:
+    """A bundle is only written to a new folder or over an older bundle (never over other
+    files); callers check this before long work."""
+    if (out_dir.exists() or out_dir.is_symlink()) and not (
+        out_dir.is_dir() and is_bundle_dir(out_dir)
+    ):
         raise BundleError(
-            f"the bundle's model gives {emb.shape[1]}-d embeddings, the bundle holds "
-            f"{bundle.manifest['embedding_dim']}-d; {_REEXPORT}"
+            f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
         )
-    index = bundle.index
-    index.add(prepare(emb, bundle.metric, "new embeddings"))
-
-    with _staged(bundle_path, "adding") as tmp:
-        if (bundle_path / IMAGES_DIR).is_dir():  # a real folder: load_bundle refuses a link
-            shutil.copytree(bundle_path / IMAGES_DIR, tmp / IMAGES_DIR, symlinks=True)
-        new_rows = []
-        taken: set[str] = set(known)
-        for p, name, rel in plan:
-            if rel is None:
-                rel = _unique_copy(p, tmp / IMAGES_DIR / _folder_name(name), taken, tmp)
-            if name not in classes:
-                classes.append(name)
-            taken.add(rel)
-            new_rows.append(
-                {"path": rel, "label": classes.index(name), "class": name, "split": "added"}
-            )
-        count = _write_with_added(bundle, emb, tmp, manifest)
-        _write_metadata(tmp / METADATA, [*bundle.metadata, *new_rows])
-        save_index(index, tmp / INDEX)
-        shutil.copy2(bundle_path / MODEL, tmp / MODEL)
-        manifest["classes"] = classes
-        manifest["count"] = count
-        manifest.setdefault("added", []).append(
-            {
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "count": len(new_rows),
-            }
-        )
-        info = manifest["index"]
-        _finish_manifest(tmp, manifest, info["kind"], info.get("args"), info.get("pca_dim"), index)
-        bundle.embeddings = np.empty((0, 0), np.float32)  # release the memory map before rename
-        _move_into_place(tmp, bundle_path)
-    return len(new_rows)
-
-
-def _copied_before(bundle_path: Path, image: Path, name: str) -> bool:
-    """Whether this very file was added (copied into the bundle's images/) before. A copy
-    that resolves outside the bundle is never compared (never read)."""
-    rel = f"{IMAGES_DIR}/{_folder_name(name)}/{image.name}"
-    try:
-        copied = files.inside(bundle_path, rel, BundleError, f"added image {rel!r}")
-    except BundleError:
-        return False
-    return files.is_regular(copied) and filecmp.cmp(image, copied, shallow=False)
-
-
-def _check_add_space(bundle: Bundle, copies: list[Path], new_rows: int) -> None:
-    """Free space for the updated bundle beside the old one, before anything is embedded:
-    a copy of every bundle file (shards are hard-linked where possible, counted anyway),
-    the images copied in, and new rows of embeddings and index (float32, twice)."""
-    need = sum(os.lstat(os.path.join(d, f)).st_size
-               for d, _, names in os.walk(bundle.path) for f in names)  # fmt: skip
-    need += sum(p.stat().st_size for p in copies) + new_rows * bundle.embeddings.shape[1] * 8
-    check_free_space(
-        [(bundle.path.parent, "the updated bundle", need + 2**20)],
-        "free space, or copy the bundle to a larger disk and add there",
-    )
-
-
-__all__ = [
-    "Bundle",
-    "add_images",
-    "bundle_embedder",
-    "export_bundle",
-    "load_bundle",
-    "safe_image_path",
-]

@@ -49,13 +49,8 @@ from mltrain.cli import INTERRUPTED, error_line, printable
 from mltrain.data.images import load_image
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.files import check_writable
-from mltrain.retrieval.bundle import (
-    Bundle,
-    add_images,
-    bundle_embedder,
-    load_bundle,
-    safe_image_path,
-)
+from mltrain.retrieval.add import add_images
+from mltrain.retrieval.bundle import Bundle, bundle_embedder, load_bundle, safe_image_path
 from mltrain.retrieval.index import check_index_metric, prepare, timed_single_queries
 
 

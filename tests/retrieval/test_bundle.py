@@ -13,19 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import mltrain.retrieval.bundle as bundle_mod
+import mltrain.retrieval.export as export_mod
 from mltrain.config import Config
 from mltrain.errors import BundleError
 from mltrain.inference.embedder import Embedder, make_embedder
 from mltrain.model.network import build_model
-from mltrain.retrieval.bundle import (
-    add_images,
-    bundle_embedder,
-    export_bundle,
-    load_bundle,
-    safe_image_path,
-    sha256_file,
-)
+from mltrain.retrieval.add import add_images
+from mltrain.retrieval.bundle import bundle_embedder, load_bundle, safe_image_path, sha256_file
+from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.index import search
 from mltrain.retrieval.search import search_images
 from mltrain.retrieval.shards import ShardReader
@@ -241,7 +236,7 @@ def test_loading_and_one_query_rebuild_and_re_embed_nothing(exported, monkeypatc
     def forbidden(*a, **k):
         raise AssertionError("the index must not be rebuilt")
 
-    monkeypatch.setattr(bundle_mod, "build_index", forbidden)
+    monkeypatch.setattr(export_mod, "build_index", forbidden)
     monkeypatch.setattr(faiss.Index, "train", forbidden, raising=False)
     calls: list[int] = []
     original = Embedder.embed
@@ -302,7 +297,7 @@ def test_interrupted_export_leaves_no_bundle(embedder, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bundle_mod, "save_index", boom)
+    monkeypatch.setattr(export_mod, "save_index", boom)
     with pytest.raises(KeyboardInterrupt):
         export_bundle(embedder, tmp_path / "out", "test")
     assert list(tmp_path.iterdir()) == []

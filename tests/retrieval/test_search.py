@@ -14,7 +14,8 @@ from PIL import Image
 from mltrain.config import Config
 from mltrain.inference.embedder import make_embedder
 from mltrain.model.network import build_model
-from mltrain.retrieval.bundle import export_bundle, load_bundle
+from mltrain.retrieval.bundle import load_bundle
+from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.search import COLOURS, PAD, THUMB, main
 from tests.conftest import write_image_folder
 
