@@ -102,19 +102,13 @@ def evaluate_into(embedder, out: Path, source: str, replace: bool, base: Path, d
     from mltrain import files
     from mltrain.evaluation.evaluate import evaluate, new_eval_dir
 
-    with files.lock(out):
-        files.clean_stale(out)  # staging folders of killed evaluations
-        tmp = files.staging_dir(out, "partial")
-        try:
-            result = evaluate(embedder, tmp, source, data)
-            while not replace and (out.exists() or out.is_symlink()):
-                out = new_eval_dir(base, create=False)
-            if replace and out.exists() and not (is_eval_dir(out) or not any(out.iterdir())):
-                raise ConfigError(f"--out {out} now holds other files; results not moved there")
-            files.replace_dir(tmp, out)
-        except BaseException:
-            files.remove(tmp)
-            raise
+    with files.staging(out, "partial") as tmp:
+        result = evaluate(embedder, tmp, source, data)
+        while not replace and (out.exists() or out.is_symlink()):
+            out = new_eval_dir(base, create=False)
+        if replace and out.exists() and not (is_eval_dir(out) or not any(out.iterdir())):
+            raise ConfigError(f"--out {out} now holds other files; results not moved there")
+        files.replace_dir(tmp, out)
     return result, out
 
 

@@ -246,6 +246,27 @@ def lock(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def staging(
+    target: Path, tag: str, recover: Callable[[Path], object] | None = None
+) -> Iterator[Path]:
+    """A new staging folder beside `target`, under `target`'s lock: every long write (search
+    bundles, evaluation folders) is made crash-safe this one way. Staging folders that killed
+    writers left are deleted first, after `recover` has put back anything a killed swap set
+    aside; the body moves the finished folder into place (`replace_dir`), and the folder is
+    removed if the body raises."""
+    with lock(target):
+        if recover is not None:
+            recover(target)
+        clean_stale(target)
+        tmp = staging_dir(target, tag)
+        try:
+            yield tmp
+        except BaseException:
+            remove(tmp)
+            raise
+
+
 def check_writable(folder: Path, what_to_do: str) -> None:
     """Write, fsync and delete a small probe file in `folder`: a read-only folder, a full disk
     or a permission problem shows up now rather than at the first checkpoint."""

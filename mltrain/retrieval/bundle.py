@@ -42,7 +42,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -135,19 +135,10 @@ def is_bundle_dir(path: Path) -> bool:
     return (path / MANIFEST).is_file() or (path.is_dir() and not any(path.iterdir()))
 
 
-@contextlib.contextmanager
-def staged(out_dir: Path, tag: str) -> Iterator[Path]:
-    """A new staging folder beside `out_dir`, under the bundle's lock (staging folders that
-    killed writers left there are deleted first); removed again unless moved into place."""
-    with files.lock(out_dir):
-        _recover(out_dir)  # a previous bundle set aside by a killed swap is no stale folder
-        files.clean_stale(out_dir)
-        tmp = files.staging_dir(out_dir, tag)
-        try:
-            yield tmp
-        except BaseException:
-            files.remove(tmp)
-            raise
+def staged(out_dir: Path, tag: str) -> contextlib.AbstractContextManager[Path]:
+    """`files.staging` for a bundle: a previous bundle that a killed swap set aside is put
+    back first, so it is not deleted as a stale folder."""
+    return files.staging(out_dir, tag, recover=_recover)
 
 
 def move_into_place(tmp: Path, out_dir: Path) -> None:
