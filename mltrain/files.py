@@ -363,16 +363,22 @@ def torch_save(obj: Any, f: BinaryIO, name: str | Path) -> None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+    """`torch.save` through `atomic_write`: checkpoints and the prefix cache are never torn."""
+    atomic_write(path, lambda f: torch_save(obj, f, path))
 
-    A kill at any moment leaves either the old file or the new one, never a torn file.
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write` into a temporary file in the same folder, fsync, then rename over `path`.
+
+    A kill, a full disk or Ctrl-C at any moment leaves either the old file or the new one,
+    never a torn file; the temporary file is removed when `write` fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch_save(obj, f, path)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -33,11 +33,8 @@ copied into BUNDLE/images/. The updated bundle replaces the old one in a single 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mltrain import files
 from mltrain.cli import INTERRUPTED, error_line, printable
 from mltrain.data.images import load_image
 from mltrain.errors import ConfigError, MltrainError
@@ -250,17 +248,7 @@ def write_sheet(run: SearchRun, bundle: Bundle, out: str | Path) -> Path:
                 outline = COLOURS["match"] if h.cls == qclass else COLOURS["miss"]
             cell(r_i, h.rank, img, outline, [printable(h.cls), f"{h.score:.3f}"])
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary file renamed over `out`: a full disk or Ctrl-C leaves no half-written PNG.
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sheet.save(f, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    files.atomic_write(out, lambda f: sheet.save(f, format="PNG"))  # no half-written PNG
     return out
 
 
