@@ -170,7 +170,9 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_ep
 
 
 class Run:
-    """Everything a training run holds; `fit` drives it epoch by epoch."""
+    """One training run as one object: `__init__` builds data, model, loss, optimizer and
+    loaders; `train_epoch` runs an epoch and `evaluate_and_save` judges and checkpoints it;
+    `save`, `checkpoint` and `restore` make it resumable. `fit` drives it epoch by epoch."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
@@ -406,13 +408,118 @@ class Run:
             self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.step + 1)
 
 
-def _log_start(run: Run) -> None:
-    """The config as text and the hparams summary, at the step training starts from, so the
-    run shows in the Text and HParams tabs while it trains."""
-    config = to_dict(run.cfg)
-    text = yaml.safe_dump(config, sort_keys=False)
-    run.writer.add_text("config", f"```yaml\n{text}```", run.state.step)
-    tensorboard.add_hparams(run.writer, config, _hparam_metrics(run.cfg), run.state.step)
+    def log_start(self) -> None:
+        """The config as text and the hparams summary, at the step training starts from, so the
+        run shows in the Text and HParams tabs while it trains."""
+        config = to_dict(self.cfg)
+        text = yaml.safe_dump(config, sort_keys=False)
+        self.writer.add_text("config", f"```yaml\n{text}```", self.state.step)
+        tensorboard.add_hparams(self.writer, config, _hparam_metrics(self.cfg), self.state.step)
+
+
+    def log_epoch(self, epoch: int, stats: dict[str, float], metrics: dict[str, float]) -> None:
+        """Epoch aggregates and held-out metrics at the global step of the epoch's end: the
+        x-axis `train/loss` and `train/lr` are logged on, per optimizer step."""
+        step = self.state.step
+        self.writer.add_scalar("train/epoch", epoch, step)
+        for k, v in stats.items():
+            self.writer.add_scalar(f"train/{k}_epoch" if k == "loss" else f"train/{k}", v, step)
+        for tag, v in tensorboard.heldout_scalars(metrics).items():
+            self.writer.add_scalar(tag, v, step)
+        if metrics:
+            for k in dict.fromkeys([self.cfg.train.best_metric, *BEST_KEYS]):
+                if k in self.best:
+                    self.writer.add_scalar(f"best/{k}", self.best[k], step)
+        shown = ", ".join(
+            f"{k} {metrics[k]:.4f}" for k in ("precision_at_1", "map_at_r") if k in metrics
+        )
+        print(
+            f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
+            + (f", held-out {shown}" if shown else ""),
+            file=sys.stderr,
+        )
+
+
+    def train_epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed * 1000 + epoch)  # makes resuming at an epoch boundary exact
+        self.model.set_trunk_frozen(epoch < cfg.train.freeze_backbone_epochs)
+        log = self.writer.add_scalar if self.writer else None
+        loader = self.epoch_loader(epoch)
+        stats = train_one_epoch(
+            self.net, self.loss, loader, self.optimizer, self.scheduler, self.state,
+            self.settings(), log,
+        )  # fmt: skip
+        if self.state.batches_done:  # stopped mid-epoch by a signal: `fit` saves the position
+            return
+        stats = {k: distributed.mean(v) for k, v in stats.items()}
+        self.scheduler.step(epoch + 1)
+        self.state.epoch = epoch + 1
+        if self.main:
+            self.evaluate_and_save(stats)
+        distributed.barrier()
+
+
+    def evaluate_and_save(self, stats: dict[str, float]) -> None:
+        """Held-out metrics every `eval_every` epochs and at the end; best.pt and last.pt."""
+        cfg, epoch, done = self.cfg, self.state.epoch, self.done()
+        metrics = {}
+        if done or epoch % cfg.train.eval_every == 0:
+            every = cfg.train.figures_every
+            metrics = self.evaluate(figures=every > 0 and (done or epoch % every == 0))
+        self.state.history.append({"epoch": epoch, "step": self.state.step, **stats, **metrics})
+        key = cfg.train.best_metric
+        sign = -1.0 if key in LOWER_IS_BETTER else 1.0
+        best = self.best.get(key)
+        improved = key in metrics and (best is None or sign * metrics[key] >= sign * best)
+        if improved:
+            self.best = {"epoch": epoch, "step": self.state.step, **metrics}
+        self.log_epoch(epoch, stats, metrics)
+        if improved:
+            self.save("best.pt")
+        self.save("last.pt")
+
+
+    def save(self, name: str) -> Path:
+        """`atomic_save` into checkpoints/: a failed write (full disk, lost permissions) leaves the
+        file there as it was, and the error says so and how to go on."""
+        path = self.run_dir / "checkpoints" / name
+        try:
+            atomic_save(self.checkpoint(), path)
+        except OSError as e:
+            last = self.run_dir / "checkpoints" / "last.pt"
+            if last.is_file():
+                then = f"{last} is intact; free space and continue with --resume {self.run_dir}"
+            else:
+                then = "no checkpoint was saved before this one; free space and start again"
+            reason = e.strerror or e
+            raise MltrainError(f"cannot write checkpoint {path} ({reason}); {then}") from None
+        return path
+
+
+    def save_interrupted(self) -> NoReturn:
+        """After SIGINT/SIGTERM: `last.pt` with the position inside the epoch and the RNG states
+        (no held-out evaluation, no best.pt), then exit 130 as an interrupted program does."""
+        state = self.state
+        if state.batches_done:
+            state.rng = rng_state()
+            path = self.save("last.pt")
+        else:  # stopped at an epoch boundary: that epoch's last.pt is already written
+            path = self.run_dir / "checkpoints" / "last.pt"
+        print(
+            f"interrupted {_position(state)}; saved {path}; "
+            f"continue exactly with --resume {self.run_dir}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130)
+
+
+    def done(self) -> bool:
+        return self.state.epoch >= self.cfg.train.epochs or self.hit_max_steps()
+
+
+    def hit_max_steps(self) -> bool:
+        return self.cfg.train.max_steps is not None and self.state.step >= self.cfg.train.max_steps
 
 
 def _hparam_metrics(cfg: Config) -> list[str]:
@@ -424,113 +531,10 @@ def _hparam_metrics(cfg: Config) -> list[str]:
     return [*best, *final, "train/loss_epoch"]
 
 
-def _log_epoch(run: Run, epoch: int, stats: dict[str, float], metrics: dict[str, float]) -> None:
-    """Epoch aggregates and held-out metrics at the global step of the epoch's end: the
-    x-axis `train/loss` and `train/lr` are logged on, per optimizer step."""
-    step = run.state.step
-    run.writer.add_scalar("train/epoch", epoch, step)
-    for k, v in stats.items():
-        run.writer.add_scalar(f"train/{k}_epoch" if k == "loss" else f"train/{k}", v, step)
-    for tag, v in tensorboard.heldout_scalars(metrics).items():
-        run.writer.add_scalar(tag, v, step)
-    if metrics:
-        for k in dict.fromkeys([run.cfg.train.best_metric, *BEST_KEYS]):
-            if k in run.best:
-                run.writer.add_scalar(f"best/{k}", run.best[k], step)
-    shown = ", ".join(
-        f"{k} {metrics[k]:.4f}" for k in ("precision_at_1", "map_at_r") if k in metrics
-    )
-    print(
-        f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
-        + (f", held-out {shown}" if shown else ""),
-        file=sys.stderr,
-    )
-
-
-def _epoch(run: Run, epoch: int) -> None:
-    cfg = run.cfg
-    seed_everything(cfg.seed * 1000 + epoch)  # makes resuming at an epoch boundary exact
-    run.model.set_trunk_frozen(epoch < cfg.train.freeze_backbone_epochs)
-    log = run.writer.add_scalar if run.writer else None
-    loader = run.epoch_loader(epoch)
-    stats = train_one_epoch(
-        run.net, run.loss, loader, run.optimizer, run.scheduler, run.state, run.settings(), log
-    )
-    if run.state.batches_done:  # stopped mid-epoch by a signal: `fit` saves the position
-        return
-    stats = {k: distributed.mean(v) for k, v in stats.items()}
-    run.scheduler.step(epoch + 1)
-    run.state.epoch = epoch + 1
-    if run.main:
-        _evaluate_and_save(run, stats)
-    distributed.barrier()
-
-
-def _evaluate_and_save(run: Run, stats: dict[str, float]) -> None:
-    """Held-out metrics every `eval_every` epochs and at the end; best.pt and last.pt."""
-    cfg, epoch, done = run.cfg, run.state.epoch, _done(run)
-    metrics = {}
-    if done or epoch % cfg.train.eval_every == 0:
-        every = cfg.train.figures_every
-        metrics = run.evaluate(figures=every > 0 and (done or epoch % every == 0))
-    run.state.history.append({"epoch": epoch, "step": run.state.step, **stats, **metrics})
-    key = cfg.train.best_metric
-    sign = -1.0 if key in LOWER_IS_BETTER else 1.0
-    best = run.best.get(key)
-    improved = key in metrics and (best is None or sign * metrics[key] >= sign * best)
-    if improved:
-        run.best = {"epoch": epoch, "step": run.state.step, **metrics}
-    _log_epoch(run, epoch, stats, metrics)
-    if improved:
-        _save(run, "best.pt")
-    _save(run, "last.pt")
-
-
-def _save(run: Run, name: str) -> Path:
-    """`atomic_save` into checkpoints/: a failed write (full disk, lost permissions) leaves the
-    file there as it was, and the error says so and how to go on."""
-    path = run.run_dir / "checkpoints" / name
-    try:
-        atomic_save(run.checkpoint(), path)
-    except OSError as e:
-        last = run.run_dir / "checkpoints" / "last.pt"
-        if last.is_file():
-            then = f"{last} is intact; free space and continue with --resume {run.run_dir}"
-        else:
-            then = "no checkpoint was saved before this one; free space and start again"
-        raise MltrainError(f"cannot write checkpoint {path} ({e.strerror or e}); {then}") from None
-    return path
-
-
-def _save_interrupted(run: Run) -> NoReturn:
-    """After SIGINT/SIGTERM: `last.pt` with the position inside the epoch and the RNG states
-    (no held-out evaluation, no best.pt), then exit 130 as an interrupted program does."""
-    state = run.state
-    if state.batches_done:
-        state.rng = rng_state()
-        path = _save(run, "last.pt")
-    else:  # stopped at an epoch boundary: that epoch's last.pt is already written
-        path = run.run_dir / "checkpoints" / "last.pt"
-    print(
-        f"interrupted {_position(state)}; saved {path}; "
-        f"continue exactly with --resume {run.run_dir}",
-        file=sys.stderr,
-    )
-    raise SystemExit(130)
-
-
 def _position(state: StepState) -> str:
     if state.batches_done:
         return f"in epoch {state.epoch + 1} after batch {state.batches_done}, step {state.step}"
     return f"at epoch {state.epoch}, step {state.step}"
-
-
-def _done(run: Run) -> bool:
-    return run.state.epoch >= run.cfg.train.epochs or _hit_max_steps(run)
-
-
-def _hit_max_steps(run: Run) -> bool:
-    return run.cfg.train.max_steps is not None and run.state.step >= run.cfg.train.max_steps
 
 
 def _raise_on_sigterm(signum, frame):
@@ -617,15 +621,15 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
     if distributed.world()[1] == 1:  # under DDP ranks would have to agree on a stop step
         _stop_on_signals(run.stop)
     if run.writer:
-        _log_start(run)
+        run.log_start()
     start = time.perf_counter()
     try:
         for epoch in range(run.state.epoch, cfg.train.epochs):
-            if _hit_max_steps(run):
+            if run.hit_max_steps():
                 break
-            _epoch(run, epoch)
-            if run.stop.is_set() and not _done(run):
-                _save_interrupted(run)
+            run.train_epoch(epoch)
+            if run.stop.is_set() and not run.done():
+                run.save_interrupted()
     except KeyboardInterrupt:
         if (run_dir / "checkpoints" / "last.pt").is_file():
             print(

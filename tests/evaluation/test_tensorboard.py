@@ -155,20 +155,20 @@ def test_resume_purges_the_lost_runs_events(tmp_path, monkeypatch) -> None:
         *TINY_RUN, "train.epochs=2", "eval.batch_size=16", "train.figures_every=0",
         f"data.root={root}", f"output_dir={tmp_path / 'exp'}",
     ])
-    real_save = trainer._save
+    real_save = trainer.Run.save
 
     def crash_in_epoch_2(run, name):
         if run.state.epoch == 2:
             raise KeyboardInterrupt
         return real_save(run, name)
 
-    monkeypatch.setattr(trainer, "_save", crash_in_epoch_2)
+    monkeypatch.setattr(trainer.Run, "save", crash_in_epoch_2)
     with pytest.raises(SystemExit):
         trainer.fit(cfg)
     run_dir = next((tmp_path / "exp").glob("*/*"))
     before = events(run_dir)
     assert steps(before, "train/loss") == [1, 2, 3, 4]  # epoch 2 was logged, not saved
-    monkeypatch.setattr(trainer, "_save", real_save)
+    monkeypatch.setattr(trainer.Run, "save", real_save)
     trainer.fit(resume=run_dir)
     acc = events(run_dir)
     assert steps(acc, "train/loss") == [1, 2, 3, 4]

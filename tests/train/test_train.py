@@ -76,14 +76,14 @@ def test_training_lowers_loss(tmp_path):
 
 
 def _interrupt_at(monkeypatch, epoch_to_stop: int):
-    real = trainer._epoch
+    real = trainer.Run.train_epoch
 
     def fake(run, epoch):
         if epoch == epoch_to_stop:
             raise KeyboardInterrupt
         real(run, epoch)
 
-    monkeypatch.setattr(trainer, "_epoch", fake)
+    monkeypatch.setattr(trainer.Run, "train_epoch", fake)
 
 
 @pytest.mark.parametrize("config", ["configs/siamese.yaml", "configs/triplet.yaml"])
