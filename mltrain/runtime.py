@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mltrain.config import Config
 from mltrain.errors import MltrainError
 
 
@@ -74,3 +75,30 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def infer_spec(cfg: Config, device: torch.device, amp: torch.dtype | None) -> InferSpec:
+    """How inference runs for this config (see `mltrain.inference.batching`)."""
+    e = cfg.eval
+    return InferSpec(
+        device, amp, cfg.train.channels_last, e.cpu_chunk, e.model_in_workers, e.flip_tta
+    )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision a config's model runs, worked out once from the config:
+    training and inference read the same device and placement instead of each resolving
+    `train.device`, `train.amp` and `eval.*` again."""
+
+    device: torch.device
+    train_amp: torch.dtype | None  # autocast dtype of training steps (`train.amp`)
+    infer_amp: torch.dtype | None  # of inference passes: held-out, prefix cache (`eval.amp`)
+    infer: InferSpec  # where and how inference batches run
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Runtime:
+        device = resolve_device(cfg.train.device)
+        infer_amp = resolve_amp(cfg.eval.amp, device)
+        return cls(device, resolve_amp(cfg.train.amp, device), infer_amp,
+                   infer_spec(cfg, device, infer_amp))  # fmt: skip

@@ -21,7 +21,7 @@ from mltrain.data.samplers import build_sampler
 from mltrain.data.splits import Split, find_duplicates, make_split, save_split
 from mltrain.data.transforms import eval_transform, train_transform
 from mltrain.errors import DataError
-from mltrain.runtime import InferSpec, resolve_device, usable_cpus, workers_can_run_model
+from mltrain.runtime import resolve_device, usable_cpus, workers_can_run_model
 
 
 @dataclass
@@ -167,12 +167,6 @@ def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
     )
 
 
-def infer_spec(cfg: Config, device: torch.device, amp: torch.dtype | None) -> InferSpec:
-    """How inference runs for this config (see `mltrain.inference.batching`)."""
-    e = cfg.eval
-    return InferSpec(
-        device, amp, cfg.train.channels_last, e.cpu_chunk, e.model_in_workers, e.flip_tta
-    )
 
 
 def inference_workers(cfg: Config, images: int) -> int | None:

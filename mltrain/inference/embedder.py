@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from mltrain.config import Config
-from mltrain.data.pipeline import eval_loader, infer_spec
+from mltrain.data.pipeline import eval_loader
 from mltrain.errors import CheckpointError
 from mltrain.inference.batching import extract_embeddings, stream_embeddings
 from mltrain.model.checkpoint import checkpoint_config, load_checkpoint
 from mltrain.model.fusion import fold_batchnorm
 from mltrain.model.network import EmbeddingModel, build_model, data_config, model_from_state
-from mltrain.runtime import InferSpec, resolve_amp, resolve_device
+from mltrain.runtime import InferSpec, Runtime, infer_spec
 
 
 @dataclass
@@ -74,12 +74,13 @@ class Embedder:
 
 
 def make_embedder(cfg: Config, model: EmbeddingModel) -> Embedder:
-    device = resolve_device(cfg.train.device)
+    runtime = Runtime.from_config(cfg)
+    device = runtime.device
     model.to(device).eval()
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     dcfg = data_config(model, cfg.model)
-    return Embedder(cfg, model, dcfg, device, resolve_amp(cfg.eval.amp, device))
+    return Embedder(cfg, model, dcfg, device, runtime.infer_amp)
 
 
 def embedder_from_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Embedder:

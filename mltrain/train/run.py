@@ -33,7 +33,6 @@ from mltrain.data.pipeline import (
     CachedFeatures,
     RunData,
     eval_loader,
-    infer_spec,
     prepare_data,
     report_notes,
     train_dataset,
@@ -51,7 +50,7 @@ from mltrain.model.fusion import fold_batchnorm
 from mltrain.model.losses import Criterion, build_criterion
 from mltrain.model.network import EmbeddingModel, build_model, check_backbone_name, data_config
 from mltrain.model.precision import depthwise_in_fp32
-from mltrain.runtime import resolve_amp, resolve_device
+from mltrain.runtime import Runtime, resolve_device
 from mltrain.train.disk import checkpoint_bytes, prefix_bytes_per_image, run_space_needs
 from mltrain.train.loop import LoopSettings, StepState, compute_prefix, rng_state, train_one_epoch
 from mltrain.train.prefix_cache import cache_dir, cached, weights_identity
@@ -177,10 +176,9 @@ class Run:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.train.device)
-        self.amp = resolve_amp(cfg.train.amp, self.device)  # training steps
-        self.infer_amp = resolve_amp(cfg.eval.amp, self.device)  # prefix cache, held-out
-        self.infer_spec = infer_spec(cfg, self.device, self.infer_amp)
+        runtime = Runtime.from_config(cfg)
+        self.device, self.amp = runtime.device, runtime.train_amp  # training steps
+        self.infer_amp, self.infer_spec = runtime.infer_amp, runtime.infer  # prefix, held-out
         distributed.init(self.device)
         self.main = distributed.is_main()
         self.data: RunData = prepare_data(cfg, run_dir if self.main else None)
