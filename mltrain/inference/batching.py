@@ -111,7 +111,7 @@ def iter_batches(
     """`fn` over each batch in loader order, yielded as computed: (output on CPU, labels,
     dataset indices). Nothing is kept, so a caller that writes batches out (shards) holds
     one batch at a time; `run_batches` is the collecting form. `spec` says where the model
-    runs (see `mltrain.inference.batching`)."""
+    runs (see `InferSpec`)."""
     total = len(loader) if isinstance(loader, Sized) else None
     yield from tqdm(
         batches(fn, loader, spec), desc=desc, total=total, leave=False, dynamic_ncols=True
