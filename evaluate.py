@@ -31,8 +31,8 @@ def main() -> None:
     if bool(args.checkpoint) == bool(args.backbone):
         raise ConfigError("give exactly one of --checkpoint or --backbone")
     from mltrain.config import load_config
-    from mltrain.evaluation import new_eval_dir
-    from mltrain.inference import embedder_from_backbone, embedder_from_checkpoint
+    from mltrain.evaluation.evaluate import new_eval_dir
+    from mltrain.inference.embedder import embedder_from_backbone, embedder_from_checkpoint
 
     if args.checkpoint:
         if args.config:
@@ -48,7 +48,7 @@ def main() -> None:
         source = f"pretrained backbone {args.backbone}"
     out = Path(args.out) if args.out else new_eval_dir(base, create=False)
     export = Path(args.export) if args.export else None
-    from mltrain.rundata import prepare_data
+    from mltrain.data.pipeline import prepare_data
 
     data = prepare_data(embedder.cfg)  # scanned and checked once: checks, evaluation, export
     check_targets(embedder, out, export, len(data.folder))
@@ -60,7 +60,7 @@ def main() -> None:
         f"({m['num_queries']} queries, {m['embedding_dim']}-d)"
     )
     if args.export:
-        from mltrain.bundle import export_bundle
+        from mltrain.retrieval.export import export_bundle
 
         export_bundle(embedder, export, source, data=data)
     print(f"results: {out}")
@@ -71,8 +71,9 @@ def check_targets(embedder, out: Path, export: Path | None, images: int) -> None
     files is not replaced) and their disks hold a rough upper estimate of the results:
     embeddings (npy and TensorBoard) plus 64 MiB of figures; a bundle's embeddings, index
     and model. The export's index settings must fit the `images` it will hold."""
-    from mltrain.bundle import check_export_index, check_export_target
-    from mltrain.storage import check_output_folders
+    from mltrain.files import check_output_folders
+    from mltrain.retrieval.bundle import check_export_target
+    from mltrain.retrieval.export import check_export_index
 
     if out.exists() and not (out.is_dir() and (is_eval_dir(out) or not any(out.iterdir()))):
         raise ConfigError(f"--out {out} exists and is not an evaluation folder; choose a new "
@@ -98,22 +99,16 @@ def evaluate_into(embedder, out: Path, source: str, replace: bool, base: Path, d
     failed evaluation leaves nothing at `out`. An --out folder (`replace`) is swapped whole;
     a default `<run>/eval/<time>` that another evaluation took meanwhile gets the next name.
     Returns (EvalResult, the folder it is in)."""
-    from mltrain import safefs
-    from mltrain.evaluation import evaluate, new_eval_dir
+    from mltrain import files
+    from mltrain.evaluation.evaluate import evaluate, new_eval_dir
 
-    with safefs.lock(out):
-        safefs.clean_stale(out)  # staging folders of killed evaluations
-        tmp = safefs.staging_dir(out, "partial")
-        try:
-            result = evaluate(embedder, tmp, source, data)
-            while not replace and (out.exists() or out.is_symlink()):
-                out = new_eval_dir(base, create=False)
-            if replace and out.exists() and not (is_eval_dir(out) or not any(out.iterdir())):
-                raise ConfigError(f"--out {out} now holds other files; results not moved there")
-            safefs.replace_dir(tmp, out)
-        except BaseException:
-            safefs.remove(tmp)
-            raise
+    with files.staging(out, "partial") as tmp:
+        result = evaluate(embedder, tmp, source, data)
+        while not replace and (out.exists() or out.is_symlink()):
+            out = new_eval_dir(base, create=False)
+        if replace and out.exists() and not (is_eval_dir(out) or not any(out.iterdir())):
+            raise ConfigError(f"--out {out} now holds other files; results not moved there")
+        files.replace_dir(tmp, out)
     return result, out
 
 

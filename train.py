@@ -29,7 +29,7 @@ def main() -> None:
     add_config_args(parser)
     parser.add_argument("--resume", help="run folder or checkpoint to continue exactly")
     args = parser.parse_args()
-    from mltrain.trainer import fit  # heavy imports after argument errors
+    from mltrain.train.run import fit  # heavy imports after argument errors
 
     if args.resume:
         if args.config:

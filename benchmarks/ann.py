@@ -43,6 +43,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mltrain.retrieval.index import INDEX_TYPES, timed_single_queries  # noqa: E402
+
 K = 10
 TARGET_RECALL = 0.95
 TARGET_US = 200.0
@@ -155,14 +158,11 @@ def single_query_times(
 ) -> np.ndarray:
     """Seconds per one-query call, after 10 warm-up calls; stops after `budget_s` once it has
     `min_queries` samples (20 when a call takes over 10 ms, as exact search at 1M does)."""
-    for i in range(min(10, len(queries))):
-        search_one(queries[i : i + 1])
+    timed = timed_single_queries(search_one, queries, warmups=10)
     times: list[float] = []
     start = time.perf_counter()
-    for i in range(len(queries)):
-        t = time.perf_counter()
-        search_one(queries[i : i + 1])
-        times.append(time.perf_counter() - t)
+    for seconds, _ in timed:
+        times.append(seconds)
         spent = time.perf_counter() - start
         enough = min_queries if spent / len(times) < 0.01 else 20  # slow (exact) searches
         if len(times) >= enough and spent > budget_s:
@@ -204,9 +204,17 @@ def _faiss_built(name, params, index, build_s, rss_mb, knob, values, setter) -> 
     )  # fmt: skip
 
 
+def package_index(name: str, base: np.ndarray, **args) -> faiss.Index:
+    """An empty index built the way exports build it (`mltrain.retrieval.index.INDEX_TYPES`),
+    for cosine search on the unit vectors this benchmark uses."""
+    spec = {"name": name, "args": args}
+    return INDEX_TYPES.build(spec, dim=base.shape[1], metric_type=faiss.METRIC_INNER_PRODUCT,
+                             n_train=len(base))  # fmt: skip
+
+
 def build_flat(base: np.ndarray, args) -> Built:
     r0, t = rss_bytes(), time.perf_counter()
-    index = faiss.IndexFlatIP(base.shape[1])
+    index = package_index("flat", base)
     index.add(base)
     return _faiss_built("flat", "exact", index, time.perf_counter() - t,
                         (rss_bytes() - r0) / 2**20, "-", [0], lambda v: None)  # fmt: skip
@@ -214,8 +222,7 @@ def build_flat(base: np.ndarray, args) -> Built:
 
 def build_hnsw(base: np.ndarray, args) -> Built:
     r0, t = rss_bytes(), time.perf_counter()
-    index = faiss.IndexHNSWFlat(base.shape[1], args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = args.hnsw_ef_construction
+    index = package_index("hnsw", base, M=args.hnsw_m, ef_construction=args.hnsw_ef_construction)
     index.add(base)
     build_s, rss = time.perf_counter() - t, (rss_bytes() - r0) / 2**20
 
@@ -261,6 +268,9 @@ def coarse_quantizer(base: np.ndarray, train: np.ndarray, nlist: int, args):
     return quantizer, seconds
 
 
+# IVF-Flat and IVF-PQ are built here rather than through INDEX_TYPES: the benchmark trains one
+# coarse quantizer per data set and shares it between them, so that the two rows differ only
+# in how the lists store vectors (an export trains its own quantizer inside `index.train`).
 def build_ivf_flat(base: np.ndarray, args) -> Built:
     d, nlist = base.shape[1], _nlist(len(base), args)
     train = _train_sample(base, nlist, args)
@@ -503,8 +513,7 @@ def plot(rows: list[Row], title: str, path: Path) -> None:
 def load_inputs(args) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
     sets = []
     if args.bundle:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from mltrain.bundle import load_bundle
+        from mltrain.retrieval.bundle import load_bundle
 
         b = load_bundle(args.bundle)
         if b.metric != "cosine":

@@ -41,11 +41,14 @@ from torchvision import transforms as T  # noqa: E402
 
 from mltrain.config import Config, load_config  # noqa: E402
 from mltrain.data.dataset import default_num_workers  # noqa: E402
-from mltrain.engine import resolve_amp, resolve_device  # noqa: E402
-from mltrain.forward import usable_cpus  # noqa: E402
-from mltrain.inference import Embedder, embedder_from_backbone  # noqa: E402
-from mltrain.metrics import retrieval_metrics  # noqa: E402
-from mltrain.rundata import decode_size, eval_loader, inference_workers  # noqa: E402
+from mltrain.data.pipeline import decode_size, eval_loader, inference_workers  # noqa: E402
+from mltrain.evaluation.metrics import retrieval_metrics  # noqa: E402
+from mltrain.inference.embedder import Embedder, embedder_from_backbone  # noqa: E402
+from mltrain.runtime import (  # noqa: E402
+    resolve_amp,
+    resolve_device,
+    usable_cpus,  # noqa: E402
+)
 
 TARGET_IMG_S = 100.0
 TARGET_SPEEDUP = 10.0

@@ -2,8 +2,9 @@
 
     python benchmarks/memory.py [--n 1000000] [--dim 128] [--queries 10000] [--loo auto]
 
-Evaluates `mltrain.metrics.retrieval_metrics` with ks=(1, 5, 10) and max_k=100 (so the exact
-search returns 100 neighbours per query, 101 in leave-one-out) on N x dim float32 embeddings
+Evaluates `mltrain.evaluation.metrics.retrieval_metrics` with ks=(1, 5, 10) and max_k=100 (so
+the exact search returns 100 neighbours per query, 101 in leave-one-out) on N x dim float32
+embeddings
 drawn around N/100 random class centres. Each measurement runs in its own subprocess so the
 figures are clean: RSS before the call (imports + embeddings), the peak during it (the kernel's
 high-water mark, reset just before the call) and RSS after it (results still held).
@@ -18,7 +19,7 @@ Two measurements:
     python benchmarks/memory.py --shards [--n 1000000] [--dim 128] [--shard-size 100000]
                                 [--index flat,ivf_pq] [--nlist 1024]
 
-`--shards` measures a sharded export instead (`mltrain.shards`, what `export.shard_size`
+`--shards` measures a sharded export instead (`mltrain.retrieval.shards`, what `export.shard_size`
 turns on): writing the N x dim gallery into memory-mapped shards batch by batch, then, per
 index type, building the cosine index (a) from the gallery loaded into one array, as an
 export below `export.shard_size` does, and (b) from the shards (trained on an even sample,
@@ -106,7 +107,7 @@ def clustered(n: int, dim: int, classes: int, seed: int, chunk: int = 65536):
 
 def child(mode: str, n: int, dim: int, queries: int, seed: int) -> dict:
     """One measurement, in this (fresh) process."""
-    from mltrain.metrics import retrieval_metrics
+    from mltrain.evaluation.metrics import retrieval_metrics
 
     classes = max(2, n // CLASS_SIZE)
     rss_imports = _rss_mib()
@@ -164,8 +165,8 @@ def shard_child(mode: str, folder: str, n: int, dim: int, shard_size: int, kind:
                 nlist: int, seed: int) -> dict:
     """One sharded-export measurement in this (fresh) process: `write` the gallery into
     shards, or build a `kind` index from one `array` or from the `shards`."""
-    from mltrain.index import build_index, index_nbytes
-    from mltrain.shards import ShardReader, ShardWriter, index_from_shards
+    from mltrain.retrieval.index import build_index, index_nbytes
+    from mltrain.retrieval.shards import ShardReader, ShardWriter, index_from_shards
 
     rss_imports = _rss_mib()
     out = {"mode": mode, "kind": kind, "n": n, "dim": dim, "shard_size": shard_size,
@@ -198,7 +199,7 @@ def shard_child(mode: str, folder: str, n: int, dim: int, shard_size: int, kind:
 
 def shard_main(args: argparse.Namespace, common) -> list[dict]:
     kinds = [k.strip() for k in args.index.split(",") if k.strip()]
-    from mltrain.index import default_nlist
+    from mltrain.retrieval.index import default_nlist
 
     nlist = args.nlist or min(1024, default_nlist(args.n))
     print(f"# memory benchmark: sharded export of {args.n:,} x {args.dim} float32 clustered "

@@ -4,7 +4,7 @@
 
 For each shipped config (classification, pooling, siamese, triplet):
 
-- framework: `train_one_epoch` on the loader `mltrain.trainer.Run` builds (DataLoader workers,
+- framework: `train_one_epoch` on the loader `mltrain.train.run.Run` builds (DataLoader workers,
   the config's sampler, loss and miner, channels_last, bf16 autocast where the CPU has it,
   tensorboard logging), with `model.frozen_stages=0` and `train.cache_frozen=false` so that
   the whole network trains as in the plain loop. Step times come from the loop's own log hook
@@ -41,10 +41,12 @@ except ImportError:  # run as `python benchmarks/train.py`
 import torch  # noqa: E402
 
 from mltrain.config import Config, load_config  # noqa: E402
-from mltrain.engine import LoopSettings, autocast, to_device, train_one_epoch  # noqa: E402
-from mltrain.losses import build_criterion  # noqa: E402
-from mltrain.models import build_model  # noqa: E402
-from mltrain.trainer import Run  # noqa: E402
+from mltrain.inference.batching import to_device  # noqa: E402
+from mltrain.model.losses import build_criterion  # noqa: E402
+from mltrain.model.network import build_model  # noqa: E402
+from mltrain.runtime import autocast  # noqa: E402
+from mltrain.train.loop import LoopSettings, train_one_epoch  # noqa: E402
+from mltrain.train.run import Run  # noqa: E402
 
 TARGET_RATIO = 1.8
 TARGET_OVERHEAD = 10.0  # percent

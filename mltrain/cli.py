@@ -1,6 +1,6 @@
 """Command-line plumbing shared by the entry points: user errors become one clear line.
 
-`run_main` (and `mltrain.search.main`) catch failures by kind at the command boundary: a
+`run_main` (and `mltrain.retrieval.search.main`) catch failures by kind at the command boundary: a
 user mistake (`MltrainError`), a file-system failure (full disk, read-only file system,
 permissions: `OSError`), memory exhaustion and Ctrl-C. Each prints one line without a
 traceback; Ctrl-C exits 130, everything else 2. Text that came from files (class names,

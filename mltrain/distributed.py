@@ -75,8 +75,11 @@ def local_batch_size(batch_size: int, sampler_m: int | None) -> int:
     return local
 
 
-class ShardedSampler(Sampler[int]):
-    """Yields this rank's slice of every global batch of a base order (same on all ranks)."""
+class RankSliceSampler(Sampler[int]):
+    """Yields this rank's slice of every global batch of a base order (same on all ranks).
+
+    Not to be confused with embedding shards (`mltrain.retrieval.shards`): this slices
+    batches between processes."""
 
     def __init__(self, base: Sampler[int] | None, n: int, batch_size: int, seed: int) -> None:
         self.base, self.n, self.batch, self.seed = base, n, batch_size, seed

@@ -21,15 +21,18 @@ import pytest
 import torch
 from PIL import Image
 
-import mltrain.bundle as bundle_mod
-import mltrain.evaluation as evaluation_mod
-from mltrain import safefs
-from mltrain.bundle import add_images, export_bundle, load_bundle
+import mltrain.evaluation.evaluate as evaluation_mod
+import mltrain.retrieval.add as add_mod
+import mltrain.retrieval.export as export_mod
+from mltrain import files as safefs
 from mltrain.cli import run_main
 from mltrain.config import Config
-from mltrain.inference import Embedder, make_embedder
-from mltrain.models import build_model
-from mltrain.search import main as search_main
+from mltrain.inference.embedder import Embedder, make_embedder
+from mltrain.model.network import build_model
+from mltrain.retrieval.add import add_images
+from mltrain.retrieval.bundle import load_bundle
+from mltrain.retrieval.export import export_bundle
+from mltrain.retrieval.search import main as search_main
 from tests.conftest import TINY_RUN, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,8 +176,8 @@ def test_a_really_killed_add_is_recovered_on_the_next_load(bundle, tmp_path):
     new = new_images(tmp_path / "new", "zebra")
     script = f"""
 import os
-from mltrain import safefs
-from mltrain.bundle import add_images
+from mltrain import files as safefs
+from mltrain.retrieval.add import add_images
 real, calls = safefs.rename, []
 def rename(src, dst):
     calls.append(src)
@@ -267,7 +270,7 @@ def test_disk_full_while_adding_leaves_the_bundle_and_no_staging(exported, small
     b = small_disk / "b"
     shutil.copytree(exported[1], b)
     before = fingerprint(b)
-    monkeypatch.setattr(bundle_mod, "check_free_space", lambda *a, **k: None)  # reach the write
+    monkeypatch.setattr(add_mod, "check_free_space", lambda *a, **k: None)  # reach the write
     assert search_main(["--add", str(b), str(new_images(tmp_path / "n", "zebra"))]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "free space" in line
@@ -300,7 +303,8 @@ def test_sheet_on_a_full_or_read_only_disk_is_one_line_and_no_file(exported, sma
 
 
 def test_checkpoint_write_on_a_full_disk_is_an_os_error_and_keeps_the_old_file(small_disk):
-    from mltrain.checkpoint import atomic_save, load_checkpoint
+    from mltrain.files import atomic_save
+    from mltrain.model.checkpoint import load_checkpoint
 
     path = small_disk / "last.pt"
     atomic_save({"model": {"w": torch.zeros(10)}, "config": {}}, path)
@@ -366,7 +370,7 @@ def test_evaluation_target_without_room_fails_before_evaluating(eval_root, small
 def test_disk_full_during_export_is_one_line_and_leaves_no_staging(eval_root, small_disk,
                                                                    tmp_path, monkeypatch,
                                                                    capsys):  # fmt: skip
-    import mltrain.storage as storage_mod
+    import mltrain.files as storage_mod
 
     monkeypatch.setattr(storage_mod, "check_free_space", lambda *a, **k: None)
     fill(small_disk, leave=64 * 1024)
@@ -381,7 +385,7 @@ def test_disk_full_during_export_is_one_line_and_leaves_no_staging(eval_root, sm
 def test_disk_full_during_evaluation_is_one_line_and_leaves_nothing(eval_root, small_disk,
                                                                     leave_kib, monkeypatch,
                                                                     capsys):  # fmt: skip
-    import mltrain.storage as storage_mod
+    import mltrain.files as storage_mod
 
     monkeypatch.setattr(storage_mod, "check_free_space", lambda *a, **k: None)
     fill(small_disk, leave=leave_kib * 1024)
@@ -415,7 +419,7 @@ def test_ctrl_c_in_evaluation_with_the_default_folder_leaves_nothing(eval_root, 
 
 def test_ctrl_c_during_export_keeps_the_complete_evaluation_only(eval_root, tmp_path,
                                                                  monkeypatch, capsys):  # fmt: skip
-    monkeypatch.setattr(bundle_mod, "save_index", interrupt)
+    monkeypatch.setattr(export_mod, "save_index", interrupt)
     code, err = evaluate_cli(monkeypatch, capsys, eval_root, "--out", str(tmp_path / "o"),
                              "--export", str(tmp_path / "bundle"))  # fmt: skip
     assert code == 130 and one_error_line(err).startswith("interrupted")
@@ -425,7 +429,7 @@ def test_ctrl_c_during_export_keeps_the_complete_evaluation_only(eval_root, tmp_
 
 def test_ctrl_c_during_add_leaves_the_bundle_untouched(bundle, tmp_path, monkeypatch, capsys):
     before = fingerprint(bundle)
-    monkeypatch.setattr(bundle_mod, "_write_with_added", interrupt)
+    monkeypatch.setattr(add_mod, "_write_with_added", interrupt)
     assert search_main(["--add", str(bundle), str(new_images(tmp_path / "n", "zebra"))]) == 130
     assert one_error_line(capsys.readouterr().err).startswith("interrupted")
     assert fingerprint(bundle) == before and leftovers(bundle) == []

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mltrain.data.images import load_image
 from mltrain.errors import ConfigError, MltrainError
-from mltrain.forward import usable_cpus
+from mltrain.runtime import usable_cpus
 
 
 class ImageDataset(Dataset):
@@ -58,7 +58,7 @@ def worth_workers(items: int, batch_size: int) -> bool:
 
 def _init_worker(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; the main process decides what happens (e.g.
-    # finish the step and save, see `trainer.fit`), so a worker must not die of it first.
+    # finish the step and save, see `mltrain.train.run.fit`), so a worker must not die of it first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _seed_everything_in_worker(worker_id)
 

@@ -1,0 +1,193 @@
+"""From a config to image lists, a recorded split and data loaders."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mltrain import distributed
+from mltrain.config import Config
+from mltrain.data.archive import resolve_root
+from mltrain.data.dataset import ImageDataset, make_loader, worth_workers
+from mltrain.data.folder import ImageFolder, scan_folder
+from mltrain.data.images import check_images
+from mltrain.data.samplers import build_sampler
+from mltrain.data.splits import Split, find_duplicates, make_split, save_split
+from mltrain.data.transforms import eval_transform, train_transform
+from mltrain.errors import DataError
+from mltrain.runtime import resolve_device, usable_cpus, workers_can_run_model
+
+
+@dataclass
+class RunData:
+    """The images of a run: the folder, its split, and training labels made contiguous."""
+
+    folder: ImageFolder
+    split: Split
+    train_classes: list[str]  # classes seen in training, indexed by the remapped labels
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        """Training labels remapped to 0..len(train_classes)-1 (class_disjoint leaves gaps)."""
+        original = self.folder.labels[self.split.train]
+        lookup = {c: i for i, c in enumerate(self.train_classes)}
+        return np.array([lookup[self.folder.classes[c]] for c in original], dtype=np.int64)
+
+    def paths(self, idx: np.ndarray) -> list[Path]:
+        return [self.folder.paths[i] for i in idx]
+
+
+def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
+    """Scan, check and split the data; writes `split.json` (and bad images) into `run_dir`."""
+    d = cfg.data
+    folder = scan_folder(resolve_root(d.root), exclude=d.exclude_classes, class_depth=d.class_depth)
+    report_notes(folder.notes, run_dir)
+    if cfg.data.check_images:
+        folder = _drop_bad_images(folder, cfg, run_dir)
+    split = make_split(folder.labels, cfg.data.split, cfg.data.train_fraction, cfg.seed)
+    if len(split.train) == 0 or len(split.heldout) == 0:
+        raise DataError(f"data.split {cfg.data.split} left an empty side; add images")
+    if run_dir is not None:
+        save_split(run_dir / "split.json", split, folder)
+    if split.kind != "none":
+        _report_duplicates(folder, split, run_dir)
+    used = sorted({int(c) for c in folder.labels[split.train]})
+    return RunData(folder, split, [folder.classes[c] for c in used])
+
+
+def _report_duplicates(folder: ImageFolder, split: Split, run_dir: Path | None) -> None:
+    """Byte-identical files on both sides of the split inflate held-out figures: say so."""
+    pairs = find_duplicates(folder.paths, split.train, split.heldout)
+    if not pairs:
+        return
+    listing = "\n".join(f"  {a}  ==  {b}" for a, b in pairs)
+    if run_dir is not None:
+        (run_dir / "duplicates.txt").write_text(listing + "\n")
+    print(
+        f"warning: {len(pairs)} training images are byte-identical to held-out images "
+        "(listed in duplicates.txt); delete the copies for honest held-out figures",
+        file=sys.stderr,
+    )
+
+
+def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> ImageFolder:
+    bad = check_images(folder.paths)
+    if not bad:
+        return folder
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    if run_dir is not None:
+        (run_dir / "bad_images.txt").write_text(listing + "\n")
+    if cfg.data.bad_images == "error":
+        raise DataError(
+            f"{len(bad)} unreadable images under {folder.root}:\n{listing}\n"
+            "fix or delete them, or set data.bad_images: skip to leave them out"
+        )
+    print(f"skipping {len(bad)} unreadable images (listed in bad_images.txt)", file=sys.stderr)
+    bad_paths = {str(p) for p, _ in bad}
+    keep = [i for i, p in enumerate(folder.paths) if str(p) not in bad_paths]
+    return ImageFolder(
+        root=folder.root,
+        paths=[folder.paths[i] for i in keep],
+        labels=folder.labels[keep],
+        classes=folder.classes,
+        notes=folder.notes,
+    )
+
+
+def record_data(data: RunData, run_dir: Path) -> None:
+    """Write what `prepare_data(cfg, run_dir)` would have recorded, for data prepared before
+    the run folder existed: the split and the notes."""
+    save_split(run_dir / "split.json", data.split, data.folder)
+    if data.folder.notes:
+        (run_dir / "notes.txt").write_text("".join(f"{n}\n" for n in data.folder.notes))
+
+
+def report_notes(notes: list[str], run_dir: Path | None) -> None:
+    """Say each adaptation or skip once on stderr, and keep them in the run's notes.txt."""
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if notes and run_dir is not None:
+        with open(run_dir / "notes.txt", "a", encoding="utf-8") as f:
+            f.write("".join(f"{n}\n" for n in notes))
+
+
+class CachedFeatures(Dataset):
+    """Prefix features computed once; yields what an `ImageDataset` yields."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        self.feats, self.labels, self.indices = feats, labels, indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.feats[i], int(self.labels[i]), int(self.indices[i])
+
+
+def decode_size(dcfg: dict) -> int:
+    """Smallest side JPEGs may be decoded at: the eval resize before its centre crop."""
+    return math.ceil(min(dcfg["input_size"][1:]) / dcfg.get("crop_pct", 1.0))
+
+
+def train_dataset(cfg: Config, data: RunData, dcfg: dict) -> ImageDataset:
+    transform = train_transform(dcfg, cfg.data.augment)
+    return ImageDataset(
+        data.paths(data.split.train), data.train_labels, transform, decode_size(dcfg)
+    )
+
+
+def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
+    """Balanced or shuffled batches of training images (or of their cached features).
+
+    Built afresh each epoch with an epoch-derived `seed`: order and augmentations then depend
+    only on (seed, epoch), which makes a resumed run repeat an uninterrupted one.
+    """
+    labels, batch = data.train_labels, cfg.train.batch_size
+    sampler = build_sampler(cfg.train.sampler, labels, batch, data.train_classes, seed=seed)
+    if distributed.world()[1] > 1:  # this rank's slice of every global batch
+        m = cfg.train.sampler.get("args", {}).get("m", 4) if sampler is not None else None
+        local = distributed.local_batch_size(batch, m)
+        sampler = distributed.RankSliceSampler(sampler, len(labels), batch, seed)
+        batch = local
+    workers = 0 if isinstance(dataset, CachedFeatures) else cfg.data.num_workers
+    return make_loader(
+        dataset,
+        batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        seed=seed,
+    )
+
+
+
+
+def inference_workers(cfg: Config, images: int) -> int | None:
+    """Loader workers for an inference pass. When the workers run the model (CPU, one thread
+    each), one per usable core, up to 16; otherwise `data.num_workers` (None: the default)."""
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    on_cpu = resolve_device(cfg.train.device).type == "cpu"
+    if cfg.eval.model_in_workers and on_cpu and workers_can_run_model():
+        return min(usable_cpus(), 16) if worth_workers(images, cfg.eval.batch_size) else 0
+    return None
+
+
+def inference_loader(cfg: Config, dataset: Dataset, seed: int = 0) -> DataLoader:
+    """Ordered batches of `dataset` for an inference pass with deterministic transforms (the
+    worker count may follow the core count; augmented passes must not, see `Run._cache_view`)."""
+    workers = inference_workers(cfg, len(dataset))
+    return make_loader(dataset, cfg.eval.batch_size, num_workers=workers, seed=seed)
+
+
+def eval_loader(cfg: Config, paths: list[Path], labels: np.ndarray, dcfg: dict, transform=None):
+    """Deterministic, ordered batches for embedding extraction."""
+    dataset = ImageDataset(paths, labels, transform or eval_transform(dcfg), decode_size(dcfg))
+    return inference_loader(cfg, dataset)

@@ -1,0 +1,196 @@
+"""Evaluate embeddings of a run's held-out images: every figure the report shows."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mltrain.config import Config, save_config, to_dict
+from mltrain.data.pipeline import RunData, prepare_data, record_data
+from mltrain.errors import DataError
+from mltrain.evaluation.metrics import (
+    CURVE_KEYS,
+    book_accuracy,
+    confused_pairs,
+    mean_per_class_precision_at_1,
+    one_shot_accuracy,
+    per_class_metrics,
+    retrieval_metrics,
+    verification_metrics,
+    worst_classes,
+)
+from mltrain.evaluation.plan import EvalPlan, plan_evaluation
+from mltrain.evaluation.sweeps import index_comparison, pca_sweep, shortest_within
+from mltrain.inference.embedder import Embedder
+
+
+@dataclass
+class EmbeddedSplit:
+    """Embeddings of the held-out images (queries) and of the training images."""
+
+    classes: list[str]
+    heldout_emb: np.ndarray
+    heldout_labels: np.ndarray
+    heldout_paths: list[Path]
+    train_emb: np.ndarray
+    train_labels: np.ndarray
+    same_set: bool  # split none: train and held-out are the same images
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    split: EmbeddedSplit
+    neighbours: Any  # mltrain.evaluation.metrics.Neighbours of the held-out queries
+    curves: dict[str, list[float]] = field(default_factory=dict)
+
+
+def embed_split(embedder: Embedder, data: RunData) -> EmbeddedSplit:
+    held, train = data.split.heldout, data.split.train
+    labels = data.folder.labels
+    held_emb = embedder.embed(data.paths(held), labels[held], desc="held-out embeddings")
+    same = data.split.kind == "none"
+    train_emb = (
+        held_emb
+        if same
+        else embedder.embed(data.paths(train), labels[train], desc="training embeddings")
+    )
+    return EmbeddedSplit(
+        list(data.folder.classes),
+        held_emb,
+        labels[held],
+        data.paths(held),
+        train_emb,
+        labels[train],
+        same,
+    )
+
+
+def plan_for(cfg: Config, data: RunData, dim: int) -> EvalPlan:
+    """The evaluation that fits this split, from counts alone (before embedding)."""
+    held = data.folder.labels[data.split.heldout]
+    same = data.split.kind == "none"
+    n_train = len(data.split.heldout if same else data.split.train)
+    gallery = len(held) - 1
+    if cfg.eval.gallery == "train" and not same:
+        gallery = len(data.split.train)
+    return plan_evaluation(cfg.eval, n_train, held, dim, gallery)
+
+
+def compute_metrics(s: EmbeddedSplit, cfg: Config, plan: EvalPlan | None = None) -> EvalResult:
+    """All figures from embeddings alone (no model): retrieval, per-class, verification,
+    one-shot, the book protocol, the PCA sweep and the index comparison, as far as `plan`
+    (by default fitted to `s`) allows; its notes and skips go into the metrics."""
+    e = cfg.eval
+    if plan is None:
+        n_train = len(s.heldout_emb if s.same_set else s.train_emb)
+        gallery = len(s.train_emb) if e.gallery == "train" and not s.same_set else None
+        gallery = len(s.heldout_emb) - 1 if gallery is None else gallery
+        plan = plan_evaluation(e, n_train, s.heldout_labels, s.heldout_emb.shape[1], gallery)
+    gallery = {}
+    if e.gallery == "train" and not s.same_set:
+        gallery = {"gallery_emb": s.train_emb, "gallery_labels": s.train_labels}
+    m, nb = retrieval_metrics(
+        s.heldout_emb, s.heldout_labels, metric=e.metric, ks=plan.ks, **gallery
+    )
+    metrics: dict[str, Any] = {k: v for k, v in m.items()}
+    scored_labels = nb.labels[nb.scored]
+    per_class = per_class_metrics(scored_labels, nb.query_labels[nb.scored], s.classes)
+    metrics["mean_per_class_precision_at_1"] = mean_per_class_precision_at_1(per_class)
+    metrics["per_class"] = per_class
+    metrics["worst_classes"] = worst_classes(per_class, 10)
+    metrics["confused_pairs"] = confused_pairs(
+        scored_labels, nb.query_labels[nb.scored], s.classes, 10
+    )
+    if s.same_set and len(s.heldout_emb) > 4:
+        metrics["book_accuracy"] = book_accuracy(s.heldout_emb, s.heldout_labels, k=4)
+    curves: dict[str, list[float]] = {}
+    if plan.verification_pairs:
+        ver = verification_metrics(
+            s.heldout_emb, s.heldout_labels, e.metric, plan.verification_pairs, cfg.seed
+        )
+        curves = {k: ver.pop(k) for k in CURVE_KEYS}
+        metrics["verification"] = ver
+    metrics["one_shot"] = {
+        str(n): one_shot_accuracy(s.heldout_emb, s.heldout_labels, n, e.one_shot_episodes, cfg.seed)
+        for n in plan.one_shot_ways
+    }
+    rows = pca_sweep(s.train_emb, s.heldout_emb, s.heldout_labels, plan.pca_lengths, e.metric)
+    metrics["pca"] = {str(r["length"]): r for r in rows}
+    metrics["pca_shortest_within_0.5"] = shortest_within(rows)["length"]
+    metrics["indexes"] = index_comparison(
+        s.heldout_emb,
+        s.heldout_labels,
+        s.heldout_emb,
+        s.heldout_labels,
+        plan.index_types,
+        e.metric,
+    )
+    metrics["notes"] = list(plan.notes)
+    metrics["skipped"] = dict(plan.skipped)
+    return EvalResult(metrics, s, nb, curves)
+
+
+def new_eval_dir(base: Path, create: bool = True) -> Path:
+    """A free `base/eval/<time>[-N]`; with `create=False` only its name (evaluate.py writes
+    into a staging folder and renames it there when done)."""
+    out = base / "eval" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while out.exists():
+        out, n = out.with_name(f"{out.name}-{n}"), n + 1
+    if create:
+        out.mkdir(parents=True)
+    return out
+
+
+def evaluate(
+    embedder: Embedder, out_dir: Path, source: str, data: RunData | None = None
+) -> EvalResult:
+    """Embed the run's split, compute every metric, write metrics.json, embeddings and report.
+
+    `data` is the run's data already prepared into `out_dir` (else it is prepared here)."""
+    # matplotlib and TensorBoard only when reporting
+    from mltrain.evaluation.report import write_report
+
+    cfg = embedder.cfg
+    save_config(cfg, out_dir / "config.yaml")
+    if data is None:
+        data = prepare_data(cfg, out_dir)
+    else:
+        record_data(data, out_dir)
+    if len(set(data.folder.labels[data.split.heldout].tolist())) < 2:
+        raise DataError("the held-out split has fewer than 2 classes; nothing to retrieve")
+    plan = plan_for(cfg, data, embedder.model.embedding_dim)  # size checks before embedding
+    plan.notes[:0] = data.folder.notes
+    start = time.perf_counter()
+    split = embed_split(embedder, data)
+    embed_s = time.perf_counter() - start
+    np.save(out_dir / "heldout_embeddings.npy", split.heldout_emb)
+    np.save(out_dir / "heldout_labels.npy", split.heldout_labels)
+    start = time.perf_counter()
+    result = compute_metrics(split, cfg, plan)
+    result.metrics["timing"] = {
+        "embed_seconds": embed_s,
+        "metrics_seconds": time.perf_counter() - start,
+    }
+    result.metrics["source"] = source
+    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=_jsonable))
+    gallery_paths = data.paths(data.split.train) if cfg.eval.gallery == "train" else None
+    write_report(out_dir, result, tsne=plan.tsne, tsne_max_points=cfg.eval.tsne_max_points,
+                 seed=cfg.seed, gallery_paths=gallery_paths, step=embedder.global_step,
+                 config=to_dict(cfg), metric=cfg.eval.metric)
+    return result
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)

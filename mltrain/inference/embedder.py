@@ -1,0 +1,103 @@
+"""Rebuild an embedding model from a checkpoint alone, and embed image lists with it."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mltrain.config import Config
+from mltrain.data.pipeline import eval_loader
+from mltrain.errors import CheckpointError
+from mltrain.inference.batching import extract_embeddings, stream_embeddings
+from mltrain.model.checkpoint import checkpoint_config, load_checkpoint
+from mltrain.model.fusion import fold_batchnorm
+from mltrain.model.network import EmbeddingModel, build_model, data_config, model_from_state
+from mltrain.runtime import InferSpec, Runtime, infer_spec
+
+
+@dataclass
+class Embedder:
+    """A model ready for inference: its config, preprocessing and device settings."""
+
+    cfg: Config
+    model: EmbeddingModel
+    dcfg: dict[str, Any]
+    device: torch.device
+    amp: torch.dtype | None
+    _fast: EmbeddingModel | None = field(default=None, repr=False)
+    # Optimizer steps the weights were trained for (0: untrained): evaluations of a
+    # checkpoint are logged at this step, on the axis of its training curves.
+    global_step: int = 0
+
+    @property
+    def forward_model(self) -> EmbeddingModel:
+        """The model that embeds: with `eval.fold_bn`, a copy with BatchNorm folded into the
+        convolutions (same embeddings, fewer passes over memory). `model` stays as trained,
+        for export."""
+        if not self.cfg.eval.fold_bn:
+            return self.model
+        if self._fast is None:
+            probe = torch.randn(2, *self.dcfg["input_size"], device=self.device)
+            self._fast = fold_batchnorm(self.model, probe)
+            if self.cfg.train.channels_last:
+                self._fast.to(memory_format=torch.channels_last)
+        return self._fast
+
+    @property
+    def spec(self) -> InferSpec:
+        """Where the model runs for this config and device (see `mltrain.inference.batching`)."""
+        return infer_spec(self.cfg, self.device, self.amp)
+
+    def _loader(self, paths: list[Path], labels: np.ndarray | None):
+        labels = np.zeros(len(paths), dtype=np.int64) if labels is None else labels
+        return eval_loader(self.cfg, paths, labels, self.dcfg)
+
+    def embed(self, paths: list[Path], labels: np.ndarray | None = None, desc: str = "embedding"):
+        model, loader = self.forward_model, self._loader(paths, labels)
+        emb, _, _ = extract_embeddings(model, loader, self.spec, desc=desc)
+        return emb
+
+    def embed_batches(
+        self, paths: list[Path], labels: np.ndarray | None = None, desc: str = "embedding"
+    ) -> Iterator[np.ndarray]:
+        """`embed` one batch at a time (float32, in `paths` order), so a gallery larger than
+        memory can be written out as it is embedded (see `mltrain.retrieval.shards.ShardWriter`)."""
+        model, loader = self.forward_model, self._loader(paths, labels)
+        for emb, _, _ in stream_embeddings(model, loader, self.spec, desc=desc):
+            yield emb
+
+
+def make_embedder(cfg: Config, model: EmbeddingModel) -> Embedder:
+    runtime = Runtime.from_config(cfg)
+    device = runtime.device
+    model.to(device).eval()
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    dcfg = data_config(model, cfg.model)
+    return Embedder(cfg, model, dcfg, device, runtime.infer_amp)
+
+
+def embedder_from_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Embedder:
+    """The checkpoint's own config rebuilds the model; its weights need no download."""
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, overrides, f"config stored in checkpoint {path}")
+    num_classes = len(ckpt.get("train_classes") or [])
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: 'model' holds no state dict")
+    model = model_from_state(cfg.model, num_classes, ckpt["model"], str(path))
+    embedder = make_embedder(cfg, model)
+    embedder.global_step = int((ckpt.get("state") or {}).get("step", 0))
+    return embedder
+
+
+def embedder_from_backbone(cfg: Config) -> Embedder:
+    """A pretrained backbone with no training: for comparing backbones before tuning."""
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.head = False
+    return make_embedder(cfg, build_model(model_cfg))

@@ -1,0 +1,73 @@
+"""Reading checkpoints safely (`weights_only=True`: no arbitrary pickles); `mltrain.files`
+writes them crash-safely."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mltrain.config import Config, apply_overrides, from_dict
+from mltrain.errors import CheckpointError
+
+CHECKPOINT_FORMAT = 1  # the layout of a training checkpoint's dict
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by `atomic_save`, refusing anything but tensors and plain data."""
+    path = Path(path)
+    if path.is_dir():
+        path = resolve_checkpoint(path)
+    if not path.is_file():
+        if path.exists():  # a FIFO or device would hang the read
+            raise CheckpointError(f"checkpoint {path} is not a regular file; pass a .pt file")
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(
+            f"{path} is not a loadable mltrain checkpoint ({load_error_reason(e)}); "
+            "it may be corrupt, truncated or unsafe"
+        ) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not an mltrain checkpoint (no model/config inside)")
+    return ckpt
+
+
+def load_error_reason(e: Exception) -> str:
+    """Why `torch.load(..., weights_only=True)` refused a file, in one short clause.
+
+    torch's own text for a refused pickle advises retrying with `weights_only=False`, which
+    would run whatever code the file carries; that advice is never passed on. Only the line
+    naming what was refused is kept.
+    """
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text:
+        lines = [line.strip() for line in text.splitlines()]
+        what = next((x for x in lines if x.startswith(("Trying to load", "Unsupported"))), "")
+        return ("it holds Python objects other than tensors and plain data, or is no torch "
+                "file at all; refused by the safe loader, nothing in it ran"
+                + (f": {what[:200]}" if what else ""))  # fmt: skip
+    first = (text.splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder or its checkpoints/ folder means its `last.pt`."""
+    path = Path(path)
+    for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"no checkpoints/last.pt under {path}; pass a .pt file or a run folder")
+
+
+def checkpoint_config(ckpt: dict[str, Any], overrides: list[str] | None, source: str) -> Config:
+    """The config a checkpoint was trained with, `--set` overrides on top: resuming and
+    evaluating read a checkpoint's settings the same way. `ckpt` is left unchanged."""
+    data = copy.deepcopy(ckpt["config"])
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return from_dict(data, source)

@@ -1,0 +1,282 @@
+"""Adding images to an existing bundle without rebuilding it: embed the new images, add them
+to the index, copy those outside the image root into the bundle's `images/`, and swap the
+grown bundle into place under its lock."""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import os
+import shutil
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.format import open_memmap
+
+from mltrain import files
+from mltrain.data.folder import IMAGE_EXTENSIONS, is_image
+from mltrain.data.images import load_image
+from mltrain.errors import BundleError, ConfigError, DataError
+from mltrain.files import check_free_space, check_writable
+from mltrain.retrieval.bundle import (
+    BUNDLE_PREFIX,
+    EMBEDDINGS,
+    IMAGES_DIR,
+    INDEX,
+    MANIFEST,
+    METADATA,
+    MODEL,
+    REEXPORT,
+    SHARDED_FORMAT,
+    Bundle,
+    bundle_config,
+    bundle_embedder,
+    load_bundle,
+    move_into_place,
+    staged,
+    write_metadata,
+)
+from mltrain.retrieval.export import finish_manifest, shard_entries
+from mltrain.retrieval.index import prepare, save_index
+from mltrain.retrieval.shards import (
+    CHUNK_ROWS,
+    ShardWriter,
+    shard_number,
+)
+
+
+def _collect(
+    paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
+    label_names: str | Sequence[str] | None,
+) -> tuple[list[Path], list[str]]:
+    """Images to add and their class names.
+
+    A folder with class sub-folders: each sub-folder is a class. A folder of images, or a
+    list of files: the class is each file's parent folder name. `label_names` overrides:
+    one name for all, or one per image.
+    """
+    items = [paths_or_folder] if isinstance(paths_or_folder, (str, os.PathLike)) else list(
+        paths_or_folder
+    )
+    paths: list[Path] = []
+    classes: list[str] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = _images_in(item)
+            paths += [p for p, _ in found]
+            classes += [c for _, c in found]
+        else:
+            paths.append(item)
+            classes.append(item.parent.name or "added")
+    if not paths:
+        raise DataError(f"no images to add in {paths_or_folder}")
+    for p in paths:
+        if not (p.exists() or p.is_symlink()):
+            raise DataError(f"image {p} does not exist")
+        if not files.is_regular(p):  # a FIFO would hang the reader
+            raise DataError(f"image {p} is not a regular file (a folder, FIFO or device)")
+        if not is_image(p):
+            raise DataError(f"{p} is not an image file name ({', '.join(sorted(IMAGE_EXTENSIONS))}"
+                            "); rename it or convert it")  # fmt: skip
+    if label_names is not None:
+        if isinstance(label_names, str):
+            classes = [label_names] * len(paths)
+        else:
+            classes = list(label_names)
+            if len(classes) != len(paths):
+                raise ConfigError(
+                    f"label_names has {len(classes)} names for {len(paths)} images; give one "
+                    "name per image or a single name for all"
+                )
+    return paths, classes
+
+
+def _images_in(folder: Path) -> list[tuple[Path, str]]:
+    """(image, class) under `folder`: sub-folders are classes, loose images take its name."""
+    found = [(p, folder.name) for p in sorted(folder.iterdir()) if p.is_file() and is_image(p)]
+    for d in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        found += [(p, d.name) for p in sorted(d.rglob("*")) if p.is_file() and is_image(p)]
+    return found
+
+
+def _unique_copy(src: Path, dest_dir: Path, taken: set[str], bundle_dir: Path) -> str:
+    stem, suffix = src.stem, src.suffix
+    name, n = src.name, 1
+    while (dest_dir / name).exists() or _rel_to_bundle(dest_dir / name, bundle_dir) in taken:
+        name, n = f"{stem}-{n}{suffix}", n + 1
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dest_dir / name)
+    return _rel_to_bundle(dest_dir / name, bundle_dir)
+
+
+def _folder_name(class_name: str) -> str:
+    safe = class_name.replace("/", "_").replace("\\", "_").replace("\x00", "_")
+    return "added" if safe in ("", ".", "..") else safe
+
+
+def _rel_to_bundle(p: Path, bundle_dir: Path) -> str:
+    return BUNDLE_PREFIX + p.relative_to(bundle_dir).as_posix()
+
+
+def _write_with_added(bundle: Bundle, emb: np.ndarray, tmp: Path, manifest: dict) -> int:
+    """The bundle's embeddings followed by `emb`, written into `tmp`; returns the row count.
+
+    A sharded bundle keeps its shards (hard links where possible: a shard is never changed
+    once written) and gets new shards for `emb`, recorded in `manifest`. A single-file
+    bundle gets a longer embeddings.npy, copied in chunks through memory maps.
+    """
+    dtype = np.dtype(manifest["dtype"])
+    if manifest["format_version"] != SHARDED_FORMAT:
+        old = bundle.embeddings
+        out = open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype,
+                          shape=(len(old) + len(emb), old.shape[1]))  # fmt: skip
+        files.reserve(tmp / EMBEDDINGS)  # a full disk: an OSError now, not a SIGBUS later
+        for start in range(0, len(old), CHUNK_ROWS):
+            end = min(start + CHUNK_ROWS, len(old))
+            out[start:end] = old[start:end]
+        out[len(old) :] = emb
+        out.flush()
+        return len(out)
+    shards = manifest["shards"]
+    for s in shards:
+        try:
+            os.link(bundle.path / s["name"], tmp / s["name"])
+        except OSError:  # a file system without hard links
+            shutil.copy2(bundle.path / s["name"], tmp / s["name"])
+    first = 1 + max(shard_number(s["name"]) for s in shards)
+    shard_rows = bundle_config(bundle).export.shard_size
+    writer = ShardWriter(tmp, len(emb), shard_rows, dtype, first=first)
+    writer.write(emb)
+    manifest["shards"] = [*shards, *shard_entries(tmp, writer.close())]
+    return sum(s["rows"] for s in manifest["shards"])
+
+
+def add_images(
+    bundle_path: str | os.PathLike,
+    paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
+    label_names: str | Sequence[str] | None = None,
+) -> int:
+    """Embed new images with the bundle's own model and add them to its index and metadata.
+
+    Approximate indexes (IVF, PQ, HNSW) are added to, not retrained. Images under the image
+    root are referenced in place; others are copied into the bundle's `images/<class>/`.
+    Images already in the bundle (same metadata path) are skipped. Returns the number added.
+    The new bundle is written beside the old one and swapped into place; the bundle's lock
+    is held from loading to the swap, so concurrent adds queue instead of losing images.
+    """
+    bundle_path = Path(bundle_path)
+    if not bundle_path.parent.is_dir():  # a mistyped path: say so rather than create folders
+        raise BundleError(f"search bundle {bundle_path} is not a folder; pass the folder that "
+                          f"holds {MANIFEST}")  # fmt: skip
+    check_writable(bundle_path.parent, "--add writes the updated bundle beside the old one: "
+                   "make the folder writable, or copy the bundle to a writable disk")  # fmt: skip
+    with files.lock(bundle_path):
+        return _add_locked(bundle_path, paths_or_folder, label_names)
+
+
+def _add_locked(
+    bundle_path: Path,
+    paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
+    label_names: str | Sequence[str] | None,
+) -> int:
+    bundle = load_bundle(bundle_path)
+    paths, names = _collect(paths_or_folder, label_names)
+    bad = []
+    for p in paths:
+        try:
+            load_image(p, 64)
+        except DataError as e:
+            bad.append(str(e))
+    if bad:
+        raise DataError(f"{len(bad)} image(s) cannot be added:\n  " + "\n  ".join(bad))
+
+    manifest = copy.deepcopy(bundle.manifest)
+    classes = list(manifest["classes"])
+    root = bundle.root.resolve()
+    known = {r["path"] for r in bundle.metadata}
+    # Decide every new row's path before embedding: files already in the bundle are skipped.
+    plan: list[tuple[Path, str, str | None]] = []  # (image, class, path under root or None)
+    pending: set[Path] = set()
+    for p, name in zip(paths, names, strict=True):
+        resolved = p.resolve()
+        if resolved.is_relative_to(root):
+            rel = resolved.relative_to(root).as_posix()
+            if rel in known or resolved in pending:
+                continue
+        else:
+            rel = None
+            if _copied_before(bundle_path, p, name):
+                continue
+        pending.add(resolved)
+        plan.append((p, name, rel))
+    if not plan:
+        return 0
+    _check_add_space(bundle, [p for p, _, rel in plan if rel is None], len(plan))
+
+    embedder = bundle_embedder(bundle)
+    emb = embedder.embed([p for p, _, _ in plan], desc="adding images")
+    if emb.shape[1] != bundle.manifest["embedding_dim"]:
+        raise BundleError(
+            f"the bundle's model gives {emb.shape[1]}-d embeddings, the bundle holds "
+            f"{bundle.manifest['embedding_dim']}-d; {REEXPORT}"
+        )
+    index = bundle.index
+    index.add(prepare(emb, bundle.metric, "new embeddings"))
+
+    with staged(bundle_path, "adding") as tmp:
+        if (bundle_path / IMAGES_DIR).is_dir():  # a real folder: load_bundle refuses a link
+            shutil.copytree(bundle_path / IMAGES_DIR, tmp / IMAGES_DIR, symlinks=True)
+        new_rows = []
+        taken: set[str] = set(known)
+        for p, name, rel in plan:
+            if rel is None:
+                rel = _unique_copy(p, tmp / IMAGES_DIR / _folder_name(name), taken, tmp)
+            if name not in classes:
+                classes.append(name)
+            taken.add(rel)
+            new_rows.append(
+                {"path": rel, "label": classes.index(name), "class": name, "split": "added"}
+            )
+        count = _write_with_added(bundle, emb, tmp, manifest)
+        write_metadata(tmp / METADATA, [*bundle.metadata, *new_rows])
+        save_index(index, tmp / INDEX)
+        shutil.copy2(bundle_path / MODEL, tmp / MODEL)
+        manifest["classes"] = classes
+        manifest["count"] = count
+        manifest.setdefault("added", []).append(
+            {
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "count": len(new_rows),
+            }
+        )
+        info = manifest["index"]
+        finish_manifest(tmp, manifest, info["kind"], info.get("args"), info.get("pca_dim"), index)
+        bundle.embeddings = np.empty((0, 0), np.float32)  # release the memory map before rename
+        move_into_place(tmp, bundle_path)
+    return len(new_rows)
+
+
+def _copied_before(bundle_path: Path, image: Path, name: str) -> bool:
+    """Whether this very file was added (copied into the bundle's images/) before. A copy
+    that resolves outside the bundle is never compared (never read)."""
+    rel = f"{IMAGES_DIR}/{_folder_name(name)}/{image.name}"
+    try:
+        copied = files.inside(bundle_path, rel, BundleError, f"added image {rel!r}")
+    except BundleError:
+        return False
+    return files.is_regular(copied) and filecmp.cmp(image, copied, shallow=False)
+
+
+def _check_add_space(bundle: Bundle, copies: list[Path], new_rows: int) -> None:
+    """Free space for the updated bundle beside the old one, before anything is embedded:
+    a copy of every bundle file (shards are hard-linked where possible, counted anyway),
+    the images copied in, and new rows of embeddings and index (float32, twice)."""
+    need = sum(os.lstat(os.path.join(d, f)).st_size
+               for d, _, names in os.walk(bundle.path) for f in names)  # fmt: skip
+    need += sum(p.stat().st_size for p in copies) + new_rows * bundle.embeddings.shape[1] * 8
+    check_free_space(
+        [(bundle.path.parent, "the updated bundle", need + 2**20)],
+        "free space, or copy the bundle to a larger disk and add there",
+    )

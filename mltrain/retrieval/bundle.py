@@ -1,0 +1,519 @@
+"""Search bundles: a self-contained, pickle-free folder that answers image queries.
+
+A bundle holds everything a search needs and nothing that executes code when loaded:
+
+    embeddings.npy   float32 or float16 rows, one per image (read with allow_pickle=False)
+    metadata.csv     path (relative to the image root), label, class, split; one row per image
+    index.faiss      the Faiss index over the embeddings (PCA inside it when pca_dim is set)
+    model.pt         the embedding model's state_dict: tensors only (torch.load weights_only)
+    manifest.json    versions, the full config, image_root, metric, sizes and the sha256 of
+                     every other file
+
+Galleries of more than `export.shard_size` images store their embeddings as shards instead
+of one embeddings.npy (`embeddings-00000.npy`, ...; bundle format 2): they are written through
+memory maps batch by batch, the index is trained on an even sample of them and filled shard
+by shard, so neither export nor loading holds the whole gallery in memory. The manifest lists
+each shard's name, rows and sha256 under "shards"; `Bundle.embeddings` is then a
+`mltrain.retrieval.shards.ShardReader` (array-like, read through mmap).
+
+`load_bundle` checks every file against the manifest before using any of them, so a
+truncated, edited or mismatched file is a `BundleError` that names it, never a wrong answer.
+Bundles also come from other people, so everything in one is untrusted: every file must be a
+regular file that resolves inside the bundle (`mltrain.files.inside`), `images/` a real
+folder, the image root no file-system root, system or home folder, class names strings
+(printed escaped), and model.pt must fit the config before that model is built.
+Exports and `add_images` write a complete new folder beside the old one and swap it into
+place under a per-bundle lock (`mltrain.files.replace_dir`): the path never stands empty,
+or, where the system has no atomic exchange, the next load puts the old bundle back; staging
+folders of killed writers are deleted by the next writer.
+
+Rows of images added later with `add_images` that lie outside the image root are copied into
+the bundle's own `images/` folder; their metadata path reads `bundle:images/<class>/<file>`.
+`safe_image_path` resolves both kinds and refuses anything that escapes its root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import faiss
+import numpy as np
+import timm
+import torch
+
+import mltrain
+from mltrain import files
+from mltrain.config import from_dict
+from mltrain.data.folder import is_image
+from mltrain.errors import BundleError, CheckpointError
+from mltrain.files import torch_save
+from mltrain.inference.embedder import Embedder, make_embedder
+from mltrain.model.network import model_from_state
+from mltrain.retrieval.index import load_index
+from mltrain.retrieval.shards import (
+    SHARD_NAME,
+    ShardReader,
+)
+
+ARRAY_FORMAT = 1  # embeddings in one embeddings.npy
+SHARDED_FORMAT = 2  # embeddings in the shards that the manifest lists
+FORMATS = (ARRAY_FORMAT, SHARDED_FORMAT)
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.npy"
+METADATA = "metadata.csv"
+INDEX = "index.faiss"
+MODEL = "model.pt"
+DATA_FILES = (EMBEDDINGS, METADATA, INDEX, MODEL)  # hashed in the manifest's "files"
+SHARDED_DATA_FILES = (METADATA, INDEX, MODEL)  # shards are hashed in its "shards" list
+COLUMNS = ("path", "label", "class", "split")
+IMAGES_DIR = "images"  # copies of added images that lie outside the image root
+BUNDLE_PREFIX = "bundle:"  # metadata paths under the bundle folder rather than the image root
+_REQUIRED_KEYS = ("format_version", "config", "metric", "embedding_dim", "count", "dtype",
+                  "index", "files", "image_root", "classes")  # fmt: skip
+REEXPORT = "re-export the bundle (python evaluate.py --checkpoint ... --export DIR)"
+
+
+@dataclass
+class Bundle:
+    """A validated bundle: `embeddings` is a read-only memory map (a `ShardReader` over
+    memory-mapped shards for a sharded bundle), `root` the image root."""
+
+    path: Path
+    manifest: dict[str, Any]
+    embeddings: np.ndarray | ShardReader
+    metadata: list[dict[str, Any]]
+    index: faiss.Index
+    root: Path
+    _embedder: Embedder | None = field(default=None, repr=False)
+
+    @property
+    def metric(self) -> str:
+        return self.manifest["metric"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+
+# --- small helpers -------------------------------------------------------------------------
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    return {
+        "mltrain": mltrain.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def is_bundle_dir(path: Path) -> bool:
+    return (path / MANIFEST).is_file() or (path.is_dir() and not any(path.iterdir()))
+
+
+def staged(out_dir: Path, tag: str) -> contextlib.AbstractContextManager[Path]:
+    """`files.staging` for a bundle: a previous bundle that a killed swap set aside is put
+    back first, so it is not deleted as a stale folder."""
+    return files.staging(out_dir, tag, recover=_recover)
+
+
+def move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Put the finished `tmp` folder at `out_dir`, replacing an older bundle there.
+
+    `out_dir` is at every moment the old complete bundle or the new complete one (see
+    `mltrain.files.replace_dir`; where the swap takes two renames, `load_bundle` puts the
+    old bundle back after a kill between them). Callers hold `files.lock(out_dir)` (and
+    `staged` removes `tmp` when this raises).
+    """
+    check_export_target(out_dir)  # again: the folder may have changed while we wrote
+    files.replace_dir(tmp, out_dir)
+
+
+def write_metadata(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([r["path"], int(r["label"]), r["class"], r["split"]])
+
+
+def _read_metadata(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(header) != COLUMNS:
+            raise BundleError(
+                f"{path}: expected the columns {', '.join(COLUMNS)}, got {header}; {REEXPORT}"
+            )
+        for n, rec in enumerate(reader, start=2):
+            if len(rec) != len(COLUMNS):
+                raise BundleError(f"{path} line {n}: expected {len(COLUMNS)} fields; {REEXPORT}")
+            try:
+                label = int(rec[1])
+            except ValueError:
+                raise BundleError(f"{path} line {n}: label {rec[1]!r} is not an integer") from None
+            rows.append({"path": rec[0], "label": label, "class": rec[2], "split": rec[3]})
+    return rows
+
+
+def _unsafe_reason(rel: str) -> str | None:
+    """Why the metadata path `rel` could point outside its root (lexically), or None."""
+    if not rel:
+        return "empty path"
+    inner = rel[len(BUNDLE_PREFIX) :] if rel.startswith(BUNDLE_PREFIX) else rel
+    if "\x00" in inner:
+        return "NUL byte"
+    if inner.startswith(("/", "\\")) or PurePosixPath(inner).is_absolute() or (
+        len(inner) > 1 and inner[1] == ":"
+    ):
+        return "absolute path"
+    if ".." in inner.replace("\\", "/").split("/"):
+        return "'..' component"
+    if rel.startswith(BUNDLE_PREFIX):
+        if not inner.startswith(IMAGES_DIR + "/"):
+            return f"a {BUNDLE_PREFIX} path must name a file under {IMAGES_DIR}/"
+    elif not is_image(PurePosixPath(inner)):  # only images are read from the image root
+        return "not an image file name"
+    return None
+
+
+def save_state_dict(model: torch.nn.Module, path: Path) -> None:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with open(path, "wb") as f:
+        torch_save(state, f, path)  # a full disk: an OSError naming the file
+
+
+def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:
+    """Re-apply efSearch / nprobe from the manifest (Faiss stores them, this is a safeguard)."""
+    inner = index
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(index.index)
+    inner = faiss.downcast_index(inner)
+    if "ef_search" in args and hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = int(args["ef_search"])
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None and "nprobe" in args:
+        ivf.nprobe = min(int(args["nprobe"]), ivf.nlist)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _bundle_file(folder: Path, name: str) -> Path:
+    """`folder/name` as a regular file inside the bundle. A symlink out of the bundle is
+    refused before anything is read, and so are FIFOs and devices (reading one hangs)."""
+    path = folder / name
+    if not (path.exists() or path.is_symlink()):
+        raise BundleError(f"{path} is missing; the bundle is incomplete: {REEXPORT}")
+    files.inside(folder, name, BundleError, f"bundle file {path}")
+    if not files.is_regular(path):
+        raise BundleError(f"{path} is not a regular file; {REEXPORT}")
+    return path
+
+
+def _recover(path: Path) -> None:
+    """A kill between the two renames of a swap left no bundle at `path`: put the old one back."""
+    if path.exists() or path.is_symlink():
+        return
+    try:
+        restored = files.recover_dir(path, lambda p: (p / MANIFEST).is_file())
+    except OSError as e:
+        raise BundleError(
+            f"search bundle {path} is missing and its previous version beside it could not be "
+            f"put back ({e.strerror or e}); rename the newest .{path.name}.old-* folder to "
+            f"{path.name}"
+        ) from None
+    if restored is not None:
+        print(f"note: {path} was missing after an interrupted write; restored the previous "
+              f"bundle from {restored.name} (repeat the interrupted --add)",
+              file=sys.stderr)  # fmt: skip
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    _recover(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"search bundle {path} is not a folder; pass the folder that holds "
+                          f"{MANIFEST}")  # fmt: skip
+    if not mpath.exists():
+        raise BundleError(f"{mpath} is missing: {path} is not a complete bundle; {REEXPORT}")
+    _bundle_file(path, MANIFEST)
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e}); {REEXPORT}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath} does not hold a JSON object; {REEXPORT}")
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{mpath} lacks the keys {missing}; {REEXPORT}")
+    types = {"files": dict, "index": dict, "classes": list, "count": int, "embedding_dim": int,
+             "config": dict, "image_root": str, "metric": str, "dtype": str}  # fmt: skip
+    wrong = [k for k, t in types.items() if not isinstance(manifest[k], t)]
+    if not all(isinstance(c, str) for c in manifest["classes"]):
+        wrong.append("classes")
+    if wrong:
+        raise BundleError(f"{mpath}: malformed entries {wrong}; {REEXPORT}")
+    if manifest["format_version"] not in FORMATS:
+        raise BundleError(
+            f"{mpath}: bundle format {manifest['format_version']} is not supported by this "
+            f"mltrain (formats {', '.join(map(str, FORMATS))}); {REEXPORT}"
+        )
+    _check_shard_list(mpath, manifest)
+    return manifest
+
+
+def _check_shard_list(mpath: Path, manifest: dict[str, Any]) -> None:
+    """A sharded bundle lists distinct, well-named shards, each with rows and a sha256.
+
+    The names are checked before any is opened: a manifest must not make `load_bundle` read
+    a file outside the bundle folder.
+    """
+    if manifest["format_version"] != SHARDED_FORMAT:
+        return
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise BundleError(f"{mpath}: a format-{SHARDED_FORMAT} bundle lists its embedding "
+                          f"shards under 'shards', this one does not; {REEXPORT}")  # fmt: skip
+    for n, s in enumerate(shards):
+        if not _is_shard_entry(s):
+            raise BundleError(f"{mpath}: shards[{n}] needs a name, rows > 0 and a sha256; "
+                              f"{REEXPORT}")  # fmt: skip
+        if not SHARD_NAME.fullmatch(s["name"]):
+            raise BundleError(f"{mpath}: shards[{n}] name {s['name']!r} is not a shard file name "
+                              f"(embeddings-NNNNN.npy); {REEXPORT}")  # fmt: skip
+    if len({s["name"] for s in shards}) != len(shards):
+        raise BundleError(f"{mpath}: a shard is listed twice; {REEXPORT}")
+
+
+def _is_shard_entry(s: Any) -> bool:
+    return (
+        isinstance(s, dict)
+        and isinstance(s.get("name"), str)
+        and isinstance(s.get("sha256"), str)
+        and type(s.get("rows")) is int
+        and s["rows"] > 0
+    )
+
+
+def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Bundle:
+    """Validate every file of the bundle at `path` against its manifest, then load it.
+
+    Nothing is rebuilt or re-embedded. `image_root` overrides the manifest's (for a bundle
+    moved to another machine); it only matters for reading thumbnails.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    shards = manifest.get("shards") if manifest["format_version"] == SHARDED_FORMAT else None
+    hashes = manifest["files"]
+    digests = [(name, hashes.get(name)) for name in (SHARDED_DATA_FILES if shards else DATA_FILES)]
+    digests += [(s["name"], s["sha256"]) for s in shards or []]
+    for name, expected in digests:
+        _check_digest(path, name, expected)
+
+    count, dim = manifest["count"], manifest["embedding_dim"]
+    if shards:
+        emb = _open_shards(path, shards, count, dim, manifest["dtype"])
+    else:
+        emb = _open_npy(path / EMBEDDINGS, count, dim, manifest["dtype"])
+    metadata = _read_metadata(path / METADATA)
+    if len(metadata) != count:
+        raise BundleError(
+            f"{path / METADATA} has {len(metadata)} rows but {MANIFEST} says {count}; {REEXPORT}"
+        )
+    classes = manifest["classes"]
+    for n, row in enumerate(metadata, start=2):
+        reason = _unsafe_reason(row["path"])
+        if reason:
+            raise BundleError(
+                f"{path / METADATA} line {n}: path {row['path']!r} is unsafe ({reason}); "
+                "metadata paths must stay under the image root"
+            )
+        if not 0 <= row["label"] < len(classes):
+            raise BundleError(f"{path / METADATA} line {n}: label {row['label']} is out of range")
+        if row["class"] != classes[row["label"]]:
+            raise BundleError(
+                f"{path / METADATA} line {n}: class {row['class']!r} is not class "
+                f"{row['label']} of {MANIFEST} ({classes[row['label']]!r}); {REEXPORT}"
+            )
+    _check_images_dir(path)
+    index = load_index(path / INDEX)
+    if index.ntotal != count:
+        raise BundleError(
+            f"{path / INDEX} holds {index.ntotal} vectors but {MANIFEST} says {count}; "
+            f"{REEXPORT}"
+        )
+    if index.d != dim:
+        raise BundleError(f"{path / INDEX} takes {index.d}-d queries, embeddings are {dim}-d")
+    _apply_search_params(index, manifest["index"].get("args") or {})
+    root = Path(image_root) if image_root is not None else Path(manifest["image_root"])
+    _check_image_root(root, "--image-root" if image_root is not None else f"{path / MANIFEST}")
+    return Bundle(path, manifest, emb, metadata, index, root)
+
+
+_SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/proc", "/root",
+                "/run", "/sbin", "/sys", "/usr", "/var")  # fmt: skip
+
+
+def _check_image_root(root: Path, where: str) -> None:
+    """Refuse an image root that is a whole file system, a system folder or a home folder.
+
+    Metadata paths only name images under the root, but with `image_root: /` a tampered
+    bundle could still show any image of this machine on a contact sheet; a data folder is
+    always something narrower.
+    """
+    real = root.resolve()
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home folder known
+        home = Path("/nonexistent-home")
+    if real == real.parent or str(real) in _SYSTEM_DIRS or home.is_relative_to(real):
+        raise BundleError(
+            f"{where}: image root {root} is a file-system root, a system folder or a home "
+            "folder, not a data folder; refusing to read images from it (pass --image-root "
+            "with the folder the bundle was exported from)"
+        )
+
+
+def _check_images_dir(path: Path) -> None:
+    """`images/` (copies of added images) must be a real folder inside the bundle: a symlink
+    would make every `bundle:images/...` row, and `--add`'s copy of the folder, read outside."""
+    images = path / IMAGES_DIR
+    if images.is_symlink() or (images.exists() and not images.is_dir()):
+        raise BundleError(
+            f"{images} is a symlink or not a folder; a bundle keeps added images in a real "
+            f"{IMAGES_DIR}/ folder inside it, refusing to read outside the bundle; {REEXPORT}"
+        )
+
+
+def _check_digest(path: Path, name: str, expected: str | None) -> None:
+    _bundle_file(path, name)
+    if not expected:
+        raise BundleError(f"{path / MANIFEST} records no sha256 for {name}; {REEXPORT}")
+    if sha256_file(path / name) != expected:
+        raise BundleError(
+            f"{path / name} does not match its sha256 in {MANIFEST} (changed, truncated or "
+            f"from another export); {REEXPORT}"
+        )
+
+
+def _open_npy(path: Path, rows: int, dim: int, dtype: str) -> np.memmap:
+    """A read-only memory map of an embeddings file whose shape and dtype the manifest gives."""
+    try:
+        emb = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise BundleError(f"{path} is not a readable .npy array ({e})") from None
+    if emb.ndim != 2 or emb.shape != (rows, dim):
+        raise BundleError(
+            f"{path} has shape {emb.shape} but {MANIFEST} says ({rows}, {dim}); {REEXPORT}"
+        )
+    if emb.dtype != np.dtype(dtype):
+        raise BundleError(f"{path} holds {emb.dtype} but {MANIFEST} says {dtype}")
+    return emb
+
+
+def _open_shards(
+    path: Path, shards: list[dict[str, Any]], count: int, dim: int, dtype: str
+) -> ShardReader:
+    """Every shard checked against its manifest entry, then one reader over all of them."""
+    total = sum(s["rows"] for s in shards)
+    if total != count:
+        raise BundleError(
+            f"{path / MANIFEST}: its shards hold {total} rows but its count is {count}; "
+            f"{REEXPORT}"
+        )
+    for s in shards:  # reads headers only; the reader maps a shard when it is used
+        _open_npy(path / s["name"], s["rows"], dim, dtype)
+    return ShardReader([path / s["name"] for s in shards])
+
+
+def bundle_config(bundle: Bundle):
+    return from_dict(copy.deepcopy(bundle.manifest["config"]), f"{bundle.path / MANIFEST}")
+
+
+def bundle_embedder(bundle: Bundle) -> Embedder:
+    """The bundle's model, rebuilt from its config with its own weights (no download).
+
+    model.pt is read first and compared, key by key and shape by shape, with the config's
+    model built on the meta device: a manifest naming a huge backbone is refused before
+    that backbone is allocated.
+    """
+    if bundle._embedder is not None:
+        return bundle._embedder
+    cfg = bundle_config(bundle)
+    mpath = bundle.path / MODEL
+    try:
+        state = torch.load(mpath, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise BundleError(
+            f"{mpath} is not a loadable tensor state_dict ({type(e).__name__}); {REEXPORT}"
+        ) from None
+    if not isinstance(state, dict):
+        raise BundleError(f"{mpath} holds no state_dict; {REEXPORT}")
+    num_classes = bundle.manifest.get("num_classes", 0)
+    if type(num_classes) is not int or num_classes < 0:
+        raise BundleError(f"{bundle.path / MANIFEST}: num_classes {num_classes!r} is not a "
+                          f"count; {REEXPORT}")  # fmt: skip
+    try:
+        model = model_from_state(cfg.model, num_classes, state, str(mpath),
+                                 described_by="the manifest's config")  # fmt: skip
+    except CheckpointError as e:
+        raise BundleError(f"{e}; {REEXPORT}") from None
+    bundle._embedder = make_embedder(cfg, model)
+    return bundle._embedder
+
+
+def safe_image_path(bundle: Bundle, rel: str) -> Path:
+    """The file a metadata path names, refusing anything that leaves its root.
+
+    Plain paths live under the image root; `bundle:` paths under the bundle folder's
+    `images/`. `..`, absolute paths and symlinks that resolve outside (a symlinked
+    `images/` included) are a BundleError: the bundle's own folder, resolved, is the bound
+    for `bundle:` paths, never wherever `images/` points.
+    """
+    reason = _unsafe_reason(rel)
+    if reason:
+        raise BundleError(f"metadata path {rel!r} is unsafe ({reason}); refusing to read it")
+    if rel.startswith(BUNDLE_PREFIX):
+        return files.inside(bundle.path, rel[len(BUNDLE_PREFIX) :], BundleError,
+                             f"metadata path {rel!r}")  # fmt: skip
+    return files.inside(bundle.root, rel, BundleError, f"metadata path {rel!r}")
+
+
+__all__ = ["Bundle", "bundle_embedder", "load_bundle", "safe_image_path"]
+
+
+def check_export_target(out_dir: Path) -> None:
+    """A bundle is only written to a new folder or over an older bundle (never over other
+    files); callers check this before long work."""
+    if (out_dir.exists() or out_dir.is_symlink()) and not (
+        out_dir.is_dir() and is_bundle_dir(out_dir)
+    ):
+        raise BundleError(
+            f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
+        )

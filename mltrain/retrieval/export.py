@@ -1,0 +1,201 @@
+"""Exporting a search bundle: embed a run's images, build the index, write every file and
+the manifest into a staging folder, and swap it into place (format: `mltrain.retrieval.bundle`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from mltrain.config import ExportConfig, to_dict
+from mltrain.data.pipeline import RunData, prepare_data
+from mltrain.errors import ConfigError
+from mltrain.inference.embedder import Embedder
+from mltrain.retrieval.bundle import (
+    ARRAY_FORMAT,
+    DATA_FILES,
+    EMBEDDINGS,
+    INDEX,
+    MANIFEST,
+    METADATA,
+    MODEL,
+    SHARDED_DATA_FILES,
+    SHARDED_FORMAT,
+    check_export_target,
+    move_into_place,
+    save_state_dict,
+    sha256_file,
+    staged,
+    versions,
+    write_metadata,
+)
+from mltrain.retrieval.index import build_index, check_index_config, save_index
+from mltrain.retrieval.shards import (
+    Shard,
+    ShardReader,
+    ShardWriter,
+    index_from_shards,
+    training_rows,
+)
+
+
+def _splits_of(data) -> list[str]:
+    """Each image's side of the run's split: train, heldout, or all for split kind none."""
+    n = len(data.folder)
+    if data.split.kind == "none":
+        return ["all"] * n
+    out = ["heldout"] * n
+    for i in data.split.train:
+        out[int(i)] = "train"
+    return out
+
+
+def export_bundle(
+    embedder: Embedder,
+    out_dir: str | os.PathLike,
+    source: str,
+    index: str | None = None,
+    pca_dim: int | None = None,
+    dtype: str | None = None,
+    shard_size: int | None = None,
+    data: RunData | None = None,
+) -> Path:
+    """Embed the whole image folder of `embedder.cfg.data` and write a bundle to `out_dir`.
+
+    `data` is that folder already scanned and checked (`prepare_data`), to avoid a second pass.
+
+    `index`, `pca_dim`, `dtype` and `shard_size` default to the config's `export` section;
+    the index args come from `export.index_args` when `index` is the configured kind, else
+    the kind's defaults apply. A folder of more than `shard_size` images is written as
+    shards (see the module docstring). Returns `out_dir`.
+    """
+    cfg = copy.deepcopy(embedder.cfg)
+    exp = cfg.export
+    kind = index or exp.index
+    if kind != exp.index:
+        exp.index_args = {}  # args written for another index type do not fit this one
+    pca = exp.pca_dim if pca_dim is None else pca_dim
+    dtype = dtype or exp.dtype
+    if dtype not in ("float32", "float16"):
+        raise ConfigError(f"export dtype {dtype!r} is not one of float32, float16")
+    exp.index, exp.pca_dim, exp.dtype = kind, pca, dtype  # the manifest's config says what ran
+    if shard_size is not None:
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise ConfigError(f"export shard_size must be a positive row count, not {shard_size!r}")
+        exp.shard_size = shard_size
+    metric = cfg.eval.metric
+    out_dir = Path(out_dir)
+    check_export_target(out_dir)
+
+    data = data or prepare_data(cfg)
+    folder = data.folder
+    check_export_index(exp, len(folder), embedder.model.embedding_dim, metric)
+    splits = _splits_of(data)
+    rows = [
+        {
+            "path": p.relative_to(folder.root).as_posix(),
+            "label": int(lab),
+            "class": folder.classes[int(lab)],
+            "split": s,
+        }
+        for p, lab, s in zip(folder.paths, folder.labels, splits, strict=True)
+    ]
+    head = embedder.model.head
+    with staged(out_dir, "partial") as tmp:
+        idx, dim, shards = _write_embeddings(
+            embedder, folder.paths, folder.labels, tmp, exp, metric
+        )
+        manifest = {
+            "format_version": SHARDED_FORMAT if shards else ARRAY_FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "versions": versions(),
+            "config": to_dict(cfg),
+            "image_root": str(folder.root.resolve()),
+            "classes": list(folder.classes),
+            "metric": metric,
+            "embedding_dim": dim,
+            "count": len(rows),
+            "dtype": dtype,
+            "num_classes": int(head.out_features) if head is not None else 0,
+            "split_kind": data.split.kind,
+        }
+        if shards:
+            manifest["shards"] = shards
+        write_metadata(tmp / METADATA, rows)
+        save_index(idx, tmp / INDEX)
+        save_state_dict(embedder.model, tmp / MODEL)
+        finish_manifest(tmp, manifest, kind, exp.index_args, pca, idx)
+        move_into_place(tmp, out_dir)
+    return out_dir
+
+
+def check_export_index(exp: ExportConfig, rows: int, dim: int, metric: str) -> None:
+    """Refuse index settings the gallery cannot train before any image is embedded; unset
+    sizes (IVF lists, PQ codes) are fitted to the rows, with a note where data is thin."""
+    sharded = rows > exp.shard_size  # trained on a sample of the shards, else on every row
+    n_train = training_rows(rows, exp.index_args.get("nlist")) if sharded else rows
+    try:
+        note = check_index_config(exp.index, n_train, dim, metric, exp.pca_dim, exp.index_args)
+    except ConfigError as e:
+        raise ConfigError(f"export.index {exp.index} for {rows} images: {e}") from None
+    if note:
+        print(f"note: export index {exp.index}: {note}", file=sys.stderr)
+
+
+def _write_embeddings(
+    embedder: Embedder,
+    paths: list[Path],
+    labels: np.ndarray,
+    tmp: Path,
+    exp: ExportConfig,
+    metric: str,
+) -> tuple[faiss.Index, int, list[dict[str, Any]] | None]:
+    """Embed `paths` into `tmp` and build the index: (index, dim, shard entries or None).
+
+    Up to `exp.shard_size` images: one embeddings.npy and an index built in memory. More:
+    shards filled batch by batch and an index trained on a sample of them and filled shard
+    by shard, so memory holds one shard (plus the index), never the gallery. The index is
+    then built from the stored rows, so with float16 it sees float16-rounded vectors.
+    """
+    if len(paths) <= exp.shard_size:
+        emb = embedder.embed(paths, labels, desc="bundle embeddings")
+        idx = build_index(exp.index, emb, metric, exp.pca_dim, exp.index_args)
+        np.save(tmp / EMBEDDINGS, emb.astype(exp.dtype), allow_pickle=False)
+        return idx, int(emb.shape[1]), None
+    writer = ShardWriter(tmp, len(paths), exp.shard_size, exp.dtype)
+    for batch in embedder.embed_batches(paths, labels, desc="bundle embeddings"):
+        writer.write(batch)
+    written = writer.close()
+    reader = ShardReader([tmp / s.name for s in written])
+    idx = index_from_shards(exp.index, reader, metric, exp.pca_dim, exp.index_args)
+    return idx, reader.shape[1], shard_entries(tmp, written)
+
+
+def shard_entries(folder: Path, shards: Sequence[Shard]) -> list[dict[str, Any]]:
+    """The manifest's record of written shards: name, rows and sha256 of each."""
+    return [{"name": s.name, "rows": s.rows, "sha256": sha256_file(folder / s.name)}
+            for s in shards]  # fmt: skip
+
+
+def finish_manifest(
+    folder: Path, manifest: dict[str, Any], kind: str, args: dict, pca: int | None, idx
+) -> None:
+    manifest["index"] = {
+        "kind": kind,
+        "args": dict(args or {}),
+        "pca_dim": pca,
+        "ntotal": int(idx.ntotal),
+        "bytes": (folder / INDEX).stat().st_size,  # as serialised; no second copy in memory
+    }
+    names = SHARDED_DATA_FILES if manifest["format_version"] == SHARDED_FORMAT else DATA_FILES
+    manifest["files"] = {name: sha256_file(folder / name) for name in names}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

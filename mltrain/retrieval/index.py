@@ -1,0 +1,512 @@
+"""Faiss index building, chunked k-NN search and index persistence.
+
+Every nearest-neighbour search in mltrain goes through this module so that the metric
+convention is decided in one place:
+
+- "cosine": vectors are L2-normalised and searched by inner product; scores are cosine
+  similarities, higher is better.
+- "l2": vectors are searched as given; scores are *squared* Euclidean distances, lower is better.
+
+Queries are searched in chunks so that the result buffers, not just the index, stay bounded
+for galleries of a million vectors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import faiss
+import numpy as np
+
+from mltrain.errors import BundleError, ConfigError, DataError
+from mltrain.registry import Registry
+
+METRICS = ("cosine", "l2")
+DEFAULT_CHUNK = 8192
+
+INDEX_TYPES = Registry("index type")
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Float32 copy with unit-length rows; all-zero rows stay zero instead of becoming NaN."""
+    x = np.array(x, dtype=np.float32, copy=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def faiss_metric(metric: str) -> int:
+    """The Faiss metric constant that implements `metric` (cosine = inner product)."""
+    check_metric(metric)
+    return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric '{metric}'; valid metrics: {', '.join(METRICS)}")
+
+
+def as_vectors(x: np.ndarray, name: str = "vectors") -> np.ndarray:
+    """C-contiguous float32 2-D array, as Faiss requires; rejects empty or non-finite input."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise DataError(f"{name} must be a non-empty 2-D array (n, dim), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{name} contain NaN or inf; check the model output before searching")
+    return x
+
+
+def prepare(x: np.ndarray, metric: str, name: str = "vectors") -> np.ndarray:
+    """Vectors as the index expects them: float32, and unit length for cosine."""
+    check_metric(metric)
+    x = as_vectors(x, name)
+    return l2_normalize(x) if metric == "cosine" else x
+
+
+def check_k(k: int, gallery_size: int, exclude_self: bool = False) -> None:
+    """Reject k that the gallery cannot fill, rather than let Faiss pad with -1."""
+    available = gallery_size - (1 if exclude_self else 0)
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got k={k}")
+    if k > available:
+        others = " other" if exclude_self else ""
+        raise ConfigError(
+            f"k={k} exceeds the gallery size {gallery_size} ({available}{others} items "
+            f"can be retrieved); lower k or use a larger gallery"
+        )
+
+
+def drop_self(
+    scores: np.ndarray, indices: np.ndarray, start: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own index from a k+1 result, where query row i is gallery row start+i.
+
+    With exact duplicates Faiss may rank the duplicate first and push the row itself out of
+    the k+1 results; such rows drop their last column instead, so every row keeps k items
+    and none of them is the query itself.
+    """
+    n, width = indices.shape
+    own = np.arange(start, start + n)[:, None]
+    is_self = indices == own
+    # First occurrence of self, or the last column when it is absent.
+    pos = np.where(is_self.any(axis=1), is_self.argmax(axis=1), width - 1)
+    keep = np.ones_like(is_self)
+    keep[np.arange(n), pos] = False
+    return scores[keep].reshape(n, width - 1), indices[keep].reshape(n, width - 1)
+
+
+def search_chunks(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Iterate `(start, scores, indices)` per chunk of queries so callers can reduce as they go.
+
+    Arguments are checked now, not at the first iteration; queries are normalised chunk by
+    chunk, so no full-size copy is made. Slots an approximate index cannot fill (e.g. IVF
+    with few probes) have index -1.
+    """
+    check_index_metric(index, metric)
+    queries = as_vectors(queries, "queries")
+    if queries.shape[1] != index.d:
+        raise DataError(f"queries have dimension {queries.shape[1]}, the index expects {index.d}")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
+
+    def chunks() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        for start in range(0, len(queries), chunk_size):
+            part = queries[start : start + chunk_size]
+            scores, indices = index.search(prepare(part, metric, "queries"), k)
+            yield start, scores, indices
+
+    return chunks()
+
+
+def check_index_metric(index: faiss.Index, metric: str) -> None:
+    """A cosine search on an L2 index (or vice versa) silently ranks wrongly, so refuse it."""
+    if index.metric_type != faiss_metric(metric):
+        kind = "inner-product" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "L2"
+        raise ConfigError(f"metric '{metric}' does not match this {kind} index")
+
+
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search a built index; efSearch/nprobe are whatever the index stores (set at build time).
+
+    Returns float32 scores and int64 indices of shape (n_queries, k); see the module
+    docstring for the score convention.
+    """
+    check_k(k, index.ntotal)
+    parts = list(search_chunks(index, queries, k, metric, chunk_size))
+    return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+def exact_index(dim: int, metric_type: int) -> faiss.Index:
+    """Empty brute-force index: IndexFlatIP for cosine (on unit vectors), IndexFlatL2 for l2."""
+    if metric_type == faiss.METRIC_INNER_PRODUCT:
+        return faiss.IndexFlatIP(dim)
+    return faiss.IndexFlatL2(dim)
+
+
+def flat_index(gallery: np.ndarray, metric: str = "cosine") -> faiss.Index:
+    """Exact index over an already prepared gallery (see `prepare`)."""
+    index = exact_index(gallery.shape[1], faiss_metric(metric))
+    index.add(gallery)
+    return index
+
+
+def knn_chunks(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    exclude_self: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Exact k-NN, yielded per chunk of queries as `(start, scores, indices)`.
+
+    `exclude_self=True` means the queries are the gallery (same rows, same order): each row
+    gets its k nearest *other* rows.
+    """
+    gallery = prepare(gallery, metric, "gallery")
+    queries = as_vectors(queries, "queries")
+    if exclude_self and queries.shape != gallery.shape:
+        raise DataError(
+            f"exclude_self needs queries identical to the gallery, got shapes "
+            f"{queries.shape} and {gallery.shape}"
+        )
+    check_k(k, len(gallery), exclude_self)
+    index = flat_index(gallery, metric)  # holds its own copy of the gallery
+    del gallery
+    found = search_chunks(index, queries, k + int(exclude_self), metric, chunk_size)
+    if not exclude_self:
+        return found
+    return ((start, *drop_self(scores, indices, start)) for start, scores, indices in found)
+
+
+def timed_single_queries(
+    search_one: Callable[[np.ndarray], Any], queries: np.ndarray, warmups: int = 1
+) -> Iterator[tuple[float, Any]]:
+    """(seconds, result) of `search_one` on each row of `queries` alone, in order.
+
+    A user's query arrives alone, so latency is timed one query per call. The `warmups`
+    untimed calls on the first rows run before this returns: the first calls pay one-off
+    allocations that a warm index does not. The search, the sweeps and the ANN benchmark
+    time queries this one way; a caller may stop iterating on a time budget."""
+    for i in range(min(warmups, len(queries))):
+        search_one(queries[i : i + 1])
+    return _timed(search_one, queries)
+
+
+def _timed(search_one: Callable[[np.ndarray], Any], queries: np.ndarray) -> Iterator:
+    for i in range(len(queries)):
+        start = time.perf_counter()
+        out = search_one(queries[i : i + 1])
+        yield time.perf_counter() - start, out
+
+
+def knn(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    metric: str = "cosine",
+    exclude_self: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest gallery rows for every query: `(scores, indices)`, each (n_queries, k)."""
+    parts = list(knn_chunks(queries, gallery, k, metric, exclude_self, chunk_size))
+    return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+# --- index types -------------------------------------------------------------------------
+
+
+def _positive(name: str, value: Any) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"index arg {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def default_nlist(n_train: int) -> int:
+    """About 4*sqrt(n) lists, but at least 39 training points per list (Faiss's own minimum)."""
+    return int(np.clip(round(4 * math.sqrt(n_train)), 1, max(1, n_train // 39)))
+
+
+def _ivf_nlist(nlist: int | None, n_train: int) -> int:
+    nlist = default_nlist(n_train) if nlist is None else _positive("nlist", nlist)
+    if nlist > n_train:
+        raise ConfigError(
+            f"IVF with nlist={nlist} needs at least {nlist} training vectors, got {n_train}; "
+            f"lower nlist or leave it unset"
+        )
+    return nlist
+
+
+@INDEX_TYPES.register("flat")
+def _flat(dim: int, metric_type: int, n_train: int) -> faiss.Index:
+    return exact_index(dim, metric_type)
+
+
+@INDEX_TYPES.register("hnsw")
+def _hnsw(
+    dim: int,
+    metric_type: int,
+    n_train: int,
+    M: int = 32,  # noqa: N803 - Faiss's own name for the graph degree
+    ef_construction: int = 200,
+    ef_search: int = 128,
+) -> faiss.Index:
+    index = faiss.IndexHNSWFlat(dim, _positive("M", M), metric_type)
+    index.hnsw.efConstruction = _positive("ef_construction", ef_construction)
+    index.hnsw.efSearch = _positive("ef_search", ef_search)
+    return index
+
+
+@INDEX_TYPES.register("ivf_flat")
+def _ivf_flat(
+    dim: int, metric_type: int, n_train: int, nlist: int | None = None, nprobe: int = 16
+) -> faiss.Index:
+    nlist = _ivf_nlist(nlist, n_train)
+    index = faiss.IndexIVFFlat(exact_index(dim, metric_type), dim, nlist, metric_type)
+    index.nprobe = min(_positive("nprobe", nprobe), nlist)
+    return index
+
+
+PQ_MIN_BITS = 4
+PQ_ROWS_PER_CENTROID = 10  # fitted code size: at least this many training rows per centroid
+
+
+def fitted_nbits(n_train: int) -> int:
+    """PQ bits per code for `n_train` rows: 8 (256 centroids) when there are 2,560 rows or more,
+    fewer below, so that every centroid has about 10 rows to learn from."""
+    return int(min(8, math.floor(math.log2(max(n_train, 1) / PQ_ROWS_PER_CENTROID))))
+
+
+def fitted_m(dim: int, wanted: int = 16) -> int:
+    """Sub-quantizers: the largest divisor of `dim` up to `wanted` (16 for 1280-d embeddings)."""
+    return max(m for m in range(1, min(wanted, dim) + 1) if dim % m == 0)
+
+
+@INDEX_TYPES.register("ivf_pq")
+def _ivf_pq(
+    dim: int,
+    metric_type: int,
+    n_train: int,
+    nlist: int | None = None,
+    m: int | None = None,
+    nbits: int | None = None,
+    nprobe: int = 16,
+) -> faiss.Index:
+    """IVF with product-quantised codes; unset `m` and `nbits` are fitted to dim and rows."""
+    nlist = _ivf_nlist(nlist, n_train)
+    m = fitted_m(dim) if m is None else _positive("m", m)
+    if nbits is None:
+        nbits = fitted_nbits(n_train)
+        if nbits < PQ_MIN_BITS:
+            raise ConfigError(
+                f"ivf_pq needs at least {PQ_ROWS_PER_CENTROID << PQ_MIN_BITS} training vectors "
+                f"for {PQ_MIN_BITS}-bit codes, got {n_train}; use flat or hnsw"
+            )
+    nbits = _positive("nbits", nbits)
+    if dim % m:
+        raise ConfigError(f"ivf_pq: m={m} sub-quantizers must divide the dimension {dim}")
+    if n_train < 2**nbits:
+        raise ConfigError(
+            f"ivf_pq with nbits={nbits} needs at least {2**nbits} training vectors, "
+            f"got {n_train}; lower nbits or leave it unset"
+        )
+    quantizer = exact_index(dim, metric_type)
+    index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, metric_type)
+    index.nprobe = min(_positive("nprobe", nprobe), nlist)
+    return index
+
+
+def sparse_training_note(index: faiss.Index, n_train: int) -> str | None:
+    """One line where k-means gets fewer rows per centroid than Faiss recommends (39), instead
+    of Faiss's own warning printed once per sub-quantizer; its clustering is quieted here."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    parts = []
+    for name, cp, k in [("coarse lists", ivf.cp, ivf.nlist)] + _pq_clusterings(ivf):
+        if n_train < k * cp.min_points_per_centroid:
+            parts.append(f"{k} {name}")
+        cp.min_points_per_centroid = 1  # the note below replaces Faiss's stderr warning
+    if not parts:
+        return None
+    return (
+        f"{' and '.join(parts)} trained on {n_train} rows (Faiss recommends 39 per centroid); "
+        "approximate results may be coarser than on a large gallery"
+    )
+
+
+def _pq_clusterings(ivf: faiss.Index) -> list[tuple[str, Any, int]]:
+    pq_index = faiss.downcast_index(ivf)
+    if not hasattr(pq_index, "pq"):
+        return []
+    pq = pq_index.pq
+    return [(f"PQ centroids per sub-quantizer x {pq.M}", pq.cp, pq.ksub)]
+
+
+def pca_transforms(
+    train_vectors: np.ndarray, pca_dim: int, metric: str = "cosine"
+) -> list[faiss.VectorTransform]:
+    """Trained transform chain: PCA to `pca_dim`, then re-normalisation for cosine.
+
+    `train_vectors` must already be prepared (unit length for cosine). Re-normalising after
+    the projection keeps the inner product a cosine similarity.
+    """
+    dim = train_vectors.shape[1]
+    if not isinstance(pca_dim, (int, np.integer)) or not 1 <= pca_dim <= dim:
+        raise ConfigError(f"pca_dim={pca_dim} must be an integer between 1 and the dim {dim}")
+    if len(train_vectors) < pca_dim:
+        raise ConfigError(
+            f"pca_dim={pca_dim} needs at least {pca_dim} training vectors, got {len(train_vectors)}"
+        )
+    pca = faiss.PCAMatrix(dim, int(pca_dim))
+    pca.train(train_vectors)
+    chain: list[faiss.VectorTransform] = [pca]
+    if metric == "cosine":
+        chain.append(faiss.NormalizationTransform(int(pca_dim), 2.0))
+    return chain
+
+
+def with_transforms(index: faiss.Index, chain: list[faiss.VectorTransform]) -> faiss.Index:
+    """Wrap `index` so that `chain` runs inside it on every add and search (and is saved)."""
+    if not chain:
+        return index
+    wrapped = faiss.IndexPreTransform(index)
+    for t in reversed(chain):
+        wrapped.prepend_transform(t)
+    return wrapped
+
+
+def apply_transforms(chain: list[faiss.VectorTransform], x: np.ndarray) -> np.ndarray:
+    """Run prepared vectors through a trained chain outside an index (float32 out)."""
+    for t in chain:
+        x = t.apply(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def build_index(
+    kind: str,
+    vectors: np.ndarray,
+    metric: str = "cosine",
+    pca_dim: int | None = None,
+    args: dict[str, Any] | None = None,
+    train_vectors: np.ndarray | None = None,
+) -> faiss.Index:
+    """Build, train and fill an index of type `kind` (see `INDEX_TYPES.names()`).
+
+    With `pca_dim` the PCA (fitted on `train_vectors`, default `vectors`) is stored inside
+    the index as an `IndexPreTransform`, so a saved index takes raw embeddings as queries.
+    """
+    vectors = prepare(vectors, metric, "vectors")
+    train = vectors if train_vectors is None else prepare(train_vectors, metric, "train_vectors")
+    if train.shape[1] != vectors.shape[1]:
+        raise DataError(
+            f"train_vectors have dimension {train.shape[1]}, vectors have {vectors.shape[1]}"
+        )
+    index = train_index(kind, train, metric, pca_dim, args)
+    index.add(vectors)
+    return index
+
+
+def train_index(
+    kind: str,
+    train: np.ndarray,
+    metric: str = "cosine",
+    pca_dim: int | None = None,
+    args: dict[str, Any] | None = None,
+) -> faiss.Index:
+    """An empty index of type `kind`, trained (PCA included) on prepared `train` vectors.
+
+    Split from `build_index` so that a gallery too large for memory can be added in chunks
+    after training on a sample (see `mltrain.retrieval.shards.index_from_shards`).
+    """
+    chain = [] if pca_dim is None else pca_transforms(train, pca_dim, metric)
+    dim = train.shape[1] if pca_dim is None else int(pca_dim)
+    spec = {"name": kind, "args": args or {}}
+    index = INDEX_TYPES.build(spec, dim=dim, metric_type=faiss_metric(metric), n_train=len(train))
+    sparse_training_note(index, len(train))  # quiets Faiss; check_index_config reports it
+    index = with_transforms(index, chain)
+    index.train(train)
+    return index
+
+
+def check_index_config(
+    kind: str,
+    n_train: int,
+    dim: int,
+    metric: str = "cosine",
+    pca_dim: int | None = None,
+    args: dict[str, Any] | None = None,
+) -> str | None:
+    """Validate an index configuration for `n_train` rows of `dim` before any embedding work:
+    builds the (empty, untrained) index, which is cheap, so bad args fail now with a
+    `ConfigError`. Returns a note when the data is thin for its clustering, else None."""
+    if pca_dim is not None and not 1 <= pca_dim <= min(dim, n_train):
+        raise ConfigError(
+            f"pca_dim={pca_dim} must be between 1 and min(embedding length {dim}, "
+            f"training rows {n_train}) = {min(dim, n_train)}"
+        )
+    spec = {"name": kind, "args": args or {}}
+    index = INDEX_TYPES.build(
+        spec, dim=pca_dim or dim, metric_type=faiss_metric(metric), n_train=n_train
+    )
+    return sparse_training_note(index, n_train)
+
+
+# --- persistence -------------------------------------------------------------------------
+
+
+def index_nbytes(index: faiss.Index) -> int:
+    """Serialised size: what the index costs on disk and, roughly, in memory."""
+    return int(faiss.serialize_index(index).nbytes)
+
+
+def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
+    """Write through a Python file, so a full or read-only disk is an OSError naming `path`
+    (Faiss's own writer raises a RuntimeError with the errno only in its text)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "wb") as f:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
+def load_index(path: str | os.PathLike) -> faiss.Index:
+    """Read an index written by `save_index`; missing or unreadable files are a BundleError.
+
+    Bundles are untrusted: a crafted header could ask Faiss for a vector of a terabyte. No
+    vector of a valid index is larger than the file, so Faiss's allocation limit is lowered
+    to a bound from the file size while it reads, and an allocation failure is refused too.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BundleError(f"index file {path} does not exist; rebuild the search bundle")
+    limit = faiss.get_deserialization_vector_byte_limit()
+    faiss.set_deserialization_vector_byte_limit(min(limit, 4 * os.path.getsize(path) + 2**20))
+    try:
+        return faiss.read_index(path)
+    except (RuntimeError, MemoryError, ValueError, OverflowError) as e:
+        text = str(e).strip() or type(e).__name__
+        first = text.splitlines()[-1][:300]
+        raise BundleError(
+            f"index file {path} is corrupt, crafted or not a Faiss index ({first}); "
+            "rebuild the search bundle"
+        ) from e
+    finally:
+        faiss.set_deserialization_vector_byte_limit(limit)

@@ -1,0 +1,346 @@
+"""Reverse image search with an exported bundle (see `mltrain.retrieval.bundle`).
+
+  python -m mltrain.retrieval.search BUNDLE IMAGE... [-k 5] [--sheet out.png] [--json]
+  python -m mltrain.retrieval.search --add BUNDLE FOLDER_OR_IMAGE... [--class NAME]
+  (installed as the console script `mltrain-search`, same arguments)
+
+Search: loads and validates the bundle (no index is rebuilt, nothing in it is re-embedded),
+embeds the query images with the bundle's own model and prints, per query, the ranked
+neighbours: rank, score, class and path (relative to the image root). Scores are cosine
+similarities (higher is closer) for cosine bundles, squared L2 distances (lower is closer)
+for l2 bundles. Per query it prints the index search time in microseconds (the Faiss call
+alone, after one warm-up search) and once the time spent embedding the queries.
+
+  -k N          neighbours per query (default: the bundle's export.k)
+  --sheet PNG   contact sheet: each query beside its top-k thumbnails with class names;
+                results are outlined green when their class equals the query's folder name,
+                red when it differs, grey when the query's folder is no class of the bundle
+  --json        one JSON document on stdout instead of the table
+  --image-root  where the bundle's images are now, if they moved (thumbnails only)
+
+An unreadable query prints an error line naming it and the other queries still run.
+Exit code 0: every query answered; 1: some query failed; 2: unusable bundle or arguments,
+or a file that cannot be written; 130: interrupted (Ctrl-C). Class names and paths from
+the bundle are printed with control characters escaped.
+
+Add (`--add`): embeds only the new images with the bundle's model and appends them to its
+embeddings, metadata and index (approximate indexes are added to, not retrained). A folder
+with class sub-folders adds each sub-folder as a class; otherwise an image's class is its
+parent folder's name, or NAME from `--class`. Images outside the bundle's image root are
+copied into BUNDLE/images/. The updated bundle replaces the old one in a single rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mltrain import files
+from mltrain.cli import INTERRUPTED, error_line, printable
+from mltrain.data.images import load_image
+from mltrain.errors import ConfigError, MltrainError
+from mltrain.files import check_writable
+from mltrain.retrieval.add import add_images
+from mltrain.retrieval.bundle import Bundle, bundle_embedder, load_bundle, safe_image_path
+from mltrain.retrieval.index import check_index_metric, prepare, timed_single_queries
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    row: int  # row of the bundle's embeddings / metadata
+    cls: str
+    path: str
+
+
+@dataclass
+class QueryResult:
+    query: str
+    error: str | None = None
+    search_us: float | None = None
+    hits: list[Hit] = field(default_factory=list)
+
+
+@dataclass
+class SearchRun:
+    results: list[QueryResult]
+    k: int
+    embed_ms: float  # embedding all readable queries, model already built
+    model_ms: float  # rebuilding the model from the bundle
+
+
+def _embed_queries(bundle: Bundle, paths: list[Path], results: list[QueryResult]):
+    """Embeddings of the readable queries; unreadable ones get an error instead."""
+    embedder = bundle_embedder(bundle)
+    ok: list[int] = []
+    for i, p in enumerate(paths):
+        try:
+            load_image(p, 64)
+            ok.append(i)
+        except MltrainError as e:
+            results[i].error = str(e)
+    embs: dict[int, np.ndarray] = {}
+    if not ok:
+        return embs
+    try:
+        batch = embedder.embed([paths[i] for i in ok], desc="embedding queries")
+        embs = {i: batch[j] for j, i in enumerate(ok)}
+    except MltrainError:  # e.g. an image that decodes but fails the transform: one by one
+        for i in ok:
+            try:
+                embs[i] = embedder.embed([paths[i]], desc="embedding query")[0]
+            except MltrainError as e:
+                results[i].error = str(e)
+    return embs
+
+
+def search_images(bundle: Bundle, paths: Sequence[str | Path], k: int) -> SearchRun:
+    """Embed `paths` with the bundle's model and search its index, one query per call."""
+    paths = [Path(p) for p in paths]
+    results = [QueryResult(str(p)) for p in paths]
+    t0 = time.perf_counter()
+    bundle_embedder(bundle)
+    model_ms = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    embs = _embed_queries(bundle, paths, results)
+    embed_ms = (time.perf_counter() - t0) * 1e3
+    index, metric = bundle.index, bundle.metric
+    check_index_metric(index, metric)
+    k = max(1, min(k, index.ntotal))
+    order = list(embs)
+    queries = (np.concatenate([prepare(embs[i][None, :], metric, "query") for i in order])
+               if order else np.empty((0, index.d), np.float32))  # fmt: skip
+    timed = timed_single_queries(lambda q: index.search(q, k), queries)
+    for i, (seconds, (scores, rows)) in zip(order, timed, strict=True):
+        results[i].search_us = seconds * 1e6
+        hits = []
+        for score, row in zip(scores[0], rows[0], strict=True):
+            if row < 0:  # an approximate index may not fill every slot
+                continue
+            meta = bundle.metadata[int(row)]
+            hits.append(Hit(len(hits) + 1, float(score), int(row), meta["class"], meta["path"]))
+        results[i].hits = hits
+    return SearchRun(results, k, embed_ms, model_ms)
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def _print_table(run: SearchRun, bundle: Bundle) -> None:
+    score_name = "cosine" if bundle.metric == "cosine" else "sq.L2"
+    for r in run.results:
+        if r.error is not None:
+            continue
+        print(f"\nquery {printable(r.query)}  (index search {r.search_us:.0f} us)")
+        width = max([5, *(len(printable(h.cls)) for h in r.hits)])
+        print(f"  {'rank':>4}  {score_name:>8}  {'class':<{width}}  path")
+        for h in r.hits:
+            print(f"  {h.rank:>4}  {h.score:>8.4f}  {printable(h.cls):<{width}}  "
+                  f"{printable(h.path)}")  # fmt: skip
+    n_ok = sum(r.error is None for r in run.results)
+    per = run.embed_ms / n_ok if n_ok else 0.0
+    us = [r.search_us for r in run.results if r.search_us is not None]
+    med = f"{float(np.median(us)):.0f} us median" if us else "no searches"
+    print(
+        f"\nembedded {n_ok} of {len(run.results)} queries in {run.embed_ms:.1f} ms "
+        f"({per:.1f} ms per image; model rebuilt in {run.model_ms:.0f} ms); "
+        f"index search {med}"
+    )
+
+
+def _hit_dict(h: Hit) -> dict:
+    d = asdict(h)
+    d["class"] = d.pop("cls")
+    return d
+
+
+def _json_doc(run: SearchRun, bundle: Bundle, load_ms: float) -> dict:
+    info = bundle.manifest["index"]
+    return {
+        "bundle": str(bundle.path),
+        "metric": bundle.metric,
+        "index": {"kind": info["kind"], "pca_dim": info.get("pca_dim"), "ntotal": len(bundle)},
+        "k": run.k,
+        "timing": {"load_ms": load_ms, "model_ms": run.model_ms, "embed_ms": run.embed_ms},
+        "queries": [
+            {
+                "query": r.query,
+                "error": r.error,
+                "search_us": r.search_us,
+                "results": [_hit_dict(h) for h in r.hits],
+            }
+            for r in run.results
+        ],
+    }
+
+
+THUMB = 128
+CAPTION = 30
+PAD = 6
+COLOURS = {"match": (30, 160, 60), "miss": (210, 40, 40), "unknown": (150, 150, 150),
+           "query": (40, 80, 200)}  # fmt: skip
+
+
+def _thumb(path: Path | None):
+    """A thumbnail PIL image, or None when there is no readable file."""
+    from PIL import Image, ImageOps
+
+    if path is None:
+        return None
+    try:
+        img = Image.fromarray(load_image(path, THUMB))
+    except MltrainError:
+        return None
+    return ImageOps.contain(img, (THUMB, THUMB))  # small images are scaled up too
+
+
+def _placeholder(text: str):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (THUMB, THUMB), (235, 235, 235))
+    ImageDraw.Draw(img).text((8, THUMB // 2 - 6), text, fill=(90, 90, 90))
+    return img
+
+
+def write_sheet(run: SearchRun, bundle: Bundle, out: str | Path) -> Path:
+    """A PNG grid: one row per answered query, the query then its hits, captioned."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = [r for r in run.results if r.error is None]
+    cols = 1 + max([0, *(len(r.hits) for r in rows)])
+    cell_w, cell_h = THUMB + 2 * PAD, THUMB + 2 * PAD + CAPTION
+    sheet = Image.new("RGB", (cols * cell_w, max(1, len(rows)) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    try:
+        font = ImageFont.load_default(size=11)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    classes = set(bundle.classes)
+
+    def cell(row: int, col: int, img, outline, lines: list[str]) -> None:
+        x, y = col * cell_w, row * cell_h
+        draw.rectangle([x + 2, y + 2, x + cell_w - 3, y + THUMB + 2 * PAD - 3], outline=outline,
+                       width=3)  # fmt: skip
+        sheet.paste(img, (x + PAD + (THUMB - img.width) // 2, y + PAD + (THUMB - img.height) // 2))
+        for n, line in enumerate(lines):
+            draw.text((x + PAD, y + THUMB + 2 * PAD + 1 + 13 * n), line[:22], fill="black",
+                      font=font)  # fmt: skip
+
+    for r_i, r in enumerate(rows):
+        qpath = Path(r.query)
+        qclass = qpath.parent.name
+        img = _thumb(qpath) or _placeholder("unreadable")
+        cell(r_i, 0, img, COLOURS["query"], ["query", printable(qpath.name)])
+        for h in r.hits:
+            # A path that escapes its root is a tampered bundle: a BundleError, no sheet.
+            img = _thumb(safe_image_path(bundle, h.path)) or _placeholder("missing")
+            if qclass not in classes:
+                outline = COLOURS["unknown"]
+            else:
+                outline = COLOURS["match"] if h.cls == qclass else COLOURS["miss"]
+            cell(r_i, h.rank, img, outline, [printable(h.cls), f"{h.score:.3f}"])
+    out = Path(out)
+    files.atomic_write(out, lambda f: sheet.save(f, format="PNG"))  # no half-written PNG
+    return out
+
+
+def check_sheet_target(out: str | Path) -> None:
+    """Before any search: `--sheet` must name a file in a folder we can write (the first
+    existing one on its path, when the rest is still to be made)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--sheet {out} is a folder; give a file path such as "
+                          f"{out / 'sheet.png'}")  # fmt: skip
+    folder = out.parent.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--sheet {out}: {folder} is not a folder; fix the path")
+    check_writable(folder, "--sheet: choose a file in a writable folder")
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mltrain-search", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("bundle", help="search bundle folder (written by evaluate.py --export)")
+    p.add_argument("images", nargs="+", help="query images (with --add: images or folders)")
+    p.add_argument("-k", type=int, default=None, help="neighbours per query")
+    p.add_argument("--sheet", metavar="PNG", help="write a contact sheet to this file")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--image-root", help="the bundle's images are now here (thumbnails)")
+    p.add_argument("--add", action="store_true", help="add the images to the bundle instead")
+    p.add_argument("--class", dest="class_name", help="with --add: class of every new image")
+    return p
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    if args.add:
+        target = args.images[0] if len(args.images) == 1 else args.images
+        added = add_images(args.bundle, target, args.class_name)
+        total = load_bundle(args.bundle).manifest["count"]
+        print(f"added {added} images to {printable(args.bundle)} (now {total})")
+        return 0
+    if args.class_name:
+        print("error: --class only applies with --add", file=sys.stderr)
+        return 2
+    if args.sheet:
+        check_sheet_target(args.sheet)
+    t0 = time.perf_counter()
+    bundle = load_bundle(args.bundle, args.image_root)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    k = args.k if args.k is not None else int(bundle.manifest["config"]["export"]["k"])
+    if k < 1:
+        print(f"error: -k must be at least 1, got {k}", file=sys.stderr)
+        return 2
+    if k > len(bundle):
+        print(f"note: -k {k} exceeds the bundle's {len(bundle)} images; using {len(bundle)}",
+              file=sys.stderr)  # fmt: skip
+    run = search_images(bundle, args.images, k)
+    for r in run.results:
+        if r.error is not None:
+            print(f"error: query {printable(r.query)}: {printable(r.error)}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(_json_doc(run, bundle, load_ms), indent=2))
+    else:
+        info = bundle.manifest["index"]
+        pca = f", PCA {printable(info['pca_dim'])}" if info.get("pca_dim") else ""
+        print(f"bundle {printable(bundle.path)}: {len(bundle)} images, "
+              f"{printable(info['kind'])} index{pca}, {printable(bundle.metric)} metric; "
+              f"loaded and verified in {load_ms:.0f} ms")  # fmt: skip
+        _print_table(run, bundle)
+    if args.sheet:
+        out = write_sheet(run, bundle, args.sheet)
+        print(f"contact sheet: {printable(out)}", file=sys.stderr if args.json else sys.stdout)
+    return 1 if any(r.error is not None for r in run.results) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; a bad bundle or argument, a file that cannot be written or too little
+    memory prints one line (no traceback) and returns 2; Ctrl-C returns 130 (an interrupted
+    --add or --sheet leaves the old bundle and no partial file)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
+        return INTERRUPTED
+    except (MltrainError, OSError, MemoryError) as e:
+        print(error_line(e), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The backbone comparison: one row per backbone on the same held-out images."""
+
+from __future__ import annotations
+
+from mltrain.evaluation.compare import compare, main, markdown
+from tests.foreign_data import write_drawings
+
+
+def test_compare_backbones_on_the_same_images(tmp_path, capsys):
+    root = write_drawings(tmp_path / "d", alphabets=2, chars=3, per_class=6, size=32)
+    sets = [f"data.root={root}", "model.pretrained=false", "model.image_size=32",
+            "data.num_workers=0", f"output_dir={tmp_path / 'exp'}"]  # fmt: skip
+    rows = compare("configs/pooling.yaml", ["tf_efficientnet_lite0", "resnet18"], sets)
+    assert [r["backbone"] for r in rows] == ["tf_efficientnet_lite0", "resnet18"]
+    assert [r["embedding_dim"] for r in rows] == [1280, 512]
+    assert all(r["images"] == 18 and 0 <= r["precision_at_1"] <= 1 for r in rows)
+    assert rows[1]["parameters"] > rows[0]["parameters"] > 3_000_000
+    table = markdown(rows).splitlines()
+    assert table[0].startswith("| backbone | precision@1 | MAP@R | book score")
+    assert table[3].startswith("| resnet18 | ") and "| 512 |" in table[3]
+    main(["--config", "configs/pooling.yaml", "--backbones", "resnet18",
+          *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "c")])  # fmt: skip
+    assert (tmp_path / "c" / "compare.md").read_text().count("\n") == 3
+    assert "written to" in capsys.readouterr().out

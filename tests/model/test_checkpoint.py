@@ -1,0 +1,204 @@
+"""Atomic checkpoint writes and safe loads."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from mltrain.errors import CheckpointError
+from mltrain.files import atomic_save
+from mltrain.model import checkpoint
+from mltrain.model.checkpoint import load_checkpoint, resolve_checkpoint
+
+
+def sample(epoch: int = 3) -> dict:
+    torch.manual_seed(epoch)
+    lin = torch.nn.Linear(3, 2)
+    return {
+        "model": lin.state_dict(),
+        "config": {"name": "run", "train": {"lr": 1e-3, "ks": [1, 5]}, "head": False},
+        "epoch": epoch,
+        "best": None,
+        "pair": (1, "a"),
+        "rng": torch.get_rng_state(),
+        "format_version": checkpoint.CHECKPOINT_FORMAT,
+    }
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def assert_same(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    else:
+        assert a == b
+
+
+# --- atomic save and round trip ---------------------------------------------------------------
+
+
+def test_atomic_save_round_trip_and_no_temp_file(tmp_path):
+    path = tmp_path / "run" / "checkpoints" / "last.pt"  # parent folders are created
+    obj = sample()
+    atomic_save(obj, path)
+    assert path.is_file()
+    assert leftovers(path.parent) == []
+    assert os.listdir(path.parent) == ["last.pt"]
+    assert_same(load_checkpoint(path), obj)
+
+
+def test_atomic_save_overwrites(tmp_path):
+    path = tmp_path / "c.pt"
+    atomic_save(sample(1), path)
+    atomic_save(sample(2), path)
+    assert load_checkpoint(path)["epoch"] == 2
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_crash_during_save_keeps_previous_file(tmp_path, monkeypatch, exc):
+    path = tmp_path / "last.pt"
+    atomic_save(sample(1), path)
+    before = path.read_bytes()
+    written = []
+
+    def crashing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")  # part of a file, then the process "dies"
+        written.append(getattr(f, "name", None))
+        raise exc
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(type(exc)):
+        atomic_save(sample(2), path)
+    monkeypatch.undo()
+
+    assert written, "the fake torch.save was not called"
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["epoch"] == 1
+    assert leftovers(tmp_path) == [] and os.listdir(tmp_path) == ["last.pt"]
+
+
+# --- refused loads ----------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "does not exist" in str(info.value)
+
+
+def test_garbage_bytes(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"\x00\x01this is not a checkpoint\xff" * 10)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "not a loadable" in str(info.value)
+
+
+def test_truncated_file(tmp_path):
+    good = tmp_path / "good.pt"
+    atomic_save(sample(), good)
+    data = good.read_bytes()
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [{"model": {}}, {"config": {}}, {"state_dict": {}}, [1, 2, 3], torch.zeros(2)],
+    ids=["no-config", "no-model", "other-dict", "list", "tensor"],
+)
+def test_not_an_mltrain_checkpoint(tmp_path, obj):
+    path = tmp_path / "x.pt"
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "no model/config" in str(info.value)
+
+
+class Evil:
+    """Unpickling this runs a shell command (it creates the marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def test_payload_is_really_dangerous(tmp_path):
+    """Guard for the next test: an unsafe unpickle of Evil does create its marker."""
+    marker = tmp_path / "proof"
+    pickle.loads(pickle.dumps(Evil(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+@pytest.mark.parametrize("writer", ["torch_zip", "torch_legacy", "plain_pickle"])
+def test_arbitrary_pickle_is_refused_and_not_executed(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"model": {"w": torch.zeros(1)}, "config": {"evil": Evil(marker)}}
+    if writer == "torch_zip":
+        torch.save(payload, path, _use_new_zipfile_serialization=True)
+    elif writer == "torch_legacy":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+
+
+# --- resolving run folders --------------------------------------------------------------------
+
+
+def test_resolve_run_folder(tmp_path):
+    run = tmp_path / "experiments" / "triplet"
+    last = run / "checkpoints" / "last.pt"
+    atomic_save(sample(5), last)
+    atomic_save(sample(4), run / "checkpoints" / "best.pt")
+    assert resolve_checkpoint(run) == last
+    assert resolve_checkpoint(run / "checkpoints") == last
+    assert load_checkpoint(run)["epoch"] == 5
+    assert load_checkpoint(run / "checkpoints")["epoch"] == 5
+
+
+def test_resolve_folder_without_checkpoint(tmp_path):
+    run = tmp_path / "empty_run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError) as info:
+        resolve_checkpoint(run)
+    assert str(run) in str(info.value) and "last.pt" in str(info.value)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(run)

@@ -1,0 +1,159 @@
+"""The search command line: tables, JSON, contact sheets, bad queries and bad bundles."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mltrain.config import Config
+from mltrain.inference.embedder import make_embedder
+from mltrain.model.network import build_model
+from mltrain.retrieval.bundle import load_bundle
+from mltrain.retrieval.export import export_bundle
+from mltrain.retrieval.search import COLOURS, PAD, THUMB, main
+from tests.conftest import write_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A flat bundle of a random resnet18 over 3 classes x 5 images of 32 px."""
+    base = tmp_path_factory.mktemp("search")
+    root = write_image_folder(base / "data", 3, 5, (32, 32))
+    cfg = Config()
+    cfg.model.backbone = "resnet18"
+    cfg.model.pretrained = False
+    cfg.model.image_size = 64
+    cfg.data.root = str(root)
+    cfg.data.exclude_classes = []
+    cfg.data.num_workers = 0
+    cfg.eval.amp = "off"  # CPU bf16 autocast is ~10x slower on tiny inputs
+    cfg.export.index = "flat"
+    cfg.export.k = 4
+    torch.manual_seed(0)
+    out = export_bundle(make_embedder(cfg, build_model(cfg.model)), base / "bundle", "test")
+    return root, out
+
+
+ROW = re.compile(r"^\s+(\d+)\s+(-?\d+\.\d+)\s+(\S+)\s+(\S+)$", re.M)
+
+
+def test_prints_ranked_results_and_microseconds(exported, capsys):
+    root, out = exported
+    q1, q2 = root / "class_0" / "img_001.png", root / "class_2" / "img_004.jpg"
+    assert main([str(out), str(q1), str(q2), "-k", "3"]) == 0
+    stdout = capsys.readouterr().out
+    rows = ROW.findall(stdout)
+    assert len(rows) == 6  # 3 per query
+    assert rows[0][0] == "1" and rows[0][3] == "class_0/img_001.png" and rows[0][2] == "class_0"
+    assert rows[3][3] == "class_2/img_004.jpg" and float(rows[3][1]) == pytest.approx(1, abs=1e-3)
+    searched = re.findall(r"index search (\d+) us\)", stdout)
+    assert len(searched) == 2 and all(int(us) > 0 for us in searched)
+    assert re.search(r"embedded 2 of 2 queries in \d+\.\d ms", stdout)
+
+
+def test_default_k_comes_from_the_bundle(exported, capsys):
+    root, out = exported
+    assert main([str(out), str(root / "class_1" / "img_000.jpg")]) == 0
+    assert len(ROW.findall(capsys.readouterr().out)) == 4  # export.k
+
+
+def test_unreadable_query_is_reported_and_others_still_run(exported, tmp_path, capsys):
+    root, out = exported
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("this is not an image")
+    good = root / "class_1" / "img_002.jpg"
+    assert main([str(out), str(bad), str(good), "-k", "2"]) == 1
+    captured = capsys.readouterr()
+    assert f"error: query {bad}" in captured.err and "cannot read image" in captured.err
+    assert "Traceback" not in captured.err
+    rows = ROW.findall(captured.out)
+    assert len(rows) == 2 and rows[0][3] == "class_1/img_002.jpg"
+    assert "embedded 1 of 2 queries" in captured.out
+
+
+def test_missing_query_file_is_an_error_line(exported, tmp_path, capsys):
+    root, out = exported
+    assert main([str(out), str(tmp_path / "nope.jpg")]) == 1
+    assert "nope.jpg" in capsys.readouterr().err
+
+
+def test_bad_bundle_exits_2_without_traceback(exported, tmp_path, capsys):
+    root, out = exported
+    query = str(root / "class_0" / "img_000.jpg")
+    assert main([str(tmp_path / "missing"), query]) == 2
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in out.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "index.faiss").write_bytes(b"garbage")
+    assert main([str(broken), query]) == 2
+    err = capsys.readouterr().err
+    assert "index.faiss" in err and "re-export" in err and "Traceback" not in err
+
+
+def test_json_output(exported, capsys):
+    root, out = exported
+    q = root / "class_2" / "img_003.png"
+    assert main([str(out), str(q), "-k", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (result,) = doc["queries"]
+    assert result["error"] is None and result["search_us"] > 0
+    assert [r["rank"] for r in result["results"]] == [1, 2]
+    assert result["results"][0]["path"] == "class_2/img_003.png"
+    assert result["results"][0]["class"] == "class_2"
+    assert doc["metric"] == "cosine" and doc["timing"]["embed_ms"] > 0
+
+
+def test_contact_sheet_outlines_matches_green_and_misses_red(exported, tmp_path, capsys):
+    root, out = exported
+    sheet = tmp_path / "sheet.png"
+    q = root / "class_0" / "img_000.jpg"
+    assert main([str(out), str(q), "-k", "15", "--sheet", str(sheet)]) == 0
+    assert "contact sheet" in capsys.readouterr().out
+    img = np.asarray(Image.open(sheet).convert("RGB"))
+    cell_w = THUMB + 2 * PAD
+    assert img.shape[1] == 16 * cell_w  # the query and all 15 images
+    outline = [tuple(img[3, c * cell_w + cell_w // 2]) for c in range(16)]
+    assert outline[0] == COLOURS["query"]
+    assert outline[1] == COLOURS["match"]  # the image itself
+    assert outline.count(COLOURS["match"]) == 5 and outline.count(COLOURS["miss"]) == 10
+
+
+def test_contact_sheet_is_grey_for_an_unknown_query_class(exported, tmp_path):
+    root, out = exported
+    q = tmp_path / "unknown_class" / "q.png"
+    q.parent.mkdir()
+    q.write_bytes((root / "class_1" / "img_001.png").read_bytes())
+    sheet = tmp_path / "sheet.png"
+    assert main([str(out), str(q), "-k", "2", "--sheet", str(sheet)]) == 0
+    img = np.asarray(Image.open(sheet).convert("RGB"))
+    cell_w = THUMB + 2 * PAD
+    assert tuple(img[3, cell_w + cell_w // 2]) == COLOURS["unknown"]
+
+
+def test_add_flag_adds_images(exported, tmp_path, capsys):
+    root, out = exported
+    copy = tmp_path / "bundle"
+    copy.mkdir()
+    for f in out.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    new = tmp_path / "new" / "pink"
+    new.mkdir(parents=True)
+    pixels = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(new / "p.png")
+    assert main(["--add", str(copy), str(new.parent)]) == 0
+    assert "added 1 images" in capsys.readouterr().out
+    assert len(load_bundle(copy)) == 16
+    assert main([str(copy), str(new / "p.png"), "-k", "1", "--json"]) == 0
+    hit = json.loads(capsys.readouterr().out)["queries"][0]["results"][0]
+    assert hit["class"] == "pink" and hit["path"] == "bundle:images/pink/p.png"
+    assert Path(out / "manifest.json").is_file()  # the original is untouched
+    assert len(load_bundle(out)) == 15

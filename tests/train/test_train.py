@@ -1,0 +1,260 @@
+"""End to end: every shipped mode trains a few steps on tiny images; resume is exact;
+user mistakes give clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mltrain.config import load_config
+from mltrain.errors import ConfigError, DataError, MltrainError
+from mltrain.model.checkpoint import load_checkpoint
+from mltrain.train import run as trainer
+from tests.conftest import TINY_RUN, write_image_folder
+
+CONFIGS = sorted(Path("configs").glob("*.yaml"))
+TINY = [*TINY_RUN, "train.epochs=2", "eval.batch_size=16"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_private_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(config: Path | str, root: Path, out: Path, *extra: str):
+    return load_config(config, [*TINY, f"data.root={root}", f"output_dir={out}", *extra])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_trains_and_checkpoints(config, tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    run_dir = trainer.fit(tiny_cfg(config, root, tmp_path / "exp", "train.max_steps=3"))
+    assert run_dir.parent.name == config.stem
+    for name in (
+        "config.yaml",
+        "split.json",
+        "metrics.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["steps"] == 3  # max_steps stops the run
+    assert 0.0 <= summary["final"]["precision_at_1"] <= 1.0
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert ckpt["config"]["name"] == config.stem
+    assert ckpt["config"]["data"]["root"] == str(root)
+
+
+def test_training_lowers_loss(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    cfg = tiny_cfg(
+        "configs/classification.yaml",
+        root,
+        tmp_path / "exp",
+        "train.epochs=4",
+        # a random trunk trained whole for 8 steps of 8 images is all noise; the last stage
+        # and the head learn these colour classes within a few steps, for any seed
+        "model.frozen_stages=7",
+        "train.cache_frozen=false",
+        "train.optimizer.args.lr=3e-3",
+    )
+    run_dir = trainer.fit(cfg)
+    history = json.loads((run_dir / "metrics.json").read_text())["final"]
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    summary = ckpt["state"]["history"]
+    assert summary[-1]["loss"] < 0.8 * summary[0]["loss"]
+    assert history["epoch"] == 4
+
+
+def _interrupt_at(monkeypatch, epoch_to_stop: int):
+    real = trainer.Run.train_epoch
+
+    def fake(run, epoch):
+        if epoch == epoch_to_stop:
+            raise KeyboardInterrupt
+        real(run, epoch)
+
+    monkeypatch.setattr(trainer.Run, "train_epoch", fake)
+
+
+@pytest.mark.parametrize("config", ["configs/siamese.yaml", "configs/triplet.yaml"])
+@pytest.mark.parametrize("cache", [True, False])
+def test_resume_matches_uninterrupted_run(config, cache, tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    extra = ["train.epochs=3", f"train.cache_frozen={str(cache).lower()}"]
+    full = trainer.fit(tiny_cfg(config, root, tmp_path / "a", *extra))
+
+    _interrupt_at(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        trainer.fit(tiny_cfg(config, root, tmp_path / "b", *extra))
+    interrupted = next((tmp_path / "b").glob("*/*"))
+    assert load_checkpoint(interrupted)["state"]["epoch"] == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    resumed = trainer.fit(resume=interrupted)
+
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(resumed / "checkpoints" / "last.pt")
+    assert a["state"]["step"] == b["state"]["step"]
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert (
+        a["state"]["history"][-1]["precision_at_1"] == b["state"]["history"][-1]["precision_at_1"]
+    )
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    cfg = tiny_cfg("configs/siamese.yaml", tmp_path / "nowhere", tmp_path / "exp")
+    with pytest.raises(DataError, match="nowhere"):
+        trainer.fit(cfg)
+
+
+def test_folder_without_images_is_a_note_not_a_class(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    (root / "empty_one").mkdir()
+    (root / "empty_one" / "readme.txt").write_text("not an image")
+    cfg = tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp", "train.max_steps=1")
+    run_dir = trainer.fit(cfg)
+    assert "left out: empty_one (files: .txt)" in (run_dir / "notes.txt").read_text()
+    split = json.loads((run_dir / "split.json").read_text())
+    assert {c for _, c in split["train"]} == {"class_0", "class_1", "class_2"}
+
+
+def test_class_with_one_image_under_pair_sampler(tmp_path):
+    root = write_image_folder(
+        tmp_path / "data", classes=["a", "b", "c", "lonely"], per_class=[8, 8, 8, 2]
+    )
+    # 2 images split half/half leave 1 training image in 'lonely'
+    with pytest.raises(DataError, match="lonely"):
+        trainer.fit(tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp"))
+
+
+def test_unreadable_image_stops_before_training_and_is_listed(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    (root / "class_1" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match="broken.jpg"):
+        trainer.fit(tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp"))
+    listed = next((tmp_path / "exp").rglob("bad_images.txt")).read_text()
+    assert "broken.jpg" in listed
+
+
+def test_unreadable_image_can_be_skipped(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=8)
+    (root / "class_1" / "broken.jpg").write_bytes(b"")
+    run_dir = trainer.fit(
+        tiny_cfg(
+            "configs/siamese.yaml",
+            root,
+            tmp_path / "exp",
+            "data.bad_images=skip",
+            "train.max_steps=1",
+        )
+    )
+    split = json.loads((run_dir / "split.json").read_text())
+    assert "broken.jpg" not in json.dumps(split)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model.backbone=not_a_model_xyz", "not_a_model_xyz"),
+        ("train.loss={name: NoSuchLoss}", "NoSuchLoss"),
+        ("train.miner={name: NoSuchMiner}", "NoSuchMiner"),
+        ("train.optimizer={name: nosuchopt, args: {lr: 0.1}}", "nosuchopt"),
+    ],
+)
+def test_unknown_component_names_are_config_errors(override, needle, tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    with pytest.raises(ConfigError, match=needle):
+        trainer.fit(tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp", override))
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    blocker = tmp_path / "file_not_dir"
+    blocker.write_text("x")
+    with pytest.raises(MltrainError, match="cannot write"):
+        trainer.fit(tiny_cfg("configs/siamese.yaml", root, blocker))
+
+
+def test_duplicates_across_the_split_are_reported(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=8)
+    images = sorted((root / "class_0").iterdir())
+    for dst in images[1:]:  # every image of class_0 identical: some land on both sides
+        dst.write_bytes(images[0].read_bytes())
+    run_dir = trainer.fit(tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp",
+                                   "train.max_steps=1"))
+    listed = (run_dir / "duplicates.txt").read_text()
+    assert "class_0" in listed and "==" in listed
+    assert "byte-identical" in capsys.readouterr().err
+
+
+# --- optimizer groups and checkpoint selection ---------------------------------------------
+
+
+def test_proxies_get_their_own_learning_rate_and_layers_decay(tmp_path):
+    from mltrain.model.losses import build_criterion
+    from mltrain.model.network import build_model
+
+    cfg = load_config("configs/pooling.yaml", [
+        "model.pretrained=false", "train.loss={name: ProxyAnchorLoss}", "train.miner=null",
+        "train.optimizer.args.lr=1e-3", "train.loss_lr=0.1", "train.layer_decay=0.5",
+        "train.scheduler.args.warmup_epochs=0",
+    ])  # fmt: skip
+    model = build_model(cfg.model)
+    crit = build_criterion(cfg.train.loss, None, 7, model.embedding_dim, False)
+    opt = trainer.make_optimizer(cfg, model, crit.loss)
+    trainer.make_scheduler(cfg, opt, 10).step_update(0)
+    proxies = opt.param_groups[-1]
+    assert proxies["params"] == [crit.loss.proxies] and proxies["lr"] == pytest.approx(0.1)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    head = model.trunk.conv_head.weight
+    last_block = model.trunk.blocks[6][0].conv_pw.weight  # frozen_stages 7: stage 7 trains
+    assert lr_of[id(head)] == pytest.approx(1e-3 * 0.5)  # one layer below the top
+    assert lr_of[id(last_block)] <= lr_of[id(head)]
+    assert id(model.trunk.conv_stem.weight) not in lr_of  # frozen: not optimised at all
+
+
+def test_best_metric_is_checked_and_eer_picks_the_lowest(tmp_path):
+    with pytest.raises(ConfigError, match="train.best_metric: 'precision@1' is not a held-out"):
+        load_config("configs/siamese.yaml", ["train.best_metric=precision@1"])
+    assert load_config("configs/siamese.yaml").train.best_metric == "map_at_r"
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    cfg = tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp",
+                   "train.best_metric=eer", "train.epochs=3")  # fmt: skip
+    run_dir = trainer.fit(cfg)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    eers = [h["eer"] for h in trainer_history(run_dir)]
+    assert summary["best_metric"] == "eer" and summary["best"]["eer"] == min(eers)
+
+
+def trainer_history(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    return ckpt["state"]["history"]
+
+
+def test_bnneck_hybrid_trains_and_embeds_through_the_neck(tmp_path):
+    from mltrain.inference.embedder import embedder_from_checkpoint
+
+    with pytest.raises(ConfigError, match="model.bnneck: the hybrid trains a metric loss"):
+        load_config("configs/triplet.yaml", ["model.bnneck=true"])
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    cfg = tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp", "model.head=true",
+                   "model.bnneck=true", "train.epochs=2")  # fmt: skip
+    run_dir = trainer.fit(cfg)
+    model = embedder_from_checkpoint(run_dir / "checkpoints" / "best.pt").model
+    assert model.head.bias is None and not model.bnneck.bias.requires_grad
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.bnneck(model(x)), dim=1)
+        assert torch.allclose(model.embed(x), expected, atol=1e-6)
+    assert int(model.bnneck.num_batches_tracked) > 0  # the neck's statistics were trained
