@@ -59,6 +59,7 @@ class Hit:
     row: int  # row of the bundle's embeddings / metadata
     cls: str
     path: str
+    match: bool | None = None  # with a threshold: the score reaches it
 
 
 @dataclass
@@ -67,6 +68,7 @@ class QueryResult:
     error: str | None = None
     search_us: float | None = None
     hits: list[Hit] = field(default_factory=list)
+    answer: str | None = None  # with a threshold: the top hit's class, or "unknown"
 
 
 @dataclass
@@ -143,8 +145,11 @@ def _print_table(run: SearchRun, bundle: Bundle) -> None:
         width = max([5, *(len(printable(h.cls)) for h in r.hits)])
         print(f"  {'rank':>4}  {score_name:>8}  {'class':<{width}}  path")
         for h in r.hits:
+            mark = "" if h.match is None else ("  match" if h.match else "  no match")
             print(f"  {h.rank:>4}  {h.score:>8.4f}  {printable(h.cls):<{width}}  "
-                  f"{printable(h.path)}")  # fmt: skip
+                  f"{printable(h.path)}{mark}")  # fmt: skip
+        if r.answer is not None:
+            print(f"  answer: {printable(r.answer)}")
     n_ok = sum(r.error is None for r in run.results)
     per = run.embed_ms / n_ok if n_ok else 0.0
     us = [r.search_us for r in run.results if r.search_us is not None]
@@ -175,6 +180,7 @@ def _json_doc(run: SearchRun, bundle: Bundle, load_ms: float) -> dict:
                 "query": r.query,
                 "error": r.error,
                 "search_us": r.search_us,
+                "answer": r.answer,
                 "results": [_hit_dict(h) for h in r.hits],
             }
             for r in run.results
@@ -283,7 +289,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="the bundle's images are now here (thumbnails)")
     p.add_argument("--add", action="store_true", help="add the images to the bundle instead")
     p.add_argument("--class", dest="class_name", help="with --add: class of every new image")
+    p.add_argument("--threshold", metavar="auto|T",
+                   help="mark hits as match / no match at this similarity; auto: the bundle's "
+                        "calibrated threshold at FAR 1e-3; 'unknown' when the best hit is below")
     return p
+
+
+def threshold_value(bundle: Bundle, text: str) -> float:
+    """`--threshold` as a similarity: a number, or `auto` for the bundle's calibrated one."""
+    from mltrain.retrieval.verify import threshold_for
+
+    if bundle.metric != "cosine":
+        raise ConfigError("--threshold needs a cosine bundle; this one ranks by L2 distance")
+    if text == "auto":
+        return float(threshold_for(bundle.manifest)["threshold"])
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--threshold: expected auto or a number, got {text!r}") from None
+
+
+def apply_threshold(run: SearchRun, threshold: float) -> None:
+    """Mark every hit as match or not and answer each query: its top hit's class, or
+    "unknown" when even that is below the threshold (an identity never enrolled)."""
+    for r in run.results:
+        for h in r.hits:
+            h.match = h.score >= threshold
+        if r.error is None:
+            r.answer = r.hits[0].cls if r.hits and r.hits[0].match else "unknown"
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -309,7 +342,10 @@ def _run(argv: Sequence[str] | None) -> int:
     if k > len(bundle):
         print(f"note: -k {k} exceeds the bundle's {len(bundle)} images; using {len(bundle)}",
               file=sys.stderr)  # fmt: skip
+    threshold = None if args.threshold is None else threshold_value(bundle, args.threshold)
     run = search_images(bundle, args.images, k)
+    if threshold is not None:
+        apply_threshold(run, threshold)
     for r in run.results:
         if r.error is not None:
             print(f"error: query {printable(r.query)}: {printable(r.error)}", file=sys.stderr)
