@@ -50,6 +50,7 @@ from mltrain.files import check_writable
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import Bundle, bundle_embedder, load_bundle, safe_image_path
 from mltrain.retrieval.index import check_index_metric, prepare, timed_single_queries
+from mltrain.retrieval.rerank import RERANKERS, rerank_candidates
 
 
 @dataclass
@@ -104,8 +105,14 @@ def _embed_queries(bundle: Bundle, paths: list[Path], results: list[QueryResult]
     return embs
 
 
-def search_images(bundle: Bundle, paths: Sequence[str | Path], k: int) -> SearchRun:
-    """Embed `paths` with the bundle's model and search its index, one query per call."""
+def search_images(
+    bundle: Bundle, paths: Sequence[str | Path], k: int, rerank: str = "none"
+) -> SearchRun:
+    """Embed `paths` with the bundle's model and search its index, one query per call.
+
+    With `rerank` (see `mltrain.retrieval.rerank`) the index returns max(4k, 50) candidates,
+    which are re-ordered with their stored embeddings, and the first k are kept; the timed
+    search is the index call alone, the scores stay the index's."""
     paths = [Path(p) for p in paths]
     results = [QueryResult(str(p)) for p in paths]
     t0 = time.perf_counter()
@@ -117,20 +124,34 @@ def search_images(bundle: Bundle, paths: Sequence[str | Path], k: int) -> Search
     index, metric = bundle.index, bundle.metric
     check_index_metric(index, metric)
     k = max(1, min(k, index.ntotal))
+    deep = k if rerank == "none" else min(index.ntotal, max(4 * k, RERANK_CANDIDATES))
     order = list(embs)
     queries = (np.concatenate([prepare(embs[i][None, :], metric, "query") for i in order])
                if order else np.empty((0, index.d), np.float32))  # fmt: skip
-    timed = timed_single_queries(lambda q: index.search(q, k), queries)
-    for i, (seconds, (scores, rows)) in zip(order, timed, strict=True):
+    timed = timed_single_queries(lambda q: index.search(q, deep), queries)
+    for n, (i, (seconds, (scores, rows))) in enumerate(zip(order, timed, strict=True)):
         results[i].search_us = seconds * 1e6
+        found = [(float(sc), int(row)) for sc, row in zip(scores[0], rows[0], strict=True)
+                 if row >= 0]  # an approximate index may not fill every slot  # fmt: skip
+        if rerank != "none" and found:
+            cand = _rows_of(bundle, [row for _, row in found])
+            found = [found[j] for j in rerank_candidates(queries[n], cand, rerank)]
         hits = []
-        for score, row in zip(scores[0], rows[0], strict=True):
-            if row < 0:  # an approximate index may not fill every slot
-                continue
-            meta = bundle.metadata[int(row)]
-            hits.append(Hit(len(hits) + 1, float(score), int(row), meta["class"], meta["path"]))
+        for score, row in found[:k]:
+            meta = bundle.metadata[row]
+            hits.append(Hit(len(hits) + 1, score, row, meta["class"], meta["path"]))
         results[i].hits = hits
     return SearchRun(results, k, embed_ms, model_ms)
+
+
+RERANK_CANDIDATES = 50
+
+
+def _rows_of(bundle: Bundle, rows: list[int]) -> np.ndarray:
+    """Stored embeddings of `rows`: an array (or memmap), or a sharded bundle's reader."""
+    emb = bundle.embeddings
+    picked = emb[rows] if isinstance(emb, np.ndarray) else emb.take(rows)
+    return np.asarray(picked, dtype=np.float32)
 
 
 # --- output --------------------------------------------------------------------------------
@@ -289,6 +310,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="the bundle's images are now here (thumbnails)")
     p.add_argument("--add", action="store_true", help="add the images to the bundle instead")
     p.add_argument("--class", dest="class_name", help="with --add: class of every new image")
+    p.add_argument("--rerank", default="none", choices=RERANKERS,
+                   help="re-order the top candidates: k_reciprocal or alpha_qe (see the report's "
+                        "re-ranking note for which helps on your data)")
     p.add_argument("--threshold", metavar="auto|T",
                    help="mark hits as match / no match at this similarity; auto: the bundle's "
                         "calibrated threshold at FAR 1e-3; 'unknown' when the best hit is below")
@@ -343,7 +367,7 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"note: -k {k} exceeds the bundle's {len(bundle)} images; using {len(bundle)}",
               file=sys.stderr)  # fmt: skip
     threshold = None if args.threshold is None else threshold_value(bundle, args.threshold)
-    run = search_images(bundle, args.images, k)
+    run = search_images(bundle, args.images, k, args.rerank)
     if threshold is not None:
         apply_threshold(run, threshold)
     for r in run.results:
