@@ -136,3 +136,13 @@ def test_bad_input_is_one_line(exported, tmp_path):
     assert "holds no calibrated threshold" in none.stderr and none.returncode == 2
     unknown = mltrain("-m", "mltrain", "fly", cwd=tmp_path, ok=False)
     assert "unknown command 'fly'" in unknown.stderr
+
+
+def test_search_with_rerank_keeps_the_image_itself_first(exported):
+    work, root, _ = exported
+    for method in ("k_reciprocal", "alpha_qe"):
+        proc = mltrain("-m", "mltrain", "search", str(work / "bundle"), str(root / "c4/3.jpg"),
+                       "--json", "-k", "3", "--rerank", method, cwd=work)  # fmt: skip
+        hits = json.loads(proc.stdout)["queries"][0]["results"]
+        assert len(hits) == 3 and hits[0]["path"] == "c4/3.jpg"
+        assert [h["class"] for h in hits] == ["c4"] * 3
