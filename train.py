@@ -1,48 +1,8 @@
-"""Train an embedding model: python train.py --config configs/siamese.yaml [--set k=v]."""
+"""Train an embedding model: python train.py --config configs/siamese.yaml [--set k=v]
+(the same as `python -m mltrain train`; see `mltrain/commands/train.py`)."""
 
-import argparse
-import json
-from pathlib import Path
-
-from mltrain.cli import add_config_args, run_main
-from mltrain.config import load_config
-from mltrain.errors import ConfigError
-
-
-def summary_line(run_dir: Path) -> str:
-    s = json.loads((run_dir / "metrics.json").read_text())
-    best = s.get("best") or {}
-    shown = [(k, n) for k, n in (("map_at_r", "MAP@R"), ("precision_at_1", "precision@1"),
-                                  ("eer", "EER")) if k in best]  # fmt: skip
-    p1 = (
-        f", best held-out {', '.join(f'{n} {best[k]:.4f}' for k, n in shown)} "
-        f"(epoch {best['epoch']}, picked by {s.get('best_metric', 'map_at_r')})"
-        if shown
-        else ""
-    )
-    took = f"{s['setup_seconds']:.0f} s setup + {s['train_seconds']:.0f} s training"
-    return f"done: {s['epochs']} epochs, {s['steps']} steps ({took}){p1}"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_config_args(parser)
-    parser.add_argument("--resume", help="run folder or checkpoint to continue exactly")
-    args = parser.parse_args()
-    from mltrain.train.run import fit  # heavy imports after argument errors
-
-    if args.resume:
-        if args.config:
-            raise ConfigError("--resume takes its config from the checkpoint; drop --config")
-        run_dir = fit(resume=args.resume, overrides=args.overrides)
-    else:
-        run_dir = fit(load_config(args.config, args.overrides))
-    from mltrain.distributed import is_main
-
-    if is_main():
-        print(summary_line(run_dir))
-        print(run_dir)  # last line: the run folder, for scripts
-
+from mltrain.cli import run_main
+from mltrain.commands.train import main
 
 if __name__ == "__main__":
     run_main(main)

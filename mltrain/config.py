@@ -104,6 +104,7 @@ class EvalConfig:
     verification_pairs: int = 20000
     one_shot_ways: list[int] = field(default_factory=lambda: [5, 20])
     one_shot_episodes: int = 500
+    rerank: bool = True  # measure k-reciprocal and alpha-QE/DBA re-ranking on held-out rows
     tsne: bool = True
     tsne_max_points: int = 3000
 

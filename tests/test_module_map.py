@@ -31,10 +31,11 @@ def test_module_map_names_every_module():
     assert not named - modules, f"README module map names missing {sorted(named - modules)}"
 
 
-# The layers, lowest first; modules directly in mltrain/ are the base. The two entry shims
-# (`python -m mltrain.search`, `python -m mltrain.compare`) sit above everything.
-LAYERS = ["data", "model", "inference", "retrieval", "evaluation", "train"]
-SHIMS = {"mltrain.search", "mltrain.compare"}
+# The layers, lowest first; modules directly in mltrain/ are the base. The entry shims
+# (`python -m mltrain`, `python -m mltrain.search`, `python -m mltrain.compare`) sit above
+# everything.
+LAYERS = ["data", "model", "inference", "retrieval", "evaluation", "train", "commands"]
+SHIMS = {"mltrain.search", "mltrain.compare", "mltrain.__main__"}
 
 
 def _layer(module: str) -> int:

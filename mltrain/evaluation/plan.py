@@ -15,8 +15,8 @@ import numpy as np
 
 from mltrain.config import EvalConfig
 from mltrain.errors import ConfigError
-from mltrain.evaluation.metrics import distinct_pairs
 from mltrain.retrieval.index import INDEX_TYPES, check_index_config
+from mltrain.retrieval.pairs import distinct_pairs
 
 TSNE_MIN_POINTS = 10
 TAR_1E3_MIN_IMPOSTORS = 1000  # fewer impostor pairs cannot resolve a 1e-3 false-accept rate

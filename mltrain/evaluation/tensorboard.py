@@ -23,7 +23,8 @@ from mltrain.evaluation.markdown import (
     verification_section,
     worst_below_mean,
 )
-from mltrain.evaluation.metrics import class_name, pair_scores, sample_pairs
+from mltrain.evaluation.metrics import class_name
+from mltrain.retrieval.pairs import pair_scores, sample_pairs
 
 PROJECTOR_MAX_POINTS = 1000
 

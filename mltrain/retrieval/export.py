@@ -45,6 +45,7 @@ from mltrain.retrieval.shards import (
     index_from_shards,
     training_rows,
 )
+from mltrain.retrieval.verify import calibrate, calibration_rows
 
 
 def _splits_of(data) -> list[str]:
@@ -130,12 +131,26 @@ def export_bundle(
         }
         if shards:
             manifest["shards"] = shards
+        calibration = _calibration(tmp, shards, folder.labels, splits, cfg)
+        if calibration is not None:
+            manifest["verification"] = calibration
         write_metadata(tmp / METADATA, rows)
         save_index(idx, tmp / INDEX)
         save_state_dict(embedder.model, tmp / MODEL)
         finish_manifest(tmp, manifest, kind, exp.index_args, pca, idx)
         move_into_place(tmp, out_dir)
     return out_dir
+
+
+def _calibration(tmp: Path, shards, labels: np.ndarray, splits: list[str], cfg) -> dict | None:
+    """Verification thresholds from the stored held-out rows (`mltrain.retrieval.verify`)."""
+    rows, source = calibration_rows(splits)
+    if shards:
+        emb = ShardReader([tmp / s["name"] for s in shards]).take(rows)
+    else:
+        emb = np.load(tmp / EMBEDDINGS, mmap_mode="r", allow_pickle=False)[rows]
+    e = cfg.eval
+    return calibrate(emb, labels[rows], e.metric, e.verification_pairs, cfg.seed, source)
 
 
 def check_export_index(exp: ExportConfig, rows: int, dim: int, metric: str) -> None:

@@ -50,6 +50,7 @@ from mltrain.files import check_writable
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import Bundle, bundle_embedder, load_bundle, safe_image_path
 from mltrain.retrieval.index import check_index_metric, prepare, timed_single_queries
+from mltrain.retrieval.rerank import RERANKERS, rerank_candidates
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Hit:
     row: int  # row of the bundle's embeddings / metadata
     cls: str
     path: str
+    match: bool | None = None  # with a threshold: the score reaches it
 
 
 @dataclass
@@ -67,6 +69,7 @@ class QueryResult:
     error: str | None = None
     search_us: float | None = None
     hits: list[Hit] = field(default_factory=list)
+    answer: str | None = None  # with a threshold: the top hit's class, or "unknown"
 
 
 @dataclass
@@ -102,8 +105,14 @@ def _embed_queries(bundle: Bundle, paths: list[Path], results: list[QueryResult]
     return embs
 
 
-def search_images(bundle: Bundle, paths: Sequence[str | Path], k: int) -> SearchRun:
-    """Embed `paths` with the bundle's model and search its index, one query per call."""
+def search_images(
+    bundle: Bundle, paths: Sequence[str | Path], k: int, rerank: str = "none"
+) -> SearchRun:
+    """Embed `paths` with the bundle's model and search its index, one query per call.
+
+    With `rerank` (see `mltrain.retrieval.rerank`) the index returns max(4k, 50) candidates,
+    which are re-ordered with their stored embeddings, and the first k are kept; the timed
+    search is the index call alone, the scores stay the index's."""
     paths = [Path(p) for p in paths]
     results = [QueryResult(str(p)) for p in paths]
     t0 = time.perf_counter()
@@ -115,20 +124,34 @@ def search_images(bundle: Bundle, paths: Sequence[str | Path], k: int) -> Search
     index, metric = bundle.index, bundle.metric
     check_index_metric(index, metric)
     k = max(1, min(k, index.ntotal))
+    deep = k if rerank == "none" else min(index.ntotal, max(4 * k, RERANK_CANDIDATES))
     order = list(embs)
     queries = (np.concatenate([prepare(embs[i][None, :], metric, "query") for i in order])
                if order else np.empty((0, index.d), np.float32))  # fmt: skip
-    timed = timed_single_queries(lambda q: index.search(q, k), queries)
-    for i, (seconds, (scores, rows)) in zip(order, timed, strict=True):
+    timed = timed_single_queries(lambda q: index.search(q, deep), queries)
+    for n, (i, (seconds, (scores, rows))) in enumerate(zip(order, timed, strict=True)):
         results[i].search_us = seconds * 1e6
+        found = [(float(sc), int(row)) for sc, row in zip(scores[0], rows[0], strict=True)
+                 if row >= 0]  # an approximate index may not fill every slot  # fmt: skip
+        if rerank != "none" and found:
+            cand = _rows_of(bundle, [row for _, row in found])
+            found = [found[j] for j in rerank_candidates(queries[n], cand, rerank)]
         hits = []
-        for score, row in zip(scores[0], rows[0], strict=True):
-            if row < 0:  # an approximate index may not fill every slot
-                continue
-            meta = bundle.metadata[int(row)]
-            hits.append(Hit(len(hits) + 1, float(score), int(row), meta["class"], meta["path"]))
+        for score, row in found[:k]:
+            meta = bundle.metadata[row]
+            hits.append(Hit(len(hits) + 1, score, row, meta["class"], meta["path"]))
         results[i].hits = hits
     return SearchRun(results, k, embed_ms, model_ms)
+
+
+RERANK_CANDIDATES = 50
+
+
+def _rows_of(bundle: Bundle, rows: list[int]) -> np.ndarray:
+    """Stored embeddings of `rows`: an array (or memmap), or a sharded bundle's reader."""
+    emb = bundle.embeddings
+    picked = emb[rows] if isinstance(emb, np.ndarray) else emb.take(rows)
+    return np.asarray(picked, dtype=np.float32)
 
 
 # --- output --------------------------------------------------------------------------------
@@ -143,8 +166,11 @@ def _print_table(run: SearchRun, bundle: Bundle) -> None:
         width = max([5, *(len(printable(h.cls)) for h in r.hits)])
         print(f"  {'rank':>4}  {score_name:>8}  {'class':<{width}}  path")
         for h in r.hits:
+            mark = "" if h.match is None else ("  match" if h.match else "  no match")
             print(f"  {h.rank:>4}  {h.score:>8.4f}  {printable(h.cls):<{width}}  "
-                  f"{printable(h.path)}")  # fmt: skip
+                  f"{printable(h.path)}{mark}")  # fmt: skip
+        if r.answer is not None:
+            print(f"  answer: {printable(r.answer)}")
     n_ok = sum(r.error is None for r in run.results)
     per = run.embed_ms / n_ok if n_ok else 0.0
     us = [r.search_us for r in run.results if r.search_us is not None]
@@ -175,6 +201,7 @@ def _json_doc(run: SearchRun, bundle: Bundle, load_ms: float) -> dict:
                 "query": r.query,
                 "error": r.error,
                 "search_us": r.search_us,
+                "answer": r.answer,
                 "results": [_hit_dict(h) for h in r.hits],
             }
             for r in run.results
@@ -283,7 +310,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="the bundle's images are now here (thumbnails)")
     p.add_argument("--add", action="store_true", help="add the images to the bundle instead")
     p.add_argument("--class", dest="class_name", help="with --add: class of every new image")
+    p.add_argument("--rerank", default="none", choices=RERANKERS,
+                   help="re-order the top candidates: k_reciprocal or alpha_qe (see the report's "
+                        "re-ranking note for which helps on your data)")
+    p.add_argument("--threshold", metavar="auto|T",
+                   help="mark hits as match / no match at this similarity; auto: the bundle's "
+                        "calibrated threshold at FAR 1e-3; 'unknown' when the best hit is below")
     return p
+
+
+def threshold_value(bundle: Bundle, text: str) -> float:
+    """`--threshold` as a similarity: a number, or `auto` for the bundle's calibrated one."""
+    from mltrain.retrieval.verify import threshold_for
+
+    if bundle.metric != "cosine":
+        raise ConfigError("--threshold needs a cosine bundle; this one ranks by L2 distance")
+    if text == "auto":
+        return float(threshold_for(bundle.manifest)["threshold"])
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--threshold: expected auto or a number, got {text!r}") from None
+
+
+def apply_threshold(run: SearchRun, threshold: float) -> None:
+    """Mark every hit as match or not and answer each query: its top hit's class, or
+    "unknown" when even that is below the threshold (an identity never enrolled)."""
+    for r in run.results:
+        for h in r.hits:
+            h.match = h.score >= threshold
+        if r.error is None:
+            r.answer = r.hits[0].cls if r.hits and r.hits[0].match else "unknown"
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -309,7 +366,10 @@ def _run(argv: Sequence[str] | None) -> int:
     if k > len(bundle):
         print(f"note: -k {k} exceeds the bundle's {len(bundle)} images; using {len(bundle)}",
               file=sys.stderr)  # fmt: skip
-    run = search_images(bundle, args.images, k)
+    threshold = None if args.threshold is None else threshold_value(bundle, args.threshold)
+    run = search_images(bundle, args.images, k, args.rerank)
+    if threshold is not None:
+        apply_threshold(run, threshold)
     for r in run.results:
         if r.error is not None:
             print(f"error: query {printable(r.query)}: {printable(r.error)}", file=sys.stderr)

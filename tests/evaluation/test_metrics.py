@@ -9,25 +9,23 @@ from mltrain.errors import ConfigError, DataError
 from mltrain.evaluation.metrics import (
     book_accuracy,
     confused_pairs,
-    distinct_pairs,
     map_at_r,
     mean_average_precision,
     mean_per_class_precision_at_1,
     num_relevant,
     one_shot_accuracy,
-    pair_scores,
     per_class_metrics,
     precision_at_k,
     r_precision,
     recall_at_k,
     retrieval_metrics,
     roc_summary,
-    sample_pairs,
     score_neighbours,
     verification_metrics,
     worst_classes,
 )
 from mltrain.retrieval.index import knn_chunks
+from mltrain.retrieval.pairs import calibrate_threshold, distinct_pairs, pair_scores, sample_pairs
 
 # Neighbour labels for 3 queries of classes 0, 1, 2; hits are
 # [[1, 0, 1], [1, 1, 0], [0, 0, 1]].
@@ -343,3 +341,26 @@ def test_chunked_scoring_matches_one_chunk():
     for key in ("precision_at_5", "recall_at_5", "r_precision", "map_at_r"):
         assert parts[key] == pytest.approx(whole[key])
     np.testing.assert_array_equal(nb_parts.indices, nb.indices)
+
+
+def test_calibrated_threshold_reproduces_its_far_on_its_pairs():
+    rng = np.random.default_rng(0)
+    same = np.r_[np.ones(300, bool), np.zeros(2000, bool)]
+    scores = np.r_[rng.normal(0.8, 0.1, 300), rng.normal(0.2, 0.15, 2000)]
+    for far in (1e-1, 1e-2, 1e-3):
+        cal = calibrate_threshold(same, scores, far)
+        accepted = scores[~same] >= cal["threshold"]
+        assert accepted.mean() == cal["achieved_far"] <= far
+        assert accepted.sum() == int(far * 2000)  # continuous scores: exactly the allowance
+        assert cal["tar"] == (scores[same] >= cal["threshold"]).mean()
+        lower = np.nextafter(cal["threshold"], -np.inf)  # any lower threshold breaks the FAR
+        assert (scores[~same] >= lower).mean() > far or far * 2000 < 1
+
+
+def test_calibration_by_hand_with_ties():
+    same = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)
+    scores = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1, 0.7, 0.0])
+    cal = calibrate_threshold(same, scores, 0.25)  # 5 impostors allow 1 false accept...
+    assert cal["threshold"] > 0.7 and cal["achieved_far"] == 0.0  # ...but two tie at 0.7
+    assert cal["tar"] == pytest.approx(2 / 3)
+    assert calibrate_threshold(same, scores, 0.5)["threshold"] == pytest.approx(0.2, abs=1e-9)

@@ -1,0 +1,51 @@
+"""`python -m mltrain <command>` and the `mltrain` script: one family of commands with shared
+flags (`--config`, `--set`, `--checkpoint`, `--backbone`) and one-line errors. Only the chosen
+command's module is imported, so `mltrain verify` does not pay for training's imports."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from mltrain.cli import run_main
+
+COMMANDS = {
+    "train": ("mltrain.commands.train", "train a model from a config (train.py)"),
+    "evaluate": ("mltrain.commands.evaluate", "evaluate a checkpoint or backbone (evaluate.py)"),
+    "export": ("mltrain.commands.export", "embed a folder into a search bundle, no evaluation"),
+    "search": ("mltrain.retrieval.search", "search a bundle with query images"),
+    "add": ("mltrain.retrieval.search", "enroll images (one per class is enough) into a bundle"),
+    "verify": ("mltrain.commands.verify", "same class or not, at a calibrated threshold"),
+    "compare": ("mltrain.evaluation.compare", "compare pretrained backbones on your data"),
+}
+
+
+def usage() -> str:
+    rows = "\n".join(f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())
+    return f"usage: python -m mltrain <command> [args]   (<command> -h for its help)\n\n{rows}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    if module.__name__ == "mltrain.retrieval.search":  # returns its own exit code
+        return module.main([*rest, "--add"] if name == "add" else rest)
+    run_main(lambda: module.main(rest))
+    return 0
+
+
+def entry() -> None:
+    """The `mltrain` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,104 @@
+"""Evaluate embeddings: retrieval, per-class, PCA, verification and pictures in TensorBoard.
+
+python -m mltrain evaluate --checkpoint experiments/<run>/checkpoints/best.pt
+python -m mltrain evaluate --backbone tf_efficientnet_lite0 --config configs/pooling.yaml
+(python evaluate.py takes the same arguments)
+
+Results are written to a hidden staging folder beside the target and renamed into place when
+complete; --out and --export are checked for writability and free space before evaluating.
+"""
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from mltrain.cli import run_main
+from mltrain.commands.source import add_source_args, embedder_from_args
+from mltrain.errors import ConfigError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mltrain evaluate", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    add_source_args(p)
+    p.add_argument("--out", help="output folder (default: <run>/eval/<time>)")
+    p.add_argument(
+        "--export", metavar="DIR", help="also export a search bundle of the whole folder to DIR"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    from mltrain.evaluation.evaluate import new_eval_dir
+
+    embedder, base, source = embedder_from_args(args)
+    out = Path(args.out) if args.out else new_eval_dir(base, create=False)
+    export = Path(args.export) if args.export else None
+    from mltrain.data.pipeline import prepare_data
+
+    data = prepare_data(embedder.cfg)  # scanned and checked once: checks, evaluation, export
+    check_targets(embedder, out, export, len(data.folder))
+    result, out = evaluate_into(embedder, out, source, bool(args.out), base, data)
+    m = result.metrics
+    print(
+        f"precision@1 {m['precision_at_1']:.4f}  MAP@R {m['map_at_r']:.4f}  "
+        f"mean per-class P@1 {m['mean_per_class_precision_at_1']:.4f}  "
+        f"({m['num_queries']} queries, {m['embedding_dim']}-d)"
+    )
+    if args.export:
+        from mltrain.retrieval.export import export_bundle
+
+        export_bundle(embedder, export, source, data=data)
+    print(f"results: {out}")
+
+
+def check_targets(embedder, out: Path, export: Path | None, images: int) -> None:
+    """Before the evaluation: the targets may be written (an --out folder holding other
+    files is not replaced) and their disks hold a rough upper estimate of the results:
+    embeddings (npy and TensorBoard) plus 64 MiB of figures; a bundle's embeddings, index
+    and model. The export's index settings must fit the `images` it will hold."""
+    from mltrain.files import check_output_folders
+    from mltrain.retrieval.bundle import check_export_target
+    from mltrain.retrieval.export import check_export_index
+
+    if out.exists() and not (out.is_dir() and (is_eval_dir(out) or not any(out.iterdir()))):
+        raise ConfigError(f"--out {out} exists and is not an evaluation folder; choose a new "
+                          "folder (an earlier evaluation's folder is replaced whole)")  # fmt: skip
+    cfg = embedder.cfg
+    dim = embedder.model.embedding_dim
+    if export is not None:
+        check_export_target(export)
+        check_export_index(cfg.export, images, dim, cfg.eval.metric)
+    needs = [(out, "evaluation results (--out)", images * dim * 8 + 64 * 2**20)]
+    if export is not None:
+        weights = sum(t.numel() * t.element_size() for t in embedder.model.state_dict().values())
+        needs.append((export, "search bundle (--export)", images * (dim * 8 + 512) + weights))
+    check_output_folders(needs, "free space, make the folder writable or choose another one")
+
+
+def is_eval_dir(path: Path) -> bool:
+    return (path / "metrics.json").is_file() and (path / "config.yaml").is_file()
+
+
+def evaluate_into(embedder, out: Path, source: str, replace: bool, base: Path, data) -> tuple:
+    """`evaluate` into a staging folder, renamed to `out` when complete: an interrupted or
+    failed evaluation leaves nothing at `out`. An --out folder (`replace`) is swapped whole;
+    a default `<run>/eval/<time>` that another evaluation took meanwhile gets the next name.
+    Returns (EvalResult, the folder it is in)."""
+    from mltrain import files
+    from mltrain.evaluation.evaluate import evaluate, new_eval_dir
+
+    with files.staging(out, "partial") as tmp:
+        result = evaluate(embedder, tmp, source, data)
+        while not replace and (out.exists() or out.is_symlink()):
+            out = new_eval_dir(base, create=False)
+        if replace and out.exists() and not (is_eval_dir(out) or not any(out.iterdir())):
+            raise ConfigError(f"--out {out} now holds other files; results not moved there")
+        files.replace_dir(tmp, out)
+    return result, out
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,73 @@
+"""One-shot verification with a bundle: are these two images the same class (person, product)?
+
+A similarity alone does not answer that; a threshold does, and it has to come from data. At
+export the bundle's held-out rows (all rows for a split of kind `none`) give genuine and
+impostor pairs, and for each false-accept rate in `FARS` the lowest threshold that keeps to
+it is stored in the manifest with what it reaches on those pairs. `verify` and
+`search --threshold auto` read it back; nothing is re-embedded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mltrain.errors import BundleError, ConfigError
+from mltrain.retrieval.pairs import calibrate_threshold, distinct_pairs, pair_scores, sample_pairs
+
+FARS = (1e-1, 1e-2, 1e-3, 1e-4)
+DEFAULT_FAR = 1e-3
+
+
+def calibration_rows(splits: Sequence[str]) -> tuple[np.ndarray, str]:
+    """Rows whose pairs calibrate: the held-out ones, else (split none) every row."""
+    held = np.flatnonzero(np.asarray(splits) == "heldout")
+    if len(held):
+        return held, "heldout"
+    return np.arange(len(splits)), "all"
+
+
+def calibrate(
+    emb: np.ndarray, labels: np.ndarray, metric: str, num_pairs: int, seed: int, source: str
+) -> dict[str, Any] | None:
+    """The manifest's `verification` entry for these rows, or None where they give no
+    genuine or no impostor pair (then the bundle verifies nothing)."""
+    labels = np.asarray(labels)
+    genuine, impostor = distinct_pairs(labels)
+    if not genuine or not impostor:
+        return None
+    i, j, same = sample_pairs(labels, num_pairs, seed)
+    scores = pair_scores(np.asarray(emb, dtype=np.float32), i, j, metric)
+    table = [calibrate_threshold(same, scores, far) for far in FARS]
+    for row in table:  # fewer impostors than 1/FAR: no false accept is allowed, a stricter test
+        row["resolved"] = row["impostor_pairs"] * row["far"] >= 1
+    return {"metric": metric, "rows": source, "thresholds": table}
+
+
+def threshold_for(manifest: dict[str, Any], far: float = DEFAULT_FAR) -> dict[str, Any]:
+    """The stored calibration at `far`; a one-line error where the bundle has none."""
+    cal = manifest.get("verification")
+    if not isinstance(cal, dict) or not isinstance(cal.get("thresholds"), list):
+        raise BundleError(
+            "this bundle holds no calibrated threshold; export it again with "
+            "`python -m mltrain export` (or evaluate.py --export), which calibrates one"
+        )
+    for row in cal["thresholds"]:
+        if isinstance(row, dict) and abs(float(row.get("far", -1)) - far) <= 1e-12:
+            return {**row, "rows": cal.get("rows", "heldout")}
+    have = ", ".join(f"{float(r['far']):g}" for r in cal["thresholds"] if isinstance(r, dict))
+    raise ConfigError(f"--far {far:g}: the bundle is calibrated at FAR {have}; choose one")
+
+
+def verify_pair(bundle: Any, a: str | Path, b: str | Path, far: float = DEFAULT_FAR) -> dict:
+    """Similarity of images `a` and `b` under the bundle's model and metric, against its
+    threshold at `far`: {'similarity', 'threshold', 'same', ...calibration}."""
+    from mltrain.retrieval.bundle import bundle_embedder
+
+    cal = threshold_for(bundle.manifest, far)  # before the model is built
+    emb = bundle_embedder(bundle).embed([Path(a), Path(b)], desc="embedding the pair")
+    score = float(pair_scores(emb, np.array([0]), np.array([1]), bundle.metric)[0])
+    return {**cal, "similarity": score, "same": score >= float(cal["threshold"])}

@@ -1,0 +1,148 @@
+"""The command family as a user runs it: `python -m mltrain export | search | add | verify`,
+whole processes on a generated folder (offline lite0 weights, so two processes agree)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.foreign_data import write_drawings, write_photos
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mltrain(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert (proc.returncode == 0) == ok, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A bundle of 5 classes x 8 photos written by `python -m mltrain export` (split none)."""
+    work = tmp_path_factory.mktemp("cmd")
+    root = write_photos(work / "photos", classes=5, per_class=8)
+    args = ["--backbone", "tf_efficientnet_lite0", "--config", str(REPO / "configs/pooling.yaml"),
+            "--set", f"data.root={root}", "--set", "data.split=none",
+            "--set", f"output_dir={work / 'exp'}"]  # fmt: skip
+    proc = mltrain("-m", "mltrain", "export", *args, "--out", str(work / "bundle"), cwd=work)
+    assert "exported 40 images" in proc.stdout
+    return work, root, args
+
+
+def test_export_then_search_through_both_doors(exported):
+    work, root, _ = exported
+    query = root / "c3" / "5.jpg"
+    for door in (["-m", "mltrain", "search"], ["-m", "mltrain.search"]):
+        proc = mltrain(*door, str(work / "bundle"), str(query), "--json", cwd=work)
+        top = json.loads(proc.stdout)["queries"][0]["results"][0]
+        assert top["path"] == "c3/5.jpg" and top["class"] == "c3"
+
+
+def test_export_equals_what_evaluate_export_writes(exported):
+    work, _, args = exported
+    mltrain(str(REPO / "evaluate.py"), *args, "--export", str(work / "via-eval"), cwd=work)
+    a = np.load(work / "bundle" / "embeddings.npy")
+    b = np.load(work / "via-eval" / "embeddings.npy")
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    ma, mb = (json.loads((work / d / "manifest.json").read_text()) for d in ("bundle", "via-eval"))
+    assert (work / "bundle" / "metadata.csv").read_text() == (
+        work / "via-eval" / "metadata.csv"
+    ).read_text()
+    assert ma["verification"] == mb["verification"] and ma["count"] == mb["count"] == 40
+
+
+def test_manifest_threshold_reproduces_its_far(exported):
+    work, _, _ = exported
+    cal = json.loads((work / "bundle" / "manifest.json").read_text())["verification"]
+    assert cal["rows"] == "all"  # split none: every row calibrates
+    by_far = {row["far"]: row for row in cal["thresholds"]}
+    assert set(by_far) == {1e-1, 1e-2, 1e-3, 1e-4}
+    for far, row in by_far.items():
+        assert row["achieved_far"] <= far
+        assert row["genuine_pairs"] == 5 * 28 and row["impostor_pairs"] == 640  # all distinct
+    assert by_far[1e-1]["threshold"] <= by_far[1e-2]["threshold"] <= by_far[1e-3]["threshold"]
+
+
+def test_verify_same_and_different(exported):
+    work, root, _ = exported
+    bundle = str(work / "bundle")
+    same = mltrain("-m", "mltrain", "verify", bundle, str(root / "c2/1.jpg"),
+                   str(root / "c2/6.jpg"), "--far", "0.01", cwd=work)  # fmt: skip
+    diff = mltrain("-m", "mltrain", "verify", bundle, str(root / "c2/1.jpg"),
+                   str(root / "c4/6.jpg"), "--far", "0.01", cwd=work)  # fmt: skip
+    assert same.stdout.strip().endswith(": same")
+    assert diff.stdout.strip().endswith(": different")
+    assert "threshold" in same.stdout and "FAR 0.01 on 640 all impostor pairs" in same.stdout
+
+
+def test_enrol_unseen_classes_with_one_image_each_then_identify(exported, tmp_path):
+    work, _, _ = exported
+    bundle = tmp_path / "bundle"
+    subprocess.run(["cp", "-r", str(work / "bundle"), str(bundle)], check=True)
+    new = write_drawings(tmp_path / "new", alphabets=1, chars=2, per_class=6)  # unseen kinds
+    enrol = tmp_path / "enrol"
+    for cls in ("char_00", "char_01"):
+        (enrol / cls).mkdir(parents=True)
+        (enrol / cls / "0.pgm").write_bytes((new / "alphabet_0" / cls / "0.pgm").read_bytes())
+    proc = mltrain("-m", "mltrain", "add", str(bundle), str(enrol), cwd=tmp_path)
+    assert "added 2 images" in proc.stdout
+    queries = [str(new / "alphabet_0" / cls / f"{i}.pgm")
+               for cls in ("char_00", "char_01") for i in range(1, 6)]  # fmt: skip
+    out = mltrain("-m", "mltrain", "search", str(bundle), *queries, "--json", "-k", "1",
+                  cwd=tmp_path)  # fmt: skip
+    tops = [q["results"][0]["class"] for q in json.loads(out.stdout)["queries"]]
+    assert tops == ["char_00"] * 5 + ["char_01"] * 5
+
+
+def test_threshold_answers_unknown_below_it(exported):
+    work, root, _ = exported
+    query = str(root / "c1" / "2.jpg")
+    args = ["-m", "mltrain", "search", str(work / "bundle"), query, "--json"]
+    high = json.loads(mltrain(*args, "--threshold", "1.01", cwd=work).stdout)["queries"][0]
+    low = json.loads(mltrain(*args, "--threshold", "-1", cwd=work).stdout)["queries"][0]
+    auto = json.loads(mltrain(*args, "--threshold", "auto", cwd=work).stdout)["queries"][0]
+    assert high["answer"] == "unknown" and not any(h["match"] for h in high["results"])
+    assert low["answer"] == "c1" and all(h["match"] for h in low["results"])
+    assert auto["answer"] == "c1"  # the image itself is in the bundle: similarity 1
+
+
+def test_bad_input_is_one_line(exported, tmp_path):
+    work, root, _ = exported
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    bad = mltrain("-m", "mltrain", "verify", str(work / "bundle"), str(text),
+                  str(root / "c1/1.jpg"), cwd=tmp_path, ok=False)  # fmt: skip
+    assert bad.returncode == 2 and "notes.jpg" in bad.stderr
+    missing = mltrain("-m", "mltrain", "search", str(tmp_path / "nope"), str(root / "c1/1.jpg"),
+                      cwd=tmp_path, ok=False)  # fmt: skip
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    bare = tmp_path / "bare"
+    subprocess.run(["cp", "-r", str(work / "bundle"), str(bare)], check=True)
+    manifest = json.loads((bare / "manifest.json").read_text())
+    del manifest["verification"]
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    none = mltrain("-m", "mltrain", "verify", str(bare), str(root / "c1/1.jpg"),
+                   str(root / "c1/2.jpg"), cwd=tmp_path, ok=False)  # fmt: skip
+    assert "holds no calibrated threshold" in none.stderr and none.returncode == 2
+    unknown = mltrain("-m", "mltrain", "fly", cwd=tmp_path, ok=False)
+    assert "unknown command 'fly'" in unknown.stderr
+
+
+def test_search_with_rerank_keeps_the_image_itself_first(exported):
+    work, root, _ = exported
+    for method in ("k_reciprocal", "alpha_qe"):
+        proc = mltrain("-m", "mltrain", "search", str(work / "bundle"), str(root / "c4/3.jpg"),
+                       "--json", "-k", "3", "--rerank", method, cwd=work)  # fmt: skip
+        hits = json.loads(proc.stdout)["queries"][0]["results"]
+        assert len(hits) == 3 and hits[0]["path"] == "c4/3.jpg"
+        assert [h["class"] for h in hits] == ["c4"] * 3
