@@ -136,7 +136,7 @@ def write_report(
     for name, image in images.items():
         Image.fromarray(image).save(out_dir / f"{name}.png")
     text = markdown_report(
-        m, [f"{name}.png" for name in figures], notes, timing, split.heldout_labels
+        m, [f"{name}.png" for name in figures], notes, timing
     )
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     pairs = None
@@ -145,7 +145,7 @@ def write_report(
             split.heldout_emb, split.heldout_labels, metric, int(ver["num_pairs"]), seed
         )
     # TensorBoard shows the figures in its Images tab; relative image links would be broken.
-    text_only = markdown_report(m, (), notes, timing, split.heldout_labels)
+    text_only = markdown_report(m, (), notes, timing)
     write_tensorboard(
         out_dir,
         m,
