@@ -30,6 +30,8 @@ bench: setup
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/ann.py
+	$(BIN)/python benchmarks/export.py
+	$(BIN)/python benchmarks/second_domain.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
