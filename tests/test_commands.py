@@ -146,3 +146,19 @@ def test_search_with_rerank_keeps_the_image_itself_first(exported):
         hits = json.loads(proc.stdout)["queries"][0]["results"]
         assert len(hits) == 3 and hits[0]["path"] == "c4/3.jpg"
         assert [h["class"] for h in hits] == ["c4"] * 3
+
+
+def test_evaluate_export_carries_its_rerank_finding_into_search(exported):
+    work, root, args = exported
+    if not (work / "via-eval").exists():  # written by the parity test above
+        mltrain(str(REPO / "evaluate.py"), *args, "--export", str(work / "via-eval"), cwd=work)
+    manifest = json.loads((work / "via-eval" / "manifest.json").read_text())
+    measured = manifest["rerank"]["measured"]
+    assert manifest["rerank"]["default"] == measured["recommended"]
+    assert set(measured) >= {"none", "k_reciprocal", "alpha_qe", "rows"}
+    out = mltrain("-m", "mltrain", "search", str(work / "via-eval"), str(root / "c2/4.jpg"),
+                  "--json", cwd=work)  # fmt: skip
+    assert json.loads(out.stdout)["rerank"] == manifest["rerank"]["default"]
+    plain = mltrain("-m", "mltrain", "search", str(work / "bundle"), str(root / "c2/4.jpg"),
+                    "--json", cwd=work)  # fmt: skip
+    assert json.loads(plain.stdout)["rerank"] == "none"  # mltrain export measured nothing

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.export:
         from mltrain.retrieval.export import export_bundle
 
-        export_bundle(embedder, export, source, data=data)
+        export_bundle(embedder, export, source, data=data, rerank=m.get("rerank"))
     print(f"results: {out}")
 
 

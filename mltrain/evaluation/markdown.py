@@ -68,6 +68,12 @@ VERIFICATION = (
         "score that separates the pairs best (cosine similarity; for l2 a negative distance)",
     ),
     ("best_accuracy", "best accuracy", "share of pairs judged right at that threshold"),
+    (
+        "threshold_at_far_1e-3",
+        "threshold @ FAR 1e-3",
+        "lowest score accepting at most 0.1% of different-class pairs (what `mltrain verify` "
+        "uses from a bundle)",
+    ),
     ("num_pairs", "pairs", "pairs scored, half same-class where that many exist; a small "
      "held-out set gives each of its distinct pairs once"),
 )

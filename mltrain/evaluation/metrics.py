@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from mltrain.errors import ConfigError, DataError
 from mltrain.retrieval.index import as_vectors, check_metric, knn_chunks, l2_normalize
-from mltrain.retrieval.pairs import class_blocks, pair_scores, sample_pairs
+from mltrain.retrieval.pairs import calibrate_threshold, class_blocks, pair_scores, sample_pairs
 from mltrain.retrieval.pairs import plain as _plain
 
 # Neighbour columns `per_class_metrics` needs (precision_at_5).
@@ -474,12 +474,16 @@ def verification_metrics(
 
     Scalars: roc_auc, eer, tar_at_far_1e-2, tar_at_far_1e-3 (TAR at the largest threshold
     with FAR <= the target), best_threshold (accept a pair when score >= it; a cosine
-    similarity, or a negative L2 distance for metric="l2"), best_accuracy, num_pairs.
+    similarity, or a negative L2 distance for metric="l2"), best_accuracy,
+    threshold_at_far_1e-3 (the lowest score that keeps FAR <= 1e-3 on these pairs, as a bundle
+    calibrates it for `mltrain verify`), num_pairs, num_genuine, num_impostor.
     Lists (`CURVE_KEYS`): "fpr" and "tpr", the ROC curve for plotting.
     """
     emb, labels = check_labelled(emb, labels)
     i, j, same = sample_pairs(labels, num_pairs, seed)
-    out = roc_summary(same, pair_scores(emb, i, j, metric))
+    scores = pair_scores(emb, i, j, metric)
+    out = roc_summary(same, scores)
+    out["threshold_at_far_1e-3"] = calibrate_threshold(same, scores, 1e-3)["threshold"]
     out["num_pairs"] = int(len(same))
     out["num_genuine"], out["num_impostor"] = int(same.sum()), int((~same).sum())
     return out

@@ -68,10 +68,13 @@ def export_bundle(
     dtype: str | None = None,
     shard_size: int | None = None,
     data: RunData | None = None,
+    rerank: dict[str, Any] | None = None,
 ) -> Path:
     """Embed the whole image folder of `embedder.cfg.data` and write a bundle to `out_dir`.
 
     `data` is that folder already scanned and checked (`prepare_data`), to avoid a second pass.
+    `rerank` is the evaluator's re-ranking comparison of these held-out images: its
+    recommendation becomes the bundle's default re-ranker for search.
 
     `index`, `pca_dim`, `dtype` and `shard_size` default to the config's `export` section;
     the index args come from `export.index_args` when `index` is the configured kind, else
@@ -131,6 +134,8 @@ def export_bundle(
         }
         if shards:
             manifest["shards"] = shards
+        if rerank is not None:
+            manifest["rerank"] = {"default": rerank["recommended"], "measured": rerank}
         calibration = _calibration(tmp, shards, folder.labels, splits, cfg)
         if calibration is not None:
             manifest["verification"] = calibration

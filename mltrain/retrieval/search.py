@@ -78,6 +78,7 @@ class SearchRun:
     k: int
     embed_ms: float  # embedding all readable queries, model already built
     model_ms: float  # rebuilding the model from the bundle
+    rerank: str = "none"  # the re-ranker that ordered the hits
 
 
 def _embed_queries(bundle: Bundle, paths: list[Path], results: list[QueryResult]):
@@ -141,10 +142,19 @@ def search_images(
             meta = bundle.metadata[row]
             hits.append(Hit(len(hits) + 1, score, row, meta["class"], meta["path"]))
         results[i].hits = hits
-    return SearchRun(results, k, embed_ms, model_ms)
+    return SearchRun(results, k, embed_ms, model_ms, rerank)
 
 
 RERANK_CANDIDATES = 50
+
+
+def default_rerank(bundle: Bundle, asked: str) -> str:
+    """`auto`: the re-ranker the exporting evaluation measured a gain for (a bundle from
+    `evaluate.py --export`), else none; anything else as asked."""
+    if asked != "auto":
+        return asked
+    chosen = (bundle.manifest.get("rerank") or {}).get("default", "none")
+    return chosen if chosen in RERANKERS else "none"  # untrusted manifest: known names only
 
 
 def _rows_of(bundle: Bundle, rows: list[int]) -> np.ndarray:
@@ -195,6 +205,7 @@ def _json_doc(run: SearchRun, bundle: Bundle, load_ms: float) -> dict:
         "metric": bundle.metric,
         "index": {"kind": info["kind"], "pca_dim": info.get("pca_dim"), "ntotal": len(bundle)},
         "k": run.k,
+        "rerank": run.rerank,
         "timing": {"load_ms": load_ms, "model_ms": run.model_ms, "embed_ms": run.embed_ms},
         "queries": [
             {
@@ -310,9 +321,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="the bundle's images are now here (thumbnails)")
     p.add_argument("--add", action="store_true", help="add the images to the bundle instead")
     p.add_argument("--class", dest="class_name", help="with --add: class of every new image")
-    p.add_argument("--rerank", default="none", choices=RERANKERS,
-                   help="re-order the top candidates: k_reciprocal or alpha_qe (see the report's "
-                        "re-ranking note for which helps on your data)")
+    p.add_argument("--rerank", default="auto", choices=("auto", *RERANKERS),
+                   help="re-order the top candidates: k_reciprocal or alpha_qe; auto (default): "
+                        "what the evaluation that exported the bundle found helps, else none")
     p.add_argument("--threshold", metavar="auto|T",
                    help="mark hits as match / no match at this similarity; auto: the bundle's "
                         "calibrated threshold at FAR 1e-3; 'unknown' when the best hit is below")
@@ -367,7 +378,7 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"note: -k {k} exceeds the bundle's {len(bundle)} images; using {len(bundle)}",
               file=sys.stderr)  # fmt: skip
     threshold = None if args.threshold is None else threshold_value(bundle, args.threshold)
-    run = search_images(bundle, args.images, k, args.rerank)
+    run = search_images(bundle, args.images, k, default_rerank(bundle, args.rerank))
     if threshold is not None:
         apply_threshold(run, threshold)
     for r in run.results:
@@ -380,7 +391,8 @@ def _run(argv: Sequence[str] | None) -> int:
         pca = f", PCA {printable(info['pca_dim'])}" if info.get("pca_dim") else ""
         print(f"bundle {printable(bundle.path)}: {len(bundle)} images, "
               f"{printable(info['kind'])} index{pca}, {printable(bundle.metric)} metric; "
-              f"loaded and verified in {load_ms:.0f} ms")  # fmt: skip
+              f"loaded and verified in {load_ms:.0f} ms"
+              + (f"; re-ranked with {run.rerank}" if run.rerank != "none" else ""))  # fmt: skip
         _print_table(run, bundle)
     if args.sheet:
         out = write_sheet(run, bundle, args.sheet)
