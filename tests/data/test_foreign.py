@@ -105,7 +105,7 @@ def test_pretrained_evaluate_and_export_on_60_images(tmp_path):
 
 def test_few_classes_fit_the_batch_and_csv_labels(tmp_path):
     run_dir = train("triplet", write_photos(tmp_path / "p", classes=3, per_class=10), tmp_path)
-    assert "train.batch_size 64 lowered to 12" in (run_dir / "notes.txt").read_text()
+    assert "train.batch_size 64 lowered to 6" in (run_dir / "notes.txt").read_text()  # 3 x m 2
     csv_path = write_csv_folder(tmp_path / "catalogue", classes=4, per_class=8)
     run_dir = train("classification", csv_path, tmp_path)
     metrics = evaluate_and_export(run_dir / "checkpoints" / "best.pt", tmp_path / "b", tmp_path)

@@ -246,7 +246,7 @@ def test_bnneck_hybrid_trains_and_embeds_through_the_neck(tmp_path):
     from mltrain.inference.embedder import embedder_from_checkpoint
 
     with pytest.raises(ConfigError, match="model.bnneck: the hybrid trains a metric loss"):
-        load_config("configs/triplet.yaml", ["model.bnneck=true"])
+        load_config("configs/triplet.yaml", ["model.head=false"])  # bnneck without a head
     root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
     cfg = tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp", "model.head=true",
                    "model.bnneck=true", "train.epochs=2")  # fmt: skip
