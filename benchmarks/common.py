@@ -112,6 +112,8 @@ def _cell(v: object) -> str:
     if isinstance(v, float):
         if v != v:  # NaN
             return "n/a"
+        if 0 < abs(v) < 0.005:  # a few milliseconds must not print as 0.00
+            return f"{v:.2g}"
         return f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
 

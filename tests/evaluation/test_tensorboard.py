@@ -112,7 +112,7 @@ def test_training_writes_hparams_and_config_text(train_py_run: Path) -> None:
     values = hp["_hparams_/session_start_info"].session_start_info.hparams
     assert values["train.max_steps"].number_value == MAX_STEPS
     assert values["model.backbone"].string_value == "tf_efficientnet_lite0"
-    assert values["train.optimizer.args.lr"].number_value == pytest.approx(5e-4)
+    assert values["train.optimizer.args.lr"].number_value == pytest.approx(1e-3)  # triplet.yaml
     metrics = {m.name.tag for m in hp["_hparams_/experiment"].experiment.metric_infos}
     assert {"best/precision_at_1", "heldout/precision_at_1", "train/loss_epoch"} <= metrics
     assert metrics <= set(acc.Tags()["scalars"])  # every metric the tab lists has values
