@@ -76,12 +76,18 @@ def embed_split(embedder: Embedder, data: RunData) -> EmbeddedSplit:
 def plan_for(cfg: Config, data: RunData, dim: int) -> EvalPlan:
     """The evaluation that fits this split, from counts alone (before embedding)."""
     held = data.folder.labels[data.split.heldout]
-    same = data.split.kind == "none"
-    n_train = len(data.split.heldout if same else data.split.train)
-    gallery = len(held) - 1
-    if cfg.eval.gallery == "train" and not same:
-        gallery = len(data.split.train)
-    return plan_evaluation(cfg.eval, n_train, held, dim, gallery)
+    return _fitted_plan(cfg, held, len(data.split.train), data.split.kind == "none", dim)
+
+
+def _fitted_plan(
+    cfg: Config, heldout_labels: np.ndarray, train_rows: int, same_set: bool, dim: int
+) -> EvalPlan:
+    """PCA fits on the training rows (the held-out ones when both are the same set); queries
+    search the other held-out rows, or the training rows with `eval.gallery: train`."""
+    n_train = len(heldout_labels) if same_set else train_rows
+    use_train = cfg.eval.gallery == "train" and not same_set
+    gallery = train_rows if use_train else len(heldout_labels) - 1
+    return plan_evaluation(cfg.eval, n_train, heldout_labels, dim, gallery)
 
 
 def compute_metrics(s: EmbeddedSplit, cfg: Config, plan: EvalPlan | None = None) -> EvalResult:
@@ -90,10 +96,8 @@ def compute_metrics(s: EmbeddedSplit, cfg: Config, plan: EvalPlan | None = None)
     (by default fitted to `s`) allows; its notes and skips go into the metrics."""
     e = cfg.eval
     if plan is None:
-        n_train = len(s.heldout_emb if s.same_set else s.train_emb)
-        gallery = len(s.train_emb) if e.gallery == "train" and not s.same_set else None
-        gallery = len(s.heldout_emb) - 1 if gallery is None else gallery
-        plan = plan_evaluation(e, n_train, s.heldout_labels, s.heldout_emb.shape[1], gallery)
+        dim = s.heldout_emb.shape[1]
+        plan = _fitted_plan(cfg, s.heldout_labels, len(s.train_emb), s.same_set, dim)
     gallery = {}
     if e.gallery == "train" and not s.same_set:
         gallery = {"gallery_emb": s.train_emb, "gallery_labels": s.train_labels}

@@ -18,8 +18,6 @@ data), so the evaluator measures both on the held-out images rather than assumin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from mltrain.errors import ConfigError
@@ -108,10 +106,3 @@ def rerank_candidates(query: np.ndarray, candidates: np.ndarray, method: str) ->
         return np.arange(len(candidates))
     x = np.concatenate([np.asarray(query, np.float32)[None, :], candidates]).astype(np.float32)
     return reranked_order(x, method)[0] - 1  # row 0 is the query; candidates start at 1
-
-
-def rerank_scores(
-    emb: np.ndarray, labels: np.ndarray, score: Callable[[np.ndarray, np.ndarray], dict]
-) -> dict[str, dict[str, float]]:
-    """`score(order, labels)` of the leave-one-out ranking of `emb` under each re-ranker."""
-    return {m: score(reranked_order(emb, m), np.asarray(labels)) for m in RERANKERS}
