@@ -123,6 +123,23 @@ def _class_of(rel: tuple[str, ...], depth: int | str) -> str | None:
     return "/".join(rel[:depth]) if len(rel) >= int(depth) else None
 
 
+def group_by_class(walk: _Walk, class_depth: int | str) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Images by class name (relative folder path), and those above any class folder."""
+    by_class: dict[str, list[Path]] = {}
+    above: list[Path] = []
+    for rel, files in walk.images.items():
+        name = _class_of(rel, class_depth)
+        (above if name is None else by_class.setdefault(name, [])).extend(files)
+    return by_class, above
+
+
+def images_by_class(root: Path, class_depth: int | str = "auto") -> tuple[dict, list[Path]]:
+    """`group_by_class` of one folder read the way `scan_folder` reads a data root (nested
+    classes named by their path, symlinked folders and non-regular files skipped), for
+    callers that take any number of classes, such as adding images to a bundle."""
+    return group_by_class(_walk(root), class_depth)
+
+
 def exclusion_of(name: str, exclude: Sequence[str]) -> str | None:
     """The exclusion that removes class `name`: itself or a folder above it."""
     for e in exclude:
@@ -152,11 +169,7 @@ def scan_folder(
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; check data.root")
     walk = _walk(root)
-    by_class: dict[str, list[Path]] = {}
-    above: list[Path] = []
-    for rel, files in walk.images.items():
-        name = _class_of(rel, class_depth)
-        (above if name is None else by_class.setdefault(name, [])).extend(files)
+    by_class, above = group_by_class(walk, class_depth)
     notes = [f"skipped {s}" for s in walk.skipped]
     if above:
         where = "in the data root" if class_depth == "auto" else f"above depth {class_depth}"

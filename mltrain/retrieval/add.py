@@ -16,7 +16,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from mltrain import files
-from mltrain.data.folder import IMAGE_EXTENSIONS, is_image
+from mltrain.data.folder import IMAGE_EXTENSIONS, images_by_class, is_image, natural_key
 from mltrain.data.images import load_image
 from mltrain.errors import BundleError, ConfigError, DataError
 from mltrain.files import check_free_space, check_writable
@@ -94,10 +94,13 @@ def _collect(
 
 
 def _images_in(folder: Path) -> list[tuple[Path, str]]:
-    """(image, class) under `folder`: sub-folders are classes, loose images take its name."""
-    found = [(p, folder.name) for p in sorted(folder.iterdir()) if p.is_file() and is_image(p)]
-    for d in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        found += [(p, d.name) for p in sorted(d.rglob("*")) if p.is_file() and is_image(p)]
+    """(image, class) under `folder`, read as a data root is: the deepest folders holding
+    images are classes named by their path (`alphabet_2/char_03`); loose images take the
+    folder's own name."""
+    by_class, loose = images_by_class(folder)
+    found = [(p, folder.name) for p in sorted(loose, key=lambda p: natural_key(p.name))]
+    for name in sorted(by_class, key=natural_key):
+        found += [(p, name) for p in sorted(by_class[name], key=lambda p: natural_key(p.name))]
     return found
 
 
