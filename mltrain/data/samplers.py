@@ -12,6 +12,7 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as pml_common
 from torch.utils.data import Sampler
 
+from mltrain.data.folder import listing
 from mltrain.errors import ConfigError, DataError
 from mltrain.registry import Registry
 
@@ -42,6 +43,26 @@ def random_sampler(**_: Any) -> None:
     return None
 
 
+class _Subset(Sampler[int]):
+    """A sampler over some of the images, yielding their indices in the whole list."""
+
+    def __init__(self, inner: Sampler[int], keep: np.ndarray) -> None:
+        self.inner, self.keep = inner, keep
+
+    def __iter__(self):
+        return (int(self.keep[i]) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def paired(labels: np.ndarray) -> np.ndarray:
+    """Indices of the images whose class has at least 2 of them: only those can form a positive
+    pair, so balanced batches draw from them alone."""
+    ids, counts = np.unique(labels, return_counts=True)
+    return np.flatnonzero(np.isin(labels, ids[counts >= 2]))
+
+
 @SAMPLERS.register("m_per_class")
 def m_per_class_sampler(
     labels: np.ndarray,
@@ -50,57 +71,74 @@ def m_per_class_sampler(
     m: int = 4,
     seed: int | None = None,
 ) -> Sampler:
+    """m images of each of batch_size/m classes per batch. Classes with a single training image
+    are left out (`fit_batch_size` notes which): they have no positive to pair with."""
     labels = np.asarray(labels, dtype=np.int64)
     if m < 1 or batch_size % m or batch_size < 2 * m:
         raise ConfigError(
             f"sampler m_per_class: batch_size {batch_size} must be a multiple of m {m} and at "
             f"least 2*m = {2 * m} (each batch holds batch_size/m classes)"
         )
-    ids, counts = np.unique(labels, return_counts=True)
-    for label, count in zip(ids, counts, strict=True):
-        if count < 2:
-            raise DataError(
-                f"class '{class_names[label]}' has {count} image; pair and triplet losses need "
-                "at least 2 per class: add images or exclude the class with data.exclude_classes"
-            )
+    keep = paired(labels)
+    ids = np.unique(labels[keep])
+    if len(ids) < 2:
+        raise DataError(
+            f"{len(ids)} of {len(np.unique(labels))} classes have 2 or more training images; "
+            "pair and triplet losses need at least 2 such classes: add images, or use the "
+            "random sampler with a proxy loss (configs/pooling.yaml)"
+        )
     if len(ids) * m < batch_size:
         raise ConfigError(
             f"sampler m_per_class: {len(ids)} classes x m {m} = {len(ids) * m} images cannot "
             f"fill a batch of {batch_size}; lower batch_size or raise m"
         )
-    if len(labels) < batch_size:
+    if len(keep) < batch_size:
         raise ConfigError(
-            f"sampler m_per_class: {len(labels)} training images are fewer than batch_size "
+            f"sampler m_per_class: {len(keep)} training images are fewer than batch_size "
             f"{batch_size}; lower batch_size"
         )
-    return SeededMPerClassSampler(
-        labels, m, batch_size=batch_size, length_before_new_iter=len(labels), seed=seed
+    inner = SeededMPerClassSampler(
+        labels[keep], m, batch_size=batch_size, length_before_new_iter=len(keep), seed=seed
     )
+    return inner if len(keep) == len(labels) else _Subset(inner, keep)
 
 
 def fit_batch_size(
-    spec: Mapping[str, Any] | str, labels: np.ndarray, batch_size: int
-) -> tuple[int, str | None]:
-    """The batch size the training images can fill, and a note when it is smaller than asked.
+    spec: Mapping[str, Any] | str, labels: np.ndarray, batch_size: int,
+    class_names: Sequence[str] = (),
+) -> tuple[int, list[str]]:
+    """The batch size the training images can fill, and notes on what was adapted.
 
     m_per_class batches hold m images of batch_size/m classes: with 3 classes and m=4 a batch
     of 64 cannot be filled, so it becomes 12 (a multiple of m, within the classes and images).
-    Other samplers shrink to the number of images, since full batches only are trained.
+    Classes with one training image are left out of such batches, and noted. Other samplers
+    shrink to the number of images, since full batches only are trained.
     """
     spec = {"name": spec} if isinstance(spec, str) else spec
-    n = len(labels)
+    labels = np.asarray(labels)
+    notes = []
     if spec.get("name") == "m_per_class":
+        keep = paired(labels)
+        lone = [str(class_names[c]) if len(class_names) > c else str(c)
+                for c in np.unique(np.delete(labels, keep))]  # fmt: skip
+        if lone and len(keep):
+            notes.append(f"{len(lone)} classes with a single training image sit out the "
+                         f"balanced batches (no positive to pair with): {listing(lone)}; they "
+                         "are still searched and evaluated")  # fmt: skip
+        labels = labels[keep]
         m = int((spec.get("args") or {}).get("m", 4))
+        n = len(labels)
         fits = min(len(np.unique(labels)) * m, n // m * m) if m >= 1 else batch_size
         if batch_size <= fits or fits < 2 * m:  # fits, or cannot: the sampler's error explains
-            return batch_size, None
+            return batch_size, notes
         why = f"{len(np.unique(labels))} classes x m {m}, {n} training images"
     else:
-        fits = n
+        fits = len(labels)
         if batch_size <= fits:
-            return batch_size, None
-        why = f"{n} training images"
-    return fits, f"train.batch_size {batch_size} lowered to {fits} to fit the data ({why})"
+            return batch_size, notes
+        why = f"{fits} training images"
+    notes.append(f"train.batch_size {batch_size} lowered to {fits} to fit the data ({why})")
+    return fits, notes
 
 
 def build_sampler(

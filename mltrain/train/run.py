@@ -216,9 +216,12 @@ class Run:
         """Shrink a batch the data cannot fill (few classes or images), saying so; the stored
         config records the size that ran, so a resumed run keeps it."""
         t = self.cfg.train
-        t.batch_size, note = fit_batch_size(t.sampler, self.data.train_labels, t.batch_size)
-        if note and self.main:
-            report_notes([note], self.run_dir)
+        asked = t.batch_size
+        t.batch_size, notes = fit_batch_size(t.sampler, self.data.train_labels, t.batch_size,
+                                             self.data.train_classes)  # fmt: skip
+        if notes and self.main:
+            report_notes(notes, self.run_dir)
+        if t.batch_size != asked and self.main:
             save_config(self.cfg, self.run_dir / "config.yaml")
 
     def loss(self, emb: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:

@@ -20,7 +20,7 @@ from mltrain.data.archive import resolve_root
 from mltrain.data.dataset import ImageDataset, make_loader
 from mltrain.data.folder import scan_folder
 from mltrain.data.images import check_images, load_image
-from mltrain.data.samplers import SAMPLERS, build_sampler
+from mltrain.data.samplers import SAMPLERS, build_sampler, fit_batch_size
 from mltrain.data.splits import find_duplicates, load_split, make_split, save_split
 from mltrain.data.transforms import DEFAULT_AUGMENT, eval_transform, train_transform
 from mltrain.errors import ConfigError, DataError
@@ -396,6 +396,20 @@ def test_m_per_class_batches(tmp_path, make_image_folder):
     assert build_sampler({"name": "random"}, folder.labels, 4, []) is None
 
 
+def test_a_class_with_one_image_sits_out_balanced_batches():
+    labels = np.repeat([0, 1, 2], [4, 1, 4])  # index 4 is the lone image of 'lonely'
+    names = ["ok", "lonely", "fine"]
+    sampler = build_sampler({"name": "m_per_class", "args": {"m": 2}}, labels, 4, names, seed=0)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 8 and 4 not in order
+    assert set(order) <= set(range(9)) and set(labels[order]) == {0, 2}
+    size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 2}}, labels, 64, names)
+    assert size == 4  # 2 classes x m 2, not 3 x 2
+    assert "1 classes with a single training image" in notes[0] and "lonely" in notes[0]
+    assert "lowered to 4" in notes[1]
+    assert fit_batch_size("random", labels, 4, names) == (4, [])
+
+
 def test_sampler_errors():
     labels = np.repeat([0, 1, 2], [4, 1, 4])
     names = ["ok", "lonely", "fine"]
@@ -403,8 +417,9 @@ def test_sampler_errors():
         build_sampler({"name": "m_per_class"}, labels, 6, names)
     with pytest.raises(ConfigError, match="batch_size 4 .* m 4"):
         build_sampler({"name": "m_per_class"}, labels, 4, names)
-    with pytest.raises(DataError, match="class 'lonely' has 1 image.*exclude_classes"):
-        build_sampler({"name": "m_per_class", "args": {"m": 2}}, labels, 4, names)
+    with pytest.raises(DataError, match="1 of 3 classes have 2 or more training images"):
+        build_sampler({"name": "m_per_class", "args": {"m": 2}}, np.repeat([0, 1, 2], [4, 1, 1]),
+                      4, names)  # fmt: skip
     with pytest.raises(ConfigError, match="m_per_class, random"):
         build_sampler({"name": "mper"}, labels, 4, names)
     assert SAMPLERS.names() == ["m_per_class", "random"]
