@@ -122,7 +122,8 @@ def fit_batch_size(
         lone = [str(class_names[c]) if len(class_names) > c else str(c)
                 for c in np.unique(np.delete(labels, keep))]  # fmt: skip
         if lone and len(keep):
-            notes.append(f"{len(lone)} classes with a single training image sit out the "
+            what = "1 class" if len(lone) == 1 else f"{len(lone)} classes"
+            notes.append(f"{what} with a single training image sit out the "
                          f"balanced batches (no positive to pair with): {listing(lone)}; they "
                          "are still searched and evaluated")  # fmt: skip
         labels = labels[keep]

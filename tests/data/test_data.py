@@ -405,7 +405,7 @@ def test_a_class_with_one_image_sits_out_balanced_batches():
     assert set(order) <= set(range(9)) and set(labels[order]) == {0, 2}
     size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 2}}, labels, 64, names)
     assert size == 4  # 2 classes x m 2, not 3 x 2
-    assert "1 classes with a single training image" in notes[0] and "lonely" in notes[0]
+    assert "1 class with a single training image" in notes[0] and "lonely" in notes[0]
     assert "lowered to 4" in notes[1]
     assert fit_batch_size("random", labels, 4, names) == (4, [])
 
