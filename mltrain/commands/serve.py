@@ -45,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _require_serve_extra() -> None:
-    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    wanted = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
+    missing = [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
     if missing:
         raise MltrainError(f"mltrain serve needs {', '.join(missing)}: {INSTALL}")
 
