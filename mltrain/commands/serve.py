@@ -45,8 +45,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _require_serve_extra() -> None:
-    wanted = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
-    missing = [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
+    found = importlib.util.find_spec
+    missing = [m for m in ("fastapi", "uvicorn") if found(m) is None]
+    if found("python_multipart") is None and found("multipart") is None:  # new and old name
+        missing.append("python-multipart")
     if missing:
         raise MltrainError(f"mltrain serve needs {', '.join(missing)}: {INSTALL}")
 
