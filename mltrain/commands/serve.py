@@ -13,8 +13,8 @@ Bad uploads (empty, not an image, over --max-upload-mb or --max-pixels) get a 4x
 answer with a one-line `detail`; the server keeps running.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations as
+# objects, and `Request` is imported inside create_app (the serve extra is optional).
 import argparse
 import importlib.util
 from collections.abc import Sequence
