@@ -123,6 +123,12 @@ def test_bad_uploads_get_a_clear_4xx_and_the_server_stays_up(client, served_bund
     r = client.post("/search", content=b"x" * 10, headers={"content-length": "999999999",
                                                            "content-type": "text/plain"})
     assert r.status_code == 413 and "byte limit" in r.json()["detail"]
+    head = b'--x\r\nContent-Disposition: form-data; name="image"; filename="q"\r\n\r\n'
+    chunks = iter([head] + [b"\0" * 65536] * 8)  # no Content-Length: a chunked upload
+    r = client.post("/search", content=chunks,
+                    headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and "byte limit" in r.json()["detail"]
+    assert client.get("/health").status_code == 200
 
 
 def test_missing_serve_extra_is_one_line(monkeypatch, served_bundle, capsys):

@@ -88,15 +88,8 @@ def create_app(service: Any):
     async def _user_error(request: Request, e: MltrainError):
         return JSONResponse({"detail": str(e)}, status_code=status_of(e))
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > body_limit):
-            return JSONResponse({"detail": f"request body of {size[:20]} bytes is over the "
-                                           f"{body_limit} byte limit (images up to "
-                                           f"{service.max_upload_bytes / 2**20:g} MB each)"},
-                                status_code=413)  # fmt: skip
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=body_limit,
+                       per_image=service.max_upload_bytes)  # fmt: skip
 
     async def upload(form, field: str) -> bytes:
         item = form.get(field)
@@ -146,6 +139,42 @@ def create_app(service: Any):
         return HTMLResponse(html, headers={"Content-Security-Policy": CSP})
 
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a 413, whether its
+    Content-Length says so up front or a chunked body grows past it while it is read (the
+    multipart parser would otherwise spool any amount to disk before the endpoint runs)."""
+
+    def __init__(self, app, limit: int, per_image: int) -> None:
+        self.app, self.limit, self.per_image = app, limit, per_image
+
+    def message(self, size: str) -> str:
+        return (f"request body of {size} bytes is over the {self.limit} byte limit (images "
+                f"up to {self.per_image / 2**20:g} MB each)")  # fmt: skip
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if declared and (not declared.isdigit() or int(declared) > self.limit):
+            from fastapi.responses import JSONResponse
+
+            response = JSONResponse({"detail": self.message(declared[:20])}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:  # an HTTPException: the app answers it as JSON
+                from fastapi import HTTPException
+
+                raise HTTPException(413, self.message(f"more than {self.limit}"))
+            return msg
+
+        await self.app(scope, limited, send)
 
 
 # The page needs nothing from elsewhere: its own script and style, thumbnails from here and
