@@ -177,6 +177,11 @@ def server(served_bundle):
                 proc.kill()
                 pytest.fail(f"server did not start: {proc.stdout.read()}")
             time.sleep(0.2)
+        for _ in range(50):  # it printed its URL before it began to listen
+            if f"at {url}/" in proc.stdout.readline():
+                break
+        else:
+            pytest.fail("the server did not print its URL")
         yield url, proc
     finally:
         proc.terminate()

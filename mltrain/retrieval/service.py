@@ -77,9 +77,15 @@ class MicroBatcher:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
         self.fn, self.max_batch, self.wait_s = fn, max_batch, wait_s
         self.sizes: Counter[int] = Counter()
+        self._sizes_lock = threading.Lock()  # health() reads while the worker counts
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="mltrain-embed", daemon=True)
         self._thread.start()
+
+    def batch_sizes(self) -> dict[int, int]:
+        """How many batches of each size have run so far (a copy)."""
+        with self._sizes_lock:
+            return dict(sorted(self.sizes.items()))
 
     def submit(self, item: Any) -> Future:
         fut: Future = Future()
@@ -112,7 +118,8 @@ class MicroBatcher:
                 return
 
     def _run(self, items: list, futures: list[Future]) -> None:
-        self.sizes[len(items)] += 1
+        with self._sizes_lock:
+            self.sizes[len(items)] += 1
         try:
             out = self.fn(items)
         except MltrainError as e:
@@ -244,7 +251,7 @@ class SearchService:
             "dim": manifest["embedding_dim"],
             "metric": self.bundle.metric,
             "threshold": self.calibrated,
-            "batches": dict(sorted(self.batcher.sizes.items())),
+            "batches": self.batcher.batch_sizes(),
         }
 
     # --- arguments -------------------------------------------------------------------------
