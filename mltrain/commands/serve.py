@@ -17,6 +17,7 @@ answer with a one-line `detail`; the server keeps running.
 # objects, and `Request` is imported inside create_app (the serve extra is optional).
 import argparse
 import importlib.util
+import sys
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -183,26 +184,39 @@ CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline
        "img-src 'self' blob:; connect-src 'self'")  # fmt: skip
 
 
+def service_from_args(args: argparse.Namespace, embedder_factory: Any = None):
+    """The service for parsed arguments. `embedder_factory(bundle) -> Embedder` picks the
+    inference backend (default: the bundle's own PyTorch model); a `--backend` flag plugs
+    in here."""
+    from mltrain.retrieval.bundle import bundle_embedder
+    from mltrain.retrieval.service import SearchService
+
+    return SearchService(args.bundle, args.image_root,
+                         max_upload_bytes=int(args.max_upload_mb * 2**20),
+                         max_pixels=int(args.max_pixels), max_batch=args.max_batch,
+                         embedder_factory=embedder_factory or bundle_embedder)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     _require_serve_extra()
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a port number (0-65535)")
-    if args.max_upload_mb <= 0 or args.max_pixels <= 0:
-        raise ConfigError("--max-upload-mb and --max-pixels must be positive")
+    if args.max_upload_mb <= 0 or args.max_pixels <= 0 or args.max_batch < 1:
+        raise ConfigError("--max-upload-mb, --max-pixels and --max-batch must be positive")
     import uvicorn
 
-    from mltrain.retrieval.service import SearchService
-
-    service = SearchService(args.bundle, args.image_root,
-                            max_upload_bytes=int(args.max_upload_mb * 2**20),
-                            max_pixels=int(args.max_pixels), max_batch=args.max_batch)  # fmt: skip
+    service = service_from_args(args)
     app = create_app(service)
     health = service.health()
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {printable(args.bundle)} ({health['images']} images, "
           f"{health['classes']} classes) at http://{host}:{args.port}/  (Ctrl-C stops)",
           flush=True)  # fmt: skip
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: --host {printable(args.host)} is reachable from other machines; there "
+              "is no TLS or authentication here, put a reverse proxy in front (README, Serve)",
+              file=sys.stderr, flush=True)  # fmt: skip
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
