@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import colorsys
+import struct
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -127,3 +129,19 @@ def served_bundle(tmp_path_factory) -> tuple[Path, Path]:
     cfg.export.k = 4
     torch.manual_seed(0)
     return root, export_bundle(make_embedder(cfg, build_model(cfg.model)), base / "b", "serve")
+
+
+def gallery(root: Path) -> list[Path]:
+    """The images of a generated folder, sorted (JPEG and PNG alternate)."""
+    return sorted(p for p in root.rglob("img_*") if p.is_file())
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny valid-looking PNG whose header claims width x height pixels: a pixel bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from mltrain.commands.serve import create_app  # noqa: E402
 from mltrain.retrieval.service import SearchService  # noqa: E402
-from tests.retrieval.test_service import gallery, png_claiming  # noqa: E402
+from tests.conftest import gallery, png_claiming  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]

@@ -3,22 +3,22 @@ command line's, the micro-batcher batches, and thumbnails are reached by row id 
 
 from __future__ import annotations
 
-import struct
+import json
+import shutil
 import threading
 import time
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mltrain.data.images import ImageTooLarge, decode_image_bytes, load_image
 from mltrain.data.pipeline import decode_size
-from mltrain.errors import DataError
+from mltrain.errors import BundleError, DataError
 from mltrain.retrieval.bundle import bundle_embedder
 from mltrain.retrieval.search import search_images
 from mltrain.retrieval.service import MicroBatcher, NotFound, SearchService, UploadTooLarge
 from mltrain.retrieval.verify import verify_pair
+from tests.conftest import gallery, png_claiming
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,21 +28,6 @@ def service(served_bundle):
     svc = SearchService(served_bundle[1], batch_wait_ms=30, max_upload_bytes=100_000)
     yield svc
     svc.close()
-
-
-def gallery(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("img_*") if p.is_file())
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny valid-looking PNG whose header claims width x height pixels: a pixel bomb."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_bytes_decode_like_files(served_bundle):
@@ -184,3 +169,23 @@ def test_health_describes_the_bundle(service):
     h = service.health()
     assert (h["images"], h["classes"], h["model"]) == (16, 4, "test_efficientnet")
     assert h["dim"] == service.bundle.manifest["embedding_dim"] and h["status"] == "ok"
+
+
+def test_verify_needs_a_calibrated_bundle(service, served_bundle, tmp_path):
+    from mltrain.commands.serve import status_of
+
+    copy = tmp_path / "b"
+    shutil.copytree(served_bundle[1], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["verification"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    plain = SearchService(copy, embedder_factory=lambda b: service.embedder)
+    try:
+        image = gallery(served_bundle[0])[0].read_bytes()
+        assert plain.calibrated is None
+        assert "match" not in plain.search(image)["results"][0]  # no threshold by default
+        with pytest.raises(BundleError, match="holds no calibrated threshold") as e:
+            plain.verify(image, image)
+        assert status_of(e.value) == 409
+    finally:
+        plain.close()
