@@ -79,6 +79,7 @@ class MicroBatcher:
         self.sizes: Counter[int] = Counter()
         self._sizes_lock = threading.Lock()  # health() reads while the worker counts
         self._queue: queue.Queue = queue.Queue()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="mltrain-embed", daemon=True)
         self._thread.start()
 
@@ -88,11 +89,15 @@ class MicroBatcher:
             return dict(sorted(self.sizes.items()))
 
     def submit(self, item: Any) -> Future:
+        if self._closed:
+            raise MltrainError("the embedding thread has stopped; restart the server")
         fut: Future = Future()
         self._queue.put((item, fut))
         return fut
 
     def close(self) -> None:
+        """Finish what was submitted, then stop the thread."""
+        self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
 

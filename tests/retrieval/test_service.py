@@ -13,7 +13,7 @@ import pytest
 
 from mltrain.data.images import ImageTooLarge, decode_image_bytes, load_image
 from mltrain.data.pipeline import decode_size
-from mltrain.errors import BundleError, DataError
+from mltrain.errors import BundleError, DataError, MltrainError
 from mltrain.retrieval.bundle import bundle_embedder
 from mltrain.retrieval.search import search_images
 from mltrain.retrieval.service import MicroBatcher, NotFound, SearchService, UploadTooLarge
@@ -154,6 +154,8 @@ def test_batcher_fails_only_the_bad_item():
         assert batcher.sizes[3] == 1  # the three waiting ones went in together first
     finally:
         batcher.close()
+    with pytest.raises(MltrainError, match="has stopped"):  # not a future that never ends
+        batcher.submit("late")
 
 
 def test_thumbnails_by_row_id_only(service):
