@@ -96,8 +96,7 @@ def create_app(service: Any):
         item = form.get(field)
         if item is None or isinstance(item, str):
             raise DataError(f"send the image as the multipart file field {field!r}")
-        data = await item.read(service.max_upload_bytes + 1)
-        return data
+        return await item.read(service.max_upload_bytes + 1)  # one byte over: "too large"
 
     def param(request: Request, form, name: str) -> str | None:
         value = form.get(name)
@@ -106,7 +105,7 @@ def create_app(service: Any):
 
     @app.post("/search")
     async def search(request: Request):
-        form = await request.form(max_files=2, max_fields=10)
+        form = await request.form(max_files=1, max_fields=10)
         data = await upload(form, "image")
         k_text = param(request, form, "k")
         try:
@@ -119,7 +118,7 @@ def create_app(service: Any):
 
     @app.post("/verify")
     async def verify(request: Request):
-        form = await request.form(max_files=3, max_fields=10)
+        form = await request.form(max_files=2, max_fields=10)
         a, b = await upload(form, "a"), await upload(form, "b")
         return await run_in_threadpool(service.verify, a, b)
 
