@@ -17,6 +17,7 @@ COMMANDS = {
     "search": ("mltrain.retrieval.search", "search a bundle with query images"),
     "add": ("mltrain.retrieval.search", "enroll images (one per class is enough) into a bundle"),
     "verify": ("mltrain.commands.verify", "same class or not, at a calibrated threshold"),
+    "serve": ("mltrain.commands.serve", "serve a bundle over HTTP: search API and web page"),
     "compare": ("mltrain.evaluation.compare", "compare pretrained backbones on your data"),
 }
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import colorsys
+import struct
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -67,3 +69,79 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SHAPES = ("circle", "square", "stripes", "triangle")
+
+
+def write_shapes_gallery(root: Path, per_class: int = 4, size: int = 64) -> Path:
+    """`root/<shape>/img_NNN.{jpg,png}`: each class a shape in its own colour, each image
+    at its own place, size and shade; distinct enough that every image's nearest neighbour
+    under a random network is itself, and a contact sheet shows what the classes are."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(1)
+    for c, shape in enumerate(SHAPES):
+        folder = Path(root) / shape
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            hue = (c / len(SHAPES) + 0.04 * j) % 1.0
+            colour = tuple(int(v * 255) for v in colorsys.hsv_to_rgb(hue, 0.85, 0.9))
+            back = tuple(int(v) for v in rng.integers(200, 256, 3))
+            img = Image.new("RGB", (size, size), back)
+            draw = ImageDraw.Draw(img)
+            r = int(size * rng.uniform(0.2, 0.35))
+            x, y = (int(v) for v in rng.integers(r, size - r, 2))
+            if shape == "circle":
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+            elif shape == "square":
+                draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+            elif shape == "stripes":
+                for s in range(-size, size, max(4, r // 2)):
+                    draw.line([s + j * 3, 0, s + size + j * 3, size], fill=colour, width=3)
+            else:
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+            img.save(folder / f"img_{j:03d}.{'jpg' if j % 2 == 0 else 'png'}", quality=95)
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def served_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """(image root, bundle) for the serving tests: 4 shape classes x 4 images of 64 px, a
+    random test_efficientnet at 32 px, a flat cosine index and calibrated thresholds.
+    Built once per session; tests must not change it."""
+    from mltrain.config import Config
+    from mltrain.inference.embedder import make_embedder
+    from mltrain.model.network import build_model
+    from mltrain.retrieval.export import export_bundle
+
+    base = tmp_path_factory.mktemp("served")
+    root = write_shapes_gallery(base / "data")
+    cfg = Config()
+    cfg.model.backbone = "test_efficientnet"
+    cfg.model.pretrained = False
+    cfg.model.image_size = 32
+    cfg.data.root = str(root)
+    cfg.data.exclude_classes = []
+    cfg.data.num_workers = 0
+    cfg.eval.amp = "off"
+    cfg.export.index = "flat"
+    cfg.export.k = 4
+    torch.manual_seed(0)
+    return root, export_bundle(make_embedder(cfg, build_model(cfg.model)), base / "b", "serve")
+
+
+def gallery(root: Path) -> list[Path]:
+    """The images of a generated folder, sorted (JPEG and PNG alternate)."""
+    return sorted(p for p in root.rglob("img_*") if p.is_file())
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny valid-looking PNG whose header claims width x height pixels: a pixel bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import embed, memory, train
+from benchmarks import embed, memory, serve_load, train
 
 TINY_MODEL = ["--pretrained", "false", "--image-size", "32"]
 
@@ -145,3 +145,20 @@ def test_memory_shards_compares_one_array_with_shards(tmp_path, capsys):
         if "from shards" in label:
             assert number(ratio) > 0
     assert list(tmp_path.iterdir()) == []  # the shards are removed afterwards
+
+
+def test_serve_load_reports_every_mode_with_no_errors_or_wrong_answers(capsys):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    result = serve_load.main(["--backbone", "test_efficientnet", "--images", "8", "--clients",
+                              "3", "--queries", "2", "--cli-runs", "1", *TINY_MODEL])
+    out = capsys.readouterr().out
+    rows = table(out, "mode")
+    assert list(rows) == ["CLI process (mltrain search --json)", "in process (search_images)",
+                          "server, 1 client", "server, 3 clients"]
+    assert [int(r[0]) for r in rows.values()] == [1, 16, 2, 6]  # queries answered per mode
+    for label, (_, p50, p99, qps, errors, wrong, ratio) in rows.items():
+        assert number(ratio) > 0, label
+        assert number(p99) >= number(p50) > 0 and number(qps) > 0, label
+        assert (int(errors), int(wrong)) == (0, 0), label
+    assert number(rows["CLI process (mltrain search --json)"][-1]) == 1.0
+    assert result["errors"] == 0 and result["wrong"] == 0 and sum(result["batches"].values())

@@ -7,8 +7,10 @@ not with a decoder traceback hours into training.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -64,13 +66,18 @@ def _open_regular(path: str | os.PathLike) -> BinaryIO:
         raise
 
 
+def _convert(img: Image.Image, size_hint: int | None) -> np.ndarray:
+    """The opened `img` decoded to RGB uint8: files and uploads share this one conversion."""
+    if size_hint and img.format == "JPEG":
+        # The JPEG decoder scales by 1/2, 1/4 or 1/8 for free, keeping both sides >= hint.
+        img.draft("RGB", (size_hint, size_hint))
+    ImageOps.exif_transpose(img, in_place=True)
+    return _to_rgb(img)
+
+
 def _decode(path: str | os.PathLike, size_hint: int | None) -> np.ndarray:
     with _open_regular(path) as f, Image.open(f) as img:
-        if size_hint and img.format == "JPEG":
-            # The JPEG decoder scales by 1/2, 1/4 or 1/8 for free, keeping both sides >= hint.
-            img.draft("RGB", (size_hint, size_hint))
-        ImageOps.exif_transpose(img, in_place=True)
-        return _to_rgb(img)
+        return _convert(img, size_hint)
 
 
 def _reason(e: Exception) -> str:
@@ -92,6 +99,46 @@ def load_image(path: str | os.PathLike, size_hint: int | None = None) -> np.ndar
             f"cannot read image {path} ({_reason(e)}); replace or delete the file "
             "(run the data check to list every unreadable image)"
         ) from e
+
+
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: any camera photo; a 1 KB PNG "bomb" claims far more
+
+
+class ImageTooLarge(DataError):
+    """An image (an upload) whose pixel count is over the limit: refused before decoding."""
+
+
+def decode_image_bytes(
+    data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, size_hint: int | None = None
+) -> np.ndarray:
+    """An in-memory image (an upload called `name`) as `load_image` would decode the file.
+
+    The header's size is checked against `max_pixels` before any pixel is decoded: a few KB
+    of PNG can claim gigapixels, and decoding them would take the whole server's memory.
+    """
+    if not data:
+        raise DataError(f"{name} is empty; send an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageTooLarge(_too_many(name, w, h, max_pixels))
+                return _convert(img, size_hint)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(f"{name} is refused as a decompression bomb ({e}); the limit is "
+                            f"{max_pixels / 1e6:g} MP") from None  # fmt: skip
+    except Exception as e:  # any decoder failure: not an image we can read
+        raise DataError(f"{name} is not a readable image ({_reason(e)}); send a JPEG, PNG, "
+                        "WebP, BMP, GIF or TIFF file") from None  # fmt: skip
+
+
+def _too_many(name: str, w: int, h: int, max_pixels: int) -> str:
+    return (f"{name} is {w}x{h} = {w * h / 1e6:.1f} MP, over the {max_pixels / 1e6:g} MP "
+            "limit; send a smaller image")  # fmt: skip
 
 
 def _problem(path: str | os.PathLike, size_hint: int) -> str | None:

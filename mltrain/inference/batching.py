@@ -180,3 +180,10 @@ def stream_embeddings(
     fn = _embed_fn(model, from_prefix, spec.flip)
     for emb, labels, indices in iter_batches(fn, loader, spec, desc):
         yield _checked(emb), labels.numpy(), indices.numpy()
+
+
+@torch.inference_mode()
+def embed_tensor(model: nn.Module, x: torch.Tensor, spec: InferSpec) -> np.ndarray:
+    """Embeddings (float32) of one ready batch `x`, as `extract_embeddings` computes a
+    loader's: same chunks, precision and flip. For images already in memory (uploads)."""
+    return _checked(apply(_embed_fn(model, False, spec.flip), x, spec))

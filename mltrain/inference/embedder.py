@@ -13,8 +13,9 @@ import torch
 
 from mltrain.config import Config
 from mltrain.data.pipeline import eval_loader
-from mltrain.errors import CheckpointError
-from mltrain.inference.batching import extract_embeddings, stream_embeddings
+from mltrain.data.transforms import eval_transform
+from mltrain.errors import CheckpointError, DataError
+from mltrain.inference.batching import embed_tensor, extract_embeddings, stream_embeddings
 from mltrain.model.checkpoint import checkpoint_config, load_checkpoint
 from mltrain.model.fusion import fold_batchnorm
 from mltrain.model.network import EmbeddingModel, build_model, data_config, model_from_state
@@ -31,6 +32,7 @@ class Embedder:
     device: torch.device
     amp: torch.dtype | None
     _fast: EmbeddingModel | None = field(default=None, repr=False)
+    _transform: Any = field(default=None, repr=False)  # eval_transform(dcfg), built once
     # Optimizer steps the weights were trained for (0: untrained): evaluations of a
     # checkpoint are logged at this step, on the axis of its training curves.
     global_step: int = 0
@@ -62,6 +64,17 @@ class Embedder:
         model, loader = self.forward_model, self._loader(paths, labels)
         emb, _, _ = extract_embeddings(model, loader, self.spec, desc=desc)
         return emb
+
+    def embed_arrays(self, images: list[np.ndarray]) -> np.ndarray:
+        """Embeddings (float32, in order) of decoded RGB uint8 images already in memory, e.g.
+        uploads: the same eval transform, `forward_model` and `spec` as `embed`, so a file
+        and its bytes embed alike (decode them with `decode_image_bytes`)."""
+        if not images:
+            raise DataError("nothing to embed: the image list is empty")
+        if self._transform is None:
+            self._transform = eval_transform(self.dcfg)
+        x = torch.stack([self._transform(image) for image in images])
+        return embed_tensor(self.forward_model, x, self.spec)
 
     def embed_batches(
         self, paths: list[Path], labels: np.ndarray | None = None, desc: str = "embedding"

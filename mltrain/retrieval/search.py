@@ -125,24 +125,39 @@ def search_images(
     index, metric = bundle.index, bundle.metric
     check_index_metric(index, metric)
     k = max(1, min(k, index.ntotal))
-    deep = k if rerank == "none" else min(index.ntotal, max(4 * k, RERANK_CANDIDATES))
+    deep = search_depth(bundle, k, rerank)
     order = list(embs)
     queries = (np.concatenate([prepare(embs[i][None, :], metric, "query") for i in order])
                if order else np.empty((0, index.d), np.float32))  # fmt: skip
     timed = timed_single_queries(lambda q: index.search(q, deep), queries)
     for n, (i, (seconds, (scores, rows))) in enumerate(zip(order, timed, strict=True)):
         results[i].search_us = seconds * 1e6
-        found = [(float(sc), int(row)) for sc, row in zip(scores[0], rows[0], strict=True)
-                 if row >= 0]  # an approximate index may not fill every slot  # fmt: skip
-        if rerank != "none" and found:
-            cand = _rows_of(bundle, [row for _, row in found])
-            found = [found[j] for j in rerank_candidates(queries[n], cand, rerank)]
-        hits = []
-        for score, row in found[:k]:
-            meta = bundle.metadata[row]
-            hits.append(Hit(len(hits) + 1, score, row, meta["class"], meta["path"]))
-        results[i].hits = hits
+        results[i].hits = rank_hits(bundle, queries[n], scores[0], rows[0], k, rerank)
     return SearchRun(results, k, embed_ms, model_ms, rerank)
+
+
+def search_depth(bundle: Bundle, k: int, rerank: str) -> int:
+    """How many candidates the index returns for k hits: k, or max(4k, 50) to re-rank."""
+    n = bundle.index.ntotal
+    return k if rerank == "none" else min(n, max(4 * k, RERANK_CANDIDATES))
+
+
+def rank_hits(
+    bundle: Bundle, query: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int, rerank: str
+) -> list[Hit]:
+    """The first k hits of one query from the index's answer (`scores`, `rows` for the
+    prepared `query`), re-ranked when asked. The command line and the server both rank
+    through this, so they answer the same image alike."""
+    found = [(float(sc), int(row)) for sc, row in zip(scores, rows, strict=True)
+             if row >= 0]  # an approximate index may not fill every slot  # fmt: skip
+    if rerank != "none" and found:
+        cand = _rows_of(bundle, [row for _, row in found])
+        found = [found[j] for j in rerank_candidates(query, cand, rerank)]
+    hits = []
+    for score, row in found[:k]:
+        meta = bundle.metadata[row]
+        hits.append(Hit(len(hits) + 1, score, row, meta["class"], meta["path"]))
+    return hits
 
 
 RERANK_CANDIDATES = 50
@@ -192,7 +207,7 @@ def _print_table(run: SearchRun, bundle: Bundle) -> None:
     )
 
 
-def _hit_dict(h: Hit) -> dict:
+def hit_dict(h: Hit) -> dict:
     d = asdict(h)
     d["class"] = d.pop("cls")
     return d
@@ -213,7 +228,7 @@ def _json_doc(run: SearchRun, bundle: Bundle, load_ms: float) -> dict:
                 "error": r.error,
                 "search_us": r.search_us,
                 "answer": r.answer,
-                "results": [_hit_dict(h) for h in r.hits],
+                "results": [hit_dict(h) for h in r.hits],
             }
             for r in run.results
         ],
@@ -227,7 +242,7 @@ COLOURS = {"match": (30, 160, 60), "miss": (210, 40, 40), "unknown": (150, 150, 
            "query": (40, 80, 200)}  # fmt: skip
 
 
-def _thumb(path: Path | None):
+def thumbnail(path: Path | None):
     """A thumbnail PIL image, or None when there is no readable file."""
     from PIL import Image, ImageOps
 
@@ -275,11 +290,11 @@ def write_sheet(run: SearchRun, bundle: Bundle, out: str | Path) -> Path:
     for r_i, r in enumerate(rows):
         qpath = Path(r.query)
         qclass = qpath.parent.name
-        img = _thumb(qpath) or _placeholder("unreadable")
+        img = thumbnail(qpath) or _placeholder("unreadable")
         cell(r_i, 0, img, COLOURS["query"], ["query", printable(qpath.name)])
         for h in r.hits:
             # A path that escapes its root is a tampered bundle: a BundleError, no sheet.
-            img = _thumb(safe_image_path(bundle, h.path)) or _placeholder("missing")
+            img = thumbnail(safe_image_path(bundle, h.path)) or _placeholder("missing")
             if qclass not in classes:
                 outline = COLOURS["unknown"]
             else:

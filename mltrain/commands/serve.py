@@ -1,0 +1,222 @@
+"""Serve a bundle over HTTP: python -m mltrain serve BUNDLE [--host 127.0.0.1] [--port 8000]
+
+  POST /search   multipart field `image`; `k`, `rerank`, `threshold` as form fields or in
+                 the query string -> {"results": [{rank, score, class, path, id, thumb,
+                 match?}], "k", "rerank", "threshold"?, "answer"?, "embed_ms", "search_ms"}
+  POST /verify   multipart fields `a` and `b` -> {score, threshold, same, far}
+  GET  /thumb/ID JPEG thumbnail of bundle row ID
+  GET  /health   images, classes, model, dim, batch sizes seen
+  GET  /         a page: drop a photo, see its nearest images; drop a second, verify
+
+Binds to loopback by default: put a reverse proxy in front to expose it (README, Serve).
+Bad uploads (empty, not an image, over --max-upload-mb or --max-pixels) get a 4xx JSON
+answer with a one-line `detail`; the server keeps running.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations as
+# objects, and `Request` is imported inside create_app (the serve extra is optional).
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from mltrain.cli import printable
+from mltrain.errors import BundleError, ConfigError, DataError, MltrainError
+
+INSTALL = "install the serve extra: pip install -e '.[serve]'"
+PAGE = "index.html"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mltrain serve", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
+    p.add_argument("bundle", help="search bundle folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--image-root", help="the bundle's images are now here (thumbnails)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="largest accepted image file, MB (default 20)")
+    p.add_argument("--max-pixels", type=float, default=40e6,
+                   help="largest accepted image, pixels (default 40e6)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="most uploads embedded in one model call (default 16)")
+    return p
+
+
+def _require_serve_extra() -> None:
+    found = importlib.util.find_spec
+    missing = [m for m in ("fastapi", "uvicorn") if found(m) is None]
+    if found("python_multipart") is None and found("multipart") is None:  # new and old name
+        missing.append("python-multipart")
+    if missing:
+        raise MltrainError(f"mltrain serve needs {', '.join(missing)}: {INSTALL}")
+
+
+def page_html() -> str:
+    return resources.files("mltrain.commands").joinpath("static", PAGE).read_text("utf-8")
+
+
+def status_of(e: MltrainError) -> int:
+    """HTTP status for a service error: the limit broken, the input or the bundle at fault."""
+    from mltrain.data.images import ImageTooLarge
+    from mltrain.retrieval.service import NotFound, UploadTooLarge
+
+    if isinstance(e, (UploadTooLarge, ImageTooLarge)):
+        return 413
+    if isinstance(e, NotFound):
+        return 404
+    if isinstance(e, (DataError, ConfigError)):
+        return 400
+    if isinstance(e, BundleError):
+        return 409  # the bundle cannot do this (e.g. verify without a calibrated threshold)
+    return 400
+
+
+def create_app(service: Any):
+    """The FastAPI app over a `mltrain.retrieval.service.SearchService`. Blocking work runs
+    in Starlette's thread pool, so concurrent requests meet in the service's micro-batcher."""
+    _require_serve_extra()
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="mltrain search", docs_url=None, redoc_url=None, openapi_url=None)
+    body_limit = 2 * service.max_upload_bytes + 2**16  # two images (verify) plus form fields
+
+    @app.exception_handler(MltrainError)
+    async def _user_error(request: Request, e: MltrainError):
+        return JSONResponse({"detail": str(e)}, status_code=status_of(e))
+
+    app.add_middleware(BodyLimit, limit=body_limit,
+                       per_image=service.max_upload_bytes)  # fmt: skip
+
+    async def upload(form, field: str) -> bytes:
+        item = form.get(field)
+        if item is None or isinstance(item, str):
+            raise DataError(f"send the image as the multipart file field {field!r}")
+        return await item.read(service.max_upload_bytes + 1)  # one byte over: "too large"
+
+    def param(request: Request, form, name: str) -> str | None:
+        value = form.get(name)
+        value = request.query_params.get(name) if value is None else value
+        return value if isinstance(value, str) else None
+
+    @app.post("/search")
+    async def search(request: Request):
+        form = await request.form(max_files=1, max_fields=10)
+        data = await upload(form, "image")
+        k_text = param(request, form, "k")
+        try:
+            k = None if k_text in (None, "") else int(k_text)
+        except ValueError:
+            raise ConfigError(f"k must be an integer, got {k_text[:40]!r}") from None
+        rerank = param(request, form, "rerank") or "auto"
+        threshold = param(request, form, "threshold")
+        return await run_in_threadpool(service.search, data, k, rerank, threshold, "image")
+
+    @app.post("/verify")
+    async def verify(request: Request):
+        form = await request.form(max_files=2, max_fields=10)
+        a, b = await upload(form, "a"), await upload(form, "b")
+        return await run_in_threadpool(service.verify, a, b)
+
+    @app.get("/thumb/{row}")
+    async def thumb(row: str):
+        jpeg = await run_in_threadpool(service.thumbnail, row)
+        return Response(jpeg, media_type="image/jpeg",
+                        headers={"Cache-Control": "max-age=3600"})  # fmt: skip
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    html = page_html()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(html, headers={"Content-Security-Policy": CSP})
+
+    return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a 413, whether its
+    Content-Length says so up front or a chunked body grows past it while it is read (the
+    multipart parser would otherwise spool any amount to disk before the endpoint runs)."""
+
+    def __init__(self, app, limit: int, per_image: int) -> None:
+        self.app, self.limit, self.per_image = app, limit, per_image
+
+    def message(self, size: str) -> str:
+        return (f"request body of {size} bytes is over the {self.limit} byte limit (images "
+                f"up to {self.per_image / 2**20:g} MB each)")  # fmt: skip
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if declared and (not declared.isdigit() or int(declared) > self.limit):
+            from fastapi.responses import JSONResponse
+
+            response = JSONResponse({"detail": self.message(declared[:20])}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:  # an HTTPException: the app answers it as JSON
+                from fastapi import HTTPException
+
+                raise HTTPException(413, self.message(f"more than {self.limit}"))
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+# The page needs nothing from elsewhere: its own script and style, thumbnails from here and
+# the browser's own object URLs for the dropped photos.
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+       "img-src 'self' blob:; connect-src 'self'")  # fmt: skip
+
+
+def service_from_args(args: argparse.Namespace, embedder_factory: Any = None):
+    """The service for parsed arguments. `embedder_factory(bundle) -> Embedder` picks the
+    inference backend (default: the bundle's own PyTorch model); a `--backend` flag plugs
+    in here."""
+    from mltrain.retrieval.bundle import bundle_embedder
+    from mltrain.retrieval.service import SearchService
+
+    return SearchService(args.bundle, args.image_root,
+                         max_upload_bytes=int(args.max_upload_mb * 2**20),
+                         max_pixels=int(args.max_pixels), max_batch=args.max_batch,
+                         embedder_factory=embedder_factory or bundle_embedder)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    _require_serve_extra()
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a port number (0-65535)")
+    if args.max_upload_mb <= 0 or args.max_pixels <= 0 or args.max_batch < 1:
+        raise ConfigError("--max-upload-mb, --max-pixels and --max-batch must be positive")
+    import uvicorn
+
+    service = service_from_args(args)
+    app = create_app(service)
+    health = service.health()
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {printable(args.bundle)} ({health['images']} images, "
+          f"{health['classes']} classes) at http://{host}:{args.port}/  (Ctrl-C stops)",
+          flush=True)  # fmt: skip
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: --host {printable(args.host)} is reachable from other machines; there "
+              "is no TLS or authentication here, put a reverse proxy in front (README, Serve)",
+              file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        service.close()

@@ -1,0 +1,302 @@
+"""A bundle kept in memory to answer uploaded images: the core of `mltrain serve`, free of
+any web framework so it can be tested and reused without one.
+
+The bundle is loaded and its model built once. Every upload is decoded in its caller's
+thread (Pillow releases the GIL), then handed to one embedding thread, the micro-batcher:
+it takes the first waiting image, waits a few milliseconds for more and embeds up to
+`max_batch` of them in one model call. On CPU one call on 8 images costs far less than 8
+calls on one, so concurrent clients share the model's time instead of queueing behind each
+other, and the model is only ever used by that one thread. The Faiss index is searched under
+a lock; a flat search takes microseconds, so the lock is never what a client waits for.
+
+Results are ranked by `mltrain.retrieval.search.rank_hits`, the command line's own code, so
+an image searched here and with `mltrain search` gets the same hits and scores. Files are
+only ever reached through a row id and `safe_image_path`: nothing in a request names a path.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mltrain.data.images import DEFAULT_MAX_PIXELS, decode_image_bytes
+from mltrain.data.pipeline import decode_size
+from mltrain.errors import BundleError, ConfigError, DataError, MltrainError
+from mltrain.inference.embedder import Embedder
+from mltrain.retrieval.bundle import Bundle, bundle_embedder, load_bundle, safe_image_path
+from mltrain.retrieval.index import check_index_metric, prepare
+from mltrain.retrieval.pairs import pair_scores
+from mltrain.retrieval.rerank import RERANKERS
+from mltrain.retrieval.search import (
+    QueryResult,
+    SearchRun,
+    apply_threshold,
+    default_rerank,
+    hit_dict,
+    rank_hits,
+    search_depth,
+    threshold_value,
+)
+from mltrain.retrieval.search import (
+    thumbnail as thumbnail_image,
+)
+from mltrain.retrieval.verify import threshold_for
+
+DEFAULT_MAX_UPLOAD = 20 * 2**20  # bytes: a large camera JPEG is under 15 MB
+MAX_K = 1000  # hits per answer; more is a data dump, not a search
+
+
+class UploadTooLarge(DataError):
+    """An upload over the byte limit (refused before decoding)."""
+
+
+class NotFound(MltrainError):
+    """A thumbnail id that names no row of the bundle, or whose image is missing."""
+
+
+class MicroBatcher:
+    """One worker thread that applies `fn` (a list of items -> an array, one row per item)
+    to whatever arrived together: the first waiting item plus any that come within `wait_s`,
+    up to `max_batch`. Each `submit` gets its own future.
+
+    `sizes` counts the batches run by size: how much batching actually happened."""
+
+    def __init__(self, fn: Callable[[list], np.ndarray], max_batch: int = 16,
+                 wait_s: float = 0.005) -> None:  # fmt: skip
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+        self.fn, self.max_batch, self.wait_s = fn, max_batch, wait_s
+        self.sizes: Counter[int] = Counter()
+        self._sizes_lock = threading.Lock()  # health() reads while the worker counts
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="mltrain-embed", daemon=True)
+        self._thread.start()
+
+    def batch_sizes(self) -> dict[int, int]:
+        """How many batches of each size have run so far (a copy)."""
+        with self._sizes_lock:
+            return dict(sorted(self.sizes.items()))
+
+    def submit(self, item: Any) -> Future:
+        if self._closed:
+            raise MltrainError("the embedding thread has stopped; restart the server")
+        fut: Future = Future()
+        self._queue.put((item, fut))
+        return fut
+
+    def close(self) -> None:
+        """Finish what was submitted, then stop the thread."""
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _collect(self, first: tuple) -> tuple[list[tuple], bool]:
+        """The batch that starts with `first`, and whether close() was asked meanwhile."""
+        batch, deadline = [first], time.monotonic() + self.wait_s
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _loop(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch, stop = self._collect(first)
+            self._run([item for item, _ in batch], [fut for _, fut in batch])
+            if stop:
+                return
+
+    def _run(self, items: list, futures: list[Future]) -> None:
+        with self._sizes_lock:
+            self.sizes[len(items)] += 1
+        try:
+            out = self.fn(items)
+        except MltrainError as e:
+            if len(items) == 1:
+                futures[0].set_exception(e)
+                return
+            for item, fut in zip(items, futures, strict=True):  # one bad image fails alone
+                self._run([item], [fut])
+            return
+        except Exception as e:  # a bug: every waiting request must hear of it
+            for fut in futures:
+                fut.set_exception(e)
+            return
+        for row, fut in zip(out, futures, strict=True):
+            fut.set_result(row)
+
+
+class SearchService:
+    """Search and verification over one bundle for uploaded image bytes.
+
+    `embedder_factory` builds the embedder from the loaded bundle (default: the bundle's own
+    PyTorch model); another backend (ONNX) plugs in here and only needs `embed_arrays` and
+    `dcfg`. Limits: `max_upload_bytes` per image, `max_pixels` per decoded image.
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | Bundle,
+        image_root: str | Path | None = None,
+        *,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_batch: int = 16,
+        batch_wait_ms: float = 5.0,
+        embedder_factory: Callable[[Bundle], Embedder] = bundle_embedder,
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, image_root)
+        check_index_metric(self.bundle.index, self.bundle.metric)
+        self.embedder = embedder_factory(self.bundle)
+        self.max_upload_bytes, self.max_pixels = int(max_upload_bytes), int(max_pixels)
+        self._size_hint = decode_size(self.embedder.dcfg)
+        self._index_lock = threading.Lock()
+        self.batcher = MicroBatcher(self.embedder.embed_arrays, max_batch, batch_wait_ms / 1e3)
+        self.calibrated = _calibrated_threshold(self.bundle)
+        self.thumbnail_jpeg = lru_cache(maxsize=1024)(self._thumbnail_jpeg)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    # --- requests --------------------------------------------------------------------------
+
+    def decode(self, data: bytes, name: str) -> np.ndarray:
+        """The upload `name` as RGB, or a DataError naming it and the limit it broke."""
+        if len(data) > self.max_upload_bytes:
+            raise UploadTooLarge(f"{name} is {len(data) / 2**20:.1f} MB, over the "
+                                 f"{self.max_upload_bytes / 2**20:g} MB upload limit")  # fmt: skip
+        return decode_image_bytes(data, name, self.max_pixels, self._size_hint)
+
+    def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Embeddings of decoded images, each through the micro-batcher (batched with whatever
+        other requests are waiting)."""
+        futures = [self.batcher.submit(image) for image in images]
+        return [f.result() for f in futures]
+
+    def search(self, image: bytes, k: int | None = None, rerank: str = "auto",
+               threshold: str | None = None, name: str = "image") -> dict[str, Any]:  # fmt: skip
+        """Top-k hits for an uploaded image: {"results", "k", "rerank", "threshold",
+        "answer", "embed_ms", "search_ms"}; `threshold` None means the bundle's calibrated
+        one where it has one, "none" none, "auto" or a number as `mltrain search`."""
+        k, rerank, cut = self._search_args(k, rerank, threshold)
+        pixels = self.decode(image, name)
+        t0 = time.perf_counter()
+        (emb,) = self.embed([pixels])
+        t1 = time.perf_counter()
+        query = prepare(emb[None, :], self.bundle.metric, "query")
+        with self._index_lock:
+            scores, rows = self.bundle.index.search(query, search_depth(self.bundle, k, rerank))
+        run = SearchRun([QueryResult(name)], k, 0.0, 0.0, rerank)
+        run.results[0].hits = rank_hits(self.bundle, query[0], scores[0], rows[0], k, rerank)
+        if cut is not None:
+            apply_threshold(run, cut)
+        t2 = time.perf_counter()
+        doc: dict[str, Any] = {
+            "results": [_hit_json(h) for h in run.results[0].hits],
+            "k": k,
+            "rerank": rerank,
+            "embed_ms": (t1 - t0) * 1e3,
+            "search_ms": (t2 - t1) * 1e3,
+        }
+        if cut is not None:
+            doc["threshold"], doc["answer"] = cut, run.results[0].answer
+        return doc
+
+    def verify(self, a: bytes, b: bytes) -> dict[str, Any]:
+        """Are the two uploads the same class at the bundle's calibrated threshold?"""
+        cal = threshold_for(self.bundle.manifest)  # before any work: a bundle without one
+        pixels = [self.decode(a, "image a"), self.decode(b, "image b")]
+        emb = np.stack(self.embed(pixels))
+        score = float(pair_scores(emb, np.array([0]), np.array([1]), self.bundle.metric)[0])
+        t = float(cal["threshold"])
+        return {"score": score, "threshold": t, "same": score >= t, "far": float(cal["far"])}
+
+    def _thumbnail_jpeg(self, row: int) -> bytes:
+        meta = self.bundle.metadata[row]
+        img = thumbnail_image(safe_image_path(self.bundle, meta["path"]))
+        if img is None:
+            raise NotFound(f"the image of row {row} is missing or unreadable on this server")
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+    def thumbnail(self, row_text: str) -> bytes:
+        """JPEG thumbnail of bundle row `row_text` (decimal digits only, in range)."""
+        if not (row_text.isascii() and row_text.isdigit()) or len(row_text) > 12:
+            raise NotFound(f"thumbnail id {row_text[:40]!r} is not a row number")
+        row = int(row_text)
+        if row >= len(self.bundle):
+            raise NotFound(f"thumbnail id {row} is out of range (the bundle has "
+                           f"{len(self.bundle)} images)")  # fmt: skip
+        return self.thumbnail_jpeg(row)
+
+    def health(self) -> dict[str, Any]:
+        manifest = self.bundle.manifest
+        return {
+            "status": "ok",
+            "images": len(self.bundle),
+            "classes": len(self.bundle.classes),
+            "model": manifest["config"].get("model", {}).get("backbone"),
+            "dim": manifest["embedding_dim"],
+            "metric": self.bundle.metric,
+            "threshold": self.calibrated,
+            "batches": self.batcher.batch_sizes(),
+        }
+
+    # --- arguments -------------------------------------------------------------------------
+
+    def _search_args(self, k: int | None, rerank: str, threshold: str | None):
+        if k is None:
+            k = int(self.bundle.manifest["config"]["export"]["k"])
+        if not 1 <= k <= MAX_K:
+            raise ConfigError(f"k must be between 1 and {MAX_K}, got {k}")
+        k = min(k, len(self.bundle))
+        if rerank not in ("auto", *RERANKERS):
+            raise ConfigError(f"rerank must be auto or one of {', '.join(RERANKERS)}, "
+                              f"got {rerank[:40]!r}")  # fmt: skip
+        rerank = default_rerank(self.bundle, rerank)
+        if threshold is None:
+            cut = self.calibrated
+        elif threshold in ("none", ""):
+            cut = None
+        else:
+            cut = threshold_value(self.bundle, threshold[:40])
+        return k, rerank, cut
+
+
+def _calibrated_threshold(bundle: Bundle) -> float | None:
+    """The bundle's threshold at the default FAR, or None (an l2 or uncalibrated bundle)."""
+    if bundle.metric != "cosine":
+        return None
+    try:
+        return float(threshold_for(bundle.manifest)["threshold"])
+    except (BundleError, ConfigError, TypeError, ValueError):
+        return None
+
+
+def _hit_json(h) -> dict[str, Any]:
+    d = hit_dict(h)
+    d["id"] = d.pop("row")
+    d["thumb"] = f"/thumb/{d['id']}"
+    if d["match"] is None:
+        del d["match"]
+    return d
+
+
+__all__ = ["MicroBatcher", "NotFound", "SearchService", "UploadTooLarge"]
