@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,15 @@ import torch
 from mltrain.config import Config
 from mltrain.data.pipeline import eval_loader
 from mltrain.data.transforms import eval_transform
-from mltrain.errors import CheckpointError, DataError
+from mltrain.errors import CheckpointError, ConfigError, DataError
 from mltrain.inference.batching import embed_tensor, extract_embeddings, stream_embeddings
+from mltrain.inference.onnx import OnnxSession
 from mltrain.model.checkpoint import checkpoint_config, load_checkpoint
 from mltrain.model.fusion import fold_batchnorm
 from mltrain.model.network import EmbeddingModel, build_model, data_config, model_from_state
 from mltrain.runtime import InferSpec, Runtime, infer_spec
+
+BACKENDS = ("torch", "onnx")
 
 
 @dataclass
@@ -36,12 +39,29 @@ class Embedder:
     # Optimizer steps the weights were trained for (0: untrained): evaluations of a
     # checkpoint are logged at this step, on the axis of its training curves.
     global_step: int = 0
+    # What runs the model: "torch", or "onnx" (`onnx` holds the onnxruntime session of the
+    # exported graph; see `mltrain.inference.onnx`). Every embedding path goes through
+    # `forward_model` and `spec`, so they all follow this.
+    backend: str = "torch"
+    onnx: OnnxSession | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.backend == "onnx" and self.onnx is None:
+            raise ConfigError("backend onnx needs the ONNX session of an exported model")
+
+    def with_backend(self, backend: str, onnx: OnnxSession | None = None) -> Embedder:
+        """This embedder on another backend, sharing the model (and its folded copy)."""
+        return replace(self, backend=backend, onnx=onnx if onnx is not None else self.onnx)
 
     @property
-    def forward_model(self) -> EmbeddingModel:
+    def forward_model(self) -> EmbeddingModel | OnnxSession:
         """The model that embeds: with `eval.fold_bn`, a copy with BatchNorm folded into the
-        convolutions (same embeddings, fewer passes over memory). `model` stays as trained,
-        for export."""
+        convolutions (same embeddings, fewer passes over memory); with the onnx backend, the
+        onnxruntime session. `model` stays as trained, for export."""
+        if self.backend == "onnx":
+            return self.onnx
         if not self.cfg.eval.fold_bn:
             return self.model
         if self._fast is None:
@@ -53,8 +73,12 @@ class Embedder:
 
     @property
     def spec(self) -> InferSpec:
-        """Where the model runs for this config and device (see `mltrain.inference.batching`)."""
-        return infer_spec(self.cfg, self.device, self.amp)
+        """Where the model runs for this config and device (see `mltrain.inference.batching`).
+        The ONNX graph is fp32 on CPU: no autocast, and plain (NCHW) input tensors."""
+        spec = infer_spec(self.cfg, self.device, self.amp)
+        if self.backend == "onnx":
+            spec = replace(spec, device=torch.device("cpu"), amp=None, channels_last=False)
+        return spec
 
     def _loader(self, paths: list[Path], labels: np.ndarray | None):
         labels = np.zeros(len(paths), dtype=np.int64) if labels is None else labels
