@@ -26,11 +26,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--export", metavar="DIR", help="also export a search bundle of the whole folder to DIR"
     )
+    p.add_argument("--onnx", action="store_true",
+                   help="with --export: also write model.onnx (onnxruntime backend of search)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.onnx and not args.export:
+        raise ConfigError("--onnx needs --export DIR: it adds model.onnx to that bundle")
+    if args.onnx:
+        from mltrain.inference.onnx import require_onnx
+
+        require_onnx()  # before the evaluation, not after it
     from mltrain.evaluation.evaluate import new_eval_dir
 
     embedder, base, source = embedder_from_args(args)
@@ -50,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.export:
         from mltrain.retrieval.export import export_bundle
 
-        export_bundle(embedder, export, source, data=data, rerank=m.get("rerank"))
+        export_bundle(embedder, export, source, data=data, rerank=m.get("rerank"),
+                      onnx=args.onnx)
     print(f"results: {out}")
 
 

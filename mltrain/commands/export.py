@@ -1,8 +1,11 @@
 """Export a search bundle with no evaluation: embed the config's image folder at embedding
 speed, build the index, calibrate the verification thresholds on the held-out rows, write.
 
-python -m mltrain export --checkpoint CKPT --out DIR
-python -m mltrain export --backbone NAME --config CFG [--set k=v ...] --out DIR
+python -m mltrain export --checkpoint CKPT --out DIR [--onnx]
+python -m mltrain export --backbone NAME --config CFG [--set k=v ...] --out DIR [--onnx]
+
+--onnx also writes model.onnx (fp32, checked against PyTorch on gallery images before any
+image is embedded) for `search --backend onnx`; needs the onnx extra.
 
 The target, its free space and the index settings are checked before any image is embedded.
 """
@@ -23,11 +26,17 @@ def parser() -> argparse.ArgumentParser:
     )
     add_source_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (for search --backend onnx)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.onnx:
+        from mltrain.inference.onnx import require_onnx
+
+        require_onnx()  # before the model is built
     from mltrain.data.pipeline import prepare_data
     from mltrain.files import check_output_folders
     from mltrain.retrieval.bundle import check_export_target
@@ -40,9 +49,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     n, dim = len(data.folder), embedder.model.embedding_dim
     check_export_index(cfg.export, n, dim, cfg.eval.metric)
     weights = sum(t.numel() * t.element_size() for t in embedder.model.state_dict().values())
+    weights *= 2 if args.onnx else 1  # model.onnx holds the weights again
     check_output_folders([(out, "search bundle (--out)", n * (dim * 8 + 512) + weights)],
                          "free space, make the folder writable or choose another one")  # fmt: skip
     start = time.perf_counter()
-    export_bundle(embedder, out, source, data=data)
+    export_bundle(embedder, out, source, data=data, onnx=args.onnx)
     took = time.perf_counter() - start
     print(f"exported {n} images in {took:.1f} s ({n / took:.1f} img/s): {out}")

@@ -54,6 +54,13 @@ def _ort():
     return onnxruntime
 
 
+def require_onnx() -> None:
+    """Refuse `--onnx` up front when the exporter's or runtime's packages are missing."""
+    _ort()
+    if importlib.util.find_spec("onnx") is None:
+        raise OnnxUnavailable(f"onnx is not installed; {ONNX_EXTRA}")
+
+
 def ort_version() -> str:
     return str(_ort().__version__)
 

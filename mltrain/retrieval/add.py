@@ -28,6 +28,7 @@ from mltrain.retrieval.bundle import (
     MANIFEST,
     METADATA,
     MODEL,
+    ONNX,
     REEXPORT,
     SHARDED_FORMAT,
     Bundle,
@@ -246,6 +247,8 @@ def _add_locked(
         write_metadata(tmp / METADATA, [*bundle.metadata, *new_rows])
         save_index(index, tmp / INDEX)
         shutil.copy2(bundle_path / MODEL, tmp / MODEL)
+        if bundle.has_onnx:  # checked by load_bundle; the graph does not change with the rows
+            shutil.copy2(bundle_path / ONNX, tmp / ONNX)
         manifest["classes"] = classes
         manifest["count"] = count
         manifest.setdefault("added", []).append(

@@ -6,6 +6,10 @@ A bundle holds everything a search needs and nothing that executes code when loa
     metadata.csv     path (relative to the image root), label, class, split; one row per image
     index.faiss      the Faiss index over the embeddings (PCA inside it when pca_dim is set)
     model.pt         the embedding model's state_dict: tensors only (torch.load weights_only)
+    model.onnx       optional (`export --onnx`): the same model as an fp32 ONNX graph for
+                     onnxruntime, hashed like the others; the manifest's "onnx" entry
+                     records its parity check (worst cosine vs PyTorch, probe size, opset,
+                     onnxruntime version)
     manifest.json    versions, the full config, image_root, metric, sizes and the sha256 of
                      every other file
 
@@ -74,6 +78,7 @@ EMBEDDINGS = "embeddings.npy"
 METADATA = "metadata.csv"
 INDEX = "index.faiss"
 MODEL = "model.pt"
+ONNX = "model.onnx"  # optional; hashed in "files" when present
 DATA_FILES = (EMBEDDINGS, METADATA, INDEX, MODEL)  # hashed in the manifest's "files"
 SHARDED_DATA_FILES = (METADATA, INDEX, MODEL)  # shards are hashed in its "shards" list
 COLUMNS = ("path", "label", "class", "split")
@@ -82,6 +87,7 @@ BUNDLE_PREFIX = "bundle:"  # metadata paths under the bundle folder rather than 
 _REQUIRED_KEYS = ("format_version", "config", "metric", "embedding_dim", "count", "dtype",
                   "index", "files", "image_root", "classes")  # fmt: skip
 REEXPORT = "re-export the bundle (python evaluate.py --checkpoint ... --export DIR)"
+REEXPORT_ONNX = "re-export the bundle with --onnx (python -m mltrain export ... --onnx)"
 
 
 @dataclass
@@ -96,6 +102,12 @@ class Bundle:
     index: faiss.Index
     root: Path
     _embedder: Embedder | None = field(default=None, repr=False)
+    _onnx_embedder: Embedder | None = field(default=None, repr=False)
+
+    @property
+    def has_onnx(self) -> bool:
+        """The bundle holds a checked model.onnx (exported with --onnx)."""
+        return ONNX in self.manifest["files"]
 
     @property
     def metric(self) -> str:
@@ -333,6 +345,8 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
     hashes = manifest["files"]
     digests = [(name, hashes.get(name)) for name in (SHARDED_DATA_FILES if shards else DATA_FILES)]
     digests += [(s["name"], s["sha256"]) for s in shards or []]
+    if ONNX in hashes or "onnx" in manifest:  # optional, but checked like the rest when listed
+        digests.append((ONNX, hashes.get(ONNX)))
     for name, expected in digests:
         _check_digest(path, name, expected)
 
@@ -456,13 +470,67 @@ def bundle_config(bundle: Bundle):
     return from_dict(copy.deepcopy(bundle.manifest["config"]), f"{bundle.path / MANIFEST}")
 
 
-def bundle_embedder(bundle: Bundle) -> Embedder:
-    """The bundle's model, rebuilt from its config with its own weights (no download).
+BACKENDS = ("auto", "torch", "onnx")
+
+# What `auto` picks, measured with benchmarks/onnx.py (README "Performance (CPU)"):
+# see `choose_backend`.
+AUTO_PREFERS_ONNX = False
+
+
+def choose_backend(bundle: Bundle, backend: str = "auto") -> str:
+    """"torch" or "onnx" for `backend` ("auto", "torch" or "onnx").
+
+    `auto` is torch: on the CPUs measured, PyTorch with BatchNorm folding and bf16 autocast
+    embeds faster than onnxruntime fp32 (benchmarks/onnx.py; README "Performance (CPU)"),
+    so it takes ONNX only where `AUTO_PREFERS_ONNX` says the graph is faster, the bundle
+    has one and onnxruntime is installed. Asking for onnx without model.onnx is an error
+    that says how to get one.
+    """
+    from mltrain.inference.onnx import onnxruntime_available
+
+    if backend not in BACKENDS:
+        raise BundleError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        fast = AUTO_PREFERS_ONNX and bundle.has_onnx and onnxruntime_available()
+        return "onnx" if fast else "torch"
+    if backend == "onnx" and not bundle.has_onnx:
+        raise BundleError(f"{bundle.path} has no {ONNX} for --backend onnx; {REEXPORT_ONNX}")
+    return backend
+
+
+def bundle_embedder(bundle: Bundle, backend: str = "auto") -> Embedder:
+    """The bundle's model, rebuilt from its config with its own weights (no download), run
+    by `backend` (see `choose_backend`; the default suits every caller).
 
     model.pt is read first and compared, key by key and shape by shape, with the config's
     model built on the meta device: a manifest naming a huge backbone is refused before
-    that backbone is allocated.
+    that backbone is allocated. The onnx backend also builds the PyTorch model (its
+    preprocessing and sizes come from it) and runs model.onnx, whose bytes are checked
+    against the manifest as they are handed to onnxruntime.
     """
+    chosen = choose_backend(bundle, backend)
+    embedder = _torch_embedder(bundle)
+    if chosen == "torch":
+        return embedder
+    if bundle._onnx_embedder is None:
+        from mltrain.inference.onnx import OnnxSession
+
+        session = OnnxSession(_onnx_graph(bundle), embedder.model.normalize)
+        bundle._onnx_embedder = embedder.with_backend("onnx", session)
+    return bundle._onnx_embedder
+
+
+def _onnx_graph(bundle: Bundle) -> bytes:
+    """model.onnx's bytes, refused unless they are the ones the manifest hashed."""
+    path = _bundle_file(bundle.path, ONNX)
+    graph = path.read_bytes()
+    if hashlib.sha256(graph).hexdigest() != bundle.manifest["files"].get(ONNX):
+        raise BundleError(f"{path} does not match its sha256 in {MANIFEST} (changed, replaced "
+                          f"or from another export); {REEXPORT_ONNX}")  # fmt: skip
+    return graph
+
+
+def _torch_embedder(bundle: Bundle) -> Embedder:
     if bundle._embedder is not None:
         return bundle._embedder
     cfg = bundle_config(bundle)
@@ -505,7 +573,7 @@ def safe_image_path(bundle: Bundle, rel: str) -> Path:
     return files.inside(bundle.root, rel, BundleError, f"metadata path {rel!r}")
 
 
-__all__ = ["Bundle", "bundle_embedder", "load_bundle", "safe_image_path"]
+__all__ = ["Bundle", "bundle_embedder", "choose_backend", "load_bundle", "safe_image_path"]
 
 
 def check_export_target(out_dir: Path) -> None:

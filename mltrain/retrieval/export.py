@@ -14,6 +14,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from mltrain.config import ExportConfig, to_dict
 from mltrain.data.pipeline import RunData, prepare_data
@@ -27,6 +28,7 @@ from mltrain.retrieval.bundle import (
     MANIFEST,
     METADATA,
     MODEL,
+    ONNX,
     SHARDED_DATA_FILES,
     SHARDED_FORMAT,
     check_export_target,
@@ -69,6 +71,7 @@ def export_bundle(
     shard_size: int | None = None,
     data: RunData | None = None,
     rerank: dict[str, Any] | None = None,
+    onnx: bool = False,
 ) -> Path:
     """Embed the whole image folder of `embedder.cfg.data` and write a bundle to `out_dir`.
 
@@ -79,7 +82,9 @@ def export_bundle(
     `index`, `pca_dim`, `dtype` and `shard_size` default to the config's `export` section;
     the index args come from `export.index_args` when `index` is the configured kind, else
     the kind's defaults apply. A folder of more than `shard_size` images is written as
-    shards (see the module docstring). Returns `out_dir`.
+    shards (see the module docstring). With `onnx`, the model is also written as model.onnx,
+    first of all: a graph that fails its parity check stops the export before any image is
+    embedded, and no bundle is written. Returns `out_dir`.
     """
     cfg = copy.deepcopy(embedder.cfg)
     exp = cfg.export
@@ -114,6 +119,7 @@ def export_bundle(
     ]
     head = embedder.model.head
     with staged(out_dir, "partial") as tmp:
+        onnx_record = _write_onnx(embedder, folder.paths, tmp) if onnx else None
         idx, dim, shards = _write_embeddings(
             embedder, folder.paths, folder.labels, tmp, exp, metric
         )
@@ -134,6 +140,8 @@ def export_bundle(
         }
         if shards:
             manifest["shards"] = shards
+        if onnx_record is not None:
+            manifest["onnx"] = onnx_record
         if rerank is not None:
             manifest["rerank"] = {"default": rerank["recommended"], "measured": rerank}
         calibration = _calibration(tmp, shards, folder.labels, splits, cfg)
@@ -145,6 +153,22 @@ def export_bundle(
         finish_manifest(tmp, manifest, kind, exp.index_args, pca, idx)
         move_into_place(tmp, out_dir)
     return out_dir
+
+
+PROBE_IMAGES = 8
+
+
+def _write_onnx(embedder: Embedder, paths: list[Path], tmp: Path) -> dict[str, Any]:
+    """model.onnx in `tmp`, checked on up to `PROBE_IMAGES` gallery images spread over
+    the folder; the manifest's record of the check."""
+    from mltrain.inference.onnx import export_checked
+
+    step = max(1, len(paths) // PROBE_IMAGES)
+    probe_paths = paths[::step][:PROBE_IMAGES]
+    probe = torch.cat([x for x, _, _ in embedder._loader(probe_paths, None)])
+    graph, parity = export_checked(embedder.model, probe, "gallery")
+    (tmp / ONNX).write_bytes(graph)
+    return parity.record()
 
 
 def _calibration(tmp: Path, shards, labels: np.ndarray, splits: list[str], cfg) -> dict | None:
@@ -217,5 +241,7 @@ def finish_manifest(
         "bytes": (folder / INDEX).stat().st_size,  # as serialised; no second copy in memory
     }
     names = SHARDED_DATA_FILES if manifest["format_version"] == SHARDED_FORMAT else DATA_FILES
+    if (folder / ONNX).is_file():
+        names = (*names, ONNX)
     manifest["files"] = {name: sha256_file(folder / name) for name in names}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -17,6 +17,9 @@ alone, after one warm-up search) and once the time spent embedding the queries.
                 red when it differs, grey when the query's folder is no class of the bundle
   --json        one JSON document on stdout instead of the table
   --image-root  where the bundle's images are now, if they moved (thumbnails only)
+  --backend B   what embeds the queries: torch, onnx (the bundle's model.onnx, written by
+                `export --onnx`, run by onnxruntime fp32) or auto (default: torch, which
+                measured faster on CPU; see `mltrain.retrieval.bundle.choose_backend`)
 
 An unreadable query prints an error line naming it and the other queries still run.
 Exit code 0: every query answered; 1: some query failed; 2: unusable bundle or arguments,
@@ -48,7 +51,14 @@ from mltrain.data.images import load_image
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.files import check_writable
 from mltrain.retrieval.add import add_images
-from mltrain.retrieval.bundle import Bundle, bundle_embedder, load_bundle, safe_image_path
+from mltrain.retrieval.bundle import (
+    BACKENDS,
+    Bundle,
+    bundle_embedder,
+    choose_backend,
+    load_bundle,
+    safe_image_path,
+)
 from mltrain.retrieval.index import check_index_metric, prepare, timed_single_queries
 from mltrain.retrieval.rerank import RERANKERS, rerank_candidates
 
@@ -79,11 +89,14 @@ class SearchRun:
     embed_ms: float  # embedding all readable queries, model already built
     model_ms: float  # rebuilding the model from the bundle
     rerank: str = "none"  # the re-ranker that ordered the hits
+    backend: str = "torch"  # what embedded the queries
 
 
-def _embed_queries(bundle: Bundle, paths: list[Path], results: list[QueryResult]):
+def _embed_queries(
+    bundle: Bundle, paths: list[Path], results: list[QueryResult], backend: str = "auto"
+):
     """Embeddings of the readable queries; unreadable ones get an error instead."""
-    embedder = bundle_embedder(bundle)
+    embedder = bundle_embedder(bundle, backend)
     ok: list[int] = []
     for i, p in enumerate(paths):
         try:
@@ -107,20 +120,27 @@ def _embed_queries(bundle: Bundle, paths: list[Path], results: list[QueryResult]
 
 
 def search_images(
-    bundle: Bundle, paths: Sequence[str | Path], k: int, rerank: str = "none"
+    bundle: Bundle,
+    paths: Sequence[str | Path],
+    k: int,
+    rerank: str = "none",
+    backend: str = "auto",
 ) -> SearchRun:
     """Embed `paths` with the bundle's model and search its index, one query per call.
+
+    `backend` runs the model with torch or onnxruntime (see `choose_backend`).
 
     With `rerank` (see `mltrain.retrieval.rerank`) the index returns max(4k, 50) candidates,
     which are re-ordered with their stored embeddings, and the first k are kept; the timed
     search is the index call alone, the scores stay the index's."""
     paths = [Path(p) for p in paths]
     results = [QueryResult(str(p)) for p in paths]
+    backend = choose_backend(bundle, backend)
     t0 = time.perf_counter()
-    bundle_embedder(bundle)
+    bundle_embedder(bundle, backend)
     model_ms = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
-    embs = _embed_queries(bundle, paths, results)
+    embs = _embed_queries(bundle, paths, results, backend)
     embed_ms = (time.perf_counter() - t0) * 1e3
     index, metric = bundle.index, bundle.metric
     check_index_metric(index, metric)
@@ -133,7 +153,7 @@ def search_images(
     for n, (i, (seconds, (scores, rows))) in enumerate(zip(order, timed, strict=True)):
         results[i].search_us = seconds * 1e6
         results[i].hits = rank_hits(bundle, queries[n], scores[0], rows[0], k, rerank)
-    return SearchRun(results, k, embed_ms, model_ms, rerank)
+    return SearchRun(results, k, embed_ms, model_ms, rerank, backend)
 
 
 def search_depth(bundle: Bundle, k: int, rerank: str) -> int:
@@ -202,7 +222,7 @@ def _print_table(run: SearchRun, bundle: Bundle) -> None:
     med = f"{float(np.median(us)):.0f} us median" if us else "no searches"
     print(
         f"\nembedded {n_ok} of {len(run.results)} queries in {run.embed_ms:.1f} ms "
-        f"({per:.1f} ms per image; model rebuilt in {run.model_ms:.0f} ms); "
+        f"({per:.1f} ms per image with {run.backend}; model rebuilt in {run.model_ms:.0f} ms); "
         f"index search {med}"
     )
 
@@ -221,6 +241,7 @@ def _json_doc(run: SearchRun, bundle: Bundle, load_ms: float) -> dict:
         "index": {"kind": info["kind"], "pca_dim": info.get("pca_dim"), "ntotal": len(bundle)},
         "k": run.k,
         "rerank": run.rerank,
+        "backend": run.backend,
         "timing": {"load_ms": load_ms, "model_ms": run.model_ms, "embed_ms": run.embed_ms},
         "queries": [
             {
@@ -339,6 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", default="auto", choices=("auto", *RERANKERS),
                    help="re-order the top candidates: k_reciprocal or alpha_qe; auto (default): "
                         "what the evaluation that exported the bundle found helps, else none")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="embed queries with torch or onnx (the bundle's model.onnx, from "
+                        "export --onnx); auto (default): torch, measured faster on CPU")
     p.add_argument("--threshold", metavar="auto|T",
                    help="mark hits as match / no match at this similarity; auto: the bundle's "
                         "calibrated threshold at FAR 1e-3; 'unknown' when the best hit is below")
@@ -393,7 +417,8 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"note: -k {k} exceeds the bundle's {len(bundle)} images; using {len(bundle)}",
               file=sys.stderr)  # fmt: skip
     threshold = None if args.threshold is None else threshold_value(bundle, args.threshold)
-    run = search_images(bundle, args.images, k, default_rerank(bundle, args.rerank))
+    run = search_images(bundle, args.images, k, default_rerank(bundle, args.rerank),
+                        args.backend)
     if threshold is not None:
         apply_threshold(run, threshold)
     for r in run.results:
