@@ -81,6 +81,28 @@ def test_embed_naive_limit_times_the_naive_loop_on_a_spread_subset(make_image_fo
     assert result["threads"] == 1
 
 
+def test_onnx_table_compares_both_backends_in_every_group(make_image_folder, tmp_path,
+                                                          capsys):
+    pytest.importorskip("onnxruntime")
+    from benchmarks import onnx_backend
+
+    root = make_image_folder(tmp_path / "data", classes=3, per_class=4, size=(48, 40))
+    result = onnx_backend.main(["--root", str(root), "--images", "12", "--gallery", "6",
+                                "--runs", "1", "--rounds", "1", *TINY_MODEL])
+    out = capsys.readouterr().out
+    rows = table(out, "variant")
+    assert len(rows) == 10
+    for label, (images, seconds, img_s, ratio) in rows.items():
+        assert number(seconds) > 0 and number(img_s) > 0 and number(ratio) > 0, label
+        if not label.startswith("process"):
+            assert int(images) == 12, label  # every variant saw every image
+    first = [label for label in rows if "search default" in label or "end to end, torch" in label
+             or label.endswith("--backend torch")]
+    assert len(first) == 4 and all(number(rows[f][3]) == 1.0 for f in first)  # baselines
+    assert result["parity"] >= 0.9999
+    assert (result["bundle"] / "model.onnx").is_file()  # the searched bundle had a graph
+
+
 def test_train_table_has_each_mode_with_positive_rates(make_image_folder, tmp_path, capsys):
     root = make_image_folder(tmp_path / "data", classes=4, per_class=12, size=(40, 32))
     results = train.main(["--root", str(root), "--steps", "2", "--batch", "8", "--warmup", "1",

@@ -85,12 +85,19 @@ def export_bytes(model: EmbeddingModel, probe: torch.Tensor) -> bytes:
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's deprecation and tracing notes
         try:
-            torch.onnx.export(net, (x,), buf, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                              opset_version=OPSET, dynamo=False)  # fmt: skip
-        except (TypeError, NotImplementedError, AttributeError):  # tracer gone: dynamo
-            buf = io.BytesIO()
-            _export_dynamo(net, x, buf)
+            try:
+                torch.onnx.export(net, (x,), buf, input_names=[INPUT], output_names=[OUTPUT],
+                                  dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                                  opset_version=OPSET, dynamo=False)  # fmt: skip
+            except (TypeError, NotImplementedError):  # a torch without the tracer: dynamo
+                buf = io.BytesIO()
+                _export_dynamo(net, x, buf)
+        except MltrainError:
+            raise
+        except Exception as e:  # noqa: BLE001 - exporters raise many types
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise MltrainError(f"ONNX export of {type(model.trunk).__name__} failed "
+                               f"({type(e).__name__}: {first}); export without --onnx") from None
     return buf.getvalue()
 
 
@@ -106,8 +113,10 @@ def _export_dynamo(net: nn.Module, x: torch.Tensor, buf: io.BytesIO) -> None:
 
 class OnnxSession:
     """An onnxruntime session that stands in for an `EmbeddingModel` at inference:
-    `embed(x)` (and calling it) takes a float tensor batch and returns the embeddings as a
-    tensor, so `mltrain.inference.batching` runs it unchanged.
+    `embed(x)` takes a float tensor batch and returns the embeddings as a float32 CPU tensor,
+    so `mltrain.inference.batching` runs it unchanged. Calling it is `embed` too (the graph
+    has no other output; note that calling an `EmbeddingModel` is its `forward`, which stops
+    before BNNeck and normalisation: inference code calls `.embed` on either).
 
     Sessions are not fork-safe, so the session is built lazily in each process that uses it
     (keyed by pid): a loader worker forked with this object builds its own, with the thread

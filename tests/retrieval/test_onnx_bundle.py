@@ -182,3 +182,30 @@ def test_added_images_keep_the_graph(exported, tmp_path):
     assert b.has_onnx and json.loads((copy / "manifest.json").read_text())["onnx"]
     got = bundle_embedder(b, "onnx").embed([new / "zebra" / "img_000.jpg"])
     np.testing.assert_allclose(got[0], b.embeddings[len(b) - 2], atol=1e-4)
+
+
+def test_export_command_onnx_flag_then_search_with_it(tmp_path, capsys):
+    from mltrain.commands import export as export_cmd
+
+    root = write_image_folder(tmp_path / "data", 2, 3, (32, 32))
+    out = tmp_path / "bundle"
+    export_cmd.main(["--backbone", "tf_efficientnet_lite0", "--set", "model.pretrained=false",
+                     "--set", "model.image_size=32", "--set", f"data.root={root}",
+                     "--set", "data.split=none", "--set", "data.exclude_classes=[]",
+                     "--set", "data.num_workers=0", "--set", f"output_dir={tmp_path / 'exp'}",
+                     "--set", "export.index=flat", "--onnx", "--out", str(out)])  # fmt: skip
+    assert "exported 6 images" in capsys.readouterr().out
+    assert load_bundle(out).has_onnx
+    assert main([str(out), str(root / "class_1" / "img_001.png"), "--json",
+                 "--backend", "onnx"]) == 0  # fmt: skip
+    top = json.loads(capsys.readouterr().out)["queries"][0]["results"][0]
+    # the gallery was embedded with bf16 autocast where the CPU has it, the query in fp32
+    assert top["path"] == "class_1/img_001.png" and top["score"] == pytest.approx(1, abs=1e-3)
+
+
+def test_evaluate_onnx_needs_export():
+    from mltrain.commands import evaluate as evaluate_cmd
+    from mltrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--onnx needs --export"):
+        evaluate_cmd.main(["--backbone", "tf_efficientnet_lite0", "--onnx"])
