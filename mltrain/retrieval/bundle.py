@@ -472,19 +472,20 @@ def bundle_config(bundle: Bundle):
 
 BACKENDS = ("auto", "torch", "onnx")
 
-# What `auto` picks, measured with benchmarks/onnx.py (README "Performance (CPU)"):
-# see `choose_backend`.
+# Whether `auto` runs model.onnx. Measured with benchmarks/onnx_backend.py on the 2-core
+# AVX512-BF16 machine (README "Performance (CPU)"): torch with bf16 autocast and BatchNorm
+# folding 76.7 / 107.7 img/s at batch 1 / 32, onnxruntime fp32 51.6 / 72.4 (0.67x both),
+# embed() end to end 0.61x, a one-query search process 1.03x (start-up dominates). So: torch.
 AUTO_PREFERS_ONNX = False
 
 
 def choose_backend(bundle: Bundle, backend: str = "auto") -> str:
     """"torch" or "onnx" for `backend` ("auto", "torch" or "onnx").
 
-    `auto` is torch: on the CPUs measured, PyTorch with BatchNorm folding and bf16 autocast
-    embeds faster than onnxruntime fp32 (benchmarks/onnx.py; README "Performance (CPU)"),
-    so it takes ONNX only where `AUTO_PREFERS_ONNX` says the graph is faster, the bundle
-    has one and onnxruntime is installed. Asking for onnx without model.onnx is an error
-    that says how to get one.
+    `auto` is torch: on the CPU measured, PyTorch with BatchNorm folding and bf16 autocast
+    embeds 1.5x faster than onnxruntime fp32 (see `AUTO_PREFERS_ONNX`), so auto takes ONNX
+    only where that constant says the graph is faster, the bundle has one and onnxruntime
+    is installed. Asking for onnx without model.onnx is an error that says how to get one.
     """
     from mltrain.inference.onnx import onnxruntime_available
 
