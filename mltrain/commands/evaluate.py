@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mltrain.data.pipeline import prepare_data
 
     data = prepare_data(embedder.cfg)  # scanned and checked once: checks, evaluation, export
-    check_targets(embedder, out, export, len(data.folder))
+    check_targets(embedder, out, export, len(data.folder), args.onnx)
     result, out = evaluate_into(embedder, out, source, bool(args.out), base, data)
     m = result.metrics
     print(
@@ -63,11 +63,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"results: {out}")
 
 
-def check_targets(embedder, out: Path, export: Path | None, images: int) -> None:
+def check_targets(
+    embedder, out: Path, export: Path | None, images: int, onnx: bool = False
+) -> None:
     """Before the evaluation: the targets may be written (an --out folder holding other
     files is not replaced) and their disks hold a rough upper estimate of the results:
     embeddings (npy and TensorBoard) plus 64 MiB of figures; a bundle's embeddings, index
-    and model. The export's index settings must fit the `images` it will hold."""
+    and model (twice with `onnx`: model.onnx holds the weights again). The export's index
+    settings must fit the `images` it will hold."""
     from mltrain.files import check_output_folders
     from mltrain.retrieval.bundle import check_export_target
     from mltrain.retrieval.export import check_export_index
@@ -83,6 +86,7 @@ def check_targets(embedder, out: Path, export: Path | None, images: int) -> None
     needs = [(out, "evaluation results (--out)", images * dim * 8 + 64 * 2**20)]
     if export is not None:
         weights = sum(t.numel() * t.element_size() for t in embedder.model.state_dict().values())
+        weights *= 2 if onnx else 1
         needs.append((export, "search bundle (--export)", images * (dim * 8 + 512) + weights))
     check_output_folders(needs, "free space, make the folder writable or choose another one")
 

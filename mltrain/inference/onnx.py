@@ -183,7 +183,8 @@ class Parity:
 
     def record(self) -> dict[str, Any]:
         """The manifest's account of the check."""
-        return {"opset": OPSET, "onnxruntime": ort_version(), "exporter": "torch.onnx",
+        return {"opset": OPSET, "onnxruntime": ort_version(),
+                "exporter": f"torch.onnx {torch.__version__}",
                 "worst_cosine": self.worst_cosine, "probe_images": self.probe_images,
                 "probe": self.probe, "min_cosine": PARITY_MIN}  # fmt: skip
 

@@ -203,6 +203,21 @@ def test_export_command_onnx_flag_then_search_with_it(tmp_path, capsys):
     assert top["path"] == "class_1/img_001.png" and top["score"] == pytest.approx(1, abs=1e-3)
 
 
+def test_evaluate_export_onnx_writes_the_graph(tmp_path, capsys):
+    from mltrain.commands import evaluate
+
+    root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
+    out = tmp_path / "bundle"
+    evaluate.main(["--backbone", "tf_efficientnet_lite0", "--set", "model.pretrained=false",
+                   "--set", "model.image_size=32", "--set", f"data.root={root}",
+                   "--set", "data.exclude_classes=[]", "--set", "data.num_workers=0",
+                   "--set", f"output_dir={tmp_path / 'exp'}", "--set", "export.index=flat",
+                   "--export", str(out), "--onnx"])  # fmt: skip
+    b = load_bundle(out)
+    assert b.has_onnx and b.manifest["onnx"]["worst_cosine"] >= 0.9999
+    assert bundle_embedder(b, "onnx").embed([root / "class_0" / "img_000.jpg"]).shape[0] == 1
+
+
 def test_evaluate_onnx_needs_export():
     from mltrain.commands import evaluate as evaluate_cmd
     from mltrain.errors import ConfigError
