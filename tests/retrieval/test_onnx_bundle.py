@@ -206,7 +206,7 @@ def test_export_command_onnx_flag_then_search_with_it(tmp_path, capsys):
 def test_evaluate_export_onnx_writes_the_graph(tmp_path, capsys):
     from mltrain.commands import evaluate
 
-    root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
+    root = write_image_folder(tmp_path / "data", 3, 6, (32, 32))
     out = tmp_path / "bundle"
     evaluate.main(["--backbone", "tf_efficientnet_lite0", "--set", "model.pretrained=false",
                    "--set", "model.image_size=32", "--set", f"data.root={root}",
