@@ -224,3 +224,13 @@ def test_evaluate_onnx_needs_export():
 
     with pytest.raises(ConfigError, match="--onnx needs --export"):
         evaluate_cmd.main(["--backbone", "tf_efficientnet_lite0", "--onnx"])
+
+
+def test_sharded_bundle_carries_the_graph(exported, tmp_path):
+    root, _, _ = exported
+    out = export_bundle(tiny_embedder(root), tmp_path / "sharded", "test", shard_size=5, onnx=True)
+    b = load_bundle(out)
+    assert b.manifest["format_version"] == 2 and b.has_onnx
+    paths = sorted(root.rglob("img_*"))
+    np.testing.assert_allclose(bundle_embedder(b, "onnx").embed(paths), b.embeddings[:],
+                               atol=1e-4)  # fmt: skip
