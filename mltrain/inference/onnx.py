@@ -22,6 +22,7 @@ import importlib.util
 import io
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,24 @@ def _export_dynamo(net: nn.Module, x: torch.Tensor, buf: io.BytesIO) -> None:
     buf.write(program.model_proto.SerializeToString())
 
 
+# Sessions that a forked child inherited. Destroying one in the child would wait forever
+# on a condition variable of the parent's thread pool (whose threads the child does not
+# have; seen as a hung DataLoader worker), so the child keeps them until it exits.
+_LIVE: weakref.WeakSet[OnnxSession] = weakref.WeakSet()
+_INHERITED: list[Any] = []
+
+
+def _keep_inherited_sessions() -> None:
+    for s in list(_LIVE):
+        if s._session is not None:
+            _INHERITED.append(s._session)
+            s._session = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_keep_inherited_sessions)
+
+
 class OnnxSession:
     """An onnxruntime session that stands in for an `EmbeddingModel` at inference:
     `embed(x)` takes a float tensor batch and returns the embeddings as a float32 CPU tensor,
@@ -118,9 +137,9 @@ class OnnxSession:
     has no other output; note that calling an `EmbeddingModel` is its `forward`, which stops
     before BNNeck and normalisation: inference code calls `.embed` on either).
 
-    Sessions are not fork-safe, so the session is built lazily in each process that uses it
-    (keyed by pid): a loader worker forked with this object builds its own, with the thread
-    count the worker runs with (one), instead of touching the parent's thread pool.
+    Sessions are not fork-safe, so the session is built lazily in each process that uses it:
+    a loader worker forked with this object builds its own, with the thread count the worker
+    runs with (one), and never touches (or frees) the parent's, see `_INHERITED`.
     """
 
     def __init__(self, graph: bytes, normalize: bool, threads: int | None = None) -> None:
@@ -130,9 +149,13 @@ class OnnxSession:
         self._session: Any = None
         self._pid = -1
         _ort()
+        _LIVE.add(self)
 
     def session(self):
-        if self._session is None or self._pid != os.getpid():
+        if self._session is not None and self._pid != os.getpid():
+            _INHERITED.append(self._session)  # forked without the hook: keep, never free
+            self._session = None
+        if self._session is None:
             ort = _ort()
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads or torch.get_num_threads()
@@ -162,6 +185,10 @@ class OnnxSession:
 
     def __getstate__(self) -> dict[str, Any]:  # a pickled copy (spawned worker) rebuilds
         return {**self.__dict__, "_session": None, "_pid": -1}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        _LIVE.add(self)
 
 
 def worst_cosine(model: EmbeddingModel, session: OnnxSession, probe: torch.Tensor) -> float:

@@ -121,3 +121,44 @@ def test_missing_onnxruntime_is_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ort)
     with pytest.raises(MltrainError, match=r"pip install -e '\.\[onnx\]'"):
         onnx_mod.OnnxSession(b"", True)
+
+
+FORK_AFTER_USE = """
+import sys, time, torch
+from mltrain.inference import batching
+from mltrain.inference.embedder import make_embedder
+from mltrain.inference.onnx import OnnxSession, export_checked, noise_probe
+from mltrain.model.network import build_model
+from tests.conftest import write_image_folder
+from tests.inference.test_onnx import tiny_cfg
+
+batching.usable_cpus = lambda: 2
+root = write_image_folder(sys.argv[1], 2, 2, (40, 32))
+cfg = tiny_cfg(root)
+cfg.data.num_workers, cfg.eval.amp = 2, "off"
+emb = make_embedder(cfg, build_model(cfg.model))
+graph, _ = export_checked(emb.model, noise_probe((3, 64, 64)), "noise")
+fast = emb.with_backend("onnx", OnnxSession(graph, True, threads=2))
+for _ in range(2):
+    fast.forward_model.embed(torch.randn(2, 3, 64, 64))  # the parent's session and pool
+    time.sleep(1)  # its threads park on their condition variable
+    fast.embed(sorted(root.rglob("img_*")))  # forks workers that inherit it
+print("ok")
+"""
+
+
+def test_workers_forked_after_the_parent_used_its_session_do_not_hang(tmp_path):
+    """A child that freed its inherited session hung in pthread_cond_destroy (the parent's
+    pool threads do not exist in it); run in a process with a timeout so a hang fails."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_WAIT_POLICY": "PASSIVE",
+           "TQDM_DISABLE": "1"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", FORK_AFTER_USE, str(tmp_path / "data")],
+                          cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
