@@ -473,17 +473,19 @@ def bundle_config(bundle: Bundle):
 BACKENDS = ("auto", "torch", "onnx")
 
 # Whether `auto` runs model.onnx. Measured with benchmarks/onnx_backend.py on the 2-core
-# AVX512-BF16 machine (README "Performance (CPU)"): torch with bf16 autocast and BatchNorm
-# folding 76.7 / 107.7 img/s at batch 1 / 32, onnxruntime fp32 51.6 / 72.4 (0.67x both),
-# embed() end to end 0.61x, a one-query search process 1.03x (start-up dominates). So: torch.
+# AVX512-BF16 machine (README "Performance (CPU)"): onnxruntime fp32 is level with torch
+# (bf16 autocast, BatchNorm folded) at batch 1 (0.67x-1.27x over three noisy runs, 0.97x in
+# the longest), 0.58x-0.67x at batch 32, 0.61x-0.80x for embed() end to end, and a one-query
+# search process is start-up either way (1.03x-1.04x). Never clearly faster: torch.
 AUTO_PREFERS_ONNX = False
 
 
 def choose_backend(bundle: Bundle, backend: str = "auto") -> str:
     """"torch" or "onnx" for `backend` ("auto", "torch" or "onnx").
 
-    `auto` is torch: on the CPU measured, PyTorch with BatchNorm folding and bf16 autocast
-    embeds 1.5x faster than onnxruntime fp32 (see `AUTO_PREFERS_ONNX`), so auto takes ONNX
+    `auto` is torch: on the CPU measured, onnxruntime fp32 is at best level with PyTorch
+    (BatchNorm folding, bf16 autocast) for one image and slower on batches (see
+    `AUTO_PREFERS_ONNX`), so auto takes ONNX
     only where that constant says the graph is faster, the bundle has one and onnxruntime
     is installed. Asking for onnx without model.onnx is an error that says how to get one.
     """

@@ -19,7 +19,7 @@ alone, after one warm-up search) and once the time spent embedding the queries.
   --image-root  where the bundle's images are now, if they moved (thumbnails only)
   --backend B   what embeds the queries: torch, onnx (the bundle's model.onnx, written by
                 `export --onnx`, run by onnxruntime fp32) or auto (default: torch, which
-                measured faster on CPU; see `mltrain.retrieval.bundle.choose_backend`)
+                never slower on the CPU measured; see `mltrain.retrieval.bundle.choose_backend`)
 
 An unreadable query prints an error line naming it and the other queries still run.
 Exit code 0: every query answered; 1: some query failed; 2: unusable bundle or arguments,
@@ -362,7 +362,7 @@ def _parser() -> argparse.ArgumentParser:
                         "what the evaluation that exported the bundle found helps, else none")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="embed queries with torch or onnx (the bundle's model.onnx, from "
-                        "export --onnx); auto (default): torch, measured faster on CPU")
+                        "export --onnx); auto (default): torch, never slower on the CPU measured")
     p.add_argument("--threshold", metavar="auto|T",
                    help="mark hits as match / no match at this similarity; auto: the bundle's "
                         "calibrated threshold at FAR 1e-3; 'unknown' when the best hit is below")
