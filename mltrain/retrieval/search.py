@@ -18,8 +18,8 @@ alone, after one warm-up search) and once the time spent embedding the queries.
   --json        one JSON document on stdout instead of the table
   --image-root  where the bundle's images are now, if they moved (thumbnails only)
   --backend B   what embeds the queries: torch, onnx (the bundle's model.onnx, written by
-                `export --onnx`, run by onnxruntime fp32) or auto (default: torch, which
-                never slower on the CPU measured; see `mltrain.retrieval.bundle.choose_backend`)
+                `export --onnx`, run by onnxruntime fp32) or auto (default: torch, never
+                slower on the CPU measured; see `mltrain.retrieval.bundle.choose_backend`)
 
 An unreadable query prints an error line naming it and the other queries still run.
 Exit code 0: every query answered; 1: some query failed; 2: unusable bundle or arguments,
