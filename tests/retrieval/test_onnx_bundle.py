@@ -234,3 +234,23 @@ def test_sharded_bundle_carries_the_graph(exported, tmp_path):
     paths = sorted(root.rglob("img_*"))
     np.testing.assert_allclose(bundle_embedder(b, "onnx").embed(paths), b.embeddings[:],
                                atol=1e-4)  # fmt: skip
+
+
+def test_service_on_the_onnx_backend_answers_like_torch(exported):
+    """How `mltrain serve --backend` plugs in: the service's embedder factory."""
+    from mltrain.retrieval.service import SearchService
+
+    root, bundle, _ = exported
+    docs = {}
+    for backend in ("torch", "onnx"):
+        svc = SearchService(bundle, embedder_factory=lambda b, x=backend: bundle_embedder(b, x))
+        try:
+            assert svc.embedder.backend == backend
+            docs[backend] = [svc.search(Path(q).read_bytes(), k=3, rerank="none",
+                                        threshold="none")["results"]
+                             for q in queries(root)]  # fmt: skip
+        finally:
+            svc.close()
+    for t, o in zip(docs["torch"], docs["onnx"], strict=True):
+        assert [h["path"] for h in t] == [h["path"] for h in o]
+        np.testing.assert_allclose([h["score"] for h in o], [h["score"] for h in t], atol=1e-4)
