@@ -147,6 +147,19 @@ def test_missing_serve_extra_is_one_line(monkeypatch, served_bundle, capsys):
     assert "Traceback" not in err
 
 
+def test_serve_backend_onnx_without_the_graph_stops_before_serving(served_bundle, capsys):
+    """The served bundle was exported without --onnx: one line that says to re-export, and
+    no server is started (uvicorn.run is never reached)."""
+    from mltrain.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(served_bundle[1]), "--backend", "onnx"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "has no model.onnx for --backend onnx; re-export the bundle with --onnx" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
 # --- the real server -----------------------------------------------------------------------
 
 

@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
                    help="largest accepted image, pixels (default 40e6)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="most uploads embedded in one model call (default 16)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="embed uploads with PyTorch or the bundle's model.onnx (export --onnx);"
+                        " auto: PyTorch, faster on this kind of CPU (README, Performance)")
     return p
 
 
@@ -185,15 +188,18 @@ CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline
 
 def service_from_args(args: argparse.Namespace, embedder_factory: Any = None):
     """The service for parsed arguments. `embedder_factory(bundle) -> Embedder` picks the
-    inference backend (default: the bundle's own PyTorch model); a `--backend` flag plugs
-    in here."""
+    inference backend; by default `--backend` does (a bundle without model.onnx asked for
+    onnx stops here, before the server starts)."""
     from mltrain.retrieval.bundle import bundle_embedder
     from mltrain.retrieval.service import SearchService
+
+    backend = getattr(args, "backend", "auto")
+    embedder_factory = embedder_factory or (lambda b: bundle_embedder(b, backend))
 
     return SearchService(args.bundle, args.image_root,
                          max_upload_bytes=int(args.max_upload_mb * 2**20),
                          max_pixels=int(args.max_pixels), max_batch=args.max_batch,
-                         embedder_factory=embedder_factory or bundle_embedder)  # fmt: skip
+                         embedder_factory=embedder_factory)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
