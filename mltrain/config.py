@@ -78,6 +78,9 @@ class TrainConfig:
     cache_frozen: bool = False  # cache the frozen trunk prefix's outputs (needs frozen_stages)
     cache_views: int = 1  # augmented views cached per image when cache_frozen is on
     eval_every: int = 1
+    # Held-out metrics of the untrained model at step 0 too: the curve's starting point, and a
+    # note when training never beats it (fine-tuning can hurt unseen classes).
+    eval_start: bool = True
     # Every N epochs (of those evaluated, and the last): held-out ROC AUC/EER, the PR curve,
     # the ROC and a query grid in TensorBoard; 0: never.
     figures_every: int = 1

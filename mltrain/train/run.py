@@ -209,6 +209,7 @@ class Run:
         self.scheduler = make_scheduler(cfg, self.optimizer, per_epoch)
         self.state = StepState()
         self.best: dict[str, Any] = {}
+        self.start: dict[str, float] = {}  # held-out metrics before training (train.eval_start)
         self.stop = threading.Event()  # set on SIGINT/SIGTERM: save at the next step boundary
         self.writer = SummaryWriter(str(run_dir)) if self.main else None
 
@@ -389,6 +390,7 @@ class Run:
             "scheduler": self.scheduler.state_dict(),
             "state": asdict(self.state),
             "best": self.best,
+            "start": self.start,
             "config": to_dict(self.cfg),
             "classes": list(self.data.folder.classes),
             "train_classes": self.data.train_classes,
@@ -404,6 +406,7 @@ class Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = StepState(**ckpt["state"])
         self.best = dict(ckpt["best"])
+        self.start = dict(ckpt.get("start") or {})
         if self.writer:  # events past the checkpoint's step came from the lost run: purge
             self.writer.close()
             self.writer = SummaryWriter(str(self.run_dir), purge_step=self.state.step + 1)
@@ -460,6 +463,13 @@ class Run:
             self.evaluate_and_save(stats)
         distributed.barrier()
 
+
+    def evaluate_start(self) -> None:
+        """Held-out metrics of the untrained model, logged at step 0: where the curve starts,
+        and what training has to beat (`start_note`)."""
+        self.start = self.evaluate()
+        for tag, v in tensorboard.heldout_scalars(self.start).items():
+            self.writer.add_scalar(tag, v, 0)
 
     def evaluate_and_save(self, stats: dict[str, float]) -> None:
         """Held-out metrics every `eval_every` epochs and at the end; best.pt and last.pt."""
@@ -521,6 +531,21 @@ class Run:
 
     def hit_max_steps(self) -> bool:
         return self.cfg.train.max_steps is not None and self.state.step >= self.cfg.train.max_steps
+
+
+def start_note(key: str, best: dict[str, Any], start: dict[str, Any]) -> str | None:
+    """A note when the best held-out `key` is no better than the untrained model's: on classes
+    the backbone already separates (ImageNet-like photos, class-disjoint), fine-tuning on a few
+    others can only specialise it, and the user should know before shipping the result."""
+    if key not in start or key not in best:
+        return None
+    sign = -1.0 if key in LOWER_IS_BETTER else 1.0
+    if sign * best[key] > sign * start[key]:
+        return None
+    return (f"held-out {key} {best[key]:.4f} (best epoch) never beat the untrained model's "
+            f"{start[key]:.4f}: training specialised the backbone to the training classes at the "
+            "held-out ones' expense; compare with evaluate.py --backbone, train fewer stages "
+            "(model.frozen_stages) or add training classes")  # fmt: skip
 
 
 def _hparam_metrics(cfg: Config) -> list[str]:
@@ -623,6 +648,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
         _stop_on_signals(run.stop)
     if run.writer:
         run.log_start()
+        if cfg.train.eval_start and ckpt is None and run.state.step == 0:
+            run.evaluate_start()
     start = time.perf_counter()
     try:
         for epoch in range(run.state.epoch, cfg.train.epochs):
@@ -657,12 +684,17 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
         "final": final,
         "best": run.best,
         "best_metric": cfg.train.best_metric,
+        "start": run.start,  # held-out metrics before training (train.eval_start)
         "epochs": run.state.epoch,
         "steps": run.state.step,
         "bad_steps": run.state.bad_steps_total,
         "setup_seconds": setup_seconds,  # data checks, model, prefix cache
         "train_seconds": time.perf_counter() - start,
     }
+    note = start_note(cfg.train.best_metric, run.best, run.start)
+    if note:
+        report_notes([note], run_dir)
+        summary["notes"] = [note]
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     distributed.shutdown()
     return run_dir

@@ -86,13 +86,17 @@ def test_epoch_tags_and_heldout_sit_at_global_steps(train_py_run: Path) -> None:
     acc = events(train_py_run)
     ends = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, MAX_STEPS]  # epochs 1, 2 and the cut-off 3
     for tag in ("train/loss_epoch", "train/images_per_s", "train/epoch",
-                "heldout/precision_at_1", "heldout/map_at_r", "heldout/roc_auc", "heldout/eer"):
+                "heldout/roc_auc", "heldout/eer"):
         assert steps(acc, tag) == ends, tag
+    for tag in ("heldout/precision_at_1", "heldout/map_at_r"):  # and the untrained start
+        assert steps(acc, tag) == [0, *ends], tag
     assert [e.value for e in acc.Scalars("train/epoch")] == [1, 2, 3]
-    history = load_checkpoint(train_py_run / "checkpoints" / "last.pt")["state"]["history"]
+    ckpt = load_checkpoint(train_py_run / "checkpoints" / "last.pt")
+    history = ckpt["state"]["history"]
     assert [h["step"] for h in history] == ends
     logged = [e.value for e in acc.Scalars("heldout/precision_at_1")]
-    assert logged == pytest.approx([h["precision_at_1"] for h in history], abs=1e-6)
+    assert logged[0] == pytest.approx(ckpt["start"]["precision_at_1"], abs=1e-6)
+    assert logged[1:] == pytest.approx([h["precision_at_1"] for h in history], abs=1e-6)
     # per-epoch means stay off train/loss, whose points are the steps' own losses
     assert [e.value for e in acc.Scalars("train/loss_epoch")] == pytest.approx(
         [h["loss"] for h in history], abs=1e-5
@@ -172,7 +176,7 @@ def test_resume_purges_the_lost_runs_events(tmp_path, monkeypatch) -> None:
     trainer.fit(resume=run_dir)
     acc = events(run_dir)
     assert steps(acc, "train/loss") == [1, 2, 3, 4]
-    assert steps(acc, "heldout/precision_at_1") == [2, 4]
+    assert steps(acc, "heldout/precision_at_1") == [0, 2, 4]  # the start is not repeated
     assert "heldout/roc_auc" not in acc.Tags()["scalars"]  # figures_every=0
     declared = hparams(acc)["_hparams_/experiment"].experiment.metric_infos
     assert {m.name.tag for m in declared} <= set(acc.Tags()["scalars"])

@@ -258,3 +258,16 @@ def test_bnneck_hybrid_trains_and_embeds_through_the_neck(tmp_path):
         expected = torch.nn.functional.normalize(model.bnneck(model(x)), dim=1)
         assert torch.allclose(model.embed(x), expected, atol=1e-6)
     assert int(model.bnneck.num_batches_tracked) > 0  # the neck's statistics were trained
+
+
+def test_start_note_when_training_never_beats_the_untrained_model():
+    from mltrain.train.run import start_note
+
+    start = {"map_at_r": 0.65, "eer": 0.04}
+    note = start_note("map_at_r", {"map_at_r": 0.60}, start)
+    assert "held-out map_at_r 0.6000 (best epoch) never beat the untrained model's 0.6500" in note
+    assert start_note("map_at_r", {"map_at_r": 0.65}, start) is not None  # a tie is no gain
+    assert start_note("map_at_r", {"map_at_r": 0.70}, start) is None
+    assert start_note("eer", {"eer": 0.05}, start) is not None  # lower is better
+    assert start_note("eer", {"eer": 0.03}, start) is None
+    assert start_note("map_at_r", {"map_at_r": 0.60}, {}) is None  # train.eval_start off
