@@ -105,30 +105,38 @@ def write_shapes_gallery(root: Path, per_class: int = 4, size: int = 64) -> Path
     return Path(root)
 
 
-@pytest.fixture(scope="session")
-def served_bundle(tmp_path_factory) -> tuple[Path, Path]:
-    """(image root, bundle) for the serving tests: 4 shape classes x 4 images of 64 px, a
-    random test_efficientnet at 32 px, a flat cosine index and calibrated thresholds.
-    Built once per session; tests must not change it."""
+def tiny_embedder(root: Path, backbone: str = "test_efficientnet", image_size: int = 32,
+                  k: int = 5):  # fmt: skip
+    """A random-weight embedder over `root` for bundle tests: no download, fp32 (CPU bf16
+    autocast is ~10x slower on tiny inputs), a flat index, seeded so it is the same each call."""
     from mltrain.config import Config
     from mltrain.inference.embedder import make_embedder
     from mltrain.model.network import build_model
-    from mltrain.retrieval.export import export_bundle
 
-    base = tmp_path_factory.mktemp("served")
-    root = write_shapes_gallery(base / "data")
     cfg = Config()
-    cfg.model.backbone = "test_efficientnet"
+    cfg.model.backbone = backbone
     cfg.model.pretrained = False
-    cfg.model.image_size = 32
+    cfg.model.image_size = image_size
     cfg.data.root = str(root)
     cfg.data.exclude_classes = []
     cfg.data.num_workers = 0
     cfg.eval.amp = "off"
     cfg.export.index = "flat"
-    cfg.export.k = 4
+    cfg.export.k = k
     torch.manual_seed(0)
-    return root, export_bundle(make_embedder(cfg, build_model(cfg.model)), base / "b", "serve")
+    return make_embedder(cfg, build_model(cfg.model))
+
+
+@pytest.fixture(scope="session")
+def served_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """(image root, bundle) for the serving tests: 4 shape classes x 4 images of 64 px, a
+    random test_efficientnet at 32 px, a flat cosine index and calibrated thresholds.
+    Built once per session; tests must not change it."""
+    from mltrain.retrieval.export import export_bundle
+
+    base = tmp_path_factory.mktemp("served")
+    root = write_shapes_gallery(base / "data")
+    return root, export_bundle(tiny_embedder(root, k=4), base / "b", "serve")
 
 
 def gallery(root: Path) -> list[Path]:

@@ -26,14 +26,12 @@ import mltrain.retrieval.add as add_mod
 import mltrain.retrieval.export as export_mod
 from mltrain import files as safefs
 from mltrain.cli import run_main
-from mltrain.config import Config
-from mltrain.inference.embedder import Embedder, make_embedder
-from mltrain.model.network import build_model
+from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import load_bundle
 from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.search import main as search_main
-from tests.conftest import TINY_RUN, write_image_folder
+from tests.conftest import TINY_RUN, tiny_embedder, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,20 +40,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 class Killed(BaseException):
     """Stands for SIGKILL: nothing catches it and (with `safefs.remove` disabled) nothing
     is cleaned up on the way out."""
-
-
-def tiny_embedder(root: Path) -> Embedder:
-    cfg = Config()
-    cfg.model.backbone = "test_efficientnet"
-    cfg.model.pretrained = False
-    cfg.model.image_size = 32
-    cfg.data.root = str(root)
-    cfg.data.exclude_classes = []
-    cfg.data.num_workers = 0
-    cfg.eval.amp = "off"
-    cfg.export.index = "flat"
-    torch.manual_seed(0)
-    return make_embedder(cfg, build_model(cfg.model))
 
 
 @pytest.fixture(scope="module")

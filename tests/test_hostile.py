@@ -29,7 +29,6 @@ from mltrain.data.images import load_image
 from mltrain.errors import BundleError, CheckpointError, ConfigError, DataError, MltrainError
 from mltrain.files import atomic_save
 from mltrain.inference import embedder as inference
-from mltrain.inference.embedder import make_embedder
 from mltrain.model.checkpoint import load_checkpoint
 from mltrain.model.network import build_model, create_backbone
 from mltrain.retrieval.add import add_images
@@ -38,26 +37,11 @@ from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.index import load_index
 from mltrain.retrieval.search import main as search_main
 from mltrain.train import run as trainer
-from tests.conftest import TINY_RUN, write_image_folder
+from tests.conftest import TINY_RUN, tiny_embedder, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ESC = "\x1b[31mred\x1b]0;owned\x07"  # colour and window-title escape codes
-
-
-def tiny_embedder(root: Path):
-    cfg = Config()
-    cfg.model.backbone = "test_efficientnet"
-    cfg.model.pretrained = False
-    cfg.model.image_size = 32
-    cfg.data.root = str(root)
-    cfg.data.exclude_classes = []
-    cfg.data.num_workers = 0
-    cfg.eval.amp = "off"
-    cfg.export.index = "flat"
-    cfg.export.k = 3
-    torch.manual_seed(0)
-    return make_embedder(cfg, build_model(cfg.model))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +49,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     """(image root, bundle) exported once; tests change copies (`bundle`)."""
     base = tmp_path_factory.mktemp("hostile")
     root = write_image_folder(base / "data", classes=3, per_class=4, size=(32, 32))
-    return root, export_bundle(tiny_embedder(root), base / "b", "hostile tests")
+    return root, export_bundle(tiny_embedder(root, k=3), base / "b", "hostile tests")
 
 
 @pytest.fixture

@@ -14,33 +14,21 @@ import torch
 from PIL import Image
 
 import mltrain.retrieval.export as export_mod
-from mltrain.config import Config
 from mltrain.errors import BundleError
-from mltrain.inference.embedder import Embedder, make_embedder
-from mltrain.model.network import build_model
+from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import bundle_embedder, load_bundle, safe_image_path, sha256_file
 from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.index import search
 from mltrain.retrieval.search import search_images
 from mltrain.retrieval.shards import ShardReader
-from tests.conftest import write_image_folder
+from tests.conftest import tiny_embedder, write_image_folder
 
 CLASSES, PER_CLASS = 3, 5
 
 
 def make_embedder_for(root: Path) -> Embedder:
-    cfg = Config()
-    cfg.model.backbone = "resnet18"
-    cfg.model.pretrained = False
-    cfg.model.image_size = 64
-    cfg.data.root = str(root)
-    cfg.data.exclude_classes = []
-    cfg.data.num_workers = 0
-    cfg.eval.amp = "off"  # CPU bf16 autocast is ~10x slower on tiny inputs
-    cfg.export.index = "flat"
-    torch.manual_seed(0)
-    return make_embedder(cfg, build_model(cfg.model))
+    return tiny_embedder(root, "resnet18", 64)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,9 +12,7 @@ import pytest
 import torch
 
 import mltrain.retrieval.bundle as bundle_mod
-from mltrain.config import Config
 from mltrain.errors import BundleError, MltrainError
-from mltrain.inference.embedder import make_embedder
 from mltrain.model.network import build_model
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import (
@@ -26,25 +24,13 @@ from mltrain.retrieval.bundle import (
 )
 from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.search import main
-from tests.conftest import write_image_folder
+from tests.conftest import tiny_embedder, write_image_folder
 
 pytest.importorskip("onnxruntime")
 onnx_mod = pytest.importorskip("mltrain.inference.onnx")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_embedder(root: Path):
-    cfg = Config()
-    cfg.model.pretrained = False  # tf_efficientnet_lite0, random weights
-    cfg.model.image_size = 32
-    cfg.data.root = str(root)
-    cfg.data.exclude_classes = []
-    cfg.data.num_workers = 0
-    cfg.eval.amp = "off"
-    cfg.export.index = "flat"
-    torch.manual_seed(0)
-    return make_embedder(cfg, build_model(cfg.model))
+LITE0 = "tf_efficientnet_lite0"  # random weights: the real graph, no download
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,7 @@ def exported(tmp_path_factory):
     """(image root, bundle with model.onnx, bundle without) over 3 classes x 4 images."""
     base = tmp_path_factory.mktemp("onnx")
     root = write_image_folder(base / "data", 3, 4, (32, 32))
-    emb = tiny_embedder(root)
+    emb = tiny_embedder(root, LITE0)
     with_onnx = export_bundle(emb, base / "with", "test", onnx=True)
     without = export_bundle(emb, base / "without", "test")
     return root, with_onnx, without
@@ -128,7 +114,7 @@ def test_altered_graph_is_refused_naming_it(exported, tmp_path, capsys, how):
         data[len(data) // 2] ^= 0xFF
         (copy / ONNX).write_bytes(bytes(data))
     else:  # another (valid) export's graph
-        other = onnx_mod.export_bytes(build_model(tiny_embedder(root).cfg.model),
+        other = onnx_mod.export_bytes(build_model(tiny_embedder(root, LITE0).cfg.model),
                                       torch.randn(2, 3, 32, 32))  # fmt: skip
         (copy / ONNX).write_bytes(other)
     with pytest.raises(BundleError, match=rf"{ONNX} does not match its sha256"):
@@ -168,7 +154,7 @@ def test_failed_parity_leaves_no_bundle(exported, tmp_path, monkeypatch):
                         lambda *a, **k: embedded.append(1))  # fmt: skip
     out = tmp_path / "bundle"
     with pytest.raises(MltrainError, match=r"ONNX export refused.*worst cosine -1\.0"):
-        export_bundle(tiny_embedder(root), out, "test", onnx=True)
+        export_bundle(tiny_embedder(root, LITE0), out, "test", onnx=True)
     assert not embedded  # refused before the gallery was embedded
     assert list(tmp_path.iterdir()) == []  # neither the bundle nor a staging folder
 
@@ -228,7 +214,8 @@ def test_evaluate_onnx_needs_export():
 
 def test_sharded_bundle_carries_the_graph(exported, tmp_path):
     root, _, _ = exported
-    out = export_bundle(tiny_embedder(root), tmp_path / "sharded", "test", shard_size=5, onnx=True)
+    out = export_bundle(tiny_embedder(root, LITE0), tmp_path / "sharded", "test", shard_size=5,
+                        onnx=True)
     b = load_bundle(out)
     assert b.manifest["format_version"] == 2 and b.has_onnx
     paths = sorted(root.rglob("img_*"))

@@ -8,16 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from mltrain.config import Config
-from mltrain.inference.embedder import make_embedder
-from mltrain.model.network import build_model
 from mltrain.retrieval.bundle import load_bundle
 from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.search import COLOURS, PAD, THUMB, main
-from tests.conftest import write_image_folder
+from tests.conftest import tiny_embedder, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,18 +23,7 @@ def exported(tmp_path_factory):
     """A flat bundle of a random resnet18 over 3 classes x 5 images of 32 px."""
     base = tmp_path_factory.mktemp("search")
     root = write_image_folder(base / "data", 3, 5, (32, 32))
-    cfg = Config()
-    cfg.model.backbone = "resnet18"
-    cfg.model.pretrained = False
-    cfg.model.image_size = 64
-    cfg.data.root = str(root)
-    cfg.data.exclude_classes = []
-    cfg.data.num_workers = 0
-    cfg.eval.amp = "off"  # CPU bf16 autocast is ~10x slower on tiny inputs
-    cfg.export.index = "flat"
-    cfg.export.k = 4
-    torch.manual_seed(0)
-    out = export_bundle(make_embedder(cfg, build_model(cfg.model)), base / "bundle", "test")
+    out = export_bundle(tiny_embedder(root, "resnet18", 64, k=4), base / "bundle", "test")
     return root, out
 
 
