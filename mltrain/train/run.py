@@ -470,6 +470,8 @@ class Run:
         self.start = self.evaluate()
         for tag, v in tensorboard.heldout_scalars(self.start).items():
             self.writer.add_scalar(tag, v, 0)
+        shown = ", ".join(f"{k} {self.start[k]:.4f}" for k in ("precision_at_1", "map_at_r"))
+        print(f"untrained: held-out {shown}", file=sys.stderr)
 
     def evaluate_and_save(self, stats: dict[str, float]) -> None:
         """Held-out metrics every `eval_every` epochs and at the end; best.pt and last.pt."""
