@@ -108,6 +108,7 @@ def test_bad_uploads_get_a_clear_4xx_and_the_server_stays_up(client, served_bund
         (os.urandom(200_001), 413, "over the 0.190735 MB upload limit"),
         (png_claiming(9000, 9000), 413, "81.0 MP, over the 40 MP limit"),
         (png_claiming(30000, 30000), 413, "decompression bomb"),
+        (png_claiming(100_000, 1), 413, "with its shorter side scaled to"),  # a 0.1 MP strip
     ]
     for data, status, words in cases:
         r = post_image(client, data)
@@ -118,6 +119,9 @@ def test_bad_uploads_get_a_clear_4xx_and_the_server_stays_up(client, served_bund
     assert r.status_code == 400 and "multipart file field 'image'" in r.json()["detail"]
     r = post_image(client, gallery(served_bundle[0])[0], k="many")
     assert r.status_code == 400 and "k must be an integer" in r.json()["detail"]
+    for bad in ("nan", "inf", "-inf", "1e999"):  # not JSON numbers: a 400, never a 500
+        r = post_image(client, gallery(served_bundle[0])[0], threshold=bad)
+        assert r.status_code == 400 and "finite number" in r.json()["detail"], bad
     r = post_image(client, gallery(served_bundle[0])[0], rerank="<script>")
     assert r.status_code == 400 and "rerank must be" in r.json()["detail"]
     r = client.post("/search", content=b"x" * 10, headers={"content-length": "999999999",

@@ -5,7 +5,7 @@
                  match?}], "k", "rerank", "threshold"?, "answer"?, "embed_ms", "search_ms"}
   POST /verify   multipart fields `a` and `b` -> {score, threshold, same, far}
   GET  /thumb/ID JPEG thumbnail of bundle row ID
-  GET  /health   images, classes, model, dim, batch sizes seen
+  GET  /health   status, images, classes, model, dim, metric, threshold, batch sizes seen
   GET  /         a page: drop a photo, see its nearest images; drop a second, verify
 
 Binds to loopback by default: put a reverse proxy in front to expose it (README, Serve).
@@ -64,8 +64,11 @@ def page_html() -> str:
 def status_of(e: MltrainError) -> int:
     """HTTP status for a service error: the limit broken, the input or the bundle at fault."""
     from mltrain.data.images import ImageTooLarge
+    from mltrain.inference.onnx import OnnxUnavailable
     from mltrain.retrieval.service import NotFound, UploadTooLarge
 
+    if isinstance(e, OnnxUnavailable):
+        return 503  # the server's model cannot run: not the request's fault
     if isinstance(e, (UploadTooLarge, ImageTooLarge)):
         return 413
     if isinstance(e, NotFound):
@@ -108,21 +111,21 @@ def create_app(service: Any):
 
     @app.post("/search")
     async def search(request: Request):
-        form = await request.form(max_files=1, max_fields=10)
-        data = await upload(form, "image")
-        k_text = param(request, form, "k")
+        async with request.form(max_files=1, max_fields=10) as form:  # closes spooled files
+            data = await upload(form, "image")
+            k_text = param(request, form, "k")
+            rerank = param(request, form, "rerank") or "auto"
+            threshold = param(request, form, "threshold")
         try:
             k = None if k_text in (None, "") else int(k_text)
         except ValueError:
             raise ConfigError(f"k must be an integer, got {k_text[:40]!r}") from None
-        rerank = param(request, form, "rerank") or "auto"
-        threshold = param(request, form, "threshold")
         return await run_in_threadpool(service.search, data, k, rerank, threshold, "image")
 
     @app.post("/verify")
     async def verify(request: Request):
-        form = await request.form(max_files=2, max_fields=10)
-        a, b = await upload(form, "a"), await upload(form, "b")
+        async with request.form(max_files=2, max_fields=10) as form:
+            a, b = await upload(form, "a"), await upload(form, "b")
         return await run_in_threadpool(service.verify, a, b)
 
     @app.get("/thumb/{row}")

@@ -125,6 +125,13 @@ def decode_image_bytes(
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageTooLarge(_too_many(name, w, h, max_pixels))
+                scale = (size_hint or 0) / max(min(w, h), 1)
+                if scale > 1 and w * h * scale * scale > max_pixels:  # a 100000x1 strip
+                    sw, sh = round(w * scale), round(h * scale)
+                    raise ImageTooLarge(f"{name} is {w}x{h}; with its shorter side scaled to "
+                                        f"{size_hint} px it would be {sw}x{sh}, over the "
+                                        f"{max_pixels / 1e6:g} MP limit; send a photo-shaped "
+                                        "image")  # fmt: skip
                 return _convert(img, size_hint)
     except DataError:
         raise

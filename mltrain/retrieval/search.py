@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -378,9 +379,12 @@ def threshold_value(bundle: Bundle, text: str) -> float:
     if text == "auto":
         return float(threshold_for(bundle.manifest)["threshold"])
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise ConfigError(f"--threshold: expected auto or a number, got {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"--threshold: expected auto or a finite number, got {text[:40]!r}")
+    return value
 
 
 def apply_threshold(run: SearchRun, threshold: float) -> None:

@@ -17,6 +17,7 @@ only ever reached through a row id and `safe_image_path`: nothing in a request n
 from __future__ import annotations
 
 import io
+import os
 import queue
 import threading
 import time
@@ -53,6 +54,7 @@ from mltrain.retrieval.search import (
 from mltrain.retrieval.verify import threshold_for
 
 DEFAULT_MAX_UPLOAD = 20 * 2**20  # bytes: a large camera JPEG is under 15 MB
+RESULT_TIMEOUT_S = 300  # an embedding that takes longer is a hung model: fail the request
 MAX_K = 1000  # hits per answer; more is a data dump, not a search
 
 
@@ -80,6 +82,7 @@ class MicroBatcher:
         self._sizes_lock = threading.Lock()  # health() reads while the worker counts
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
+        self._submit_lock = threading.Lock()  # no item slips in behind close()'s sentinel
         self._thread = threading.Thread(target=self._loop, name="mltrain-embed", daemon=True)
         self._thread.start()
 
@@ -89,16 +92,18 @@ class MicroBatcher:
             return dict(sorted(self.sizes.items()))
 
     def submit(self, item: Any) -> Future:
-        if self._closed:
-            raise MltrainError("the embedding thread has stopped; restart the server")
         fut: Future = Future()
-        self._queue.put((item, fut))
+        with self._submit_lock:
+            if self._closed:
+                raise MltrainError("the embedding thread has stopped; restart the server")
+            self._queue.put((item, fut))
         return fut
 
     def close(self) -> None:
         """Finish what was submitted, then stop the thread."""
-        self._closed = True
-        self._queue.put(None)
+        with self._submit_lock:
+            self._closed = True
+            self._queue.put(None)
         self._thread.join(timeout=10)
 
     def _collect(self, first: tuple) -> tuple[list[tuple], bool]:
@@ -116,27 +121,37 @@ class MicroBatcher:
         return batch, False
 
     def _loop(self) -> None:
-        while (first := self._queue.get()) is not None:
-            batch, stop = self._collect(first)
-            self._run([item for item, _ in batch], [fut for _, fut in batch])
-            if stop:
-                return
+        try:
+            while (first := self._queue.get()) is not None:
+                batch, stop = self._collect(first)
+                self._run([item for item, _ in batch], [fut for _, fut in batch])
+                if stop:
+                    return
+        finally:  # however the thread ends, nobody waits on it for ever
+            with self._submit_lock:
+                self._closed = True
+            while True:
+                try:
+                    entry = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if entry is not None and not entry[1].done():
+                    entry[1].set_exception(MltrainError("the embedding thread stopped; "
+                                                        "restart the server"))  # fmt: skip
 
     def _run(self, items: list, futures: list[Future]) -> None:
         with self._sizes_lock:
             self.sizes[len(items)] += 1
         try:
             out = self.fn(items)
-        except MltrainError as e:
+            if len(out) != len(items):
+                raise RuntimeError(f"{len(out)} embeddings for {len(items)} images")
+        except Exception as e:  # noqa: BLE001 - whatever it is, it reaches its request
             if len(items) == 1:
                 futures[0].set_exception(e)
                 return
             for item, fut in zip(items, futures, strict=True):  # one bad image fails alone
                 self._run([item], [fut])
-            return
-        except Exception as e:  # a bug: every waiting request must hear of it
-            for fut in futures:
-                fut.set_exception(e)
             return
         for row, fut in zip(out, futures, strict=True):
             fut.set_result(row)
@@ -166,7 +181,14 @@ class SearchService:
         self.embedder = embedder_factory(self.bundle)
         self.max_upload_bytes, self.max_pixels = int(max_upload_bytes), int(max_pixels)
         self._size_hint = decode_size(self.embedder.dcfg)
+        # A model that cannot run (an ONNX graph this onnxruntime cannot load) fails here, at
+        # start-up, not at the first request; and that request does not pay the warm-up.
+        side = self._size_hint or 224
+        self.embedder.embed_arrays([np.zeros((side, side, 3), np.uint8)])
         self._index_lock = threading.Lock()
+        # Decoding runs in the request threads: at most one per core at a time, so 40 waiting
+        # uploads of 40 MP do not all sit decoded in memory at once.
+        self._decoding = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
         self.batcher = MicroBatcher(self.embedder.embed_arrays, max_batch, batch_wait_ms / 1e3)
         self.calibrated = _calibrated_threshold(self.bundle)
         self.thumbnail_jpeg = lru_cache(maxsize=1024)(self._thumbnail_jpeg)
@@ -181,13 +203,14 @@ class SearchService:
         if len(data) > self.max_upload_bytes:
             raise UploadTooLarge(f"{name} is {len(data) / 2**20:.1f} MB, over the "
                                  f"{self.max_upload_bytes / 2**20:g} MB upload limit")  # fmt: skip
-        return decode_image_bytes(data, name, self.max_pixels, self._size_hint)
+        with self._decoding:
+            return decode_image_bytes(data, name, self.max_pixels, self._size_hint)
 
     def embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Embeddings of decoded images, each through the micro-batcher (batched with whatever
         other requests are waiting)."""
         futures = [self.batcher.submit(image) for image in images]
-        return [f.result() for f in futures]
+        return [f.result(timeout=RESULT_TIMEOUT_S) for f in futures]
 
     def search(self, image: bytes, k: int | None = None, rerank: str = "auto",
                threshold: str | None = None, name: str = "image") -> dict[str, Any]:  # fmt: skip
@@ -276,7 +299,7 @@ class SearchService:
         elif threshold in ("none", ""):
             cut = None
         else:
-            cut = threshold_value(self.bundle, threshold[:40])
+            cut = threshold_value(self.bundle, threshold)
         return k, rerank, cut
 
 

@@ -140,18 +140,22 @@ def test_batcher_fails_only_the_bad_item():
         time.sleep(0.05)  # the others queue up meanwhile
         if "bad" in items:
             raise DataError("bad item")
+        if "bug" in items:  # not a user error (e.g. OpenCV's own): still fails alone
+            raise RuntimeError("bug item")
         return np.array([[len(s)] for s in items], dtype=np.float32)
 
     batcher = MicroBatcher(fn, max_batch=8, wait_s=0.05)
     try:
         first = batcher.submit("x")
         started.wait(5)
-        futures = [batcher.submit(s) for s in ("ab", "bad", "abcd")]
+        futures = [batcher.submit(s) for s in ("ab", "bad", "abcd", "bug")]
         assert first.result(5)[0] == 1
         assert futures[0].result(5)[0] == 2 and futures[2].result(5)[0] == 4
         with pytest.raises(DataError, match="bad item"):
             futures[1].result(5)
-        assert batcher.sizes[3] == 1  # the three waiting ones went in together first
+        with pytest.raises(RuntimeError, match="bug item"):
+            futures[3].result(5)
+        assert batcher.sizes[4] == 1  # the four waiting ones went in together first
     finally:
         batcher.close()
     with pytest.raises(MltrainError, match="has stopped"):  # not a future that never ends
