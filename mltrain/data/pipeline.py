@@ -149,7 +149,7 @@ def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
     only on (seed, epoch), which makes a resumed run repeat an uninterrupted one.
     """
     labels, batch = data.train_labels, cfg.train.batch_size
-    sampler = build_sampler(cfg.train.sampler, labels, batch, data.train_classes, seed=seed)
+    sampler = build_sampler(cfg.train.sampler, labels, batch, seed=seed)
     if distributed.world()[1] > 1:  # this rank's slice of every global batch
         m = cfg.train.sampler.get("args", {}).get("m", 4) if sampler is not None else None
         local = distributed.local_batch_size(batch, m)

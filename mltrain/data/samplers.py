@@ -67,7 +67,6 @@ def paired(labels: np.ndarray) -> np.ndarray:
 def m_per_class_sampler(
     labels: np.ndarray,
     batch_size: int,
-    class_names: Sequence[str],
     m: int = 4,
     seed: int | None = None,
 ) -> Sampler:
@@ -146,13 +145,12 @@ def build_sampler(
     spec: Mapping[str, Any] | str,
     labels: np.ndarray,
     batch_size: int,
-    class_names: Sequence[str],
     seed: int | None = None,
 ) -> Sampler | None:
     """Sampler from `{name, args}` (or a bare name); None means 'let the loader shuffle'."""
     if isinstance(spec, str):
         spec = {"name": spec}
-    extra: dict[str, Any] = {"labels": labels, "batch_size": batch_size, "class_names": class_names}
+    extra: dict[str, Any] = {"labels": labels, "batch_size": batch_size}
     if seed is not None:
         extra["seed"] = seed
     return SAMPLERS.build(spec, **extra)

@@ -36,7 +36,6 @@ from mltrain.errors import BundleError, ConfigError, DataError, MltrainError
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.bundle import Bundle, bundle_embedder, load_bundle, safe_image_path
 from mltrain.retrieval.index import check_index_metric, prepare
-from mltrain.retrieval.pairs import pair_scores
 from mltrain.retrieval.rerank import RERANKERS
 from mltrain.retrieval.search import (
     QueryResult,
@@ -51,7 +50,7 @@ from mltrain.retrieval.search import (
 from mltrain.retrieval.search import (
     thumbnail as thumbnail_image,
 )
-from mltrain.retrieval.verify import threshold_for
+from mltrain.retrieval.verify import pair_verdict, threshold_for
 
 DEFAULT_MAX_UPLOAD = 20 * 2**20  # bytes: a large camera JPEG is under 15 MB
 RESULT_TIMEOUT_S = 300  # an embedding that takes longer is a hung model: fail the request
@@ -245,10 +244,9 @@ class SearchService:
         """Are the two uploads the same class at the bundle's calibrated threshold?"""
         cal = threshold_for(self.bundle.manifest)  # before any work: a bundle without one
         pixels = [self.decode(a, "image a"), self.decode(b, "image b")]
-        emb = np.stack(self.embed(pixels))
-        score = float(pair_scores(emb, np.array([0]), np.array([1]), self.bundle.metric)[0])
-        t = float(cal["threshold"])
-        return {"score": score, "threshold": t, "same": score >= t, "far": float(cal["far"])}
+        score, same = pair_verdict(np.stack(self.embed(pixels)), self.bundle.metric, cal)
+        return {"score": score, "threshold": float(cal["threshold"]), "same": same,
+                "far": float(cal["far"])}  # fmt: skip
 
     def _thumbnail_jpeg(self, row: int) -> bytes:
         meta = self.bundle.metadata[row]

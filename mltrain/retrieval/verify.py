@@ -62,6 +62,13 @@ def threshold_for(manifest: dict[str, Any], far: float = DEFAULT_FAR) -> dict[st
     raise ConfigError(f"--far {far:g}: the bundle is calibrated at FAR {have}; choose one")
 
 
+def pair_verdict(emb: np.ndarray, metric: str, cal: dict[str, Any]) -> tuple[float, bool]:
+    """Similarity of the two rows of `emb` and whether it reaches `cal`'s threshold: the one
+    rule behind `mltrain verify` and the server's /verify."""
+    score = float(pair_scores(emb, np.array([0]), np.array([1]), metric)[0])
+    return score, score >= float(cal["threshold"])
+
+
 def verify_pair(bundle: Any, a: str | Path, b: str | Path, far: float = DEFAULT_FAR) -> dict:
     """Similarity of images `a` and `b` under the bundle's model and metric, against its
     threshold at `far`: {'similarity', 'threshold', 'same', ...calibration}."""
@@ -69,5 +76,5 @@ def verify_pair(bundle: Any, a: str | Path, b: str | Path, far: float = DEFAULT_
 
     cal = threshold_for(bundle.manifest, far)  # before the model is built
     emb = bundle_embedder(bundle).embed([Path(a), Path(b)], desc="embedding the pair")
-    score = float(pair_scores(emb, np.array([0]), np.array([1]), bundle.metric)[0])
-    return {**cal, "similarity": score, "same": score >= float(cal["threshold"])}
+    score, same = pair_verdict(emb, bundle.metric, cal)
+    return {**cal, "similarity": score, "same": same}

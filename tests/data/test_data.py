@@ -357,7 +357,7 @@ def test_dataset_and_reproducible_loader(tiny_folder):
     assert first != [b[2].tolist() for b in make_loader(ds, 4, shuffle=True, seed=6)]
     assert make_loader(ds, 16).num_workers == 0  # fewer than 2 batches
     with pytest.raises(ConfigError, match="exclude each other"):
-        make_loader(ds, 4, shuffle=True, sampler=build_sampler("m_per_class", ds.labels, 8, []))
+        make_loader(ds, 4, shuffle=True, sampler=build_sampler("m_per_class", ds.labels, 8))
 
 
 def test_worker_augmentations_differ_and_repeat(tiny_folder, monkeypatch):
@@ -381,25 +381,25 @@ def test_worker_augmentations_differ_and_repeat(tiny_folder, monkeypatch):
 
 def test_m_per_class_batches(tmp_path, make_image_folder):
     folder = scan_folder(make_image_folder(tmp_path / "d", classes=4, per_class=[3, 5, 2, 6]))
-    sampler = build_sampler({"name": "m_per_class", "args": {"m": 2}}, folder.labels, 4, [], seed=1)
+    sampler = build_sampler({"name": "m_per_class", "args": {"m": 2}}, folder.labels, 4, seed=1)
     ds = ImageDataset(folder.paths, folder.labels, eval_transform(CONFIG))
     batches = [b[1].tolist() for b in make_loader(ds, 4, sampler=sampler, num_workers=0)]
     assert len(batches) == 4  # length_before_new_iter = 16 images
     for labels in batches:
         assert sorted(np.unique(labels, return_counts=True)[1].tolist()) == [2, 2]
     spec = {"name": "m_per_class", "args": {"m": 2}}
-    one, two = (build_sampler(spec, folder.labels, 4, [], seed=1) for _ in range(2))
+    one, two = (build_sampler(spec, folder.labels, 4, seed=1) for _ in range(2))
     np.random.seed(0)  # the sampler's own RNG, not numpy's global one, decides
     first = list(one)
     np.random.seed(1)
     assert first == list(two) and list(one) != first  # reproducible; epochs differ
-    assert build_sampler({"name": "random"}, folder.labels, 4, []) is None
+    assert build_sampler({"name": "random"}, folder.labels, 4) is None
 
 
 def test_a_class_with_one_image_sits_out_balanced_batches():
     labels = np.repeat([0, 1, 2], [4, 1, 4])  # index 4 is the lone image of 'lonely'
     names = ["ok", "lonely", "fine"]
-    sampler = build_sampler({"name": "m_per_class", "args": {"m": 2}}, labels, 4, names, seed=0)
+    sampler = build_sampler({"name": "m_per_class", "args": {"m": 2}}, labels, 4, seed=0)
     order = list(sampler)
     assert len(order) == len(sampler) == 8 and 4 not in order
     assert set(order) <= set(range(9)) and set(labels[order]) == {0, 2}
@@ -412,16 +412,15 @@ def test_a_class_with_one_image_sits_out_balanced_batches():
 
 def test_sampler_errors():
     labels = np.repeat([0, 1, 2], [4, 1, 4])
-    names = ["ok", "lonely", "fine"]
     with pytest.raises(ConfigError, match="batch_size 6 .* m 4"):
-        build_sampler({"name": "m_per_class"}, labels, 6, names)
+        build_sampler({"name": "m_per_class"}, labels, 6)
     with pytest.raises(ConfigError, match="batch_size 4 .* m 4"):
-        build_sampler({"name": "m_per_class"}, labels, 4, names)
+        build_sampler({"name": "m_per_class"}, labels, 4)
     with pytest.raises(DataError, match="1 of 3 classes have 2 or more training images"):
         build_sampler({"name": "m_per_class", "args": {"m": 2}}, np.repeat([0, 1, 2], [4, 1, 1]),
-                      4, names)  # fmt: skip
+                      4)  # fmt: skip
     with pytest.raises(ConfigError, match="m_per_class, random"):
-        build_sampler({"name": "mper"}, labels, 4, names)
+        build_sampler({"name": "mper"}, labels, 4)
     assert SAMPLERS.names() == ["m_per_class", "random"]
 
 
