@@ -650,8 +650,10 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
         _stop_on_signals(run.stop)
     if run.writer:
         run.log_start()
-        if cfg.train.eval_start and ckpt is None and run.state.step == 0:
+    if cfg.train.eval_start and ckpt is None and run.state.step == 0:
+        if run.main:
             run.evaluate_start()
+        distributed.barrier()  # the other ranks wait, as after each epoch's evaluation
     start = time.perf_counter()
     try:
         for epoch in range(run.state.epoch, cfg.train.epochs):

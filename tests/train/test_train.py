@@ -133,9 +133,15 @@ def test_class_with_one_image_under_pair_sampler(tmp_path):
     root = write_image_folder(
         tmp_path / "data", classes=["a", "b", "c", "lonely"], per_class=[8, 8, 8, 2]
     )
-    # 2 images split half/half leave 1 training image in 'lonely'
-    with pytest.raises(DataError, match="lonely"):
-        trainer.fit(tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp"))
+    # 2 images split half/half leave 1 training image in 'lonely': it sits out the balanced
+    # batches (no positive to pair with), the run goes on, and it is still evaluated
+    run_dir = trainer.fit(tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp"))
+    notes = (run_dir / "notes.txt").read_text()
+    assert "1 class with a single training image sit out the balanced batches" in notes
+    assert "lonely" in notes
+    heldout = json.loads((run_dir / "split.json").read_text())["heldout"]
+    assert any(label == "lonely" for _, label in heldout)
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
 
 
 def test_unreadable_image_stops_before_training_and_is_listed(tmp_path):
