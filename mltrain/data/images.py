@@ -138,6 +138,9 @@ def decode_image_bytes(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge(f"{name} is refused as a decompression bomb ({e}); the limit is "
                             f"{max_pixels / 1e6:g} MP") from None  # fmt: skip
+    except Image.UnidentifiedImageError:  # its reason names a BytesIO object: say it plainly
+        raise DataError(f"{name} is not a readable image (no image format Pillow knows); send "
+                        "a JPEG, PNG, WebP, BMP, GIF or TIFF file") from None  # fmt: skip
     except Exception as e:  # any decoder failure: not an image we can read
         raise DataError(f"{name} is not a readable image ({_reason(e)}); send a JPEG, PNG, "
                         "WebP, BMP, GIF or TIFF file") from None  # fmt: skip
