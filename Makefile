@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python benchmarks/ann.py
 	$(BIN)/python benchmarks/export.py
 	$(BIN)/python benchmarks/onnx_backend.py
+	$(BIN)/python benchmarks/onnx_batches.py
 	$(BIN)/python benchmarks/second_domain.py
 	$(BIN)/python benchmarks/serve_load.py
 

@@ -22,6 +22,7 @@ each row's queries/s over the CLI's, with the load average (the machine may be s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import socket
 import statistics
@@ -52,7 +53,9 @@ def build_bundle(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     cfg = common.config_for("pooling", root, [
         "data.split=none", "data.num_workers=0", "export.index=flat",
         *common.model_overrides(args)])  # fmt: skip
-    return root, export_bundle(embedder_from_backbone(cfg), work / "bundle", "serve benchmark")
+    onnx = importlib.util.find_spec("onnxruntime") is not None  # so --backend can pick either
+    return root, export_bundle(embedder_from_backbone(cfg), work / "bundle", "serve benchmark",
+                               onnx=onnx)  # fmt: skip
 
 
 def gallery_queries(bundle_dir: Path, limit: int) -> list[tuple[Path, str]]:
@@ -74,15 +77,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, timeout: float) -> tuple[subprocess.Popen, str, float]:
+def start_server(bundle: Path, timeout: float,
+                 backend: str = "auto") -> tuple[subprocess.Popen, str, float]:  # fmt: skip
     import httpx
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "mltrain", "serve", str(bundle), "--port",
-                             str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                             str(port), "--backend", backend], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     while True:
         try:
@@ -155,7 +160,8 @@ def load(url: str, queries: list[tuple[bytes, str]], clients: int, per_client: i
     return tally, time.perf_counter() - t0
 
 
-def cli_latencies(bundle: Path, queries: list[tuple[Path, str]], runs: int) -> tuple[list, int]:
+def cli_latencies(bundle: Path, queries: list[tuple[Path, str]], runs: int,
+                  backend: str = "auto") -> tuple[list, int]:  # fmt: skip
     """Seconds per whole `mltrain search --json` process, and how many answered wrong."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     times, wrong = [], 0
@@ -165,25 +171,26 @@ def cli_latencies(bundle: Path, queries: list[tuple[Path, str]], runs: int) -> t
         path, expected = queries[i % len(queries)]
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "mltrain", "search", str(bundle), str(path),
-                              "--json", "-k", "5"], cwd=REPO, env=env, capture_output=True,
-                             text=True, check=True)  # fmt: skip
+                              "--json", "-k", "5", "--backend", backend], cwd=REPO, env=env,
+                             capture_output=True, text=True, check=True)  # fmt: skip
         times.append(time.perf_counter() - t0)
         wrong += json.loads(out.stdout)["queries"][0]["results"][0]["path"] != expected
     return times, wrong
 
 
-def in_process_latencies(bundle_dir: Path, queries: list[tuple[Path, str]], n: int):
+def in_process_latencies(bundle_dir: Path, queries: list[tuple[Path, str]], n: int,
+                         backend: str = "auto"):  # fmt: skip
     from mltrain.retrieval.bundle import bundle_embedder, load_bundle
     from mltrain.retrieval.search import search_images
 
     bundle = load_bundle(bundle_dir)
-    bundle_embedder(bundle)
-    search_images(bundle, [queries[0][0]], 5, "none")  # warm-up
+    bundle_embedder(bundle, backend)
+    search_images(bundle, [queries[0][0]], 5, "none", backend)  # warm-up
     times, wrong = [], 0
     for i in range(n):
         path, expected = queries[i % len(queries)]
         t0 = time.perf_counter()
-        run = search_images(bundle, [path], 5, "none")
+        run = search_images(bundle, [path], 5, "none", backend)
         times.append(time.perf_counter() - t0)
         wrong += run.results[0].hits[0].path != expected
     return times, wrong
@@ -206,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--queries", type=int, default=25, help="queries per client")
     p.add_argument("--cli-runs", type=int, default=3, help="whole `mltrain search` processes")
     p.add_argument("--max-seconds", type=float, default=120, help="stop the load after this")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="embed queries with PyTorch or the bundle's model.onnx (every mode)")
     common.add_model_args(p)
     args = p.parse_args(argv)
     if min(args.clients, args.queries, args.cli_runs, args.images) < 1:
@@ -215,9 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
         bundle = Path(args.bundle) if args.bundle else build_bundle(args, Path(tmp))[1]
         queries = gallery_queries(bundle, 200)
         blobs = [(path.read_bytes(), rel) for path, rel in queries]
-        cli, cli_wrong = cli_latencies(bundle, queries, args.cli_runs)
-        inproc, inproc_wrong = in_process_latencies(bundle, queries, min(50, len(queries) * 2))
-        proc, url, startup = start_server(bundle, args.max_seconds)
+        cli, cli_wrong = cli_latencies(bundle, queries, args.cli_runs, args.backend)
+        inproc, inproc_wrong = in_process_latencies(bundle, queries, min(50, len(queries) * 2),
+                                                    args.backend)  # fmt: skip
+        proc, url, startup = start_server(bundle, args.max_seconds, args.backend)
         try:
             one, one_wall = load(url, blobs, 1, min(args.queries, 50), args.max_seconds)
             many, many_wall = load(url, blobs, args.clients, args.queries, args.max_seconds)

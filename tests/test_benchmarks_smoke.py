@@ -184,3 +184,14 @@ def test_serve_load_reports_every_mode_with_no_errors_or_wrong_answers(capsys):
         assert (int(errors), int(wrong)) == (0, 0), label
     assert number(rows["CLI process (mltrain search --json)"][-1]) == 1.0
     assert result["errors"] == 0 and result["wrong"] == 0 and sum(result["batches"].values())
+
+
+def test_onnx_batches_reports_both_backends_for_each_size(capsys):
+    pytest.importorskip("onnxruntime")
+    from benchmarks import onnx_batches
+
+    result = onnx_batches.main(["--backbone", "test_efficientnet", "--pretrained", "false",
+                                "--batches", "1", "2", "--rounds", "1", "--images", "2"])
+    assert sorted(result) == [1, 2]
+    assert all(t > 0 and o > 0 for t, o in result.values())
+    assert "| 2 |" in capsys.readouterr().out

@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
                    help="most uploads embedded in one model call (default 16)")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="embed uploads with PyTorch or the bundle's model.onnx (export --onnx);"
-                        " auto: PyTorch, faster on this kind of CPU (README, Performance)")
+                        " auto: the graph where the bundle has one (faster per query)")
     return p
 
 

@@ -219,7 +219,7 @@ def _add_locked(
         return 0
     _check_add_space(bundle, [p for p, _, rel in plan if rel is None], len(plan))
 
-    embedder = bundle_embedder(bundle)
+    embedder = bundle_embedder(bundle, "torch")  # many images in batches: torch's bf16 is faster
     emb = embedder.embed([p for p, _, _ in plan], desc="adding images")
     if emb.shape[1] != bundle.manifest["embedding_dim"]:
         raise BundleError(

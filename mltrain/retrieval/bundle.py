@@ -472,22 +472,22 @@ def bundle_config(bundle: Bundle):
 
 BACKENDS = ("auto", "torch", "onnx")
 
-# Whether `auto` runs model.onnx. Measured with benchmarks/onnx_backend.py on the 2-core
-# AVX512-BF16 machine (README "Performance (CPU)"): onnxruntime fp32 is level with torch
-# (bf16 autocast, BatchNorm folded) at batch 1 (0.67x-1.27x over three noisy runs, 0.97x in
-# the longest), 0.58x-0.67x at batch 32, 0.61x-0.80x for embed() end to end, and a one-query
-# search process is start-up either way (1.03x-1.04x). Never clearly faster: torch.
-AUTO_PREFERS_ONNX = False
+# Whether `auto` runs model.onnx for queries. Measured on the quiet 2-core AVX512-BF16
+# machine (README "Performance (CPU)", benchmarks/onnx_batches.py): onnxruntime fp32 against
+# torch (bf16 autocast, BatchNorm folded) embeds 4.1-4.3x as fast at batch 1, 2.3-2.4x at 2,
+# 1.5x at 4, 0.93-1.18x at 8-16; one in-process search takes 5.6 against 17.1 ms, the server
+# with one client 11.8 against 16.9 ms (p50), with eight clients level. Queries come alone or
+# in micro-batches of a few: ONNX. Bulk embedding (add, export) stays on torch.
+AUTO_PREFERS_ONNX = True
 
 
 def choose_backend(bundle: Bundle, backend: str = "auto") -> str:
     """"torch" or "onnx" for `backend` ("auto", "torch" or "onnx").
 
-    `auto` is torch: on the CPU measured, onnxruntime fp32 is at best level with PyTorch
-    (BatchNorm folding, bf16 autocast) for one image and slower on batches (see
-    `AUTO_PREFERS_ONNX`), so auto takes ONNX
-    only where that constant says the graph is faster, the bundle has one and onnxruntime
-    is installed. Asking for onnx without model.onnx is an error that says how to get one.
+    `auto` takes ONNX where the bundle has model.onnx, onnxruntime is installed and
+    `AUTO_PREFERS_ONNX` says the graph is faster for queries (it is, 1.5-4x for the one to
+    four images a query brings, on the CPU measured); torch otherwise. Asking for onnx
+    without model.onnx is an error that says how to get one.
     """
     from mltrain.inference.onnx import onnxruntime_available
 

@@ -18,8 +18,8 @@ alone, after one warm-up search) and once the time spent embedding the queries.
   --json        one JSON document on stdout instead of the table
   --image-root  where the bundle's images are now, if they moved (thumbnails only)
   --backend B   what embeds the queries: torch, onnx (the bundle's model.onnx, written by
-                `export --onnx`, run by onnxruntime fp32) or auto (default: torch, never
-                slower on the CPU measured; see `mltrain.retrieval.bundle.choose_backend`)
+                `export --onnx`, run by onnxruntime fp32) or auto (default: onnx where the
+                bundle has it, 1.5-4x faster per query here; see `choose_backend`)
 
 An unreadable query prints an error line naming it and the other queries still run.
 Exit code 0: every query answered; 1: some query failed; 2: unusable bundle or arguments,
@@ -363,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
                         "what the evaluation that exported the bundle found helps, else none")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="embed queries with torch or onnx (the bundle's model.onnx, from "
-                        "export --onnx); auto (default): torch, never slower on the CPU measured")
+                        "export --onnx); auto (default): onnx where the bundle has it, else torch")
     p.add_argument("--threshold", metavar="auto|T",
                    help="mark hits as match / no match at this similarity; auto: the bundle's "
                         "calibrated threshold at FAR 1e-3; 'unknown' when the best hit is below")
