@@ -62,6 +62,7 @@ from mltrain.config import from_dict
 from mltrain.data.folder import is_image
 from mltrain.errors import BundleError, CheckpointError
 from mltrain.files import torch_save
+from mltrain.inference.embedder import BACKENDS as RUNNERS
 from mltrain.inference.embedder import Embedder, make_embedder
 from mltrain.model.network import model_from_state
 from mltrain.retrieval.index import load_index
@@ -470,7 +471,7 @@ def bundle_config(bundle: Bundle):
     return from_dict(copy.deepcopy(bundle.manifest["config"]), f"{bundle.path / MANIFEST}")
 
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", *RUNNERS)  # what --backend takes: a runner, or auto to choose one
 
 # Whether `auto` runs model.onnx for queries. Measured on the quiet 2-core AVX512-BF16
 # machine (README "Performance (CPU)", benchmarks/onnx_batches.py): onnxruntime fp32 against

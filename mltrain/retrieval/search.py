@@ -51,12 +51,12 @@ from mltrain.cli import INTERRUPTED, error_line, printable
 from mltrain.data.images import load_image
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.files import check_writable
+from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import (
     BACKENDS,
     Bundle,
     bundle_embedder,
-    choose_backend,
     load_bundle,
     safe_image_path,
 )
@@ -93,11 +93,8 @@ class SearchRun:
     backend: str = "torch"  # what embedded the queries
 
 
-def _embed_queries(
-    bundle: Bundle, paths: list[Path], results: list[QueryResult], backend: str = "auto"
-):
+def _embed_queries(embedder: Embedder, paths: list[Path], results: list[QueryResult]):
     """Embeddings of the readable queries; unreadable ones get an error instead."""
-    embedder = bundle_embedder(bundle, backend)
     ok: list[int] = []
     for i, p in enumerate(paths):
         try:
@@ -136,12 +133,11 @@ def search_images(
     search is the index call alone, the scores stay the index's."""
     paths = [Path(p) for p in paths]
     results = [QueryResult(str(p)) for p in paths]
-    backend = choose_backend(bundle, backend)
     t0 = time.perf_counter()
-    bundle_embedder(bundle, backend)
+    embedder = bundle_embedder(bundle, backend)
     model_ms = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
-    embs = _embed_queries(bundle, paths, results, backend)
+    embs = _embed_queries(embedder, paths, results)
     embed_ms = (time.perf_counter() - t0) * 1e3
     index, metric = bundle.index, bundle.metric
     check_index_metric(index, metric)
@@ -154,7 +150,7 @@ def search_images(
     for n, (i, (seconds, (scores, rows))) in enumerate(zip(order, timed, strict=True)):
         results[i].search_us = seconds * 1e6
         results[i].hits = rank_hits(bundle, queries[n], scores[0], rows[0], k, rerank)
-    return SearchRun(results, k, embed_ms, model_ms, rerank, backend)
+    return SearchRun(results, k, embed_ms, model_ms, rerank, embedder.backend)
 
 
 def search_depth(bundle: Bundle, k: int, rerank: str) -> int:

@@ -159,9 +159,9 @@ class MicroBatcher:
 class SearchService:
     """Search and verification over one bundle for uploaded image bytes.
 
-    `embedder_factory` builds the embedder from the loaded bundle (default: the bundle's own
-    PyTorch model); another backend (ONNX) plugs in here and only needs `embed_arrays` and
-    `dcfg`. Limits: `max_upload_bytes` per image, `max_pixels` per decoded image.
+    `embedder_factory` builds the embedder from the loaded bundle (default: `bundle_embedder`,
+    which runs model.onnx where the bundle has one, else PyTorch); the service only needs its
+    `embed_arrays` and `dcfg`. Limits: `max_upload_bytes` per image, `max_pixels` per decoded image.
     """
 
     def __init__(
