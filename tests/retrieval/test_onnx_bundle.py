@@ -170,16 +170,21 @@ def test_added_images_keep_the_graph(exported, tmp_path):
     np.testing.assert_allclose(got[0], b.embeddings[len(b) - 2], atol=1e-4)
 
 
+def tiny_lite0(root: Path, tmp_path: Path) -> list[str]:
+    """Command arguments for a random-weight lite0 at 32 px over `root`, a flat index."""
+    sets = ["model.pretrained=false", "model.image_size=32", f"data.root={root}",
+            "data.exclude_classes=[]", "data.num_workers=0", f"output_dir={tmp_path / 'exp'}",
+            "export.index=flat"]  # fmt: skip
+    return ["--backbone", "tf_efficientnet_lite0", *(a for s in sets for a in ("--set", s))]
+
+
 def test_export_command_onnx_flag_then_search_with_it(tmp_path, capsys):
     from mltrain.commands import export as export_cmd
 
     root = write_image_folder(tmp_path / "data", 2, 3, (32, 32))
     out = tmp_path / "bundle"
-    export_cmd.main(["--backbone", "tf_efficientnet_lite0", "--set", "model.pretrained=false",
-                     "--set", "model.image_size=32", "--set", f"data.root={root}",
-                     "--set", "data.split=none", "--set", "data.exclude_classes=[]",
-                     "--set", "data.num_workers=0", "--set", f"output_dir={tmp_path / 'exp'}",
-                     "--set", "export.index=flat", "--onnx", "--out", str(out)])  # fmt: skip
+    export_cmd.main([*tiny_lite0(root, tmp_path), "--set", "data.split=none", "--onnx",
+                     "--out", str(out)])  # fmt: skip
     assert "exported 6 images" in capsys.readouterr().out
     assert load_bundle(out).has_onnx
     assert main([str(out), str(root / "class_1" / "img_001.png"), "--json",
@@ -194,11 +199,7 @@ def test_evaluate_export_onnx_writes_the_graph(tmp_path, capsys):
 
     root = write_image_folder(tmp_path / "data", 3, 6, (32, 32))
     out = tmp_path / "bundle"
-    evaluate.main(["--backbone", "tf_efficientnet_lite0", "--set", "model.pretrained=false",
-                   "--set", "model.image_size=32", "--set", f"data.root={root}",
-                   "--set", "data.exclude_classes=[]", "--set", "data.num_workers=0",
-                   "--set", f"output_dir={tmp_path / 'exp'}", "--set", "export.index=flat",
-                   "--export", str(out), "--onnx"])  # fmt: skip
+    evaluate.main([*tiny_lite0(root, tmp_path), "--export", str(out), "--onnx"])
     b = load_bundle(out)
     assert b.has_onnx and b.manifest["onnx"]["worst_cosine"] >= 0.9999
     assert bundle_embedder(b, "onnx").embed([root / "class_0" / "img_000.jpg"]).shape[0] == 1
