@@ -50,6 +50,10 @@ class ModelConfig:
     bnneck: bool = False  # with head and a metric loss: BNNeck hybrid (metric + cross-entropy)
     frozen_stages: int = 0  # trunk stages kept frozen for the whole run
     freeze_bn: bool = False  # BatchNorm statistics stay pretrained (eval mode) while training
+    # Running statistics of the trainable trunk's BatchNorm, what inference normalises with:
+    # update (follow the training batches) | pretrained (kept; training still normalises each
+    # batch by its own statistics) | auto (each held-out evaluation keeps the better of the two)
+    bn_stats: str = "auto"
     image_size: int | None = None  # None: the backbone's own data config
     # Eval geometry: resize to image_size / crop_pct, then crop (timm's data config keys);
     # None keeps the backbone's (0.875, center). 1.0 keeps whole objects in frame.
@@ -142,6 +146,7 @@ LOWER_IS_BETTER = ("eer",)
 CHOICES = {
     "data.split": ("per_class", "class_disjoint", "none"),
     "data.bad_images": ("error", "skip"),
+    "model.bn_stats": ("auto", "update", "pretrained"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
     "eval.amp": ("auto", "bf16", "fp16", "off"),

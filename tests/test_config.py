@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -356,3 +357,24 @@ def test_round_trip_of_defaults(tmp_path):
     save_config(Config(), out)
     assert load_config(out) == Config()
     assert isinstance(load_config(out).data, DataConfig)
+
+
+def test_every_config_key_is_in_the_readme_table():
+    """No silent keys: each one a config accepts has a row (or a shared row) in the README's
+    config table."""
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    table = "\n".join(line for line in readme.splitlines() if line.startswith("| `"))
+    documented = set(re.findall(r"`([a-z_]+(?:\.[a-z_0-9]+)?)`", table))
+
+    def keys(tp: type, prefix: str = "") -> list[str]:
+        out = []
+        for f in dataclasses.fields(tp):
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):
+                out += keys(type(default), f"{prefix}{f.name}.")
+            else:
+                out.append(f"{prefix}{f.name}")
+        return out
+
+    missing = [k for k in keys(Config) if k not in documented]
+    assert not missing, f"config keys without a README row: {missing}"

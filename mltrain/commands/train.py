@@ -18,7 +18,9 @@ def summary_line(run_dir: Path) -> str:
                                   ("eer", "EER")) if k in best]  # fmt: skip
     p1 = (
         f", best held-out {', '.join(f'{n} {best[k]:.4f}' for k, n in shown)} "
-        f"(epoch {best['epoch']}, picked by {s.get('best_metric', 'map_at_r')})"
+        f"(epoch {best['epoch']}, picked by {s.get('best_metric', 'map_at_r')}"
+        + (", pretrained BatchNorm statistics" if best.get("pretrained_bn_stats") else "")
+        + ")"
         if shown
         else ""
     )

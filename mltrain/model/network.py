@@ -18,6 +18,8 @@ from mltrain.errors import CheckpointError, ConfigError, MltrainError
 from mltrain.model.checkpoint import load_error_reason
 from mltrain.registry import Registry
 
+_BN = nn.modules.batchnorm._BatchNorm
+
 POOLINGS = Registry("pooling")
 
 
@@ -247,11 +249,31 @@ class EmbeddingModel(nn.Module):
             frozen = [self.trunk]
         for stage in frozen:
             stage.eval()  # frozen BatchNorm statistics stay the pretrained ones
-        if self.freeze_bn:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if self.freeze_bn:  # the trunk's: a BNNeck has no pretrained statistics to keep
+            for m in self.trunk.modules():
+                if isinstance(m, _BN):
                     m.eval()
         return self
+
+    def trainable_batchnorm(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        """BatchNorm layers of the stages that train (the whole trunk when it has no stages)."""
+        parts = [self.trunk] if self._stages is None else self._stages[self.frozen_stages :]
+        return [m for part in parts for m in part.modules() if isinstance(m, _BN)]
+
+    def bn_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the running statistics of `trainable_batchnorm`."""
+        return [(m.running_mean.clone(), m.running_var.clone()) for m in self.trainable_batchnorm()]
+
+    def load_bn_stats(self, stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for m, (mean, var) in zip(self.trainable_batchnorm(), stats, strict=True):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+
+    def keep_bn_stats(self) -> None:
+        """Training normalises each batch by its own statistics as usual, but the running
+        statistics inference uses stay as they are (momentum 0)."""
+        for m in self.trainable_batchnorm():
+            m.momentum = 0.0
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the frozen stages (what `cache_frozen` stores)."""

@@ -185,6 +185,12 @@ class Run:
         self._fit_batch_size()
         n_classes = len(self.data.train_classes)
         self.model: EmbeddingModel = build_model(cfg.model, num_classes=n_classes)
+        # model.bn_stats: the pretrained running statistics, kept aside to evaluate against
+        self.pretrained_bn = None
+        if cfg.model.bn_stats == "auto" and not cfg.model.freeze_bn:
+            self.pretrained_bn = self.model.bn_stats()
+        if cfg.model.bn_stats == "pretrained":
+            self.model.keep_bn_stats()
         self.dcfg = data_config(self.model, cfg.model)
         self.criterion: Criterion = build_criterion(
             cfg.train.loss, cfg.train.miner, n_classes, self.model.embedding_dim, cfg.model.head,
@@ -340,7 +346,36 @@ class Run:
     def evaluate(self, figures: bool = False) -> dict[str, float]:
         """Held-out retrieval metrics; with `figures`, also ROC AUC and EER of the
         verification pairs, and (on the main process) their PR curve, the ROC and a small
-        query grid in TensorBoard at the current global step."""
+        query grid in TensorBoard at the current global step.
+
+        With `model.bn_stats: auto` the held-out images are embedded twice, with the running
+        BatchNorm statistics training has adapted and with the pretrained ones, and the model
+        keeps the better on `train.best_metric` (`pretrained_bn_stats` says which: 1 or 0).
+        Batches of a few training classes can pull the statistics away from what describes
+        unseen classes, while a new domain needs them adapted; only held-out data can tell."""
+        key = self.cfg.train.best_metric
+        candidates = [(None, 0.0)]
+        if self.pretrained_bn is not None and self.state.step > 0:
+            candidates.append((self.pretrained_bn, 1.0))
+        chosen, adapted = None, self.model.bn_stats() if len(candidates) > 1 else None
+        for stats, flag in candidates:
+            if stats is not None:
+                self.model.load_bn_stats(stats)
+            out = self._heldout_metrics(with_verification=key in ("eer", "roc_auc"))
+            if len(candidates) > 1:
+                out[0]["pretrained_bn_stats"] = flag
+            if chosen is None or _better(key, out[0], chosen[1][0]):
+                chosen = (stats, out)
+        if chosen[0] is None and adapted is not None:
+            self.model.load_bn_stats(adapted)
+        metrics, (emb, labels, indices, neighbours) = chosen[1]
+        if figures:
+            metrics.update(self._heldout_verification(emb, labels, indices, neighbours, True))
+        return metrics
+
+    def _heldout_metrics(self, with_verification: bool):
+        """Retrieval (and optionally verification) metrics of the model as it is now, with
+        what drawing figures needs: (metrics, (embeddings, labels, indices, neighbours))."""
         emb, labels, indices = extract_embeddings(
             self.inference_model(),
             self.eval_batches,
@@ -352,9 +387,9 @@ class Run:
         ks = usable_ks(e.ks, len(labels) - 1)  # a small held-out set: fewer ks
         metrics, neighbours = retrieval_metrics(emb, labels, metric=e.metric, ks=ks)
         out = {k: float(v) for k, v in metrics.items()}
-        if figures or self.cfg.train.best_metric in ("eer", "roc_auc"):
-            out.update(self._heldout_verification(emb, labels, indices, neighbours, figures))
-        return out
+        if with_verification:
+            out.update(self._heldout_verification(emb, labels, indices, neighbours, False))
+        return out, (emb, labels, indices, neighbours)
 
     def _heldout_verification(self, emb, labels, indices, neighbours, draw) -> dict[str, float]:
         e, step = self.cfg.eval, self.state.step
@@ -439,7 +474,8 @@ class Run:
         )
         print(
             f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
-            + (f", held-out {shown}" if shown else ""),
+            + (f", held-out {shown}" if shown else "")
+            + (" (pretrained BatchNorm statistics)" if metrics.get("pretrained_bn_stats") else ""),
             file=sys.stderr,
         )
 
@@ -535,6 +571,16 @@ class Run:
         return self.cfg.train.max_steps is not None and self.state.step >= self.cfg.train.max_steps
 
 
+def _better(key: str, new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Whether `new` beats `old` on `key` (a missing figure never does)."""
+    if key not in new:
+        return False
+    if key not in old:
+        return True
+    sign = -1.0 if key in LOWER_IS_BETTER else 1.0
+    return sign * new[key] > sign * old[key]
+
+
 def start_note(key: str, best: dict[str, Any], start: dict[str, Any]) -> str | None:
     """A note when the best held-out `key` is no better than the untrained model's: on classes
     the backbone already separates (ImageNet-like photos, class-disjoint), fine-tuning on a few
@@ -546,7 +592,8 @@ def start_note(key: str, best: dict[str, Any], start: dict[str, Any]) -> str | N
         return None
     return (f"held-out {key} {best[key]:.4f} (best epoch) never beat the untrained model's "
             f"{start[key]:.4f}: training specialised the backbone to the training classes at the "
-            "held-out ones' expense; compare with evaluate.py --backbone, train fewer stages "
+            "held-out ones' expense; compare with evaluate.py --backbone, lower the learning "
+            "rate (e.g. train.optimizer.args.lr=1e-4), train fewer stages "
             "(model.frozen_stages) or add training classes")  # fmt: skip
 
 

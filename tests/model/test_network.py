@@ -318,3 +318,57 @@ def test_weights_file_round_trip(tmp_path):
     torch.save({"model": with_fc.state_dict()}, wrapped)
     headless = create_backbone("resnet18", str(wrapped), num_classes=0)
     assert torch.equal(headless.conv1.weight, with_fc.conv1.weight)
+
+
+# --- BatchNorm statistics while training ------------------------------------------------------
+
+
+def _stage_bn(model: EmbeddingModel, stage: int) -> nn.BatchNorm2d:
+    return next(m for m in model._stages[stage].modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_trainable_batchnorm_is_the_unfrozen_stages_only():
+    model = resnet_model(frozen_stages=2)
+    expected = [m for s in model._stages[2:] for m in s.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert model.trainable_batchnorm() == expected
+    assert _stage_bn(model, 0) not in model.trainable_batchnorm()
+
+
+def test_bn_stats_round_trip():
+    model = resnet_model(frozen_stages=2)
+    saved = model.bn_stats()
+    model.train()(torch.randn(*SMALL) * 3 + 1)
+    bn = _stage_bn(model, 3)
+    assert not torch.equal(bn.running_mean, saved[-len(model.trainable_batchnorm()) :][0][0])
+    model.load_bn_stats(saved)
+    assert all(
+        torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        for m, (mean, var) in zip(model.trainable_batchnorm(), saved, strict=True)
+    )
+
+
+def test_keep_bn_stats_normalises_batches_but_keeps_running_statistics():
+    model = resnet_model(frozen_stages=2)
+    saved = model.bn_stats()
+    model.keep_bn_stats()
+    x = torch.randn(*SMALL) * 3 + 1
+    train_out = model.train()(x)
+    eval_out = model.eval()(x)
+    assert not torch.allclose(train_out, eval_out, atol=1e-3)  # training used batch statistics
+    assert all(
+        torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        for m, (mean, var) in zip(model.trainable_batchnorm(), saved, strict=True)
+    )
+
+
+def test_freeze_bn_freezes_the_trunk_not_the_bnneck():
+    """The BNNeck has no pretrained statistics to keep: it must learn them even with
+    freeze_bn (left at mean 0, variance 1 it would not normalise anything)."""
+    cfg = ModelConfig(backbone="resnet18", pretrained=False, freeze_bn=True, bnneck=True,
+                      head=True)  # fmt: skip
+    model = build_model(cfg, num_classes=3).train()
+    trunk_before = _stage_bn(model, 3).running_mean.clone()
+    model.logits(model(torch.randn(4, 3, 32, 32) * 3 + 1))  # through the BNNeck, as training
+    assert torch.equal(_stage_bn(model, 3).running_mean, trunk_before)
+    assert model.bnneck.training
+    assert not torch.equal(model.bnneck.running_mean, torch.zeros_like(model.bnneck.running_mean))

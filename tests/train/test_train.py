@@ -13,7 +13,7 @@ from mltrain.config import load_config
 from mltrain.errors import ConfigError, DataError, MltrainError
 from mltrain.model.checkpoint import load_checkpoint
 from mltrain.train import run as trainer
-from tests.conftest import TINY_RUN, write_image_folder
+from tests.conftest import TINY_RUN, write_image_folder, write_shapes_gallery
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 TINY = [*TINY_RUN, "train.epochs=2", "eval.batch_size=16"]
@@ -277,3 +277,30 @@ def test_start_note_when_training_never_beats_the_untrained_model():
     assert start_note("eer", {"eer": 0.05}, start) is not None  # lower is better
     assert start_note("eer", {"eer": 0.03}, start) is None
     assert start_note("map_at_r", {"map_at_r": 0.60}, {}) is None  # train.eval_start off
+
+
+def test_bn_stats_auto_keeps_the_better_statistics(tmp_path):
+    """Running statistics never touch a training step (it normalises by the batch), so the
+    three settings train alike; at the first evaluation `auto` scores the better of what
+    `update` and `pretrained` score, and `pretrained` ends with its statistics untouched."""
+    root = write_shapes_gallery(tmp_path / "data", per_class=8, size=32)  # not separable at once
+    history, last = {}, {}
+    for mode in ("update", "pretrained", "auto"):
+        cfg = tiny_cfg("configs/triplet.yaml", root, tmp_path / mode, f"model.bn_stats={mode}")
+        ckpt = load_checkpoint(trainer.fit(cfg) / "checkpoints" / "last.pt")
+        history[mode], last[mode] = ckpt["state"]["history"], ckpt["model"]
+    losses = {mode: [h["loss"] for h in rows] for mode, rows in history.items()}
+    assert losses["update"] == losses["pretrained"] == losses["auto"]
+    first = {mode: rows[0] for mode, rows in history.items()}
+    assert first["auto"]["map_at_r"] == pytest.approx(
+        max(first["update"]["map_at_r"], first["pretrained"]["map_at_r"])
+    )
+    assert first["auto"]["pretrained_bn_stats"] == float(
+        first["pretrained"]["map_at_r"] > first["update"]["map_at_r"]
+    )
+    assert first["update"]["map_at_r"] != first["pretrained"]["map_at_r"]  # a real choice
+    assert "pretrained_bn_stats" not in first["update"]
+    key = "trunk.blocks.6.0.bn1.running_var"  # a stage that trains in the shipped triplet config
+    fresh = torch.ones_like(last["pretrained"][key])  # untrained weights: BatchNorm's initial 1
+    assert torch.equal(last["pretrained"][key], fresh)
+    assert not torch.equal(last["update"][key], fresh)
