@@ -188,7 +188,7 @@ class Run:
         # model.bn_stats: the pretrained running statistics, kept aside to evaluate against
         self.pretrained_bn = None
         if cfg.model.bn_stats == "auto" and not cfg.model.freeze_bn:
-            self.pretrained_bn = self.model.bn_stats()
+            self.pretrained_bn = self.model.bn_stats() or None  # none: nothing to choose
         if cfg.model.bn_stats == "pretrained":
             self.model.keep_bn_stats()
         self.dcfg = data_config(self.model, cfg.model)
