@@ -73,7 +73,7 @@ def check_targets(
     settings must fit the `images` it will hold."""
     from mltrain.files import check_output_folders
     from mltrain.retrieval.bundle import check_export_target
-    from mltrain.retrieval.export import check_export_index
+    from mltrain.retrieval.export import bundle_bytes, check_export_index
 
     if out.exists() and not (out.is_dir() and (is_eval_dir(out) or not any(out.iterdir()))):
         raise ConfigError(f"--out {out} exists and is not an evaluation folder; choose a new "
@@ -85,9 +85,7 @@ def check_targets(
         check_export_index(cfg.export, images, dim, cfg.eval.metric)
     needs = [(out, "evaluation results (--out)", images * dim * 8 + 64 * 2**20)]
     if export is not None:
-        weights = sum(t.numel() * t.element_size() for t in embedder.model.state_dict().values())
-        weights *= 2 if onnx else 1
-        needs.append((export, "search bundle (--export)", images * (dim * 8 + 512) + weights))
+        needs.append((export, "search bundle (--export)", bundle_bytes(embedder, images, onnx)))
     check_output_folders(needs, "free space, make the folder writable or choose another one")
 
 

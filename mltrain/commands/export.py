@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mltrain.data.pipeline import prepare_data
     from mltrain.files import check_output_folders
     from mltrain.retrieval.bundle import check_export_target
-    from mltrain.retrieval.export import check_export_index, export_bundle
+    from mltrain.retrieval.export import bundle_bytes, check_export_index, export_bundle
 
     embedder, _, source = embedder_from_args(args)
     cfg, out = embedder.cfg, Path(args.out)
@@ -48,9 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = prepare_data(cfg)
     n, dim = len(data.folder), embedder.model.embedding_dim
     check_export_index(cfg.export, n, dim, cfg.eval.metric)
-    weights = sum(t.numel() * t.element_size() for t in embedder.model.state_dict().values())
-    weights *= 2 if args.onnx else 1  # model.onnx holds the weights again
-    check_output_folders([(out, "search bundle (--out)", n * (dim * 8 + 512) + weights)],
+    check_output_folders([(out, "search bundle (--out)", bundle_bytes(embedder, n, args.onnx))],
                          "free space, make the folder writable or choose another one")  # fmt: skip
     start = time.perf_counter()
     export_bundle(embedder, out, source, data=data, onnx=args.onnx)

@@ -182,6 +182,15 @@ def _calibration(tmp: Path, shards, labels: np.ndarray, splits: list[str], cfg) 
     return calibrate(emb, labels[rows], e.metric, e.verification_pairs, cfg.seed, source)
 
 
+def bundle_bytes(embedder: Embedder, rows: int, onnx: bool = False) -> int:
+    """A rough upper estimate of a bundle's size, for the free-space check before embedding:
+    embeddings, metadata and index per row, plus the weights (twice with `onnx`: model.onnx
+    holds them again)."""
+    weights = sum(t.numel() * t.element_size() for t in embedder.model.state_dict().values())
+    dim = embedder.model.embedding_dim
+    return rows * (dim * 8 + 512) + weights * (2 if onnx else 1)
+
+
 def check_export_index(exp: ExportConfig, rows: int, dim: int, metric: str) -> None:
     """Refuse index settings the gallery cannot train before any image is embedded; unset
     sizes (IVF lists, PQ codes) are fitted to the rows, with a note where data is thin."""

@@ -518,9 +518,7 @@ class Run:
             metrics = self.evaluate(figures=every > 0 and (done or epoch % every == 0))
         self.state.history.append({"epoch": epoch, "step": self.state.step, **stats, **metrics})
         key = cfg.train.best_metric
-        sign = -1.0 if key in LOWER_IS_BETTER else 1.0
-        best = self.best.get(key)
-        improved = key in metrics and (best is None or sign * metrics[key] >= sign * best)
+        improved = key in metrics and not _better(key, self.best, metrics)  # ties: the later
         if improved:
             self.best = {"epoch": epoch, "step": self.state.step, **metrics}
         self.log_epoch(epoch, stats, metrics)
@@ -585,10 +583,7 @@ def start_note(key: str, best: dict[str, Any], start: dict[str, Any]) -> str | N
     """A note when the best held-out `key` is no better than the untrained model's: on classes
     the backbone already separates (ImageNet-like photos, class-disjoint), fine-tuning on a few
     others can only specialise it, and the user should know before shipping the result."""
-    if key not in start or key not in best:
-        return None
-    sign = -1.0 if key in LOWER_IS_BETTER else 1.0
-    if sign * best[key] > sign * start[key]:
+    if key not in start or key not in best or _better(key, best, start):
         return None
     return (f"held-out {key} {best[key]:.4f} (best epoch) never beat the untrained model's "
             f"{start[key]:.4f}: training specialised the backbone to the training classes at the "
