@@ -180,7 +180,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _from_dict(tp, value, key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            hint = f"; write one item as a list: [{value}]" if isinstance(value, (str, int)) else ""
+            raise ConfigError(f"{key}: expected a list, got {value!r}{hint}")
         (item,) = typing.get_args(tp)
         if item is str:  # `exclude_classes: [10]`: YAML reads a class named 10 as a number
             value = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
@@ -200,7 +201,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is Any or isinstance(value, tp):
         return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    hint = f"; quote it ('{value}') to use it as text" if tp is str and _is_number(value) else ""
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
 
 
 def _check_spec(value: Any, key: str) -> Spec:
@@ -299,7 +301,23 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.train.cache_frozen and cfg.model.frozen_stages == 0:
         raise ConfigError("train.cache_frozen needs model.frozen_stages > 0 (a frozen prefix)")
+    _check_name(cfg.name)
+    _check_gem(cfg.model.pooling)
     return cfg
+
+
+def _check_name(name: str) -> None:
+    """`name` is one folder under output_dir: a path in it would put runs elsewhere."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"name: {name!r} must be a single folder name (no '/', not '..'); "
+                          "use output_dir to choose where runs go")  # fmt: skip
+
+
+def _check_gem(pooling: Spec) -> None:
+    p = (pooling.get("args") or {}).get("p")
+    if pooling.get("name") == "gem" and p is not None and (not _is_number(p) or p <= 0):
+        raise ConfigError(f"model.pooling.args.p: GeM's power must be a positive number "
+                          f"(1 is average pooling, 3 the usual start), got {p!r}")  # fmt: skip
 
 
 # Optimizer arguments that are numbers (betas: a list of them). A quoted "1e-4" would pass

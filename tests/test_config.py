@@ -263,6 +263,10 @@ def test_choices_rejected_with_key(override, key):
         ("model.crop_pct=0", "model.crop_pct"),
         ("model.crop_pct=1.2", "model.crop_pct"),
         ("train.cache_frozen=true", "train.cache_frozen"),
+        ("name=../../escape", "name: '../../escape' must be a single folder name"),
+        ("name=..", "name: '..' must be a single folder name"),
+        ("model.pooling={name: gem, args: {p: 0}}", "model.pooling.args.p: GeM's power"),
+        ("model.pooling={name: gem, args: {p: abc}}", "model.pooling.args.p: GeM's power"),
     ],
 )
 def test_ranges_rejected_with_key(override, key):
@@ -272,6 +276,16 @@ def test_ranges_rejected_with_key(override, key):
     with pytest.raises(ConfigError) as info:
         load_config(path, overrides)
     assert key in str(info.value)
+
+
+def test_hints_for_a_number_given_as_text_and_one_item_given_as_a_list():
+    path = REPO / "configs" / "triplet.yaml"
+    with pytest.raises(ConfigError, match=r"name: expected str, got 2026; quote it \('2026'\)"):
+        load_config(path, ["name=2026"])
+    with pytest.raises(ConfigError, match=r"expected a list, got 'alpha0'; write one item as a "
+                                          r"list: \[alpha0\]"):
+        load_config(path, ["data.exclude_classes=alpha0"])
+    assert load_config(path, ["name='2026'"]).name == "2026"  # the hint works
 
 
 def test_train_fraction_unchecked_without_split():

@@ -43,10 +43,13 @@ def _size_stamp(archive: Path) -> str:
 
 
 def extraction_dir(archive: Path) -> Path:
-    """Where `archive` is (or will be) extracted: beside it, else in the user cache."""
+    """Where `archive` is (or will be) extracted: beside it, else in the user cache. A folder
+    beside it that mltrain did not extract (no marker: perhaps the folder the archive was made
+    from, perhaps changed since) is never taken for the archive's contents."""
     stem = _archive_stem(archive) or archive.name
-    if _writable(archive.parent):
-        return archive.parent / stem
+    sibling = archive.parent / stem
+    if _writable(archive.parent) and (not sibling.exists() or (sibling / _MARKER).is_file()):
+        return sibling
     base = os.environ.get("MLTRAIN_CACHE") or Path.home() / ".cache" / "mltrain" / "datasets"
     st = archive.stat()
     key = f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -86,11 +89,20 @@ def _extract(archive: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def absolute_root(root: str) -> str:
+    """An existing `root` as an absolute path (symlinks kept), so a run's stored config finds
+    its data from any working folder; anything else as given, for `resolve_root` to judge."""
+    path = Path(root).expanduser()
+    return os.path.abspath(path) if path.exists() else root
+
+
 def resolve_root(root: str | os.PathLike) -> Path:
     """`root` ready to scan: a folder or a `.csv` of labels as is, an archive extracted."""
     path = Path(root).expanduser()
     if not path.exists():
-        raise DataError(f"data root {path} does not exist; check data.root")
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise DataError(f"data root {path} does not exist{where}; check data.root, or pass "
+                        "--set data.root=PATH where a checkpoint's config names it")  # fmt: skip
     if path.is_dir() or (path.is_file() and path.suffix.lower() == ".csv"):
         return path
     if _archive_stem(path) is None:
@@ -101,6 +113,10 @@ def resolve_root(root: str | os.PathLike) -> Path:
         )
     dest = extraction_dir(path)
     if not dest.is_dir():
+        sibling = path.parent / str(_archive_stem(path))
+        if sibling.is_dir() and dest != sibling:
+            print(f"note: {sibling} was not extracted from {path.name} by mltrain, so the "
+                  f"archive is extracted to {dest} instead", file=sys.stderr)
         _extract(path, dest)
     marker = dest / _MARKER
     if marker.is_file() and marker.read_text().strip() != _size_stamp(path):

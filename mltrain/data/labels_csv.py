@@ -78,7 +78,9 @@ def _problem(base: Path, real_base: Path, rel: str, label: str) -> str | None:
     if not rel or not label:
         return "empty path or label"
     path = base / rel
-    if Path(rel).is_absolute() or not path.resolve().is_relative_to(real_base):
+    if Path(rel).is_absolute():
+        return f"{rel} is an absolute path; write it relative to {base}"
+    if not path.resolve().is_relative_to(real_base):
         return f"{rel} lies outside {base}"
     if not path.is_file():
         return f"{rel} is not a file" if path.exists() else f"{rel} does not exist"

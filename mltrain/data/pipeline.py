@@ -18,7 +18,13 @@ from mltrain.data.dataset import ImageDataset, make_loader, worth_workers
 from mltrain.data.folder import ImageFolder, scan_folder
 from mltrain.data.images import check_images
 from mltrain.data.samplers import build_sampler
-from mltrain.data.splits import Split, find_duplicates, make_split, save_split
+from mltrain.data.splits import (
+    Split,
+    disjoint_note,
+    find_duplicates,
+    make_split,
+    save_split,
+)
 from mltrain.data.transforms import eval_transform, train_transform
 from mltrain.errors import DataError
 from mltrain.runtime import resolve_device, usable_cpus, workers_can_run_model
@@ -51,6 +57,9 @@ def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
     if cfg.data.check_images:
         folder = _drop_bad_images(folder, cfg, run_dir)
     split = make_split(folder.labels, cfg.data.split, cfg.data.train_fraction, cfg.seed)
+    if split.kind == "class_disjoint":
+        note = disjoint_note(d.train_fraction, len(np.unique(folder.labels)))
+        report_notes([note] if note else [], run_dir)
     if len(split.train) == 0 or len(split.heldout) == 0:
         raise DataError(f"data.split {cfg.data.split} left an empty side; add images")
     if run_dir is not None:
@@ -66,29 +75,39 @@ def _report_duplicates(folder: ImageFolder, split: Split, run_dir: Path | None) 
     pairs = find_duplicates(folder.paths, split.train, split.heldout)
     if not pairs:
         return
-    listing = "\n".join(f"  {a}  ==  {b}" for a, b in pairs)
-    if run_dir is not None:
-        (run_dir / "duplicates.txt").write_text(listing + "\n")
+    lines = [f"  {a}  ==  {b}" for a, b in pairs]
+    where = _listed(lines, run_dir, "duplicates.txt")
     print(
         f"warning: {len(pairs)} training images are byte-identical to held-out images "
-        "(listed in duplicates.txt); delete the copies for honest held-out figures",
+        f"({where}); delete the copies for honest held-out figures",
         file=sys.stderr,
     )
+
+
+def _listed(lines: list[str], run_dir: Path | None, name: str, shown: int = 3) -> str:
+    """Where the full list is: `name` in the run folder, or (no run folder: evaluate,
+    export) the first few lines themselves."""
+    if run_dir is not None:
+        (run_dir / name).write_text("\n".join(lines) + "\n")
+        return f"listed in {name}"
+    more = f"\n  ... and {len(lines) - shown} more" if len(lines) > shown else ""
+    return "first ones:\n" + "\n".join(lines[:shown]) + more
 
 
 def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> ImageFolder:
     bad = check_images(folder.paths)
     if not bad:
         return folder
-    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
-    if run_dir is not None:
-        (run_dir / "bad_images.txt").write_text(listing + "\n")
+    lines = [f"  {path}: {reason}" for path, reason in bad]
     if cfg.data.bad_images == "error":
+        if run_dir is not None:
+            (run_dir / "bad_images.txt").write_text("\n".join(lines) + "\n")
         raise DataError(
-            f"{len(bad)} unreadable images under {folder.root}:\n{listing}\n"
+            f"{len(bad)} unreadable images under {folder.root}:\n" + "\n".join(lines) + "\n"
             "fix or delete them, or set data.bad_images: skip to leave them out"
         )
-    print(f"skipping {len(bad)} unreadable images (listed in bad_images.txt)", file=sys.stderr)
+    where = _listed(lines, run_dir, "bad_images.txt")
+    print(f"skipping {len(bad)} unreadable images ({where})", file=sys.stderr)
     bad_paths = {str(p) for p, _ in bad}
     keep = [i for i, p in enumerate(folder.paths) if str(p) not in bad_paths]
     return ImageFolder(

@@ -126,9 +126,11 @@ def fit_batch_size(
                          f"balanced batches (no positive to pair with): {listing(lone)}; they "
                          "are still searched and evaluated")  # fmt: skip
         labels = labels[keep]
-        m = int((spec.get("args") or {}).get("m", 4))
+        m = sampler_m(spec)
+        fits = _balanced_fit(labels, m)
+        if fits < 2 * m and len(np.unique(labels)) >= 2:
+            raise ConfigError(_smaller_m_advice(labels, m))
         n = len(labels)
-        fits = min(len(np.unique(labels)) * m, n // m * m) if m >= 1 else batch_size
         if batch_size <= fits or fits < 2 * m:  # fits, or cannot: the sampler's error explains
             return batch_size, notes
         why = f"{len(np.unique(labels))} classes x m {m}, {n} training images"
@@ -139,6 +141,31 @@ def fit_batch_size(
         why = f"{fits} training images"
     notes.append(f"train.batch_size {batch_size} lowered to {fits} to fit the data ({why})")
     return fits, notes
+
+
+def sampler_m(spec: Mapping[str, Any]) -> int:
+    """The m of an m_per_class spec, checked: a positive whole number."""
+    m = (spec.get("args") or {}).get("m", 4)
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise ConfigError(f"train.sampler.args.m must be a positive whole number, got {m!r}")
+    return int(m)
+
+
+def _balanced_fit(labels: np.ndarray, m: int) -> int:
+    """The largest m_per_class batch these labels fill: a multiple of m, at most m images of
+    each class and no more images than there are."""
+    return min(len(np.unique(labels)) * m, len(labels) // m * m)
+
+
+def _smaller_m_advice(labels: np.ndarray, m: int) -> str:
+    """Why no batch of 2 or more classes x m fits, and the largest m that would."""
+    ids, counts = np.unique(labels, return_counts=True)
+    ok = [k for k in range(m - 1, 0, -1) if _balanced_fit(labels, k) >= 2 * k]
+    hint = f"lower m: --set train.sampler.args.m={ok[0]}" if ok else "add training images"
+    return (f"sampler m_per_class: m {m} needs batches of at least {2 * m} images, m from each "
+            f"of 2 or more classes, but the {len(labels)} training images that can pair "
+            f"({len(ids)} classes, {counts.min()}-{counts.max()} each) fill at most "
+            f"{_balanced_fit(labels, m)}; {hint}")  # fmt: skip
 
 
 def build_sampler(

@@ -39,6 +39,26 @@ def _n_train(fraction: float, n: int) -> int:
     return 1 if n < 2 else min(max(round(fraction * n), 1), n - 1)
 
 
+def disjoint_train_classes(fraction: float, n: int) -> int:
+    """Training classes of a class_disjoint split: `fraction` of them, kept to 2 or more on
+    each side (a metric loss needs negatives; held-out retrieval needs 2 classes)."""
+    if n < 4:
+        raise DataError(
+            f"data.split class_disjoint needs at least 4 classes (2 or more on each side), "
+            f"found {n}; use data.split=per_class, or add classes"
+        )
+    return min(max(round(fraction * n), 2), n - 2)
+
+
+def disjoint_note(fraction: float, n: int) -> str | None:
+    """What a class_disjoint split changed from data.train_fraction, if anything."""
+    used = disjoint_train_classes(fraction, n)
+    if used == round(fraction * n):
+        return None
+    return (f"data.train_fraction {fraction} of {n} classes would leave fewer than 2 on one "
+            f"side; training on {used} classes, {n - used} held out")  # fmt: skip
+
+
 def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int) -> Split:
     """Split image indices by `kind`; deterministic for a given `seed`."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -61,12 +81,8 @@ def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int) 
             train_parts.append(idx[: _n_train(train_fraction, len(idx))])
         train = np.concatenate(train_parts) if train_parts else np.empty(0, np.int64)
     else:
-        if len(classes) < 2:
-            raise DataError(
-                f"split kind 'class_disjoint' needs at least 2 classes, found {len(classes)}"
-            )
         shuffled = rng.permutation(classes)
-        train_classes = shuffled[: _n_train(train_fraction, len(classes))]
+        train_classes = shuffled[: disjoint_train_classes(train_fraction, len(classes))]
         train = np.flatnonzero(np.isin(labels, train_classes))
     train = np.sort(train).astype(np.int64)
     heldout = np.setdiff1d(np.arange(len(labels), dtype=np.int64), train)

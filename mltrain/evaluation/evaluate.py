@@ -153,7 +153,8 @@ def rerank_note(r: dict[str, Any]) -> str:
              f"P@1 {r[m]['precision_at_1']:.4f})" for m in r if m not in ("none", "rows")
              and isinstance(r[m], dict)]  # fmt: skip
     advice = (f"search with --rerank {r['recommended']}" if r["recommended"] != "none"
-              else "no re-ranker gains half a point of MAP@R here; search with none")  # fmt: skip
+              else "no re-ranker gains half a point of MAP@R, two standard errors clear of "
+              "the noise, here; search with none")  # fmt: skip
     return (f"re-ranking on {r['rows']} held-out rows: MAP@R {base:.4f} without, "
             f"{'; '.join(parts)}; {advice}")
 

@@ -128,4 +128,46 @@ def build_criterion(
             miner = miner_cls(**_args(miner_spec, miner_cls, {}))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"train.loss/train.miner: bad args: {e}") from None
-    return Criterion(loss=loss, miner=miner, uses_logits=uses_logits, hybrid=hybrid)
+    criterion = Criterion(loss=loss, miner=miner, uses_logits=uses_logits, hybrid=hybrid)
+    check_choices(loss_spec, "train.loss")
+    if miner_spec:
+        check_choices(miner_spec, "train.miner")
+    dry_run(criterion, num_classes, embedding_dim)
+    return criterion
+
+
+# String arguments pml compares against without checking (an unknown value silently means
+# "all"): checked here instead.
+_CHOICES = {
+    "type_of_triplets": ("all", "hard", "semihard", "easy"),
+    "pos_strategy": ("all", "hard", "semihard", "easy"),
+    "neg_strategy": ("all", "hard", "semihard", "easy"),
+}
+
+
+def check_choices(spec: dict, key: str) -> None:
+    for arg, choices in _CHOICES.items():
+        value = (spec.get("args") or {}).get(arg)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{key}.args.{arg} must be one of {', '.join(choices)}, "
+                              f"got {value!r}")  # fmt: skip
+
+
+def dry_run(criterion: Criterion, num_classes: int, embedding_dim: int) -> None:
+    """Score a tiny random batch with copies of the loss and miner, so that an argument of
+    the wrong type (a margin of "abc") is a config error now, not a library traceback at the
+    first step after the data was cached."""
+    import copy
+
+    c = copy.deepcopy(criterion)  # CrossBatchMemory would otherwise keep the random batch
+    labels = torch.arange(8) % min(4, max(num_classes, 1))
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # the run's seeds stay intact
+            emb = F.normalize(torch.randn(8, embedding_dim))
+            c(emb, labels, nn.Linear(embedding_dim, max(num_classes, 1)))
+    except Exception as e:  # noqa: BLE001 - whatever the library raises, name the config keys
+        where = "train.loss.args" if c.miner is None else "train.loss.args / train.miner.args"
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: the loss cannot score a batch with these arguments "
+                          f"({type(e).__name__}: {detail[:200]}); check their values and types "
+                          "against the pytorch-metric-learning docs") from None  # fmt: skip

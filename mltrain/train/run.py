@@ -28,6 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mltrain import __version__, distributed
 from mltrain.config import LOWER_IS_BETTER, Config, save_config, to_dict
+from mltrain.data.archive import absolute_root
 from mltrain.data.dataset import make_loader
 from mltrain.data.pipeline import (
     CachedFeatures,
@@ -579,17 +580,27 @@ def _better(key: str, new: dict[str, Any], old: dict[str, Any]) -> bool:
     return sign * new[key] > sign * old[key]
 
 
-def start_note(key: str, best: dict[str, Any], start: dict[str, Any]) -> str | None:
-    """A note when the best held-out `key` is no better than the untrained model's: on classes
-    the backbone already separates (ImageNet-like photos, class-disjoint), fine-tuning on a few
-    others can only specialise it, and the user should know before shipping the result."""
+def start_note(key: str, best: dict[str, Any], start: dict[str, Any],
+               split: str = "class_disjoint") -> str | None:
+    """A note when the best held-out `key` is no better than the untrained model's, so the user
+    knows before shipping the result. On unseen classes (class_disjoint) fine-tuning on a few
+    others can specialise the backbone away from them; on the training classes' own held-out
+    images (per_class, none) it means training did not help. A start already at the metric's
+    best possible value leaves nothing to beat: said as such."""
     if key not in start or key not in best or _better(key, best, start):
         return None
+    if start[key] == (0.0 if key in LOWER_IS_BETTER else 1.0):
+        return (f"held-out {key} was already {start[key]:.4f} before training: these held-out "
+                "images are too few or too easy to show what training changed; hold out more "
+                "images (data.train_fraction) to judge it")  # fmt: skip
+    unseen = split == "class_disjoint"
+    why = ("training specialised the backbone to the training classes at the held-out ones' "
+           "expense; compare with evaluate.py --backbone, " if unseen else
+           "training did not help on held-out images of its own classes; ")  # fmt: skip
     return (f"held-out {key} {best[key]:.4f} (best epoch) never beat the untrained model's "
-            f"{start[key]:.4f}: training specialised the backbone to the training classes at the "
-            "held-out ones' expense; compare with evaluate.py --backbone, lower the learning "
-            "rate (e.g. train.optimizer.args.lr=1e-4), train fewer stages "
-            "(model.frozen_stages) or add training classes")  # fmt: skip
+            f"{start[key]:.4f}: {why}lower the learning rate (e.g. "
+            "train.optimizer.args.lr=1e-4), train fewer stages (model.frozen_stages) or add "
+            f"training {'classes' if unseen else 'images'}")  # fmt: skip
 
 
 def _hparam_metrics(cfg: Config) -> list[str]:
@@ -648,6 +659,7 @@ def fit(
         distributed.init(resolve_device(cfg.train.device))
         check_writable(run_dir, "fix its permissions or free space, or resume a copy of it")
     else:
+        cfg.data.root = absolute_root(cfg.data.root)  # checkpoints work from any folder
         distributed.init(resolve_device(cfg.train.device))
         run_dir = distributed.broadcast_path(new_run_dir(cfg) if distributed.is_main() else None)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -737,7 +749,7 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
         "setup_seconds": setup_seconds,  # data checks, model, prefix cache
         "train_seconds": time.perf_counter() - start,
     }
-    note = start_note(cfg.train.best_metric, run.best, run.start)
+    note = start_note(cfg.train.best_metric, run.best, run.start, cfg.data.split)
     if note:
         report_notes([note], run_dir)
         summary["notes"] = [note]

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from mltrain.data import dataset as dataset_mod
-from mltrain.data.archive import resolve_root
+from mltrain.data.archive import absolute_root, resolve_root
 from mltrain.data.dataset import ImageDataset, make_loader
 from mltrain.data.folder import scan_folder
 from mltrain.data.images import check_images, load_image
 from mltrain.data.samplers import SAMPLERS, build_sampler, fit_batch_size
-from mltrain.data.splits import find_duplicates, load_split, make_split, save_split
+from mltrain.data.splits import disjoint_note, find_duplicates, load_split, make_split, save_split
 from mltrain.data.transforms import DEFAULT_AUGMENT, eval_transform, train_transform
 from mltrain.errors import ConfigError, DataError
 
@@ -141,6 +141,31 @@ def test_archive_in_read_only_dir_goes_to_cache(tmp_path, tiny_folder, monkeypat
         shelf.chmod(stat.S_IRWXU)
 
 
+def test_a_folder_beside_the_archive_that_mltrain_did_not_extract_is_not_used(
+    tmp_path, tiny_folder, make_image_folder, monkeypatch, capsys
+):
+    archive = _tar(tmp_path / "cats.tar.gz", tiny_folder, "cats")
+    make_image_folder(tmp_path / "cats", classes=3, per_class=2)  # the user's own, changed since
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    root = resolve_root(archive)
+    assert root.parent == tmp_path / "cache" and len(scan_folder(root)) == 18  # the archive's
+    err = capsys.readouterr().err
+    assert f"note: {tmp_path / 'cats'} was not extracted from cats.tar.gz" in err
+    assert len(scan_folder(tmp_path / "cats")) == 6  # left as it was
+
+
+def test_a_relative_root_is_stored_absolute_and_a_missing_one_says_where_it_looked(
+    tmp_path, tiny_folder, monkeypatch
+):
+    monkeypatch.chdir(tiny_folder.parent)
+    assert absolute_root(tiny_folder.name) == str(tiny_folder)  # what a run's config keeps
+    assert absolute_root("nowhere") == "nowhere"  # left for resolve_root to refuse
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"data root nowhere does not exist \(relative to "
+                                        rf"{tmp_path}\); .*--set data.root=PATH"):
+        resolve_root("nowhere")
+
+
 def test_archive_changed_after_extraction(tmp_path, tiny_folder, make_image_folder):
     archive = _tar(tmp_path / "cats.tar.gz", tiny_folder, "cats")
     resolve_root(archive)
@@ -169,8 +194,15 @@ def test_class_disjoint_split():
     train_cls, held_cls = set(labels[split.train]), set(labels[split.heldout])
     assert len(train_cls) == 7 and len(held_cls) == 3 and not train_cls & held_cls
     assert len(split.train) + len(split.heldout) == 30
-    tiny = make_split(np.array([0, 1]), "class_disjoint", 0.99, seed=0)
-    assert len(tiny.train) == 1 and len(tiny.heldout) == 1
+    five = np.arange(5)  # 0.8 of 5 would hold out 1 class: kept to 2 on each side, and said
+    split = make_split(five, "class_disjoint", 0.8, seed=0)
+    assert len(split.train) == 3 and len(split.heldout) == 2
+    assert disjoint_note(0.8, 5) == ("data.train_fraction 0.8 of 5 classes would leave fewer "
+                                     "than 2 on one side; training on 3 classes, 2 held out")
+    assert disjoint_note(0.7, 10) is None
+    with pytest.raises(DataError, match=r"class_disjoint needs at least 4 classes .* found 3; "
+                                        r"use data.split=per_class"):
+        make_split(np.arange(3), "class_disjoint", 0.8, seed=0)
 
 
 def test_split_determinism_and_independence_from_global_rng():
@@ -410,6 +442,20 @@ def test_a_class_with_one_image_sits_out_balanced_batches():
     assert fit_batch_size("random", labels, 4, names) == (4, [])
 
 
+def test_m_too_large_for_the_data_says_which_m_fits():
+    labels = np.repeat([0, 1, 2], 2)  # 3 classes x 2 images: m 4 needs 8 images from 2 classes
+    spec = {"name": "m_per_class", "args": {"m": 4}}
+    with pytest.raises(ConfigError, match=r"m 4 needs batches of at least 8 .* fill at most 4; "
+                                          r"lower m: --set train.sampler.args.m=3"):
+        fit_batch_size(spec, labels, 64)
+    size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 3}}, labels, 64)
+    assert size == 6 and "lowered to 6" in notes[0]  # the advice works: 2 classes x 3 fit
+    build_sampler({"name": "m_per_class", "args": {"m": 3}}, labels, size)
+    for bad in ("abc", 0, 2.5, True):
+        with pytest.raises(ConfigError, match=r"train.sampler.args.m must be a positive whole"):
+            fit_batch_size({"name": "m_per_class", "args": {"m": bad}}, labels, 64)
+
+
 def test_sampler_errors():
     labels = np.repeat([0, 1, 2], [4, 1, 4])
     with pytest.raises(ConfigError, match="batch_size 6 .* m 4"):
@@ -490,6 +536,11 @@ def test_labels_csv(tmp_path):
     with pytest.raises(DataError, match=r"3 bad rows in .*line 3: \.\./\.\./etc/passwd lies "
                                         r"outside.*line 4: missing.png does not exist.*line 5"):
         scan_folder(bad)
+    inside = tmp_path / "cat" / "images" / "0000.png"  # inside, but absolute: not taken
+    bad.write_text(f"path,label\n{inside},a\n")
+    with pytest.raises(DataError, match=rf"line 2: {inside} is an absolute path; write it "
+                                        rf"relative to {tmp_path / 'cat'}"):
+        scan_folder(bad)
 
 
 def test_hostile_trees_skip_loops_fifos_and_symlinked_folders(tmp_path, make_image_folder):
@@ -510,3 +561,21 @@ def test_hostile_trees_skip_loops_fifos_and_symlinked_folders(tmp_path, make_ima
     for skipped in ("loop", "away", "pipe.jpg"):
         assert f"/{skipped} (" in text
     assert len(folder.notes) == 3
+
+
+def test_without_a_run_folder_the_skipped_images_are_listed_in_the_message(
+    tmp_path, make_image_folder, capsys
+):
+    from mltrain.config import load_config
+    from mltrain.data.pipeline import prepare_data
+
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=5)
+    for i in range(5):
+        (root / "class_0" / f"broken_{i}.jpg").write_bytes(b"not an image")
+    cfg = load_config(None, [f"data.root={root}", "data.bad_images=skip"])
+    data = prepare_data(cfg)  # as evaluate and export call it: no run folder, no files
+    assert len(data.folder) == 10
+    err = capsys.readouterr().err
+    assert "skipping 5 unreadable images (first ones:\n  " in err and "broken_0.jpg" in err
+    assert "... and 2 more" in err and "bad_images.txt" not in err
+    assert not list(tmp_path.rglob("bad_images.txt"))

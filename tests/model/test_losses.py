@@ -242,6 +242,22 @@ def test_cross_batch_memory_wraps_a_loss_and_its_miner():
         build_criterion(spec, {"name": "MultiSimilarityMiner"}, 3, 8, False)
 
 
+def test_arguments_of_the_wrong_type_or_value_fail_when_built_not_at_the_first_step():
+    triplet, miner = {"name": "TripletMarginLoss"}, {"name": "TripletMarginMiner"}
+    with pytest.raises(ConfigError, match=r"^train.loss.args: the loss cannot score .*TypeError"):
+        build_criterion({**triplet, "args": {"margin": "abc"}}, None, 3, 8, False)
+    with pytest.raises(ConfigError, match=r"train.miner.args: the loss cannot score"):
+        build_criterion(triplet, {**miner, "args": {"margin": "abc"}}, 3, 8, False)
+    with pytest.raises(ConfigError, match=r"train.miner.args.type_of_triplets must be one of "
+                                          r"all, hard, semihard, easy, got 'bogus'"):
+        build_criterion(triplet, {**miner, "args": {"type_of_triplets": "bogus"}}, 3, 8, False)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    build_criterion(triplet, {**miner, "args": {"type_of_triplets": "semihard"}}, 3, 8, False)
+    assert torch.equal(torch.rand(3), expected)  # the check leaves the run's random stream alone
+
+
 # --- BNNeck hybrid --------------------------------------------------------------------------
 
 

@@ -277,6 +277,12 @@ def test_start_note_when_training_never_beats_the_untrained_model():
     assert start_note("eer", {"eer": 0.05}, start) is not None  # lower is better
     assert start_note("eer", {"eer": 0.03}, start) is None
     assert start_note("map_at_r", {"map_at_r": 0.60}, {}) is None  # train.eval_start off
+    assert "at the held-out ones' expense" in note  # unseen classes (the default)
+    own = start_note("map_at_r", {"map_at_r": 0.60}, start, "per_class")
+    assert "did not help on held-out images of its own classes" in own and "expense" not in own
+    perfect = start_note("map_at_r", {"map_at_r": 1.0}, {"map_at_r": 1.0}, "per_class")
+    assert "was already 1.0000 before training: these held-out images are too few" in perfect
+    assert "too few" in start_note("eer", {"eer": 0.0}, {"eer": 0.0})
 
 
 def test_bn_stats_auto_keeps_the_better_statistics(tmp_path):
