@@ -162,3 +162,14 @@ def test_evaluate_export_carries_its_rerank_finding_into_search(exported):
     plain = mltrain("-m", "mltrain", "search", str(work / "bundle"), str(root / "c2/4.jpg"),
                     "--json", cwd=work)  # fmt: skip
     assert json.loads(plain.stdout)["rerank"] == "none"  # mltrain export measured nothing
+
+
+def test_the_done_line_counts_in_words(tmp_path):
+    from mltrain.commands.train import summary_line
+
+    metrics = {"epochs": 1, "steps": 1, "setup_seconds": 2.0, "train_seconds": 3.0,
+               "best": {"epoch": 1, "map_at_r": 0.5}, "best_metric": "map_at_r"}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert summary_line(tmp_path).startswith("done: 1 epoch, 1 step (2 s setup + 3 s training)")
+    (tmp_path / "metrics.json").write_text(json.dumps({**metrics, "epochs": 2, "steps": 8}))
+    assert summary_line(tmp_path).startswith("done: 2 epochs, 8 steps")

@@ -13,7 +13,8 @@ from mltrain.errors import ConfigError
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
-    parser.add_argument("--checkpoint", help="a training checkpoint (.pt) or run folder")
+    parser.add_argument("--checkpoint",
+                        help="a training checkpoint (.pt), or a run folder (its best.pt)")
     parser.add_argument("--backbone", help="a pretrained timm backbone, untrained")
 
 

@@ -25,7 +25,11 @@ def summary_line(run_dir: Path) -> str:
         else ""
     )
     took = f"{s['setup_seconds']:.0f} s setup + {s['train_seconds']:.0f} s training"
-    return f"done: {s['epochs']} epochs, {s['steps']} steps ({took}){p1}"
+    return f"done: {_count(s['epochs'], 'epoch')}, {_count(s['steps'], 'step')} ({took}){p1}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def parser() -> argparse.ArgumentParser:

@@ -177,18 +177,26 @@ def scan_folder(
     return _labelled(root, by_class, exclude, notes, walk, class_depth)
 
 
+# Excluded by default (Caltech101's clutter folder): absent from most folders, so its absence
+# is not worth a note on every run; a name the user wrote and that matches nothing is.
+QUIET_EXCLUSIONS = frozenset({"BACKGROUND_Google"})
+
+
 def _labelled(root, by_class, exclude, notes, walk: _Walk, depth) -> ImageFolder:
     if not by_class:
+        deeper = (f"; data.class_depth {depth} may be deeper than the images: try auto"
+                  if depth != "auto" and walk.images else "")  # fmt: skip
         raise DataError(
             f"data root {root} has no class sub-folders with images; expected "
             f"{root}/<class name>/<image> (images: {listing(sorted(IMAGE_EXTENSIONS), 8)}, ...)"
+            + deeper
         )
     classes = [c for c in sorted(by_class, key=natural_key) if not exclusion_of(c, exclude)]
     used = {exclusion_of(c, exclude) for c in by_class} - {None}
     notes += [
         f"data.exclude_classes: no class '{e}' under {root}; nothing excluded for it"
         for e in exclude
-        if e not in used
+        if e not in used and e not in QUIET_EXCLUSIONS
     ]
     empty = [r for r in walk.no_images if depth == "auto" and "/".join(r) not in by_class and r]
     if empty:

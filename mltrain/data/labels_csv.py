@@ -12,7 +12,14 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from mltrain.data.folder import ImageFolder, exclusion_of, labelled_images, listing, natural_key
+from mltrain.data.folder import (
+    QUIET_EXCLUSIONS,
+    ImageFolder,
+    exclusion_of,
+    labelled_images,
+    listing,
+    natural_key,
+)
 from mltrain.errors import DataError
 
 PATH_COLUMNS = ("path", "file", "filename", "image")
@@ -68,7 +75,7 @@ def read_labels_csv(csv_path: Path, exclude: list[str]) -> ImageFolder:
     notes = [
         f"data.exclude_classes: no label '{e}' in {csv_path}; nothing excluded for it"
         for e in exclude
-        if not any(exclusion_of(label, [e]) for label in labels)
+        if e not in QUIET_EXCLUSIONS and not any(exclusion_of(label, [e]) for label in labels)
     ]
     classes = sorted(by_class, key=natural_key)
     return labelled_images(base, {c: by_class[c] for c in classes}, notes)

@@ -333,9 +333,11 @@ def _reliability(m: Mapping[str, Any]) -> list[str]:
     if n:
         p1 = float(m.get("precision_at_1", 0.0))
         se = (p1 * (1 - p1) / n) ** 0.5
+        spread = (f"standard error is about {se:.4f}" if se > 0 else
+                  f"standard error says nothing at {p1:.4f}: by the rule of three the true rate "
+                  f"may still be {3 / n:.4f} away")  # fmt: skip
         line = (
-            f"{n} scored queries: one query moves precision@1 by {1 / n:.4f}, and its "
-            f"standard error is about {se:.4f}"
+            f"{n} scored queries: one query moves precision@1 by {1 / n:.4f}, and its {spread}"
         )
         if n < FEW_QUERIES:
             line += "; differences between runs smaller than twice that are noise"

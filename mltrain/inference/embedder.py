@@ -121,8 +121,9 @@ def make_embedder(cfg: Config, model: EmbeddingModel) -> Embedder:
 
 
 def embedder_from_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Embedder:
-    """The checkpoint's own config rebuilds the model; its weights need no download."""
-    ckpt = load_checkpoint(path)
+    """The checkpoint's own config rebuilds the model; its weights need no download. A run
+    folder means its best.pt."""
+    ckpt = load_checkpoint(path, prefer="best.pt")
     cfg = checkpoint_config(ckpt, overrides, f"config stored in checkpoint {path}")
     num_classes = len(ckpt.get("train_classes") or [])
     if not isinstance(ckpt["model"], dict):

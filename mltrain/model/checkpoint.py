@@ -16,11 +16,12 @@ from mltrain.errors import CheckpointError
 CHECKPOINT_FORMAT = 1  # the layout of a training checkpoint's dict
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by `atomic_save`, refusing anything but tensors and plain data."""
+def load_checkpoint(path: str | Path, prefer: str = "last.pt") -> dict[str, Any]:
+    """Load a checkpoint written by `atomic_save`, refusing anything but tensors and plain data.
+    A run folder means its `prefer` checkpoint (see `resolve_checkpoint`)."""
     path = Path(path)
     if path.is_dir():
-        path = resolve_checkpoint(path)
+        path = resolve_checkpoint(path, prefer)
     if not path.is_file():
         if path.exists():  # a FIFO or device would hang the read
             raise CheckpointError(f"checkpoint {path} is not a regular file; pass a .pt file")
@@ -55,12 +56,15 @@ def load_error_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder or its checkpoints/ folder means its `last.pt`."""
+def resolve_checkpoint(path: str | Path, prefer: str = "last.pt") -> Path:
+    """A run folder or its checkpoints/ folder means its `prefer` checkpoint, else `last.pt`:
+    resuming continues from last.pt; evaluating and exporting want best.pt, the epoch the run
+    judged best on held-out images."""
     path = Path(path)
-    for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
-        if candidate.is_file():
-            return candidate
+    for name in dict.fromkeys((prefer, "last.pt")):
+        for candidate in (path / "checkpoints" / name, path / name):
+            if candidate.is_file():
+                return candidate
     raise CheckpointError(f"no checkpoints/last.pt under {path}; pass a .pt file or a run folder")
 
 

@@ -81,9 +81,10 @@ def test_scan_notes_missing_exclusion_and_folders_without_images(tmp_path, make_
     root = make_image_folder(tmp_path / "d", classes=3, per_class=2)
     (root / "empty").mkdir()
     (root / "empty" / "readme.txt").write_text("x")
-    folder = scan_folder(root, exclude=["BACKGROUND_Google"])
+    folder = scan_folder(root, exclude=["BACKGROUND_Google", "clas_1"])
     assert folder.classes == ["class_0", "class_1", "class_2"]
-    assert any("no class 'BACKGROUND_Google'" in n for n in folder.notes)
+    assert any("no class 'clas_1'" in n for n in folder.notes)  # a name the user wrote
+    assert not any("BACKGROUND_Google" in n for n in folder.notes)  # the default: no noise
     assert any("empty" in n and ".txt" in n for n in folder.notes)
     assert scan_folder(root, exclude=["class_1"]).notes == [
         "folders with files but no images were left out: empty (files: .txt)"
@@ -579,3 +580,10 @@ def test_without_a_run_folder_the_skipped_images_are_listed_in_the_message(
     assert "skipping 5 unreadable images (first ones:\n  " in err and "broken_0.jpg" in err
     assert "... and 2 more" in err and "bad_images.txt" not in err
     assert not list(tmp_path.rglob("bad_images.txt"))
+
+
+def test_a_class_depth_deeper_than_the_images_is_named(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=2)
+    with pytest.raises(DataError, match=r"data.class_depth 3 may be deeper than the images: try "
+                                        r"auto$"):
+        scan_folder(root, class_depth=3)

@@ -365,3 +365,11 @@ def test_markdown_escapes_pipes_and_notes_missing_one_shot() -> None:
     assert "| a\\|b | 0.2500 | 4 |" in text
     assert "| 20-way | n/a (too few classes) |" in text
     assert "No top-1 mistakes." in text
+
+
+def test_a_perfect_precision_is_not_given_a_standard_error_of_zero() -> None:
+    perfect = "\n".join(markdown._reliability({"num_queries": 30, "precision_at_1": 1.0}))
+    assert "standard error says nothing at 1.0000: by the rule of three the true rate may still " \
+           "be 0.1000 away" in perfect and "about 0.0000" not in perfect
+    usual = "\n".join(markdown._reliability({"num_queries": 100, "precision_at_1": 0.9}))
+    assert "standard error is about 0.0300" in usual  # sqrt(0.9 * 0.1 / 100)

@@ -192,6 +192,10 @@ def test_resolve_run_folder(tmp_path):
     assert resolve_checkpoint(run / "checkpoints") == last
     assert load_checkpoint(run)["epoch"] == 5
     assert load_checkpoint(run / "checkpoints")["epoch"] == 5
+    assert resolve_checkpoint(run, prefer="best.pt") == run / "checkpoints" / "best.pt"
+    assert load_checkpoint(run, prefer="best.pt")["epoch"] == 4  # what evaluate/export take
+    (run / "checkpoints" / "best.pt").unlink()
+    assert resolve_checkpoint(run, prefer="best.pt") == last  # a run with no best.pt yet
 
 
 def test_resolve_folder_without_checkpoint(tmp_path):
