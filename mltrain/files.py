@@ -71,10 +71,24 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def umask() -> int:
+    """The process umask, read without changing it (os.umask can only set it, and setting it
+    for a moment races other threads creating files); 0o022 where /proc is not there."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            line = next((x for x in f if x.startswith("Umask:")), "")
+        return int(line.split()[1], 8) if line else 0o022
+    except (OSError, ValueError, IndexError):
+        return 0o022
+
+
 def staging_dir(target: Path, tag: str) -> Path:
-    """A new hidden folder beside `target` (same file system, so it can be renamed into place)."""
+    """A new hidden folder beside `target` (same file system, so it can be renamed into place),
+    with the mode a plain mkdir would give it (mkdtemp makes it private, 0700)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    path.chmod(0o777 & ~umask())
+    return path
 
 
 def siblings(target: Path, tag: str) -> list[Path]:
@@ -380,6 +394,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~umask())  # as open() would, not mkstemp's 0600
             os.fsync(f.fileno())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import shlex
+import stat
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,17 @@ def test_resolve_folder_without_checkpoint(tmp_path):
     assert str(run) in str(info.value) and "last.pt" in str(info.value)
     with pytest.raises(CheckpointError):
         load_checkpoint(run)
+
+
+def test_written_files_and_staged_folders_get_the_umask_modes_not_private_ones(tmp_path):
+    from mltrain.files import staging_dir, umask
+
+    old = os.umask(0o027)
+    try:
+        assert umask() == 0o027  # read without changing it
+        atomic_save(sample(1), tmp_path / "a.pt")
+        staged = staging_dir(tmp_path / "bundle", "export")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.pt").stat().st_mode) == 0o640  # not mkstemp's 0600
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o750  # not mkdtemp's 0700
