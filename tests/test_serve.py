@@ -71,7 +71,8 @@ def test_verify_endpoint(client, served_bundle):
     assert same["same"] is True and same["score"] == pytest.approx(1.0, abs=1e-4)
     files["b"] = ("b.png", b.read_bytes())
     doc = client.post("/verify", files=files).json()
-    assert set(doc) == {"score", "threshold", "same", "far"} and doc["score"] < 1.0 - 1e-6
+    assert set(doc) == {"score", "threshold", "same", "far", "threshold_resolved"}
+    assert doc["score"] < 1.0 - 1e-6
     assert doc["same"] == (doc["score"] >= doc["threshold"])
 
 

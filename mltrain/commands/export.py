@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     embedder, _, source = embedder_from_args(args)
     cfg, out = embedder.cfg, Path(args.out)
     check_export_target(out)
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, duplicates=False)  # no held-out figures to inflate here
     n, dim = len(data.folder), embedder.model.embedding_dim
     check_export_index(cfg.export, n, dim, cfg.eval.metric)
     check_output_folders([(out, "search bundle (--out)", bundle_bytes(embedder, n, args.onnx))],

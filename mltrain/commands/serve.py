@@ -1,14 +1,22 @@
 """Serve a bundle over HTTP: python -m mltrain serve BUNDLE [--host 127.0.0.1] [--port 8000]
 
-  POST /search   multipart field `image`; `k`, `rerank`, `threshold` as form fields or in
-                 the query string -> {"results": [{rank, score, class, path, id, thumb,
-                 match?}], "k", "rerank", "threshold"?, "answer"?, "embed_ms", "search_ms"}
-  POST /verify   multipart fields `a` and `b` -> {score, threshold, same, far}
+  POST /search   multipart field `image`; `k`, `rerank`, `threshold` (auto, none or a
+                 cosine in [-1, 1]) as form fields or in the query string -> {"results":
+                 [{rank, score, class, path, id, thumb, match?}], "k", "rerank",
+                 "threshold"?, "threshold_resolved"?, "answer"?, "embed_ms", "search_ms"}
+  POST /verify   multipart fields `a` and `b` -> {score, threshold, same, far,
+                 threshold_resolved}
   GET  /thumb/ID JPEG thumbnail of bundle row ID
-  GET  /health   status, images, classes, model, dim, metric, threshold, batch sizes seen
+  GET  /health   status, images, classes, model, dim, metric, threshold, threshold_resolved,
+                 batch sizes seen
   GET  /         a page: drop a photo, see its nearest images; drop a second, verify
 
+`threshold_resolved` comes with a calibrated threshold: false when the bundle's held-out
+data had too few impostor pairs to resolve its FAR, so it is approximate (a note at start
+says so too).
+
 Binds to loopback by default: put a reverse proxy in front to expose it (README, Serve).
+The port is taken before the bundle is loaded, so a busy port fails at once, in one line.
 Bad uploads (empty, not an image, over --max-upload-mb or --max-pixels) get a 4xx JSON
 answer with a one-line `detail`; the server keeps running.
 """
@@ -16,7 +24,9 @@ answer with a one-line `detail`; the server keeps running.
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations as
 # objects, and `Request` is imported inside create_app (the serve extra is optional).
 import argparse
+import errno
 import importlib.util
+import socket
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -205,27 +215,82 @@ def service_from_args(args: argparse.Namespace, embedder_factory: Any = None):
                          embedder_factory=embedder_factory)  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    _require_serve_extra()
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) as uvicorn would bind it (SO_REUSEADDR, IPv6 for a
+    host with a colon), handed to the server later: a busy port or a foreign address is one
+    line now, before the bundle and model load, and no other program can take the port in
+    between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(_bind_error(host, port, e)) from None
+    return sock
+
+
+def _bind_error(host: str, port: int, e: OSError) -> str:
+    where = f"port {port} on {printable(host)}"
+    if e.errno == errno.EADDRINUSE:
+        return f"{where} is already in use; pick another with --port"
+    if e.errno == errno.EACCES:
+        return f"{where} needs privileges (ports below 1024 do); pick one above 1023 with --port"
+    if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+        what = "names no address" if isinstance(e, socket.gaierror) else "is no address here"
+        return (f"--host {printable(host)} {what}; use 127.0.0.1 (this machine only) or "
+                "0.0.0.0 (every interface)")  # fmt: skip
+    return f"cannot listen on {where} ({e.strerror or e}); pick another --host or --port"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Arguments that are wrong on their face, refused before anything is loaded."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a port number (0-65535)")
     if args.max_upload_mb <= 0 or args.max_pixels <= 0 or args.max_batch < 1:
         raise ConfigError("--max-upload-mb, --max-pixels and --max-batch must be positive")
-    import uvicorn
 
-    service = service_from_args(args)
-    app = create_app(service)
+
+def announce(args: argparse.Namespace, service: Any, port: int) -> None:
+    """The server's URL on stdout; notes on stderr for an exposed host, a missing image
+    root and an approximate default threshold."""
+    from mltrain.retrieval.verify import unresolved_note
+
     health = service.health()
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {printable(args.bundle)} ({health['images']} images, "
-          f"{health['classes']} classes) at http://{host}:{args.port}/  (Ctrl-C stops)",
+          f"{health['classes']} classes) at http://{host}:{port}/  (Ctrl-C stops)",
           flush=True)  # fmt: skip
+    notes = []
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: --host {printable(args.host)} is reachable from other machines; there "
-              "is no TLS or authentication here, put a reverse proxy in front (README, Serve)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        notes.append(f"--host {printable(args.host)} is reachable from other machines; there "
+                     "is no TLS or authentication here, put a reverse proxy in front (README, "
+                     "Serve)")  # fmt: skip
+    if not service.bundle.root.is_dir():
+        notes.append(f"the bundle's image root {printable(service.bundle.root)} is missing "
+                     "here, so thumbnails will not show; pass --image-root")  # fmt: skip
+    if service.calibration is not None and (note := unresolved_note(service.calibration)):
+        notes.append(f"{note} (/search and /verify use it)")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    _require_serve_extra()
+    check_args(args)
+    import uvicorn
+
+    sock = bind_port(args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        service = service_from_args(args)
+        try:
+            app = create_app(service)
+            announce(args, service, sock.getsockname()[1])
+            config = uvicorn.Config(app, log_level="warning")
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            service.close()
     finally:
-        service.close()
+        sock.close()

@@ -2,12 +2,14 @@
 
 Prints the similarity under the bundle's model, the threshold calibrated at export for the
 false-accept rate (on the bundle's held-out genuine and impostor pairs) and the verdict,
-`same` or `different`. Exit 0 either way; 2 for a bad bundle, image or FAR.
+`same` or `different`. Exit 0 either way; 2 for a bad bundle, image or FAR. A threshold
+that too few impostor pairs back to resolve its FAR gets a note on stderr: it is approximate.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from mltrain.cli import printable
@@ -26,9 +28,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from mltrain.retrieval.bundle import load_bundle
-    from mltrain.retrieval.verify import verify_pair
+    from mltrain.retrieval.verify import check_pair_paths, unresolved_note, verify_pair
 
+    check_pair_paths(args.a, args.b)  # a mistyped path fails before the bundle is read
     r = verify_pair(load_bundle(args.bundle), args.a, args.b, args.far)
+    if note := unresolved_note(r):
+        print(f"note: {note}", file=sys.stderr)
     print(
         f"{printable(args.a)} vs {printable(args.b)}: similarity {r['similarity']:.4f}, "
         f"threshold {r['threshold']:.4f} (FAR {r['far']:g} on {r['impostor_pairs']} "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from mltrain.errors import DataError
@@ -83,6 +83,8 @@ def _decode(path: str | os.PathLike, size_hint: int | None) -> np.ndarray:
 def _reason(e: Exception) -> str:
     if isinstance(e, NotRegularFile):
         return str(e)
+    if isinstance(e, UnidentifiedImageError):  # its text names a file object, not the file
+        return "not an image Pillow can identify"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 

@@ -49,8 +49,11 @@ class RunData:
         return [self.folder.paths[i] for i in idx]
 
 
-def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
-    """Scan, check and split the data; writes `split.json` (and bad images) into `run_dir`."""
+def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = True) -> RunData:
+    """Scan, check and split the data; writes `split.json` (and bad images) into `run_dir`.
+
+    `duplicates`: warn about training images copied into the held-out side. They only
+    inflate held-out figures, so a command that reports none (export) passes False."""
     d = cfg.data
     folder = scan_folder(resolve_root(d.root), exclude=d.exclude_classes, class_depth=d.class_depth)
     report_notes(folder.notes, run_dir)
@@ -64,7 +67,7 @@ def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
         raise DataError(f"data.split {cfg.data.split} left an empty side; add images")
     if run_dir is not None:
         save_split(run_dir / "split.json", split, folder)
-    if split.kind != "none":
+    if duplicates and split.kind != "none":
         _report_duplicates(folder, split, run_dir)
     used = sorted({int(c) for c in folder.labels[split.train]})
     return RunData(folder, split, [folder.classes[c] for c in used])
@@ -90,8 +93,9 @@ def _listed(lines: list[str], run_dir: Path | None, name: str, shown: int = 3) -
     if run_dir is not None:
         (run_dir / name).write_text("\n".join(lines) + "\n")
         return f"listed in {name}"
-    more = f"\n  ... and {len(lines) - shown} more" if len(lines) > shown else ""
-    return "first ones:\n" + "\n".join(lines[:shown]) + more
+    if len(lines) <= shown:
+        return "\n" + "\n".join(lines)
+    return "first ones:\n" + "\n".join(lines[:shown]) + f"\n  ... and {len(lines) - shown} more"
 
 
 def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> ImageFolder:

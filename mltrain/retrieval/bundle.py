@@ -60,7 +60,7 @@ import mltrain
 from mltrain import files
 from mltrain.config import from_dict
 from mltrain.data.folder import is_image
-from mltrain.errors import BundleError, CheckpointError
+from mltrain.errors import BundleError, CheckpointError, ConfigError
 from mltrain.files import torch_save
 from mltrain.inference.embedder import BACKENDS as RUNNERS
 from mltrain.inference.embedder import Embedder, make_embedder
@@ -342,6 +342,9 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
     """
     path = Path(path)
     manifest = read_manifest(path)
+    root = Path(image_root) if image_root is not None else Path(manifest["image_root"])
+    _check_image_root(root, "--image-root" if image_root is not None else f"{path / MANIFEST}",
+                      must_exist=image_root is not None)  # before any file is hashed
     shards = manifest.get("shards") if manifest["format_version"] == SHARDED_FORMAT else None
     hashes = manifest["files"]
     digests = [(name, hashes.get(name)) for name in (SHARDED_DATA_FILES if shards else DATA_FILES)]
@@ -386,8 +389,6 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
     if index.d != dim:
         raise BundleError(f"{path / INDEX} takes {index.d}-d queries, embeddings are {dim}-d")
     _apply_search_params(index, manifest["index"].get("args") or {})
-    root = Path(image_root) if image_root is not None else Path(manifest["image_root"])
-    _check_image_root(root, "--image-root" if image_root is not None else f"{path / MANIFEST}")
     return Bundle(path, manifest, emb, metadata, index, root)
 
 
@@ -395,13 +396,19 @@ _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/pr
                 "/run", "/sbin", "/sys", "/usr", "/var")  # fmt: skip
 
 
-def _check_image_root(root: Path, where: str) -> None:
+def _check_image_root(root: Path, where: str, must_exist: bool = False) -> None:
     """Refuse an image root that is a whole file system, a system folder or a home folder.
 
     Metadata paths only name images under the root, but with `image_root: /` a tampered
     bundle could still show any image of this machine on a contact sheet; a data folder is
-    always something narrower.
+    always something narrower. `must_exist`: the user named this root (`--image-root`), so
+    a mistyped one is refused rather than leaving every thumbnail missing; the manifest's
+    own may be absent (the bundle moved, and its images are not needed to search).
     """
+    if must_exist and not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise ConfigError(f"{where} {root} {what}; pass the folder that holds the bundle's "
+                          "class folders (where its images are now)")  # fmt: skip
     real = root.resolve()
     try:
         home = Path.home().resolve()

@@ -39,7 +39,13 @@ from mltrain.retrieval.bundle import (
     versions,
     write_metadata,
 )
-from mltrain.retrieval.index import build_index, check_index_config, save_index
+from mltrain.retrieval.index import (
+    INDEX_TYPES,
+    build_index,
+    check_index_args,
+    check_index_config,
+    save_index,
+)
 from mltrain.retrieval.shards import (
     Shard,
     ShardReader,
@@ -194,6 +200,8 @@ def bundle_bytes(embedder: Embedder, rows: int, onnx: bool = False) -> int:
 def check_export_index(exp: ExportConfig, rows: int, dim: int, metric: str) -> None:
     """Refuse index settings the gallery cannot train before any image is embedded; unset
     sizes (IVF lists, PQ codes) are fitted to the rows, with a note where data is thin."""
+    if exp.index in INDEX_TYPES:  # an unknown kind is named below, with the valid ones
+        check_index_args(exp.index, exp.index_args, "export.index_args")
     sharded = rows > exp.shard_size  # trained on a sample of the shards, else on every row
     n_train = training_rows(rows, exp.index_args.get("nlist")) if sharded else rows
     try:

@@ -13,10 +13,11 @@ for galleries of a million vectors.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import faiss
@@ -332,6 +333,38 @@ def _ivf_pq(
     return index
 
 
+BUILDER_ARGS = ("dim", "metric_type", "n_train")  # every builder's, filled in here, not by users
+
+
+def index_arg_names(kind: str) -> list[str]:
+    """The arguments a user may give index type `kind` (`export.index_args`), read from its
+    builder's signature so the list cannot drift from the code."""
+    params = inspect.signature(INDEX_TYPES.get(kind)).parameters
+    return [name for name in params if name not in BUILDER_ARGS]
+
+
+def check_index_args(kind: str, args: Any, where: str = "index_args") -> None:
+    """Refuse keys that index type `kind` does not take, naming only those and the ones it
+    does take (a builder's TypeError would name its internals, or let `dim` override the
+    real one)."""
+    if args is None:
+        return
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"{where} must be a mapping such as {{M: 32}}, got {args!r:.60}")
+    takes = index_arg_names(kind)
+    bad = [str(name) for name in args if name not in takes]
+    if bad:
+        offer = f"takes {', '.join(takes)}" if takes else "takes no arguments"
+        raise ConfigError(f"{where}: {kind} {offer} (got {', '.join(sorted(bad))})")
+
+
+def make_index(kind: str, args: Any, dim: int, metric: str, n_train: int) -> faiss.Index:
+    """An empty index of type `kind` from checked user `args` (see `check_index_args`)."""
+    check_index_args(kind, args)
+    spec = {"name": kind, "args": args or {}}
+    return INDEX_TYPES.build(spec, dim=dim, metric_type=faiss_metric(metric), n_train=n_train)
+
+
 def sparse_training_note(index: faiss.Index, n_train: int) -> str | None:
     """One line where k-means gets fewer rows per centroid than Faiss recommends (39), instead
     of Faiss's own warning printed once per sub-quantizer; its clustering is quieted here."""
@@ -437,8 +470,7 @@ def train_index(
     """
     chain = [] if pca_dim is None else pca_transforms(train, pca_dim, metric)
     dim = train.shape[1] if pca_dim is None else int(pca_dim)
-    spec = {"name": kind, "args": args or {}}
-    index = INDEX_TYPES.build(spec, dim=dim, metric_type=faiss_metric(metric), n_train=len(train))
+    index = make_index(kind, args, dim, metric, len(train))
     sparse_training_note(index, len(train))  # quiets Faiss; check_index_config reports it
     index = with_transforms(index, chain)
     index.train(train)
@@ -461,10 +493,7 @@ def check_index_config(
             f"pca_dim={pca_dim} must be between 1 and min(embedding length {dim}, "
             f"training rows {n_train}) = {min(dim, n_train)}"
         )
-    spec = {"name": kind, "args": args or {}}
-    index = INDEX_TYPES.build(
-        spec, dim=pca_dim or dim, metric_type=faiss_metric(metric), n_train=n_train
-    )
+    index = make_index(kind, args, pca_dim or dim, metric, n_train)
     return sparse_training_note(index, n_train)
 
 

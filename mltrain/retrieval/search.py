@@ -36,6 +36,7 @@ copied into BUNDLE/images/. The updated bundle replaces the old one in a single 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import sys
@@ -43,6 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,11 +59,13 @@ from mltrain.retrieval.bundle import (
     BACKENDS,
     Bundle,
     bundle_embedder,
+    choose_backend,
     load_bundle,
     safe_image_path,
 )
 from mltrain.retrieval.index import check_index_metric, prepare, timed_single_queries
 from mltrain.retrieval.rerank import RERANKERS, rerank_candidates
+from mltrain.retrieval.verify import is_resolved, threshold_for, unresolved_note
 
 
 @dataclass
@@ -93,12 +97,39 @@ class SearchRun:
     backend: str = "torch"  # what embedded the queries
 
 
-def _embed_queries(embedder: Embedder, paths: list[Path], results: list[QueryResult]):
-    """Embeddings of the readable queries; unreadable ones get an error instead."""
-    ok: list[int] = []
+def query_problem(path: Path) -> str | None:
+    """What makes `path` no query image before anything reads it (it is missing, or a
+    folder), as the end of a sentence that names it; None for a file. The data check's
+    advice for an unreadable image in a training folder does not fit a mistyped query."""
+    try:
+        if path.is_dir():
+            return "is a folder; pass image files"
+        path.stat()
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return "does not exist; check the path"
+    return None  # other failures (permissions, not an image) come from decoding it
+
+
+def _readable_queries(paths: list[Path], results: list[QueryResult]) -> list[int]:
+    """Positions of the queries that exist as files; the others get their error now."""
+    ok = []
     for i, p in enumerate(paths):
+        problem = query_problem(p)
+        if problem:
+            results[i].error = problem
+        else:
+            ok.append(i)
+    return ok
+
+
+def _embed_queries(embedder: Embedder, paths: list[Path], results: list[QueryResult],
+                   candidates: list[int]) -> dict[int, np.ndarray]:  # fmt: skip
+    """Embeddings of the readable `candidates`; unreadable ones get an error instead."""
+    ok: list[int] = []
+    for i in candidates:
         try:
-            load_image(p, 64)
+            load_image(paths[i], 64)
             ok.append(i)
         except MltrainError as e:
             results[i].error = str(e)
@@ -133,15 +164,18 @@ def search_images(
     search is the index call alone, the scores stay the index's."""
     paths = [Path(p) for p in paths]
     results = [QueryResult(str(p)) for p in paths]
+    index, metric = bundle.index, bundle.metric
+    check_index_metric(index, metric)
+    k = max(1, min(k, index.ntotal))
+    candidates = _readable_queries(paths, results)
+    if not candidates:  # every query is missing or a folder: no model to build
+        return SearchRun(results, k, 0.0, 0.0, rerank, choose_backend(bundle, backend))
     t0 = time.perf_counter()
     embedder = bundle_embedder(bundle, backend)
     model_ms = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
-    embs = _embed_queries(embedder, paths, results)
+    embs = _embed_queries(embedder, paths, results, candidates)
     embed_ms = (time.perf_counter() - t0) * 1e3
-    index, metric = bundle.index, bundle.metric
-    check_index_metric(index, metric)
-    k = max(1, min(k, index.ntotal))
     deep = search_depth(bundle, k, rerank)
     order = list(embs)
     queries = (np.concatenate([prepare(embs[i][None, :], metric, "query") for i in order])
@@ -214,7 +248,10 @@ def _print_table(run: SearchRun, bundle: Bundle) -> None:
         if r.answer is not None:
             print(f"  answer: {printable(r.answer)}")
     n_ok = sum(r.error is None for r in run.results)
-    per = run.embed_ms / n_ok if n_ok else 0.0
+    if not n_ok:
+        print("\nno query could be searched (see the errors above)")
+        return
+    per = run.embed_ms / n_ok
     us = [r.search_us for r in run.results if r.search_us is not None]
     med = f"{float(np.median(us)):.0f} us median" if us else "no searches"
     print(
@@ -366,21 +403,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def threshold_value(bundle: Bundle, text: str) -> float:
-    """`--threshold` as a similarity: a number, or `auto` for the bundle's calibrated one."""
-    from mltrain.retrieval.verify import threshold_for
+def threshold_value(
+    bundle: Bundle, text: str, name: str = "--threshold", choices: str = "auto"
+) -> tuple[float, dict[str, Any] | None]:
+    """`text` as a similarity threshold: a finite number, or `auto` for the bundle's
+    calibrated one. Returns it with the calibration it came from (None for a number), so
+    callers can say when that calibration is approximate. (A number above 1 is accepted
+    here: on the command line it asks for every hit to be "no match".)
 
+    `name` is what the user typed it as (the command line's `--threshold`, the server's
+    query parameter `threshold`); `choices` the words it takes besides a number."""
     if bundle.metric != "cosine":
-        raise ConfigError("--threshold needs a cosine bundle; this one ranks by L2 distance")
+        raise ConfigError(f"{name} needs a cosine bundle; this one ranks by L2 distance")
     if text == "auto":
-        return float(threshold_for(bundle.manifest)["threshold"])
+        cal = threshold_for(bundle.manifest)
+        return float(cal["threshold"]), cal
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise ConfigError(f"--threshold: expected auto or a finite number, got {text[:40]!r}")
-    return value
+        raise ConfigError(f"{name}: expected {choices} or a finite number, got {text[:40]!r}")
+    return value, None
 
 
 def apply_threshold(run: SearchRun, threshold: float) -> None:
@@ -416,7 +460,9 @@ def _run(argv: Sequence[str] | None) -> int:
     if k > len(bundle):
         print(f"note: -k {k} exceeds the bundle's {len(bundle)} images; using {len(bundle)}",
               file=sys.stderr)  # fmt: skip
-    threshold = None if args.threshold is None else threshold_value(bundle, args.threshold)
+    threshold, cal = (None, None) if args.threshold is None else threshold_value(
+        bundle, args.threshold)  # fmt: skip
+    note = None if cal is None else unresolved_note(cal)
     run = search_images(bundle, args.images, k, default_rerank(bundle, args.rerank),
                         args.backend)
     if threshold is not None:
@@ -424,8 +470,15 @@ def _run(argv: Sequence[str] | None) -> int:
     for r in run.results:
         if r.error is not None:
             print(f"error: query {printable(r.query)}: {printable(r.error)}", file=sys.stderr)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps(_json_doc(run, bundle, load_ms), indent=2))
+        doc = _json_doc(run, bundle, load_ms)
+        if threshold is not None:
+            doc["threshold"] = threshold
+            if cal is not None:
+                doc["threshold_resolved"] = is_resolved(cal)
+        print(json.dumps(doc, indent=2))
     else:
         info = bundle.manifest["index"]
         pca = f", PCA {printable(info['pca_dim'])}" if info.get("pca_dim") else ""

@@ -50,7 +50,7 @@ from mltrain.retrieval.search import (
 from mltrain.retrieval.search import (
     thumbnail as thumbnail_image,
 )
-from mltrain.retrieval.verify import pair_verdict, threshold_for
+from mltrain.retrieval.verify import is_resolved, pair_verdict, threshold_for
 
 DEFAULT_MAX_UPLOAD = 20 * 2**20  # bytes: a large camera JPEG is under 15 MB
 RESULT_TIMEOUT_S = 300  # an embedding that takes longer is a hung model: fail the request
@@ -189,7 +189,8 @@ class SearchService:
         # uploads of 40 MP do not all sit decoded in memory at once.
         self._decoding = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
         self.batcher = MicroBatcher(self.embedder.embed_arrays, max_batch, batch_wait_ms / 1e3)
-        self.calibrated = _calibrated_threshold(self.bundle)
+        self.calibration = _default_calibration(self.bundle)
+        self.calibrated = None if self.calibration is None else self.calibration["threshold"]
         self.thumbnail_jpeg = lru_cache(maxsize=1024)(self._thumbnail_jpeg)
 
     def close(self) -> None:
@@ -214,9 +215,11 @@ class SearchService:
     def search(self, image: bytes, k: int | None = None, rerank: str = "auto",
                threshold: str | None = None, name: str = "image") -> dict[str, Any]:  # fmt: skip
         """Top-k hits for an uploaded image: {"results", "k", "rerank", "threshold",
-        "answer", "embed_ms", "search_ms"}; `threshold` None means the bundle's calibrated
-        one where it has one, "none" none, "auto" or a number as `mltrain search`."""
-        k, rerank, cut = self._search_args(k, rerank, threshold)
+        "threshold_resolved", "answer", "embed_ms", "search_ms"}; `threshold` None means the
+        bundle's calibrated one where it has one, "none" none, "auto" or a number as
+        `mltrain search`. `threshold_resolved` comes with a calibrated threshold: false when
+        too few impostor pairs backed it to resolve its FAR (it is approximate)."""
+        k, rerank, cut, cal = self._search_args(k, rerank, threshold)
         pixels = self.decode(image, name)
         t0 = time.perf_counter()
         (emb,) = self.embed([pixels])
@@ -238,6 +241,8 @@ class SearchService:
         }
         if cut is not None:
             doc["threshold"], doc["answer"] = cut, run.results[0].answer
+        if cal is not None:
+            doc["threshold_resolved"] = is_resolved(cal)
         return doc
 
     def verify(self, a: bytes, b: bytes) -> dict[str, Any]:
@@ -246,7 +251,7 @@ class SearchService:
         pixels = [self.decode(a, "image a"), self.decode(b, "image b")]
         score, same = pair_verdict(np.stack(self.embed(pixels)), self.bundle.metric, cal)
         return {"score": score, "threshold": float(cal["threshold"]), "same": same,
-                "far": float(cal["far"])}  # fmt: skip
+                "far": float(cal["far"]), "threshold_resolved": is_resolved(cal)}  # fmt: skip
 
     def _thumbnail_jpeg(self, row: int) -> bytes:
         meta = self.bundle.metadata[row]
@@ -268,7 +273,7 @@ class SearchService:
         return self.thumbnail_jpeg(row)
 
     def health(self) -> dict[str, Any]:
-        manifest = self.bundle.manifest
+        manifest, cal = self.bundle.manifest, self.calibration
         return {
             "status": "ok",
             "images": len(self.bundle),
@@ -277,12 +282,14 @@ class SearchService:
             "dim": manifest["embedding_dim"],
             "metric": self.bundle.metric,
             "threshold": self.calibrated,
+            "threshold_resolved": None if cal is None else is_resolved(cal),
             "batches": self.batcher.batch_sizes(),
         }
 
     # --- arguments -------------------------------------------------------------------------
 
     def _search_args(self, k: int | None, rerank: str, threshold: str | None):
+        """(k, re-ranker, threshold or None, the calibration it came from or None)."""
         if k is None:
             k = int(self.bundle.manifest["config"]["export"]["k"])
         if not 1 <= k <= MAX_K:
@@ -293,20 +300,24 @@ class SearchService:
                               f"got {rerank[:40]!r}")  # fmt: skip
         rerank = default_rerank(self.bundle, rerank)
         if threshold is None:
-            cut = self.calibrated
-        elif threshold in ("none", ""):
-            cut = None
-        else:
-            cut = threshold_value(self.bundle, threshold)
-        return k, rerank, cut
+            return k, rerank, self.calibrated, self.calibration
+        if threshold in ("none", ""):
+            return k, rerank, None, None
+        cut, cal = threshold_value(self.bundle, threshold, "threshold", "auto, none")
+        if not -1 <= cut <= 1:  # a client's slip (a percentage?) that would mark every hit alike
+            raise ConfigError(f"threshold {cut:g} is outside [-1, 1], the range of a cosine "
+                              "similarity; send a value in it, auto or none")  # fmt: skip
+        return k, rerank, cut, cal
 
 
-def _calibrated_threshold(bundle: Bundle) -> float | None:
-    """The bundle's threshold at the default FAR, or None (an l2 or uncalibrated bundle)."""
+def _default_calibration(bundle: Bundle) -> dict[str, Any] | None:
+    """The bundle's calibration at the default FAR with its threshold as a float, or None
+    (an l2 or uncalibrated bundle)."""
     if bundle.metric != "cosine":
         return None
     try:
-        return float(threshold_for(bundle.manifest)["threshold"])
+        cal = threshold_for(bundle.manifest)
+        return {**cal, "threshold": float(cal["threshold"])}
     except (BundleError, ConfigError, TypeError, ValueError):
         return None
 

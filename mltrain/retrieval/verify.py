@@ -9,13 +9,14 @@ it is stored in the manifest with what it reaches on those pairs. `verify` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mltrain.errors import BundleError, ConfigError
+from mltrain.errors import BundleError, ConfigError, DataError
 from mltrain.retrieval.pairs import calibrate_threshold, distinct_pairs, pair_scores, sample_pairs
 
 FARS = (1e-1, 1e-2, 1e-3, 1e-4)
@@ -62,6 +63,45 @@ def threshold_for(manifest: dict[str, Any], far: float = DEFAULT_FAR) -> dict[st
     raise ConfigError(f"--far {far:g}: the bundle is calibrated at FAR {have}; choose one")
 
 
+def is_resolved(cal: dict[str, Any]) -> bool:
+    """Whether enough impostor pairs back the stored threshold to measure its FAR (at least
+    1 / FAR of them). Bundles from before the `resolved` flag are judged from their counts;
+    a row that says neither is taken as resolved (nothing to warn about)."""
+    flag = cal.get("resolved")
+    if isinstance(flag, bool):
+        return flag
+    try:
+        return int(cal["impostor_pairs"]) * float(cal["far"]) >= 1
+    except (KeyError, TypeError, ValueError):
+        return True
+
+
+def unresolved_note(cal: dict[str, Any]) -> str | None:
+    """One line for a threshold that rests on too few impostor pairs to resolve its FAR (it
+    then only keeps every one of them out, a stricter and noisier cut), else None."""
+    if is_resolved(cal):
+        return None
+    try:  # the manifest is untrusted: a row too odd to describe gets no note
+        far, pairs = float(cal["far"]), int(cal["impostor_pairs"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not 0 < far < 1:
+        return None
+    return (f"threshold for FAR {far:g} rests on only {pairs:,} impostor pairs (needs >= "
+            f"{math.ceil(1 / far - 1e-9):,} to resolve it); treat it as approximate")  # fmt: skip
+
+
+def check_pair_paths(*paths: str | Path) -> None:
+    """A missing image or a folder stops verification with one line, before any model is
+    built (an unreadable file is reported when it is decoded)."""
+    from mltrain.retrieval.search import query_problem
+
+    for path in paths:
+        problem = query_problem(Path(path))
+        if problem:
+            raise DataError(f"image {path} {problem}")
+
+
 def pair_verdict(emb: np.ndarray, metric: str, cal: dict[str, Any]) -> tuple[float, bool]:
     """Similarity of the two rows of `emb` and whether it reaches `cal`'s threshold: the one
     rule behind `mltrain verify` and the server's /verify."""
@@ -75,6 +115,7 @@ def verify_pair(bundle: Any, a: str | Path, b: str | Path, far: float = DEFAULT_
     from mltrain.retrieval.bundle import bundle_embedder
 
     cal = threshold_for(bundle.manifest, far)  # before the model is built
+    check_pair_paths(a, b)
     emb = bundle_embedder(bundle).embed([Path(a), Path(b)], desc="embedding the pair")
     score, same = pair_verdict(emb, bundle.metric, cal)
     return {**cal, "similarity": score, "same": same}

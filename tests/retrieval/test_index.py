@@ -124,8 +124,11 @@ def test_unknown_index_type_and_bad_args_are_config_errors():
     x = random_data(300)
     with pytest.raises(ConfigError, match="flat, hnsw, ivf_flat, ivf_pq"):
         build_index("annoy", x)
-    with pytest.raises(ConfigError, match="bad args"):
+    with pytest.raises(ConfigError, match=r"^index_args: hnsw takes M, ef_construction, "
+                       r"ef_search \(got efsearch\)$"):  # fmt: skip
         build_index("hnsw", x, args={"efsearch": 3})
+    with pytest.raises(ConfigError, match=r"flat takes no arguments \(got dim\)"):
+        build_index("flat", x, args={"dim": 3})  # a builder's own argument is no user's
     with pytest.raises(ConfigError, match="m=5.*dimension 16"):
         build_index("ivf_pq", x, args={"m": 5})
     with pytest.raises(ConfigError, match="nlist=50.*got 20"):

@@ -142,3 +142,53 @@ def test_add_flag_adds_images(exported, tmp_path, capsys):
     assert hit["class"] == "pink" and hit["path"] == "bundle:images/pink/p.png"
     assert Path(out / "manifest.json").is_file()  # the original is untouched
     assert len(load_bundle(out)) == 15
+
+
+def test_missing_query_and_folder_are_named_without_the_data_check_advice(
+    exported, tmp_path, capsys, monkeypatch
+):
+    """A mistyped path or a folder is no unreadable image: its own one line, and no model
+    is built when no query is left."""
+    import mltrain.retrieval.search as search_mod
+
+    root, out = exported
+    missing = tmp_path / "q.png"
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built for queries that do not exist")
+
+    monkeypatch.setattr(search_mod, "bundle_embedder", no_model)
+    assert main([str(out), str(missing), str(root)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert f"error: query {missing}: does not exist; check the path" in lines
+    assert f"error: query {root}: is a folder; pass image files" in lines
+    assert "data check" not in captured.err and "replace or delete" not in captured.err
+    assert "no query could be searched" in captured.out
+
+
+def test_threshold_auto_notes_a_calibration_too_thin_for_its_far(exported, capsys):
+    root, out = exported
+    row = next(r for r in load_bundle(out).manifest["verification"]["thresholds"]
+               if r["far"] == 1e-3)  # fmt: skip
+    assert row["resolved"] is False  # 15 images: far fewer than 1,000 impostor pairs
+    q = str(root / "class_0" / "img_000.jpg")
+    note = (f"note: threshold for FAR 0.001 rests on only {row['impostor_pairs']} impostor "
+            "pairs (needs >= 1,000 to resolve it); treat it as approximate")  # fmt: skip
+    assert main([str(out), q, "--threshold", "auto", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert note in captured.err.splitlines()
+    doc = json.loads(captured.out)
+    assert doc["threshold"] == row["threshold"] and doc["threshold_resolved"] is False
+    assert main([str(out), q, "--threshold", "0.5"]) == 0  # the user's own: nothing to say
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_image_root_that_does_not_exist_is_refused(exported, tmp_path, capsys):
+    root, out = exported
+    missing = tmp_path / "moved"
+    assert main([str(out), str(root / "class_0" / "img_000.jpg"), "--image-root",
+                 str(missing)]) == 2  # fmt: skip
+    assert capsys.readouterr().err == (
+        f"error: --image-root {missing} does not exist; pass the folder that holds the "
+        "bundle's class folders (where its images are now)\n")

@@ -3,6 +3,7 @@ command line's, the micro-batcher batches, and thumbnails are reached by row id 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import threading
@@ -10,10 +11,11 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mltrain.data.images import ImageTooLarge, decode_image_bytes, load_image
 from mltrain.data.pipeline import decode_size
-from mltrain.errors import BundleError, DataError, MltrainError
+from mltrain.errors import BundleError, ConfigError, DataError, MltrainError
 from mltrain.retrieval.bundle import bundle_embedder
 from mltrain.retrieval.search import search_images
 from mltrain.retrieval.service import MicroBatcher, NotFound, SearchService, UploadTooLarge
@@ -85,8 +87,38 @@ def test_calibrated_threshold_marks_every_hit(service, served_bundle):
     assert [h["match"] for h in doc["results"]] == [
         h["score"] >= service.calibrated for h in doc["results"]]
     assert doc["answer"] == doc["results"][0]["class"]  # itself, score 1: a match
-    doc = service.search(path.read_bytes(), threshold="1.5")  # nothing reaches it
+    grey = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(grey, format="PNG")
+    doc = service.search(grey.getvalue(), threshold="1")  # only the same image reaches 1
     assert not any(h["match"] for h in doc["results"]) and doc["answer"] == "unknown"
+
+
+def test_answers_say_whether_the_calibrated_threshold_is_resolved(service, served_bundle):
+    """The fixture's held-out rows give 24 impostor pairs: too few for FAR 1e-3, and every
+    answer that uses that threshold says so; a threshold the client chose carries no flag."""
+    row = next(r for r in service.bundle.manifest["verification"]["thresholds"]
+               if r["far"] == 1e-3)  # fmt: skip
+    assert row["resolved"] is False and row["impostor_pairs"] < 1000
+    image = gallery(served_bundle[0])[3].read_bytes()
+    for threshold in (None, "auto"):
+        doc = service.search(image, threshold=threshold)
+        assert doc["threshold"] == row["threshold"] and doc["threshold_resolved"] is False
+    assert "threshold_resolved" not in service.search(image, threshold="0.5")
+    assert "threshold_resolved" not in service.search(image, threshold="none")
+    assert service.verify(image, image)["threshold_resolved"] is False
+    assert service.health()["threshold_resolved"] is False
+
+
+@pytest.mark.parametrize("text, words", [
+    ("2", "threshold 2 is outside [-1, 1], the range of a cosine similarity"),
+    ("-5", "threshold -5 is outside [-1, 1]"),
+    ("nan", "threshold: expected auto, none or a finite number, got 'nan'"),
+])  # fmt: skip
+def test_bad_threshold_names_the_request_parameter(service, served_bundle, text, words):
+    image = gallery(served_bundle[0])[0].read_bytes()
+    with pytest.raises(ConfigError) as e:
+        service.search(image, threshold=text)
+    assert str(e.value).startswith(words) and "--threshold" not in str(e.value)
 
 
 def test_verify_agrees_with_verify_pair(service, served_bundle):

@@ -1,0 +1,48 @@
+"""`mltrain export` as a user runs it: wrong index arguments are named in one line before
+any image is embedded."""
+
+from __future__ import annotations
+
+import pytest
+
+from mltrain.__main__ import main
+from tests.conftest import TINY_RUN, write_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("index, args, words", [
+    ("hnsw", "{nlist: 1000}", "hnsw takes M, ef_construction, ef_search (got nlist)"),
+    ("hnsw", "{efSearch: 8, M: 16}", "hnsw takes M, ef_construction, ef_search (got efSearch)"),
+    ("flat", "{dim: 8}", "flat takes no arguments (got dim)"),
+    ("ivf_flat", "{M: 8}", "ivf_flat takes nlist, nprobe (got M)"),
+])  # fmt: skip
+def test_wrong_index_args_name_only_the_users_keys(tmp_path, capsys, monkeypatch, index, args,
+                                                   words):  # fmt: skip
+    import mltrain.retrieval.export as export_mod
+
+    monkeypatch.setattr(export_mod, "export_bundle",
+                        lambda *a, **k: pytest.fail("images were embedded"))
+    root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
+    sets = [f"data.root={root}", "model.backbone=test_efficientnet", *TINY_RUN,
+            f"export.index={index}", f"export.index_args={args}"]  # fmt: skip
+    argv = ["export", "--backbone", "test_efficientnet", "--out", str(tmp_path / "b")]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, *(x for s in sets for x in ("--set", s))])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: export.index_args: {words}\n"
+    assert not (tmp_path / "b").exists()
+
+
+def test_skipped_images_are_named_inline_not_in_a_file_export_never_writes(tmp_path, capsys):
+    """Export has no run folder: a message that sent the user to bad_images.txt pointed at
+    nothing."""
+    root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
+    (root / "class_0" / "broken.jpg").write_text("not an image")
+    sets = [f"data.root={root}", *TINY_RUN, "data.bad_images=skip", "export.index=flat"]
+    argv = ["export", "--backbone", "test_efficientnet", "--out", str(tmp_path / "b")]
+    assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping 1 unreadable images (first ones:\n  {root / 'class_0' / 'broken.jpg'}" in err
+    assert ".txt" not in err and not list(tmp_path.rglob("*.txt"))
+    assert (tmp_path / "b" / "manifest.json").is_file()

@@ -1,0 +1,43 @@
+"""`mltrain verify` as a user runs it: a mistyped path or a folder is its own one line
+before the bundle is read, and an approximate threshold is said so."""
+
+from __future__ import annotations
+
+import pytest
+
+import mltrain.retrieval.bundle as bundle_mod
+from mltrain.__main__ import main
+from tests.conftest import gallery
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def verify(*args: str) -> int:
+    try:
+        return main(["verify", *args])
+    except SystemExit as e:
+        return e.code
+
+
+def test_missing_image_or_folder_is_one_line_before_the_bundle_loads(
+    served_bundle, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(bundle_mod, "load_bundle",
+                        lambda *a: pytest.fail("the bundle was read for a missing image"))
+    good = str(gallery(served_bundle[0])[0])
+    missing = tmp_path / "q.png"
+    assert verify(str(served_bundle[1]), good, str(missing)) == 2
+    assert capsys.readouterr().err == f"error: image {missing} does not exist; check the path\n"
+    assert verify(str(served_bundle[1]), str(tmp_path), good) == 2
+    assert capsys.readouterr().err == f"error: image {tmp_path} is a folder; pass image files\n"
+
+
+def test_an_approximate_threshold_gets_a_note(served_bundle, capsys):
+    a, b = (str(p) for p in gallery(served_bundle[0])[:2])
+    assert verify(str(served_bundle[1]), a, b) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{a} vs {b}: similarity ")
+    assert ("note: threshold for FAR 0.001 rests on only 24 impostor pairs (needs >= 1,000 "
+            "to resolve it); treat it as approximate") in captured.err.splitlines()
+    assert verify(str(served_bundle[1]), a, b, "--far", "0.1") == 0  # 24 pairs resolve 1e-1
+    assert "note:" not in capsys.readouterr().err

@@ -1,0 +1,47 @@
+"""Stored verification thresholds: whether their FAR is resolved, and the note that says so."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mltrain.errors import DataError
+from mltrain.retrieval.bundle import load_bundle
+from mltrain.retrieval.verify import is_resolved, unresolved_note, verify_pair
+from tests.conftest import gallery
+
+ROW = {"threshold": 0.7, "far": 1e-4, "impostor_pairs": 594, "genuine_pairs": 40}
+
+
+def test_note_for_a_far_the_pairs_cannot_resolve():
+    assert unresolved_note({**ROW, "resolved": False}) == (
+        "threshold for FAR 0.0001 rests on only 594 impostor pairs (needs >= 10,000 to "
+        "resolve it); treat it as approximate")
+    assert unresolved_note({**ROW, "far": 1e-3, "impostor_pairs": 48, "resolved": False}) == (
+        "threshold for FAR 0.001 rests on only 48 impostor pairs (needs >= 1,000 to resolve "
+        "it); treat it as approximate")
+    assert unresolved_note({**ROW, "resolved": True}) is None
+
+
+def test_bundles_without_the_flag_are_judged_from_their_counts():
+    assert is_resolved(ROW) is False  # 594 * 1e-4 < 1
+    assert is_resolved({**ROW, "impostor_pairs": 10_000}) is True
+    assert unresolved_note(ROW) is not None
+    assert is_resolved({"threshold": 0.5}) and unresolved_note({"threshold": 0.5}) is None
+    assert unresolved_note({**ROW, "far": 0.0, "resolved": False}) is None  # tampered: quiet
+
+
+def test_verify_pair_refuses_a_missing_image_before_building_the_model(served_bundle, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    import mltrain.retrieval.bundle as bundle_mod
+
+    bundle = load_bundle(served_bundle[1])
+    monkeypatch.setattr(bundle_mod, "bundle_embedder", lambda *a: pytest.fail("model built"))
+    good = gallery(served_bundle[0])[0]
+    missing = re.escape(str(tmp_path / "b.png"))
+    with pytest.raises(DataError, match=rf"^image {missing} does not exist; check the path$"):
+        verify_pair(bundle, good, tmp_path / "b.png")
+    folder = re.escape(str(tmp_path))
+    with pytest.raises(DataError, match=rf"^image {folder} is a folder; pass image files$"):
+        verify_pair(bundle, tmp_path, good)
