@@ -81,21 +81,22 @@ def _report_duplicates(folder: ImageFolder, split: Split, run_dir: Path | None) 
     lines = [f"  {a}  ==  {b}" for a, b in pairs]
     where = _listed(lines, run_dir, "duplicates.txt")
     print(
-        f"warning: {len(pairs)} training images are byte-identical to held-out images "
-        f"({where}); delete the copies for honest held-out figures",
+        f"warning: {len(pairs)} training images are byte-identical to held-out images; "
+        f"delete the copies for honest held-out figures{where}",
         file=sys.stderr,
     )
 
 
 def _listed(lines: list[str], run_dir: Path | None, name: str, shown: int = 3) -> str:
-    """Where the full list is: `name` in the run folder, or (no run folder: evaluate,
-    export) the first few lines themselves."""
+    """Where the full list is, as the end of a message: `name` in the run folder, or (no
+    run folder: evaluate, export) the lines themselves, the first few of a long list."""
     if run_dir is not None:
         (run_dir / name).write_text("\n".join(lines) + "\n")
-        return f"listed in {name}"
+        return f" (listed in {name})"
     if len(lines) <= shown:
-        return "\n" + "\n".join(lines)
-    return "first ones:\n" + "\n".join(lines[:shown]) + f"\n  ... and {len(lines) - shown} more"
+        return ":\n" + "\n".join(lines)
+    more = f"\n  ... and {len(lines) - shown} more"
+    return ", the first ones:\n" + "\n".join(lines[:shown]) + more
 
 
 def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> ImageFolder:
@@ -111,7 +112,8 @@ def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> 
             "fix or delete them, or set data.bad_images: skip to leave them out"
         )
     where = _listed(lines, run_dir, "bad_images.txt")
-    print(f"skipping {len(bad)} unreadable images ({where})", file=sys.stderr)
+    plural = "" if len(bad) == 1 else "s"
+    print(f"skipping {len(bad)} unreadable image{plural}{where}", file=sys.stderr)
     bad_paths = {str(p) for p, _ in bad}
     keep = [i for i, p in enumerate(folder.paths) if str(p) not in bad_paths]
     return ImageFolder(

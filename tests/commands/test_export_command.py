@@ -43,6 +43,6 @@ def test_skipped_images_are_named_inline_not_in_a_file_export_never_writes(tmp_p
     argv = ["export", "--backbone", "test_efficientnet", "--out", str(tmp_path / "b")]
     assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 0
     err = capsys.readouterr().err
-    assert f"skipping 1 unreadable images (first ones:\n  {root / 'class_0' / 'broken.jpg'}" in err
+    assert f"skipping 1 unreadable image:\n  {root / 'class_0' / 'broken.jpg'}: not an image" in err
     assert ".txt" not in err and not list(tmp_path.rglob("*.txt"))
     assert (tmp_path / "b" / "manifest.json").is_file()

@@ -577,7 +577,7 @@ def test_without_a_run_folder_the_skipped_images_are_listed_in_the_message(
     data = prepare_data(cfg)  # as evaluate and export call it: no run folder, no files
     assert len(data.folder) == 10
     err = capsys.readouterr().err
-    assert "skipping 5 unreadable images (first ones:\n  " in err and "broken_0.jpg" in err
+    assert "skipping 5 unreadable images, the first ones:\n  " in err and "broken_0.jpg" in err
     assert "... and 2 more" in err and "bad_images.txt" not in err
     assert not list(tmp_path.rglob("bad_images.txt"))
 
