@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,4 +50,17 @@ class Registry:
         try:
             return fn(**args)
         except TypeError as e:
-            raise ConfigError(f"{self.kind} '{spec['name']}': bad args {sorted(args)}: {e}") from e
+            given = sorted(spec.get("args") or {})  # the user's, not what the code filled in
+            takes = [p for p in _parameters(fn) if p not in extra]
+            offer = f"; it takes {', '.join(takes)}" if takes else ""
+            raise ConfigError(f"{self.kind} '{spec['name']}': bad args {given}: {e}{offer}") from e
+
+
+def _parameters(fn: Callable[..., Any]) -> list[str]:
+    """The keyword arguments `fn` names (none where it has no readable signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in keyword and p.name != "self"]

@@ -82,6 +82,16 @@ def test_bad_args_become_config_error_naming_component():
         reg.build({"name": "pair"})  # missing required `a`
 
 
+def test_bad_args_name_only_the_users_keys_and_what_the_component_takes():
+    reg = Registry("widget")
+    reg.register("sized", lambda size, scale=1.0, shift=0.0: (size, scale, shift))
+    with pytest.raises(ConfigError) as info:
+        reg.build({"name": "sized", "args": {"scael": 2}}, size=4)  # size: filled by the code
+    msg = str(info.value)
+    assert msg.startswith("widget 'sized': bad args ['scael']: ")
+    assert msg.endswith("; it takes scale, shift")  # not `size`, which the code fills in
+
+
 def test_duplicate_registration_is_refused():
     reg = _make()
     with pytest.raises(ValueError, match="'pair' is registered twice"):

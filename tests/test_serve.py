@@ -266,6 +266,9 @@ def test_page_in_headless_chromium(server, served_bundle):
             # expect() and evaluate_all, not wait_for_function: the page's CSP forbids eval
             sync_api.expect(page.locator("#verdict")).to_have_text(re.compile("^same"),
                                                                    timeout=30_000)
+            resolved = httpx.get(url + "/health").json()["threshold_resolved"]
+            approximate = "approximate" in page.locator("#verdict").text_content()
+            assert approximate == (resolved is False)  # the page says what the answer flags
             images = page.locator("#results img")
             loaded = "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)"
             deadline = time.monotonic() + 30

@@ -98,8 +98,7 @@ def load_image(path: str | os.PathLike, size_hint: int | None = None) -> np.ndar
         return _decode(path, size_hint)
     except Exception as e:  # any decoder failure means this file is unusable
         raise DataError(
-            f"cannot read image {path} ({_reason(e)}); replace or delete the file "
-            "(run the data check to list every unreadable image)"
+            f"cannot read image {path} ({_reason(e)}); replace or delete the file"
         ) from e
 
 
