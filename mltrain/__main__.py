@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     if module.__name__ == "mltrain.retrieval.search":  # returns its own exit code
-        return module.main([*rest, "--add"] if name == "add" else rest)
+        return module.main(rest, command=name)
     run_main(lambda: module.main(rest))
     return 0
 

@@ -173,3 +173,10 @@ def test_the_done_line_counts_in_words(tmp_path):
     assert summary_line(tmp_path).startswith("done: 1 epoch, 1 step (2 s setup + 3 s training)")
     (tmp_path / "metrics.json").write_text(json.dumps({**metrics, "epochs": 2, "steps": 8}))
     assert summary_line(tmp_path).startswith("done: 2 epochs, 8 steps")
+
+
+def test_add_has_its_own_help():
+    proc = subprocess.run([sys.executable, "-m", "mltrain", "add", "--help"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert proc.stdout.startswith("usage: mltrain add [-h] [--class CLASS_NAME] bundle images")
+    assert "--sheet" not in proc.stdout and "--threshold" not in proc.stdout  # search's own

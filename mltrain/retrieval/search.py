@@ -378,10 +378,24 @@ def check_sheet_target(out: str | Path) -> None:
 # --- command line --------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def _add_parser() -> argparse.ArgumentParser:
+    """`mltrain add`: the search command's --add, with only the arguments it takes."""
     p = argparse.ArgumentParser(
-        prog="mltrain-search", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="mltrain add",
+        description="Enroll images into a search bundle: embedded with the bundle's own model, "
+                    "copied into BUNDLE/images/, one image per class is enough. The bundle is "
+                    "replaced in a single step, so an interrupted add leaves the old one.",
+    )  # fmt: skip
+    p.add_argument("bundle", help="search bundle folder (from export or evaluate.py --export)")
+    p.add_argument("images", nargs="+", help="images, or folders of class sub-folders")
+    p.add_argument("--class", dest="class_name", help="class of every new image (default: "
+                   "each image's folder name)")  # fmt: skip
+    return p
+
+
+def _parser(prog: str = "mltrain-search") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("bundle", help="search bundle folder (written by evaluate.py --export)")
     p.add_argument("images", nargs="+", help="query images (with --add: images or folders)")
@@ -437,8 +451,12 @@ def apply_threshold(run: SearchRun, threshold: float) -> None:
             r.answer = r.hits[0].cls if r.hits and r.hits[0].match else "unknown"
 
 
-def _run(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+def _run(argv: Sequence[str] | None, command: str | None) -> int:
+    if command == "add":
+        args = _add_parser().parse_args(argv)
+        args.add = True
+    else:
+        args = _parser(f"mltrain {command}" if command else "mltrain-search").parse_args(argv)
     if args.add:
         target = args.images[0] if len(args.images) == 1 else args.images
         added = add_images(args.bundle, target, args.class_name)
@@ -493,12 +511,13 @@ def _run(argv: Sequence[str] | None) -> int:
     return 1 if any(r.error is not None for r in run.results) else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; a bad bundle or argument, a file that cannot be written or too little
-    memory prints one line (no traceback) and returns 2; Ctrl-C returns 130 (an interrupted
-    --add or --sheet leaves the old bundle and no partial file)."""
+def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
+    """Entry point of `mltrain search` / `mltrain add` (`command`) and of `mltrain-search`
+    (None); a bad bundle or argument, a file that cannot be written or too little memory
+    prints one line (no traceback) and returns 2; Ctrl-C returns 130 (an interrupted --add or
+    --sheet leaves the old bundle and no partial file)."""
     try:
-        return _run(argv)
+        return _run(argv, command)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
         return INTERRUPTED

@@ -752,7 +752,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
     note = start_note(cfg.train.best_metric, run.best, run.start, cfg.data.split)
     if note:
         report_notes([note], run_dir)
-        summary["notes"] = [note]
+    notes = run_dir / "notes.txt"  # every adaptation of this run (and of its resumed parts)
+    if notes.is_file():
+        summary["notes"] = list(dict.fromkeys(notes.read_text(encoding="utf-8").splitlines()))
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     distributed.shutdown()
     return run_dir

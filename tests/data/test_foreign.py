@@ -106,6 +106,8 @@ def test_pretrained_evaluate_and_export_on_60_images(tmp_path):
 def test_few_classes_fit_the_batch_and_csv_labels(tmp_path):
     run_dir = train("triplet", write_photos(tmp_path / "p", classes=3, per_class=10), tmp_path)
     assert "train.batch_size 64 lowered to 6" in (run_dir / "notes.txt").read_text()  # 3 x m 2
+    notes = json.loads((run_dir / "metrics.json").read_text())["notes"]
+    assert any("train.batch_size 64 lowered to 6" in n for n in notes)  # not only notes.txt
     csv_path = write_csv_folder(tmp_path / "catalogue", classes=4, per_class=8)
     run_dir = train("classification", csv_path, tmp_path)
     metrics = evaluate_and_export(run_dir / "checkpoints" / "best.pt", tmp_path / "b", tmp_path)
