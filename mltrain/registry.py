@@ -43,6 +43,11 @@ class Registry:
             raise ConfigError(f"unknown {self.kind} '{name}'; valid names: {valid}")
         return self._items[name]
 
+    def arguments(self, name: str) -> list[str]:
+        """The keyword arguments component `name` takes, read from its signature (none where
+        it has no readable one), so error messages cannot drift from the code."""
+        return _parameters(self.get(name))
+
     def build(self, spec: Mapping[str, Any], **extra: Any) -> Any:
         """Build from `{name, args}`; `extra` keyword arguments fill what the config leaves out."""
         fn = self.get(spec["name"])
@@ -51,7 +56,7 @@ class Registry:
             return fn(**args)
         except TypeError as e:
             given = sorted(spec.get("args") or {})  # the user's, not what the code filled in
-            takes = [p for p in _parameters(fn) if p not in extra]
+            takes = [p for p in self.arguments(spec["name"]) if p not in extra]
             offer = f"; it takes {', '.join(takes)}" if takes else ""
             raise ConfigError(f"{self.kind} '{spec['name']}': bad args {given}: {e}{offer}") from e
 

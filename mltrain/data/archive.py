@@ -46,15 +46,19 @@ def extraction_dir(archive: Path) -> Path:
     """Where `archive` is (or will be) extracted: beside it, else in the user cache. A folder
     beside it that mltrain did not extract (no marker: perhaps the folder the archive was made
     from, perhaps changed since) is never taken for the archive's contents."""
-    stem = _archive_stem(archive) or archive.name
-    sibling = archive.parent / stem
+    sibling = _sibling(archive)
     if _writable(archive.parent) and (not sibling.exists() or (sibling / _MARKER).is_file()):
         return sibling
     base = os.environ.get("MLTRAIN_CACHE") or Path.home() / ".cache" / "mltrain" / "datasets"
     st = archive.stat()
     key = f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     short = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return Path(base) / f"{stem}-{short}"
+    return Path(base) / f"{sibling.name}-{short}"
+
+
+def _sibling(archive: Path) -> Path:
+    """The folder beside `archive` that its extraction would be (its name without suffix)."""
+    return archive.parent / (_archive_stem(archive) or archive.name)
 
 
 def _extract(archive: Path, dest: Path) -> None:
@@ -113,7 +117,7 @@ def resolve_root(root: str | os.PathLike) -> Path:
         )
     dest = extraction_dir(path)
     if not dest.is_dir():
-        sibling = path.parent / str(_archive_stem(path))
+        sibling = _sibling(path)
         if sibling.is_dir() and dest != sibling:
             print(f"note: {sibling} was not extracted from {path.name} by mltrain, so the "
                   f"archive is extracted to {dest} instead", file=sys.stderr)

@@ -13,7 +13,6 @@ for galleries of a million vectors.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -339,8 +338,7 @@ BUILDER_ARGS = ("dim", "metric_type", "n_train")  # every builder's, filled in h
 def index_arg_names(kind: str) -> list[str]:
     """The arguments a user may give index type `kind` (`export.index_args`), read from its
     builder's signature so the list cannot drift from the code."""
-    params = inspect.signature(INDEX_TYPES.get(kind)).parameters
-    return [name for name in params if name not in BUILDER_ARGS]
+    return [name for name in INDEX_TYPES.arguments(kind) if name not in BUILDER_ARGS]
 
 
 def check_index_args(kind: str, args: Any, where: str = "index_args") -> None:

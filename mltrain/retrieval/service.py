@@ -190,8 +190,12 @@ class SearchService:
         self._decoding = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
         self.batcher = MicroBatcher(self.embedder.embed_arrays, max_batch, batch_wait_ms / 1e3)
         self.calibration = _default_calibration(self.bundle)
-        self.calibrated = None if self.calibration is None else self.calibration["threshold"]
         self.thumbnail_jpeg = lru_cache(maxsize=1024)(self._thumbnail_jpeg)
+
+    @property
+    def calibrated(self) -> float | None:
+        """The bundle's threshold at the default FAR, or None (an l2 or uncalibrated bundle)."""
+        return None if self.calibration is None else self.calibration["threshold"]
 
     def close(self) -> None:
         self.batcher.close()

@@ -44,7 +44,7 @@ def calibrate(
     scores = pair_scores(np.asarray(emb, dtype=np.float32), i, j, metric)
     table = [calibrate_threshold(same, scores, far) for far in FARS]
     for row in table:  # fewer impostors than 1/FAR: no false accept is allowed, a stricter test
-        row["resolved"] = row["impostor_pairs"] * row["far"] >= 1
+        row["resolved"] = _resolves(row["impostor_pairs"], row["far"])
     return {"metric": metric, "rows": source, "thresholds": table}
 
 
@@ -71,9 +71,14 @@ def is_resolved(cal: dict[str, Any]) -> bool:
     if isinstance(flag, bool):
         return flag
     try:
-        return int(cal["impostor_pairs"]) * float(cal["far"]) >= 1
+        return _resolves(int(cal["impostor_pairs"]), float(cal["far"]))
     except (KeyError, TypeError, ValueError):
         return True
+
+
+def _resolves(impostor_pairs: int, far: float) -> bool:
+    """At least 1 / FAR impostor pairs: one false accept among them is within the FAR."""
+    return impostor_pairs * far >= 1
 
 
 def unresolved_note(cal: dict[str, Any]) -> str | None:
