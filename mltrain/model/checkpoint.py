@@ -65,7 +65,13 @@ def resolve_checkpoint(path: str | Path, prefer: str = "last.pt") -> Path:
         for candidate in (path / "checkpoints" / name, path / name):
             if candidate.is_file():
                 return candidate
-    raise CheckpointError(f"no checkpoints/last.pt under {path}; pass a .pt file or a run folder")
+    runs = sorted({p.parent.parent for p in path.glob("*/checkpoints/*.pt")})
+    if runs:  # the folder of a config's `name`, holding timestamped runs
+        raise CheckpointError(
+            f"{path} holds {len(runs)} run folder(s), not a checkpoint; pass one, "
+            f"e.g. {runs[-1]} (the latest)"
+        )
+    raise CheckpointError(f"no checkpoints/{prefer} under {path}; pass a .pt file or a run folder")
 
 
 def checkpoint_config(ckpt: dict[str, Any], overrides: list[str] | None, source: str) -> Config:

@@ -209,6 +209,19 @@ def test_resolve_folder_without_checkpoint(tmp_path):
         load_checkpoint(run)
 
 
+def test_a_name_folder_of_runs_names_the_latest_run(tmp_path):
+    name = tmp_path / "experiments" / "triplet"
+    for stamp in ("20261128-101500", "20261128-165802"):
+        atomic_save(sample(1), name / stamp / "checkpoints" / "best.pt")
+        atomic_save(sample(1), name / stamp / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(name, prefer="best.pt")
+    assert str(info.value) == (
+        f"{name} holds 2 run folder(s), not a checkpoint; pass one, "
+        f"e.g. {name / '20261128-165802'} (the latest)"
+    )
+
+
 def test_written_files_and_staged_folders_get_the_umask_modes_not_private_ones(tmp_path):
     from mltrain.files import staging_dir, umask
 
