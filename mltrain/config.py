@@ -143,6 +143,12 @@ BEST_METRICS = re.compile(
 )
 LOWER_IS_BETTER = ("eer",)
 
+
+def best_metric_k(name: str) -> int | None:
+    """The k of a precision_at_<k> / recall_at_<k> metric, else None."""
+    match = re.fullmatch(r"(?:precision|recall)_at_(\d+)", name)
+    return int(match.group(1)) if match else None
+
 CHOICES = {
     "data.split": ("per_class", "class_disjoint", "none"),
     "data.bad_images": ("error", "skip"),
@@ -290,6 +296,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.best_metric: {cfg.train.best_metric!r} is not a held-out metric; use map_at_r, "
             "precision_at_<k>, recall_at_<k>, r_precision, mean_average_precision, eer or roc_auc"
+        )
+    k = best_metric_k(cfg.train.best_metric)
+    if k is not None and k not in cfg.eval.ks:
+        raise ConfigError(
+            f"train.best_metric: {cfg.train.best_metric} needs {k} in eval.ks (now "
+            f"{cfg.eval.ks}); add it, e.g. --set 'eval.ks={sorted({*cfg.eval.ks, k})}'"
         )
     depth = cfg.data.class_depth
     if depth != "auto" and (not isinstance(depth, int) or depth < 1):

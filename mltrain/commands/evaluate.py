@@ -2,6 +2,8 @@
 
 python -m mltrain evaluate --checkpoint experiments/<run>/checkpoints/best.pt
 python -m mltrain evaluate --backbone tf_efficientnet_lite0 --config configs/pooling.yaml
+python -m mltrain evaluate --checkpoint RUN_A --checkpoint RUN_B   (an ensemble: each run's
+    embedding L2-normalised and concatenated, so similarities are averaged; one split)
 (python evaluate.py takes the same arguments)
 
 Results are written to a hidden staging folder beside the target and renamed into place when
@@ -41,7 +43,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         require_onnx()  # before the evaluation, not after it
     from mltrain.evaluation.evaluate import new_eval_dir
 
-    embedder, base, source = embedder_from_args(args)
+    if args.export and args.checkpoint and len(args.checkpoint) > 1:
+        raise ConfigError("--export takes one --checkpoint: a bundle holds one model; "
+                          "evaluate the ensemble without --export")  # fmt: skip
+    embedder, base, source = embedder_from_args(args, ensemble=True)
     out = Path(args.out) if args.out else new_eval_dir(base, create=False)
     export = Path(args.export) if args.export else None
     from mltrain.data.pipeline import prepare_data
@@ -79,7 +84,7 @@ def check_targets(
         raise ConfigError(f"--out {out} exists and is not an evaluation folder; choose a new "
                           "folder (an earlier evaluation's folder is replaced whole)")  # fmt: skip
     cfg = embedder.cfg
-    dim = embedder.model.embedding_dim
+    dim = embedder.embedding_dim
     if export is not None:
         check_export_target(export)
         check_export_index(cfg.export, images, dim, cfg.eval.metric)

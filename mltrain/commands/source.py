@@ -13,13 +13,15 @@ from mltrain.errors import ConfigError
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
-    parser.add_argument("--checkpoint",
-                        help="a training checkpoint (.pt), or a run folder (its best.pt)")
+    parser.add_argument("--checkpoint", action="append",
+                        help="a training checkpoint (.pt), or a run folder (its best.pt); evaluate "
+                             "takes several, for an ensemble of runs on one split")
     parser.add_argument("--backbone", help="a pretrained timm backbone, untrained")
 
 
-def embedder_from_args(args: argparse.Namespace):
-    """(embedder, the folder results belong under, a description of the source)."""
+def embedder_from_args(args: argparse.Namespace, ensemble: bool = False):
+    """(embedder, the folder results belong under, a description of the source). With
+    `ensemble`, several --checkpoint flags make an `EnsembleEmbedder`."""
     if bool(args.checkpoint) == bool(args.backbone):
         raise ConfigError("give exactly one of --checkpoint or --backbone")
     from mltrain.config import load_config
@@ -28,10 +30,28 @@ def embedder_from_args(args: argparse.Namespace):
     if args.checkpoint:
         if args.config:
             raise ConfigError("--checkpoint carries its own config; use --set to change it")
-        embedder = embedder_from_checkpoint(args.checkpoint, args.overrides)
-        ckpt = Path(args.checkpoint)
-        base = ckpt if ckpt.is_dir() else ckpt.resolve().parent.parent
-        return embedder, base, f"checkpoint {args.checkpoint}"
+        if len(args.checkpoint) > 1:
+            return _ensemble(args, ensemble)
+        embedder = embedder_from_checkpoint(args.checkpoint[0], args.overrides)
+        return embedder, run_folder(args.checkpoint[0]), f"checkpoint {args.checkpoint[0]}"
     cfg = load_config(args.config, [f"model.backbone={args.backbone}", *args.overrides])
     base = Path(cfg.output_dir) / f"backbone-{args.backbone}"
     return embedder_from_backbone(cfg), base, f"pretrained backbone {args.backbone}"
+
+
+def run_folder(checkpoint: str) -> Path:
+    ckpt = Path(checkpoint)
+    return ckpt if ckpt.is_dir() else ckpt.resolve().parent.parent
+
+
+def _ensemble(args: argparse.Namespace, allowed: bool):
+    if not allowed:
+        raise ConfigError(
+            f"--checkpoint given {len(args.checkpoint)} times; this command takes one (an "
+            "ensemble of runs is for evaluate.py, and a bundle holds one model)"
+        )
+    from mltrain.inference.ensemble import ensemble_from_checkpoints
+
+    embedder = ensemble_from_checkpoints(args.checkpoint, args.overrides)
+    base = Path(embedder.cfg.output_dir) / "ensemble"
+    return embedder, base, f"ensemble of checkpoints {', '.join(args.checkpoint)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from mltrain.data.splits import (
     find_duplicates,
     make_split,
     save_split,
+    split_doc,
 )
 from mltrain.data.transforms import eval_transform, train_transform
 from mltrain.errors import DataError
@@ -49,11 +51,13 @@ class RunData:
         return [self.folder.paths[i] for i in idx]
 
 
-def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = True) -> RunData:
+def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = True,
+                 resuming: bool = False) -> RunData:  # fmt: skip
     """Scan, check and split the data; writes `split.json` (and bad images) into `run_dir`.
 
     `duplicates`: warn about training images copied into the held-out side. They only
-    inflate held-out figures, so a command that reports none (export) passes False."""
+    inflate held-out figures, so a command that reports none (export) passes False.
+    `resuming`: the run's `split.json` must still describe the data (`check_same_split`)."""
     d = cfg.data
     folder = scan_folder(resolve_root(d.root), exclude=d.exclude_classes, class_depth=d.class_depth)
     report_notes(folder.notes, run_dir)
@@ -65,7 +69,9 @@ def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = Tr
         report_notes([note] if note else [], run_dir)
     if len(split.train) == 0 or len(split.heldout) == 0:
         raise DataError(f"data.split {cfg.data.split} left an empty side; add images")
-    if run_dir is not None:
+    if resuming and run_dir is not None:
+        check_same_split(run_dir / "split.json", split, folder)
+    elif run_dir is not None:
         save_split(run_dir / "split.json", split, folder)
     if duplicates and split.kind != "none":
         _report_duplicates(folder, split, run_dir)
@@ -123,6 +129,31 @@ def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> 
         classes=folder.classes,
         notes=folder.notes,
     )
+
+
+def check_same_split(recorded: Path, split: Split, folder: ImageFolder) -> None:
+    """A resumed run must train and evaluate on the images it started with: had images been
+    added, removed or relabelled since, the new split would move some held-out images into
+    training, and the held-out figures before and after the resume would measure different
+    images. `recorded` is the run's split.json (runs from before it existed are not checked)."""
+    try:
+        doc = json.loads(recorded.read_text())
+        old = {side: {tuple(e) for e in doc[side]} for side in ("train", "heldout")}
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--resume: cannot read {recorded} ({e}); it records the run's "
+                        "split, so the run cannot continue exactly: start a new run") from None
+    current = split_doc(split, folder)
+    now = {side: {tuple(e) for e in current[side]} for side in old}
+    if now != old:
+        before, after = old["train"] | old["heldout"], now["train"] | now["heldout"]
+        moved = len(old["heldout"] & now["train"]) + len(old["train"] & now["heldout"])
+        raise DataError(
+            f"--resume: the images under {folder.root} changed since the run started "
+            f"({len(before - after)} gone or relabelled, {len(after - before)} new, {moved} moved "
+            f"between training and held-out, against {recorded}); restore them, or start a new run"
+        )
 
 
 def record_data(data: RunData, run_dir: Path) -> None:

@@ -96,15 +96,20 @@ def _entries(indices: np.ndarray, folder: ImageFolder) -> list[list[str]]:
     ]
 
 
-def save_split(path: str | os.PathLike, split: Split, folder: ImageFolder) -> None:
-    """Write `split` as JSON with paths relative to the data root (portable across machines)."""
-    doc = {
+def split_doc(split: Split, folder: ImageFolder) -> dict:
+    """`split` as `save_split` writes it, with paths relative to the data root."""
+    return {
         "kind": split.kind,
         "seed": split.seed,
         "train_fraction": split.train_fraction,
         "train": _entries(split.train, folder),  # [relative path, class name]
         "heldout": _entries(split.heldout, folder),
     }
+
+
+def save_split(path: str | os.PathLike, split: Split, folder: ImageFolder) -> None:
+    """Write `split` as JSON with paths relative to the data root (portable across machines)."""
+    doc = split_doc(split, folder)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=1, ensure_ascii=False))
 

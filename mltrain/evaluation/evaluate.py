@@ -188,7 +188,7 @@ def evaluate(
         record_data(data, out_dir)
     if len(set(data.folder.labels[data.split.heldout].tolist())) < 2:
         raise DataError("the held-out split has fewer than 2 classes; nothing to retrieve")
-    plan = plan_for(cfg, data, embedder.model.embedding_dim)  # size checks before embedding
+    plan = plan_for(cfg, data, embedder.embedding_dim)  # size checks before embedding
     plan.notes[:0] = data.folder.notes
     start = time.perf_counter()
     split = embed_split(embedder, data)

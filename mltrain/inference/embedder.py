@@ -56,6 +56,10 @@ class Embedder:
         return replace(self, backend=backend, onnx=onnx if onnx is not None else self.onnx)
 
     @property
+    def embedding_dim(self) -> int:
+        return self.model.embedding_dim
+
+    @property
     def forward_model(self) -> EmbeddingModel | OnnxSession:
         """The model that embeds: with `eval.fold_bn`, a copy with BatchNorm folded into the
         convolutions (same embeddings, fewer passes over memory); with the onnx backend, the

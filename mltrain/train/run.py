@@ -27,7 +27,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from mltrain import __version__, distributed
-from mltrain.config import LOWER_IS_BETTER, Config, save_config, to_dict
+from mltrain.config import LOWER_IS_BETTER, Config, best_metric_k, save_config, to_dict
 from mltrain.data.archive import absolute_root
 from mltrain.data.dataset import make_loader
 from mltrain.data.pipeline import (
@@ -174,7 +174,7 @@ class Run:
     loaders; `train_epoch` runs an epoch and `evaluate_and_save` judges and checkpoints it;
     `save`, `checkpoint` and `restore` make it resumable. `fit` drives it epoch by epoch."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, resuming: bool = False) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         seed_everything(cfg.seed)
         runtime = Runtime.from_config(cfg)
@@ -182,7 +182,9 @@ class Run:
         self.infer_amp, self.infer_spec = runtime.infer_amp, runtime.infer  # prefix, held-out
         distributed.init(self.device)
         self.main = distributed.is_main()
-        self.data: RunData = prepare_data(cfg, run_dir if self.main else None)
+        self.data: RunData = prepare_data(cfg, run_dir if self.main else None,
+                                          resuming=resuming)
+        check_best_metric_fits(cfg, len(self.data.split.heldout))
         self._fit_batch_size()
         n_classes = len(self.data.train_classes)
         self.model: EmbeddingModel = build_model(cfg.model, num_classes=n_classes)
@@ -651,6 +653,7 @@ def fit(
     130 (single process; see `_stop_on_signals`); `resume` then continues exactly."""
     ckpt = None
     if resume is not None:
+        check_resume_overrides(overrides or [])
         ckpt = load_checkpoint(resume)
         cfg = checkpoint_config(ckpt, overrides, f"checkpoint {resume}")
     check_optimization(cfg)
@@ -677,6 +680,35 @@ def fit(
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+def check_best_metric_fits(cfg: Config, heldout: int) -> None:
+    """Before training: a precision/recall@k that a held-out set this small cannot compute
+    would never pick a best.pt."""
+    k, most = best_metric_k(cfg.train.best_metric), max(heldout - 1, 1)  # see `usable_ks`
+    if k is not None and k > most:
+        raise ConfigError(
+            f"train.best_metric: {cfg.train.best_metric} needs {k + 1} or more held-out images; "
+            f"this split holds {heldout}: choose a k of at most {most}, or map_at_r"
+        )
+
+
+# What may change when a run resumes: where its images are (the split check still requires the
+# same ones), how it loads them, where it runs, and how it is evaluated. The rest would make
+# "continues exactly" untrue (an optimizer or schedule restored from the checkpoint would
+# silently keep the old values).
+RESUME_OVERRIDES = ("data.root", "data.num_workers", "train.device", "eval.")
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_OVERRIDES):
+            raise ConfigError(
+                f"--set {key}: --resume continues the run exactly, so only "
+                f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_OVERRIDES)} "
+                "may change; start a new run to change it"
+            )
+
+
 def _remove_if_stub(run_dir: Path) -> None:
     """A new run that failed before its first checkpoint holds nothing to resume (its config,
     split and an empty checkpoints/): remove it, so failed attempts leave no stub folders.
@@ -695,7 +727,7 @@ def _remove_if_stub(run_dir: Path) -> None:
 def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
     """Build the run (from `ckpt` when resuming), train the remaining epochs, write metrics."""
     setup_start = time.perf_counter()
-    run = Run(cfg, run_dir)
+    run = Run(cfg, run_dir, resuming=ckpt is not None)
     setup_seconds = time.perf_counter() - setup_start
     if ckpt is not None:
         run.restore(ckpt)

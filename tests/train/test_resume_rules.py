@@ -1,0 +1,103 @@
+"""What a resumed run may change, and checks that run before any training step: the data must
+be the images the run started with, and train.best_metric must be computable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mltrain.config import Config, load_config
+from mltrain.data.pipeline import prepare_data
+from mltrain.errors import ConfigError, DataError
+from mltrain.train.run import check_best_metric_fits, check_resume_overrides, fit
+from tests.conftest import TINY_RUN, write_image_folder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(root: Path) -> Config:
+    cfg = Config()
+    cfg.data.root = str(root)
+    cfg.data.exclude_classes = []
+    return cfg
+
+
+def test_resume_overrides_allow_data_location_device_and_evaluation_only():
+    check_resume_overrides(["data.root=/elsewhere", "data.num_workers=0", "train.device=cpu",
+                            "eval.tsne=false", "eval.ks=[1, 3]"])  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        check_resume_overrides(["eval.tsne=false", "train.optimizer.args.lr=5e-4"])
+    assert str(info.value) == (
+        "--set train.optimizer.args.lr: --resume continues the run exactly, so only data.root, "
+        "data.num_workers, train.device, eval.* may change; start a new run to change it"
+    )
+    with pytest.raises(ConfigError, match="--set train.epochs: --resume continues"):
+        check_resume_overrides(["train.epochs=3"])
+    with pytest.raises(ConfigError, match="--set evaluation: --resume"):  # a prefix, not eval.
+        check_resume_overrides(["evaluation=1"])
+
+
+def test_a_resumed_run_refuses_data_that_changed_since_it_started(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    run = tmp_path / "run"
+    before = prepare_data(_cfg(root), run)
+    assert prepare_data(_cfg(root), run, resuming=True).split.train.tolist() == (
+        before.split.train.tolist()
+    )
+    gone = sorted((root / "class_0").iterdir())[:2]
+    for path in gone:
+        path.unlink()
+    first = sorted((root / "class_1").iterdir())[0]
+    (root / "class_1" / f"extra{first.suffix}").write_bytes(first.read_bytes())
+    with pytest.raises(DataError) as info:
+        prepare_data(_cfg(root), run, resuming=True)
+    message = str(info.value)
+    assert message.startswith(f"--resume: the images under {root} changed since the run started "
+                              "(2 gone or relabelled, 1 new, ")  # fmt: skip
+    assert message.endswith(f"against {run / 'split.json'}); restore them, or start a new run")
+    # the recorded split is left as it was, for when the images come back
+    assert (run / "split.json").read_text().count("class_0/") == 6
+
+
+def test_a_run_without_split_json_resumes_unchecked(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    data = prepare_data(_cfg(root), run, resuming=True)
+    assert len(data.split.train) + len(data.split.heldout) == 12
+    assert not (run / "split.json").exists()
+
+
+def test_best_metric_k_must_be_one_of_eval_ks():
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "configs/triplet.yaml", ["train.best_metric=precision_at_7"])
+    assert str(info.value).endswith(
+        "train.best_metric: precision_at_7 needs 7 in eval.ks (now [1, 5, 10]); add it, "
+        "e.g. --set 'eval.ks=[1, 5, 7, 10]'"
+    )
+    load_config(REPO / "configs/triplet.yaml", ["train.best_metric=recall_at_5"])
+
+
+def test_best_metric_k_must_fit_the_heldout_split():
+    cfg = Config()
+    cfg.train.best_metric = "precision_at_5"
+    check_best_metric_fits(cfg, 6)
+    with pytest.raises(ConfigError) as info:
+        check_best_metric_fits(cfg, 5)
+    assert str(info.value) == (
+        "train.best_metric: precision_at_5 needs 6 or more held-out images; this split holds "
+        "5: choose a k of at most 4, or map_at_r"
+    )
+    cfg.train.best_metric = "precision_at_1"
+    check_best_metric_fits(cfg, 1)  # k=1 is always computed
+
+
+def test_fit_stops_before_training_when_best_metric_cannot_be_computed(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=2, per_class=4)
+    cfg = load_config(REPO / "configs/triplet.yaml",
+                      [*TINY_RUN, f"data.root={root}", f"output_dir={tmp_path / 'exp'}",
+                       "train.best_metric=precision_at_5"])  # fmt: skip
+    with pytest.raises(ConfigError, match="this split holds 4: choose a k of at most 3"):
+        fit(cfg)
+    assert not (tmp_path / "exp").exists() or not any((tmp_path / "exp").rglob("*.pt"))
