@@ -10,8 +10,11 @@ paths) is made printable first, so a bundle cannot send escape codes to the term
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import signal
 import sys
+import threading
 import unicodedata
 from collections.abc import Callable
 
@@ -81,13 +84,36 @@ def error_line(e: BaseException) -> str:
     return f"error: {printable(text, keep_newlines=True)}"
 
 
+INTERRUPTED_LINE = "interrupted (Ctrl-C or SIGTERM); nothing half-written was left behind"
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def term_as_interrupt():
+    """SIGTERM (`kill`, `timeout`, job schedulers) stops a command as Ctrl-C does, so the same
+    clean-up runs: without this it would die at once and leave staging folders behind.
+    Training installs its own handlers (see `mltrain.train.run`) and restores this one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Run `main`; every failure is one line on stderr without a traceback: exit 2, or 130
-    for Ctrl-C (commands remove their half-written output before it arrives here)."""
+    for Ctrl-C or SIGTERM (commands remove their half-written output before it arrives)."""
     try:
-        main()
+        with term_as_interrupt():
+            main()
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
+        print(INTERRUPTED_LINE, file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
     except (MltrainError, OSError, MemoryError) as e:
         print(error_line(e), file=sys.stderr)

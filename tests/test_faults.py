@@ -440,3 +440,30 @@ def test_run_main_turns_each_kind_into_one_line(error, code, text, capsys):
     with pytest.raises(SystemExit) as info:
         run_main(main)
     assert info.value.code == code and text in one_error_line(capsys.readouterr().err)
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_and_the_handler_is_restored(capsys):
+    """`kill`, `timeout` and job schedulers send SIGTERM: the command's clean-up must run
+    (staging folders removed) and it exits 130 with the interrupt line, as for Ctrl-C."""
+    import os
+    import signal
+
+    from mltrain.cli import INTERRUPTED_LINE, run_main, term_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+
+    def command():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            cleaned.append(True)
+
+    with pytest.raises(SystemExit) as info:
+        run_main(command)
+    assert info.value.code == 130 and cleaned == [True]
+    assert capsys.readouterr().err.strip() == INTERRUPTED_LINE
+    assert signal.getsignal(signal.SIGTERM) == before
+    with pytest.raises(KeyboardInterrupt), term_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == before

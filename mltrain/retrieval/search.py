@@ -23,8 +23,8 @@ alone, after one warm-up search) and once the time spent embedding the queries.
 
 An unreadable query prints an error line naming it and the other queries still run.
 Exit code 0: every query answered; 1: some query failed; 2: unusable bundle or arguments,
-or a file that cannot be written; 130: interrupted (Ctrl-C). Class names and paths from
-the bundle are printed with control characters escaped.
+or a file that cannot be written; 130: interrupted (Ctrl-C or SIGTERM). Class names and paths
+from the bundle are printed with control characters escaped.
 
 Add (`--add`): embeds only the new images with the bundle's model and appends them to its
 embeddings, metadata and index (approximate indexes are added to, not retrained). A folder
@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from mltrain import files
-from mltrain.cli import INTERRUPTED, error_line, printable
+from mltrain.cli import INTERRUPTED, INTERRUPTED_LINE, error_line, printable, term_as_interrupt
 from mltrain.data.images import load_image
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.files import check_writable
@@ -63,7 +63,12 @@ from mltrain.retrieval.bundle import (
     load_bundle,
     safe_image_path,
 )
-from mltrain.retrieval.index import check_index_metric, prepare, timed_single_queries
+from mltrain.retrieval.index import (
+    check_index_metric,
+    l2_normalize,
+    prepare,
+    timed_single_queries,
+)
 from mltrain.retrieval.rerank import RERANKERS, rerank_candidates
 from mltrain.retrieval.verify import is_resolved, threshold_for, unresolved_note
 
@@ -201,6 +206,8 @@ def rank_hits(
     through this, so they answer the same image alike."""
     found = [(float(sc), int(row)) for sc, row in zip(scores, rows, strict=True)
              if row >= 0]  # an approximate index may not fill every slot  # fmt: skip
+    if (bundle.manifest.get("index") or {}).get("pca_dim") and found:
+        found = exact_scores(bundle, query, [row for _, row in found])
     if rerank != "none" and found:
         cand = _rows_of(bundle, [row for _, row in found])
         found = [found[j] for j in rerank_candidates(query, cand, rerank)]
@@ -209,6 +216,23 @@ def rank_hits(
         meta = bundle.metadata[row]
         hits.append(Hit(len(hits) + 1, score, row, meta["class"], meta["path"]))
     return hits
+
+
+def exact_scores(bundle: Bundle, query: np.ndarray, rows: list[int]) -> list[tuple[float, int]]:
+    """(score, row) of `rows` from their stored full-length embeddings, best first.
+
+    A PCA bundle's index ranks in the reduced (centred) space, whose cosines differ from the
+    full-length ones that `verify` reports and the calibrated threshold was set on; so its
+    candidates are scored again here (a refinement step, like Faiss's IndexRefine), and every
+    score a user sees is on the threshold's scale."""
+    cand = _rows_of(bundle, rows)
+    if bundle.metric == "cosine":
+        scores = l2_normalize(cand) @ query
+        order = np.argsort(-scores, kind="stable")
+    else:
+        scores = ((cand - query[None, :]) ** 2).sum(axis=1)
+        order = np.argsort(scores, kind="stable")
+    return [(float(scores[j]), rows[j]) for j in order]
 
 
 RERANK_CANDIDATES = 50
@@ -517,9 +541,10 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
     prints one line (no traceback) and returns 2; Ctrl-C returns 130 (an interrupted --add or
     --sheet leaves the old bundle and no partial file)."""
     try:
-        return _run(argv, command)
+        with term_as_interrupt():
+            return _run(argv, command)
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
+        print(INTERRUPTED_LINE, file=sys.stderr)
         return INTERRUPTED
     except (MltrainError, OSError, MemoryError) as e:
         print(error_line(e), file=sys.stderr)

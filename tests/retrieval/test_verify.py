@@ -35,6 +35,7 @@ def test_bundles_without_the_flag_are_judged_from_their_counts():
 def test_verify_pair_refuses_a_missing_image_before_building_the_model(served_bundle, tmp_path,
                                                                       monkeypatch):  # fmt: skip
     import mltrain.retrieval.bundle as bundle_mod
+    import mltrain.retrieval.search  # noqa: F401 - imported now, it would keep the patch below
 
     bundle = load_bundle(served_bundle[1])
     monkeypatch.setattr(bundle_mod, "bundle_embedder", lambda *a: pytest.fail("model built"))
@@ -45,3 +46,31 @@ def test_verify_pair_refuses_a_missing_image_before_building_the_model(served_bu
     folder = re.escape(str(tmp_path))
     with pytest.raises(DataError, match=rf"^image {folder} is a folder; pass image files$"):
         verify_pair(bundle, tmp_path, good)
+
+
+def test_a_pca_bundle_scores_hits_on_the_verify_and_threshold_scale(tmp_path):
+    """The index ranks in PCA space, where cosines run lower; the hits' scores are the
+    full-length cosines that verify reports and the threshold was calibrated on."""
+    import numpy as np
+
+    from mltrain.retrieval.export import export_bundle
+    from mltrain.retrieval.index import prepare
+    from mltrain.retrieval.search import search_images
+    from tests.conftest import tiny_embedder, write_shapes_gallery
+
+    root = write_shapes_gallery(tmp_path / "data")
+    bundle = load_bundle(export_bundle(tiny_embedder(root), tmp_path / "b", "pca", "flat", 8))
+    images = gallery(root)
+    a, b = images[0], images[5]
+    hits = search_images(bundle, [a], k=len(images)).results[0].hits
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    hit_b = next(h for h in hits if root / h.path == b)
+    verified = verify_pair(bundle, a, b)["similarity"]
+    assert hit_b.score == pytest.approx(verified, abs=1e-4)
+    # what the PCA index alone scores the pair: not on the same scale
+    rows = [i for i, m in enumerate(bundle.metadata) if root / m["path"] in (a, b)]
+    x = prepare(np.asarray(bundle.embeddings[rows], dtype=np.float32), "cosine")
+    raw, found = bundle.index.search(x[:1], len(images))
+    raw_b = float(raw[0][list(found[0]).index(rows[1])])
+    assert abs(raw_b - verified) > 0.01
