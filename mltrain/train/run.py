@@ -107,6 +107,11 @@ def make_optimizer(
     except (AssertionError, ValueError, TypeError) as e:
         raise ConfigError(f"train.optimizer: {_optimizer_problem(name, e)}") from None
     owned = [p for p in loss.parameters() if p.requires_grad] if loss is not None else []
+    if t.loss_lr is not None and not owned:
+        raise ConfigError(
+            f"train.loss_lr: {t.loss['name']} has no parameters of its own (proxies, class "
+            "centres), so loss_lr would change nothing; remove it"
+        )
     if owned:
         base = optimizer.defaults["lr"]  # timm's schedulers scale each group's base by lr_scale
         scale = (t.loss_lr or base) / base

@@ -230,6 +230,21 @@ def test_proxies_get_their_own_learning_rate_and_layers_decay(tmp_path):
     assert id(model.trunk.conv_stem.weight) not in lr_of  # frozen: not optimised at all
 
 
+def test_loss_lr_for_a_loss_without_parameters_is_refused():
+    from mltrain.model.losses import build_criterion
+    from mltrain.model.network import build_model
+
+    cfg = load_config("configs/triplet.yaml", ["model.pretrained=false", "train.loss_lr=0.1"])
+    model = build_model(cfg.model, num_classes=3)
+    crit = build_criterion(cfg.train.loss, cfg.train.miner, 3, model.embedding_dim, False)
+    with pytest.raises(ConfigError) as info:
+        trainer.make_optimizer(cfg, model, crit.loss)
+    assert str(info.value) == (
+        "train.loss_lr: TripletMarginLoss has no parameters of its own (proxies, class "
+        "centres), so loss_lr would change nothing; remove it"
+    )
+
+
 def test_best_metric_is_checked_and_eer_picks_the_lowest(tmp_path):
     with pytest.raises(ConfigError, match="train.best_metric: 'precision@1' is not a held-out"):
         load_config("configs/siamese.yaml", ["train.best_metric=precision@1"])
