@@ -389,6 +389,22 @@ _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    """A mapping that names a key twice is refused: YAML would keep the last silently."""
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one section", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -407,7 +423,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     try:
         value = _yaml(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except yaml.YAMLError as e:
+        if raw.strip()[:1] in "{[":  # meant as a mapping or list: a plain string would mislead
+            problem = str(getattr(e, "problem", "") or e).splitlines()[0]
+            raise ConfigError(
+                f"--set {key.strip()}: {raw.strip()!r} is not valid YAML ({problem}); check its "
+                "brackets and quotes"
+            ) from None
         value = raw
     return key.strip().split("."), value
 

@@ -393,3 +393,25 @@ def test_every_config_key_is_in_the_readme_table():
 
     missing = [k for k in keys(Config) if k not in documented]
     assert not missing, f"config keys without a README row: {missing}"
+
+
+def test_a_key_written_twice_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 1\n  batch_size: 8\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    first = str(info.value).splitlines()[0]
+    assert first == f"{path}: not valid YAML: key 'epochs' appears twice in one section"
+    assert 'line 4, column 3' in str(info.value)
+
+
+def test_a_broken_inline_mapping_in_set_says_it_is_not_yaml():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.loss={name: TripletMarginLoss, args: {margin: 0.1}"])
+    assert str(info.value) == (
+        "--set train.loss: '{name: TripletMarginLoss, args: {margin: 0.1}' is not valid YAML "
+        "(expected ',' or '}', but got '<stream end>'); check its brackets and quotes"
+    )
+    from mltrain.config import parse_override
+
+    assert parse_override("name=a: b: c") == (["name"], "a: b: c")  # not YAML: kept as text
