@@ -8,6 +8,7 @@ import copy
 import filecmp
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -91,6 +92,8 @@ def _collect(
                     f"label_names has {len(classes)} names for {len(paths)} images; give one "
                     "name per image or a single name for all"
                 )
+    if any(not str(c).strip() for c in classes):
+        raise ConfigError("a class name is empty; pass a name with --class NAME")
     return paths, classes
 
 
@@ -103,6 +106,21 @@ def _images_in(folder: Path) -> list[tuple[Path, str]]:
     for name in sorted(by_class, key=natural_key):
         found += [(p, name) for p in sorted(by_class[name], key=lambda p: natural_key(p.name))]
     return found
+
+
+def _suffix_notes(new: set[str], classes: list[str]) -> list[str]:
+    """Notes for new class names that end an existing nested class (`char01` beside
+    `Alpha/char01`): classes are named relative to the folder added, so adding
+    `data/Alpha` makes `char01`, a class apart from the bundle's `Alpha/char01`."""
+    notes = []
+    for name in sorted(new, key=natural_key):
+        nested = [c for c in classes if c.endswith("/" + name)]
+        if nested:
+            shown = ", ".join(repr(c) for c in nested[:3]) + (" ..." if len(nested) > 3 else "")
+            notes.append(f"new class {name!r} is apart from the bundle's {shown}: classes are "
+                         "named from the folder added; add its parent folder, or pass --class, "
+                         "to add to one of those")  # fmt: skip
+    return notes
 
 
 def _unique_copy(src: Path, dest_dir: Path, taken: set[str], bundle_dir: Path) -> str:
@@ -217,6 +235,8 @@ def _add_locked(
         plan.append((p, name, rel))
     if not plan:
         return 0
+    for note in _suffix_notes({name for _, name, _ in plan} - set(classes), classes):
+        print(f"note: {note}", file=sys.stderr)
     _check_add_space(bundle, [p for p, _, rel in plan if rel is None], len(plan))
 
     embedder = bundle_embedder(bundle, "torch")  # many images in batches: torch's bf16 is faster

@@ -485,7 +485,8 @@ def _run(argv: Sequence[str] | None, command: str | None) -> int:
         target = args.images[0] if len(args.images) == 1 else args.images
         added = add_images(args.bundle, target, args.class_name)
         total = load_bundle(args.bundle).manifest["count"]
-        print(f"added {added} images to {printable(args.bundle)} (now {total})")
+        why = "" if added else ": every one was already in it"
+        print(f"added {added} images to {printable(args.bundle)} (now {total}){why}")
         return 0
     if args.class_name:
         print("error: --class only applies with --add", file=sys.stderr)

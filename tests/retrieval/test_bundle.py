@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import mltrain.retrieval.export as export_mod
-from mltrain.errors import BundleError
+from mltrain.errors import BundleError, ConfigError
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import bundle_embedder, load_bundle, safe_image_path, sha256_file
@@ -275,6 +275,40 @@ def test_add_images_names_nested_classes_as_the_data_scanner_does(bundle_dir, tm
     added = load_bundle(bundle_dir).metadata[-4:]
     assert [r["class"] for r in added] == ["new", "greek/alpha", "greek/beta", "greek/beta"]
     assert added[1]["path"].startswith("bundle:images/greek_alpha/")
+
+
+def test_adding_a_nested_folder_notes_its_classes_beside_the_bundles_nested_ones(
+    bundle_dir, tmp_path, capsys
+):
+    """Classes are named from the folder added: `data/greek` adds `alpha`, a class apart
+    from `greek/alpha`; the note says so and how to add to the nested one."""
+    write_new_class(tmp_path / "data" / "greek", "alpha", 1)
+    assert add_images(bundle_dir, tmp_path / "data") == 1
+    capsys.readouterr()
+    write_new_class(tmp_path / "more" / "greek", "alpha", 2)
+    assert add_images(bundle_dir, tmp_path / "more" / "greek") == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "note: new class 'alpha' is apart from the bundle's 'greek/alpha': classes are named "
+        "from the folder added; add its parent folder, or pass --class, to add to one of those"
+    )
+    assert load_bundle(bundle_dir).classes[-2:] == ["greek/alpha", "alpha"]
+
+
+def test_an_empty_class_name_is_refused_and_a_repeat_add_says_why_nothing_was_added(
+    bundle_dir, tmp_path, capsys
+):
+    from mltrain.retrieval.search import main
+
+    new = write_new_class(tmp_path / "new", "zebra", 1)
+    with pytest.raises(ConfigError, match="^a class name is empty; pass a name with --class NAME$"):
+        add_images(bundle_dir, new, label_names=" ")
+    assert main([str(bundle_dir), str(new)], command="add") == 0
+    capsys.readouterr()
+    assert main([str(bundle_dir), str(new)], command="add") == 0
+    total = len(load_bundle(bundle_dir))
+    assert capsys.readouterr().out.strip() == (
+        f"added 0 images to {bundle_dir} (now {total}): every one was already in it"
+    )
 
 
 def test_add_images_under_the_image_root_is_not_duplicated(exported, embedder, tmp_path):
