@@ -391,6 +391,9 @@ def check_sheet_target(out: str | Path) -> None:
     if out.is_dir():
         raise ConfigError(f"--sheet {out} is a folder; give a file path such as "
                           f"{out / 'sheet.png'}")  # fmt: skip
+    if out.suffix.lower() != ".png":  # the sheet is written as PNG: no mislabelled file
+        raise ConfigError(f"--sheet {out}: the contact sheet is a PNG; name it "
+                          f"{out.with_suffix('.png').name}")  # fmt: skip
     folder = out.parent.absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -107,7 +107,7 @@ def make_optimizer(
     except (AssertionError, ValueError, TypeError) as e:
         raise ConfigError(f"train.optimizer: {_optimizer_problem(name, e)}") from None
     owned = [p for p in loss.parameters() if p.requires_grad] if loss is not None else []
-    if t.loss_lr is not None and not owned:
+    if t.loss_lr is not None and loss is not None and not owned:
         raise ConfigError(
             f"train.loss_lr: {t.loss['name']} has no parameters of its own (proxies, class "
             "centres), so loss_lr would change nothing; remove it"

@@ -192,3 +192,14 @@ def test_image_root_that_does_not_exist_is_refused(exported, tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: --image-root {missing} does not exist; pass the folder that holds the "
         "bundle's class folders (where its images are now)\n")
+
+
+def test_a_sheet_named_other_than_png_is_refused_before_searching(exported, tmp_path, capsys):
+    root, out = exported
+    q = root / "class_1" / "img_001.png"
+    sheet = tmp_path / "sheet.jpg"
+    assert main([str(out), str(q), "--sheet", str(sheet)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --sheet {sheet}: the contact sheet is a PNG; name it sheet.png"
+    )
+    assert not sheet.exists()

@@ -243,6 +243,8 @@ def test_loss_lr_for_a_loss_without_parameters_is_refused():
         "train.loss_lr: TripletMarginLoss has no parameters of its own (proxies, class "
         "centres), so loss_lr would change nothing; remove it"
     )
+    # the early check builds the optimizer without the loss: a proxy config must pass it
+    trainer.check_optimization(load_config("configs/pooling.yaml", ["model.pretrained=false"]))
 
 
 def test_best_metric_is_checked_and_eer_picks_the_lowest(tmp_path):
