@@ -38,8 +38,9 @@ class SeededMPerClassSampler(MPerClassSampler):
 
 
 @SAMPLERS.register("random")
-def random_sampler(**_: Any) -> None:
-    """No sampler: the loader shuffles."""
+def random_sampler(labels: Any = None, batch_size: Any = None, seed: Any = None) -> None:
+    """No sampler: the loader shuffles. It takes what every sampler is given, and no
+    arguments of its own, so a misplaced one (`args: {m: 4}`) is an error, not ignored."""
     return None
 
 

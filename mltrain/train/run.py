@@ -39,7 +39,7 @@ from mltrain.data.pipeline import (
     train_dataset,
     train_loader,
 )
-from mltrain.data.samplers import fit_batch_size
+from mltrain.data.samplers import build_sampler, fit_batch_size
 from mltrain.errors import ConfigError, DataError, MltrainError
 from mltrain.evaluation import figures, tensorboard
 from mltrain.evaluation.metrics import retrieval_metrics, verification_metrics
@@ -238,6 +238,8 @@ class Run:
             report_notes(notes, self.run_dir)
         if t.batch_size != asked and self.main:
             save_config(self.cfg, self.run_dir / "config.yaml")
+        # a bad sampler argument fails here, before the prefix cache, not in the first epoch
+        build_sampler(t.sampler, self.data.train_labels, t.batch_size, self.cfg.seed)
 
     def loss(self, emb: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
         """The loss of the global batch (gathered from every rank when distributed)."""

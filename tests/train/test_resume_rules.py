@@ -101,3 +101,15 @@ def test_fit_stops_before_training_when_best_metric_cannot_be_computed(tmp_path)
     with pytest.raises(ConfigError, match="this split holds 4: choose a k of at most 3"):
         fit(cfg)
     assert not (tmp_path / "exp").exists() or not any((tmp_path / "exp").rglob("*.pt"))
+
+
+def test_a_random_sampler_argument_is_refused_before_the_prefix_cache(tmp_path, monkeypatch):
+    import mltrain.train.run as run_mod
+
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=4)
+    cfg = load_config(REPO / "configs/classification.yaml",
+                      [*TINY_RUN, f"data.root={root}", f"output_dir={tmp_path / 'exp'}",
+                       "train.sampler={name: random, args: {m: 4}}"])  # fmt: skip
+    monkeypatch.setattr(run_mod.Run, "_cache_view", lambda *a: pytest.fail("prefix cached"))
+    with pytest.raises(ConfigError, match=r"^sampler 'random': bad args \['m'\]"):
+        fit(cfg)
