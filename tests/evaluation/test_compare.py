@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mltrain.evaluation.compare import compare, main, markdown
 from tests.foreign_data import write_drawings
 
@@ -22,3 +24,15 @@ def test_compare_backbones_on_the_same_images(tmp_path, capsys):
           *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "c")])  # fmt: skip
     assert (tmp_path / "c" / "compare.md").read_text().count("\n") == 3
     assert "written to" in capsys.readouterr().out
+
+
+def test_a_backbone_set_in_overrides_is_refused_for_backbones():
+    from mltrain.errors import ConfigError
+    from mltrain.evaluation.compare import main
+
+    with pytest.raises(ConfigError) as info:
+        main(["--set", "model.backbone=tf_efficientnet_lite1"])
+    assert str(info.value) == (
+        "--set model.backbone=tf_efficientnet_lite1: compare sets model.backbone itself; name "
+        "the networks with --backbones NAME [NAME ...]"
+    )
