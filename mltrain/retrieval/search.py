@@ -366,6 +366,7 @@ def write_sheet(run: SearchRun, bundle: Bundle, out: str | Path) -> Path:
             draw.text((x + PAD, y + THUMB + 2 * PAD + 1 + 13 * n), line[:22], fill="black",
                       font=font)  # fmt: skip
 
+    missing = 0
     for r_i, r in enumerate(rows):
         qpath = Path(r.query)
         qclass = qpath.parent.name
@@ -373,12 +374,18 @@ def write_sheet(run: SearchRun, bundle: Bundle, out: str | Path) -> Path:
         cell(r_i, 0, img, COLOURS["query"], ["query", printable(qpath.name)])
         for h in r.hits:
             # A path that escapes its root is a tampered bundle: a BundleError, no sheet.
-            img = thumbnail(safe_image_path(bundle, h.path)) or _placeholder("missing")
+            img = thumbnail(safe_image_path(bundle, h.path))
+            missing += img is None
+            img = img or _placeholder("missing")
             if qclass not in classes:
                 outline = COLOURS["unknown"]
             else:
                 outline = COLOURS["match"] if h.cls == qclass else COLOURS["miss"]
             cell(r_i, h.rank, img, outline, [printable(h.cls), f"{h.score:.3f}"])
+    shown = sum(len(r.hits) for r in rows)
+    if missing and missing == shown:  # a wrong --image-root, or a bundle moved without images
+        print(f"note: none of the {shown} hit images was found under {printable(bundle.root)}; "
+              "pass the folder that holds them with --image-root", file=sys.stderr)  # fmt: skip
     out = Path(out)
     files.atomic_write(out, lambda f: sheet.save(f, format="PNG"))  # no half-written PNG
     return out

@@ -203,3 +203,20 @@ def test_a_sheet_named_other_than_png_is_refused_before_searching(exported, tmp_
         f"error: --sheet {sheet}: the contact sheet is a PNG; name it sheet.png"
     )
     assert not sheet.exists()
+
+
+def test_a_sheet_whose_hit_images_are_all_missing_says_where_it_looked(exported, tmp_path,
+                                                                         capsys):  # fmt: skip
+    root, out = exported
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sheet = tmp_path / "sheet.png"
+    q = root / "class_1" / "img_001.png"
+    assert main([str(out), str(q), "-k", "2", "--image-root", str(elsewhere),
+                 "--sheet", str(sheet)]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert (f"note: none of the 2 hit images was found under {elsewhere}; pass the folder that "
+            "holds them with --image-root") in err  # fmt: skip
+    assert sheet.is_file()
+    assert main([str(out), str(q), "-k", "2", "--sheet", str(sheet)]) == 0
+    assert "none of the" not in capsys.readouterr().err
