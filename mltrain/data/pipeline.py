@@ -165,12 +165,16 @@ def record_data(data: RunData, run_dir: Path) -> None:
 
 
 def report_notes(notes: list[str], run_dir: Path | None) -> None:
-    """Say each adaptation or skip once on stderr, and keep them in the run's notes.txt."""
+    """Say each adaptation or skip once on stderr, and keep them in the run's notes.txt (once:
+    a resumed run meets the same notes again)."""
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if notes and run_dir is not None:
-        with open(run_dir / "notes.txt", "a", encoding="utf-8") as f:
-            f.write("".join(f"{n}\n" for n in notes))
+        path = run_dir / "notes.txt"
+        kept = set(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else set()
+        new = [n for n in dict.fromkeys(notes) if n not in kept]
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(f"{n}\n" for n in new))
 
 
 class CachedFeatures(Dataset):

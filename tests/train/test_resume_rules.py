@@ -113,3 +113,13 @@ def test_a_random_sampler_argument_is_refused_before_the_prefix_cache(tmp_path, 
     monkeypatch.setattr(run_mod.Run, "_cache_view", lambda *a: pytest.fail("prefix cached"))
     with pytest.raises(ConfigError, match=r"^sampler 'random': bad args \['m'\]"):
         fit(cfg)
+
+
+def test_notes_already_in_notes_txt_are_not_written_again(tmp_path, capsys):
+    from mltrain.data.pipeline import report_notes
+
+    report_notes(["batch shrunk to 8", "class x skipped"], tmp_path)
+    report_notes(["class x skipped", "a new note", "a new note"], tmp_path)  # e.g. a resume
+    assert (tmp_path / "notes.txt").read_text().splitlines() == [
+        "batch shrunk to 8", "class x skipped", "a new note"]  # fmt: skip
+    assert capsys.readouterr().err.count("note: class x skipped") == 2  # still said each time
