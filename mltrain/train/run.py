@@ -234,6 +234,10 @@ class Run:
         asked = t.batch_size
         t.batch_size, notes = fit_batch_size(t.sampler, self.data.train_labels, t.batch_size,
                                              self.data.train_classes)  # fmt: skip
+        if 0 < t.epochs <= t.freeze_backbone_epochs:
+            notes.append(f"train.freeze_backbone_epochs {t.freeze_backbone_epochs} >= train.epochs "
+                         f"{t.epochs}: the trunk stays frozen for the whole run; only what "
+                         "follows it trains")  # fmt: skip
         if notes and self.main:
             report_notes(notes, self.run_dir)
         if t.batch_size != asked and self.main:

@@ -123,3 +123,14 @@ def test_notes_already_in_notes_txt_are_not_written_again(tmp_path, capsys):
     assert (tmp_path / "notes.txt").read_text().splitlines() == [
         "batch shrunk to 8", "class x skipped", "a new note"]  # fmt: skip
     assert capsys.readouterr().err.count("note: class x skipped") == 2  # still said each time
+
+
+def test_a_freeze_longer_than_the_run_is_noted(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=4)
+    cfg = load_config(REPO / "configs/classification.yaml",
+                      [*TINY_RUN, f"data.root={root}", f"output_dir={tmp_path / 'exp'}",
+                       "train.epochs=1", "train.freeze_backbone_epochs=2", "eval.tsne=false",
+                       "model.frozen_stages=0", "train.cache_frozen=false"])  # fmt: skip
+    run_dir = fit(cfg)
+    assert ("train.freeze_backbone_epochs 2 >= train.epochs 1: the trunk stays frozen for the "
+            "whole run; only what follows it trains") in (run_dir / "notes.txt").read_text()
