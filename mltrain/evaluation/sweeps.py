@@ -34,6 +34,7 @@ from mltrain.retrieval.index import (
     pca_transforms,
     prepare,
     search_chunks,
+    shorter_pca,
     timed_single_queries,
     with_transforms,
 )
@@ -92,8 +93,10 @@ def pca_sweep(
     dim = dims.pop()
     base = query if gallery is None else gallery
     rows = []
+    reduced = [n for n in _lengths(lengths, dim) if n != dim]
+    longest = pca_transforms(train, max(reduced), metric) if reduced else []
     for length in _lengths(lengths, dim):
-        chain = [] if length == dim else pca_transforms(train, length, metric)
+        chain = [] if length == dim else shorter_pca(longest, length, metric)
         q = apply_transforms(chain, query)
         g = None if gallery is None else apply_transforms(chain, gallery)
         scores, _ = retrieval_metrics(q, query_labels, g, gallery_labels, metric, ks=(1,))

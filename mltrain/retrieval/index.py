@@ -407,10 +407,31 @@ def pca_transforms(
         )
     pca = faiss.PCAMatrix(dim, int(pca_dim))
     pca.train(train_vectors)
+    return _chain(pca, metric)
+
+
+def _chain(pca: faiss.PCAMatrix, metric: str) -> list[faiss.VectorTransform]:
     chain: list[faiss.VectorTransform] = [pca]
     if metric == "cosine":
-        chain.append(faiss.NormalizationTransform(int(pca_dim), 2.0))
+        chain.append(faiss.NormalizationTransform(int(pca.d_out), 2.0))
     return chain
+
+
+def shorter_pca(
+    trained: list[faiss.VectorTransform], pca_dim: int, metric: str
+) -> list[faiss.VectorTransform]:
+    """The chain of `pca_transforms` at a shorter `pca_dim`, cut from an already trained one:
+    PCA components are nested (the first k of a longer projection are the k-long one), so a
+    sweep over lengths trains one PCA instead of one per length. On long embeddings each
+    training takes minutes (Faiss: one eigendecomposition of the covariance)."""
+    long = faiss.downcast_VectorTransform(trained[0])
+    if not 1 <= pca_dim <= long.d_out:
+        raise ConfigError(f"pca_dim={pca_dim} must be between 1 and the trained {long.d_out}")
+    pca = faiss.PCAMatrix(long.d_in, int(pca_dim))
+    pca.mean, pca.eigenvalues, pca.PCAMat = long.mean, long.eigenvalues, long.PCAMat
+    pca.is_trained = True
+    pca.prepare_Ab()
+    return _chain(pca, metric)
 
 
 def with_transforms(index: faiss.Index, chain: list[faiss.VectorTransform]) -> faiss.Index:

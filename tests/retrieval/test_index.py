@@ -269,3 +269,24 @@ def test_thin_training_is_one_note_not_faiss_warnings(capfd):
     assert "WARNING clustering" not in capfd.readouterr().err
     with pytest.raises(ConfigError, match=r"pca_dim=64 .*min\(embedding length 128, training"):
         check_index_config("flat", 60, 128, pca_dim=64)
+
+
+def test_a_shorter_pca_cut_from_a_longer_one_equals_training_it():
+    """PCA components are nested, so the sweep trains the longest projection once and cuts
+    the shorter ones from it; the cut must project exactly as a PCA trained to that length."""
+    import gc
+
+    from mltrain.retrieval.index import apply_transforms, pca_transforms, prepare, shorter_pca
+
+    x = prepare(random_data(200, 32, seed=3), "cosine")
+    longest = pca_transforms(x, 16, "cosine")
+    cut = shorter_pca(longest, 6, "cosine")
+    del longest
+    gc.collect()  # the cut owns copies of the mean and components
+    trained = pca_transforms(x, 6, "cosine")
+    a, b = apply_transforms(cut, x[:20]), apply_transforms(trained, x[:20])
+    assert a.shape == (20, 6)
+    np.testing.assert_allclose(np.abs(a), np.abs(b), atol=1e-5)  # a component's sign may flip
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)  # re-normalised
+    with pytest.raises(ConfigError, match="pca_dim=17 must be between 1 and the trained 16"):
+        shorter_pca(pca_transforms(x, 16, "cosine"), 17, "cosine")
