@@ -28,8 +28,9 @@ HEADLINE = (
     (
         "mean_average_precision",
         "mAP",
-        "average precision of the same-class images anywhere in the searched depth, not "
-        "only among the first R",
+        "average precision of the same-class images among the first R_max results (R_max: "
+        "the largest class's R), not only the first R; equal to MAP@R where classes are "
+        "the same size",
     ),
     (
         "mean_per_class_precision_at_1",

@@ -10,7 +10,8 @@ comparable with papers that use it:
   query's class (the query itself excluded in leave-one-out).
 - map_at_r: average precision over the top R, divided by R (unretrieved relevant items count
   as misses).
-- mean_average_precision: average precision over the whole retrieved list, divided by R.
+- mean_average_precision: average precision over the first R_max results (R_max: the largest
+  R of any query), divided by R; MAP@R and it coincide when every query has the same R.
 
 Queries whose class has no other item in the gallery ("lone" queries) cannot be scored and are
 left out of every retrieval average, as pytorch-metric-learning does.

@@ -364,3 +364,23 @@ def test_calibration_by_hand_with_ties():
     assert cal["threshold"] > 0.7 and cal["achieved_far"] == 0.0  # ...but two tie at 0.7
     assert cal["tar"] == pytest.approx(2 / 3)
     assert calibrate_threshold(same, scores, 0.5)["threshold"] == pytest.approx(0.2, abs=1e-9)
+
+
+def test_map_looks_past_r_to_the_largest_classs_r_and_equals_map_at_r_for_equal_classes():
+    """Points on the unit circle (degrees): A = 0, 10, 100; B = 25, 110. By hand, MAP@R per
+    query is 0.5, 0.5, 0, 0, 0 (mean 0.2). mAP reads the first R_max = 2 results: b2's only
+    classmate is second (1/2), so 0.5, 0.5, 0, 0, 0.5 (mean 0.3). With a3 gone every R is 1
+    and the two coincide."""
+    from mltrain.evaluation.metrics import retrieval_metrics
+
+    def circle(degrees):
+        rad = np.deg2rad(degrees)
+        return np.stack([np.cos(rad), np.sin(rad)], axis=1).astype(np.float32)
+
+    emb, labels = circle([0, 10, 100, 25, 110]), np.array([0, 0, 0, 1, 1])
+    m, _ = retrieval_metrics(emb, labels, metric="cosine", ks=(1,))
+    assert m["map_at_r"] == pytest.approx(0.2)
+    assert m["mean_average_precision"] == pytest.approx(0.3)
+    keep = [0, 1, 3, 4]
+    m, _ = retrieval_metrics(emb[keep], labels[keep], metric="cosine", ks=(1,))
+    assert m["mean_average_precision"] == pytest.approx(m["map_at_r"])
