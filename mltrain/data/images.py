@@ -148,7 +148,9 @@ def decode_image_bytes(
 
 
 def _too_many(name: str, w: int, h: int, max_pixels: int) -> str:
-    return (f"{name} is {w}x{h} = {w * h / 1e6:.1f} MP, over the {max_pixels / 1e6:g} MP "
+    mp = w * h / 1e6
+    shown = f"{mp:.1f}" if mp >= 0.1 else f"{mp:.2g}"  # not "0.0 MP" for a small limit
+    return (f"{name} is {w}x{h} = {shown} MP, over the {max_pixels / 1e6:g} MP "
             "limit; send a smaller image")  # fmt: skip
 
 

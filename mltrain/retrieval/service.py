@@ -180,9 +180,13 @@ class SearchService:
         self.embedder = embedder_factory(self.bundle)
         self.max_upload_bytes, self.max_pixels = int(max_upload_bytes), int(max_pixels)
         self._size_hint = decode_size(self.embedder.dcfg)
+        side = self._size_hint or 224
+        if self.max_pixels < side * side:  # even a square upload is resized to side x side
+            raise ConfigError(f"--max-pixels {self.max_pixels:g} is below what the model reads "
+                              f"({side}x{side} = {side * side / 1e6:.3g} MP), so every upload "
+                              "would be refused; raise it")  # fmt: skip
         # A model that cannot run (an ONNX graph this onnxruntime cannot load) fails here, at
         # start-up, not at the first request; and that request does not pay the warm-up.
-        side = self._size_hint or 224
         self.embedder.embed_arrays([np.zeros((side, side, 3), np.uint8)])
         self._index_lock = threading.Lock()
         # Decoding runs in the request threads: at most one per core at a time, so 40 waiting

@@ -134,12 +134,17 @@ def test_verify_agrees_with_verify_pair(service, served_bundle):
 def test_upload_limits(service):
     with pytest.raises(UploadTooLarge, match="over the 0.0953674 MB upload limit"):
         service.search(b"\0" * 100_001)
-    small = SearchService(service.bundle, max_pixels=1000)
+    small = SearchService(service.bundle, max_pixels=2000)
     try:
-        with pytest.raises(ImageTooLarge, match="64x64 = 0.0 MP, over the 0.001 MP limit"):
+        with pytest.raises(ImageTooLarge, match="64x64 = 0.0041 MP, over the 0.002 MP limit"):
             small.search(next(service.bundle.root.rglob("*.png")).read_bytes())
     finally:
         small.close()
+    # below what the model reads (its 34 px resize) every upload would be refused: said at start
+    with pytest.raises(ConfigError) as info:
+        SearchService(service.bundle, max_pixels=1000)
+    assert str(info.value) == ("--max-pixels 1000 is below what the model reads (34x34 = "
+                               "0.00116 MP), so every upload would be refused; raise it")
 
 
 def test_concurrent_searches_are_batched_and_equal_sequential_ones(service, served_bundle):
