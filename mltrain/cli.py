@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import signal
 import sys
 import threading
@@ -87,7 +88,14 @@ def error_line(e: BaseException) -> str:
 INTERRUPTED_LINE = "interrupted (Ctrl-C or SIGTERM); nothing half-written was left behind"
 
 
+_OWNER = {"pid": 0}
+
+
 def _raise_interrupt(signum, frame) -> None:
+    if os.getpid() != _OWNER["pid"]:  # a forked worker (DataLoader): die as SIGTERM says
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise KeyboardInterrupt
 
 
@@ -99,6 +107,7 @@ def term_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _OWNER["pid"] = os.getpid()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield

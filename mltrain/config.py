@@ -139,14 +139,14 @@ class Config:
 
 
 BEST_METRICS = re.compile(
-    r"map_at_r|r_precision|mean_average_precision|(precision|recall)_at_\d+|eer|roc_auc"
+    r"map_at_r|r_precision|mean_average_precision|(precision|recall)_at_[1-9]\d*|eer|roc_auc"
 )
 LOWER_IS_BETTER = ("eer",)
 
 
 def best_metric_k(name: str) -> int | None:
     """The k of a precision_at_<k> / recall_at_<k> metric, else None."""
-    match = re.fullmatch(r"(?:precision|recall)_at_(\d+)", name)
+    match = re.fullmatch(r"(?:precision|recall)_at_([1-9]\d*)", name)
     return int(match.group(1)) if match else None
 
 CHOICES = {
@@ -396,7 +396,11 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
     seen: set = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
-        if key in seen:
+        try:
+            repeated = key in seen
+        except TypeError:  # a list or mapping as a key: PyYAML itself refuses it below
+            continue
+        if repeated:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} appears twice in one section", key_node.start_mark
             )

@@ -415,3 +415,12 @@ def test_a_broken_inline_mapping_in_set_says_it_is_not_yaml():
     from mltrain.config import parse_override
 
     assert parse_override("name=a: b: c") == (["name"], "a: b: c")  # not YAML: kept as text
+
+
+def test_a_list_as_a_key_is_one_line_and_a_k_with_a_leading_zero_is_refused(tmp_path):
+    path = tmp_path / "odd.yaml"
+    path.write_text("train:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="'precision_at_05' is not a held-out metric"):
+        load_config(None, ["train.best_metric=precision_at_05"])  # never a metric's key

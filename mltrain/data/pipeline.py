@@ -148,11 +148,16 @@ def check_same_split(recorded: Path, split: Split, folder: ImageFolder) -> None:
     now = {side: {tuple(e) for e in current[side]} for side in old}
     if now != old:
         before, after = old["train"] | old["heldout"], now["train"] | now["heldout"]
-        moved = len(old["heldout"] & now["train"]) + len(old["train"] & now["heldout"])
+        if before == after:  # the same images, sided differently: the split rule changed
+            raise DataError(
+                f"--resume: the images are those the run started with, but this version of "
+                f"mltrain splits them differently from {recorded}; resume with the version that "
+                "started the run, or start a new run"
+            )
         raise DataError(
             f"--resume: the images under {folder.root} changed since the run started "
-            f"({len(before - after)} gone or relabelled, {len(after - before)} new, {moved} moved "
-            f"between training and held-out, against {recorded}); restore them, or start a new run"
+            f"({len(before - after)} gone or relabelled, {len(after - before)} new, against "
+            f"{recorded}); restore them, or start a new run"
         )
 
 

@@ -36,7 +36,7 @@ def _same(key: str, a, b) -> bool:
     return a == b
 
 
-def check_same_split(members: Sequence[tuple[str, Config]]) -> None:
+def check_shared_split(members: Sequence[tuple[str, Config]]) -> None:
     """Raises `ConfigError` naming the first split key on which a member differs from the
     first, so no member's training images can be scored as held-out queries."""
     (first, base), *rest = members
@@ -89,8 +89,8 @@ def ensemble_from_checkpoints(
     paths: Sequence[str | Path], overrides: list[str] | None = None
 ) -> EnsembleEmbedder:
     """Each checkpoint (or run folder: its best.pt) rebuilt from its own config, `overrides`
-    applied to every one; refused unless they share a split (`check_same_split`)."""
+    applied to every one; refused unless they share a split (`check_shared_split`)."""
     members = [embedder_from_checkpoint(p, overrides) for p in paths]
     sources = [str(p) for p in paths]
-    check_same_split(list(zip(sources, [m.cfg for m in members], strict=True)))
+    check_shared_split(list(zip(sources, [m.cfg for m in members], strict=True)))
     return EnsembleEmbedder(members, sources)

@@ -166,7 +166,8 @@ def search_images(
 
     With `rerank` (see `mltrain.retrieval.rerank`) the index returns max(4k, 50) candidates,
     which are re-ordered with their stored embeddings, and the first k are kept; the timed
-    search is the index call alone, the scores stay the index's."""
+    search is the index call alone. Scores are the index's, except a PCA bundle's: its
+    max(4k, 50) candidates are scored again at full length (`exact_scores`)."""
     paths = [Path(p) for p in paths]
     results = [QueryResult(str(p)) for p in paths]
     index, metric = bundle.index, bundle.metric
@@ -193,9 +194,15 @@ def search_images(
 
 
 def search_depth(bundle: Bundle, k: int, rerank: str) -> int:
-    """How many candidates the index returns for k hits: k, or max(4k, 50) to re-rank."""
+    """How many candidates the index returns for k hits: k, or max(4k, 50) to re-rank or
+    to re-score a PCA bundle's (whose reduced space may rank a true neighbour below k)."""
     n = bundle.index.ntotal
-    return k if rerank == "none" else min(n, max(4 * k, RERANK_CANDIDATES))
+    deep = rerank != "none" or _has_pca(bundle)
+    return min(n, max(4 * k, RERANK_CANDIDATES)) if deep else k
+
+
+def _has_pca(bundle: Bundle) -> bool:
+    return bool((bundle.manifest.get("index") or {}).get("pca_dim"))
 
 
 def rank_hits(
@@ -206,7 +213,7 @@ def rank_hits(
     through this, so they answer the same image alike."""
     found = [(float(sc), int(row)) for sc, row in zip(scores, rows, strict=True)
              if row >= 0]  # an approximate index may not fill every slot  # fmt: skip
-    if (bundle.manifest.get("index") or {}).get("pca_dim") and found:
+    if _has_pca(bundle) and found:
         found = exact_scores(bundle, query, [row for _, row in found])
     if rerank != "none" and found:
         cand = _rows_of(bundle, [row for _, row in found])

@@ -92,7 +92,7 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def make_optimizer(
-    cfg: Config, model: torch.nn.Module, loss: torch.nn.Module | None = None
+    cfg: Config, model: torch.nn.Module, loss: torch.nn.Module | None = None, strict: bool = True
 ) -> torch.optim.Optimizer:
     """timm's optimizer over the model (with `train.layer_decay`, earlier layers learn slower),
     plus the loss's own parameters (proxies, class centres) in a group of their own at
@@ -107,7 +107,7 @@ def make_optimizer(
     except (AssertionError, ValueError, TypeError) as e:
         raise ConfigError(f"train.optimizer: {_optimizer_problem(name, e)}") from None
     owned = [p for p in loss.parameters() if p.requires_grad] if loss is not None else []
-    if t.loss_lr is not None and loss is not None and not owned:
+    if strict and t.loss_lr is not None and loss is not None and not owned:
         raise ConfigError(
             f"train.loss_lr: {t.loss['name']} has no parameters of its own (proxies, class "
             "centres), so loss_lr would change nothing; remove it"
@@ -180,7 +180,7 @@ class Run:
     `save`, `checkpoint` and `restore` make it resumable. `fit` drives it epoch by epoch."""
 
     def __init__(self, cfg: Config, run_dir: Path, resuming: bool = False) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
+        self.cfg, self.run_dir, self.resuming = cfg, run_dir, resuming
         seed_everything(cfg.seed)
         runtime = Runtime.from_config(cfg)
         self.device, self.amp = runtime.device, runtime.train_amp  # training steps
@@ -218,7 +218,8 @@ class Run:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, find_unused_parameters=cfg.train.freeze_backbone_epochs > 0
             )
-        self.optimizer = make_optimizer(cfg, self.model, self.criterion.loss)
+        # a resumed run keeps settings accepted when it started (loss_lr there was inert)
+        self.optimizer = make_optimizer(cfg, self.model, self.criterion.loss, strict=not resuming)
         per_epoch = max(len(self.epoch_loader(0)) // cfg.train.grad_accum, 1)
         self.scheduler = make_scheduler(cfg, self.optimizer, per_epoch)
         self.state = StepState()
@@ -242,6 +243,8 @@ class Run:
             report_notes(notes, self.run_dir)
         if t.batch_size != asked and self.main:
             save_config(self.cfg, self.run_dir / "config.yaml")
+        if self.resuming and t.sampler.get("name") == "random" and t.sampler.get("args"):
+            t.sampler = {"name": "random"}  # started before random refused args: they did nothing
         # a bad sampler argument fails here, before the prefix cache, not in the first epoch
         build_sampler(t.sampler, self.data.train_labels, t.batch_size, self.cfg.seed)
 
@@ -707,16 +710,19 @@ def check_best_metric_fits(cfg: Config, heldout: int) -> None:
 # "continues exactly" untrue (an optimizer or schedule restored from the checkpoint would
 # silently keep the old values).
 RESUME_OVERRIDES = ("data.root", "data.num_workers", "train.device", "eval.")
+# eval settings that change the scale of the held-out figures the best checkpoint is judged on
+RESUME_FIXED = ("eval.metric", "eval.flip_tta")
 
 
 def check_resume_overrides(overrides: list[str]) -> None:
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_OVERRIDES):
+        allowed = any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_OVERRIDES)
+        if not allowed or key in RESUME_FIXED:
             raise ConfigError(
                 f"--set {key}: --resume continues the run exactly, so only "
                 f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_OVERRIDES)} "
-                "may change; start a new run to change it"
+                f"(not {', '.join(RESUME_FIXED)}) may change; start a new run to change it"
             )
 
 

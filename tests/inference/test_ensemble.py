@@ -12,7 +12,7 @@ import pytest
 from mltrain.config import Config, load_config
 from mltrain.errors import ConfigError
 from mltrain.inference.embedder import embedder_from_checkpoint
-from mltrain.inference.ensemble import EnsembleEmbedder, check_same_split
+from mltrain.inference.ensemble import EnsembleEmbedder, check_shared_split
 from mltrain.train import run as trainer
 from tests.conftest import TINY_RUN, write_image_folder
 
@@ -56,7 +56,7 @@ def test_members_must_share_the_split():
     a, b = Config(), Config()
     b.data.split = "class_disjoint"
     with pytest.raises(ConfigError) as info:
-        check_same_split([("run_a", a), ("run_b", b)])
+        check_shared_split([("run_a", a), ("run_b", b)])
     assert str(info.value) == (
         "run_b: data.split is 'class_disjoint' but run_a has 'per_class'; an ensemble's runs "
         "must share one split (data.root, data.exclude_classes, data.class_depth, data.split, "
@@ -65,7 +65,7 @@ def test_members_must_share_the_split():
     b = Config()
     b.seed = 1
     with pytest.raises(ConfigError, match="run_b: seed is 1 but run_a has 0"):
-        check_same_split([("run_a", a), ("run_b", b)])
+        check_shared_split([("run_a", a), ("run_b", b)])
 
 
 def test_a_relative_root_matches_the_same_folder_written_absolute(tmp_path, monkeypatch):
@@ -74,7 +74,7 @@ def test_a_relative_root_matches_the_same_folder_written_absolute(tmp_path, monk
     a.data.root = "data"
     b.data.root = str(tmp_path / "data")
     b.data.augment = [{"name": "HorizontalFlip", "args": {}}]  # training-only: may differ
-    check_same_split([("a", a), ("b", b)])
+    check_shared_split([("a", a), ("b", b)])
 
 
 @pytest.fixture(scope="module")

@@ -74,3 +74,16 @@ def test_a_pca_bundle_scores_hits_on_the_verify_and_threshold_scale(tmp_path):
     raw, found = bundle.index.search(x[:1], len(images))
     raw_b = float(raw[0][list(found[0]).index(rows[1])])
     assert abs(raw_b - verified) > 0.01
+
+
+def test_a_pca_bundle_searches_deeper_so_re_scoring_can_recover_neighbours(tmp_path):
+    from mltrain.retrieval.export import export_bundle
+    from mltrain.retrieval.search import search_depth
+    from tests.conftest import tiny_embedder, write_shapes_gallery
+
+    root = write_shapes_gallery(tmp_path / "data", per_class=16)  # 64 images
+    flat = load_bundle(export_bundle(tiny_embedder(root), tmp_path / "flat", "flat"))
+    pca = load_bundle(export_bundle(tiny_embedder(root), tmp_path / "pca", "pca", "flat", 8))
+    assert search_depth(flat, 3, "none") == 3
+    assert search_depth(pca, 3, "none") == 50  # max(4k, 50) candidates, scored at full length
+    assert search_depth(pca, 20, "none") == 64  # never past the gallery

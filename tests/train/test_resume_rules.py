@@ -30,8 +30,11 @@ def test_resume_overrides_allow_data_location_device_and_evaluation_only():
         check_resume_overrides(["eval.tsne=false", "train.optimizer.args.lr=5e-4"])
     assert str(info.value) == (
         "--set train.optimizer.args.lr: --resume continues the run exactly, so only data.root, "
-        "data.num_workers, train.device, eval.* may change; start a new run to change it"
+        "data.num_workers, train.device, eval.* (not eval.metric, eval.flip_tta) may change; "
+        "start a new run to change it"
     )
+    with pytest.raises(ConfigError, match="--set eval.metric: --resume continues"):
+        check_resume_overrides(["eval.metric=l2"])  # the best checkpoint's scale
     with pytest.raises(ConfigError, match="--set train.epochs: --resume continues"):
         check_resume_overrides(["train.epochs=3"])
     with pytest.raises(ConfigError, match="--set evaluation: --resume"):  # a prefix, not eval.
@@ -53,9 +56,9 @@ def test_a_resumed_run_refuses_data_that_changed_since_it_started(tmp_path):
     with pytest.raises(DataError) as info:
         prepare_data(_cfg(root), run, resuming=True)
     message = str(info.value)
-    assert message.startswith(f"--resume: the images under {root} changed since the run started "
-                              "(2 gone or relabelled, 1 new, ")  # fmt: skip
-    assert message.endswith(f"against {run / 'split.json'}); restore them, or start a new run")
+    assert message == (f"--resume: the images under {root} changed since the run started "
+                       f"(2 gone or relabelled, 1 new, against {run / 'split.json'}); restore "
+                       "them, or start a new run")  # fmt: skip
     # the recorded split is left as it was, for when the images come back
     assert (run / "split.json").read_text().count("class_0/") == 6
 
@@ -134,3 +137,46 @@ def test_a_freeze_longer_than_the_run_is_noted(tmp_path):
     run_dir = fit(cfg)
     assert ("train.freeze_backbone_epochs 2 >= train.epochs 1: the trunk stays frozen for the "
             "whole run; only what follows it trains") in (run_dir / "notes.txt").read_text()
+
+
+def test_a_split_rule_that_changed_is_told_apart_from_changed_images(tmp_path):
+    import json
+
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    run = tmp_path / "run"
+    prepare_data(_cfg(root), run)
+    doc = json.loads((run / "split.json").read_text())
+    doc["train"], doc["heldout"] = doc["heldout"], doc["train"]  # as another rule would side them
+    (run / "split.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError) as info:
+        prepare_data(_cfg(root), run, resuming=True)
+    assert str(info.value) == (
+        "--resume: the images are those the run started with, but this version of mltrain "
+        f"splits them differently from {run / 'split.json'}; resume with the version that "
+        "started the run, or start a new run"
+    )
+    cfg = _cfg(root)
+    cfg.data.split = "none"  # train and held-out are the same images: nothing to misplace
+    none_run = tmp_path / "none_run"
+    prepare_data(cfg, none_run)
+    prepare_data(cfg, none_run, resuming=True)
+
+
+def test_a_run_started_before_the_stricter_checks_still_resumes(tmp_path):
+    """A run saved with a loss_lr its loss ignored, or a random sampler given arguments, was
+    accepted when it started; resuming it must not fail on the checks added since."""
+    from mltrain.files import atomic_save
+    from mltrain.model.checkpoint import load_checkpoint
+
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=4)
+    cfg = load_config(REPO / "configs/classification.yaml",
+                      [*TINY_RUN, f"data.root={root}", f"output_dir={tmp_path / 'exp'}",
+                       "train.epochs=1", "eval.tsne=false",
+                       "train.sampler={name: random}"])  # fmt: skip
+    run_dir = fit(cfg)
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    ckpt["config"]["train"]["loss_lr"] = 0.1  # cross-entropy owns no parameters
+    ckpt["config"]["train"]["sampler"] = {"name": "random", "args": {"m": 4}}
+    atomic_save(ckpt, last)
+    assert fit(resume=run_dir) == run_dir
