@@ -88,15 +88,18 @@ def error_line(e: BaseException) -> str:
 INTERRUPTED_LINE = "interrupted (Ctrl-C or SIGTERM); nothing half-written was left behind"
 
 
-_OWNER = {"pid": 0}
+def _interrupt_in(owner: int) -> Callable:
+    """A SIGTERM handler raising KeyboardInterrupt in process `owner`; a forked worker
+    (DataLoader) that inherited it dies as SIGTERM says instead."""
 
+    def handler(signum, frame) -> None:
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise KeyboardInterrupt
 
-def _raise_interrupt(signum, frame) -> None:
-    if os.getpid() != _OWNER["pid"]:  # a forked worker (DataLoader): die as SIGTERM says
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-    raise KeyboardInterrupt
+    return handler
 
 
 @contextlib.contextmanager
@@ -107,8 +110,7 @@ def term_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _OWNER["pid"] = os.getpid()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt_in(os.getpid()))
     try:
         yield
     finally:

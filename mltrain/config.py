@@ -138,15 +138,14 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-BEST_METRICS = re.compile(
-    r"map_at_r|r_precision|mean_average_precision|(precision|recall)_at_[1-9]\d*|eer|roc_auc"
-)
+AT_K = r"(?:precision|recall)_at_([1-9]\d*)"  # the metrics held-out retrieval names by k
+BEST_METRICS = re.compile(rf"map_at_r|r_precision|mean_average_precision|{AT_K}|eer|roc_auc")
 LOWER_IS_BETTER = ("eer",)
 
 
 def best_metric_k(name: str) -> int | None:
     """The k of a precision_at_<k> / recall_at_<k> metric, else None."""
-    match = re.fullmatch(r"(?:precision|recall)_at_([1-9]\d*)", name)
+    match = re.fullmatch(AT_K, name)
     return int(match.group(1)) if match else None
 
 CHOICES = {
@@ -420,22 +419,27 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def override_key(text: str) -> str:
+    """The dotted key of a `--set key=value` override, as written."""
+    return text.split("=", 1)[0].strip()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value parsed as YAML, so `1e-3`, `true`, `[1, 2]` work)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
-    key, raw = text.split("=", 1)
+    key, raw = override_key(text), text.split("=", 1)[1]
     try:
         value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         if raw.strip()[:1] in "{[":  # meant as a mapping or list: a plain string would mislead
             problem = str(getattr(e, "problem", "") or e).splitlines()[0]
             raise ConfigError(
-                f"--set {key.strip()}: {raw.strip()!r} is not valid YAML ({problem}); check its "
+                f"--set {key}: {raw.strip()!r} is not valid YAML ({problem}); check its "
                 "brackets and quotes"
             ) from None
         value = raw
-    return key.strip().split("."), value
+    return key.split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

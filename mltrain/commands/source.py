@@ -26,6 +26,7 @@ def embedder_from_args(args: argparse.Namespace, ensemble: bool = False):
         raise ConfigError("give exactly one of --checkpoint or --backbone")
     from mltrain.config import load_config
     from mltrain.inference.embedder import embedder_from_backbone, embedder_from_checkpoint
+    from mltrain.model.checkpoint import run_folder
 
     if args.checkpoint:
         if args.config:
@@ -37,11 +38,6 @@ def embedder_from_args(args: argparse.Namespace, ensemble: bool = False):
     cfg = load_config(args.config, [f"model.backbone={args.backbone}", *args.overrides])
     base = Path(cfg.output_dir) / f"backbone-{args.backbone}"
     return embedder_from_backbone(cfg), base, f"pretrained backbone {args.backbone}"
-
-
-def run_folder(checkpoint: str) -> Path:
-    ckpt = Path(checkpoint)
-    return ckpt if ckpt.is_dir() else ckpt.resolve().parent.parent
 
 
 def _ensemble(args: argparse.Namespace, allowed: bool):

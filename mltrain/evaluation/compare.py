@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mltrain.cli import add_config_args, run_main
+from mltrain.config import override_key
 from mltrain.errors import ConfigError
 
 OFFLINE = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
@@ -85,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     for item in args.overrides:  # each backbone replaces it: name them with --backbones
-        if item.split("=", 1)[0].strip() == "model.backbone":
+        if override_key(item) == "model.backbone":
             raise ConfigError(f"--set {item}: compare sets model.backbone itself; name the "
                               "networks with --backbones NAME [NAME ...]")  # fmt: skip
     rows = compare(args.config, args.backbones, args.overrides)

@@ -56,6 +56,12 @@ def load_error_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def run_folder(path: str | Path) -> Path:
+    """The run a checkpoint belongs to: the folder itself, or the one above checkpoints/."""
+    path = Path(path)
+    return path if path.is_dir() else path.resolve().parent.parent
+
+
 def resolve_checkpoint(path: str | Path, prefer: str = "last.pt") -> Path:
     """A run folder or its checkpoints/ folder means its `prefer` checkpoint, else `last.pt`:
     resuming continues from last.pt; evaluating and exporting want best.pt, the epoch the run

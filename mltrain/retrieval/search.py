@@ -213,11 +213,15 @@ def rank_hits(
     through this, so they answer the same image alike."""
     found = [(float(sc), int(row)) for sc, row in zip(scores, rows, strict=True)
              if row >= 0]  # an approximate index may not fill every slot  # fmt: skip
-    if _has_pca(bundle) and found:
-        found = exact_scores(bundle, query, [row for _, row in found])
-    if rerank != "none" and found:
-        cand = _rows_of(bundle, [row for _, row in found])
-        found = [found[j] for j in rerank_candidates(query, cand, rerank)]
+    pca = _has_pca(bundle)
+    if found and (pca or rerank != "none"):
+        cand = _rows_of(bundle, [row for _, row in found])  # read once, for both steps
+        if pca:
+            scores, order = exact_scores(cand, query, bundle.metric)
+            found = [(float(scores[j]), found[j][1]) for j in order]
+            cand = cand[order]
+        if rerank != "none":
+            found = [found[j] for j in rerank_candidates(query, cand, rerank)]
     hits = []
     for score, row in found[:k]:
         meta = bundle.metadata[row]
@@ -225,21 +229,19 @@ def rank_hits(
     return hits
 
 
-def exact_scores(bundle: Bundle, query: np.ndarray, rows: list[int]) -> list[tuple[float, int]]:
-    """(score, row) of `rows` from their stored full-length embeddings, best first.
+def exact_scores(cand: np.ndarray, query: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, best-first order) of candidates `cand` (their stored full-length embeddings)
+    against the prepared `query`.
 
     A PCA bundle's index ranks in the reduced (centred) space, whose cosines differ from the
     full-length ones that `verify` reports and the calibrated threshold was set on; so its
     candidates are scored again here (a refinement step, like Faiss's IndexRefine), and every
     score a user sees is on the threshold's scale."""
-    cand = _rows_of(bundle, rows)
-    if bundle.metric == "cosine":
+    if metric == "cosine":
         scores = l2_normalize(cand) @ query
-        order = np.argsort(-scores, kind="stable")
-    else:
-        scores = ((cand - query[None, :]) ** 2).sum(axis=1)
-        order = np.argsort(scores, kind="stable")
-    return [(float(scores[j]), rows[j]) for j in order]
+        return scores, np.argsort(-scores, kind="stable")
+    scores = ((cand - query[None, :]) ** 2).sum(axis=1)
+    return scores, np.argsort(scores, kind="stable")
 
 
 RERANK_CANDIDATES = 50

@@ -27,7 +27,14 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from mltrain import __version__, distributed
-from mltrain.config import LOWER_IS_BETTER, Config, best_metric_k, save_config, to_dict
+from mltrain.config import (
+    LOWER_IS_BETTER,
+    Config,
+    best_metric_k,
+    override_key,
+    save_config,
+    to_dict,
+)
 from mltrain.data.archive import absolute_root
 from mltrain.data.dataset import make_loader
 from mltrain.data.pipeline import (
@@ -46,7 +53,12 @@ from mltrain.evaluation.metrics import retrieval_metrics, verification_metrics
 from mltrain.evaluation.plan import usable_ks
 from mltrain.files import atomic_save, check_free_space, check_writable
 from mltrain.inference.batching import extract_embeddings
-from mltrain.model.checkpoint import CHECKPOINT_FORMAT, checkpoint_config, load_checkpoint
+from mltrain.model.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_config,
+    load_checkpoint,
+    run_folder,
+)
 from mltrain.model.fusion import fold_batchnorm
 from mltrain.model.losses import Criterion, build_criterion
 from mltrain.model.network import EmbeddingModel, build_model, check_backbone_name, data_config
@@ -191,6 +203,7 @@ class Run:
                                           resuming=resuming)
         check_best_metric_fits(cfg, len(self.data.split.heldout))
         self._fit_batch_size()
+        self._check_sampler()
         n_classes = len(self.data.train_classes)
         self.model: EmbeddingModel = build_model(cfg.model, num_classes=n_classes)
         # model.bn_stats: the pretrained running statistics, kept aside to evaluate against
@@ -243,9 +256,14 @@ class Run:
             report_notes(notes, self.run_dir)
         if t.batch_size != asked and self.main:
             save_config(self.cfg, self.run_dir / "config.yaml")
+
+    def _check_sampler(self) -> None:
+        """A bad sampler argument fails here, before the prefix cache, not in the first epoch.
+        A run resumed from before the random sampler refused arguments drops them: they did
+        nothing then either."""
+        t = self.cfg.train
         if self.resuming and t.sampler.get("name") == "random" and t.sampler.get("args"):
-            t.sampler = {"name": "random"}  # started before random refused args: they did nothing
-        # a bad sampler argument fails here, before the prefix cache, not in the first epoch
+            t.sampler = {"name": "random"}
         build_sampler(t.sampler, self.data.train_labels, t.batch_size, self.cfg.seed)
 
     def loss(self, emb: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
@@ -672,7 +690,7 @@ def fit(
         cfg = checkpoint_config(ckpt, overrides, f"checkpoint {resume}")
     check_optimization(cfg)
     if resume is not None:
-        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).resolve().parent.parent
+        run_dir = run_folder(resume)
         distributed.init(resolve_device(cfg.train.device))
         check_writable(run_dir, "fix its permissions or free space, or resume a copy of it")
     else:
@@ -716,7 +734,7 @@ RESUME_FIXED = ("eval.metric", "eval.flip_tta")
 
 def check_resume_overrides(overrides: list[str]) -> None:
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
+        key = override_key(item)
         allowed = any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_OVERRIDES)
         if not allowed or key in RESUME_FIXED:
             raise ConfigError(
