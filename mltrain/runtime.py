@@ -21,7 +21,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise MltrainError("train.device: cuda requested but no CUDA device is available")
+        raise MltrainError(
+            "train.device: cuda requested but no CUDA device is available; use --set "
+            "train.device=auto (or cpu)"
+        )
     return torch.device(name)
 
 

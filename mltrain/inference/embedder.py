@@ -128,7 +128,8 @@ def embedder_from_checkpoint(path: str | Path, overrides: list[str] | None = Non
     """The checkpoint's own config rebuilds the model; its weights need no download. A run
     folder means its best.pt."""
     ckpt = load_checkpoint(path, prefer="best.pt")
-    cfg = checkpoint_config(ckpt, overrides, f"config stored in checkpoint {path}")
+    cfg = checkpoint_config(ckpt, overrides, f"config stored in checkpoint {path}",
+                            elsewhere=True)
     num_classes = len(ckpt.get("train_classes") or [])
     if not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{path}: 'model' holds no state dict")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mltrain.config import Config, apply_overrides, from_dict
+from mltrain.config import Config, apply_overrides, from_dict, to_dict
 from mltrain.errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1  # the layout of a training checkpoint's dict
@@ -80,10 +80,32 @@ def resolve_checkpoint(path: str | Path, prefer: str = "last.pt") -> Path:
     raise CheckpointError(f"no checkpoints/{prefer} under {path}; pass a .pt file or a run folder")
 
 
-def checkpoint_config(ckpt: dict[str, Any], overrides: list[str] | None, source: str) -> Config:
+# Settings of the machine a run trained on, not of its model. A checkpoint opened for inference
+# elsewhere (trained on a GPU with 7 loader workers, evaluated on a 2-core laptop) takes this
+# machine's defaults for them; `--set` still names them.
+MACHINE_KEYS = (("train", "device"), ("data", "num_workers"))
+
+
+def checkpoint_config(
+    ckpt: dict[str, Any], overrides: list[str] | None, source: str, elsewhere: bool = False
+) -> Config:
     """The config a checkpoint was trained with, `--set` overrides on top: resuming and
-    evaluating read a checkpoint's settings the same way. `ckpt` is left unchanged."""
+    evaluating read a checkpoint's settings the same way. With `elsewhere` (inference, which
+    may run on another machine) the `MACHINE_KEYS` start from their defaults. `ckpt` is left
+    unchanged."""
     data = copy.deepcopy(ckpt["config"])
+    if elsewhere:
+        data = for_this_machine(data)
     if overrides:
         data = apply_overrides(data, overrides)
     return from_dict(data, source)
+
+
+def for_this_machine(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (plain data, changed in place) with the `MACHINE_KEYS` at their
+    defaults: for checkpoints and bundles opened on a machine they may not have come from."""
+    defaults = to_dict(Config())
+    for section, key in MACHINE_KEYS:
+        if isinstance(config.get(section), dict):
+            config[section][key] = defaults[section][key]
+    return config

@@ -10,8 +10,10 @@ convention only loses the speed-up.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -44,6 +46,22 @@ def _fold_children(parent: nn.Module) -> int:
     return folded
 
 
+@contextlib.contextmanager
+def _ieee_fp32() -> Iterator[None]:
+    """Plain fp32 arithmetic for the comparison: on CUDA, cuDNN runs fp32 convolutions in TF32
+    (a 10-bit mantissa) by default, which moved a probe's embeddings by up to 1.7e-3 on an H200
+    and so failed every fold, with a warning at each held-out evaluation."""
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    old = [f.allow_tf32 for f in flags]
+    for f in flags:
+        f.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for f, value in zip(flags, old, strict=True):
+            f.allow_tf32 = value
+
+
 def fold_batchnorm(
     model: EmbeddingModel, probe: torch.Tensor, atol: float = 1e-4
 ) -> EmbeddingModel:
@@ -55,7 +73,7 @@ def fold_batchnorm(
     if not folded:
         return model
     fast._stages = trunk_stages(fast.trunk)  # the stage wrappers held the unfolded modules
-    with torch.inference_mode():
+    with torch.inference_mode(), _ieee_fp32():
         want, got = model.float().embed(probe), fast.embed(probe)
     if not torch.allclose(want, got, atol=atol):
         warnings.warn(

@@ -64,6 +64,7 @@ from mltrain.errors import BundleError, CheckpointError, ConfigError
 from mltrain.files import torch_save
 from mltrain.inference.embedder import BACKENDS as RUNNERS
 from mltrain.inference.embedder import Embedder, make_embedder
+from mltrain.model.checkpoint import for_this_machine
 from mltrain.model.network import model_from_state
 from mltrain.retrieval.index import load_index
 from mltrain.retrieval.shards import (
@@ -475,7 +476,9 @@ def _open_shards(
 
 
 def bundle_config(bundle: Bundle):
-    return from_dict(copy.deepcopy(bundle.manifest["config"]), f"{bundle.path / MANIFEST}")
+    """The exporting run's config; a bundle travels, so the machine keys are this machine's."""
+    stored = for_this_machine(copy.deepcopy(bundle.manifest["config"]))
+    return from_dict(stored, f"{bundle.path / MANIFEST}")
 
 
 BACKENDS = ("auto", *RUNNERS)  # what --backend takes: a runner, or auto to choose one

@@ -494,6 +494,18 @@ def apply_threshold(run: SearchRun, threshold: float) -> None:
             r.answer = r.hits[0].cls if r.hits and r.hits[0].match else "unknown"
 
 
+def _search_only_flags(args: argparse.Namespace) -> list[str]:
+    """Search flags given with `--add` (which searches nothing), so none is silently ignored;
+    `mltrain add` has none of them."""
+    given = {"-k": getattr(args, "k", None) is not None, "--sheet": getattr(args, "sheet", None),
+             "--json": getattr(args, "json", False),
+             "--threshold": getattr(args, "threshold", None) is not None,
+             "--image-root": getattr(args, "image_root", None),
+             "--rerank": getattr(args, "rerank", "auto") != "auto",
+             "--backend": getattr(args, "backend", "auto") != "auto"}  # fmt: skip
+    return [flag for flag, on in given.items() if on]
+
+
 def _run(argv: Sequence[str] | None, command: str | None) -> int:
     if command == "add":
         args = _add_parser().parse_args(argv)
@@ -501,6 +513,11 @@ def _run(argv: Sequence[str] | None, command: str | None) -> int:
     else:
         args = _parser(f"mltrain {command}" if command else "mltrain-search").parse_args(argv)
     if args.add:
+        ignored = _search_only_flags(args)
+        if ignored:
+            print(f"error: {', '.join(ignored)} only apply to a search, not with --add",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         target = args.images[0] if len(args.images) == 1 else args.images
         added = add_images(args.bundle, target, args.class_name)
         total = load_bundle(args.bundle).manifest["count"]

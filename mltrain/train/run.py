@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -157,6 +157,8 @@ def check_optimization(cfg: Config) -> None:
     one-parameter model: a bad name or argument fails in milliseconds, before a run folder,
     data checks or a model exist."""
     check_backbone_name(cfg.model.backbone)
+    # One parameter has no layers to decay (timm would warn so): layer_decay waits for the model.
+    cfg = replace(cfg, train=replace(cfg.train, layer_decay=None))
     try:
         optimizer = make_optimizer(cfg, torch.nn.Linear(1, 1))
         make_scheduler(cfg, optimizer, 1)

@@ -234,3 +234,29 @@ def test_written_files_and_staged_folders_get_the_umask_modes_not_private_ones(t
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.pt").stat().st_mode) == 0o640  # not mkstemp's 0600
     assert stat.S_IMODE(staged.stat().st_mode) == 0o750  # not mkdtemp's 0700
+
+
+def test_a_checkpoint_from_another_machine_embeds_with_this_machines_settings(tmp_path):
+    """A run trained on a GPU machine (train.device cuda, 7 loader workers) is evaluated on a
+    CPU machine: its machine settings start from this machine's defaults, `--set` still wins.
+    Resuming keeps them (the same machine, usually)."""
+    from mltrain.config import load_config, to_dict
+    from mltrain.inference.embedder import embedder_from_checkpoint
+    from mltrain.model.network import build_model
+    from tests.conftest import TINY_RUN
+
+    cfg = load_config(None, [*TINY_RUN, "train.device=cuda", "data.num_workers=7"])
+    model = build_model(cfg.model, num_classes=2)
+    ckpt = {"model": model.state_dict(), "config": to_dict(cfg), "train_classes": ["a", "b"]}
+    path = tmp_path / "gpu.pt"
+    atomic_save(ckpt, path)
+    embedder = embedder_from_checkpoint(path)
+    assert embedder.cfg.train.device == "auto" and embedder.cfg.data.num_workers is None
+    assert embedder.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert embedder_from_checkpoint(path, ["data.num_workers=1"]).cfg.data.num_workers == 1
+    kept = checkpoint.checkpoint_config(load_checkpoint(path), None, "resume")
+    assert (kept.train.device, kept.data.num_workers) == ("cuda", 7)
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match=r"no CUDA device is available; use --set "
+                                            r"train.device=auto \(or cpu\)"):  # fmt: skip
+            embedder_from_checkpoint(path, ["train.device=cuda"])

@@ -22,7 +22,7 @@ from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.index import search
 from mltrain.retrieval.search import search_images
 from mltrain.retrieval.shards import ShardReader
-from tests.conftest import tiny_embedder, write_image_folder
+from tests.conftest import gallery, tiny_embedder, write_image_folder
 
 CLASSES, PER_CLASS = 3, 5
 
@@ -469,3 +469,18 @@ def test_add_images_to_a_sharded_bundle_appends_a_shard(sharded_dir, tmp_path):
     np.testing.assert_allclose(b.embeddings[n + 1], bundle_embedder(b).embed(
         [new / "zebra" / "new_1.png"])[0], atol=1e-4)  # fmt: skip
     assert not [p for p in sharded_dir.parent.iterdir() if p.name.startswith(".b.")]
+
+
+def test_a_bundle_from_a_gpu_machine_embeds_on_this_one(served_bundle, tmp_path):
+    """Bundles travel: one exported where `train.device: cuda` and 7 loader workers were set
+    takes this machine's defaults for both, and embeds here."""
+    root, bundle = served_bundle
+    moved = tmp_path / "b"
+    shutil.copytree(bundle, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["config"]["train"]["device"] = "cuda"
+    manifest["config"]["data"]["num_workers"] = 7
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    embedder = bundle_embedder(load_bundle(moved, root), "torch")
+    assert (embedder.cfg.train.device, embedder.cfg.data.num_workers) == ("auto", None)
+    assert embedder.embed(gallery(root)[:1]).shape[0] == 1

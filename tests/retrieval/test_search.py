@@ -134,6 +134,12 @@ def test_add_flag_adds_images(exported, tmp_path, capsys):
     new.mkdir(parents=True)
     pixels = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(new / "p.png")
+    # search flags with --add would be ignored: refused, before anything is added
+    assert main(["--add", str(copy), str(new.parent), "-k", "3", "--sheet", "s.png"]) == 2
+    assert capsys.readouterr().err == (
+        "error: -k, --sheet only apply to a search, not with --add\n"
+    )
+    assert len(load_bundle(copy)) == 15
     assert main(["--add", str(copy), str(new.parent)]) == 0
     assert "added 1 images" in capsys.readouterr().out
     assert len(load_bundle(copy)) == 16

@@ -4,6 +4,7 @@ user mistakes give clear errors."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,22 @@ def test_loss_lr_for_a_loss_without_parameters_is_refused():
     )
     # the early check builds the optimizer without the loss: a proxy config must pass it
     trainer.check_optimization(load_config("configs/pooling.yaml", ["model.pretrained=false"]))
+
+
+def test_the_early_optimizer_check_leaves_layer_decay_to_the_model(caplog):
+    """It builds the optimizer for one parameter, which has no layers: timm warned "Layer-wise
+    lr decay has no effect" at every start, though the real optimizer decays 23 layers."""
+    from mltrain.model.network import build_model
+
+    sets = ["model.pretrained=false", "model.frozen_stages=0", "train.cache_frozen=false",
+            "train.cache_views=1", "train.layer_decay=0.8"]  # fmt: skip
+    cfg = load_config("configs/classification.yaml", sets)
+    with caplog.at_level("WARNING"):
+        trainer.check_optimization(cfg)
+    assert "Layer-wise lr decay" not in caplog.text
+    model = build_model(replace(cfg.model, backbone="tf_efficientnet_lite2"), num_classes=3)
+    scales = {round(g["lr_scale"], 6) for g in trainer.make_optimizer(cfg, model).param_groups}
+    assert len(scales) == 23 and max(scales) == 1.0 and min(scales) == round(0.8**22, 6)
 
 
 def test_best_metric_is_checked_and_eer_picks_the_lowest(tmp_path):
