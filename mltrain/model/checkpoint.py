@@ -57,9 +57,14 @@ def load_error_reason(e: Exception) -> str:
 
 
 def run_folder(path: str | Path) -> Path:
-    """The run a checkpoint belongs to: the folder itself, or the one above checkpoints/."""
+    """The run a checkpoint belongs to: the folder itself, the one above checkpoints/, or for
+    a file elsewhere (a downloaded `model.pt`) the folder holding it, so that results land
+    beside it and not one folder up."""
     path = Path(path)
-    return path if path.is_dir() else path.resolve().parent.parent
+    if path.is_dir():
+        return path
+    parent = path.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "last.pt") -> Path:

@@ -199,6 +199,19 @@ def test_resolve_run_folder(tmp_path):
     assert resolve_checkpoint(run, prefer="best.pt") == last  # a run with no best.pt yet
 
 
+def test_the_run_folder_of_a_loose_checkpoint_is_the_folder_holding_it(tmp_path):
+    """Results of `evaluate --checkpoint ~/Downloads/model.pt` belong beside it: they used to
+    land one folder up (in ~), as if every checkpoint sat in a run's checkpoints/."""
+    run = tmp_path / "experiments" / "triplet"
+    atomic_save(sample(5), run / "checkpoints" / "last.pt")
+    atomic_save(sample(5), tmp_path / "downloads" / "model.pt")
+    assert checkpoint.run_folder(run / "checkpoints" / "last.pt") == run.resolve()
+    assert checkpoint.run_folder(run) == run
+    assert checkpoint.run_folder(tmp_path / "downloads" / "model.pt") == (
+        tmp_path / "downloads"
+    ).resolve()
+
+
 def test_resolve_folder_without_checkpoint(tmp_path):
     run = tmp_path / "empty_run"
     (run / "checkpoints").mkdir(parents=True)
