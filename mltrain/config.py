@@ -463,7 +463,10 @@ def read_yaml(path: str | Path) -> dict:
             + (f", e.g. {path / found[0]} (it holds {', '.join(found)})" if found else "")
         )
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        guesses = [q for q in (Path("configs") / f"{path.stem}.yaml", path.with_suffix(".yaml"))
+                   if q != path and q.is_file()]  # fmt: skip
+        hint = f"did you mean {guesses[0]}?" if guesses else "see configs/ for examples"
+        raise ConfigError(f"config file {path} does not exist; {hint}")
     if not path.is_file():  # a FIFO or device would hang the read
         raise ConfigError(f"config file {path} is not a regular file; pass a YAML file")
     try:

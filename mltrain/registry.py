@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,8 +41,15 @@ class Registry:
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._items:
             valid = ", ".join(self.names())
-            raise ConfigError(f"unknown {self.kind} '{name}'; valid names: {valid}")
+            raise ConfigError(f"unknown {self.kind} '{name}'{self._close(name)}; valid names: "
+                              f"{valid}")  # fmt: skip
         return self._items[name]
+
+    def _close(self, name: str) -> str:
+        """' (did you mean X?)' for a near miss such as TripletMarginLos, any case."""
+        lower = {n.lower(): n for n in self._items}
+        close = difflib.get_close_matches(str(name).lower(), list(lower), n=2, cutoff=0.8)
+        return f" (did you mean {' or '.join(lower[c] for c in close)}?)" if close else ""
 
     def arguments(self, name: str) -> list[str]:
         """The keyword arguments component `name` takes, read from its signature (none where

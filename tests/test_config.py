@@ -127,8 +127,14 @@ def test_pretrained_accepts_bool_or_string_but_not_int():
 
 
 def test_missing_file_invalid_yaml_and_non_mapping(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist; see configs/ for examples"):
         load_config(tmp_path / "nope.yaml")
+    for typed in ("triplet", "triplet.yaml", "configs/triplet"):  # run from the repository
+        with pytest.raises(ConfigError) as info:
+            load_config(typed)
+        assert str(info.value) == (
+            f"config file {typed} does not exist; did you mean configs/triplet.yaml?"
+        )
     msg, _ = config_error(tmp_path, "train: [unclosed\n")
     assert "not valid YAML" in msg
     msg, _ = config_error(tmp_path, "- a\n- b\n")

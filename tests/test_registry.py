@@ -72,6 +72,21 @@ def test_get_unknown_raises_config_error():
         _make().get("nope")
 
 
+def test_a_near_miss_is_named():
+    """A trial's `TripletMarginLos` listed 38 losses and no suggestion."""
+    with pytest.raises(ConfigError) as info:
+        _make().get("Tripple")
+    assert str(info.value) == (
+        "unknown widget 'Tripple' (did you mean triple?); valid names: pair, triple"
+    )
+    from mltrain.model.losses import LOSSES
+
+    with pytest.raises(ConfigError) as info:
+        LOSSES.get("TripletMarginLos")
+    assert str(info.value).startswith("unknown loss 'TripletMarginLos' (did you mean "
+                                      "TripletMarginLoss or TupletMarginLoss?); valid names: ")
+
+
 def test_bad_args_become_config_error_naming_component():
     reg = _make()
     with pytest.raises(ConfigError) as info:

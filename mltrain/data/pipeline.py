@@ -111,10 +111,12 @@ def _drop_bad_images(folder: ImageFolder, cfg: Config, run_dir: Path | None) -> 
         return folder
     lines = [f"  {path}: {reason}" for path, reason in bad]
     if cfg.data.bad_images == "error":
-        if run_dir is not None:
+        kept = ""
+        if run_dir is not None:  # the run folder keeps the list and its config (README)
             (run_dir / "bad_images.txt").write_text("\n".join(lines) + "\n")
+            kept = f" (listed in {run_dir / 'bad_images.txt'})"
         raise DataError(
-            f"{len(bad)} unreadable images under {folder.root}:\n" + "\n".join(lines) + "\n"
+            f"{len(bad)} unreadable images under {folder.root}{kept}:\n" + "\n".join(lines) + "\n"
             "fix or delete them, or set data.bad_images: skip to leave them out"
         )
     where = _listed(lines, run_dir, "bad_images.txt")

@@ -111,7 +111,8 @@ def fit_batch_size(
 
     m_per_class batches hold m images of batch_size/m classes: with 3 classes and m=4 a batch
     of 64 cannot be filled, so it becomes 12 (a multiple of m, within the classes and images).
-    Classes with one training image are left out of such batches, and noted. Other samplers
+    Classes with one training image are left out of such batches, and noted; classes with
+    fewer than m repeat images within a batch, also noted. Other samplers
     shrink to the number of images, since full batches only are trained.
     """
     spec = {"name": spec} if isinstance(spec, str) else spec
@@ -124,10 +125,11 @@ def fit_batch_size(
         if lone and len(keep):
             what = "1 class" if len(lone) == 1 else f"{len(lone)} classes"
             notes.append(f"{what} with a single training image sit out the "
-                         f"balanced batches (no positive to pair with): {listing(lone)}; they "
-                         "are still searched and evaluated")  # fmt: skip
+                         f"balanced batches (no positive to pair with): {listing(lone)}; their "
+                         "held-out images, if any, are still evaluated")  # fmt: skip
         labels = labels[keep]
         m = sampler_m(spec)
+        notes += _repeat_note(labels, m, class_names)
         fits = _balanced_fit(labels, m)
         if fits < 2 * m and len(np.unique(labels)) >= 2:
             raise ConfigError(_smaller_m_advice(labels, m))
@@ -142,6 +144,19 @@ def fit_batch_size(
         why = f"{fits} training images"
     notes.append(f"train.batch_size {batch_size} lowered to {fits} to fit the data ({why})")
     return fits, notes
+
+
+def _repeat_note(labels: np.ndarray, m: int, class_names: Sequence[str]) -> list[str]:
+    """pml's sampler draws m images of a class with replacement: a class with fewer than m
+    repeats some of them in a batch (each copy augmented anew). Said, not silent."""
+    ids, counts = np.unique(labels, return_counts=True)
+    short = [str(class_names[c]) if len(class_names) > c else str(c) for c in ids[counts < m]]
+    if not short:
+        return []
+    what = "1 class has" if len(short) == 1 else f"{len(short)} classes have"
+    return [f"{what} fewer than m={m} training images, so their images repeat within a batch "
+            f"(each copy augmented anew): {listing(short)}; lower train.sampler.args.m to "
+            "avoid it"]  # fmt: skip
 
 
 def sampler_m(spec: Mapping[str, Any]) -> int:
@@ -162,6 +177,8 @@ def _smaller_m_advice(labels: np.ndarray, m: int) -> str:
     """Why no batch of 2 or more classes x m fits, and the largest m that would."""
     ids, counts = np.unique(labels, return_counts=True)
     ok = [k for k in range(m - 1, 0, -1) if _balanced_fit(labels, k) >= 2 * k]
+    whole = [k for k in ok if (counts >= k).sum() >= 2]  # batches of images that do not repeat
+    ok = whole or ok
     hint = f"lower m: --set train.sampler.args.m={ok[0]}" if ok else "add training images"
     return (f"sampler m_per_class: m {m} needs batches of at least {2 * m} images, m from each "
             f"of 2 or more classes, but the {len(labels)} training images that can pair "

@@ -8,6 +8,7 @@ and t-SNE runs on a bounded sample.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,11 @@ def render(fig: Figure, dpi: float | None = None) -> np.ndarray:
     if dpi is not None:
         fig.set_dpi(dpi)
     canvas = FigureCanvasAgg(fig)
-    canvas.draw()
+    with warnings.catch_warnings():
+        # Class names in scripts the font lacks (CJK) draw as boxes; a warning per glyph and
+        # figure would bury the run's own output.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 

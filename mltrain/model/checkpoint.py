@@ -26,6 +26,11 @@ def load_checkpoint(path: str | Path, prefer: str = "last.pt") -> dict[str, Any]
         if path.exists():  # a FIFO or device would hang the read
             raise CheckpointError(f"checkpoint {path} is not a regular file; pass a .pt file")
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if _reads_as_text(path):
+        raise CheckpointError(
+            f"{path} is a text file, not a checkpoint; pass a .pt file (a run's "
+            "checkpoints/best.pt) or its run folder"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
@@ -36,6 +41,20 @@ def load_checkpoint(path: str | Path, prefer: str = "last.pt") -> dict[str, Any]
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not an mltrain checkpoint (no model/config inside)")
     return ckpt
+
+
+def _reads_as_text(path: Path) -> bool:
+    """A config.yaml or notes file given as checkpoint: printable UTF-8 from the first byte.
+    torch files are zip archives (PK) or pickles (\\x80), neither of which reads so."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut at the end of the 512 bytes is fine
+        if e.start < len(head) - 3:
+            return False
+        text = head[: e.start].decode("utf-8")
+    return bool(text) and all(c.isprintable() or c in "\t\r\n" for c in text)
 
 
 def load_error_reason(e: Exception) -> str:
@@ -61,8 +80,8 @@ def run_folder(path: str | Path) -> Path:
     a file elsewhere (a downloaded `model.pt`) the folder holding it, so that results land
     beside it and not one folder up."""
     path = Path(path)
-    if path.is_dir():
-        return path
+    if path.is_dir():  # a run's checkpoints/ folder belongs to the run above it
+        return path.parent if path.name == "checkpoints" else path
     parent = path.resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
 
@@ -81,6 +100,11 @@ def resolve_checkpoint(path: str | Path, prefer: str = "last.pt") -> Path:
         raise CheckpointError(
             f"{path} holds {len(runs)} run folder(s), not a checkpoint; pass one, "
             f"e.g. {runs[-1]} (the latest)"
+        )
+    if (path / "manifest.json").is_file():
+        raise CheckpointError(
+            f"{path} is a search bundle, not a training run; search it with `mltrain search "
+            f"{path} IMAGE`, or pass a run folder or .pt file"
         )
     raise CheckpointError(f"no checkpoints/{prefer} under {path}; pass a .pt file or a run folder")
 

@@ -63,6 +63,17 @@ def _args(spec: dict, signature_of: Any, fill: dict[str, Any]) -> dict[str, Any]
     return args
 
 
+def _construct(key: str, registry: Registry, spec: dict, fill: dict[str, Any]) -> nn.Module:
+    """The loss or miner of `spec`; a bad argument names its config key and what it takes."""
+    cls = registry.get(spec["name"])
+    try:
+        return cls(**_args(spec, cls, fill))
+    except (TypeError, ValueError) as e:
+        takes = [p for p in registry.arguments(spec["name"]) if p not in fill]
+        offer = f"; it takes {', '.join(takes)}" if takes else ""
+        raise ConfigError(f"{key}.args: {spec['name']}: {e}{offer}") from None
+
+
 HYBRID_LABEL_SMOOTHING = 0.1
 
 
@@ -103,7 +114,7 @@ def build_criterion(
     """Losses that own weights (ArcFace, NormalizedSoftmax, ...) get their sizes filled in;
     `hybrid` (model.bnneck) adds cross-entropy on the head to a metric loss."""
     name = loss_spec["name"]
-    loss_cls = LOSSES.get(name)
+    LOSSES.get(name)  # an unknown name is the first thing said
     uses_logits = name == "cross_entropy"
     if uses_logits and not has_head:
         raise ConfigError("train.loss: cross_entropy needs a classifier: set model.head: true")
@@ -120,14 +131,8 @@ def build_criterion(
             "into train.loss.args.miner"
         )
     fill = {"num_classes": num_classes, "embedding_size": embedding_dim}
-    try:
-        loss = loss_cls(**_args(loss_spec, loss_cls, fill))
-        miner = None
-        if miner_spec:
-            miner_cls = MINERS.get(miner_spec["name"])
-            miner = miner_cls(**_args(miner_spec, miner_cls, {}))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"train.loss/train.miner: bad args: {e}") from None
+    loss = _construct("train.loss", LOSSES, loss_spec, fill)
+    miner = _construct("train.miner", MINERS, miner_spec, {}) if miner_spec else None
     criterion = Criterion(loss=loss, miner=miner, uses_logits=uses_logits, hybrid=hybrid)
     check_choices(loss_spec, "train.loss")
     if miner_spec:

@@ -163,7 +163,7 @@ def move_into_place(tmp: Path, out_dir: Path) -> None:
     old bundle back after a kill between them). Callers hold `files.lock(out_dir)` (and
     `staged` removes `tmp` when this raises).
     """
-    check_export_target(out_dir)  # again: the folder may have changed while we wrote
+    _check_replaceable(out_dir)  # again: the folder may have changed while we wrote
     files.replace_dir(tmp, out_dir)
 
 
@@ -591,11 +591,33 @@ __all__ = ["Bundle", "bundle_embedder", "choose_backend", "load_bundle", "safe_i
 
 
 def check_export_target(out_dir: Path) -> None:
-    """A bundle is only written to a new folder or over an older bundle (never over other
-    files); callers check this before long work."""
+    """A bundle is only exported to a new folder or over an older bundle (never over other
+    files, nor over images enrolled since); callers check this before long work."""
+    _check_replaceable(out_dir)
+    added = _added_rows(out_dir) if out_dir.is_dir() else 0
+    if added:
+        raise BundleError(
+            f"{out_dir} holds {added} image{'' if added == 1 else 's'} enrolled with "
+            "`mltrain add` since its export; "
+            "exporting over it would drop them: choose another folder, or remove the bundle "
+            "first to start over"
+        )
+
+
+def _check_replaceable(out_dir: Path) -> None:
     if (out_dir.exists() or out_dir.is_symlink()) and not (
         out_dir.is_dir() and is_bundle_dir(out_dir)
     ):
         raise BundleError(
             f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
         )
+
+
+def _added_rows(bundle_dir: Path) -> int:
+    """Rows `mltrain add` put into an existing bundle (0 when its manifest cannot be read:
+    nothing to protect that we can see)."""
+    try:
+        manifest = json.loads((bundle_dir / MANIFEST).read_text())
+        return sum(int(a.get("count", 0)) for a in manifest.get("added", []))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0

@@ -112,7 +112,8 @@ def export_bundle(
 
     data = data or prepare_data(cfg)
     folder = data.folder
-    check_export_index(exp, len(folder), embedder.model.embedding_dim, metric)
+    if note := check_export_index(exp, len(folder), embedder.model.embedding_dim, metric):
+        print(f"note: {note}", file=sys.stderr)
     splits = _splits_of(data)
     rows = [
         {
@@ -197,9 +198,10 @@ def bundle_bytes(embedder: Embedder, rows: int, onnx: bool = False) -> int:
     return rows * (dim * 8 + 512) + weights * (2 if onnx else 1)
 
 
-def check_export_index(exp: ExportConfig, rows: int, dim: int, metric: str) -> None:
+def check_export_index(exp: ExportConfig, rows: int, dim: int, metric: str) -> str | None:
     """Refuse index settings the gallery cannot train before any image is embedded; unset
-    sizes (IVF lists, PQ codes) are fitted to the rows, with a note where data is thin."""
+    sizes (IVF lists, PQ codes) are fitted to the rows. Returns a note where data is thin,
+    which the export prints (the commands' early checks run this too, and stay quiet)."""
     if exp.index in INDEX_TYPES:  # an unknown kind is named below, with the valid ones
         check_index_args(exp.index, exp.index_args, "export.index_args")
     sharded = rows > exp.shard_size  # trained on a sample of the shards, else on every row
@@ -208,8 +210,7 @@ def check_export_index(exp: ExportConfig, rows: int, dim: int, metric: str) -> N
         note = check_index_config(exp.index, n_train, dim, metric, exp.pca_dim, exp.index_args)
     except ConfigError as e:
         raise ConfigError(f"export.index {exp.index} for {rows} images: {e}") from None
-    if note:
-        print(f"note: export index {exp.index}: {note}", file=sys.stderr)
+    return f"export index {exp.index}: {note}" if note else None
 
 
 def _write_embeddings(

@@ -690,6 +690,11 @@ def fit(
         check_resume_overrides(overrides or [])
         ckpt = load_checkpoint(resume)
         cfg = checkpoint_config(ckpt, overrides, f"checkpoint {resume}")
+        if finished(ckpt, cfg):  # before the data checks and prefix cache of a rebuilt run
+            where = _position(StepState(**ckpt["state"]))
+            print(f"note: {run_folder(resume)} already finished ({where}); nothing to train. "
+                  "To train longer, start a new run", file=sys.stderr)  # fmt: skip
+            return run_folder(resume)
     check_optimization(cfg)
     if resume is not None:
         run_dir = run_folder(resume)
@@ -712,6 +717,17 @@ def fit(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def finished(ckpt: dict[str, Any], cfg: Config) -> bool:
+    """Whether a checkpoint's run has trained all its epochs (or its max_steps)."""
+    state = ckpt.get("state") or {}
+    if state.get("batches_done"):
+        return False
+    steps = cfg.train.max_steps
+    return state.get("epoch", 0) >= cfg.train.epochs or (
+        steps is not None and state.get("step", 0) >= steps
+    )
 
 
 def check_best_metric_fits(cfg: Config, heldout: int) -> None:

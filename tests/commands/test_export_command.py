@@ -46,3 +46,14 @@ def test_skipped_images_are_named_inline_not_in_a_file_export_never_writes(tmp_p
     assert f"skipping 1 unreadable image:\n  {root / 'class_0' / 'broken.jpg'}: not an image" in err
     assert ".txt" not in err and not list(tmp_path.rglob("*.txt"))
     assert (tmp_path / "b" / "manifest.json").is_file()
+
+
+def test_a_thin_index_note_is_printed_once(tmp_path, capsys):
+    """The early check before embedding and the export itself both judge the index: the note
+    used to be printed by each."""
+    root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
+    sets = [f"data.root={root}", *TINY_RUN, "data.split=none", "export.index=ivf_flat"]
+    argv = ["export", "--backbone", "test_efficientnet", "--out", str(tmp_path / "b")]
+    assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: export index ivf_flat: 1 coarse lists trained on 8 rows") == 1

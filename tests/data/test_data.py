@@ -447,11 +447,22 @@ def test_m_too_large_for_the_data_says_which_m_fits():
     labels = np.repeat([0, 1, 2], 2)  # 3 classes x 2 images: m 4 needs 8 images from 2 classes
     spec = {"name": "m_per_class", "args": {"m": 4}}
     with pytest.raises(ConfigError, match=r"m 4 needs batches of at least 8 .* fill at most 4; "
-                                          r"lower m: --set train.sampler.args.m=3"):
+                                          r"lower m: --set train.sampler.args.m=2"):
         fit_batch_size(spec, labels, 64)
-    size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 3}}, labels, 64)
-    assert size == 6 and "lowered to 6" in notes[0]  # the advice works: 2 classes x 3 fit
-    build_sampler({"name": "m_per_class", "args": {"m": 3}}, labels, size)
+    size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 2}}, labels, 64)
+    assert size == 6 and notes == [  # the advice works: 3 classes x 2, no image repeated
+        "train.batch_size 64 lowered to 6 to fit the data (3 classes x m 2, 6 training images)"
+    ]
+    build_sampler({"name": "m_per_class", "args": {"m": 2}}, labels, size)
+    # m 3 also fits, by drawing some image twice in every class: said so
+    size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 3}}, labels, 64,
+                                 ["a", "b", "c"])  # fmt: skip
+    assert size == 6 and notes[0] == (
+        "3 classes have fewer than m=3 training images, so their images repeat within a batch "
+        "(each copy augmented anew): a, b, c; lower train.sampler.args.m to avoid it"
+    )
+    batch = list(build_sampler({"name": "m_per_class", "args": {"m": 3}}, labels, 6, seed=0))[:6]
+    assert len(set(batch)) < 6  # pml draws with replacement: the note is true
     for bad in ("abc", 0, 2.5, True):
         with pytest.raises(ConfigError, match=r"train.sampler.args.m must be a positive whole"):
             fit_batch_size({"name": "m_per_class", "args": {"m": bad}}, labels, 64)

@@ -373,3 +373,15 @@ def test_a_perfect_precision_is_not_given_a_standard_error_of_zero() -> None:
            "be 0.1000 away" in perfect and "about 0.0000" not in perfect
     usual = "\n".join(markdown._reliability({"num_queries": 100, "precision_at_1": 0.9}))
     assert "standard error is about 0.0300" in usual  # sqrt(0.9 * 0.1 / 100)
+
+
+def test_class_names_the_font_lacks_draw_without_a_warning_per_glyph():
+    """A trial's CJK class names printed matplotlib's 'Glyph ... missing' lines during training."""
+    import warnings
+
+    fig = figures.new_figure(2, 1)
+    fig.suptitle("本 字 class")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        pixels = figures.render(fig)
+    assert pixels.ndim == 3 and pixels.shape[2] == 3

@@ -207,6 +207,7 @@ def test_the_run_folder_of_a_loose_checkpoint_is_the_folder_holding_it(tmp_path)
     atomic_save(sample(5), tmp_path / "downloads" / "model.pt")
     assert checkpoint.run_folder(run / "checkpoints" / "last.pt") == run.resolve()
     assert checkpoint.run_folder(run) == run
+    assert checkpoint.run_folder(run / "checkpoints") == run  # not <run>/checkpoints/eval/
     assert checkpoint.run_folder(tmp_path / "downloads" / "model.pt") == (
         tmp_path / "downloads"
     ).resolve()
@@ -273,3 +274,28 @@ def test_a_checkpoint_from_another_machine_embeds_with_this_machines_settings(tm
         with pytest.raises(Exception, match=r"no CUDA device is available; use --set "
                                             r"train.device=auto \(or cpu\)"):  # fmt: skip
             embedder_from_checkpoint(path, ["train.device=cuda"])
+
+
+def test_a_config_or_a_bundle_given_as_checkpoint_is_named_for_what_it_is(tmp_path):
+    """A new user's two likely mix-ups: the run's config.yaml ("unsafe" and "Unsupported
+    operand 110" said nothing useful) and an exported search bundle."""
+    config = tmp_path / "config.yaml"
+    config.write_text("name: run\nseed: 0\ndata:\n  root: /data/\u00e9t\u00e9\n")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(config)
+    assert str(info.value) == (
+        f"{config} is a text file, not a checkpoint; pass a .pt file (a run's "
+        "checkpoints/best.pt) or its run folder"
+    )
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(bundle, prefer="best.pt")
+    assert str(info.value) == (
+        f"{bundle} is a search bundle, not a training run; search it with `mltrain search "
+        f"{bundle} IMAGE`, or pass a run folder or .pt file"
+    )
+    cut = tmp_path / "cut.txt"  # a multi-byte character split by the 512-byte read
+    cut.write_bytes(b"a" * 511 + "\u00e9".encode())
+    assert checkpoint._reads_as_text(cut)

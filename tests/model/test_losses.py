@@ -106,9 +106,18 @@ def test_cross_entropy_args_passed():
     assert c.loss.label_smoothing == pytest.approx(0.1)
 
 
-def test_bad_loss_args_are_config_error():
-    with pytest.raises(ConfigError, match="bad args"):
+def test_bad_loss_or_miner_args_name_the_component_and_what_it_takes():
+    with pytest.raises(ConfigError) as info:
         crit({"name": "TripletMarginLoss", "args": {"no_such_arg": 1}})
+    assert str(info.value).startswith("train.loss.args: TripletMarginLoss: ")
+    assert str(info.value).endswith(
+        "'no_such_arg'; it takes margin, swap, smooth_loss, triplets_per_anchor"
+    )
+    miner = {"name": "TripletMarginMiner", "args": {"margn": 0.2}}  # a trial's typo
+    with pytest.raises(ConfigError) as info:
+        build_criterion({"name": "TripletMarginLoss"}, miner, 5, 16, False)
+    assert str(info.value).startswith("train.miner.args: TripletMarginMiner: ")
+    assert str(info.value).endswith("'margn'; it takes margin, type_of_triplets")
 
 
 # --- nested components and filled sizes -------------------------------------------------------

@@ -484,3 +484,25 @@ def test_a_bundle_from_a_gpu_machine_embeds_on_this_one(served_bundle, tmp_path)
     embedder = bundle_embedder(load_bundle(moved, root), "torch")
     assert (embedder.cfg.train.device, embedder.cfg.data.num_workers) == ("auto", None)
     assert embedder.embed(gallery(root)[:1]).shape[0] == 1
+
+
+def test_export_refuses_to_drop_images_enrolled_since(served_bundle, tmp_path):
+    """Exporting over a bundle replaced it whole, silently dropping what `mltrain add` had
+    enrolled (a trial lost 8 images so). Over a bundle without additions it still replaces."""
+    root, bundle = served_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    export_bundle(tiny_embedder(root, k=4), copy, "re-export")  # nothing added: replaced
+    new = tmp_path / "new" / "pink"
+    new.mkdir(parents=True)
+    Image.new("RGB", (40, 40), (255, 0, 255)).save(new / "p.png")
+    assert add_images(copy, new.parent) == 1
+    before = (copy / "metadata.csv").read_text()
+    with pytest.raises(BundleError) as info:
+        export_bundle(tiny_embedder(root, k=4), copy, "again")
+    assert str(info.value) == (
+        f"{copy} holds 1 image enrolled with `mltrain add` since its export; exporting over "
+        "it would drop them: choose another folder, or remove the bundle first to start over"
+    )
+    assert (copy / "metadata.csv").read_text() == before
+    assert add_images(copy, new.parent, "pink2") == 1  # add itself still replaces the bundle

@@ -87,6 +87,21 @@ def _interrupt_at(monkeypatch, epoch_to_stop: int):
     monkeypatch.setattr(trainer.Run, "train_epoch", fake)
 
 
+def test_resuming_a_finished_run_says_so_and_rebuilds_nothing(tmp_path, capsys, monkeypatch):
+    """It used to check the data, rebuild the model and print `done:` as if it had trained."""
+    root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
+    run_dir = trainer.fit(tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp"))
+    metrics = (run_dir / "metrics.json").read_text()
+    capsys.readouterr()
+    monkeypatch.setattr(trainer, "Run", lambda *a, **k: pytest.fail("the run was rebuilt"))
+    assert trainer.fit(resume=run_dir) == run_dir
+    assert capsys.readouterr().err == (
+        f"note: {run_dir} already finished (at epoch 2, step 2); nothing to train. To train "
+        "longer, start a new run\n"
+    )
+    assert (run_dir / "metrics.json").read_text() == metrics
+
+
 @pytest.mark.parametrize("config", ["configs/siamese.yaml", "configs/triplet.yaml"])
 @pytest.mark.parametrize("cache", [True, False])
 def test_resume_matches_uninterrupted_run(config, cache, tmp_path, monkeypatch):
@@ -148,10 +163,11 @@ def test_class_with_one_image_under_pair_sampler(tmp_path):
 def test_unreadable_image_stops_before_training_and_is_listed(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
     (root / "class_1" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    with pytest.raises(DataError, match="broken.jpg"):
+    with pytest.raises(DataError, match="broken.jpg") as info:
         trainer.fit(tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp"))
-    listed = next((tmp_path / "exp").rglob("bad_images.txt")).read_text()
-    assert "broken.jpg" in listed
+    kept = next((tmp_path / "exp").rglob("bad_images.txt"))
+    assert "broken.jpg" in kept.read_text()
+    assert f"(listed in {kept})" in str(info.value).splitlines()[0]  # the kept folder is named
 
 
 def test_unreadable_image_can_be_skipped(tmp_path):
