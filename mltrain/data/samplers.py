@@ -120,8 +120,7 @@ def fit_batch_size(
     notes = []
     if spec.get("name") == "m_per_class":
         keep = paired(labels)
-        lone = [str(class_names[c]) if len(class_names) > c else str(c)
-                for c in np.unique(np.delete(labels, keep))]  # fmt: skip
+        lone = [_name(c, class_names) for c in np.unique(np.delete(labels, keep))]
         if lone and len(keep):
             what = "1 class" if len(lone) == 1 else f"{len(lone)} classes"
             notes.append(f"{what} with a single training image sit out the "
@@ -146,11 +145,15 @@ def fit_batch_size(
     return fits, notes
 
 
+def _name(label: int, class_names: Sequence[str]) -> str:
+    return str(class_names[label]) if len(class_names) > label else str(label)
+
+
 def _repeat_note(labels: np.ndarray, m: int, class_names: Sequence[str]) -> list[str]:
     """pml's sampler draws m images of a class with replacement: a class with fewer than m
     repeats some of them in a batch (each copy augmented anew). Said, not silent."""
     ids, counts = np.unique(labels, return_counts=True)
-    short = [str(class_names[c]) if len(class_names) > c else str(c) for c in ids[counts < m]]
+    short = [_name(c, class_names) for c in ids[counts < m]]
     if not short:
         return []
     what = "1 class has" if len(short) == 1 else f"{len(short)} classes have"
@@ -177,7 +180,7 @@ def _smaller_m_advice(labels: np.ndarray, m: int) -> str:
     """Why no batch of 2 or more classes x m fits, and the largest m that would."""
     ids, counts = np.unique(labels, return_counts=True)
     ok = [k for k in range(m - 1, 0, -1) if _balanced_fit(labels, k) >= 2 * k]
-    whole = [k for k in ok if (counts >= k).sum() >= 2]  # batches of images that do not repeat
+    whole = [k for k in ok if k <= counts.min()]  # no class repeats an image in a batch
     ok = whole or ok
     hint = f"lower m: --set train.sampler.args.m={ok[0]}" if ok else "add training images"
     return (f"sampler m_per_class: m {m} needs batches of at least {2 * m} images, m from each "

@@ -71,7 +71,7 @@ def render(fig: Figure, dpi: float | None = None) -> np.ndarray:
     with warnings.catch_warnings():
         # Class names in scripts the font lacks (CJK) draw as boxes; a warning per glyph and
         # figure would bury the run's own output.
-        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")  # any version
         canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 

@@ -26,14 +26,14 @@ def load_checkpoint(path: str | Path, prefer: str = "last.pt") -> dict[str, Any]
         if path.exists():  # a FIFO or device would hang the read
             raise CheckpointError(f"checkpoint {path} is not a regular file; pass a .pt file")
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if _reads_as_text(path):
-        raise CheckpointError(
-            f"{path} is a text file, not a checkpoint; pass a .pt file (a run's "
-            "checkpoints/best.pt) or its run folder"
-        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        if _reads_as_text(path):  # only once refused: the guess never blocks a real load
+            raise CheckpointError(
+                f"{path} is a text file, not a checkpoint; pass a .pt file (a run's "
+                "checkpoints/best.pt) or its run folder"
+            ) from None
         raise CheckpointError(
             f"{path} is not a loadable mltrain checkpoint ({load_error_reason(e)}); "
             "it may be corrupt, truncated or unsafe"
@@ -43,11 +43,18 @@ def load_checkpoint(path: str | Path, prefer: str = "last.pt") -> dict[str, Any]
     return ckpt
 
 
+# torch's legacy format opens with this number; at pickle protocol 0 it is printable text.
+_TORCH_LEGACY_TEXT = b"L119547037146038801333356L"
+
+
 def _reads_as_text(path: Path) -> bool:
-    """A config.yaml or notes file given as checkpoint: printable UTF-8 from the first byte.
-    torch files are zip archives (PK) or pickles (\\x80), neither of which reads so."""
+    """A config.yaml or notes file given as checkpoint: printable UTF-8 from the first byte
+    (a byte-order mark allowed). torch files are zip archives or binary pickles; a protocol-0
+    pickle reads as text too, and is refused by the safe loader all the same."""
     with open(path, "rb") as f:
-        head = f.read(512)
+        head = f.read(512).removeprefix(b"\xef\xbb\xbf")
+    if head.startswith(_TORCH_LEGACY_TEXT):
+        return False
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as e:  # a character cut at the end of the 512 bytes is fine
@@ -81,9 +88,14 @@ def run_folder(path: str | Path) -> Path:
     beside it and not one folder up."""
     path = Path(path)
     if path.is_dir():  # a run's checkpoints/ folder belongs to the run above it
-        return path.parent if path.name == "checkpoints" else path
+        return path.parent if _in_run(path) else path
     parent = path.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else parent
+    return parent.parent if _in_run(parent) else parent
+
+
+def _in_run(folder: Path) -> bool:
+    """Whether `folder` is a run's checkpoints/ (beside the config.yaml every run writes)."""
+    return folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file()
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "last.pt") -> Path:

@@ -46,20 +46,32 @@ def _fold_children(parent: nn.Module) -> int:
     return folded
 
 
+def _tf32_switches() -> list[tuple[object, str, object]]:
+    """(owner, attribute, plain-fp32 value) of what lets fp32 convolutions and matmuls run in
+    TF32: torch 2.9+'s per-operation `fp32_precision` where present (reading the older
+    `allow_tf32` there raises once the two kinds of setting disagree), else `allow_tf32`."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return [(conv, "fp32_precision", "ieee"),
+                (torch.backends.cuda.matmul, "fp32_precision", "ieee")]  # fmt: skip
+    return [(torch.backends.cudnn, "allow_tf32", False),
+            (torch.backends.cuda.matmul, "allow_tf32", False)]  # fmt: skip
+
+
 @contextlib.contextmanager
 def _ieee_fp32() -> Iterator[None]:
     """Plain fp32 arithmetic for the comparison: on CUDA, cuDNN runs fp32 convolutions in TF32
     (a 10-bit mantissa) by default, which moved a probe's embeddings by up to 1.7e-3 on an H200
     and so failed every fold, with a warning at each held-out evaluation."""
-    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
-    old = [f.allow_tf32 for f in flags]
-    for f in flags:
-        f.allow_tf32 = False
+    switches = _tf32_switches()
+    old = [getattr(owner, name) for owner, name, _ in switches]
+    for owner, name, plain in switches:
+        setattr(owner, name, plain)
     try:
         yield
     finally:
-        for f, value in zip(flags, old, strict=True):
-            f.allow_tf32 = value
+        for (owner, name, _), value in zip(switches, old, strict=True):
+            setattr(owner, name, value)
 
 
 def fold_batchnorm(

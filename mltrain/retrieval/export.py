@@ -126,6 +126,7 @@ def export_bundle(
     ]
     head = embedder.model.head
     with staged(out_dir, "partial") as tmp:
+        check_export_target(out_dir)  # again, locked: an `add` may have ended while we waited
         onnx_record = _write_onnx(embedder, folder.paths, tmp) if onnx else None
         idx, dim, shards = _write_embeddings(
             embedder, folder.paths, folder.labels, tmp, exp, metric

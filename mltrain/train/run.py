@@ -599,7 +599,7 @@ class Run:
 
 
     def done(self) -> bool:
-        return self.state.epoch >= self.cfg.train.epochs or self.hit_max_steps()
+        return trained_all(self.state.epoch, self.state.step, self.cfg)
 
 
     def hit_max_steps(self) -> bool:
@@ -690,10 +690,10 @@ def fit(
         check_resume_overrides(overrides or [])
         ckpt = load_checkpoint(resume)
         cfg = checkpoint_config(ckpt, overrides, f"checkpoint {resume}")
-        if finished(ckpt, cfg):  # before the data checks and prefix cache of a rebuilt run
+        if finished(ckpt, cfg, run_folder(resume)):  # before data checks and prefix cache
             where = _position(StepState(**ckpt["state"]))
-            print(f"note: {run_folder(resume)} already finished ({where}); nothing to train. "
-                  "To train longer, start a new run", file=sys.stderr)  # fmt: skip
+            print(f"note: {run_folder(resume)} already finished ({where}); nothing to train "
+                  "(to train longer, start a new run). Its summary:", file=sys.stderr)  # fmt: skip
             return run_folder(resume)
     check_optimization(cfg)
     if resume is not None:
@@ -719,14 +719,20 @@ def fit(
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
-def finished(ckpt: dict[str, Any], cfg: Config) -> bool:
-    """Whether a checkpoint's run has trained all its epochs (or its max_steps)."""
-    state = ckpt.get("state") or {}
-    if state.get("batches_done"):
-        return False
+def trained_all(epoch: int, step: int, cfg: Config) -> bool:
+    """Whether a run at this epoch and step has trained all its epochs (or its max_steps)."""
     steps = cfg.train.max_steps
-    return state.get("epoch", 0) >= cfg.train.epochs or (
-        steps is not None and state.get("step", 0) >= steps
+    return epoch >= cfg.train.epochs or (steps is not None and step >= steps)
+
+
+def finished(ckpt: dict[str, Any], cfg: Config, run_dir: Path) -> bool:
+    """Whether a checkpoint's run ended, summary written (one killed before `metrics.json` is
+    rebuilt, as before, to write it)."""
+    state = ckpt.get("state") or {}
+    return (
+        not state.get("batches_done")
+        and trained_all(state.get("epoch", 0), state.get("step", 0), cfg)
+        and (run_dir / "metrics.json").is_file()
     )
 
 

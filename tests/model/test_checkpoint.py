@@ -204,13 +204,16 @@ def test_the_run_folder_of_a_loose_checkpoint_is_the_folder_holding_it(tmp_path)
     land one folder up (in ~), as if every checkpoint sat in a run's checkpoints/."""
     run = tmp_path / "experiments" / "triplet"
     atomic_save(sample(5), run / "checkpoints" / "last.pt")
+    (run / "config.yaml").write_text("name: triplet\n")  # every run writes one
     atomic_save(sample(5), tmp_path / "downloads" / "model.pt")
+    atomic_save(sample(5), tmp_path / "home" / "checkpoints" / "model.pt")  # no run above
     assert checkpoint.run_folder(run / "checkpoints" / "last.pt") == run.resolve()
     assert checkpoint.run_folder(run) == run
     assert checkpoint.run_folder(run / "checkpoints") == run  # not <run>/checkpoints/eval/
-    assert checkpoint.run_folder(tmp_path / "downloads" / "model.pt") == (
-        tmp_path / "downloads"
-    ).resolve()
+    for loose in (tmp_path / "downloads", tmp_path / "home" / "checkpoints"):
+        assert checkpoint.run_folder(loose / "model.pt") == loose.resolve()
+    home_checkpoints = tmp_path / "home" / "checkpoints"
+    assert checkpoint.run_folder(home_checkpoints) == home_checkpoints
 
 
 def test_resolve_folder_without_checkpoint(tmp_path):
@@ -299,3 +302,12 @@ def test_a_config_or_a_bundle_given_as_checkpoint_is_named_for_what_it_is(tmp_pa
     cut = tmp_path / "cut.txt"  # a multi-byte character split by the 512-byte read
     cut.write_bytes(b"a" * 511 + "\u00e9".encode())
     assert checkpoint._reads_as_text(cut)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfname: run\n")
+    assert checkpoint._reads_as_text(bom)
+    legacy = tmp_path / "legacy.pt"  # torch's own legacy format at protocol 0: not "text"
+    torch.save(sample(), legacy, _use_new_zipfile_serialization=False, pickle_protocol=0)
+    assert not checkpoint._reads_as_text(legacy)
+    zipped = tmp_path / "zipped.pt"
+    torch.save(sample(), zipped)
+    assert not checkpoint._reads_as_text(zipped) and load_checkpoint(zipped)["epoch"] == 3

@@ -89,27 +89,27 @@ def test_embedder_folds_by_default_and_matches_unfolded(tmp_path):
     torch.testing.assert_close(folded.embed(paths), plain.embed(paths), atol=1e-5, rtol=1e-4)
 
 
-def test_the_fold_check_compares_in_plain_fp32_and_restores_the_tf32_flags(monkeypatch):
+def test_the_fold_check_compares_in_plain_fp32_and_restores_the_tf32_switches(monkeypatch):
     """cuDNN runs fp32 convolutions in TF32 by default; on an H200 that moved the probe's
-    embeddings by 1.7e-3 and every fold was rejected. The flags are off only for the check."""
-    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    embeddings by 1.7e-3 and every fold was rejected. The switches are plain fp32 only for
+    the check, and come back as they were."""
+    from mltrain.model.fusion import _tf32_switches
+
+    switches = _tf32_switches()
     seen = []
     real_embed = EmbeddingModel.embed
 
     def embed(self, x):
-        seen.append([f.allow_tf32 for f in flags])
+        seen.append([getattr(owner, name) for owner, name, _ in switches])
         return real_embed(self, x)
 
     monkeypatch.setattr(EmbeddingModel, "embed", embed)
-    before = [f.allow_tf32 for f in flags]  # torch's cuBLAS flags module resists monkeypatch
-    try:
-        for f in flags:
-            f.allow_tf32 = True
-        model = build_model(ModelConfig(backbone="resnet18", pretrained=False)).eval()
-        _randomise_bn(model)
-        assert fold_batchnorm(model, torch.randn(2, 3, 32, 32)) is not model
-        assert seen == [[False, False], [False, False]]  # the original's, the folded copy's
-        assert [f.allow_tf32 for f in flags] == [True, True]
-    finally:
-        for f, value in zip(flags, before, strict=True):
-            f.allow_tf32 = value
+    before = [getattr(owner, name) for owner, name, _ in switches]
+    model = build_model(ModelConfig(backbone="resnet18", pretrained=False)).eval()
+    _randomise_bn(model)
+    assert fold_batchnorm(model, torch.randn(2, 3, 32, 32)) is not model
+    plain = [value for _, _, value in switches]
+    assert seen == [plain, plain]  # the original's and the folded copy's embeddings
+    assert [getattr(owner, name) for owner, name, _ in switches] == before
+    if hasattr(torch.backends.cudnn, "conv"):  # torch 2.9+: convolutions default to TF32
+        assert plain == ["ieee", "ieee"]

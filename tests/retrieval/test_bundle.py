@@ -506,3 +506,24 @@ def test_export_refuses_to_drop_images_enrolled_since(served_bundle, tmp_path):
     )
     assert (copy / "metadata.csv").read_text() == before
     assert add_images(copy, new.parent, "pink2") == 1  # add itself still replaces the bundle
+
+
+def test_an_add_that_ends_while_export_embeds_is_not_dropped(served_bundle, tmp_path, monkeypatch):
+    """The first check runs before the bundle's lock is taken: an `add` finishing between it
+    and the lock must still stop the export (checked again under the lock)."""
+    root, bundle = served_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    new = tmp_path / "new" / "pink"
+    new.mkdir(parents=True)
+    Image.new("RGB", (40, 40), (255, 0, 255)).save(new / "p.png")
+    real_check = export_mod.check_export_index
+
+    def add_meanwhile(*args, **kwargs):  # runs after the first target check, before the lock
+        assert add_images(copy, new.parent) == 1
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(export_mod, "check_export_index", add_meanwhile)
+    with pytest.raises(BundleError, match="holds 1 image enrolled with `mltrain add`"):
+        export_bundle(tiny_embedder(root, k=4), copy, "racing")
+    assert len(load_bundle(copy)) == len(load_bundle(bundle)) + 1

@@ -88,18 +88,27 @@ def _interrupt_at(monkeypatch, epoch_to_stop: int):
 
 
 def test_resuming_a_finished_run_says_so_and_rebuilds_nothing(tmp_path, capsys, monkeypatch):
-    """It used to check the data, rebuild the model and print `done:` as if it had trained."""
+    """It used to check the data and rebuild the model, silently, to train nothing. One killed
+    before writing its summary is still rebuilt, to write it."""
+    from mltrain.commands import train as train_command
+
     root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
     run_dir = trainer.fit(tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp"))
     metrics = (run_dir / "metrics.json").read_text()
     capsys.readouterr()
+    real_run = trainer.Run
     monkeypatch.setattr(trainer, "Run", lambda *a, **k: pytest.fail("the run was rebuilt"))
-    assert trainer.fit(resume=run_dir) == run_dir
-    assert capsys.readouterr().err == (
-        f"note: {run_dir} already finished (at epoch 2, step 2); nothing to train. To train "
-        "longer, start a new run\n"
+    train_command.main(["--resume", str(run_dir)])
+    out, err = capsys.readouterr()
+    assert err == (
+        f"note: {run_dir} already finished (at epoch 2, step 2); nothing to train (to train "
+        "longer, start a new run). Its summary:\n"
     )
+    assert out.startswith("done: 2 epochs, 2 steps") and out.endswith(f"\n{run_dir}\n")
     assert (run_dir / "metrics.json").read_text() == metrics
+    (run_dir / "metrics.json").unlink()
+    monkeypatch.setattr(trainer, "Run", real_run)
+    assert trainer.fit(resume=run_dir) == run_dir and (run_dir / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize("config", ["configs/siamese.yaml", "configs/triplet.yaml"])
