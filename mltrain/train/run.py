@@ -603,7 +603,7 @@ class Run:
 
 
     def hit_max_steps(self) -> bool:
-        return self.cfg.train.max_steps is not None and self.state.step >= self.cfg.train.max_steps
+        return past_max_steps(self.state.step, self.cfg)
 
 
 def _better(key: str, new: dict[str, Any], old: dict[str, Any]) -> bool:
@@ -690,14 +690,14 @@ def fit(
         check_resume_overrides(overrides or [])
         ckpt = load_checkpoint(resume)
         cfg = checkpoint_config(ckpt, overrides, f"checkpoint {resume}")
-        if finished(ckpt, cfg, run_folder(resume)):  # before data checks and prefix cache
+        run_dir = run_folder(resume)
+        if finished(ckpt, cfg, run_dir):  # before data checks and prefix cache
             where = _position(StepState(**ckpt["state"]))
-            print(f"note: {run_folder(resume)} already finished ({where}); nothing to train "
+            print(f"note: {run_dir} already finished ({where}); nothing to train "
                   "(to train longer, start a new run). Its summary:", file=sys.stderr)  # fmt: skip
-            return run_folder(resume)
+            return run_dir
     check_optimization(cfg)
     if resume is not None:
-        run_dir = run_folder(resume)
         distributed.init(resolve_device(cfg.train.device))
         check_writable(run_dir, "fix its permissions or free space, or resume a copy of it")
     else:
@@ -719,10 +719,13 @@ def fit(
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+def past_max_steps(step: int, cfg: Config) -> bool:
+    return cfg.train.max_steps is not None and step >= cfg.train.max_steps
+
+
 def trained_all(epoch: int, step: int, cfg: Config) -> bool:
     """Whether a run at this epoch and step has trained all its epochs (or its max_steps)."""
-    steps = cfg.train.max_steps
-    return epoch >= cfg.train.epochs or (steps is not None and step >= steps)
+    return epoch >= cfg.train.epochs or past_max_steps(step, cfg)
 
 
 def finished(ckpt: dict[str, Any], cfg: Config, run_dir: Path) -> bool:
