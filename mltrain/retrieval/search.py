@@ -515,7 +515,8 @@ def _run(argv: Sequence[str] | None, command: str | None) -> int:
     if args.add:
         ignored = _search_only_flags(args)
         if ignored:
-            print(f"error: {', '.join(ignored)} only apply to a search, not with --add",
+            verb = "applies" if len(ignored) == 1 else "apply"
+            print(f"error: {', '.join(ignored)} only {verb} to a search, not with --add",
                   file=sys.stderr)  # fmt: skip
             return 2
         target = args.images[0] if len(args.images) == 1 else args.images

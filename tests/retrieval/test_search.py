@@ -140,6 +140,8 @@ def test_add_flag_adds_images(exported, tmp_path, capsys):
         "error: -k, --sheet only apply to a search, not with --add\n"
     )
     assert len(load_bundle(copy)) == 15
+    assert main(["--add", str(copy), str(new.parent), "--json"]) == 2
+    assert capsys.readouterr().err == "error: --json only applies to a search, not with --add\n"
     assert main(["--add", str(copy), str(new.parent)]) == 0
     assert "added 1 images" in capsys.readouterr().out
     assert len(load_bundle(copy)) == 16
