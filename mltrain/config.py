@@ -454,6 +454,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# What only training reads: commands that embed with a trained or pretrained model (evaluate,
+# export, compare) refuse these in --set instead of silently ignoring them.
+TRAINING_ONLY = ("train", "data.augment", "model.frozen_stages", "model.freeze_bn",
+                 "model.bn_stats")
+READ_BY_INFERENCE = ("train.device", "train.channels_last")
+INFERENCE_TWIN = {"train.amp": "eval.amp", "train.batch_size": "eval.batch_size"}
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def check_inference_overrides(overrides: list[str], command: str) -> None:
+    """A `--set` that `command` would ignore is a one-line error, naming the key it meant."""
+    for item in overrides:
+        key = override_key(item)
+        if key in READ_BY_INFERENCE or not any(_under(key, k) for k in TRAINING_ONLY):
+            continue
+        twin = INFERENCE_TWIN.get(key)
+        where = f"set {twin} instead" if twin else "it takes effect in train.py"
+        raise ConfigError(f"--set {key}: only training reads it, so {command} would ignore it; "
+                          f"{where}")
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():

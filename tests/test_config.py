@@ -430,3 +430,21 @@ def test_a_list_as_a_key_is_one_line_and_a_k_with_a_leading_zero_is_refused(tmp_
         load_config(path)
     with pytest.raises(ConfigError, match="'precision_at_05' is not a held-out metric"):
         load_config(None, ["train.best_metric=precision_at_05"])  # never a metric's key
+
+
+def test_inference_commands_refuse_only_what_training_alone_reads():
+    from mltrain.config import check_inference_overrides
+
+    check_inference_overrides(["train.device=cpu", "train.channels_last=false", "eval.amp=off",
+                               "data.root=/x", "model.crop_pct=1.0", "seed=1"], "evaluate")
+    for key, end in [("train", "it takes effect in train.py"),
+                     ("train.optimizer.args.lr", "it takes effect in train.py"),
+                     ("data.augment", "it takes effect in train.py"),
+                     ("model.bn_stats", "it takes effect in train.py"),
+                     ("model.frozen_stages", "it takes effect in train.py"),
+                     ("train.batch_size", "set eval.batch_size instead")]:
+        with pytest.raises(ConfigError) as info:
+            check_inference_overrides([f"{key}=1"], "export")
+        assert str(info.value) == (
+            f"--set {key}: only training reads it, so export would ignore it; {end}"
+        )

@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.export and args.checkpoint and len(args.checkpoint) > 1:
         raise ConfigError("--export takes one --checkpoint: a bundle holds one model; "
                           "evaluate the ensemble without --export")  # fmt: skip
-    embedder, base, source = embedder_from_args(args, ensemble=True)
+    embedder, base, source = embedder_from_args(args, "evaluate", ensemble=True)
     out = Path(args.out) if args.out else new_eval_dir(base, create=False)
     export = Path(args.export) if args.export else None
     from mltrain.data.pipeline import prepare_data

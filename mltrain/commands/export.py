@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mltrain.retrieval.bundle import check_export_target
     from mltrain.retrieval.export import bundle_bytes, check_export_index, export_bundle
 
-    embedder, _, source = embedder_from_args(args)
+    embedder, _, source = embedder_from_args(args, "export")
     cfg, out = embedder.cfg, Path(args.out)
     check_export_target(out)
     data = prepare_data(cfg, duplicates=False)  # no held-out figures to inflate here

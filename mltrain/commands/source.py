@@ -19,15 +19,17 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", help="a pretrained timm backbone, untrained")
 
 
-def embedder_from_args(args: argparse.Namespace, ensemble: bool = False):
+def embedder_from_args(args: argparse.Namespace, command: str, ensemble: bool = False):
     """(embedder, the folder results belong under, a description of the source). With
-    `ensemble`, several --checkpoint flags make an `EnsembleEmbedder`."""
+    `ensemble`, several --checkpoint flags make an `EnsembleEmbedder`. `--set` keys that only
+    training reads are refused: `command` would ignore them."""
     if bool(args.checkpoint) == bool(args.backbone):
         raise ConfigError("give exactly one of --checkpoint or --backbone")
-    from mltrain.config import load_config
+    from mltrain.config import check_inference_overrides, load_config
     from mltrain.inference.embedder import embedder_from_backbone, embedder_from_checkpoint
     from mltrain.model.checkpoint import run_folder
 
+    check_inference_overrides(args.overrides, command)
     if args.checkpoint:
         if args.config:
             raise ConfigError("--checkpoint carries its own config; use --set to change it")

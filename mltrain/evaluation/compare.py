@@ -89,8 +89,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if override_key(item) == "model.backbone":
             raise ConfigError(f"--set {item}: compare sets model.backbone itself; name the "
                               "networks with --backbones NAME [NAME ...]")  # fmt: skip
+    from mltrain.config import check_inference_overrides, load_config
+
+    check_inference_overrides(args.overrides, "compare")
     rows = compare(args.config, args.backbones, args.overrides)
-    from mltrain.config import load_config
 
     base = Path(load_config(args.config, args.overrides).output_dir) / "compare"
     out = Path(args.out) if args.out else base / datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -140,7 +140,9 @@ def embedder_from_checkpoint(path: str | Path, overrides: list[str] | None = Non
 
 
 def embedder_from_backbone(cfg: Config) -> Embedder:
-    """A pretrained backbone with no training: for comparing backbones before tuning."""
+    """A pretrained backbone with no training: for comparing backbones before tuning. Its
+    config's frozen stages mean nothing here, and another family may have fewer stages."""
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.head = False
+    model_cfg.frozen_stages = 0
     return make_embedder(cfg, build_model(model_cfg))

@@ -36,3 +36,41 @@ def test_a_backbone_set_in_overrides_is_refused_for_backbones():
         "--set model.backbone=tf_efficientnet_lite1: compare sets model.backbone itself; name "
         "the networks with --backbones NAME [NAME ...]"
     )
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "compare"])
+def test_a_training_key_in_set_is_refused_before_any_work(command, tmp_path):
+    """`evaluate --set train.epochs=3` used to run and ignore it; the data root does not exist,
+    so the refusal comes before anything is read."""
+    import importlib
+
+    from mltrain.errors import ConfigError
+
+    module = {"compare": "mltrain.evaluation.compare"}.get(command, f"mltrain.commands.{command}")
+    main_ = importlib.import_module(module).main
+    source = [] if command == "compare" else ["--backbone", "tf_efficientnet_lite0"]
+    extra = ["--out", str(tmp_path / "o")] if command == "export" else []
+    base = [*source, "--config", "configs/pooling.yaml", *extra,
+            "--set", f"data.root={tmp_path / 'missing'}"]  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        main_([*base, "--set", "train.epochs=3"])
+    assert str(info.value) == (f"--set train.epochs: only training reads it, so {command} "
+                               "would ignore it; it takes effect in train.py")  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        main_([*base, "--set", "train.amp=off"])
+    assert str(info.value).endswith("ignore it; set eval.amp instead")
+
+
+def test_evaluate_a_backbone_of_another_family_under_a_config_with_frozen_stages(tmp_path):
+    """configs/pooling.yaml freezes 6 stages; resnet18 has 5. Untrained, nothing is frozen, so
+    `evaluate --backbone resnet18` no longer stops at 'model.frozen_stages: 6 >= 5 stages'."""
+    from mltrain.commands.evaluate import main as evaluate
+
+    root = write_drawings(tmp_path / "d", alphabets=2, chars=2, per_class=4, size=32)
+    evaluate(["--backbone", "resnet18", "--config", "configs/pooling.yaml",
+              "--out", str(tmp_path / "e"),
+              *[a for s in [f"data.root={root}", "model.pretrained=false", "model.image_size=32",
+                            "data.num_workers=0", "eval.tsne=false", "eval.pca_lengths=[]",
+                            "eval.index_types=[flat]", "eval.rerank=false"]
+                for a in ("--set", s)]])  # fmt: skip
+    assert (tmp_path / "e" / "metrics.json").is_file()
