@@ -18,7 +18,7 @@ from pathlib import Path
 from mltrain.errors import DataError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
-_MARKER = ".mltrain-extracted"  # records the size of the archive a folder came from
+_MARKER = ".mltrain-extracted"  # the size of the archive a folder came from, and its path
 
 
 def _archive_stem(path: Path) -> str | None:
@@ -49,11 +49,32 @@ def extraction_dir(archive: Path) -> Path:
     sibling = _sibling(archive)
     if _writable(archive.parent) and (not sibling.exists() or (sibling / _MARKER).is_file()):
         return sibling
-    base = os.environ.get("MLTRAIN_CACHE") or Path.home() / ".cache" / "mltrain" / "datasets"
-    st = archive.stat()
-    key = f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    # Path and size, as the marker: a re-mounted or re-downloaded copy (new mtime) reuses it.
+    key = f"{archive.resolve()}|{archive.stat().st_size}"
     short = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return Path(base) / f"{sibling.name}-{short}"
+    return _cache_base() / f"{sibling.name}-{short}"
+
+
+def _cache_base() -> Path:
+    return Path(os.environ.get("MLTRAIN_CACHE") or Path.home() / ".cache" / "mltrain" / "datasets")
+
+
+def _stamp(folder: Path) -> list[str]:
+    """The marker's lines: the archive's size stamp, then its path (older markers lack it)."""
+    return (folder / _MARKER).read_text().splitlines()
+
+
+def _older_extractions(archive: Path, dest: Path) -> None:
+    """A note on earlier extractions of this same archive path (it had another size then)
+    left in the cache: they are not deleted here, since a run elsewhere may still read them."""
+    source = f"source={archive.resolve()}"
+    older = [d for d in dest.parent.glob(f"{_sibling(archive).name}-*")
+             if d != dest and (d / _MARKER).is_file() and source in _stamp(d)[1:]]
+    if older:
+        mb = sum(f.stat().st_size for d in older for f in d.rglob("*") if f.is_file()) / 2**20
+        print(f"note: {len(older)} older extraction(s) of {archive.name} ({mb:.0f} MB) remain: "
+              f"{', '.join(map(str, older))}; delete them if no run still uses them",
+              file=sys.stderr)
 
 
 def _sibling(archive: Path) -> Path:
@@ -83,7 +104,7 @@ def _extract(archive: Path, dest: Path) -> None:
         entries = [p for p in tmp.iterdir() if not p.name.startswith(".")]
         # A single top-level folder is the data root; otherwise the archive's top level is.
         top = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
-        (top / _MARKER).write_text(_size_stamp(archive) + "\n")
+        (top / _MARKER).write_text(f"{_size_stamp(archive)}\nsource={archive.resolve()}\n")
         try:
             top.rename(dest)
         except OSError:
@@ -122,8 +143,9 @@ def resolve_root(root: str | os.PathLike) -> Path:
             print(f"note: {sibling} was not extracted from {path.name} by mltrain, so the "
                   f"archive is extracted to {dest} instead", file=sys.stderr)
         _extract(path, dest)
-    marker = dest / _MARKER
-    if marker.is_file() and marker.read_text().strip() != _size_stamp(path):
+        if dest != _sibling(path):
+            _older_extractions(path, dest)
+    if (dest / _MARKER).is_file() and _stamp(dest)[:1] != [_size_stamp(path)]:
         raise DataError(
             f"archive {path} changed since it was extracted to {dest}; "
             f"delete {dest} so that it is extracted again"

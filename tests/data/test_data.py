@@ -142,6 +142,34 @@ def test_archive_in_read_only_dir_goes_to_cache(tmp_path, tiny_folder, monkeypat
         shelf.chmod(stat.S_IRWXU)
 
 
+def test_a_cached_extraction_survives_a_new_mtime_and_older_ones_are_named(
+    tmp_path, tiny_folder, make_image_folder, monkeypatch, capsys
+):
+    """A re-mounted or re-downloaded archive (same path and size, new mtime) used to be
+    extracted again under a new cache key, each copy kept; now it reuses its extraction, and
+    an archive that really changed names the extractions it leaves behind."""
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    archive = _tar(shelf / "cats.tar.gz", tiny_folder, "cats")
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    shelf.chmod(0o555)
+    try:
+        root = resolve_root(archive)
+        capsys.readouterr()
+        os.utime(archive, ns=(1, 1))
+        assert resolve_root(archive) == root and capsys.readouterr().err == ""
+        shelf.chmod(stat.S_IRWXU)
+        _tar(archive, make_image_folder(tmp_path / "more", classes=3, per_class=9), "cats")
+        shelf.chmod(0o555)
+        new = resolve_root(archive)
+        assert new != root and len(scan_folder(new)) == 27 and len(scan_folder(root)) == 18
+        err = capsys.readouterr().err
+        assert f"note: 1 older extraction(s) of cats.tar.gz (0 MB) remain: {root}; delete them" \
+            in err
+    finally:
+        shelf.chmod(stat.S_IRWXU)
+
+
 def test_a_folder_beside_the_archive_that_mltrain_did_not_extract_is_not_used(
     tmp_path, tiny_folder, make_image_folder, monkeypatch, capsys
 ):
