@@ -36,6 +36,11 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 image`, `2 images`: messages count in words."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def printable(text: object, keep_newlines: bool = False) -> str:
     """`text` with control and format characters (escape codes, bidi overrides, newlines)
     written as `\\x1b`-style escapes, so that names from untrusted files print as they are

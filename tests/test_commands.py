@@ -146,6 +146,10 @@ def test_search_with_rerank_keeps_the_image_itself_first(exported):
         hits = json.loads(proc.stdout)["queries"][0]["results"]
         assert len(hits) == 3 and hits[0]["path"] == "c4/3.jpg"
         assert [h["class"] for h in hits] == ["c4"] * 3
+    text = mltrain("-m", "mltrain", "search", str(work / "bundle"), str(root / "c4/3.jpg"),
+                   "-k", "3", "--rerank", "alpha_qe", cwd=work).stdout  # fmt: skip
+    assert ("; re-ranked with alpha_qe, so the hits follow its order and each score stays the "
+            "plain cosine one") in text.splitlines()[0]
 
 
 def test_evaluate_export_carries_its_rerank_finding_into_search(exported):

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from mltrain.cli import add_config_args, run_main
+from mltrain.cli import add_config_args, counted, run_main
 from mltrain.config import load_config
 from mltrain.errors import ConfigError
 
@@ -25,11 +25,7 @@ def summary_line(run_dir: Path) -> str:
         else ""
     )
     took = f"{s['setup_seconds']:.0f} s setup + {s['train_seconds']:.0f} s training"
-    return f"done: {_count(s['epochs'], 'epoch')}, {_count(s['steps'], 'step')} ({took}){p1}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    return f"done: {counted(s['epochs'], 'epoch')}, {counted(s['steps'], 'step')} ({took}){p1}"
 
 
 def parser() -> argparse.ArgumentParser:

@@ -58,6 +58,7 @@ import torch
 
 import mltrain
 from mltrain import files
+from mltrain.cli import counted
 from mltrain.config import from_dict
 from mltrain.data.folder import is_image
 from mltrain.errors import BundleError, CheckpointError, ConfigError
@@ -597,7 +598,7 @@ def check_export_target(out_dir: Path) -> None:
     added = _added_rows(out_dir) if out_dir.is_dir() else 0
     if added:
         raise BundleError(
-            f"{out_dir} holds {added} image{'' if added == 1 else 's'} enrolled with "
+            f"{out_dir} holds {counted(added, 'image')} enrolled with "
             "`mltrain add` since its export; "
             "exporting over it would drop them: choose another folder, or remove the bundle "
             "first to start over"

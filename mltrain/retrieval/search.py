@@ -49,7 +49,14 @@ from typing import Any
 import numpy as np
 
 from mltrain import files
-from mltrain.cli import INTERRUPTED, INTERRUPTED_LINE, error_line, printable, term_as_interrupt
+from mltrain.cli import (
+    INTERRUPTED,
+    INTERRUPTED_LINE,
+    counted,
+    error_line,
+    printable,
+    term_as_interrupt,
+)
 from mltrain.data.images import load_image
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.files import check_writable
@@ -523,7 +530,7 @@ def _run(argv: Sequence[str] | None, command: str | None) -> int:
         added = add_images(args.bundle, target, args.class_name)
         total = load_bundle(args.bundle).manifest["count"]
         why = "" if added else ": every one was already in it"
-        print(f"added {added} images to {printable(args.bundle)} (now {total}){why}")
+        print(f"added {counted(added, 'image')} to {printable(args.bundle)} (now {total}){why}")
         return 0
     if args.class_name:
         print("error: --class only applies with --add", file=sys.stderr)
@@ -565,7 +572,9 @@ def _run(argv: Sequence[str] | None, command: str | None) -> int:
         print(f"bundle {printable(bundle.path)}: {len(bundle)} images, "
               f"{printable(info['kind'])} index{pca}, {printable(bundle.metric)} metric; "
               f"loaded and verified in {load_ms:.0f} ms"
-              + (f"; re-ranked with {run.rerank}" if run.rerank != "none" else ""))  # fmt: skip
+              + (f"; re-ranked with {run.rerank}, so the hits follow its order and each "
+                 f"score stays the plain {printable(bundle.metric)} one"
+                 if run.rerank != "none" else ""))  # fmt: skip
         _print_table(run, bundle)
     if args.sheet:
         out = write_sheet(run, bundle, args.sheet)

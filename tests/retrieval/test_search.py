@@ -143,7 +143,7 @@ def test_add_flag_adds_images(exported, tmp_path, capsys):
     assert main(["--add", str(copy), str(new.parent), "--json"]) == 2
     assert capsys.readouterr().err == "error: --json only applies to a search, not with --add\n"
     assert main(["--add", str(copy), str(new.parent)]) == 0
-    assert "added 1 images" in capsys.readouterr().out
+    assert "added 1 image to" in capsys.readouterr().out
     assert len(load_bundle(copy)) == 16
     assert main([str(copy), str(new / "p.png"), "-k", "1", "--json"]) == 0
     hit = json.loads(capsys.readouterr().out)["queries"][0]["results"][0]
