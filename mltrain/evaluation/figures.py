@@ -25,6 +25,7 @@ from sklearn.manifold import TSNE
 from mltrain.data.images import load_image
 from mltrain.errors import DataError
 from mltrain.evaluation.metrics import class_name
+from mltrain.inference.vectors import l2_normalize
 
 GREEN = (0, 160, 0)
 
@@ -171,8 +172,7 @@ def tsne_2d(emb: np.ndarray, seed: int = 0, n_jobs: int = 2) -> np.ndarray:
     for already normalised embeddings); PCA to 50 first is the usual speed-up with no visible
     change, and brings 3000 x 1280 points down to ~20 s on 2 (busy) cores.
     """
-    x = np.asarray(emb, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = l2_normalize(emb)
     n, dim = x.shape
     if n < 4:
         raise DataError(f"t-SNE needs at least 4 points, got {n}")

@@ -29,7 +29,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from mltrain.errors import ConfigError, DataError
-from mltrain.retrieval.index import as_vectors, check_metric, knn_chunks, l2_normalize
+from mltrain.inference.vectors import l2_normalize
+from mltrain.retrieval.index import as_vectors, check_metric, knn_chunks
 from mltrain.retrieval.pairs import calibrate_threshold, class_blocks, pair_scores, sample_pairs
 from mltrain.retrieval.pairs import plain as _plain
 

@@ -19,6 +19,7 @@ import numpy as np
 from mltrain.config import Config
 from mltrain.errors import ConfigError
 from mltrain.inference.embedder import Embedder, embedder_from_checkpoint
+from mltrain.inference.vectors import l2_normalize
 
 # What decides a run's split (see `mltrain.data.splits`): members must agree on each.
 SPLIT_KEYS = ("data.root", "data.exclude_classes", "data.class_depth", "data.split",
@@ -74,15 +75,10 @@ class EnsembleEmbedder:
     def embed(self, paths: list[Path], labels: np.ndarray | None = None,
               desc: str = "embedding") -> np.ndarray:  # fmt: skip
         parts = [
-            unit_rows(m.embed(paths, labels, desc=f"{desc} ({i + 1}/{len(self.members)})"))
+            l2_normalize(m.embed(paths, labels, desc=f"{desc} ({i + 1}/{len(self.members)})"))
             for i, m in enumerate(self.members)
         ]
         return (np.concatenate(parts, axis=1) / np.sqrt(len(parts))).astype(np.float32)
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
 
 
 def ensemble_from_checkpoints(

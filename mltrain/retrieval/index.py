@@ -23,20 +23,13 @@ import faiss
 import numpy as np
 
 from mltrain.errors import BundleError, ConfigError, DataError
+from mltrain.inference.vectors import l2_normalize
 from mltrain.registry import Registry
 
 METRICS = ("cosine", "l2")
 DEFAULT_CHUNK = 8192
 
 INDEX_TYPES = Registry("index type")
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Float32 copy with unit-length rows; all-zero rows stay zero instead of becoming NaN."""
-    x = np.array(x, dtype=np.float32, copy=True)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norms, out=x, where=norms > 0)
-    return x
 
 
 def faiss_metric(metric: str) -> int:

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from mltrain.errors import ConfigError, DataError
-from mltrain.retrieval.index import check_metric, l2_normalize
+from mltrain.inference.vectors import l2_normalize
+from mltrain.retrieval.index import check_metric
 
 
 def plain(x: Any) -> Any:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from mltrain.errors import ConfigError
-from mltrain.retrieval.index import l2_normalize
+from mltrain.inference.vectors import l2_normalize
 
 RERANKERS = ("none", "k_reciprocal", "alpha_qe")
 
