@@ -64,9 +64,14 @@ class Registry:
             return fn(**args)
         except TypeError as e:
             given = sorted(spec.get("args") or {})  # the user's, not what the code filled in
-            takes = [p for p in self.arguments(spec["name"]) if p not in extra]
-            offer = f"; it takes {', '.join(takes)}" if takes else ""
+            offer = self.takes(spec["name"], extra)
             raise ConfigError(f"{self.kind} '{spec['name']}': bad args {given}: {e}{offer}") from e
+
+    def takes(self, name: str, filled: Mapping[str, Any]) -> str:
+        """`; it takes a, b`: the arguments of `name` a config may set (not those the code
+        fills in), for an error message; empty when there are none."""
+        takes = [p for p in self.arguments(name) if p not in filled]
+        return f"; it takes {', '.join(takes)}" if takes else ""
 
 
 def _parameters(fn: Callable[..., Any]) -> list[str]:

@@ -69,8 +69,7 @@ def _construct(key: str, registry: Registry, spec: dict, fill: dict[str, Any]) -
     try:
         return cls(**_args(spec, cls, fill))
     except (TypeError, ValueError) as e:
-        takes = [p for p in registry.arguments(spec["name"]) if p not in fill]
-        offer = f"; it takes {', '.join(takes)}" if takes else ""
+        offer = registry.takes(spec["name"], fill)
         raise ConfigError(f"{key}.args: {spec['name']}: {e}{offer}") from None
 
 
