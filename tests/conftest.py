@@ -60,6 +60,8 @@ TINY_RUN = [
     "data.num_workers=0",
     "train.batch_size=8",
 ]
+# The same for commands that only embed (evaluate, export, compare): they refuse train.* keys.
+TINY_EMBED = [s for s in TINY_RUN if not s.startswith("train.")]
 
 
 @pytest.fixture(scope="module")

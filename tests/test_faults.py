@@ -31,7 +31,7 @@ from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import load_bundle
 from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.search import main as search_main
-from tests.conftest import TINY_RUN, tiny_embedder, write_image_folder
+from tests.conftest import TINY_EMBED, tiny_embedder, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -308,7 +308,7 @@ def evaluate_cli(monkeypatch, capsys, root: Path, *args: str) -> tuple[int, str]
     spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sets = [*TINY_RUN, f"data.root={root}", "model.image_size=32", "eval.amp=off",
+    sets = [*TINY_EMBED, f"data.root={root}", "model.image_size=32", "eval.amp=off",
             "eval.tsne=false", "eval.index_types=[flat]", "eval.pca_lengths=[4]",
             "eval.verification_pairs=100", "eval.one_shot_ways=[2]", "eval.one_shot_episodes=5",
             "eval.ks=[1]", "export.index=flat"]  # fmt: skip

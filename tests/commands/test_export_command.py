@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mltrain.__main__ import main
-from tests.conftest import TINY_RUN, write_image_folder
+from tests.conftest import TINY_EMBED, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,7 +24,7 @@ def test_wrong_index_args_name_only_the_users_keys(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(export_mod, "export_bundle",
                         lambda *a, **k: pytest.fail("images were embedded"))
     root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
-    sets = [f"data.root={root}", "model.backbone=test_efficientnet", *TINY_RUN,
+    sets = [f"data.root={root}", "model.backbone=test_efficientnet", *TINY_EMBED,
             f"export.index={index}", f"export.index_args={args}"]  # fmt: skip
     argv = ["export", "--backbone", "test_efficientnet", "--out", str(tmp_path / "b")]
     with pytest.raises(SystemExit) as e:
@@ -39,7 +39,7 @@ def test_skipped_images_are_named_inline_not_in_a_file_export_never_writes(tmp_p
     nothing."""
     root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
     (root / "class_0" / "broken.jpg").write_text("not an image")
-    sets = [f"data.root={root}", *TINY_RUN, "data.bad_images=skip", "export.index=flat"]
+    sets = [f"data.root={root}", *TINY_EMBED, "data.bad_images=skip", "export.index=flat"]
     argv = ["export", "--backbone", "test_efficientnet", "--out", str(tmp_path / "b")]
     assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 0
     err = capsys.readouterr().err
@@ -52,7 +52,7 @@ def test_a_thin_index_note_is_printed_once(tmp_path, capsys):
     """The early check before embedding and the export itself both judge the index: the note
     used to be printed by each."""
     root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
-    sets = [f"data.root={root}", *TINY_RUN, "data.split=none", "export.index=ivf_flat"]
+    sets = [f"data.root={root}", *TINY_EMBED, "data.split=none", "export.index=ivf_flat"]
     argv = ["export", "--backbone", "test_efficientnet", "--out", str(tmp_path / "b")]
     assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 0
     err = capsys.readouterr().err

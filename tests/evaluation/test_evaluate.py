@@ -18,7 +18,7 @@ from mltrain.files import atomic_save
 from mltrain.inference.embedder import embedder_from_backbone, embedder_from_checkpoint
 from mltrain.model.checkpoint import load_checkpoint
 from mltrain.train import run as trainer
-from tests.conftest import TINY_RUN, write_image_folder
+from tests.conftest import TINY_EMBED, TINY_RUN, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_EVAL = [
@@ -31,6 +31,7 @@ SMALL_EVAL = [
     "eval.ks=[1, 5]",
 ]
 TINY = [*TINY_RUN, "eval.batch_size=32", *SMALL_EVAL]
+TINY_EVAL = [*TINY_EMBED, "eval.batch_size=32", *SMALL_EVAL]  # evaluate refuses train.* keys
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,7 +94,7 @@ def test_cli_backbone_mode_prints_summary(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=3, per_class=8)
     cmd = [sys.executable, str(REPO / "evaluate.py"), "--backbone", "tf_efficientnet_lite0",
            "--config", str(REPO / "configs/pooling.yaml"), "--out", str(tmp_path / "o")]
-    for s in [*TINY, f"data.root={root}", "eval.tsne=false"]:
+    for s in [*TINY_EVAL, f"data.root={root}", "eval.tsne=false"]:
         cmd += ["--set", s]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
