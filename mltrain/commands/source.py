@@ -5,6 +5,7 @@ backbone (`--backbone NAME --config CFG`)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mltrain.cli import add_config_args
@@ -53,3 +54,29 @@ def _ensemble(args: argparse.Namespace, allowed: bool):
     embedder = ensemble_from_checkpoints(args.checkpoint, args.overrides)
     base = Path(embedder.cfg.output_dir) / "ensemble"
     return embedder, base, f"ensemble of checkpoints {', '.join(args.checkpoint)}"
+
+
+def check_heldout_unseen(args: argparse.Namespace, data) -> None:
+    """Before embedding: no held-out image may be one a --checkpoint's run trained on (its
+    split.json says which). With `data.split: none` every image is evaluated by request, so
+    that is a note; otherwise the figures would be inflated without a sign, so it is refused."""
+    from mltrain.data.pipeline import trained_on
+    from mltrain.errors import DataError
+    from mltrain.model.checkpoint import resolve_checkpoint, run_folder
+
+    held = len(data.split.heldout)
+    every = data.split.kind == "none"
+    for ckpt in args.checkpoint or []:
+        recorded = run_folder(resolve_checkpoint(ckpt, prefer="best.pt")) / "split.json"
+        seen = trained_on(recorded, data.split, data.folder)
+        if not seen:
+            continue
+        images = "images evaluated" if every else "held-out images"
+        what = f"{len(seen)} of the {held} {images} trained {ckpt} (its {recorded})"
+        if every:
+            print(f"note: {what}: with data.split: none the figures are not held-out ones",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        raise DataError(f"{what}, e.g. {seen[0]}: data.root or the split differs from the "
+                        "run's, so the figures would be inflated; use the run's data.root and "
+                        "split, or a folder without its training images")  # fmt: skip

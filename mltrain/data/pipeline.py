@@ -163,6 +163,21 @@ def check_same_split(recorded: Path, split: Split, folder: ImageFolder) -> None:
         )
 
 
+def trained_on(recorded: Path, split: Split, folder: ImageFolder) -> list[str]:
+    """The held-out images of `split` (paths relative to the data root) that the run whose
+    split.json is `recorded` trained on. A changed folder (a class added, images moved) or
+    another split rule re-splits the images, and some of the run's training images would be
+    scored as held-out; none for a run without split.json."""
+    try:
+        trained = {entry[0] for entry in json.loads(recorded.read_text())["train"]}
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise DataError(f"cannot read {recorded} ({e}); it lists the images the run trained "
+                        "on, to keep them out of the held-out figures") from None  # fmt: skip
+    return [path for path, _ in split_doc(split, folder)["heldout"] if path in trained]
+
+
 def record_data(data: RunData, run_dir: Path) -> None:
     """Write what `prepare_data(cfg, run_dir)` would have recorded, for data prepared before
     the run folder existed: the split and the notes."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,39 @@ def test_empty_heldout_split_is_a_clear_error(tmp_path):
     cfg = load_config(REPO / "configs/pooling.yaml", [*TINY, f"data.root={root}"])
     with pytest.raises(DataError, match="empty"):
         evaluate(embedder_from_backbone(cfg), tmp_path, "backbone")
+
+
+def test_a_changed_folder_cannot_score_the_runs_training_images_as_held_out(
+    tiny_run, tmp_path, capsys
+):
+    """A trial added one class folder to a copy of the data and evaluated the run on it: the
+    re-split put 13 of the run's training images among the 43 "held-out" ones, with no word."""
+    import shutil
+
+    from mltrain.commands.evaluate import main as evaluate_main
+    from mltrain.commands.export import main as export_main
+    from mltrain.errors import DataError
+    from tests.conftest import write_image_folder as write
+
+    run_dir, root = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    write(tmp_path / "extra", classes=1, per_class=6, size=(40, 36))  # not copies of class_0
+    shutil.copytree(tmp_path / "extra" / "class_0", copy / "a_new_class")  # sorts first
+    sets = ["--set", f"data.root={copy}", "--set", "eval.tsne=false"]
+    for main, extra in [(evaluate_main, ["--out", str(tmp_path / "e")]),
+                        (export_main, ["--out", str(tmp_path / "b")])]:  # fmt: skip
+        with pytest.raises(DataError) as info:
+            main(["--checkpoint", str(run_dir), *extra, *sets])
+        message = str(info.value)
+        assert re.fullmatch(
+            rf"\d+ of the 31 held-out images trained {run_dir} \(its {run_dir}/split.json\), "
+            r"e\.g\. class_\d/img_\d+\.\w+: data\.root or the split differs from the run's, so the "
+            r"figures would be inflated; use the run's data\.root and split, or a folder "
+            r"without its training images", message), message
+    assert not (tmp_path / "e").exists() and not (tmp_path / "b").exists()
+    # The run's own folder passes; every image by request (split none) is a note.
+    evaluate_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "ok"),
+                   "--set", "eval.tsne=false", "--set", "data.split=none"])  # fmt: skip
+    assert "note: 28 of the 56 images evaluated trained" in capsys.readouterr().err
+    assert (tmp_path / "ok" / "metrics.json").is_file()
