@@ -137,8 +137,9 @@ def checkpoint_config(
     data = copy.deepcopy(ckpt["config"])
     if elsewhere:
         data = for_this_machine(data)
-    if overrides:
+    if overrides:  # a mistake in them is the user's, not the checkpoint's: say both
         data = apply_overrides(data, overrides)
+        source = f"{source} with --set {' '.join(overrides)}"
     return from_dict(data, source)
 
 

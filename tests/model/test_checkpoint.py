@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mltrain.errors import CheckpointError
+from mltrain.errors import CheckpointError, ConfigError
 from mltrain.files import atomic_save
 from mltrain.model import checkpoint
 from mltrain.model.checkpoint import load_checkpoint, resolve_checkpoint
@@ -277,6 +277,12 @@ def test_a_checkpoint_from_another_machine_embeds_with_this_machines_settings(tm
         with pytest.raises(Exception, match=r"no CUDA device is available; use --set "
                                             r"train.device=auto \(or cpu\)"):  # fmt: skip
             embedder_from_checkpoint(path, ["train.device=cuda"])
+    # A typo in --set is the user's: the message says so, not only "config stored in ..."
+    with pytest.raises(ConfigError) as info:
+        embedder_from_checkpoint(path, ["eval.tnse=false"])
+    assert str(info.value).startswith(
+        f"config stored in checkpoint {path} with --set eval.tnse=false: unknown key 'eval.tnse'"
+    )
 
 
 def test_a_config_or_a_bundle_given_as_checkpoint_is_named_for_what_it_is(tmp_path):
