@@ -188,6 +188,13 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_ep
     return sched
 
 
+SPLIT_NONE_NOTE = (
+    "data.split: none trains on every image, so its held-out figures (and the pick of "
+    "best.pt) are measured on the training images themselves: they show fit, not how the "
+    "model does on new images; per_class or class_disjoint hold images out"
+)
+
+
 class Run:
     """One training run as one object: `__init__` builds data, model, loss, optimizer and
     loaders; `train_epoch` runs an epoch and `evaluate_and_save` judges and checkpoints it;
@@ -203,6 +210,8 @@ class Run:
         self.main = distributed.is_main()
         self.data: RunData = prepare_data(cfg, run_dir if self.main else None,
                                           resuming=resuming)
+        if cfg.data.split == "none":
+            report_notes([SPLIT_NONE_NOTE], run_dir if self.main else None)
         check_best_metric_fits(cfg, len(self.data.split.heldout))
         self._fit_batch_size()
         self._check_sampler()
