@@ -67,7 +67,9 @@ def check_heldout_unseen(args: argparse.Namespace, data) -> None:
     held = len(data.split.heldout)
     every = data.split.kind == "none"
     for ckpt in args.checkpoint or []:
-        recorded = run_folder(resolve_checkpoint(ckpt, prefer="best.pt")) / "split.json"
+        path = Path(ckpt)
+        path = path if path.is_file() else resolve_checkpoint(path, prefer="best.pt")
+        recorded = run_folder(path) / "split.json"
         seen = trained_on(recorded, data.split, data.folder)
         if not seen:
             continue

@@ -82,6 +82,8 @@ class _Walk:
     images: dict[tuple[str, ...], list[Path]] = field(default_factory=dict)
     no_images: dict[tuple[str, ...], set[str]] = field(default_factory=dict)  # other suffixes
     skipped: list[str] = field(default_factory=list)
+    empty: list[tuple[str, ...]] = field(default_factory=list)  # folders holding nothing
+    hidden: list[str] = field(default_factory=list)  # dot-folders directly holding images
 
 
 def _walk(root: Path) -> _Walk:
@@ -96,10 +98,27 @@ def _walk(root: Path) -> _Walk:
             continue
         seen.add((st.st_dev, st.st_ino))
         with os.scandir(folder) as it:
-            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+            everything = sorted(it, key=lambda e: e.name)
+        entries = [e for e in everything if not e.name.startswith(".")]
+        out.hidden += ["/".join((*rel, e.name)) for e in everything
+                       if e.name.startswith(".") and _holds_images(e)]  # fmt: skip
+        if not everything and rel:
+            out.empty.append(rel)
         for entry in entries:
             _visit(entry, rel, stack, out)
     return out
+
+
+def _holds_images(entry: os.DirEntry) -> bool:
+    """A hidden folder (.git, .ipynb_checkpoints, a class renamed by mistake) worth a note:
+    one holding images itself; only its own listing is read."""
+    if not entry.is_dir(follow_symlinks=False):
+        return False
+    try:
+        with os.scandir(entry.path) as it:
+            return any(is_image(Path(e.name)) for e in it)
+    except OSError:
+        return False
 
 
 def _visit(entry: os.DirEntry, rel: tuple[str, ...], stack: list, out: _Walk) -> None:
@@ -203,6 +222,11 @@ def _labelled(root, by_class, exclude, notes, walk: _Walk, depth) -> ImageFolder
         names = listing("/".join(r) for r in sorted(empty))
         kinds = listing(sorted(set().union(*(walk.no_images[r] for r in empty))))
         notes.append(f"folders with files but no images were left out: {names} (files: {kinds})")
+    if walk.empty:
+        notes.append(f"empty folders were left out: {listing('/'.join(r) for r in walk.empty)}")
+    if walk.hidden:
+        notes.append(f"hidden folders holding images were left out: {listing(walk.hidden)} "
+                     "(names starting with '.' are skipped; rename them to use them)")
     return labelled_images(root, {c: by_class[c] for c in classes}, notes)
 
 

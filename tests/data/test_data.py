@@ -626,3 +626,22 @@ def test_a_class_depth_deeper_than_the_images_is_named(tmp_path, make_image_fold
     with pytest.raises(DataError, match=r"data.class_depth 3 may be deeper than the images: try "
                                         r"auto$"):
         scan_folder(root, class_depth=3)
+
+
+def test_empty_and_hidden_class_folders_are_noted_not_dropped_silently(
+    tmp_path, make_image_folder
+):
+    """A trial's `.2dot` class of 12 images and its `empty class` folder vanished without a
+    word; a hidden folder without images (.git) stays quiet."""
+    root = make_image_folder(tmp_path / "d", classes=3, per_class=2)
+    (root / "empty class").mkdir()
+    shutil.copytree(root / "class_0", root / ".2dot")
+    (root / ".git" / "objects").mkdir(parents=True)
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    folder = scan_folder(root)
+    assert folder.classes == ["class_0", "class_1", "class_2"]
+    assert folder.notes == [
+        "empty folders were left out: empty class",
+        "hidden folders holding images were left out: .2dot (names starting with '.' are "
+        "skipped; rename them to use them)",
+    ]

@@ -165,13 +165,14 @@ def test_a_changed_folder_cannot_score_the_runs_training_images_as_held_out(
     write(tmp_path / "extra", classes=1, per_class=6, size=(40, 36))  # not copies of class_0
     shutil.copytree(tmp_path / "extra" / "class_0", copy / "a_new_class")  # sorts first
     sets = ["--set", f"data.root={copy}", "--set", "eval.tsne=false"]
-    for main, extra in [(evaluate_main, ["--out", str(tmp_path / "e")]),
-                        (export_main, ["--out", str(tmp_path / "b")])]:  # fmt: skip
+    best = run_dir / "checkpoints" / "best.pt"
+    for main, ckpt, extra in [(evaluate_main, run_dir, ["--out", str(tmp_path / "e")]),
+                              (export_main, best, ["--out", str(tmp_path / "b")])]:  # fmt: skip
         with pytest.raises(DataError) as info:
-            main(["--checkpoint", str(run_dir), *extra, *sets])
+            main(["--checkpoint", str(ckpt), *extra, *sets])
         message = str(info.value)
         assert re.fullmatch(
-            rf"\d+ of the 31 held-out images trained {run_dir} \(its {run_dir}/split.json\), "
+            rf"\d+ of the 31 held-out images trained {ckpt} \(its {run_dir}/split.json\), "
             r"e\.g\. class_\d/img_\d+\.\w+: data\.root or the split differs from the run's, so the "
             r"figures would be inflated; use the run's data\.root and split, or a folder "
             r"without its training images", message), message
