@@ -176,15 +176,17 @@ def scan_folder(
     root: str | os.PathLike,
     exclude: Sequence[str] | str = (),
     class_depth: int | str = "auto",
+    bad_images: str = "error",
 ) -> ImageFolder:
     """Images under `root` (a folder, or a `path,label` CSV) with their classes, both sorted
-    naturally (class s2 before s10). Notes say what was skipped; errors name what to fix."""
+    naturally (class s2 before s10). Notes say what was skipped; errors name what to fix.
+    `bad_images: skip` also leaves out a CSV's rows that name no file."""
     root = Path(root)
     exclude = [exclude] if isinstance(exclude, str) else [str(e) for e in exclude]
     if root.is_file() and root.suffix.lower() == ".csv":
         from mltrain.data.labels_csv import read_labels_csv
 
-        return read_labels_csv(root, exclude)
+        return read_labels_csv(root, exclude, skip_missing=bad_images == "skip")
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; check data.root")
     walk = _walk(root)

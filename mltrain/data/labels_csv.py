@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from mltrain.cli import counted
 from mltrain.data.folder import (
     QUIET_EXCLUSIONS,
     ImageFolder,
@@ -24,6 +25,7 @@ from mltrain.errors import DataError
 
 PATH_COLUMNS = ("path", "file", "filename", "image")
 LABEL_COLUMNS = ("label", "class", "category")
+MISSING = "does not exist"  # the one row problem `data.bad_images: skip` passes over
 
 
 def _columns(first: list[str]) -> tuple[int, int, bool]:
@@ -45,8 +47,10 @@ def _rows(csv_path: Path) -> list[tuple[int, list[str]]]:
         raise DataError(f"cannot read labels file {csv_path} ({e}); save it as UTF-8 CSV") from e
 
 
-def read_labels_csv(csv_path: Path, exclude: list[str]) -> ImageFolder:
-    """Labelled images listed in `csv_path`; every problem row is named by its line number."""
+def read_labels_csv(csv_path: Path, exclude: list[str], skip_missing: bool = False) -> ImageFolder:
+    """Labelled images listed in `csv_path`; every problem row is named by its line number.
+    A file listed twice is a problem row (with two labels it would train as both classes).
+    `skip_missing` (`data.bad_images: skip`) leaves out rows naming no file, with a note."""
     rows = _rows(csv_path)
     if not rows:
         raise DataError(f"labels file {csv_path} is empty; write one 'path,label' row per image")
@@ -56,29 +60,48 @@ def read_labels_csv(csv_path: Path, exclude: list[str]) -> ImageFolder:
     by_class: dict[str, list[Path]] = {}
     labels: set[str] = set()
     problems: list[str] = []
+    missing: list[str] = []
+    first: dict[Path, tuple[int, str]] = {}  # each file's first row: (line, label)
     for line, row in rows[int(header) :]:
         if len(row) <= max(col_path, col_label):
             problems.append(f"line {line}: expected path,label, got {row!r}")
             continue
         rel, label = row[col_path].strip(), row[col_label].strip()
         labels.add(label)
-        problem = _problem(base, real_base, rel, label)
-        if problem:
+        problem = _problem(base, real_base, rel, label) or _again(first, base / rel, line, label)
+        if problem and skip_missing and problem.endswith(MISSING):
+            missing.append(f"line {line}: {problem}")
+        elif problem:
             problems.append(f"line {line}: {problem}")
         elif not exclusion_of(label, exclude):
             by_class.setdefault(label, []).append(base / rel)
     if problems:
+        skip = "" if skip_missing else " (data.bad_images: skip leaves out rows naming no file)"
         raise DataError(
             f"{len(problems)} bad rows in {csv_path}: {listing(problems, 3)}; "
-            "paths are relative to the CSV's folder"
+            f"paths are relative to the CSV's folder; fix or delete those rows{skip}"
         )
-    notes = [
+    left = f"left out {counted(len(missing), 'row')} of {csv_path} naming no file"
+    notes = [f"data.bad_images: skip {left}: {listing(missing, 3)}"] if missing else []
+    notes += [
         f"data.exclude_classes: no label '{e}' in {csv_path}; nothing excluded for it"
         for e in exclude
         if e not in QUIET_EXCLUSIONS and not any(exclusion_of(label, [e]) for label in labels)
     ]
     classes = sorted(by_class, key=natural_key)
     return labelled_images(base, {c: by_class[c] for c in classes}, notes)
+
+
+def _again(first: dict[Path, tuple[int, str]], path: Path, line: int, label: str) -> str | None:
+    """A file listed on an earlier row (the same file however its path is written)."""
+    key = path.resolve()
+    if key not in first:
+        first[key] = (line, label)
+        return None
+    was_line, was = first[key]
+    if was == label:
+        return f"{path.name} is listed again (first on line {was_line})"
+    return f"{path.name} is listed again as {label!r} (line {was_line} says {was!r})"
 
 
 def _problem(base: Path, real_base: Path, rel: str, label: str) -> str | None:
@@ -90,5 +113,5 @@ def _problem(base: Path, real_base: Path, rel: str, label: str) -> str | None:
     if not path.resolve().is_relative_to(real_base):
         return f"{rel} lies outside {base}"
     if not path.is_file():
-        return f"{rel} is not a file" if path.exists() else f"{rel} does not exist"
+        return f"{rel} is not a file" if path.exists() else f"{rel} {MISSING}"
     return None

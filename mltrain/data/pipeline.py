@@ -59,7 +59,8 @@ def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = Tr
     inflate held-out figures, so a command that reports none (export) passes False.
     `resuming`: the run's `split.json` must still describe the data (`check_same_split`)."""
     d = cfg.data
-    folder = scan_folder(resolve_root(d.root), exclude=d.exclude_classes, class_depth=d.class_depth)
+    folder = scan_folder(resolve_root(d.root), exclude=d.exclude_classes,
+                         class_depth=d.class_depth, bad_images=d.bad_images)  # fmt: skip
     report_notes(folder.notes, run_dir)
     if cfg.data.check_images:
         folder = _drop_bad_images(folder, cfg, run_dir)

@@ -583,6 +583,34 @@ def test_labels_csv(tmp_path):
         scan_folder(bad)
 
 
+def test_a_file_listed_twice_is_a_bad_row_and_skip_passes_over_missing_files(tmp_path):
+    """A trial's CSV listed one image as 'digit 0' and again as 'digit 1': it trained as both.
+    Its missing files stopped the run even with data.bad_images: skip, which offered no way."""
+    from tests.foreign_data import write_csv_folder
+
+    csv_path = write_csv_folder(tmp_path / "cat", classes=2, per_class=4)
+    twice = tmp_path / "cat" / "twice.csv"
+    twice.write_text("path,label\nimages/0000.png,a\nimages/0001.png,a\nimages/0004.png,b\n"
+                     "./images/0000.png,b\nimages/0001.png,a\n")  # fmt: skip
+    with pytest.raises(DataError) as info:
+        scan_folder(twice)
+    assert str(info.value) == (
+        f"2 bad rows in {twice}: line 5: 0000.png is listed again as 'b' (line 2 says 'a'), "
+        "line 6: 0001.png is listed again (first on line 3); paths are relative to the CSV's "
+        "folder; fix or delete those rows (data.bad_images: skip leaves out rows naming no file)"
+    )
+    gaps = tmp_path / "cat" / "gaps.csv"
+    gaps.write_text("path,label\nimages/0000.png,a\nimages/0001.png,a\ngone.png,a\n"
+                    "images/0004.png,b\nimages/0005.png,b\n")  # fmt: skip
+    with pytest.raises(DataError, match="line 4: gone.png does not exist"):
+        scan_folder(gaps)
+    folder = scan_folder(gaps, bad_images="skip")
+    assert len(folder) == 4 and folder.notes == [
+        f"data.bad_images: skip left out 1 row of {gaps} naming no file: line 4: gone.png does "
+        "not exist"]
+    assert scan_folder(csv_path, bad_images="skip").notes == []
+
+
 def test_hostile_trees_skip_loops_fifos_and_symlinked_folders(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
     outside = make_image_folder(tmp_path / "outside", classes=1, per_class=2)
