@@ -134,24 +134,32 @@ def create_backbone(name: str, pretrained: bool | str, num_classes: int = 0) -> 
                 f"could not fetch pretrained weights for {name} ({e}); with no network use "
                 f"model.pretrained: offline ({', '.join(OFFLINE_WEIGHTS)}) or a weights file path"
             ) from None
+    check_pretrained(name, pretrained)
     model = timm.create_model(name, pretrained=False, **kwargs)
     if pretrained is False:
         return model
+    if pretrained == "offline":
+        _load_into(model, OFFLINE_WEIGHTS[name](), "the offline package")
+        return model
+    _load_into(model, _read_weights_file(Path(pretrained)), str(pretrained))
+    return model
+
+
+def check_pretrained(name: str, pretrained: bool | str) -> None:
+    """`model.pretrained` names weights that exist for `name`: checked before the data is
+    read or extracted, so that a typo (`ture`) costs nothing."""
+    if isinstance(pretrained, bool):
+        return
     if pretrained == "offline":
         if name not in OFFLINE_WEIGHTS:
             raise ConfigError(
                 f"model.pretrained: offline weights exist only for {', '.join(OFFLINE_WEIGHTS)}, "
                 f"not {name}; use true (download), false or a file path"
             )
-        _load_into(model, OFFLINE_WEIGHTS[name](), "the offline package")
-        return model
-    path = Path(pretrained)
-    if not path.is_file():
+    elif not Path(pretrained).is_file():
         raise ConfigError(
             f"model.pretrained: {pretrained!r} is neither true/false/offline nor an existing file"
         )
-    _load_into(model, _read_weights_file(path), str(path))
-    return model
 
 
 def trunk_stages(trunk: nn.Module) -> list[nn.Module] | None:

@@ -61,7 +61,13 @@ from mltrain.model.checkpoint import (
 )
 from mltrain.model.fusion import fold_batchnorm
 from mltrain.model.losses import Criterion, build_criterion
-from mltrain.model.network import EmbeddingModel, build_model, check_backbone_name, data_config
+from mltrain.model.network import (
+    EmbeddingModel,
+    build_model,
+    check_backbone_name,
+    check_pretrained,
+    data_config,
+)
 from mltrain.model.precision import depthwise_in_fp32
 from mltrain.runtime import Runtime, resolve_device
 from mltrain.train.disk import checkpoint_bytes, prefix_bytes_per_image, run_space_needs
@@ -153,10 +159,11 @@ def _optimizer_problem(name: str, e: Exception) -> str:
 
 
 def check_optimization(cfg: Config) -> None:
-    """Check the backbone name, and build the optimizer and scheduler once for a
+    """Check the backbone name and weights, and build the optimizer and scheduler once for a
     one-parameter model: a bad name or argument fails in milliseconds, before a run folder,
     data checks or a model exist."""
     check_backbone_name(cfg.model.backbone)
+    check_pretrained(cfg.model.backbone, cfg.model.pretrained)
     # One parameter has no layers to decay (timm would warn so): layer_decay waits for the model.
     cfg = replace(cfg, train=replace(cfg.train, layer_decay=None))
     try:

@@ -222,6 +222,21 @@ def test_unknown_component_names_are_config_errors(override, needle, tmp_path):
         trainer.fit(tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp", override))
 
 
+def test_a_pretrained_typo_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    """A trial's `model.pretrained=ture` (read as a weights path) was refused only after the
+    130 MB Caltech archive had been extracted."""
+    from mltrain.data import pipeline
+
+    monkeypatch.setattr(pipeline, "resolve_root", lambda *a: pytest.fail("data read first"))
+    cfg = tiny_cfg("configs/siamese.yaml", tmp_path / "any", tmp_path / "exp",
+                   "model.pretrained=ture")  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        trainer.fit(cfg)
+    assert str(info.value) == ("model.pretrained: 'ture' is neither true/false/offline nor an "
+                               "existing file")  # fmt: skip
+    assert not (tmp_path / "exp").exists()
+
+
 def test_unwritable_output_dir_fails_before_training(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=3, per_class=6)
     blocker = tmp_path / "file_not_dir"
