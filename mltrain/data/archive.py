@@ -65,11 +65,13 @@ def _stamp(folder: Path) -> list[str]:
 
 
 def _older_extractions(archive: Path, dest: Path) -> None:
-    """A note on earlier extractions of this same archive path (it had another size then)
-    left in the cache: they are not deleted here, since a run elsewhere may still read them."""
-    source = f"source={archive.resolve()}"
+    """A note on earlier extractions of this archive left in the cache: of this path (it had
+    another size then), or, from markers that do not record a path, of an archive of this
+    name and size. They are not deleted here: a run elsewhere may still read them."""
+    source, size = f"source={archive.resolve()}", _size_stamp(archive)
     older = [d for d in dest.parent.glob(f"{_sibling(archive).name}-*")
-             if d != dest and (d / _MARKER).is_file() and source in _stamp(d)[1:]]
+             if d != dest and (d / _MARKER).is_file()
+             and (_stamp(d)[1:] == [source] or _stamp(d) == [size])]  # fmt: skip
     if older:
         mb = sum(f.stat().st_size for d in older for f in d.rglob("*") if f.is_file()) / 2**20
         print(f"note: {len(older)} older extraction(s) of {archive.name} ({mb:.0f} MB) remain: "
