@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mltrain.cli import counted
 from mltrain.files import atomic_save
 
 
@@ -48,5 +50,20 @@ def cached(parts: dict[str, Any], compute: Callable[[], tuple[torch.Tensor, ...]
     try:
         atomic_save(list(result), path)
     except OSError:
-        pass  # a read-only cache only costs time
+        return result  # a read-only cache only costs time
+    size_note(path.parent)
     return result
+
+
+NOTE_BYTES = 5 * 2**30  # past this, a new entry says how large the cache has grown
+
+
+def size_note(folder: Path) -> None:
+    """Entries are never evicted (any later run may want them), so the cache grows with each
+    new backbone, image size, view count or data set: say so once it is large."""
+    sizes = [f.stat().st_size for f in folder.glob("*.pt")]
+    if sum(sizes) > NOTE_BYTES:
+        held = f"{sum(sizes) / 2**30:.1f} GiB in {counted(len(sizes), 'file')}"
+        print(f"note: the prefix cache {folder} holds {held}; delete it to free the space "
+              "(runs recompute what they need), or set MLTRAIN_CACHE to put it elsewhere",
+              file=sys.stderr)  # fmt: skip

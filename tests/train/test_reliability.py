@@ -388,3 +388,23 @@ def test_full_disk_while_saving_says_previous_checkpoint_is_intact(tmp_path, mon
         trainer.fit(_cfg(root, tmp_path / "exp", "train.epochs=3"))
     last = next((tmp_path / "exp").glob("*/*/checkpoints/last.pt"))
     assert load_checkpoint(last)["state"]["epoch"] == 1
+
+
+def test_a_large_prefix_cache_says_how_large_when_it_grows(tmp_path, monkeypatch, capsys):
+    """A trial found 12 GB in ~/.cache/mltrain/prefix that no run had ever mentioned."""
+    import torch
+
+    from mltrain.train import prefix_cache
+
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(prefix_cache, "NOTE_BYTES", 0)  # any size counts as large here
+    first = prefix_cache.cached({"a": 1}, lambda: (torch.zeros(4),))
+    err = capsys.readouterr().err
+    folder = tmp_path / "cache" / "prefix"
+    assert err.startswith(f"note: the prefix cache {folder} holds 0.0 GiB in 1 file; delete "
+                          "it to free the space")  # fmt: skip
+    again = prefix_cache.cached({"a": 1}, lambda: pytest.fail("recomputed"))
+    assert torch.equal(first[0], again[0]) and capsys.readouterr().err == ""  # a hit: no note
+    monkeypatch.setattr(prefix_cache, "NOTE_BYTES", 2**30)
+    prefix_cache.cached({"b": 2}, lambda: (torch.zeros(4),))
+    assert capsys.readouterr().err == ""  # small: quiet
