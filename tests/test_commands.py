@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.foreign_data import write_drawings, write_photos
 
@@ -108,12 +110,23 @@ def test_threshold_answers_unknown_below_it(exported):
     work, root, _ = exported
     query = str(root / "c1" / "2.jpg")
     args = ["-m", "mltrain", "search", str(work / "bundle"), query, "--json"]
-    high = json.loads(mltrain(*args, "--threshold", "1.01", cwd=work).stdout)["queries"][0]
+    mirrored = work / "mirrored.jpg"  # not in the bundle: no hit reaches similarity 1
+    Image.open(query).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored)
+    high = json.loads(mltrain(*args[:-2], str(mirrored), "--json", "--threshold", "1",
+                              cwd=work).stdout)["queries"][0]  # fmt: skip
     low = json.loads(mltrain(*args, "--threshold", "-1", cwd=work).stdout)["queries"][0]
     auto = json.loads(mltrain(*args, "--threshold", "auto", cwd=work).stdout)["queries"][0]
     assert high["answer"] == "unknown" and not any(h["match"] for h in high["results"])
     assert low["answer"] == "c1" and all(h["match"] for h in low["results"])
     assert auto["answer"] == "c1"  # the image itself is in the bundle: similarity 1
+    # The text output says which threshold decided; past a cosine's range is a slip, refused
+    # as the server refuses it (it used to mark every hit "no match" without a word).
+    text = mltrain(*args[:-1], "--threshold", "auto", cwd=work).stdout
+    assert re.search(r"^threshold \d\.\d{4} \(calibrated at FAR 0\.001\): a hit at or above "
+                     r"it is a match$", text, re.M), text  # fmt: skip
+    slip = mltrain(*args, "--threshold", "1.01", cwd=work, ok=False)
+    assert slip.stderr == ("error: --threshold 1.01 is outside [-1, 1], the range of a cosine "
+                           "similarity; give a value in it or auto\n")  # fmt: skip
 
 
 def test_bad_input_is_one_line(exported, tmp_path):

@@ -472,8 +472,8 @@ def threshold_value(
 ) -> tuple[float, dict[str, Any] | None]:
     """`text` as a similarity threshold: a finite number, or `auto` for the bundle's
     calibrated one. Returns it with the calibration it came from (None for a number), so
-    callers can say when that calibration is approximate. (A number above 1 is accepted
-    here: on the command line it asks for every hit to be "no match".)
+    callers can say when that calibration is approximate. A number outside [-1, 1] is
+    refused: no cosine similarity reaches past it, so every hit would be marked alike.
 
     `name` is what the user typed it as (the command line's `--threshold`, the server's
     query parameter `threshold`); `choices` the words it takes besides a number."""
@@ -488,6 +488,9 @@ def threshold_value(
         value = math.nan
     if not math.isfinite(value):
         raise ConfigError(f"{name}: expected {choices} or a finite number, got {text[:40]!r}")
+    if not -1 <= value <= 1:  # a slip (a percentage?) that would mark every hit alike
+        raise ConfigError(f"{name} {value:g} is outside [-1, 1], the range of a cosine "
+                          f"similarity; give a value in it or {choices}")  # fmt: skip
     return value, None
 
 
@@ -575,6 +578,9 @@ def _run(argv: Sequence[str] | None, command: str | None) -> int:
               + (f"; re-ranked with {run.rerank}, so the hits follow its order and each "
                  f"score stays the plain {printable(bundle.metric)} one"
                  if run.rerank != "none" else ""))  # fmt: skip
+        if threshold is not None:
+            how = f" (calibrated at FAR {cal['far']:g})" if cal is not None else ""
+            print(f"threshold {threshold:.4f}{how}: a hit at or above it is a match")
         _print_table(run, bundle)
     if args.sheet:
         out = write_sheet(run, bundle, args.sheet)

@@ -312,9 +312,6 @@ class SearchService:
         if threshold in ("none", ""):
             return k, rerank, None, None
         cut, cal = threshold_value(self.bundle, threshold, "threshold", "auto, none")
-        if not -1 <= cut <= 1:  # a client's slip (a percentage?) that would mark every hit alike
-            raise ConfigError(f"threshold {cut:g} is outside [-1, 1], the range of a cosine "
-                              "similarity; send a value in it, auto or none")  # fmt: skip
         return k, rerank, cut, cal
 
 
