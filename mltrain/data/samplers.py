@@ -135,7 +135,8 @@ def fit_batch_size(
         n = len(labels)
         if batch_size <= fits or fits < 2 * m:  # fits, or cannot: the sampler's error explains
             return batch_size, notes
-        why = f"{len(np.unique(labels))} classes x m {m}, {n} training images"
+        why = (f"{fits // m} classes x m {m} per batch, from {n} training images in "
+               f"{len(np.unique(labels))} classes")  # fmt: skip
     else:
         fits = len(labels)
         if batch_size <= fits:

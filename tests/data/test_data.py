@@ -487,9 +487,17 @@ def test_m_too_large_for_the_data_says_which_m_fits():
         fit_batch_size(spec, labels, 64)
     size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 2}}, labels, 64)
     assert size == 6 and notes == [  # the advice works: 3 classes x 2, no image repeated
-        "train.batch_size 64 lowered to 6 to fit the data (3 classes x m 2, 6 training images)"
+        "train.batch_size 64 lowered to 6 to fit the data (3 classes x m 2 per batch, from 6 "
+        "training images in 3 classes)"
     ]
     build_sampler({"name": "m_per_class", "args": {"m": 2}}, labels, size)
+    # A trial's m 20 over 44 images in 9 classes: the batch holds 2 classes, not 9 x 20
+    trial = np.repeat(np.arange(9), [5] * 8 + [4])
+    size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 20}}, trial, 64)
+    assert size == 40 and notes[-1] == (
+        "train.batch_size 64 lowered to 40 to fit the data (2 classes x m 20 per batch, from 44 "
+        "training images in 9 classes)"
+    )
     # m 3 also fits, by drawing some image twice in every class: said so
     size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 3}}, labels, 64,
                                  ["a", "b", "c"])  # fmt: skip
