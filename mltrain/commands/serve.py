@@ -255,7 +255,7 @@ def check_args(args: argparse.Namespace) -> None:
 def announce(args: argparse.Namespace, service: Any, port: int) -> None:
     """The server's URL on stdout; notes on stderr for an exposed host, a missing image
     root and an approximate default threshold."""
-    from mltrain.retrieval.verify import unresolved_note
+    from mltrain.retrieval.verify import calibration_note
 
     health = service.health()
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -270,7 +270,7 @@ def announce(args: argparse.Namespace, service: Any, port: int) -> None:
     if not service.bundle.root.is_dir():
         notes.append(f"the bundle's image root {printable(service.bundle.root)} is missing "
                      "here, so thumbnails will not show; pass --image-root")  # fmt: skip
-    if service.calibration is not None and (note := unresolved_note(service.calibration)):
+    if service.calibration is not None and (note := calibration_note(service.calibration)):
         notes.append(f"{note} (/search and /verify use it)")
     for note in notes:
         print(f"note: {note}", file=sys.stderr, flush=True)

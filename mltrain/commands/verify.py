@@ -28,11 +28,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from mltrain.retrieval.bundle import load_bundle
-    from mltrain.retrieval.verify import check_pair_paths, unresolved_note, verify_pair
+    from mltrain.retrieval.verify import calibration_note, check_pair_paths, verify_pair
 
     check_pair_paths(args.a, args.b)  # a mistyped path fails before the bundle is read
     r = verify_pair(load_bundle(args.bundle), args.a, args.b, args.far)
-    if note := unresolved_note(r):
+    if note := calibration_note(r):
         print(f"note: {note}", file=sys.stderr)
     print(
         f"{printable(args.a)} vs {printable(args.b)}: similarity {r['similarity']:.4f}, "

@@ -77,7 +77,7 @@ from mltrain.retrieval.index import (
     timed_single_queries,
 )
 from mltrain.retrieval.rerank import RERANKERS, rerank_candidates
-from mltrain.retrieval.verify import is_resolved, threshold_for, unresolved_note
+from mltrain.retrieval.verify import calibration_note, is_resolved, threshold_for
 
 
 @dataclass
@@ -552,7 +552,7 @@ def _run(argv: Sequence[str] | None, command: str | None) -> int:
               file=sys.stderr)  # fmt: skip
     threshold, cal = (None, None) if args.threshold is None else threshold_value(
         bundle, args.threshold)  # fmt: skip
-    note = None if cal is None else unresolved_note(cal)
+    note = None if cal is None else calibration_note(cal)
     run = search_images(bundle, args.images, k, default_rerank(bundle, args.rerank),
                         args.backend)
     if threshold is not None:

@@ -45,7 +45,8 @@ def calibrate(
     table = [calibrate_threshold(same, scores, far) for far in FARS]
     for row in table:  # fewer impostors than 1/FAR: no false accept is allowed, a stricter test
         row["resolved"] = _resolves(row["impostor_pairs"], row["far"])
-    return {"metric": metric, "rows": source, "thresholds": table}
+    return {"metric": metric, "rows": source, "classes": int(np.unique(labels).size),
+            "thresholds": table}  # fmt: skip
 
 
 def threshold_for(manifest: dict[str, Any], far: float = DEFAULT_FAR) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def threshold_for(manifest: dict[str, Any], far: float = DEFAULT_FAR) -> dict[st
         )
     for row in cal["thresholds"]:
         if isinstance(row, dict) and abs(float(row.get("far", -1)) - far) <= 1e-12:
-            return {**row, "rows": cal.get("rows", "heldout")}
+            return {**row, "rows": cal.get("rows", "heldout"), "classes": cal.get("classes")}
     have = ", ".join(f"{float(r['far']):g}" for r in cal["thresholds"] if isinstance(r, dict))
     raise ConfigError(f"--far {far:g}: the bundle is calibrated at FAR {have}; choose one")
 
@@ -81,19 +82,25 @@ def _resolves(impostor_pairs: int, far: float) -> bool:
     return impostor_pairs * far >= 1
 
 
-def unresolved_note(cal: dict[str, Any]) -> str | None:
+FEW_CLASSES = 5  # a threshold calibrated on fewer held-out classes is noted as approximate
+
+
+def calibration_note(cal: dict[str, Any]) -> str | None:
     """One line for a threshold that rests on too few impostor pairs to resolve its FAR (it
-    then only keeps every one of them out, a stricter and noisier cut), else None."""
-    if is_resolved(cal):
-        return None
+    then only keeps every one of them out, a stricter and noisier cut), or on the held-out
+    images of a few classes (a class_disjoint split of a small folder), else None."""
     try:  # the manifest is untrusted: a row too odd to describe gets no note
         far, pairs = float(cal["far"]), int(cal["impostor_pairs"])
     except (KeyError, TypeError, ValueError):
         return None
-    if not 0 < far < 1:
+    classes = cal.get("classes")
+    few = isinstance(classes, int) and not isinstance(classes, bool) and classes < FEW_CLASSES
+    if not 0 < far < 1 or (is_resolved(cal) and not few):
         return None
-    return (f"threshold for FAR {far:g} rests on only {pairs:,} impostor pairs (needs >= "
-            f"{math.ceil(1 / far - 1e-9):,} to resolve it); treat it as approximate")  # fmt: skip
+    why = [] if is_resolved(cal) else [
+        f"only {pairs:,} impostor pairs (needs >= {math.ceil(1 / far - 1e-9):,} to resolve it)"]
+    why += [f"the held-out images of only {classes} classes"] if few else []
+    return f"threshold for FAR {far:g} rests on {' and '.join(why)}; treat it as approximate"
 
 
 def check_pair_paths(*paths: str | Path) -> None:

@@ -87,7 +87,8 @@ def test_start_notes_an_approximate_threshold_and_serves_on_the_bound_port(
     assert port > 0 and f"at http://127.0.0.1:{port}/" in captured.out
     assert sock.fileno() == -1  # closed once the server returned
     assert ("note: threshold for FAR 0.001 rests on only 24 impostor pairs (needs >= 1,000 "
-            "to resolve it); treat it as approximate (/search and /verify use it)"
+            "to resolve it) and the held-out images of only 4 classes; treat it as approximate "
+            "(/search and /verify use it)"
             ) in captured.err.splitlines()  # fmt: skip
 
 

@@ -181,8 +181,11 @@ def test_threshold_auto_notes_a_calibration_too_thin_for_its_far(exported, capsy
                if r["far"] == 1e-3)  # fmt: skip
     assert row["resolved"] is False  # 15 images: far fewer than 1,000 impostor pairs
     q = str(root / "class_0" / "img_000.jpg")
+    classes = load_bundle(out).manifest["verification"]["classes"]
+    assert classes == 3  # a class_disjoint or small folder: few classes also make it approximate
     note = (f"note: threshold for FAR 0.001 rests on only {row['impostor_pairs']} impostor "
-            "pairs (needs >= 1,000 to resolve it); treat it as approximate")  # fmt: skip
+            "pairs (needs >= 1,000 to resolve it) and the held-out images of only 3 classes; "
+            "treat it as approximate")  # fmt: skip
     assert main([str(out), q, "--threshold", "auto", "--json"]) == 0
     captured = capsys.readouterr()
     assert note in captured.err.splitlines()

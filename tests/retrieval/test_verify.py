@@ -8,28 +8,43 @@ import pytest
 
 from mltrain.errors import DataError
 from mltrain.retrieval.bundle import load_bundle
-from mltrain.retrieval.verify import is_resolved, unresolved_note, verify_pair
+from mltrain.retrieval.verify import calibration_note, is_resolved, verify_pair
 from tests.conftest import gallery
 
 ROW = {"threshold": 0.7, "far": 1e-4, "impostor_pairs": 594, "genuine_pairs": 40}
 
 
 def test_note_for_a_far_the_pairs_cannot_resolve():
-    assert unresolved_note({**ROW, "resolved": False}) == (
+    assert calibration_note({**ROW, "resolved": False}) == (
         "threshold for FAR 0.0001 rests on only 594 impostor pairs (needs >= 10,000 to "
         "resolve it); treat it as approximate")
-    assert unresolved_note({**ROW, "far": 1e-3, "impostor_pairs": 48, "resolved": False}) == (
+    assert calibration_note({**ROW, "far": 1e-3, "impostor_pairs": 48, "resolved": False}) == (
         "threshold for FAR 0.001 rests on only 48 impostor pairs (needs >= 1,000 to resolve "
         "it); treat it as approximate")
-    assert unresolved_note({**ROW, "resolved": True}) is None
+    assert calibration_note({**ROW, "resolved": True}) is None
+
+
+def test_note_for_a_threshold_calibrated_on_few_classes():
+    """A trial's class_disjoint bundle held out 2 classes: its threshold marked four hits of
+    four classes 'match', and the note spoke only of 144 impostor pairs."""
+    resolved = {**ROW, "resolved": True}
+    assert calibration_note({**resolved, "classes": 2}) == (
+        "threshold for FAR 0.0001 rests on the held-out images of only 2 classes; treat it as "
+        "approximate")
+    assert calibration_note({**ROW, "resolved": False, "classes": 4}) == (
+        "threshold for FAR 0.0001 rests on only 594 impostor pairs (needs >= 10,000 to "
+        "resolve it) and the held-out images of only 4 classes; treat it as approximate")
+    assert calibration_note({**resolved, "classes": 5}) is None
+    assert calibration_note({**resolved, "classes": True}) is None  # tampered: quiet
+    assert calibration_note(resolved) is None  # bundles from before the count
 
 
 def test_bundles_without_the_flag_are_judged_from_their_counts():
     assert is_resolved(ROW) is False  # 594 * 1e-4 < 1
     assert is_resolved({**ROW, "impostor_pairs": 10_000}) is True
-    assert unresolved_note(ROW) is not None
-    assert is_resolved({"threshold": 0.5}) and unresolved_note({"threshold": 0.5}) is None
-    assert unresolved_note({**ROW, "far": 0.0, "resolved": False}) is None  # tampered: quiet
+    assert calibration_note(ROW) is not None
+    assert is_resolved({"threshold": 0.5}) and calibration_note({"threshold": 0.5}) is None
+    assert calibration_note({**ROW, "far": 0.0, "resolved": False}) is None  # tampered: quiet
 
 
 def test_verify_pair_refuses_a_missing_image_before_building_the_model(served_bundle, tmp_path,
