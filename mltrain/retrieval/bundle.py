@@ -276,6 +276,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise BundleError(f"search bundle {path} is not a folder; pass the folder that holds "
                           f"{MANIFEST}")  # fmt: skip
     if not mpath.exists():
+        if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+            raise BundleError(f"{path} is a training run, not a search bundle; export one "
+                              f"first: python -m mltrain export --checkpoint {path} --out "
+                              "BUNDLE")  # fmt: skip
         raise BundleError(f"{mpath} is missing: {path} is not a complete bundle; {REEXPORT}")
     _bundle_file(path, MANIFEST)
     try:

@@ -527,3 +527,15 @@ def test_an_add_that_ends_while_export_embeds_is_not_dropped(served_bundle, tmp_
     with pytest.raises(BundleError, match="holds 1 image enrolled with `mltrain add`"):
         export_bundle(tiny_embedder(root, k=4), copy, "racing")
     assert len(load_bundle(copy)) == len(load_bundle(bundle)) + 1
+
+
+def test_a_training_run_given_as_a_bundle_is_named_for_what_it_is(tmp_path):
+    """A trial passed its run folder to `search` and `serve` and read 'is not a complete
+    bundle; re-export the bundle', though nothing had ever been exported."""
+    run = tmp_path / "exp" / "triplet" / "20261129-000000"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: triplet\n")
+    with pytest.raises(BundleError) as info:
+        load_bundle(run)
+    assert str(info.value) == (f"{run} is a training run, not a search bundle; export one "
+                               f"first: python -m mltrain export --checkpoint {run} --out BUNDLE")
