@@ -19,7 +19,7 @@ import threading
 import unicodedata
 from collections.abc import Callable
 
-from mltrain.errors import MltrainError
+from mltrain.errors import ConfigError, MltrainError
 
 INTERRUPTED = 130  # the exit status of a program stopped by SIGINT
 
@@ -34,6 +34,23 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.epochs=3 (repeatable)",
     )
+
+
+def parse_config_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, except that a config or an override written without its flag
+    (`train.py configs/triplet.yaml`, `train.epochs=3`) is told the flag it needs, where
+    argparse would only say "unrecognized arguments"."""
+    args, extra = parser.parse_known_args(argv)
+    for item in extra:
+        if item.startswith("-"):
+            continue
+        if item.lower().endswith((".yaml", ".yml")):
+            raise ConfigError(f"unexpected argument {item}: give a config as --config {item}")
+        if "=" in item:
+            raise ConfigError(f"unexpected argument {item}: give an override as --set {item}")
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def counted(n: int, noun: str) -> str:

@@ -448,3 +448,22 @@ def test_inference_commands_refuse_only_what_training_alone_reads():
         assert str(info.value) == (
             f"--set {key}: only training reads it, so export would ignore it; {end}"
         )
+
+
+@pytest.mark.parametrize("module", ["mltrain.commands.train", "mltrain.commands.evaluate",
+                                    "mltrain.commands.export", "mltrain.evaluation.compare"])
+def test_a_config_or_override_without_its_flag_is_told_the_flag(module):
+    """`train.py configs/triplet.yaml` got argparse's bare "unrecognized arguments"."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    with pytest.raises(ConfigError) as info:
+        main(["configs/triplet.yaml"])
+    assert str(info.value) == ("unexpected argument configs/triplet.yaml: give a config as "
+                               "--config configs/triplet.yaml")  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        main(["--config", "configs/triplet.yaml", "train.epochs=3"])
+    assert str(info.value) == ("unexpected argument train.epochs=3: give an override as --set "
+                               "train.epochs=3")  # fmt: skip
+    with pytest.raises(SystemExit):  # anything else: argparse's own usage error
+        main(["--bogus"])

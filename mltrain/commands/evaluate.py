@@ -14,7 +14,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from mltrain.cli import run_main
+from mltrain.cli import parse_config_args, run_main
 from mltrain.commands.source import add_source_args, check_heldout_unseen, embedder_from_args
 from mltrain.errors import ConfigError
 
@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parse_config_args(parser(), argv)
     if args.onnx and not args.export:
         raise ConfigError("--onnx needs --export DIR: it adds model.onnx to that bundle")
     if args.onnx:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mltrain.cli import parse_config_args
 from mltrain.commands.source import add_source_args, check_heldout_unseen, embedder_from_args
 
 
@@ -32,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parse_config_args(parser(), argv)
     if args.onnx:
         from mltrain.inference.onnx import require_onnx
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from mltrain.cli import add_config_args, counted, run_main
+from mltrain.cli import add_config_args, counted, parse_config_args, run_main
 from mltrain.config import load_config
 from mltrain.errors import ConfigError
 
@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parse_config_args(parser(), argv)
     from mltrain.train.run import fit  # heavy imports after argument errors
 
     if args.resume:

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mltrain.cli import add_config_args, run_main
+from mltrain.cli import add_config_args, parse_config_args, run_main
 from mltrain.config import override_key
 from mltrain.errors import ConfigError
 
@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parse_config_args(parser(), argv)
     for item in args.overrides:  # each backbone replaces it: name them with --backbones
         if override_key(item) == "model.backbone":
             raise ConfigError(f"--set {item}: compare sets model.backbone itself; name the "
