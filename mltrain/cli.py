@@ -53,6 +53,12 @@ def parse_config_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
     return args
 
 
+def shortened(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, an ellipsis marking the cut: for table columns and
+    figure labels, never for what a program reads (JSON keeps names whole)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def counted(n: int, noun: str) -> str:
     """`1 image`, `2 images`: messages count in words."""
     return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
+from mltrain.cli import shortened
 from mltrain.data.images import load_image
 from mltrain.errors import DataError
 from mltrain.evaluation.metrics import class_name
@@ -46,6 +47,8 @@ TSNE_MAX_ITER = 750
 
 
 FIGURE_DPI = 120
+
+LABEL = 18  # characters of a class name over a query-grid tile
 
 
 # A log-x ROC only shows more than the linear one when FAR 1e-3 is resolvable: 1000 impostors.
@@ -244,7 +247,7 @@ def plot_tsne(
         for label in present:
             centre = np.median(xy[sampled == label], axis=0)
             hot = label in colours
-            ax.annotate(_short(names[int(label)], 14), centre, fontsize=6 if hot else 5,
+            ax.annotate(shortened(names[int(label)], 14), centre, fontsize=6 if hot else 5,
                         ha="center", va="center", color="black" if hot else "0.35",
                         fontweight="bold" if hot else "normal")
     if colours:
@@ -350,9 +353,8 @@ def query_grid(
     for r, q in enumerate(rows):
         truth = neighbours.query_labels[q]
         axes[r, 0].imshow(thumbnail(query_paths[q], thumb), interpolation="nearest")
-        axes[r, 0].set_title(
-            f"query: {_short(class_name(truth, class_names))}", fontsize=7, fontweight="bold"
-        )
+        query = shortened(class_name(truth, class_names), LABEL)
+        axes[r, 0].set_title(f"query: {query}", fontsize=7, fontweight="bold")
         _file_label(axes[r, 0], query_paths[q])
         for j in range(top):
             idx, label = int(neighbours.indices[q, j]), neighbours.labels[q, j]
@@ -364,7 +366,7 @@ def query_grid(
                 continue
             tile = thumbnail(gallery_paths[idx], thumb)
             ax.imshow(outline(tile, GREEN if hit else RED, border), interpolation="nearest")
-            name = _short(class_name(label, class_names))
+            name = shortened(class_name(label, class_names), LABEL)
             ax.set_title(
                 f"{j + 1}. {name}\n{float(neighbours.scores[q, j]):.3f}",
                 fontsize=7,
@@ -389,9 +391,7 @@ def query_grid(
 
 
 def _file_label(ax: Any, path: str | Path) -> None:
-    ax.text(0.5, -0.03, _short(Path(path).name, 22), transform=ax.transAxes, fontsize=5,
+    ax.text(0.5, -0.03, shortened(Path(path).name, 22), transform=ax.transAxes, fontsize=5,
             ha="center", va="top", color="0.3")
 
 
-def _short(name: str, limit: int = 18) -> str:
-    return name if len(name) <= limit else name[: limit - 1] + "…"

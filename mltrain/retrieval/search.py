@@ -55,6 +55,7 @@ from mltrain.cli import (
     counted,
     error_line,
     printable,
+    shortened,
     term_as_interrupt,
 )
 from mltrain.data.images import load_image
@@ -279,11 +280,12 @@ def _print_table(run: SearchRun, bundle: Bundle) -> None:
         if r.error is not None:
             continue
         print(f"\nquery {printable(r.query)}  (index search {r.search_us:.0f} us)")
-        width = max([5, *(len(printable(h.cls)) for h in r.hits)])
+        names = [shortened(printable(h.cls), CLASS_COLUMN) for h in r.hits]
+        width = max([5, *map(len, names)])
         print(f"  {'rank':>4}  {score_name:>8}  {'class':<{width}}  path")
-        for h in r.hits:
+        for h, name in zip(r.hits, names, strict=True):
             mark = "" if h.match is None else ("  match" if h.match else "  no match")
-            print(f"  {h.rank:>4}  {h.score:>8.4f}  {printable(h.cls):<{width}}  "
+            print(f"  {h.rank:>4}  {h.score:>8.4f}  {name:<{width}}  "
                   f"{printable(h.path)}{mark}")  # fmt: skip
         if r.answer is not None:
             print(f"  answer: {printable(r.answer)}")
@@ -299,6 +301,9 @@ def _print_table(run: SearchRun, bundle: Bundle) -> None:
         f"({per:.1f} ms per image with {run.backend}; model rebuilt in {run.model_ms:.0f} ms); "
         f"index search {med}"
     )
+
+
+CLASS_COLUMN = 40  # the table's class column; --json keeps every name whole
 
 
 def hit_dict(h: Hit) -> dict:
