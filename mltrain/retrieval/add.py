@@ -17,6 +17,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from mltrain import files
+from mltrain.cli import counted
 from mltrain.data.folder import IMAGE_EXTENSIONS, images_by_class, is_image, natural_key
 from mltrain.data.images import load_image
 from mltrain.errors import BundleError, ConfigError, DataError
@@ -102,6 +103,10 @@ def _images_in(folder: Path) -> list[tuple[Path, str]]:
     images are classes named by their path (`alphabet_2/char_03`); loose images take the
     folder's own name."""
     by_class, loose = images_by_class(folder)
+    if loose and by_class:  # training would have left them out: say what they became
+        print(f"note: {counted(len(loose), 'loose image')} beside the class folders of {folder} "
+              f"(e.g. {loose[0].name}) added as class {folder.name!r}; pass --class NAME to "
+              "add them apart, or move them into a class folder", file=sys.stderr)  # fmt: skip
     found = [(p, folder.name) for p in sorted(loose, key=lambda p: natural_key(p.name))]
     for name in sorted(by_class, key=natural_key):
         found += [(p, name) for p in sorted(by_class[name], key=lambda p: natural_key(p.name))]

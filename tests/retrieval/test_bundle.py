@@ -263,15 +263,18 @@ def test_add_images_grows_the_bundle_and_finds_the_new_image(bundle_dir, tmp_pat
     assert not [p for p in bundle_dir.parent.iterdir() if p.name.startswith(".b.")]
 
 
-def test_add_images_names_nested_classes_as_the_data_scanner_does(bundle_dir, tmp_path):
+def test_add_images_names_nested_classes_as_the_data_scanner_does(bundle_dir, tmp_path, capsys):
     """A folder of alphabets of characters adds classes `greek/alpha`, `greek/beta`, not one
-    class `greek`; loose images take the folder's name, as before."""
+    class `greek`; loose images take the folder's name, as before, now with a note (training
+    leaves such strays out)."""
     new = tmp_path / "new"
     write_new_class(new / "greek", "alpha", 1)
     write_new_class(new / "greek", "beta", 2)
     write_new_class(tmp_path / "loose", "x", 1)
     shutil.copy(tmp_path / "loose" / "x" / "new_0.png", new / "new_0.png")  # loose in new/
     assert add_images(bundle_dir, new) == 4
+    assert (f"note: 1 loose image beside the class folders of {new} (e.g. new_0.png) added as "
+            "class 'new'; pass --class NAME") in capsys.readouterr().err
     added = load_bundle(bundle_dir).metadata[-4:]
     assert [r["class"] for r in added] == ["new", "greek/alpha", "greek/beta", "greek/beta"]
     assert added[1]["path"].startswith("bundle:images/greek_alpha/")
