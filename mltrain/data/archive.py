@@ -123,6 +123,19 @@ def absolute_root(root: str) -> str:
     return os.path.abspath(path) if path.exists() else root
 
 
+def readable_root(root: str | os.PathLike) -> Path | None:
+    """The folder `root` reads images from, where that is there now and nothing needs
+    extracting (None otherwise): for comparing a run's files with a folder's, cheaply."""
+    path = Path(root).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return path.parent
+    if path.is_file() and _archive_stem(path) is not None and extraction_dir(path).is_dir():
+        return extraction_dir(path)
+    return None
+
+
 def resolve_root(root: str | os.PathLike) -> Path:
     """`root` ready to scan: a folder or a `.csv` of labels as is, an archive extracted."""
     path = Path(root).expanduser()

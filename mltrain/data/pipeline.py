@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 import sys
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from mltrain import distributed
 from mltrain.config import Config
-from mltrain.data.archive import resolve_root
+from mltrain.data.archive import readable_root, resolve_root
 from mltrain.data.dataset import ImageDataset, make_loader, worth_workers
 from mltrain.data.folder import ImageFolder, scan_folder
 from mltrain.data.images import check_images
@@ -168,7 +170,11 @@ def trained_on(recorded: Path, split: Split, folder: ImageFolder) -> list[str]:
     """The held-out images of `split` (paths relative to the data root) that the run whose
     split.json is `recorded` trained on. A changed folder (a class added, images moved) or
     another split rule re-splits the images, and some of the run's training images would be
-    scored as held-out; none for a run without split.json."""
+    scored as held-out; none for a run without split.json.
+
+    A path is the run's image when the folder is the run's own, or holds the same bytes as
+    the run's file there (other data may reuse names like `0/1.png`); when the run's folder
+    can no longer be read (it moved), the path alone decides."""
     try:
         trained = {entry[0] for entry in json.loads(recorded.read_text())["train"]}
     except FileNotFoundError:
@@ -176,7 +182,28 @@ def trained_on(recorded: Path, split: Split, folder: ImageFolder) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise DataError(f"cannot read {recorded} ({e}); it lists the images the run trained "
                         "on, to keep them out of the held-out figures") from None  # fmt: skip
-    return [path for path, _ in split_doc(split, folder)["heldout"] if path in trained]
+    seen = [path for path, _ in split_doc(split, folder)["heldout"] if path in trained]
+    own = _run_root(recorded.parent)
+    if not seen or own is None or own.resolve() == folder.root.resolve():
+        return seen
+    return [p for p in seen if not (own / p).is_file() or _same_bytes(own / p, folder.root / p)]
+
+
+def _run_root(run_dir: Path) -> Path | None:
+    """The folder the run in `run_dir` read its images from (its config.yaml's data.root),
+    if it can still be read without extracting anything."""
+    try:
+        root = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["root"]
+        return readable_root(str(root))
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return True  # unreadable now: judged by its path, as a run folder that moved
 
 
 def record_data(data: RunData, run_dir: Path) -> None:
