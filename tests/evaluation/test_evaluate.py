@@ -178,7 +178,7 @@ def test_a_changed_folder_cannot_score_the_runs_training_images_as_held_out(
             r"without its training images", message), message
     assert not (tmp_path / "e").exists() and not (tmp_path / "b").exists()
     # Other data that reuses the file names (class_0/img_000.jpg, other bytes) is not the run's
-    other = write(tmp_path / "other", classes=5, per_class=14, size=(44, 30))
+    other = write(tmp_path / "other", classes=4, per_class=16, size=(44, 30))  # re-split
     evaluate_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "other_eval"),
                    "--set", f"data.root={other}", "--set", "eval.tsne=false"])  # fmt: skip
     assert (tmp_path / "other_eval" / "metrics.json").is_file()
