@@ -54,9 +54,13 @@ def parse_config_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
 
 
 def shortened(text: str, limit: int) -> str:
-    """`text` cut to `limit` characters, an ellipsis marking the cut: for table columns and
-    figure labels, never for what a program reads (JSON keeps names whole)."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """`text` cut to `limit` characters by an ellipsis in the middle, so that the end stays
+    (`…/character02`, `….png`, what tells nested class names and files apart): for table
+    columns and figure labels, never for what a program reads (JSON keeps names whole)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 3
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head) :]
 
 
 def counted(n: int, noun: str) -> str:

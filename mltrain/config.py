@@ -466,12 +466,30 @@ def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".")
 
 
+def _set_keys(item: str) -> list[str]:
+    """The dotted keys one `--set` writes: its own, or each leaf of a mapping it sets
+    (`--set 'data={augment: []}'` writes data.augment)."""
+    path, value = parse_override(item)
+
+    def leaves(prefix: str, v: Any) -> list[str]:
+        if not isinstance(v, dict) or not v:
+            return [prefix]
+        return [k for name, sub in v.items() for k in leaves(f"{prefix}.{name}", sub)]
+
+    return leaves(".".join(path), value)
+
+
+def _training_only(key: str) -> bool:
+    return key not in READ_BY_INFERENCE and any(_under(key, k) for k in TRAINING_ONLY)
+
+
 def check_inference_overrides(overrides: list[str], command: str) -> None:
     """A `--set` that `command` would ignore is a one-line error, naming the key it meant."""
     for item in overrides:
-        key = override_key(item)
-        if key in READ_BY_INFERENCE or not any(_under(key, k) for k in TRAINING_ONLY):
+        ignored = [k for k in _set_keys(item) if _training_only(k)]
+        if not ignored:
             continue
+        key = override_key(item) if _training_only(override_key(item)) else ignored[0]
         twin = INFERENCE_TWIN.get(key)
         where = f"set {twin} instead" if twin else "it takes effect in train.py"
         raise ConfigError(f"--set {key}: only training reads it, so {command} would ignore it; "

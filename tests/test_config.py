@@ -436,7 +436,13 @@ def test_inference_commands_refuse_only_what_training_alone_reads():
     from mltrain.config import check_inference_overrides
 
     check_inference_overrides(["train.device=cpu", "train.channels_last=false", "eval.amp=off",
-                               "data.root=/x", "model.crop_pct=1.0", "seed=1"], "evaluate")
+                               "data.root=/x", "model.crop_pct=1.0", "seed=1",
+                               "train={device: cpu}", "data={root: /x}"], "evaluate")
+    for item, key in [("data={augment: []}", "data.augment"),  # a whole section slips no key
+                      ("model={bn_stats: update, crop_pct: 1.0}", "model.bn_stats"),
+                      ("train.loss={name: TripletMarginLoss}", "train.loss")]:  # as written
+        with pytest.raises(ConfigError, match=rf"^--set {re.escape(key)}: only training"):
+            check_inference_overrides([item], "evaluate")
     for key, end in [("train", "it takes effect in train.py"),
                      ("train.optimizer.args.lr", "it takes effect in train.py"),
                      ("data.augment", "it takes effect in train.py"),

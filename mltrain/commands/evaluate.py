@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mltrain.cli import parse_config_args, run_main
-from mltrain.commands.source import add_source_args, check_heldout_unseen, embedder_from_args
+from mltrain.commands.source import add_source_args, embedder_from_args, leave_out_trained
 from mltrain.errors import ConfigError
 
 
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mltrain.data.pipeline import prepare_data
 
     data = prepare_data(embedder.cfg)  # scanned and checked once: checks, evaluation, export
-    check_heldout_unseen(args, data)
+    data = leave_out_trained(args, data)
     check_targets(embedder, out, export, len(data.folder), args.onnx)
     result, out = evaluate_into(embedder, out, source, bool(args.out), base, data)
     m = result.metrics

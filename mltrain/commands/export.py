@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mltrain.cli import parse_config_args
-from mltrain.commands.source import add_source_args, check_heldout_unseen, embedder_from_args
+from mltrain.commands.source import add_source_args, embedder_from_args, leave_out_trained
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg, out = embedder.cfg, Path(args.out)
     check_export_target(out)
     data = prepare_data(cfg, duplicates=False)  # no held-out figures to inflate here
-    check_heldout_unseen(args, data)  # but its thresholds are calibrated on held-out rows
+    data = leave_out_trained(args, data)  # its thresholds are calibrated on held-out rows
     n, dim = len(data.folder), embedder.model.embedding_dim
     check_export_index(cfg.export, n, dim, cfg.eval.metric)
     check_output_folders([(out, "search bundle (--out)", bundle_bytes(embedder, n, args.onnx))],

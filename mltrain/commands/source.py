@@ -56,29 +56,32 @@ def _ensemble(args: argparse.Namespace, allowed: bool):
     return embedder, base, f"ensemble of checkpoints {', '.join(args.checkpoint)}"
 
 
-def check_heldout_unseen(args: argparse.Namespace, data) -> None:
-    """Before embedding: no held-out image may be one a --checkpoint's run trained on (its
-    split.json says which). With `data.split: none` every image is evaluated by request, so
-    that is a note; otherwise the figures would be inflated without a sign, so it is refused."""
-    from mltrain.data.pipeline import trained_on
-    from mltrain.errors import DataError
+def leave_out_trained(args: argparse.Namespace, data):
+    """Before embedding: held-out images a --checkpoint's run trained on (its split.json says
+    which) move to the training side, so that no held-out figure or calibrated threshold
+    scores them; a note says how many (also in report.md and notes.txt). A folder that grew
+    since the run re-splits, and would otherwise inflate every figure without a sign. With
+    `data.split: none` every image is evaluated by request: only the note."""
+    from mltrain.data.pipeline import trained_on, without_rows
     from mltrain.model.checkpoint import resolve_checkpoint, run_folder
 
-    held = len(data.split.heldout)
-    every = data.split.kind == "none"
     for ckpt in args.checkpoint or []:
         path = Path(ckpt)
         path = path if path.is_file() else resolve_checkpoint(path, prefer="best.pt")
         recorded = run_folder(path) / "split.json"
-        seen = trained_on(recorded, data.split, data.folder)
-        if not seen:
+        rows = trained_on(recorded, data.split, data.folder)
+        if not len(rows):
             continue
-        images = "images evaluated" if every else "held-out images"
-        what = f"{len(seen)} of the {held} {images} trained {ckpt} (its {recorded})"
+        held, every = len(data.split.heldout), data.split.kind == "none"
+        example = data.folder.paths[rows[0]].relative_to(data.folder.root).as_posix()
+        what = (f"{len(rows)} of the {held} {'images' if every else 'held-out images'} trained "
+                f"{ckpt} (its {recorded} lists them, e.g. {example})")  # fmt: skip
         if every:
-            print(f"note: {what}: with data.split: none the figures are not held-out ones",
-                  file=sys.stderr)  # fmt: skip
-            continue
-        raise DataError(f"{what}, e.g. {seen[0]}: data.root or the split differs from the "
-                        "run's, so the figures would be inflated; use the run's data.root and "
-                        "split, or a folder without its training images")  # fmt: skip
+            note = f"{what}: with data.split: none the figures are not held-out ones"
+        else:
+            data = without_rows(data, rows)
+            note = (f"{what}: the folder or the split differs from the run's, so they are left "
+                    f"out of the held-out images; {len(data.split.heldout)} remain")  # fmt: skip
+        print(f"note: {note}", file=sys.stderr)
+        data.folder.notes.append(note)
+    return data

@@ -60,8 +60,12 @@ def _cache_base() -> Path:
 
 
 def _stamp(folder: Path) -> list[str]:
-    """The marker's lines: the archive's size stamp, then its path (older markers lack it)."""
-    return (folder / _MARKER).read_text().splitlines()
+    """The marker's lines: the archive's size stamp, then its path (older markers lack it);
+    none for a marker that cannot be read (another process's, or damaged)."""
+    try:
+        return (folder / _MARKER).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
 
 
 def _older_extractions(archive: Path, dest: Path) -> None:

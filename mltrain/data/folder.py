@@ -100,9 +100,10 @@ def _walk(root: Path) -> _Walk:
         with os.scandir(folder) as it:
             everything = sorted(it, key=lambda e: e.name)
         entries = [e for e in everything if not e.name.startswith(".")]
-        out.hidden += ["/".join((*rel, e.name)) for e in everything
-                       if e.name.startswith(".") and _holds_images(e)]  # fmt: skip
-        if not everything and rel:
+        hidden = ["/".join((*rel, e.name)) for e in everything
+                  if e.name.startswith(".") and _holds_images(e)]  # fmt: skip
+        out.hidden += hidden
+        if not entries and not hidden and rel:  # nothing, or only .DS_Store and the like
             out.empty.append(rel)
         for entry in entries:
             _visit(entry, rel, stack, out)
@@ -225,7 +226,8 @@ def _labelled(root, by_class, exclude, notes, walk: _Walk, depth) -> ImageFolder
         kinds = listing(sorted(set().union(*(walk.no_images[r] for r in empty))))
         notes.append(f"folders with files but no images were left out: {names} (files: {kinds})")
     if walk.empty:
-        notes.append(f"empty folders were left out: {listing('/'.join(r) for r in walk.empty)}")
+        names = sorted(("/".join(r) for r in walk.empty), key=natural_key)
+        notes.append(f"empty folders were left out: {listing(names)}")
     if walk.hidden:
         notes.append(f"hidden folders holding images were left out: {listing(walk.hidden)} "
                      "(names starting with '.' are skipped; rename them to use them)")

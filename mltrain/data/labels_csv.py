@@ -49,18 +49,18 @@ def _rows(csv_path: Path) -> list[tuple[int, list[str]]]:
 
 def read_labels_csv(csv_path: Path, exclude: list[str], skip_missing: bool = False) -> ImageFolder:
     """Labelled images listed in `csv_path`; every problem row is named by its line number.
-    A file listed twice is a problem row (with two labels it would train as both classes).
-    `skip_missing` (`data.bad_images: skip`) leaves out rows naming no file, with a note."""
+    A file listed again with another label is a problem row (it would train as both
+    classes); listed again with the same label, the repeat is left out with a note (as
+    concatenated CSVs do). `skip_missing` (`data.bad_images: skip`) leaves out rows naming
+    no file, with a note."""
     rows = _rows(csv_path)
     if not rows:
         raise DataError(f"labels file {csv_path} is empty; write one 'path,label' row per image")
     col_path, col_label, header = _columns(rows[0][1])
     base = csv_path.parent
-    real_base = base.resolve()
     by_class: dict[str, list[Path]] = {}
     labels: set[str] = set()
-    problems: list[str] = []
-    missing: list[str] = []
+    problems, missing, repeated = [], [], []
     first: dict[Path, tuple[int, str]] = {}  # each file's first row: (line, label)
     for line, row in rows[int(header) :]:
         if len(row) <= max(col_path, col_label):
@@ -68,21 +68,27 @@ def read_labels_csv(csv_path: Path, exclude: list[str], skip_missing: bool = Fal
             continue
         rel, label = row[col_path].strip(), row[col_label].strip()
         labels.add(label)
-        problem = _problem(base, real_base, rel, label) or _again(first, base / rel, line, label)
-        if problem and skip_missing and problem.endswith(MISSING):
-            missing.append(f"line {line}: {problem}")
-        elif problem:
-            problems.append(f"line {line}: {problem}")
+        problem = _problem(base, base.resolve(), rel, label)
+        if problem:
+            skip = skip_missing and problem.endswith(MISSING)
+            (missing if skip else problems).append(f"line {line}: {problem}")
+            continue
+        was_line, was = first.setdefault((base / rel).resolve(), (line, label))
+        if was_line != line and was != label:
+            problems.append(f"line {line}: {rel} is listed again as {label!r} (line {was_line} "
+                            f"says {was!r})")  # fmt: skip
+        elif was_line != line:
+            repeated.append(f"line {line} (as line {was_line})")
         elif not exclusion_of(label, exclude):
             by_class.setdefault(label, []).append(base / rel)
     if problems:
-        skip = "" if skip_missing else " (data.bad_images: skip leaves out rows naming no file)"
+        skip = any(p.endswith(MISSING) for p in problems)
+        hint = " (data.bad_images: skip leaves out rows naming no file)" if skip else ""
         raise DataError(
-            f"{len(problems)} bad rows in {csv_path}: {listing(problems, 3)}; "
-            f"paths are relative to the CSV's folder; fix or delete those rows{skip}"
+            f"{counted(len(problems), 'bad row')} in {csv_path}: {listing(problems, 3)}; "
+            f"paths are relative to the CSV's folder; fix or delete those rows{hint}"
         )
-    left = f"left out {counted(len(missing), 'row')} of {csv_path} naming no file"
-    notes = [f"data.bad_images: skip {left}: {listing(missing, 3)}"] if missing else []
+    notes = _left_out(csv_path, missing, repeated)
     notes += [
         f"data.exclude_classes: no label '{e}' in {csv_path}; nothing excluded for it"
         for e in exclude
@@ -92,16 +98,15 @@ def read_labels_csv(csv_path: Path, exclude: list[str], skip_missing: bool = Fal
     return labelled_images(base, {c: by_class[c] for c in classes}, notes)
 
 
-def _again(first: dict[Path, tuple[int, str]], path: Path, line: int, label: str) -> str | None:
-    """A file listed on an earlier row (the same file however its path is written)."""
-    key = path.resolve()
-    if key not in first:
-        first[key] = (line, label)
-        return None
-    was_line, was = first[key]
-    if was == label:
-        return f"{path.name} is listed again (first on line {was_line})"
-    return f"{path.name} is listed again as {label!r} (line {was_line} says {was!r})"
+def _left_out(csv_path: Path, missing: list[str], repeated: list[str]) -> list[str]:
+    notes = []
+    if missing:
+        notes.append(f"data.bad_images: skip left out {counted(len(missing), 'row')} of "
+                     f"{csv_path} naming no file: {listing(missing, 3)}")  # fmt: skip
+    if repeated:
+        notes.append(f"left out {counted(len(repeated), 'repeated row')} of {csv_path} (the "
+                     f"same file and label as an earlier row): {listing(repeated, 3)}")  # fmt: skip
+    return notes
 
 
 def _problem(base: Path, real_base: Path, rel: str, label: str) -> str | None:

@@ -6,7 +6,7 @@ import filecmp
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -166,11 +166,11 @@ def check_same_split(recorded: Path, split: Split, folder: ImageFolder) -> None:
         )
 
 
-def trained_on(recorded: Path, split: Split, folder: ImageFolder) -> list[str]:
-    """The held-out images of `split` (paths relative to the data root) that the run whose
-    split.json is `recorded` trained on. A changed folder (a class added, images moved) or
-    another split rule re-splits the images, and some of the run's training images would be
-    scored as held-out; none for a run without split.json.
+def trained_on(recorded: Path, split: Split, folder: ImageFolder) -> np.ndarray:
+    """The held-out rows of `split` (indices into `folder`) that the run whose split.json is
+    `recorded` trained on. A changed folder (images added, a class renamed) or another split
+    rule re-splits the images, and some of the run's training images would be scored as
+    held-out; none for a run without split.json.
 
     A path is the run's image when the folder is the run's own, or holds the same bytes as
     the run's file there (other data may reuse names like `0/1.png`); when the run's folder
@@ -178,15 +178,31 @@ def trained_on(recorded: Path, split: Split, folder: ImageFolder) -> list[str]:
     try:
         trained = {entry[0] for entry in json.loads(recorded.read_text())["train"]}
     except FileNotFoundError:
-        return []
+        return np.zeros(0, dtype=np.int64)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise DataError(f"cannot read {recorded} ({e}); it lists the images the run trained "
                         "on, to keep them out of the held-out figures") from None  # fmt: skip
-    seen = [path for path, _ in split_doc(split, folder)["heldout"] if path in trained]
     own = _run_root(recorded.parent)
-    if not seen or own is None or own.resolve() == folder.root.resolve():
-        return seen
-    return [p for p in seen if not (own / p).is_file() or _same_bytes(own / p, folder.root / p)]
+    same = own is not None and own.resolve() == folder.root.resolve()
+    rows = []
+    for i in split.heldout:
+        rel = folder.paths[i].relative_to(folder.root).as_posix()
+        if rel in trained and (same or own is None or not (own / rel).is_file()
+                               or _same_bytes(own / rel, folder.paths[i])):  # fmt: skip
+            rows.append(i)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def without_rows(data: RunData, rows: np.ndarray) -> RunData:
+    """`data` with `rows` moved from the held-out side to the training side (images a model
+    trained on belong there), so that no held-out figure or calibration scores them."""
+    split = data.split
+    kept = np.setdiff1d(split.heldout, rows)
+    if len(kept) == 0:
+        raise DataError(f"every held-out image of data.root {data.folder.root} trained this "
+                        "model, so there is nothing to evaluate; evaluate on other images")
+    moved = replace(split, train=np.union1d(split.train, rows), heldout=kept)
+    return RunData(data.folder, moved, data.train_classes)
 
 
 def _run_root(run_dir: Path) -> Path | None:

@@ -67,7 +67,7 @@ def _collect(
     classes: list[str] = []
     for item in map(Path, items):
         if item.is_dir():
-            found = _images_in(item)
+            found = _images_in(item, named=label_names is not None)
             paths += [p for p, _ in found]
             classes += [c for _, c in found]
         else:
@@ -98,15 +98,15 @@ def _collect(
     return paths, classes
 
 
-def _images_in(folder: Path) -> list[tuple[Path, str]]:
+def _images_in(folder: Path, named: bool = False) -> list[tuple[Path, str]]:
     """(image, class) under `folder`, read as a data root is: the deepest folders holding
     images are classes named by their path (`alphabet_2/char_03`); loose images take the
-    folder's own name."""
+    folder's own name. `named`: --class names them all, so nothing needs saying."""
     by_class, loose = images_by_class(folder)
-    if loose and by_class:  # training would have left them out: say what they became
+    if loose and by_class and not named:  # training leaves them out: say what they became
         print(f"note: {counted(len(loose), 'loose image')} beside the class folders of {folder} "
-              f"(e.g. {loose[0].name}) added as class {folder.name!r}; pass --class NAME to "
-              "add them apart, or move them into a class folder", file=sys.stderr)  # fmt: skip
+              f"(e.g. {loose[0].name}) added as class {folder.name!r}; move them into a class "
+              "folder, or add them on their own with --class NAME", file=sys.stderr)  # fmt: skip
     found = [(p, folder.name) for p in sorted(loose, key=lambda p: natural_key(p.name))]
     for name in sorted(by_class, key=natural_key):
         found += [(p, name) for p in sorted(by_class[name], key=lambda p: natural_key(p.name))]

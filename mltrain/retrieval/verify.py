@@ -99,7 +99,8 @@ def calibration_note(cal: dict[str, Any]) -> str | None:
         return None
     why = [] if is_resolved(cal) else [
         f"only {pairs:,} impostor pairs (needs >= {math.ceil(1 / far - 1e-9):,} to resolve it)"]
-    why += [f"the held-out images of only {classes} classes"] if few else []
+    rows = "held-out images" if cal.get("rows", "heldout") == "heldout" else "images"
+    why += [f"the {rows} of only {classes} classes"] if few else []
     return f"threshold for FAR {far:g} rests on {' and '.join(why)}; treat it as approximate"
 
 

@@ -599,7 +599,9 @@ def test_labels_csv(tmp_path):
         scan_folder(bad)
 
 
-def test_a_file_listed_twice_is_a_bad_row_and_skip_passes_over_missing_files(tmp_path):
+def test_a_file_listed_with_two_labels_is_a_bad_row_and_skip_passes_over_missing_files(
+    tmp_path,
+):
     """A trial's CSV listed one image as 'digit 0' and again as 'digit 1': it trained as both.
     Its missing files stopped the run even with data.bad_images: skip, which offered no way."""
     from tests.foreign_data import write_csv_folder
@@ -611,10 +613,15 @@ def test_a_file_listed_twice_is_a_bad_row_and_skip_passes_over_missing_files(tmp
     with pytest.raises(DataError) as info:
         scan_folder(twice)
     assert str(info.value) == (
-        f"2 bad rows in {twice}: line 5: 0000.png is listed again as 'b' (line 2 says 'a'), "
-        "line 6: 0001.png is listed again (first on line 3); paths are relative to the CSV's "
-        "folder; fix or delete those rows (data.bad_images: skip leaves out rows naming no file)"
-    )
+        f"1 bad row in {twice}: line 5: ./images/0000.png is listed again as 'b' (line 2 says "
+        "'a'); paths are relative to the CSV's folder; fix or delete those rows"
+    )  # a repeat with the same label (line 6) is no problem: see below
+    twice.write_text("path,label\nimages/0000.png,a\nimages/0001.png,a\nimages/0004.png,b\n"
+                     "images/0005.png,b\nimages/0001.png,a\n")  # fmt: skip
+    folder = scan_folder(twice)
+    assert len(folder) == 4 and folder.notes == [
+        f"left out 1 repeated row of {twice} (the same file and label as an earlier row): "
+        "line 6 (as line 3)"]
     gaps = tmp_path / "cat" / "gaps.csv"
     gaps.write_text("path,label\nimages/0000.png,a\nimages/0001.png,a\ngone.png,a\n"
                     "images/0004.png,b\nimages/0005.png,b\n")  # fmt: skip
@@ -679,13 +686,15 @@ def test_empty_and_hidden_class_folders_are_noted_not_dropped_silently(
     word; a hidden folder without images (.git) stays quiet."""
     root = make_image_folder(tmp_path / "d", classes=3, per_class=2)
     (root / "empty class").mkdir()
+    (root / "b_only_hidden").mkdir()
+    (root / "b_only_hidden" / ".DS_Store").write_bytes(b"\0")
     shutil.copytree(root / "class_0", root / ".2dot")
     (root / ".git" / "objects").mkdir(parents=True)
     (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     folder = scan_folder(root)
     assert folder.classes == ["class_0", "class_1", "class_2"]
     assert folder.notes == [
-        "empty folders were left out: empty class",
+        "empty folders were left out: b_only_hidden, empty class",
         "hidden folders holding images were left out: .2dot (names starting with '.' are "
         "skipped; rename them to use them)",
     ]

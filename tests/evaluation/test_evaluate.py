@@ -151,39 +151,45 @@ def test_a_changed_folder_cannot_score_the_runs_training_images_as_held_out(
     tiny_run, tmp_path, capsys
 ):
     """A trial added one class folder to a copy of the data and evaluated the run on it: the
-    re-split put 13 of the run's training images among the 43 "held-out" ones, with no word."""
+    re-split put 13 of the run's training images among the 43 "held-out" ones, with no word.
+    Now they move to the training side with a note, for evaluate and export alike."""
     import shutil
 
     from mltrain.commands.evaluate import main as evaluate_main
     from mltrain.commands.export import main as export_main
-    from mltrain.errors import DataError
     from tests.conftest import write_image_folder as write
 
     run_dir, root = tiny_run
+    trained = {p for p, _ in json.loads((run_dir / "split.json").read_text())["train"]}
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     write(tmp_path / "extra", classes=1, per_class=6, size=(40, 36))  # not copies of class_0
     shutil.copytree(tmp_path / "extra" / "class_0", copy / "a_new_class")  # sorts first
     sets = ["--set", f"data.root={copy}", "--set", "eval.tsne=false"]
     best = run_dir / "checkpoints" / "best.pt"
+    note = re.compile(
+        rf"note: (\d+) of the 31 held-out images trained (\S+) \(its {run_dir}/split.json lists "
+        r"them, e\.g\. class_\d/img_\d+\.\w+\): the folder or the split differs from the "
+        r"run's, so they are left out of the held-out images; (\d+) remain$", re.M)
     for main, ckpt, extra in [(evaluate_main, run_dir, ["--out", str(tmp_path / "e")]),
                               (export_main, best, ["--out", str(tmp_path / "b")])]:  # fmt: skip
-        with pytest.raises(DataError) as info:
-            main(["--checkpoint", str(ckpt), *extra, *sets])
-        message = str(info.value)
-        assert re.fullmatch(
-            rf"\d+ of the 31 held-out images trained {ckpt} \(its {run_dir}/split.json\), "
-            r"e\.g\. class_\d/img_\d+\.\w+: data\.root or the split differs from the run's, so the "
-            r"figures would be inflated; use the run's data\.root and split, or a folder "
-            r"without its training images", message), message
-    assert not (tmp_path / "e").exists() and not (tmp_path / "b").exists()
+        main(["--checkpoint", str(ckpt), *extra, *sets])
+        found = note.search(capsys.readouterr().err)
+        assert found and found[2] == str(ckpt), found
+        moved, left = int(found[1]), int(found[3])
+        assert moved > 0 and moved + left == 31
+    held = json.loads((tmp_path / "e" / "split.json").read_text())["heldout"]
+    assert len(held) == left and not trained & {p for p, _ in held}  # no trained image scored
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["num_queries"] == left
+    assert "left out of the held-out images" in (tmp_path / "e" / "report.md").read_text()
     # Other data that reuses the file names (class_0/img_000.jpg, other bytes) is not the run's
     other = write(tmp_path / "other", classes=4, per_class=16, size=(44, 30))  # re-split
     evaluate_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "other_eval"),
                    "--set", f"data.root={other}", "--set", "eval.tsne=false"])  # fmt: skip
-    assert (tmp_path / "other_eval" / "metrics.json").is_file()
-    # The run's own folder passes; every image by request (split none) is a note.
+    assert "note:" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "other_eval" / "metrics.json").read_text())["num_queries"] == 32
+    # Every image by request (split none): the note only.
     evaluate_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "ok"),
                    "--set", "eval.tsne=false", "--set", "data.split=none"])  # fmt: skip
-    assert "note: 28 of the 56 images evaluated trained" in capsys.readouterr().err
+    assert "note: 28 of the 56 images trained" in capsys.readouterr().err
     assert (tmp_path / "ok" / "metrics.json").is_file()

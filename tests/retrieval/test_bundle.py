@@ -274,10 +274,16 @@ def test_add_images_names_nested_classes_as_the_data_scanner_does(bundle_dir, tm
     shutil.copy(tmp_path / "loose" / "x" / "new_0.png", new / "new_0.png")  # loose in new/
     assert add_images(bundle_dir, new) == 4
     assert (f"note: 1 loose image beside the class folders of {new} (e.g. new_0.png) added as "
-            "class 'new'; pass --class NAME") in capsys.readouterr().err
+            "class 'new'; move them into a class folder") in capsys.readouterr().err
     added = load_bundle(bundle_dir).metadata[-4:]
     assert [r["class"] for r in added] == ["new", "greek/alpha", "greek/beta", "greek/beta"]
     assert added[1]["path"].startswith("bundle:images/greek_alpha/")
+    mixed = tmp_path / "mixed"  # with --class every image is that class: no note to make
+    write_new_class(mixed, "gamma", 1)
+    shutil.copy(tmp_path / "loose" / "x" / "new_0.png", mixed / "stray.png")
+    assert add_images(bundle_dir, mixed, "one") == 2
+    assert "note:" not in capsys.readouterr().err
+    assert [r["class"] for r in load_bundle(bundle_dir).metadata[-2:]] == ["one", "one"]
 
 
 def test_adding_a_nested_folder_notes_its_classes_beside_the_bundles_nested_ones(

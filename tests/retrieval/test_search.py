@@ -234,17 +234,20 @@ def test_a_sheet_whose_hit_images_are_all_missing_says_where_it_looked(exported,
 
 
 def test_a_long_class_name_is_cut_in_the_table_only(capsys):
-    """A trial's 230-character class name made every row of the table 450 characters wide."""
+    """A trial's 230-character class name made every row of the table 450 characters wide.
+    The cut is in the middle: nested names differ at their end."""
     from types import SimpleNamespace
 
     from mltrain.retrieval.search import CLASS_COLUMN, Hit, QueryResult, SearchRun, _print_table
 
-    name = "x" * 230
-    hits = [Hit(1, 0.9, 0, name, "a.png"), Hit(2, 0.8, 1, "b", "b.png")]
-    run = SearchRun([QueryResult("q.png", search_us=5.0, hits=hits)], k=2, embed_ms=1.0,
+    magi = "images_background/Alphabet_of_the_Magi_and_Other_Scripts/character"
+    hits = [Hit(1, 0.9, 0, magi + "01", "a.png"), Hit(2, 0.8, 1, magi + "02", "b.png"),
+            Hit(3, 0.7, 2, "b", "c.png")]  # fmt: skip
+    run = SearchRun([QueryResult("q.png", search_us=5.0, hits=hits)], k=3, embed_ms=1.0,
                     model_ms=1.0)  # fmt: skip
     _print_table(run, SimpleNamespace(metric="cosine"))
     rows = capsys.readouterr().out.splitlines()
-    assert f"     1    0.9000  {'x' * (CLASS_COLUMN - 1)}…  a.png" in rows
-    assert f"     2    0.8000  {'b':<{CLASS_COLUMN}}  b.png" in rows
-    assert run.results[0].hits[0].cls == name  # --json reads the hits: whole
+    assert "     1    0.9000  images_backgr…_Other_Scripts/character01  a.png" in rows
+    assert "     2    0.8000  images_backgr…_Other_Scripts/character02  b.png" in rows
+    assert f"     3    0.7000  {'b':<{CLASS_COLUMN}}  c.png" in rows
+    assert run.results[0].hits[0].cls == magi + "01"  # --json reads the hits: whole

@@ -34,6 +34,9 @@ def test_note_for_a_threshold_calibrated_on_few_classes():
     assert calibration_note({**ROW, "resolved": False, "classes": 4}) == (
         "threshold for FAR 0.0001 rests on only 594 impostor pairs (needs >= 10,000 to "
         "resolve it) and the held-out images of only 4 classes; treat it as approximate")
+    assert calibration_note({**resolved, "classes": 3, "rows": "all"}) == (
+        "threshold for FAR 0.0001 rests on the images of only 3 classes; treat it as "
+        "approximate")  # data.split none calibrates on every row
     assert calibration_note({**resolved, "classes": 5}) is None
     assert calibration_note({**resolved, "classes": True}) is None  # tampered: quiet
     assert calibration_note(resolved) is None  # bundles from before the count
