@@ -78,8 +78,12 @@ def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = Tr
         save_split(run_dir / "split.json", split, folder)
     if duplicates and split.kind != "none":
         _report_duplicates(folder, split, run_dir)
-    used = sorted({int(c) for c in folder.labels[split.train]})
-    return RunData(folder, split, [folder.classes[c] for c in used])
+    return RunData(folder, split, _train_classes(folder, split))
+
+
+def _train_classes(folder: ImageFolder, split: Split) -> list[str]:
+    """The classes with training images, in folder order (`RunData.train_labels` maps them)."""
+    return [folder.classes[c] for c in sorted({int(c) for c in folder.labels[split.train]})]
 
 
 def _report_duplicates(folder: ImageFolder, split: Split, run_dir: Path | None) -> None:
@@ -202,7 +206,7 @@ def without_rows(data: RunData, rows: np.ndarray) -> RunData:
         raise DataError(f"every held-out image of data.root {data.folder.root} trained this "
                         "model, so there is nothing to evaluate; evaluate on other images")
     moved = replace(split, train=np.union1d(split.train, rows), heldout=kept)
-    return RunData(data.folder, moved, data.train_classes)
+    return RunData(data.folder, moved, _train_classes(data.folder, moved))
 
 
 def _run_root(run_dir: Path) -> Path | None:

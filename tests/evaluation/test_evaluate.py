@@ -182,6 +182,15 @@ def test_a_changed_folder_cannot_score_the_runs_training_images_as_held_out(
     assert len(held) == left and not trained & {p for p, _ in held}  # no trained image scored
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["num_queries"] == left
     assert "left out of the held-out images" in (tmp_path / "e" / "report.md").read_text()
+    # Moved rows may bring classes the re-split left without training images: mapped too
+    from mltrain.config import load_config
+    from mltrain.data.pipeline import prepare_data, trained_on, without_rows
+
+    data = prepare_data(load_config(None, [f"data.root={copy}", "data.split=class_disjoint",
+                                           "data.train_fraction=0.5"]))  # fmt: skip
+    grown = without_rows(data, trained_on(run_dir / "split.json", data.split, data.folder))
+    assert len(grown.train_labels) == len(grown.split.train)
+    assert len(grown.train_classes) > len(data.train_classes)
     # Other data that reuses the file names (class_0/img_000.jpg, other bytes) is not the run's
     other = write(tmp_path / "other", classes=4, per_class=16, size=(44, 30))  # re-split
     evaluate_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "other_eval"),
