@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from mltrain.cli import counted
 from mltrain.errors import DataError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
@@ -78,7 +79,8 @@ def _older_extractions(archive: Path, dest: Path) -> None:
              and (_stamp(d)[1:] == [source] or _stamp(d) == [size])]  # fmt: skip
     if older:
         mb = sum(f.stat().st_size for d in older for f in d.rglob("*") if f.is_file()) / 2**20
-        print(f"note: {len(older)} older extraction(s) of {archive.name} ({mb:.0f} MB) remain: "
+        print(f"note: {counted(len(older), 'older extraction')} of {archive.name} ({mb:.0f} MB) "
+              f"remain: "
               f"{', '.join(map(str, older))}; delete them if no run still uses them",
               file=sys.stderr)
 

@@ -164,7 +164,7 @@ def test_a_cached_extraction_survives_a_new_mtime_and_older_ones_are_named(
         new = resolve_root(archive)
         assert new != root and len(scan_folder(new)) == 27 and len(scan_folder(root)) == 18
         err = capsys.readouterr().err
-        assert f"note: 1 older extraction(s) of cats.tar.gz (0 MB) remain: {root}; delete them" \
+        assert f"note: 1 older extraction of cats.tar.gz (0 MB) remain: {root}; delete them" \
             in err
         # An extraction from before markers recorded the path: the same name and size count.
         legacy = tmp_path / "cache" / "cats-0123456789"
@@ -173,7 +173,7 @@ def test_a_cached_extraction_survives_a_new_mtime_and_older_ones_are_named(
         shutil.rmtree(new)
         resolve_root(archive)
         err = capsys.readouterr().err  # the first extraction (another size) is still there too
-        assert "note: 2 older extraction(s) of cats.tar.gz" in err and str(legacy) in err
+        assert "note: 2 older extractions of cats.tar.gz" in err and str(legacy) in err
     finally:
         shelf.chmod(stat.S_IRWXU)
 
