@@ -274,6 +274,9 @@ def _rows_of(bundle: Bundle, rows: list[int]) -> np.ndarray:
 # --- output --------------------------------------------------------------------------------
 
 
+CLASS_COLUMN = 40  # the table's class column; --json keeps every name whole
+
+
 def _print_table(run: SearchRun, bundle: Bundle) -> None:
     score_name = "cosine" if bundle.metric == "cosine" else "sq.L2"
     for r in run.results:
@@ -301,9 +304,6 @@ def _print_table(run: SearchRun, bundle: Bundle) -> None:
         f"({per:.1f} ms per image with {run.backend}; model rebuilt in {run.model_ms:.0f} ms); "
         f"index search {med}"
     )
-
-
-CLASS_COLUMN = 40  # the table's class column; --json keeps every name whole
 
 
 def hit_dict(h: Hit) -> dict:
