@@ -77,3 +77,29 @@ def test_a_reranker_is_recommended_only_for_a_gain_clear_of_the_noise(n, recomme
     gains = {m: out[m]["map_at_r"] - out["none"]["map_at_r"] for m in ("k_reciprocal", "alpha_qe")}
     assert max(gains.values()) > 0.02  # over 2 points each time, above MIN_GAIN
     assert out["recommended"] == recommended  # on 60 queries within 2 standard errors: noise
+
+
+def test_a_reranker_that_clearly_loses_the_first_hit_is_not_the_default(monkeypatch):
+    """A trial's digits: k_reciprocal gained 7 points of MAP@R but cost 10 of precision@1, and
+    bundles then answered worse by default. Hand-made orders over 5 classes x 8 (R = 7):
+    'none' gets each first hit right and nothing of the next 6; k_reciprocal each first hit
+    wrong and the 7 after it right; alpha_qe the first two right."""
+    import mltrain.evaluation.rerank_eval as rerank_eval
+
+    labels = np.repeat(np.arange(5), 8)
+    same = [np.flatnonzero((labels == labels[q]) & (np.arange(40) != q)) for q in range(40)]
+    other = [np.flatnonzero(labels != labels[q]) for q in range(40)]
+    pairs = list(zip(same, other, strict=True))
+    orders = {
+        "none": [[s[0], *o[:6], *s[1:]] for s, o in pairs],
+        "k_reciprocal": [[o[0], *s, *o[1:6]] for s, o in pairs],
+        "alpha_qe": [[s[0], s[1], *o[:6], *s[2:]] for s, o in pairs],
+    }
+    monkeypatch.setattr(rerank_eval, "reranked_order", lambda x, m: np.array(orders[m]))
+    out = rerank_comparison(np.eye(40, 8, dtype=np.float32), labels)
+    assert out["none"]["map_at_r"] == pytest.approx(1 / 7)
+    assert out["k_reciprocal"]["map_at_r"] == pytest.approx(
+        (1 / 2 + 2 / 3 + 3 / 4 + 4 / 5 + 5 / 6 + 6 / 7) / 7)  # 0.63: the best MAP@R
+    assert out["alpha_qe"]["map_at_r"] == pytest.approx(2 / 7)
+    assert (out["none"]["precision_at_1"], out["k_reciprocal"]["precision_at_1"]) == (1.0, 0.0)
+    assert out["recommended"] == "alpha_qe"  # the best MAP@R that keeps the first hit
