@@ -599,6 +599,13 @@ def check_export_target(out_dir: Path) -> None:
     """A bundle is only exported to a new folder or over an older bundle (never over other
     files, nor over images enrolled since); callers check this before long work."""
     _check_replaceable(out_dir)
+    foreign = _foreign_files(out_dir) if out_dir.is_dir() else []
+    if foreign:
+        raise BundleError(
+            f"{out_dir} holds files that are no part of a bundle ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); exporting over it would delete them: "
+            "move them out, or choose another folder"
+        )
     added = _added_rows(out_dir) if out_dir.is_dir() else 0
     if added:
         raise BundleError(
@@ -607,6 +614,13 @@ def check_export_target(out_dir: Path) -> None:
             "exporting over it would drop them: choose another folder, or remove the bundle "
             "first to start over"
         )
+
+
+def _foreign_files(bundle_dir: Path) -> list[str]:
+    """Names in a bundle folder that no export or `add` writes (a user's notes, say)."""
+    own = {MANIFEST, *DATA_FILES, ONNX, IMAGES_DIR}
+    return sorted(p.name for p in bundle_dir.iterdir()
+                  if p.name not in own and not SHARD_NAME.fullmatch(p.name))  # fmt: skip
 
 
 def _check_replaceable(out_dir: Path) -> None:

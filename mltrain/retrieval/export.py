@@ -109,6 +109,9 @@ def export_bundle(
     metric = cfg.eval.metric
     out_dir = Path(out_dir)
     check_export_target(out_dir)
+    if not onnx and (out_dir / ONNX).is_file():
+        print(f"note: the bundle at {out_dir} has a model.onnx that this export (without "
+              "--onnx) does not write again; search will embed with torch", file=sys.stderr)
 
     data = data or prepare_data(cfg)
     folder = data.folder

@@ -359,11 +359,11 @@ def test_export_refuses_to_overwrite_a_folder_that_is_not_a_bundle(embedder, tmp
 def test_export_replaces_an_older_bundle_whole(exported, embedder, tmp_path):
     target = tmp_path / "b"
     shutil.copytree(exported[1], target)
-    (target / "stale.txt").write_text("from the old bundle")
+    (target / "embeddings-00007.npy").write_bytes(b"a shard of an older, sharded export")
     export_bundle(embedder, target, "second export", index="hnsw")
     b = load_bundle(target)
     assert b.manifest["source"] == "second export" and b.manifest["index"]["kind"] == "hnsw"
-    assert not (target / "stale.txt").exists()
+    assert not (target / "embeddings-00007.npy").exists()  # a user's own files: refused, below
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folders left
 
 
@@ -515,6 +515,31 @@ def test_export_refuses_to_drop_images_enrolled_since(served_bundle, tmp_path):
     )
     assert (copy / "metadata.csv").read_text() == before
     assert add_images(copy, new.parent, "pink2") == 1  # add itself still replaces the bundle
+
+
+def test_export_refuses_to_delete_a_users_files_in_the_bundle_folder(
+    served_bundle, tmp_path, capsys
+):
+    """A trial kept MYNOTES.md in its bundle folder; re-exporting deleted it without a word.
+    A bundle's own files (shards, model.onnx, images/) are replaced as before."""
+    root, bundle = served_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "embeddings-00001.npy").write_bytes(b"")  # a shard name: the bundle's own
+    (copy / "images").mkdir(exist_ok=True)
+    (copy / "model.onnx").write_bytes(b"")  # an --onnx export's graph: replaced, with a note
+    export_bundle(tiny_embedder(root, k=4), copy, "re-export")
+    assert not (copy / "model.onnx").exists()
+    assert (f"note: the bundle at {copy} has a model.onnx that this export (without --onnx) "
+            "does not write again") in capsys.readouterr().err
+    (copy / "MYNOTES.md").write_text("keep me\n")
+    with pytest.raises(BundleError) as info:
+        export_bundle(tiny_embedder(root, k=4), copy, "again")
+    assert str(info.value) == (
+        f"{copy} holds files that are no part of a bundle (MYNOTES.md); exporting over it "
+        "would delete them: move them out, or choose another folder"
+    )
+    assert (copy / "MYNOTES.md").read_text() == "keep me\n"
 
 
 def test_an_add_that_ends_while_export_embeds_is_not_dropped(served_bundle, tmp_path, monkeypatch):
