@@ -107,9 +107,14 @@ def _plan_pairs(plan: EvalPlan, requested: int, labels: np.ndarray) -> None:
     plan.verification_pairs = requested
     if n_gen + n_imp < requested:
         plan.notes.append(
-            f"verification: {n_gen} genuine + {n_imp} impostor pairs, all the distinct pairs the "
-            f"held-out images allow ({requested} requested in eval.verification_pairs)"
+            f"verification: {_pairs(n_gen, genuine, 'genuine')} and "
+            f"{_pairs(n_imp, impostor, 'impostor')} the held-out images allow ({requested} "
+            "requested in eval.verification_pairs, half of each kind)"
         )
+
+
+def _pairs(n: int, total: int, kind: str) -> str:
+    return f"all {n:,} {kind} pairs" if n == total else f"{n:,} of the {total:,} {kind} pairs"
 
 
 def _plan_one_shot(plan: EvalPlan, ways: list[int], labels: np.ndarray) -> None:

@@ -384,3 +384,17 @@ def test_map_looks_past_r_to_the_largest_classs_r_and_equals_map_at_r_for_equal_
     keep = [0, 1, 3, 4]
     m, _ = retrieval_metrics(emb[keep], labels[keep], metric="cosine", ks=(1,))
     assert m["mean_average_precision"] == pytest.approx(m["map_at_r"])
+
+
+def test_the_verification_note_counts_each_kind_of_pair_as_it_was_drawn():
+    """A trial's 150 digits (10 classes x 15) read "1050 genuine + 10000 impostor pairs, all
+    the distinct pairs", though 10,125 impostor pairs exist: 125 fell to the cap."""
+    from mltrain.evaluation.plan import EvalPlan, _plan_pairs
+
+    plan = EvalPlan(ks=[1], pca_lengths=[], index_types=[], verification_pairs=0,
+                    one_shot_ways=[], tsne=False)  # fmt: skip
+    _plan_pairs(plan, 20000, np.repeat(np.arange(10), 15))  # 10 x C(15, 2) = 1,050 genuine
+    assert plan.notes == [
+        "verification: all 1,050 genuine pairs and 10,000 of the 10,125 impostor pairs the "
+        "held-out images allow (20000 requested in eval.verification_pairs, half of each kind)"
+    ]
