@@ -209,8 +209,9 @@ class SearchService:
     def decode(self, data: bytes, name: str) -> np.ndarray:
         """The upload `name` as RGB, or a DataError naming it and the limit it broke."""
         if len(data) > self.max_upload_bytes:
-            raise UploadTooLarge(f"{name} is {len(data) / 2**20:.1f} MB, over the "
-                                 f"{self.max_upload_bytes / 2**20:g} MB upload limit")  # fmt: skip
+            # `data` stops one byte past the limit when read from a request: no size to quote
+            raise UploadTooLarge(f"{name} is over the {self.max_upload_bytes / 2**20:g} MB "
+                                 "upload limit; send a smaller image")  # fmt: skip
         with self._decoding:
             return decode_image_bytes(data, name, self.max_pixels, self._size_hint)
 
