@@ -277,5 +277,16 @@ def test_page_in_headless_chromium(server, served_bundle):
             assert images.evaluate_all(loaded), "thumbnails did not load"
             if shot := os.environ.get("MLTRAIN_SCREENSHOT"):
                 page.screenshot(path=shot)
+            assert "re-ranked" not in page.locator("#status").text_content()
+            # A bundle that re-ranks says so, or its scores look out of order (a trial's page)
+
+            second = gallery(root)[1]
+            doc = httpx.post(url + "/search", files={"image": (second.name, second.read_bytes())},
+                             params={"k": 8}, timeout=60).json()  # fmt: skip
+            doc["rerank"] = "alpha_qe"
+            page.route("**/search*", lambda route: route.fulfill(json=doc))
+            page.set_input_files("#query", str(second))
+            sync_api.expect(page.locator("#status")).to_contain_text(
+                "; re-ranked with alpha_qe (scores stay cosine, so not in order)", timeout=30_000)
         finally:
             browser.close()
