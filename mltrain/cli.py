@@ -32,7 +32,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=3 (repeatable)",
+        help="override a config key, e.g. --set data.root=DIR (repeatable)",
     )
 
 

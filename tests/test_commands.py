@@ -52,7 +52,8 @@ def test_export_then_search_through_both_doors(exported):
 
 def test_export_equals_what_evaluate_export_writes(exported):
     work, _, args = exported
-    mltrain(str(REPO / "evaluate.py"), *args, "--export", str(work / "via-eval"), cwd=work)
+    out = mltrain(str(REPO / "evaluate.py"), *args, "--export", str(work / "via-eval"),
+                  cwd=work).stdout  # fmt: skip
     a = np.load(work / "bundle" / "embeddings.npy")
     b = np.load(work / "via-eval" / "embeddings.npy")
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -61,6 +62,10 @@ def test_export_equals_what_evaluate_export_writes(exported):
         work / "via-eval" / "metadata.csv"
     ).read_text()
     assert ma["verification"] == mb["verification"] and ma["count"] == mb["count"] == 40
+    default = mb["rerank"]["default"]  # a trial's evaluate --export never said it had written
+    said = f"exported 40 images to {work / 'via-eval'}" + (
+        f"; search re-ranks with {default} by default" if default != "none" else "")
+    assert said in out.splitlines(), out
 
 
 def test_manifest_threshold_reproduces_its_far(exported):

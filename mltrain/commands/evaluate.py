@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         export_bundle(embedder, export, source, data=data, rerank=m.get("rerank"),
                       onnx=args.onnx)
+        chosen = (m.get("rerank") or {}).get("recommended", "none")
+        print(f"exported {len(data.folder)} images to {export}"
+              + (f"; search re-ranks with {chosen} by default" if chosen != "none" else ""))
     print(f"results: {out}")
 
 

@@ -56,13 +56,15 @@ def cached(parts: dict[str, Any], compute: Callable[[], tuple[torch.Tensor, ...]
 
 
 NOTE_BYTES = 5 * 2**30  # past this, a new entry says how large the cache has grown
+_NOTED: set[Path] = set()
 
 
 def size_note(folder: Path) -> None:
     """Entries are never evicted (any later run may want them), so the cache grows with each
     new backbone, image size, view count or data set: say so once it is large."""
     sizes = [f.stat().st_size for f in folder.glob("*.pt")]
-    if sum(sizes) > NOTE_BYTES:
+    if sum(sizes) > NOTE_BYTES and folder not in _NOTED:
+        _NOTED.add(folder)  # once a process: a run writes two or three entries
         held = f"{sum(sizes) / 2**30:.1f} GiB in {counted(len(sizes), 'file')}"
         print(f"note: the prefix cache {folder} holds {held}; delete it to free the space "
               "(runs recompute what they need), or set MLTRAIN_CACHE to put it elsewhere",

@@ -398,13 +398,17 @@ def test_a_large_prefix_cache_says_how_large_when_it_grows(tmp_path, monkeypatch
 
     monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(prefix_cache, "NOTE_BYTES", 0)  # any size counts as large here
+    monkeypatch.setattr(prefix_cache, "_NOTED", set())
     first = prefix_cache.cached({"a": 1}, lambda: (torch.zeros(4),))
     err = capsys.readouterr().err
     folder = tmp_path / "cache" / "prefix"
     assert err.startswith(f"note: the prefix cache {folder} holds 0.0 GiB in 1 file; delete "
                           "it to free the space")  # fmt: skip
+    prefix_cache.cached({"c": 3}, lambda: (torch.zeros(4),))  # a run's next entry: said once
+    assert capsys.readouterr().err == ""
     again = prefix_cache.cached({"a": 1}, lambda: pytest.fail("recomputed"))
     assert torch.equal(first[0], again[0]) and capsys.readouterr().err == ""  # a hit: no note
     monkeypatch.setattr(prefix_cache, "NOTE_BYTES", 2**30)
+    monkeypatch.setattr(prefix_cache, "_NOTED", set())
     prefix_cache.cached({"b": 2}, lambda: (torch.zeros(4),))
     assert capsys.readouterr().err == ""  # small: quiet
