@@ -4,8 +4,8 @@
                  cosine in [-1, 1]) as form fields or in the query string -> {"results":
                  [{rank, score, class, path, id, thumb, match?}], "k", "rerank",
                  "threshold"?, "threshold_resolved"?, "answer"?, "embed_ms", "search_ms"}
-  POST /verify   multipart fields `a` and `b` -> {score, threshold, same, far,
-                 threshold_resolved}
+  POST /verify   multipart fields `a` and `b`, optional `far` (a calibrated FAR, default
+                 1e-3) -> {score, threshold, same, far, threshold_resolved}
   GET  /thumb/ID JPEG thumbnail of bundle row ID
   GET  /health   status, images, classes, model, dim, metric, threshold, threshold_resolved,
                  batch sizes seen
@@ -136,7 +136,8 @@ def create_app(service: Any):
     async def verify(request: Request):
         async with request.form(max_files=2, max_fields=10) as form:
             a, b = await upload(form, "a"), await upload(form, "b")
-        return await run_in_threadpool(service.verify, a, b)
+            far = param(request, form, "far")
+        return await run_in_threadpool(service.verify, a, b, far)
 
     @app.get("/thumb/{row}")
     async def thumb(row: str):

@@ -50,7 +50,7 @@ from mltrain.retrieval.search import (
 from mltrain.retrieval.search import (
     thumbnail as thumbnail_image,
 )
-from mltrain.retrieval.verify import is_resolved, pair_verdict, threshold_for
+from mltrain.retrieval.verify import DEFAULT_FAR, is_resolved, pair_verdict, threshold_for
 
 DEFAULT_MAX_UPLOAD = 20 * 2**20  # bytes: a large camera JPEG is under 15 MB
 RESULT_TIMEOUT_S = 300  # an embedding that takes longer is a hung model: fail the request
@@ -254,9 +254,14 @@ class SearchService:
             doc["threshold_resolved"] = is_resolved(cal)
         return doc
 
-    def verify(self, a: bytes, b: bytes) -> dict[str, Any]:
-        """Are the two uploads the same class at the bundle's calibrated threshold?"""
-        cal = threshold_for(self.bundle.manifest)  # before any work: a bundle without one
+    def verify(self, a: bytes, b: bytes, far: str | None = None) -> dict[str, Any]:
+        """Are the two uploads the same class at the bundle's calibrated threshold (at `far`,
+        one of the calibrated false-accept rates, else the default 1e-3)?"""
+        try:
+            rate = DEFAULT_FAR if far in (None, "") else float(far)
+        except ValueError:
+            raise ConfigError(f"far must be a number such as 1e-3, got {far[:40]!r}") from None
+        cal = threshold_for(self.bundle.manifest, rate, "far")  # before any work
         pixels = [self.decode(a, "image a"), self.decode(b, "image b")]
         score, same = pair_verdict(np.stack(self.embed(pixels)), self.bundle.metric, cal)
         return {"score": score, "threshold": float(cal["threshold"]), "same": same,

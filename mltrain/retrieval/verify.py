@@ -49,8 +49,11 @@ def calibrate(
             "thresholds": table}  # fmt: skip
 
 
-def threshold_for(manifest: dict[str, Any], far: float = DEFAULT_FAR) -> dict[str, Any]:
-    """The stored calibration at `far`; a one-line error where the bundle has none."""
+def threshold_for(
+    manifest: dict[str, Any], far: float = DEFAULT_FAR, name: str = "--far"
+) -> dict[str, Any]:
+    """The stored calibration at `far`; a one-line error where the bundle has none. `name`
+    is how the user gave the FAR (the command line's `--far`, the server's `far`)."""
     cal = manifest.get("verification")
     if not isinstance(cal, dict) or not isinstance(cal.get("thresholds"), list):
         raise BundleError(
@@ -61,7 +64,7 @@ def threshold_for(manifest: dict[str, Any], far: float = DEFAULT_FAR) -> dict[st
         if isinstance(row, dict) and abs(float(row.get("far", -1)) - far) <= 1e-12:
             return {**row, "rows": cal.get("rows", "heldout"), "classes": cal.get("classes")}
     have = ", ".join(f"{float(r['far']):g}" for r in cal["thresholds"] if isinstance(r, dict))
-    raise ConfigError(f"--far {far:g}: the bundle is calibrated at FAR {have}; choose one")
+    raise ConfigError(f"{name} {far:g}: the bundle is calibrated at FAR {have}; choose one")
 
 
 def is_resolved(cal: dict[str, Any]) -> bool:

@@ -129,6 +129,15 @@ def test_verify_agrees_with_verify_pair(service, served_bundle):
     assert got["threshold"] == expected["threshold"] and got["same"] == expected["same"]
     same = service.verify(a.read_bytes(), a.read_bytes())
     assert same["same"] and same["score"] == pytest.approx(1.0, abs=1e-4)
+    # `far` picks another calibrated threshold, as `verify --far` does (a trial's ?far=1e-4
+    # was answered at 1e-3 without a word)
+    loose = service.verify(a.read_bytes(), b.read_bytes(), "0.1")
+    assert loose["far"] == 0.1
+    assert loose["threshold"] == verify_pair(service.bundle, a, b, far=0.1)["threshold"]
+    with pytest.raises(ConfigError, match=r"^far 0.5: the bundle is calibrated at FAR 0.1, "):
+        service.verify(a.read_bytes(), b.read_bytes(), "0.5")
+    with pytest.raises(ConfigError, match=r"^far must be a number such as 1e-3, got 'x'$"):
+        service.verify(a.read_bytes(), b.read_bytes(), "x")
 
 
 def test_upload_limits(service):
