@@ -234,8 +234,14 @@ def _add_locked(
                 continue
         else:
             rel = None
-            if _copied_before(bundle_path, p, name):
+            earlier = _copied_before(bundle_path, p)
+            if earlier == _folder_name(name):
                 continue
+            if earlier is not None:
+                raise DataError(
+                    f"{p} was added before into {IMAGES_DIR}/{earlier}/, another class than "
+                    f"{name!r}; adding it again would give one image two classes: leave it "
+                    "out, or name the class it has with --class")  # fmt: skip
         pending.add(resolved)
         plan.append((p, name, rel))
     if not plan:
@@ -289,15 +295,22 @@ def _add_locked(
     return len(new_rows)
 
 
-def _copied_before(bundle_path: Path, image: Path, name: str) -> bool:
-    """Whether this very file was added (copied into the bundle's images/) before. A copy
-    that resolves outside the bundle is never compared (never read)."""
-    rel = f"{IMAGES_DIR}/{_folder_name(name)}/{image.name}"
-    try:
-        copied = files.inside(bundle_path, rel, BundleError, f"added image {rel!r}")
-    except BundleError:
-        return False
-    return files.is_regular(copied) and filecmp.cmp(image, copied, shallow=False)
+def _copied_before(bundle_path: Path, image: Path) -> str | None:
+    """The images/ folder this very file (same name, same bytes) was copied into before, under
+    whichever class, else None. A copy that resolves outside the bundle is never compared
+    (never read)."""
+    base = bundle_path / IMAGES_DIR
+    if not base.is_dir() or base.is_symlink():
+        return None
+    for folder in sorted(p.name for p in base.iterdir()):
+        rel = f"{IMAGES_DIR}/{folder}/{image.name}"
+        try:
+            copied = files.inside(bundle_path, rel, BundleError, f"added image {rel!r}")
+        except BundleError:
+            continue
+        if files.is_regular(copied) and filecmp.cmp(image, copied, shallow=False):
+            return folder
+    return None
 
 
 def _check_add_space(bundle: Bundle, copies: list[Path], new_rows: int) -> None:

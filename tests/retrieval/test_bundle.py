@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import faiss
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 import mltrain.retrieval.export as export_mod
-from mltrain.errors import BundleError, ConfigError
+from mltrain.errors import BundleError, ConfigError, DataError
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import bundle_embedder, load_bundle, safe_image_path, sha256_file
@@ -67,9 +68,10 @@ def image_paths(root: Path) -> list[Path]:
 
 
 def write_new_class(root: Path, name: str, n: int) -> Path:
-    """`root/<name>/new_N.png`: striped images unlike any in the exported folder."""
+    """`root/<name>/new_N.png`: striped images unlike any in the exported folder, and unlike
+    those of another `root/<name>` (add refuses one file under two classes)."""
     (root / name).mkdir(parents=True)
-    rng = np.random.default_rng(123)
+    rng = np.random.default_rng(zlib.crc32(str(root / name).encode()))
     for i in range(n):
         pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
         pixels[:, ::4] = 0
@@ -260,6 +262,15 @@ def test_add_images_grows_the_bundle_and_finds_the_new_image(bundle_dir, tmp_pat
     assert hit.score == pytest.approx(1.0, abs=1e-3)
     assert add_images(bundle_dir, new) == 0  # the same files again: already copied in
     assert len(load_bundle(bundle_dir)) == n0 + 2
+    # The same file under another class was enrolled twice, two labels on one image (a trial)
+    one = new / "zebra" / "new_0.png"
+    with pytest.raises(DataError) as info:
+        add_images(bundle_dir, [one], "horse")
+    assert str(info.value) == (
+        f"{one} was added before into images/zebra/, another class than 'horse'; adding it "
+        "again would give one image two classes: leave it out, or name the class it has with "
+        "--class")
+    assert add_images(bundle_dir, [one], "zebra") == 0 and len(load_bundle(bundle_dir)) == n0 + 2
     assert not [p for p in bundle_dir.parent.iterdir() if p.name.startswith(".b.")]
 
 
@@ -514,7 +525,8 @@ def test_export_refuses_to_drop_images_enrolled_since(served_bundle, tmp_path):
         "it would drop them: choose another folder, or remove the bundle first to start over"
     )
     assert (copy / "metadata.csv").read_text() == before
-    assert add_images(copy, new.parent, "pink2") == 1  # add itself still replaces the bundle
+    Image.new("RGB", (40, 40), (0, 255, 255)).save(new / "c.png")
+    assert add_images(copy, [new / "c.png"], "cyan") == 1  # add itself still replaces it
 
 
 def test_export_refuses_to_delete_a_users_files_in_the_bundle_folder(
