@@ -74,9 +74,9 @@ def _older_extractions(archive: Path, dest: Path) -> None:
     another size then), or, from markers that do not record a path, of an archive of this
     name and size. They are not deleted here: a run elsewhere may still read them."""
     source, size = f"source={archive.resolve()}", _size_stamp(archive)
-    older = [d for d in dest.parent.glob(f"{_sibling(archive).name}-*")
-             if d != dest and (d / _MARKER).is_file()
-             and (_stamp(d)[1:] == [source] or _stamp(d) == [size])]  # fmt: skip
+    stamps = {d: _stamp(d) for d in dest.parent.glob(f"{_sibling(archive).name}-*")
+              if d != dest and (d / _MARKER).is_file()}  # fmt: skip
+    older = [d for d, lines in stamps.items() if lines[1:] == [source] or lines == [size]]
     if older:
         mb = sum(f.stat().st_size for d in older for f in d.rglob("*") if f.is_file()) / 2**20
         print(f"note: {counted(len(older), 'older extraction')} of {archive.name} ({mb:.0f} MB) "
@@ -137,8 +137,9 @@ def readable_root(root: str | os.PathLike) -> Path | None:
         return path
     if path.is_file() and path.suffix.lower() == ".csv":
         return path.parent
-    if path.is_file() and _archive_stem(path) is not None and extraction_dir(path).is_dir():
-        return extraction_dir(path)
+    if path.is_file() and _archive_stem(path) is not None:
+        dest = extraction_dir(path)
+        return dest if dest.is_dir() else None
     return None
 
 

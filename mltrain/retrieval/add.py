@@ -226,6 +226,7 @@ def _add_locked(
     # Decide every new row's path before embedding: files already in the bundle are skipped.
     plan: list[tuple[Path, str, str | None]] = []  # (image, class, path under root or None)
     pending: set[Path] = set()
+    copies = _copies_by_name(bundle_path)  # read once, not once per new image
     for p, name in zip(paths, names, strict=True):
         resolved = p.resolve()
         if resolved.is_relative_to(root):
@@ -234,7 +235,7 @@ def _add_locked(
                 continue
         else:
             rel = None
-            earlier = _copied_before(bundle_path, p)
+            earlier = _copied_before(bundle_path, p, copies.get(p.name, []))
             if earlier == _folder_name(name):
                 continue
             if earlier is not None:
@@ -295,14 +296,23 @@ def _add_locked(
     return len(new_rows)
 
 
-def _copied_before(bundle_path: Path, image: Path) -> str | None:
-    """The images/ folder this very file (same name, same bytes) was copied into before, under
-    whichever class, else None. A copy that resolves outside the bundle is never compared
-    (never read)."""
+def _copies_by_name(bundle_path: Path) -> dict[str, list[str]]:
+    """File name -> the images/ folders holding a file of that name (sorted)."""
     base = bundle_path / IMAGES_DIR
     if not base.is_dir() or base.is_symlink():
-        return None
-    for folder in sorted(p.name for p in base.iterdir()):
+        return {}
+    out: dict[str, list[str]] = {}
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
+        for f in folder.iterdir():
+            out.setdefault(f.name, []).append(folder.name)
+    return out
+
+
+def _copied_before(bundle_path: Path, image: Path, folders: list[str]) -> str | None:
+    """The one of `folders` (images/ folders holding a file of this name) into which this very
+    file (same bytes) was copied before, under whichever class, else None. A copy that
+    resolves outside the bundle is never compared (never read)."""
+    for folder in folders:
         rel = f"{IMAGES_DIR}/{folder}/{image.name}"
         try:
             copied = files.inside(bundle_path, rel, BundleError, f"added image {rel!r}")

@@ -98,9 +98,10 @@ def calibration_note(cal: dict[str, Any]) -> str | None:
         return None
     classes = cal.get("classes")
     few = isinstance(classes, int) and not isinstance(classes, bool) and classes < FEW_CLASSES
-    if not 0 < far < 1 or (is_resolved(cal) and not few):
+    resolved = is_resolved(cal)
+    if not 0 < far < 1 or (resolved and not few):
         return None
-    why = [] if is_resolved(cal) else [
+    why = [] if resolved else [
         f"only {pairs:,} impostor pairs (needs >= {math.ceil(1 / far - 1e-9):,} to resolve it)"]
     rows = "held-out images" if cal.get("rows", "heldout") == "heldout" else "images"
     why += [f"the {rows} of only {classes} classes"] if few else []
