@@ -1,17 +1,18 @@
 # One command each: `make demo` sets up and trains the default (Siamese) model on Caltech101,
-# `make test` sets up and runs the test suite.
+# `make test` sets up and runs the test suite (about 10 minutes on 2 cores), `make docs` builds the
+# documentation site. Other commands run inside the venv: `source .venv/bin/activate` first.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint docs bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,docs,milvus]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -25,6 +26,9 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+docs: setup
+	$(BIN)/mkdocs build --strict
 
 bench: setup
 	$(BIN)/python benchmarks/embed.py

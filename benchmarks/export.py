@@ -36,7 +36,7 @@ def naive(root: Path, out: Path) -> None:
     from mltrain.model.network import build_model, data_config
 
     cfg = load_config(REPO / "configs" / "pooling.yaml",
-                      ["model.frozen_stages=0", "train.cache_frozen=false"])
+                      ["model.trainable_stages=null", "train.cache_frozen=false"])
     model = build_model(cfg.model).eval()
     dcfg = data_config(model, cfg.model)
     _, h, w = dcfg["input_size"]

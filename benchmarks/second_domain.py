@@ -1,22 +1,33 @@
-"""One-shot on a domain unlike ImageNet photos: pretrained against trained, as a user runs it.
+"""One-shot on real domains unlike ImageNet photos: pretrained against trained, as a user runs it.
 
-Generates greyscale line drawings in the nested layout of handwritten-character sets
-(`alphabet_k/char_j/N.pgm`, each class a fixed set of strokes redrawn with jitter), then runs
-the whole commands:
+Measures the real sets in ../shared/data (see its README) with the whole commands, unseen
+classes only:
 
-    python evaluate.py --backbone tf_efficientnet_lite0 --config configs/<mode>.yaml \
-        --set data.root=DIR --set data.split=class_disjoint --set data.train_fraction=0.8
-    python train.py --config configs/<mode>.yaml --set data.root=DIR \
-        --set data.split=class_disjoint --set data.train_fraction=0.8
-    python evaluate.py --checkpoint <run>/checkpoints/best.pt
+- `omniglot`: handwriting, alphabet-disjoint. Five alphabets train (Greek, Japanese_(katakana),
+  Latin, Sanskrit, Tagalog: 156 characters; 15% of them are held out to pick best.pt), three
+  alphabets never seen in training are the test (Balinese, Early_Aramaic, Korean: 86
+  characters, 1,720 drawings), with 5- and 20-way one-shot drawn from one alphabet at a time
+  (`one_shot_within_parent`) as well as from all of them.
+- `omniglot-chars`: character-disjoint over all 8 alphabets (`data.split=class_disjoint
+  data.train_fraction=0.8`; the test characters' alphabets are seen in training).
+- `AR`, `GeorgiaTech`, `UMIST`, `IMM`: faces, people-disjoint (`data.train_fraction=0.75`;
+  validation people pick best.pt, `data.val_fraction: auto`), verification (ROC AUC, EER).
+- `coil20`: objects on a turntable, object-disjoint (0.75).
+- `drawings`: generated line drawings (a fast smoke path; no data needed).
 
-and prints held-out (unseen classes) 20-way and 5-way one-shot accuracy, ROC AUC, EER and
-MAP@R for each. Usage: python benchmarks/second_domain.py [--modes siamese triplet]
+For each set and config it runs
 
-`--root DATA --train-fraction F` runs the same protocol on your own folder instead (Caltech101:
-`--root ../shared/data/101_ObjectCategories.tar.gz --train-fraction 0.505`, 51 classes train and
-50 are unseen). Configs that pool alike share one pretrained row (their untrained backbones embed
-identically); `--eval-set` overrides go to every evaluate command.
+    python evaluate.py --backbone tf_efficientnet_lite0 --config CFG --set data.root=TEST ...
+    python train.py --config CFG --set data.root=TRAIN --set data.split=class_disjoint ...
+    python evaluate.py --checkpoint <run>/checkpoints/best.pt [--set data.root=TEST ...]
+
+and prints a table (one row per model, with the command). Usage:
+
+    python benchmarks/second_domain.py --sets IMM UMIST           # the domain configs
+    python benchmarks/second_domain.py --sets AR --configs siamese oneshot_faces
+    python benchmarks/second_domain.py --sets drawings            # smoke: generated drawings
+
+`--root DIR --train-fraction F` runs the class-disjoint protocol on your own folder instead.
 """
 
 from __future__ import annotations
@@ -24,8 +35,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -33,19 +46,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.foreign_data import write_drawings  # noqa: E402
-
-
-def split_args(fraction: float) -> list[str]:
-    return ["--set", "data.split=class_disjoint", "--set", f"data.train_fraction={fraction}"]
-
-
-def pooling_of(mode: str) -> str:
-    """The pooling line of a shipped config: the untrained backbone's embedding depends on it
-    (and the crop, which every shipped config sets alike), not on the loss or the head."""
-    text = (REPO / "configs" / f"{mode}.yaml").read_text()
-    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                 if ln.strip().startswith("pooling:")), "")  # fmt: skip
+OMNIGLOT_TRAIN = ["Greek", "Japanese_(katakana)", "Latin", "Sanskrit", "Tagalog"]
+OMNIGLOT_TEST = ["Balinese", "Early_Aramaic", "Korean"]
+# set -> (archive, folder inside it, class-disjoint train fraction, default config)
+SETS = {
+    "omniglot": ("omniglot_background_small.tar.gz", "omniglot_background", 0.85,
+                 "oneshot_handwriting"),
+    "omniglot-chars": ("omniglot_background_small.tar.gz", "omniglot_background", 0.8,
+                       "oneshot_handwriting"),
+    "AR": ("faces_small.tar.gz", "faces_small/AR", 0.75, "oneshot_faces"),
+    "GeorgiaTech": ("faces_small.tar.gz", "faces_small/GeorgiaTech", 0.75, "oneshot_faces"),
+    "UMIST": ("faces_small.tar.gz", "faces_small/UMIST", 0.75, "oneshot_faces"),
+    "IMM": ("faces_small.tar.gz", "faces_small/IMM", 0.75, "oneshot_faces"),
+    "coil20": ("coil20.tar.gz", "coil20", 0.75, "siamese"),
+    "drawings": (None, None, 0.8, "siamese"),
+}  # fmt: skip
 
 
 def run(args: list[str]) -> tuple[str, float]:
@@ -58,58 +73,115 @@ def run(args: list[str]) -> tuple[str, float]:
     return proc.stdout.strip().splitlines()[-1], time.perf_counter() - start
 
 
-def figures(eval_dir: Path) -> dict[str, float]:
+def figures(eval_dir: Path) -> dict[str, float | None]:
     m = json.loads((eval_dir / "metrics.json").read_text())
     ver, shots = m.get("verification") or {}, m.get("one_shot") or {}
-    return {"20-way": shots.get("20"), "5-way": shots.get("5"), "roc_auc": ver.get("roc_auc"),
-            "eer": ver.get("eer"), "map_at_r": m["map_at_r"],
-            "p@1": m["precision_at_1"]}  # fmt: skip
+    within = m.get("one_shot_within_parent") or {}
+    return {"5-way": shots.get("5"), "20-way": shots.get("20"), "5-within": within.get("5"),
+            "20-within": within.get("20"), "roc_auc": ver.get("roc_auc"), "eer": ver.get("eer"),
+            "map_at_r": m["map_at_r"]}  # fmt: skip
+
+
+def extract(data: Path, archive: str, inner: str, work: Path) -> Path:
+    """The set's folder, extracted once under `work` (archives are read as distributed)."""
+    target = work / inner
+    if not (work / f".{archive}.done").exists():
+        with tarfile.open(data / archive) as tar:
+            tar.extractall(work, filter="data")
+        (work / f".{archive}.done").touch()
+    if not target.is_dir():
+        raise SystemExit(f"{data / archive} holds no {inner}/")
+    return target
+
+
+def omniglot_alphabets(folder: Path, work: Path) -> tuple[Path, Path]:
+    """Copies of the training and test alphabets (symlinked folders are not followed)."""
+    roots = work / "omniglot_train_alphabets", work / "omniglot_test_alphabets"
+    for root, names in zip(roots, (OMNIGLOT_TRAIN, OMNIGLOT_TEST)):
+        for name in names:
+            if not (root / name).is_dir():
+                shutil.copytree(folder / name, root / name)
+    return roots
+
+
+def plan(name: str, data: Path, work: Path, args: argparse.Namespace):
+    """(train flags, test flags for evaluate, train fraction) for one set."""
+    archive, inner, fraction, _ = SETS[name]
+    if args.root:
+        root = Path(args.root).resolve()
+    elif name == "drawings":
+        from tests.foreign_data import write_drawings
+
+        root = write_drawings(work / "drawings", args.alphabets, args.chars, args.per_class)
+    else:
+        root = extract(data, archive, inner, work)
+    fraction = args.train_fraction or fraction
+    split = ["--set", "data.split=class_disjoint", "--set", f"data.train_fraction={fraction}"]
+    if name == "omniglot" and not args.root:
+        train_root, test_root = omniglot_alphabets(root, work)
+        # held-out characters of the training alphabets pick best.pt; the test alphabets are
+        # evaluated whole (data.split none: none of their images trained)
+        train = ["--set", f"data.root={train_root}", *split, "--set", "data.val_fraction=0"]
+        test = ["--set", f"data.root={test_root}", "--set", "data.split=none"]
+        return train, test
+    train = ["--set", f"data.root={root}", *split]
+    return train, None
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--modes", nargs="+", default=["siamese", "triplet"])
-    p.add_argument("--root", help="an image folder, archive or CSV instead of generated drawings")
-    p.add_argument("--train-fraction", type=float, default=0.8, help="share of classes trained")
-    p.add_argument("--alphabets", type=int, default=10)
-    p.add_argument("--chars", type=int, default=12)
-    p.add_argument("--per-class", type=int, default=15)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", nargs="+", default=["IMM", "UMIST", "GeorgiaTech", "AR", "omniglot"],
+                   choices=sorted(SETS))  # fmt: skip
+    p.add_argument("--configs", nargs="+",
+                   help="config names in configs/ (default: each set's domain config)")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data"),
+                   help="folder holding the archives")  # fmt: skip
+    p.add_argument("--work", help="where archives are extracted and runs written (default: temp)")
+    p.add_argument("--root", help="your own folder instead (one set, class-disjoint)")
+    p.add_argument("--train-fraction", type=float, help="share of classes on the training side")
+    p.add_argument("--no-pretrained", action="store_true", help="skip the untrained rows")
+    p.add_argument("--alphabets", type=int, default=10, help="drawings: alphabets")
+    p.add_argument("--chars", type=int, default=12, help="drawings: characters each")
+    p.add_argument("--per-class", type=int, default=15, help="drawings: images each")
     p.add_argument("--set", dest="extra", action="append", default=[], help="train override")
     p.add_argument("--eval-set", dest="eval_extra", action="append", default=[],
                    help="evaluate override, e.g. eval.tsne=false")  # fmt: skip
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="mltrain-domain-"))
-    if args.root:
-        root = Path(args.root).resolve()
-        print(f"{root}: {args.train_fraction:g} of the classes train, the rest are evaluated")
-    else:
-        root = write_drawings(work / "drawings", args.alphabets, args.chars, args.per_class)
-        classes = args.alphabets * args.chars
-        print(f"{classes} classes x {args.per_class} greyscale PGM drawings; "
-              f"{args.train_fraction:g} of the classes train, the rest are evaluated")  # fmt: skip
+    work = Path(args.work or tempfile.mkdtemp(prefix="mltrain-domain-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data).resolve()
     flags = lambda key, sets: [a for s in sets for a in (key, s)]  # noqa: E731
-    evals = flags("--set", args.eval_extra)
-    rows, pretrained = [], {}
-    for mode in args.modes:
-        cfg = ["--config", f"configs/{mode}.yaml", "--set", f"data.root={root}",
-               "--set", f"output_dir={work / 'exp'}", *split_args(args.train_fraction)]  # fmt: skip
-        if pooling_of(mode) not in pretrained:
-            out, secs = run(["evaluate.py", "--backbone", "tf_efficientnet_lite0", *cfg, *evals])
-            pretrained[pooling_of(mode)] = mode
-            rows.append((f"{mode}: pretrained ({pooling_of(mode)})",
-                         figures(Path(out.removeprefix("results: "))), secs))  # fmt: skip
-        run_dir, train_s = run(["train.py", *cfg, *flags("--set", args.extra)])
-        out, secs = run(["evaluate.py", "--checkpoint", f"{run_dir}/checkpoints/best.pt", *evals])
-        rows.append((f"{mode}: trained", figures(Path(out.removeprefix("results: "))), train_s))
-        print(f"{mode}: trained in {train_s:.0f} s, {run_dir}", flush=True)
-    print("| model | 20-way one-shot | 5-way | ROC AUC | EER | MAP@R | precision@1 | seconds |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, f, secs in rows:
-        cells = [f"{f[k]:.4f}" if f[k] is not None else "–" for k in
-                 ("20-way", "5-way", "roc_auc", "eer", "map_at_r", "p@1")]  # fmt: skip
-        print(f"| {name} | {' | '.join(cells)} | {secs:.0f} |")
+    evals = flags("--set", ["eval.tsne=false", "eval.rerank=false", *args.eval_extra])
+    rows = []
+    for name in args.sets:
+        train, test = plan(name, data, work, args)
+        for mode in args.configs or [SETS[name][3]]:
+            cfg = ["--config", f"configs/{mode}.yaml"]
+            where = test or train
+            if not args.no_pretrained:
+                cmd = ["evaluate.py", "--backbone", "tf_efficientnet_lite0", *cfg, *where, *evals]
+                out, secs = run(cmd)
+                rows.append((name, f"{mode}: pretrained", figures(Path(out.removeprefix(
+                    "results: "))), secs, cmd))  # fmt: skip
+            cmd = ["train.py", *cfg, *train, "--set", f"output_dir={work / 'exp'}",
+                   "--set", f"name={name}-{mode}", *flags("--set", args.extra)]  # fmt: skip
+            run_dir, train_s = run(cmd)
+            out, _ = run(["evaluate.py", "--checkpoint", f"{run_dir}/checkpoints/best.pt",
+                          *(test or []), *evals])  # fmt: skip
+            rows.append((name, f"{mode}: trained", figures(Path(out.removeprefix("results: "))),
+                         train_s, cmd))  # fmt: skip
+            print(f"{name} {mode}: trained in {train_s:.0f} s, {run_dir}", flush=True)
+    keys = ("5-way", "20-way", "5-within", "20-within", "roc_auc", "eer", "map_at_r")
+    print("| set | model | 5-way | 20-way | 5-way within | 20-way within | ROC AUC | EER | MAP@R "
+          "| seconds | command |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name, model, f, secs, cmd in rows:
+        cells = [f"{f[k]:.4f}" if f[k] is not None else "–" for k in keys]
+        print(f"| {name} | {model} | {' | '.join(cells)} | {secs:.0f} | "
+              f"`python {' '.join(cmd)}` |")  # fmt: skip
     print(f"(seconds: the evaluate command for pretrained rows, the train command for trained; "
-          f"runs in {work})")  # fmt: skip
+          f"within: each episode's classes from one alphabet; runs in {work})")  # fmt: skip
 
 
 if __name__ == "__main__":

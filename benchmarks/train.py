@@ -6,14 +6,14 @@ For each shipped config (classification, pooling, siamese, triplet):
 
 - framework: `train_one_epoch` on the loader `mltrain.train.run.Run` builds (DataLoader workers,
   the config's sampler, loss and miner, channels_last, bf16 autocast where the CPU has it,
-  tensorboard logging), with `model.frozen_stages=0` and `train.cache_frozen=false` so that
+  tensorboard logging), with `model.trainable_stages=null` and `train.cache_frozen=false` so that
   the whole network trains as in the plain loop. Step times come from the loop's own log hook
   and leave out `--warmup` steps (worker start-up, first batches).
 - pure compute: the same model, optimizer and settings on the same batches pre-loaded in
   memory, with no loader, progress bar or logging; overhead = (framework - pure) / framework.
 - plain: fp32, NCHW, the same batches pre-loaded, `loss.backward(); opt.step()` with
   `torch.optim.AdamW`, on a copy of the same model and loss.
-- cached (what the shipped configs run): their `frozen_stages` with `cache_frozen: true`, i.e.
+- cached (what the shipped configs run): their `trainable_stages` with `cache_frozen: true`, i.e.
   training the last stages on cached prefix features, through `Run` on a per-class subset
   of the images (the prefix cache is built once, untimed, in a private cache folder).
 
@@ -188,7 +188,7 @@ def mode_config(mode: str, root: Path, args, out: Path, extra: list[str]) -> Con
 
 def bench_mode(mode: str, args, root: Path, subset: Path | None, tmp: Path) -> dict:
     full_cfg = mode_config(mode, root, args, tmp / "runs",
-                           ["model.frozen_stages=0", "train.cache_frozen=false"])
+                           ["model.trainable_stages=null", "train.cache_frozen=false"])
     run = Run(full_cfg, tmp / "runs" / f"{mode}-full")
     settings = run.settings()
     batches = preload(run, args.warmup + args.steps)
@@ -230,7 +230,7 @@ def bench_mode(mode: str, args, root: Path, subset: Path | None, tmp: Path) -> d
         "ratio": fw["img_s"] / (batch / plain_step),
         "cached_ratio": cw["img_s"] / (batch / plain_step) if cw else float("nan"),
         "amp": str(run.amp).replace("torch.", ""),
-        "shipped_frozen": cached.cfg.model.frozen_stages if cached else None,
+        "shipped_frozen": cached.model.frozen_stages if cached else None,  # trainable_stages
         "workers": workers,
         "plain_steps": len(plain_b),
         "pure_steps": len(pure_b),

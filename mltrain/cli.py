@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import math
 import os
 import signal
 import sys
@@ -51,6 +52,22 @@ def parse_config_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def check_number(flag: str, value: float, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False, what: str = "") -> None:  # fmt: skip
+    """A numeric command-line flag, finite and in its range, or a one-line `ConfigError`
+    naming it: `float` takes `nan` and `inf`, which pass every comparison or none and fail
+    later (`int(nan)`, a threshold no score reaches). `low_open`/`high_open` leave an end
+    out; `what` says what the value is."""
+    inside = ((value > low) if low_open else (value >= low)) and (
+        (value < high) if high_open else (value <= high)
+    )
+    if math.isfinite(value) and inside:
+        return
+    ends = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ConfigError(f"{flag} {value:g} is not a finite number in {ends}"
+                      f"{f' ({what})' if what else ''}; give one in that range")  # fmt: skip
 
 
 def shortened(text: str, limit: int) -> str:
@@ -94,6 +111,7 @@ _ADVICE = {
     errno.EISDIR: "it is a folder: give a file path",
     errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
     errno.ENOENT: "it does not exist: check the path",
+    errno.ENAMETOOLONG: "a name in the path is too long for the file system: shorten it",
 }
 
 
@@ -114,7 +132,13 @@ def error_line(e: BaseException) -> str:
     else:  # MemoryError
         text = ("out of memory; use a smaller batch (eval.batch_size, train.batch_size), a "
                 "smaller model or a machine with more memory")  # fmt: skip
-    return f"error: {printable(text, keep_newlines=True)}"
+    lines = printable(text, keep_newlines=True).split("\n")
+    return "error: " + "\n".join(shortened(line, MAX_LINE) for line in lines)
+
+
+# Longest line of an error: a value pasted by mistake (a path of a million characters in an
+# OSError, say) must not become a message of megabytes; the middle goes, the end stays.
+MAX_LINE = 2000
 
 
 INTERRUPTED_LINE = "interrupted (Ctrl-C or SIGTERM); nothing half-written was left behind"

@@ -7,12 +7,14 @@ Every key is checked against the dataclasses below: an unknown key or a wrong ty
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import yaml
 
@@ -33,6 +35,10 @@ class DataConfig:
     class_depth: int | str = "auto"  # auto: the deepest folders holding images; N: depth N
     split: str = "per_class"  # per_class | class_disjoint | none
     train_fraction: float = 0.5
+    # class_disjoint: share of all classes, taken from the non-test side, that picks best.pt
+    # (validation classes); the test classes stay those of train_fraction alone. auto: 0.15
+    # where that makes 3 or more validation classes, else 0 (two-way: train / held-out)
+    val_fraction: float | str = "auto"
     augment: list[Spec] = field(default_factory=list)  # albumentations transforms by name
     bad_images: str = "error"  # error | skip
     check_images: bool = True
@@ -48,7 +54,12 @@ class ModelConfig:
     normalize: bool = True  # L2-normalise embeddings
     head: bool = False  # linear classification head (classification mode)
     bnneck: bool = False  # with head and a metric loss: BNNeck hybrid (metric + cross-entropy)
-    frozen_stages: int = 0  # trunk stages kept frozen for the whole run
+    # Trunk stages kept frozen for the whole run, counted from the bottom in the family's own
+    # stages (null or 0: none). A positive count excludes trainable_stages.
+    frozen_stages: int | None = None
+    # The top N feature levels of timm's feature_info train, the rest stay frozen: the same
+    # on every family (CNNs: resolution stages, ViTs: blocks). Excludes frozen_stages.
+    trainable_stages: int | None = None
     freeze_bn: bool = False  # BatchNorm statistics stay pretrained (eval mode) while training
     # Running statistics of the trainable trunk's BatchNorm, what inference normalises with:
     # update (follow the training batches) | pretrained (kept; training still normalises each
@@ -111,6 +122,9 @@ class EvalConfig:
     verification_pairs: int = 20000
     one_shot_ways: list[int] = field(default_factory=lambda: [5, 20])
     one_shot_episodes: int = 500
+    # one-shot episodes drawn within one parent folder (alphabet/character: one alphabet):
+    # auto (reported beside the plain figure where a parent holds enough classes) | parent | none
+    one_shot_within: str = "auto"
     rerank: bool = True  # measure k-reciprocal and alpha-QE/DBA re-ranking on held-out rows
     tsne: bool = True
     tsne_max_points: int = 3000
@@ -118,7 +132,7 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    index: str = "hnsw"  # flat | hnsw | ivf_flat | ivf_pq
+    index: str = "hnsw"  # flat | hnsw | ivf_flat | ivf_pq (Faiss) | milvus
     index_args: dict[str, Any] = field(default_factory=dict)
     pca_dim: int | None = None  # PCA length inside the index; None keeps the full length
     dtype: str = "float32"  # stored embeddings: float32 | float16
@@ -151,6 +165,7 @@ def best_metric_k(name: str) -> int | None:
 CHOICES = {
     "data.split": ("per_class", "class_disjoint", "none"),
     "data.bad_images": ("error", "skip"),
+    "eval.one_shot_within": ("auto", "parent", "none"),
     "model.bn_stats": ("auto", "update", "pretrained"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -159,6 +174,134 @@ CHOICES = {
     "eval.gallery": ("heldout", "train"),
     "export.dtype": ("float32", "float16"),
 }
+
+
+class Bound(NamedTuple):
+    """The closed range [low, high] a numeric key must lie in (None: no limit that side);
+    `why` says what the limit protects or what the edge value means."""
+
+    low: float | None
+    high: float | None
+    why: str = ""
+
+
+# Numeric keys and their ranges: an out-of-range value would otherwise fail late, deep in a
+# library (numpy's seed, OpenCV's resize, a negative array size) or mean something silently
+# (image_size 0 read as the default). A key left null (optional) is not checked. Loader
+# workers are bounded by this machine (`max_loader_workers`), see `_check_ranges`.
+RANGES: dict[str, Bound] = {
+    "seed": Bound(0, 2**32 - 1, "numpy's seed range"),
+    # pixels a side: CNNs downsample 32x and ViTs cut 16 px patches; 4096 px images already
+    # take GBs a batch
+    "model.image_size": Bound(16, 4096, "pixels a side"),
+    "model.embedding_dim": Bound(1, 65536),
+    "model.frozen_stages": Bound(0, None),
+    "train.epochs": Bound(1, 1_000_000),
+    "train.batch_size": Bound(1, 65536),
+    "train.max_steps": Bound(1, None),
+    "train.grad_accum": Bound(1, 65536),
+    "train.freeze_backbone_epochs": Bound(0, None),
+    "train.cache_views": Bound(1, 1024),
+    "train.eval_every": Bound(1, None),
+    "train.figures_every": Bound(0, None, "0 = never"),
+    "train.max_bad_steps": Bound(1, None),
+    "eval.batch_size": Bound(1, 65536),
+    "eval.cpu_chunk": Bound(0, 65536, "0 = whole batches"),
+    "eval.verification_pairs": Bound(0, 10_000_000, "0 = no verification"),
+    "eval.one_shot_episodes": Bound(1, 1_000_000),
+    "eval.tsne_max_points": Bound(10, 100_000, "t-SNE time grows faster than the points"),
+    "export.k": Bound(1, 1000),
+    "export.pca_dim": Bound(1, 65536),
+    "export.shard_size": Bound(1, None),
+}
+
+WORKERS_PER_CORE = 4  # loader workers mostly wait on decoding and disk: a few per core pay
+WORKER_MEMORY = 256 * 2**20  # bytes a forked loader worker comes to hold (its own pages)
+
+
+def machine_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit when
+    lower; None where neither is known."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        total = None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total or int(limit), int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def max_loader_workers() -> int:
+    """The most DataLoader workers this machine can run: `WORKERS_PER_CORE` per core (at
+    least 8) and no more than its memory holds at `WORKER_MEMORY` each. Every worker is a
+    forked process: 100,000 of them would end in the OOM killer, not an error."""
+    cores_bound = max(8, WORKERS_PER_CORE * machine_cores())
+    memory = machine_memory()
+    return max(1, min(cores_bound, memory // WORKER_MEMORY if memory else cores_bound))
+
+
+def _number(x: float) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def _range_text(b: Bound) -> str:
+    if b.high is None:
+        text = f"at least {_number(b.low)}"
+    elif b.low is None:
+        text = f"at most {_number(b.high)}"
+    else:
+        text = f"between {_number(b.low)} and {_number(b.high)}"
+    return text + (f" ({b.why})" if b.why else "")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every key of `RANGES`, and data.num_workers against this machine."""
+    for key, bound in RANGES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        if (bound.low is not None and value < bound.low) or (
+            bound.high is not None and value > bound.high
+        ):
+            raise ConfigError(f"{key}: must be {_range_text(bound)}, got {_number(value)}")
+    workers = cfg.data.num_workers
+    if workers is not None:
+        most = max_loader_workers()
+        if not 0 <= workers <= most:
+            raise ConfigError(
+                f"data.num_workers: {workers:,} is not a worker count this machine runs; use "
+                f"0 to {most} ({machine_cores()} cores, {WORKERS_PER_CORE} workers a core, "
+                f"{WORKER_MEMORY // 2**20} MiB of memory each), or leave it out (null: "
+                "min(cores, 4))"
+            )
+
+
+def _check_finite(data: Any, key: str) -> None:
+    """No NaN or infinity anywhere in a config (optimizer, loss and index arguments too):
+    `lr: 1e400` reads as infinity, and an infinite or NaN setting fails far from its key."""
+    if isinstance(data, float) and not math.isfinite(data):
+        why = " (1e400 and beyond read as infinity)" if math.isinf(data) else ""
+        raise ConfigError(f"{key}: {data} is not a finite number; write a finite one{why}")
+    if isinstance(data, dict):
+        for name, value in data.items():
+            _check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            _check_finite(value, f"{key}[{i}]")
 
 
 def _type_name(tp: Any) -> str:
@@ -242,29 +385,8 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-    positive = {
-        "train.epochs": cfg.train.epochs,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
-        "train.eval_every": cfg.train.eval_every,
-        "train.cache_views": cfg.train.cache_views,
-        "eval.batch_size": cfg.eval.batch_size,
-        "export.k": cfg.export.k,
-        "export.shard_size": cfg.export.shard_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    if cfg.train.figures_every < 0:
-        raise ConfigError(
-            f"train.figures_every: must be >= 0 (0 = never), got {cfg.train.figures_every}"
-        )
-    if cfg.eval.cpu_chunk < 0:
-        raise ConfigError(
-            f"eval.cpu_chunk: must be >= 0 (0 = whole batches), got {cfg.eval.cpu_chunk}"
-        )
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
-        raise ConfigError(f"train.max_steps: must be at least 1, got {cfg.train.max_steps}")
+    _check_finite(to_dict(cfg), "")
+    _check_ranges(cfg)
     if cfg.data.split != "none" and not 0 < cfg.data.train_fraction < 1:
         raise ConfigError(f"data.train_fraction: must be in (0, 1), got {cfg.data.train_fraction}")
     lr = cfg.train.optimizer.get("args", {}).get("lr")
@@ -275,8 +397,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.loss_lr: must be a positive number, got {cfg.train.loss_lr}")
     if cfg.train.layer_decay is not None and not 0 < cfg.train.layer_decay <= 1:
         raise ConfigError(f"train.layer_decay: must be in (0, 1], got {cfg.train.layer_decay}")
-    if cfg.model.embedding_dim is not None and cfg.model.embedding_dim < 1:
-        raise ConfigError(f"model.embedding_dim: must be at least 1, got {cfg.model.embedding_dim}")
     if any(k < 1 for k in cfg.eval.ks):
         raise ConfigError(f"eval.ks: every k must be at least 1, got {cfg.eval.ks}")
     if any(n < 1 for n in cfg.eval.pca_lengths):
@@ -289,8 +409,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"model.crop_mode: {cfg.model.crop_mode!r} is not one of center, squash, border"
         )
-    if cfg.model.frozen_stages < 0 or cfg.train.freeze_backbone_epochs < 0:
-        raise ConfigError("model.frozen_stages and train.freeze_backbone_epochs must be >= 0")
     if not BEST_METRICS.fullmatch(cfg.train.best_metric):
         raise ConfigError(
             f"train.best_metric: {cfg.train.best_metric!r} is not a held-out metric; use map_at_r, "
@@ -310,18 +428,70 @@ def validate(cfg: Config) -> Config:
             "model.bnneck: the hybrid trains a metric loss and a classifier together; set "
             "model.head: true and a metric train.loss (e.g. TripletMarginLoss)"
         )
-    if cfg.train.cache_frozen and cfg.model.frozen_stages == 0:
-        raise ConfigError("train.cache_frozen needs model.frozen_stages > 0 (a frozen prefix)")
+    _check_stages(cfg.model)
+    if cfg.train.cache_frozen and not cfg.model.frozen_stages and not cfg.model.trainable_stages:
+        raise ConfigError("train.cache_frozen needs a frozen prefix: set model.trainable_stages "
+                          "(or model.frozen_stages > 0)")  # fmt: skip
     _check_name(cfg.name)
     _check_gem(cfg.model.pooling)
+    _check_val_fraction(cfg.data)
     return cfg
 
 
+def _check_val_fraction(d: DataConfig) -> None:
+    """data.val_fraction: auto, or a share of the classes that leaves some to train on."""
+    v = d.val_fraction
+    if isinstance(v, str):
+        if v != "auto":
+            raise ConfigError(f"data.val_fraction: expected auto or a number in [0, 1), got {v!r}")
+        return
+    if not 0 <= v < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1) (0 = no validation), got {v}")
+    if v > 0 and d.split != "class_disjoint":
+        raise ConfigError(
+            f"data.val_fraction {v}: validation classes need data.split=class_disjoint (now "
+            f"{d.split}); set data.val_fraction=0 or auto"
+        )
+    if v > 0 and v >= d.train_fraction:
+        raise ConfigError(
+            f"data.val_fraction {v} must be below data.train_fraction {d.train_fraction} (the "
+            "validation classes come from the non-test side); lower it or raise train_fraction"
+        )
+
+
+NAME_MAX_CHARS = 128  # a run name is a folder name: file systems take 255 bytes at most
+
+
+def _check_stages(model: ModelConfig) -> None:
+    """frozen_stages and trainable_stages both say what trains: one at a time."""
+    if model.trainable_stages is None:
+        return
+    # 0 counts no stages: runs saved with `frozen_stages: 0` beside trainable_stages still load
+    if model.frozen_stages:
+        raise ConfigError(f"model.trainable_stages: set it or model.frozen_stages, not both "
+                          f"(now {model.trainable_stages} and {model.frozen_stages}); to count "
+                          "frozen stages add --set model.trainable_stages=null")  # fmt: skip
+    if model.trainable_stages < 1:
+        raise ConfigError(f"model.trainable_stages: must be at least 1, got "
+                          f"{model.trainable_stages}; to freeze the whole trunk use "
+                          "train.freeze_backbone_epochs")  # fmt: skip
+
+
 def _check_name(name: str) -> None:
-    """`name` is one folder under output_dir: a path in it would put runs elsewhere."""
+    """`name` is one folder under output_dir: a path in it would put runs elsewhere, and a
+    name the file system cannot hold (too long, control characters) would fail only when the
+    run folder is made, in a message as long as the name."""
+    shown = repr(name) if len(name) <= 60 else f"{name[:40]!r}... ({len(name):,} characters)"
     if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(f"name: {name!r} must be a single folder name (no '/', not '..'); "
+        raise ConfigError(f"name: {shown} must be a single folder name (no '/', not '..'); "
                           "use output_dir to choose where runs go")  # fmt: skip
+    if len(name) > NAME_MAX_CHARS or len(name.encode("utf-8", "replace")) > 255:
+        raise ConfigError(f"name: {shown} is too long for a folder name; use at most "
+                          f"{NAME_MAX_CHARS} characters")  # fmt: skip
+    odd = [c for c in name if not c.isprintable()]
+    if odd:
+        raise ConfigError(f"name: {shown} holds control or invisible characters ({odd[0]!r}); "
+                          "use letters, digits, '-', '_' and '.'")  # fmt: skip
 
 
 def _check_gem(pooling: Spec) -> None:
@@ -415,8 +585,25 @@ _Loader.add_implicit_resolver(
 )
 
 
+class TooDeep(yaml.YAMLError):
+    """YAML nested deeper than Python's recursion allows: PyYAML builds nodes recursively, so
+    20,000 `[` would be a RecursionError; no config comes close."""
+
+    def __str__(self) -> str:
+        return "nested too deeply (a config has a few levels of sections)"
+
+
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise TooDeep() from None
+
+
+def clipped(text: str, limit: int = 100) -> str:
+    """`text` as messages echo it: a value pasted by mistake (a million characters) is cut,
+    with its length said, so that the error stays one readable line."""
+    return text if len(text) <= limit else f"{text[: limit - 30]}... ({len(text):,} characters)"
 
 
 def override_key(text: str) -> str:
@@ -435,7 +622,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         if raw.strip()[:1] in "{[":  # meant as a mapping or list: a plain string would mislead
             problem = str(getattr(e, "problem", "") or e).splitlines()[0]
             raise ConfigError(
-                f"--set {key}: {raw.strip()!r} is not valid YAML ({problem}); check its "
+                f"--set {key}: {clipped(raw.strip())!r} is not valid YAML ({problem}); check its "
                 "brackets and quotes"
             ) from None
         value = raw
@@ -456,8 +643,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 # What only training reads: commands that embed with a trained or pretrained model (evaluate,
 # export, compare) refuse these in --set instead of silently ignoring them.
-TRAINING_ONLY = ("train", "data.augment", "model.frozen_stages", "model.freeze_bn",
-                 "model.bn_stats")
+TRAINING_ONLY = ("train", "data.augment", "model.frozen_stages", "model.trainable_stages",
+                 "model.freeze_bn", "model.bn_stats")
 READ_BY_INFERENCE = ("train.device", "train.channels_last")
 INFERENCE_TWIN = {"train.amp": "eval.amp", "train.batch_size": "eval.batch_size"}
 
@@ -483,6 +670,11 @@ def _training_only(key: str) -> bool:
     return key not in READ_BY_INFERENCE and any(_under(key, k) for k in TRAINING_ONLY)
 
 
+def is_training_only(key: str) -> bool:
+    """Whether only training reads the dotted `key` (an embedding never depends on it)."""
+    return _training_only(key)
+
+
 def check_inference_overrides(overrides: list[str], command: str) -> None:
     """A `--set` that `command` would ignore is a one-line error, naming the key it meant."""
     for item in overrides:
@@ -494,6 +686,9 @@ def check_inference_overrides(overrides: list[str], command: str) -> None:
         where = f"set {twin} instead" if twin else "it takes effect in train.py"
         raise ConfigError(f"--set {key}: only training reads it, so {command} would ignore it; "
                           f"{where}")
+
+
+MAX_CONFIG_BYTES = 2**20  # a config is a few KB; more is another file given by mistake
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -511,8 +706,18 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} does not exist; {hint}")
     if not path.is_file():  # a FIFO or device would hang the read
         raise ConfigError(f"config file {path} is not a regular file; pass a YAML file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        most = MAX_CONFIG_BYTES // 2**20
+        raise ConfigError(f"config file {path} holds {size:,} bytes, more than a config ({most} "
+                          "MiB at most); pass a YAML config")  # fmt: skip
     try:
-        data = _yaml(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start:,} is "
+                          f"{e.object[e.start]:#04x}); pass a YAML config") from None  # fmt: skip
+    try:
+        data = _yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -534,7 +739,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     # overrides apply on top of the filled-in defaults, so `--set train.optimizer.args.lr=..`
     # works when the file leaves the optimizer out
     data = apply_overrides(to_dict(from_dict(data, source)), overrides)
-    return from_dict(data, f"{source} with --set {' '.join(overrides)}")
+    return from_dict(data, f"{source} with --set {' '.join(map(clipped, overrides))}")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -14,7 +14,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
+import math
 import os
+import re
 import shutil
 import stat
 import sys
@@ -24,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from mltrain.errors import MltrainError
@@ -51,6 +55,69 @@ def inside(anchor: Path, rel: str, error: type[Exception], what: str) -> Path:
             f"{what} resolves to {target}, outside {base} (a symlink?); refusing to read it"
         )
     return target
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_depth(text: str) -> int:
+    """How deeply `text`'s arrays and objects nest, counted without parsing (brackets inside
+    strings do not count): Python's parser recurses, so depth is checked before it runs."""
+    bare = _JSON_STRING.sub("", text).encode("utf-8", "replace")
+    b = np.frombuffer(bare, np.uint8)
+    opens = (b == ord("[")) | (b == ord("{"))
+    closes = (b == ord("]")) | (b == ord("}"))
+    steps = opens.astype(np.int64) - closes
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def read_json(path: Path, error: type[Exception], max_bytes: int, max_depth: int,
+              what_to_do: str) -> Any:  # fmt: skip
+    """The JSON in file `path`, or one `error` line naming it: larger than `max_bytes`, not
+    UTF-8, nested deeper than `max_depth` or not JSON. Files from elsewhere (a bundle's
+    manifest) must not reach the parser with a size or a depth that exhausts memory or
+    the stack. NaN and Infinity parse as floats; callers that need finite numbers check."""
+    size = os.stat(path).st_size
+    if size > max_bytes:
+        raise error(f"{path} holds {size:,} bytes, more than the {max_bytes:,} it may; "
+                    f"{what_to_do}")  # fmt: skip
+    with open(path, "rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:  # it grew since the stat
+        raise error(f"{path} holds more than {max_bytes:,} bytes; {what_to_do}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not valid JSON (not UTF-8 text at byte {e.start:,}); "
+                    f"{what_to_do}") from None  # fmt: skip
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise error(f"{path} nests {depth:,} levels deep, more than the {max_depth} allowed "
+                    f"(no valid file comes close); {what_to_do}")  # fmt: skip
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path} is not valid JSON ({e}); {what_to_do}") from None
+
+
+def nonfinite_key(data: Any, key: str = "", skip: tuple[str, ...] = ()) -> str | None:
+    """The dotted key of the first NaN or infinite number in parsed JSON `data` (Python's
+    parser takes `NaN`, `Infinity` and `1e400`), or None; keys in `skip` are not looked
+    into. Keys of lists read `thresholds[2]`."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else key
+    items: Any = ()
+    if isinstance(data, dict):
+        items = ((f"{key}.{k}" if key else str(k), v) for k, v in data.items())
+    elif isinstance(data, list):
+        items = ((f"{key}[{i}]", v) for i, v in enumerate(data))
+    for sub, value in items:
+        if sub in skip:
+            continue
+        found = nonfinite_key(value, sub, skip)
+        if found is not None:
+            return found
+    return None
 
 
 def is_regular(path: Path) -> bool:

@@ -62,7 +62,7 @@ def test_export_equals_what_evaluate_export_writes(exported):
         work / "via-eval" / "metadata.csv"
     ).read_text()
     assert ma["verification"] == mb["verification"] and ma["count"] == mb["count"] == 40
-    default = mb["rerank"]["default"]  # a trial's evaluate --export never said it had written
+    default = mb["rerank"]["default"]  # evaluate --export says what it wrote
     said = f"exported 40 images to {work / 'via-eval'}" + (
         f"; search re-ranks with {default} by default" if default != "none" else "")
     assert said in out.splitlines(), out

@@ -278,7 +278,8 @@ def test_choices_rejected_with_key(override, key):
 def test_ranges_rejected_with_key(override, key):
     # triplet.yaml spells out the optimizer, so the lr override lands in a full component
     path = REPO / "configs" / "triplet.yaml"
-    overrides = [override] + (["model.frozen_stages=0"] if "cache_frozen" in override else [])
+    no_prefix = ["model.trainable_stages=null"]  # the shipped configs freeze a prefix
+    overrides = [override] + (no_prefix if "cache_frozen" in override else [])
     with pytest.raises(ConfigError) as info:
         load_config(path, overrides)
     assert key in str(info.value)
@@ -478,3 +479,128 @@ def test_a_config_or_override_without_its_flag_is_told_the_flag(module):
                                "train.epochs=3")  # fmt: skip
     with pytest.raises(SystemExit):  # anything else: argparse's own usage error
         main(["--bogus"])
+
+
+# --- hostile values: ranges, non-finite numbers, machine limits, malformed files ----------
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("model.image_size=0", "model.image_size: must be between 16 and 4,096"),
+        ("model.image_size=-5", "model.image_size: must be between 16 and 4,096"),
+        ("model.image_size=100000", "model.image_size: must be between 16 and 4,096"),
+        ("seed=-5", "seed: must be between 0 and 4,294,967,295"),
+        ("seed=4294967296", "seed: must be between 0 and 4,294,967,295"),
+        ("eval.tsne_max_points=-1", "eval.tsne_max_points: must be between 10 and 100,000"),
+        ("eval.verification_pairs=-1", "eval.verification_pairs: must be between 0"),
+        ("eval.one_shot_episodes=0", "eval.one_shot_episodes: must be between 1"),
+        ("train.max_bad_steps=0", "train.max_bad_steps: must be at least 1"),
+        ("train.batch_size=10000000", "train.batch_size: must be between 1 and 65,536"),
+        ("export.k=0", "export.k: must be between 1 and 1,000"),
+        ("export.pca_dim=0", "export.pca_dim: must be between 1"),
+        ("train.figures_every=-1", "train.figures_every: must be at least 0 (0 = never)"),
+    ],
+)
+def test_numeric_keys_have_ranges(override, says):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert says in message and f"got {override.split('=')[1]}" in message.replace(",", "")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.optimizer.args.lr=1e400", "train.optimizer.args.lr: inf is not a finite"),
+        ("train.optimizer.args.lr=.nan", "train.optimizer.args.lr: nan is not a finite"),
+        ("train.optimizer.args.betas=[0.9, .inf]", "train.optimizer.args.betas[1]: inf"),
+        ("train.loss.args.margin=-1e999", "train.loss.args.margin: -inf is not a finite"),
+        ("train.loss_lr=1e400", "train.loss_lr: inf is not a finite"),
+        ("data.train_fraction=.nan", "data.train_fraction: nan is not a finite"),
+        ("export.index_args={nprobe: .inf}", "export.index_args.nprobe: inf is not a finite"),
+    ],
+)
+def test_non_finite_numbers_are_refused_anywhere_in_a_config(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, [override])
+
+
+def test_learning_rates_must_be_positive_and_finite():
+    for lr in ("0", "-1e-3", "1e400"):
+        with pytest.raises(ConfigError, match="train.optimizer.args.lr"):
+            load_config(None, [f"train.optimizer.args.lr={lr}"])
+    assert load_config(None, ["train.optimizer.args.lr=3e-4"]).train.optimizer["args"]["lr"] == 3e-4
+
+
+def test_loader_workers_are_bounded_by_this_machine(monkeypatch):
+    import mltrain.config as config_mod
+
+    monkeypatch.setattr(config_mod, "machine_cores", lambda: 2)
+    monkeypatch.setattr(config_mod, "machine_memory", lambda: 64 * 2**30)
+    assert config_mod.max_loader_workers() == 8  # at least 8; 4 per core
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.num_workers=100000"])
+    assert str(info.value).endswith(
+        "data.num_workers: 100,000 is not a worker count this machine runs; use 0 to 8 (2 "
+        "cores, 4 workers a core, 256 MiB of memory each), or leave it out (null: min(cores, 4))"
+    )
+    with pytest.raises(ConfigError, match="use 0 to 8"):
+        load_config(None, ["data.num_workers=-1"])
+    assert load_config(None, ["data.num_workers=8"]).data.num_workers == 8
+    monkeypatch.setattr(config_mod, "machine_cores", lambda: 64)
+    assert config_mod.max_loader_workers() == 256
+    monkeypatch.setattr(config_mod, "machine_memory", lambda: 2**30)  # 1 GiB: 4 workers fit
+    assert config_mod.max_loader_workers() == 4
+
+
+def test_too_many_workers_stop_the_train_command_before_anything_forks(monkeypatch, capsys):
+    """The whole command, with forking made fatal: one line, exit 2."""
+    import multiprocessing.context
+    import os
+
+    from mltrain.__main__ import main
+
+    def no_fork(*args, **kwargs):
+        raise AssertionError("a process was forked")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    monkeypatch.setattr(multiprocessing.context.Process, "start", no_fork)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--set", "data.num_workers=100000"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data.num_workers: 100,000" in err
+
+
+@pytest.mark.parametrize("name, says", [
+    ("x" * 1_000_000, "(1,000,000 characters) is too long for a folder name; use at most 128"),
+    ("run\x1b[31m", "holds control or invisible characters"),
+    ("a\u200bb", "holds control or invisible characters"),
+])  # fmt: skip
+def test_run_names_are_checked_and_echoed_short(name, says):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"name={name}"])
+    assert says in str(info.value) and len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"[" * 20_000, "not valid YAML: nested too deeply"),
+    (bytes(range(256)) * 16, "is not UTF-8 text (byte 128 is 0x80); pass a YAML config"),
+    (b"# padding\n" * 200_000, "holds 2,000,000 bytes, more than a config (1 MiB at most)"),
+])  # fmt: skip
+def test_malformed_config_files_are_one_line_naming_the_file(tmp_path, content, says):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and says in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_deeply_nested_set_value_is_one_line():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.loss=" + "[" * 20_000])
+    message = str(info.value)
+    assert "nested too deeply" in message and "(20,000 characters)" in message
+    assert len(message) < 400

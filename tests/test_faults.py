@@ -23,7 +23,7 @@ from PIL import Image
 
 import mltrain.evaluation.evaluate as evaluation_mod
 import mltrain.retrieval.add as add_mod
-import mltrain.retrieval.export as export_mod
+import mltrain.retrieval.gallery as gallery_mod
 from mltrain import files as safefs
 from mltrain.cli import run_main
 from mltrain.inference.embedder import Embedder
@@ -403,7 +403,7 @@ def test_ctrl_c_in_evaluation_with_the_default_folder_leaves_nothing(eval_root, 
 
 def test_ctrl_c_during_export_keeps_the_complete_evaluation_only(eval_root, tmp_path,
                                                                  monkeypatch, capsys):  # fmt: skip
-    monkeypatch.setattr(export_mod, "save_index", interrupt)
+    monkeypatch.setattr(gallery_mod, "save_index", interrupt)
     code, err = evaluate_cli(monkeypatch, capsys, eval_root, "--out", str(tmp_path / "o"),
                              "--export", str(tmp_path / "bundle"))  # fmt: skip
     assert code == 130 and one_error_line(err).startswith("interrupted")

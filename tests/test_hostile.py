@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 import struct
 import threading
@@ -54,8 +55,6 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def bundle(exported, tmp_path) -> Path:
-    import shutil
-
     copy = tmp_path / "b"
     shutil.copytree(exported[1], copy, symlinks=True)
     return copy
@@ -215,10 +214,19 @@ def test_image_root_override_is_checked_too(bundle, exported):
     assert load_bundle(bundle, image_root=exported[0]).root == exported[0]
 
 
-def test_root_paths_must_name_images(bundle):
-    rewrite_metadata(bundle, lambda rows: [["etc/hostname", *rows[0][1:]], *rows[1:]])
-    with pytest.raises(BundleError, match="not an image file name"):
-        load_bundle(bundle)
+def test_root_paths_must_name_images(bundle, exported, tmp_path):
+    """A row naming a file that is no image is never read, whatever its name says; a row
+    naming an image without an image extension is read (face sets ship such files)."""
+    root = shutil.copytree(exported[0], tmp_path / "data")
+    (root / "notes").write_text("not an image")
+    rewrite_metadata(bundle, lambda rows: [["notes", *rows[0][1:]], *rows[1:]])
+    loaded = load_bundle(bundle, image_root=root)
+    with pytest.raises(BundleError, match="not an image file"):
+        safe_image_path(loaded, "notes")
+    first = sorted(p for p in root.rglob("*") if p.suffix == ".png")[0]
+    shutil.copy(first, first.with_name("copy.glasses"))
+    rel = first.with_name("copy.glasses").relative_to(root).as_posix()
+    assert safe_image_path(loaded, rel) == first.with_name("copy.glasses")
 
 
 @pytest.mark.parametrize("name", ["model.pt", "index.faiss", "metadata.csv", "embeddings.npy"])
@@ -569,3 +577,137 @@ def test_run_folders_created_at_the_same_instant_are_distinct(tmp_path):
         t.join()
     assert not errors and len(set(made)) == 8
     assert all((p / "checkpoints").is_dir() for p in made)
+
+
+# --- non-finite and malformed bundle files ------------------------------------------------
+
+
+def _nan_threshold(m: dict) -> None:
+    m["verification"]["thresholds"][2]["threshold"] = float("nan")
+
+
+@pytest.mark.parametrize("edit, key", [
+    (_nan_threshold, "verification.thresholds[2].threshold is not a finite number"),
+    (lambda m: m["verification"]["thresholds"][0].__setitem__("far", float("inf")),
+     "verification.thresholds[0].far is not a finite number"),
+    (lambda m: m["verification"]["thresholds"][1].__setitem__("threshold", "0.5"),
+     "verification.thresholds[1].threshold is '0.5', not a number"),
+    (lambda m: m["index"].setdefault("args", {}).__setitem__("nprobe", float("-inf")),
+     "index.args.nprobe is not a finite number"),
+    (lambda m: m["index"].setdefault("args", {}).__setitem__("ef_search", "many"),
+     "index.args.ef_search is 'many', not a count of at least 1"),
+])  # fmt: skip
+def test_non_finite_or_non_numeric_manifest_values_are_refused_at_load(bundle, edit, key):
+    edit_manifest(bundle, edit)
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle)
+    assert str(info.value).startswith(f"{bundle / 'manifest.json'}: {key}")
+
+
+def test_nan_threshold_stops_verify_search_and_serve_with_one_line(bundle, exported, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    from mltrain.__main__ import main
+
+    edit_manifest(bundle, _nan_threshold)
+    image = exported[0] / "class_0" / "img_000.jpg"
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(bundle), str(image), str(image), "--far", "1e-3"])
+    assert e.value.code == 2
+    assert "verification.thresholds[2].threshold" in one_error_line(capsys.readouterr().err)
+    assert search_main([str(bundle), str(image), "--threshold", "auto"]) == 2
+    assert "not a finite number" in one_error_line(capsys.readouterr().err)
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: pytest.fail("it served"))
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(bundle), "--port", "0"])
+    assert e.value.code == 2
+    assert "verification.thresholds[2].threshold" in one_error_line(capsys.readouterr().err)
+
+
+def test_nan_embeddings_with_a_matching_sha256_are_refused(bundle):
+    emb = np.load(bundle / "embeddings.npy")
+    emb[5, 3] = np.nan
+    np.save(bundle / "embeddings.npy", emb)
+    resign(bundle, "embeddings.npy")
+    with pytest.raises(BundleError, match=r"embeddings.npy: row 5 holds NaN or infinite values"):
+        load_bundle(bundle)
+
+
+def test_non_finite_rows_are_found_chunk_by_chunk_in_shards(exported, tmp_path, monkeypatch):
+    monkeypatch.setattr(bundle_mod, "FINITE_CHUNK_ROWS", 2)  # several chunks per shard
+    sharded = export_bundle(tiny_embedder(exported[0], k=3), tmp_path / "s", "shards",
+                            shard_size=5)  # fmt: skip
+    manifest = json.loads((sharded / "manifest.json").read_text())
+    name = manifest["shards"][1]["name"]
+    emb = np.load(sharded / name)
+    emb[3] = np.inf  # row 5 + 3 of the gallery
+    np.save(sharded / name, emb)
+    edit_manifest(sharded, lambda m: m["shards"][1].__setitem__("sha256",
+                                                                 sha256_file(sharded / name)))
+    with pytest.raises(BundleError, match=rf"{name}: row 3 holds NaN or infinite values"):
+        load_bundle(sharded)
+
+
+def test_deeply_nested_manifest_is_one_line_in_search(bundle, exported, capsys, deadline):
+    (bundle / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+    image = exported[0] / "class_0" / "img_000.jpg"
+    assert search_main([str(bundle), str(image)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "manifest.json nests 200,000 levels deep, more than the 64 allowed" in line
+    bundle_mod.check_export_target(bundle)  # the export's look at the old manifest: no crash
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"\xff\xfe{}", "is not valid JSON (not UTF-8 text at byte 0)"),
+    (b'{"a": ' * 70 + b"1" + b"}" * 70, "nests 70 levels deep"),
+    (b"{" + b" " * 2048 + b"}", "holds 2,050 bytes, more than the 1,024 it may"),
+])  # fmt: skip
+def test_malformed_manifests_are_one_line_naming_the_file(bundle, monkeypatch, content, says):
+    monkeypatch.setattr(bundle_mod, "MAX_MANIFEST_BYTES", 1024)
+    (bundle / "manifest.json").write_bytes(content)
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle)
+    assert str(bundle / "manifest.json") in str(info.value) and says in str(info.value)
+
+
+# --- clean-up: staging folders of killed writers ------------------------------------------
+
+
+def test_an_add_with_nothing_to_add_still_clears_a_killed_adds_folders(bundle, exported):
+    killed = bundle.parent / f".{bundle.name}.adding-k1ll3d"  # the old bundle after a SIGKILL
+    import shutil
+
+    shutil.copytree(bundle, killed)
+    partial = bundle.parent / f".{bundle.name}.partial-x"
+    partial.mkdir()
+    before = fingerprint(bundle)
+    assert add_images(bundle, [exported[0] / "class_0" / "img_000.jpg"]) == 0  # in it already
+    assert not killed.exists() and not partial.exists()
+    assert fingerprint(bundle) == before
+    load_bundle(bundle)
+
+
+def test_a_refused_export_still_clears_a_killed_exports_folder(exported, tmp_path):
+    target = tmp_path / "notes"
+    target.mkdir()
+    (target / "mine.txt").write_text("not a bundle")
+    stale = tmp_path / ".notes.partial-k1ll3d"
+    stale.mkdir()
+    with pytest.raises(BundleError, match="not a search bundle"):
+        export_bundle(tiny_embedder(exported[0]), target, "refused")
+    assert not stale.exists() and (target / "mine.txt").exists()
+
+
+def test_an_error_line_stays_short_whatever_the_value_in_it():
+    """A path of a million characters (a value pasted by mistake) makes one line of at most
+    `MAX_LINE` characters, its end kept; the advice for a too-long name is said."""
+    import errno
+
+    from mltrain.cli import MAX_LINE
+
+    path = "/data/" + "x" * 1_000_000 + "/end.jpg"
+    line = error_line(OSError(errno.ENAMETOOLONG, "File name too long", path))
+    assert len(line) <= len("error: ") + MAX_LINE and "\n" not in line
+    assert line.endswith("shorten it") and line.startswith("error: /data/xxx")

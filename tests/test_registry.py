@@ -73,7 +73,7 @@ def test_get_unknown_raises_config_error():
 
 
 def test_a_near_miss_is_named():
-    """A trial's `TripletMarginLos` listed 38 losses and no suggestion."""
+    """A near miss such as `TripletMarginLos` gets a suggestion, not a list of 38 losses."""
     with pytest.raises(ConfigError) as info:
         _make().get("Tripple")
     assert str(info.value) == (

@@ -4,7 +4,6 @@ a subprocess (with concurrent clients) and the page in headless Chromium."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -87,6 +86,8 @@ def test_thumbnails_health_and_page(client):
     assert 'id="query"' in page.text
     assert not any(w in page.text for w in ("innerHTML", "outerHTML", "insertAdjacentHTML"))
     assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert 'rel="icon" href="data:image/svg+xml,' in page.text  # no request for an icon
+    assert client.get("/favicon.ico").status_code == 204  # browsers ask anyway: no 404
 
 
 BAD_THUMBS = ["/thumb/-1", "/thumb/16", "/thumb/99999999999999999999999", "/thumb/abc",
@@ -244,6 +245,22 @@ def _chromium() -> str | None:
     return None
 
 
+# Visible boxes of the page's parts, read in the browser: [left, top, width, height].
+BOXES = """() => {
+  const box = (q) => { const r = document.querySelector(q).getBoundingClientRect();
+                       return [r.left, r.top, r.width, r.height]; };
+  const badges = [...document.querySelectorAll("#results .badge")].map((b) => {
+    const r = b.getBoundingClientRect();
+    const line = parseFloat(getComputedStyle(b).lineHeight) || 16;
+    return { text: b.textContent, height: r.height, line: line, right: r.right,
+             card: b.closest(".hit").getBoundingClientRect().right };
+  });
+  return { search: box("#search"), verify: box("#verify"), out: box("#out"), answer: box("#answer"),
+           status: box("#status"), results: box("#results"), badges: badges,
+           page: document.documentElement.scrollWidth, view: window.innerWidth };
+}"""
+
+
 def test_page_in_headless_chromium(server, served_bundle):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     browser_path = _chromium()
@@ -261,14 +278,22 @@ def test_page_in_headless_chromium(server, served_bundle):
             page.wait_for_selector("#results .hit", timeout=30_000)
             first = page.locator("#results .hit").first
             assert first.get_attribute("data-path") == query.relative_to(root).as_posix()
-            assert first.locator(".badge").text_content() == "match"
+            # a hit over the threshold is not called "correct": the badge says what it means
+            assert first.locator(".badge").text_content() == "above threshold"
+            answer = page.locator("#answer")
+            assert answer.locator(".what").text_content() == "Answer"
+            assert answer.locator(".cls").text_content() == query.parent.name
             page.set_input_files("#second", str(query))
             # expect() and evaluate_all, not wait_for_function: the page's CSP forbids eval
-            sync_api.expect(page.locator("#verdict")).to_have_text(re.compile("^same"),
-                                                                   timeout=30_000)
+            verdict = page.locator("#verdict")
+            sync_api.expect(verdict.locator(".big")).to_have_text("Same class", timeout=30_000)
+            assert "same" in verdict.get_attribute("class")
+            assert "1 in 1,000" in verdict.text_content()  # the default FAR
             resolved = httpx.get(url + "/health").json()["threshold_resolved"]
-            approximate = "approximate" in page.locator("#verdict").text_content()
+            approximate = "approximate" in verdict.text_content()
             assert approximate == (resolved is False)  # the page says what the answer flags
+            page.select_option("#far", "0.01")  # another calibrated FAR: verified again
+            sync_api.expect(verdict).to_contain_text("1 in 100)", timeout=30_000)
             images = page.locator("#results img")
             loaded = "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)"
             deadline = time.monotonic() + 30
@@ -278,7 +303,23 @@ def test_page_in_headless_chromium(server, served_bundle):
             if shot := os.environ.get("MLTRAIN_SCREENSHOT"):
                 page.screenshot(path=shot)
             assert "re-ranked" not in page.locator("#status").text_content()
-            # A bundle that re-ranks says so, or its scores look out of order (a trial's page)
+            wide = page.evaluate(BOXES)
+            assert wide["answer"][1] < wide["status"][1] < wide["results"][1]  # answer first
+            assert wide["search"][0] + wide["search"][2] <= wide["out"][0]  # side by side
+            assert wide["verify"][0] + wide["verify"][2] <= wide["out"][0]
+            for badge in wide["badges"]:
+                assert badge["height"] < 1.6 * badge["line"], badge  # one line, never wrapped
+                assert badge["right"] <= badge["card"] + 0.5, badge
+            page.set_viewport_size({"width": 420, "height": 900})
+            narrow = page.evaluate(BOXES)
+            # one column: search, its answer and results, then verify
+            assert narrow["search"][1] + narrow["search"][3] <= narrow["out"][1]
+            assert narrow["out"][1] + narrow["out"][3] <= narrow["verify"][1]
+            assert narrow["page"] <= narrow["view"]  # nothing wider than the window
+            for badge in narrow["badges"]:
+                assert badge["height"] < 1.6 * badge["line"], badge
+                assert badge["right"] <= badge["card"] + 0.5, badge
+            page.set_viewport_size({"width": 1100, "height": 620})
 
             second = gallery(root)[1]
             doc = httpx.post(url + "/search", files={"image": (second.name, second.read_bytes())},
@@ -290,3 +331,40 @@ def test_page_in_headless_chromium(server, served_bundle):
                 "; re-ranked with alpha_qe (scores stay cosine, so not in order)", timeout=30_000)
         finally:
             browser.close()
+
+
+def test_a_client_that_hangs_up_mid_body_is_one_log_line(served_bundle, caplog):
+    """`Content-Length: 100000`, 16 bytes, then the client closes: the server logs one
+    warning, no "Exception in ASGI application" traceback, and goes on answering."""
+    import logging
+
+    import uvicorn
+
+    service = SearchService(served_bundle[1])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port,
+                                           log_config=None, log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    caplog.set_level(logging.WARNING)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                      b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+                      b"--b\r\nContent-Di")  # 16 bytes of a well-formed start
+        deadline = time.monotonic() + 10
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        service.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "closed the connection before sending its whole request" in \
+        lines[0] and "(POST /search)" in lines[0], lines  # fmt: skip
+    assert all(r.exc_info is None for r in caplog.records)

@@ -40,9 +40,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         require_onnx()  # before the model is built
     from mltrain.data.pipeline import prepare_data
     from mltrain.files import check_output_folders
-    from mltrain.retrieval.bundle import check_export_target
+    from mltrain.retrieval.bundle import check_export_target, clean_stale
     from mltrain.retrieval.export import bundle_bytes, check_export_index, export_bundle
 
+    clean_stale(Path(args.out))  # a killed writer's folders go, even if this export fails
     embedder, _, source = embedder_from_args(args, "export")
     cfg, out = embedder.cfg, Path(args.out)
     check_export_target(out)

@@ -10,6 +10,7 @@
   GET  /health   status, images, classes, model, dim, metric, threshold, threshold_resolved,
                  batch sizes seen
   GET  /         a page: drop a photo, see its nearest images; drop a second, verify
+  GET  /favicon.ico  204 (the page's icon is inline)
 
 `threshold_resolved` comes with a calibrated threshold: false when the bundle's held-out
 data had too few impostor pairs to resolve its FAR, so it is approximate (a note at start
@@ -26,16 +27,22 @@ answer with a one-line `detail`; the server keeps running.
 import argparse
 import errno
 import importlib.util
+import logging
 import socket
 import sys
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from mltrain.cli import printable
+from mltrain.cli import check_number, printable
 from mltrain.errors import BundleError, ConfigError, DataError, MltrainError
 
 INSTALL = "install the serve extra: pip install -e '.[serve]'"
+# Upper limits of the size flags: past them the server holds more than a machine has
+# (two uploads per /verify, 3 bytes per decoded pixel, a batch of decoded images at once).
+MAX_UPLOAD_MB = 1024
+MAX_PIXELS = 1e9
+MAX_BATCH = 1024
 PAGE = "index.html"
 
 
@@ -97,6 +104,7 @@ def create_app(service: Any):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="mltrain search", docs_url=None, redoc_url=None, openapi_url=None)
     body_limit = 2 * service.max_upload_bytes + 2**16  # two images (verify) plus form fields
@@ -104,6 +112,18 @@ def create_app(service: Any):
     @app.exception_handler(MltrainError)
     async def _user_error(request: Request, e: MltrainError):
         return JSONResponse({"detail": str(e)}, status_code=status_of(e))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, e: ClientDisconnect):
+        # A client that hangs up mid-body (a dropped connection, a killed script) is routine
+        # for a server: one line in its log, not "Exception in ASGI application" and a
+        # traceback. Nobody is left to read the answer.
+        client = request.client
+        who = f"{client.host}:{client.port}" if client else "a client"
+        logging.getLogger("uvicorn.error").warning(
+            "%s closed the connection before sending its whole request (%s %s); dropped it",
+            who, request.method, printable(request.url.path[:100]))  # fmt: skip
+        return Response(status_code=400)
 
     app.add_middleware(BodyLimit, limit=body_limit,
                        per_image=service.max_upload_bytes)  # fmt: skip
@@ -155,6 +175,12 @@ def create_app(service: Any):
     async def index():
         return HTMLResponse(html, headers={"Content-Security-Policy": CSP})
 
+    @app.get("/favicon.ico")
+    async def favicon():
+        # The page links its icon inline; browsers that ask here anyway get "nothing", not a
+        # 404 in the server's log.
+        return Response(status_code=204, headers={"Cache-Control": "max-age=86400"})
+
     return app
 
 
@@ -195,9 +221,9 @@ class BodyLimit:
 
 
 # The page needs nothing from elsewhere: its own script and style, thumbnails from here and
-# the browser's own object URLs for the dropped photos.
+# the browser's own object URLs for the dropped photos, and its icon as a data: URI.
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-       "img-src 'self' blob:; connect-src 'self'")  # fmt: skip
+       "img-src 'self' blob: data:; connect-src 'self'")  # fmt: skip
 
 
 def service_from_args(args: argparse.Namespace, embedder_factory: Any = None):
@@ -249,8 +275,11 @@ def check_args(args: argparse.Namespace) -> None:
     """Arguments that are wrong on their face, refused before anything is loaded."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a port number (0-65535)")
-    if args.max_upload_mb <= 0 or args.max_pixels <= 0 or args.max_batch < 1:
-        raise ConfigError("--max-upload-mb, --max-pixels and --max-batch must be positive")
+    check_number("--max-upload-mb", args.max_upload_mb, 0, MAX_UPLOAD_MB, low_open=True,
+                 what="MB per image")  # fmt: skip
+    check_number("--max-pixels", args.max_pixels, 0, MAX_PIXELS, low_open=True,
+                 what="pixels per decoded image")  # fmt: skip
+    check_number("--max-batch", args.max_batch, 1, MAX_BATCH, what="uploads per model call")
 
 
 def announce(args: argparse.Namespace, service: Any, port: int) -> None:

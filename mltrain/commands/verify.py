@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mltrain.cli import printable
+from mltrain.cli import check_number, printable
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    check_number("--far", args.far, 0, 1, low_open=True, high_open=True,
+                 what="a false-accept rate, e.g. 1e-3")  # fmt: skip
     from mltrain.retrieval.bundle import load_bundle
     from mltrain.retrieval.verify import calibration_note, check_pair_paths, verify_pair
 

@@ -6,7 +6,9 @@ Layouts:
   the deepest folders holding images, named by their relative path (`Greek/character01`);
 - a CSV of `path,label` rows, paths relative to the CSV file (see `mltrain.data.labels_csv`).
 
-Any format Pillow can decode counts as an image, by extension. Only regular files are read (a
+Any format Pillow can decode counts as an image, by extension; a file whose extension names no
+image format (`subject01.glasses`, `scan_0042`) counts by its content when its first bytes are
+an image signature Pillow confirms (`sniff_image`). Only regular files are read (a
 FIFO named `x.jpg` would hang a decoder). A symlink to a file is followed (it names one image,
 labelled by the folder it sits in, as symlinked subsets of a data set are made), but a
 symlinked folder never is: it could leave the root, alias a class read anyway, or loop and
@@ -69,6 +71,31 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+# First bytes of the formats data sets ship without a telling extension (Yale faces: GIF files
+# named subject01.glasses); a match is confirmed by Pillow before the file counts as an image.
+_SIGNATURES = (b"GIF87a", b"GIF89a", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00",
+               b"MM\x00*", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")  # fmt: skip
+
+
+def sniff_image(path: Path) -> str | None:
+    """The image format of a file by its content (None: not an image Pillow decodes here).
+    Reads a few bytes; only a signature match is opened by Pillow, which parses the header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    if not webp and not any(head.startswith(sig) for sig in _SIGNATURES):
+        return None
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+    except Exception:  # noqa: BLE001 - whatever Pillow raises, the file is no image here
+        return None
+    return fmt if fmt and fmt not in _UNDECODABLE else None
+
+
 def natural_key(name: str) -> tuple:
     """Sort key that orders digit runs by value: s2 < s10, 2 < 10, then by the text itself."""
     parts = re.split(r"(\d+)", name)
@@ -84,6 +111,7 @@ class _Walk:
     skipped: list[str] = field(default_factory=list)
     empty: list[tuple[str, ...]] = field(default_factory=list)  # folders holding nothing
     hidden: list[str] = field(default_factory=list)  # dot-folders directly holding images
+    sniffed: dict[str, list[Path]] = field(default_factory=dict)  # images by content, by format
 
 
 def _walk(root: Path) -> _Walk:
@@ -129,7 +157,13 @@ def _visit(entry: os.DirEntry, rel: tuple[str, ...], stack: list, out: _Walk) ->
     elif entry.is_dir(follow_symlinks=False):
         stack.append((path, (*rel, entry.name)))
     elif not is_image(path):
-        if entry.is_file():
+        fmt = None
+        if entry.is_file() and not path.name.startswith("."):
+            fmt = sniff_image(path)  # an image under an extension that does not say so
+        if fmt:
+            out.images.setdefault(rel, []).append(path)
+            out.sniffed.setdefault(fmt, []).append(path)
+        elif entry.is_file():
             out.no_images.setdefault(rel, set()).add(path.suffix.lower() or "(none)")
     elif entry.is_file():  # follows a file symlink: it names one image, in this folder's class
         out.images.setdefault(rel, []).append(path)
@@ -193,6 +227,16 @@ def scan_folder(
     walk = _walk(root)
     by_class, above = group_by_class(walk, class_depth)
     notes = [f"skipped {s}" for s in walk.skipped]
+    for fmt, files in sorted(walk.sniffed.items()):
+        notes.append(f"read {len(files)} {fmt} files as images by their content (their names do "
+                     "not end in an image extension), e.g. "
+                     f"{min(files, key=lambda p: natural_key(p.as_posix()))}")  # fmt: skip
+    if above and not by_class and class_depth == "auto":  # one folder of subject01.glasses ...
+        raise DataError(
+            f"data root {root} has no class sub-folders with images, but {len(above)} images "
+            f"lie in it (e.g. {above[0].name}); move each class's images into a folder of its "
+            f"own ({root}/<class name>/<image>), or list them in a path,label CSV as data.root"
+        )
     if above:
         where = "in the data root" if class_depth == "auto" else f"above depth {class_depth}"
         notes.append(f"ignored {len(above)} images {where} (no class folder), e.g. {above[0]}")

@@ -17,9 +17,9 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
 from mltrain.errors import DataError
+from mltrain.progress import progress
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 _ALPHA = {"RGBA", "LA", "La", "RGBa", "PA"}
@@ -172,5 +172,5 @@ def check_images(
     """
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         results = pool.map(lambda p: _problem(p, size_hint), paths)
-        reasons = list(tqdm(results, total=len(paths), desc="checking images", disable=None))
+        reasons = list(progress(results, "checking images", len(paths), unit="image"))
     return [(str(p), r) for p, r in zip(paths, reasons, strict=True) if r is not None]

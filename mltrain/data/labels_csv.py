@@ -57,6 +57,9 @@ def read_labels_csv(csv_path: Path, exclude: list[str], skip_missing: bool = Fal
     if not rows:
         raise DataError(f"labels file {csv_path} is empty; write one 'path,label' row per image")
     col_path, col_label, header = _columns(rows[0][1])
+    if header and len(rows) == 1:  # else "0 classes ()" further on, as if rows were filtered
+        raise DataError(f"labels file {csv_path} has a header row but no image rows; write one "
+                        "'path,label' row per image below it")  # fmt: skip
     base = csv_path.parent
     by_class: dict[str, list[Path]] = {}
     labels: set[str] = set()

@@ -22,8 +22,11 @@ from mltrain.data.folder import ImageFolder, scan_folder
 from mltrain.data.images import check_images
 from mltrain.data.samplers import build_sampler
 from mltrain.data.splits import (
+    AUTO_VAL_FRACTION,
+    AUTO_VAL_MIN_CLASSES,
     Split,
     disjoint_note,
+    duplicates_within,
     find_duplicates,
     make_split,
     save_split,
@@ -57,7 +60,8 @@ def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = Tr
                  resuming: bool = False) -> RunData:  # fmt: skip
     """Scan, check and split the data; writes `split.json` (and bad images) into `run_dir`.
 
-    `duplicates`: warn about training images copied into the held-out side. They only
+    `duplicates`: warn about training images copied into the held-out side, and leave out
+    byte-identical copies within the evaluated (held-out, validation) images. They only
     inflate held-out figures, so a command that reports none (export) passes False.
     `resuming`: the run's `split.json` must still describe the data (`check_same_split`)."""
     d = cfg.data
@@ -66,10 +70,19 @@ def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = Tr
     report_notes(folder.notes, run_dir)
     if cfg.data.check_images:
         folder = _drop_bad_images(folder, cfg, run_dir)
-    split = make_split(folder.labels, cfg.data.split, cfg.data.train_fraction, cfg.seed)
+    val_fraction = d.val_fraction
+    if resuming and run_dir is not None and _two_way(run_dir / "split.json"):
+        val_fraction = d.val_fraction = 0.0  # a run from before validation classes: as it was
+    split = make_split(folder.labels, d.split, d.train_fraction, cfg.seed, val_fraction)
+    if duplicates:
+        split = _drop_evaluated_copies(folder, split, run_dir)
     if split.kind == "class_disjoint":
         note = disjoint_note(d.train_fraction, len(np.unique(folder.labels)))
         report_notes([note] if note else [], run_dir)
+        if len(split.val):  # without them, training says so (`validation_note`)
+            note = validation_note(folder, split, val_fraction)
+            report_notes([note], run_dir)
+            folder.notes.append(note)  # evaluate's report says which classes it reports on
     if len(split.train) == 0 or len(split.heldout) == 0:
         raise DataError(f"data.split {cfg.data.split} left an empty side; add images")
     if resuming and run_dir is not None:
@@ -81,14 +94,71 @@ def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = Tr
     return RunData(folder, split, _train_classes(folder, split))
 
 
+def _two_way(recorded: Path) -> bool:
+    """Whether a run's split.json predates validation classes (it has no `val` side)."""
+    try:
+        return "val" not in json.loads(recorded.read_text())
+    except (OSError, ValueError, TypeError):
+        return False  # none yet, or unreadable: `check_same_split` says so
+
+
+def validation_note(folder: ImageFolder, split: Split, asked: float | str) -> str:
+    """Which classes choose best.pt and which are only reported on, for a class_disjoint
+    split: validation classes when there are any, else the test classes themselves."""
+    labels = folder.labels
+
+    def side(idx: np.ndarray, what: str) -> str:
+        return f"{len(np.unique(labels[idx]))} {what} classes ({len(idx)} images)"
+
+    if len(split.val):
+        return (f"data.val_fraction {asked}: {side(split.train, 'training')}; "
+                f"{side(split.val, 'validation')} choose best.pt; {side(split.heldout, 'test')} "
+                "are only evaluated (evaluate.py), never trained on or chosen on")  # fmt: skip
+    why = ("too few classes for validation ones (auto needs "
+           f"{round(AUTO_VAL_MIN_CLASSES / AUTO_VAL_FRACTION)} or so)" if asked == "auto"
+           else "data.val_fraction 0")  # fmt: skip
+    return (f"no validation classes ({why}): best.pt is chosen on the "
+            f"{side(split.heldout, 'held-out')} that evaluate.py reports on, so its figures are "
+            "optimistic; set data.val_fraction (e.g. 0.15) for a validation side")
+
+
 def _train_classes(folder: ImageFolder, split: Split) -> list[str]:
     """The classes with training images, in folder order (`RunData.train_labels` maps them)."""
     return [folder.classes[c] for c in sorted({int(c) for c in folder.labels[split.train]})]
 
 
+def _drop_evaluated_copies(folder: ImageFolder, split: Split, run_dir: Path | None) -> Split:
+    """Byte-identical copies within the evaluated images (held-out and validation sides) find
+    each other as perfect hits and inflate every figure: keep the first of each, drop the
+    others from that side (they still train where the split put them there), with a note."""
+    dropped: list[str] = []
+    sides = {}
+    for name, idx in (("heldout", split.heldout), ("val", split.val)):
+        pairs = duplicates_within(folder.paths, idx)
+        sides[name] = np.setdiff1d(idx, [c for c, _ in pairs]).astype(np.int64)
+        dropped += [f"  {folder.paths[c]}  ==  {folder.paths[o]}" + (
+            "  (another class)" if folder.labels[c] != folder.labels[o] else "")
+            for c, o in pairs]  # fmt: skip
+    if not dropped:
+        return split
+    other = sum(line.endswith("(another class)") for line in dropped)
+    where = _listed(dropped, run_dir, "duplicates_evaluated.txt")
+    relabel = (f"; {other} of them copy an image of another class: check their labels"
+               if other else "")  # fmt: skip
+    note = (f"left out {len(dropped)} byte-identical copies of other evaluated images (each "
+            f"would find its twin as a perfect hit){relabel}")  # fmt: skip
+    if run_dir is not None:
+        note += where  # " (listed in duplicates_evaluated.txt)"
+    report_notes([note], run_dir)
+    folder.notes.append(note)  # evaluate's report.md and metrics.json carry it too
+    if run_dir is None:
+        print(f"the copies{where}", file=sys.stderr)
+    return replace(split, heldout=sides["heldout"], val=sides["val"])
+
+
 def _report_duplicates(folder: ImageFolder, split: Split, run_dir: Path | None) -> None:
     """Byte-identical files on both sides of the split inflate held-out figures: say so."""
-    pairs = find_duplicates(folder.paths, split.train, split.heldout)
+    pairs = find_duplicates(folder.paths, split.train, np.union1d(split.heldout, split.val))
     if not pairs:
         return
     lines = [f"  {a}  ==  {b}" for a, b in pairs]
@@ -172,15 +242,16 @@ def check_same_split(recorded: Path, split: Split, folder: ImageFolder) -> None:
 
 def trained_on(recorded: Path, split: Split, folder: ImageFolder) -> np.ndarray:
     """The held-out rows of `split` (indices into `folder`) that the run whose split.json is
-    `recorded` trained on. A changed folder (images added, a class renamed) or another split
-    rule re-splits the images, and some of the run's training images would be scored as
-    held-out; none for a run without split.json.
+    `recorded` trained on, or chose its best.pt on (its validation side). A changed folder
+    (images added, a class renamed) or another split rule re-splits the images, and some of
+    the run's training images would be scored as held-out; none for a run without split.json.
 
     A path is the run's image when the folder is the run's own, or holds the same bytes as
     the run's file there (other data may reuse names like `0/1.png`); when the run's folder
     can no longer be read (it moved), the path alone decides."""
     try:
-        trained = {entry[0] for entry in json.loads(recorded.read_text())["train"]}
+        doc = json.loads(recorded.read_text())
+        trained = {entry[0] for entry in [*doc["train"], *doc.get("val", [])]}
     except FileNotFoundError:
         return np.zeros(0, dtype=np.int64)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:

@@ -4,6 +4,11 @@ Kinds: `per_class` (every class on both sides: closed-set retrieval), `class_dis
 classes never seen in training: the usual metric-learning protocol) and `none` (every image
 is both query and gallery, for a fixed catalogue). Splits use their own seeded generator, so
 they do not depend on (or disturb) the global RNG.
+
+A class_disjoint split can be three-way (`val_fraction`): validation classes, taken from the
+training side, pick the best checkpoint, and the test classes (`heldout`) are only reported
+on. The test classes are those of the two-way split with the same seed and train_fraction,
+so a run with validation classes and an untrained backbone evaluate the same classes.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import hashlib
 import json
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +30,21 @@ SPLIT_KINDS = ("per_class", "class_disjoint", "none")
 
 @dataclass
 class Split:
-    """Indices into an `ImageFolder`; `train` and `heldout` are sorted int64 arrays."""
+    """Indices into an `ImageFolder`; `train`, `heldout` (the test side) and `val` (validation
+    classes of a three-way class_disjoint split; empty otherwise) are sorted int64 arrays."""
 
     train: np.ndarray
     heldout: np.ndarray
     kind: str
     seed: int
     train_fraction: float
+    val: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    val_fraction: float = 0.0
+
+    @property
+    def selection(self) -> np.ndarray:
+        """The images best.pt is chosen on: the validation side when there is one."""
+        return self.val if len(self.val) else self.heldout
 
 
 def _n_train(fraction: float, n: int) -> int:
@@ -59,8 +72,35 @@ def disjoint_note(fraction: float, n: int) -> str | None:
             f"side; training on {used} classes, {n - used} held out")  # fmt: skip
 
 
-def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int) -> Split:
-    """Split image indices by `kind`; deterministic for a given `seed`."""
+# data.val_fraction auto: this share of the classes validates, when that makes 3 or more
+AUTO_VAL_FRACTION = 0.15
+AUTO_VAL_MIN_CLASSES = 3
+
+
+def val_classes(val_fraction: float | str, n: int, n_train: int) -> int:
+    """Validation classes of a class_disjoint split of `n` classes whose non-test side holds
+    `n_train`: `val_fraction` of all `n` (so train_fraction keeps meaning "not test"), 2 or
+    more, leaving 2 or more to train on. `auto`: AUTO_VAL_FRACTION where that gives at least
+    AUTO_VAL_MIN_CLASSES and leaves 2 to train, else none."""
+    if val_fraction == "auto":
+        auto = round(AUTO_VAL_FRACTION * n)
+        return auto if auto >= AUTO_VAL_MIN_CLASSES and n_train - auto >= 2 else 0
+    if float(val_fraction) <= 0:
+        return 0
+    n_val = max(round(float(val_fraction) * n), 2)
+    if n_train - n_val < 2:
+        raise DataError(
+            f"data.val_fraction {val_fraction} of {n} classes asks for {n_val} validation classes "
+            f"out of the {n_train} that are not test classes, leaving fewer than 2 to train on; "
+            "lower data.val_fraction, raise data.train_fraction, or set data.val_fraction=0"
+        )
+    return n_val
+
+
+def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int,
+               val_fraction: float | str = 0.0) -> Split:  # fmt: skip
+    """Split image indices by `kind`; deterministic for a given `seed`. `val_fraction` (of
+    the classes; class_disjoint only) moves validation classes out of the training side."""
     labels = np.asarray(labels, dtype=np.int64)
     if kind not in SPLIT_KINDS:
         raise ConfigError(f"unknown split kind '{kind}'; valid kinds: {', '.join(SPLIT_KINDS)}")
@@ -74,6 +114,8 @@ def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int) 
         )
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
+    val = np.zeros(0, dtype=np.int64)
+    n_val = 0
     if kind == "per_class":
         train_parts = []
         for c in classes:
@@ -82,11 +124,16 @@ def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int) 
         train = np.concatenate(train_parts) if train_parts else np.empty(0, np.int64)
     else:
         shuffled = rng.permutation(classes)
-        train_classes = shuffled[: disjoint_train_classes(train_fraction, len(classes))]
-        train = np.flatnonzero(np.isin(labels, train_classes))
+        n_train = disjoint_train_classes(train_fraction, len(classes))
+        n_val = val_classes(val_fraction, len(classes), n_train)
+        # The test classes stay shuffled[n_train:], whatever val_fraction: the two-way split's.
+        train = np.flatnonzero(np.isin(labels, shuffled[: n_train - n_val]))
+        val = np.flatnonzero(np.isin(labels, shuffled[n_train - n_val : n_train]))
     train = np.sort(train).astype(np.int64)
-    heldout = np.setdiff1d(np.arange(len(labels), dtype=np.int64), train)
-    return Split(train, heldout, kind, int(seed), float(train_fraction))
+    heldout = np.setdiff1d(np.arange(len(labels), dtype=np.int64), np.union1d(train, val))
+    fraction = n_val / len(classes) if n_val else 0.0
+    return Split(train, heldout, kind, int(seed), float(train_fraction), val.astype(np.int64),
+                 fraction)  # fmt: skip
 
 
 def _entries(indices: np.ndarray, folder: ImageFolder) -> list[list[str]]:
@@ -102,8 +149,10 @@ def split_doc(split: Split, folder: ImageFolder) -> dict:
         "kind": split.kind,
         "seed": split.seed,
         "train_fraction": split.train_fraction,
+        "val_fraction": split.val_fraction,
         "train": _entries(split.train, folder),  # [relative path, class name]
-        "heldout": _entries(split.heldout, folder),
+        "val": _entries(split.val, folder),  # validation: picks best.pt, never trained on
+        "heldout": _entries(split.heldout, folder),  # test (or held-out images)
     }
 
 
@@ -119,7 +168,10 @@ def load_split(path: str | os.PathLike, folder: ImageFolder) -> Split:
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-        sides = {side: [(str(p), str(c)) for p, c in doc[side]] for side in ("train", "heldout")}
+        sides = {side: [(str(p), str(c)) for p, c in doc.get(side, [])]
+                 for side in ("train", "heldout", "val")}  # fmt: skip
+        if "train" not in doc or "heldout" not in doc:
+            raise KeyError("train" if "train" not in doc else "heldout")
         kind, seed, fraction = doc["kind"], doc["seed"], doc["train_fraction"]
     except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, wrong shape
         raise DataError(f"cannot read split file {path}: {e}; delete it to make a new split") from e
@@ -145,7 +197,8 @@ def load_split(path: str | os.PathLike, folder: ImageFolder) -> Split:
             f"split file {path} lists {len(bad)} images that {what} data root {folder.root} "
             f"(e.g. {', '.join(bad[:3])}); restore the images, or delete {path} to make a new split"
         )
-    return Split(out["train"], out["heldout"], kind, int(seed), float(fraction))
+    return Split(out["train"], out["heldout"], kind, int(seed), float(fraction), out["val"],
+                 float(doc.get("val_fraction", 0.0)))  # fmt: skip
 
 
 def _sha1(path: Path) -> str:
@@ -183,4 +236,23 @@ def find_duplicates(
         for b in held_groups[h]
         if a != b  # split kind 'none' puts each image on both sides
     ]
+    return sorted(pairs)
+
+
+def duplicates_within(paths: list[Path], indices: np.ndarray) -> list[tuple[int, int]]:
+    """(copy, original) index pairs of byte-identical files among `indices`: on an evaluated
+    side each copy finds its twin as a perfect hit. The original is the first in `indices`
+    order; only files whose size repeats are hashed, so this is cheap on real data."""
+    sizes: dict[int, list[int]] = defaultdict(list)
+    for i in map(int, indices):
+        sizes[os.path.getsize(paths[i])].append(i)
+    pairs = []
+    for same_size in sizes.values():
+        if len(same_size) < 2:
+            continue
+        first: dict[str, int] = {}
+        for i in same_size:
+            original = first.setdefault(_sha1(Path(paths[i])), i)
+            if original != i:
+                pairs.append((i, original))
     return sorted(pairs)

@@ -6,8 +6,11 @@
 
 Each backbone embeds the config's held-out images untrained; the table has held-out
 precision@1, MAP@R, the book score (each image's 4 nearest others by L2, share of its class),
-embedding length, parameters and embedding speed on this machine. The data is scanned and
-split once, so every backbone sees the same images. Written to
+embedding length, parameters, embedding speed and training speed on this machine (a few steps
+on random images with the config's trainable_stages; `--train-steps 0` skips it) and where the
+weights came from. A backbone with no offline weights under `pretrained: offline` is compared
+with random weights (its quality columns then mean nothing; its speeds still hold). The data is
+scanned and split once, so every backbone sees the same images. Written to
 `<output_dir>/compare/<time>/compare.md` and `compare.json`.
 """
 
@@ -26,10 +29,53 @@ from mltrain.config import override_key
 from mltrain.errors import ConfigError
 
 OFFLINE = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
-COLUMNS = ["backbone", "precision@1", "MAP@R", "book score", "length", "parameters", "img/s"]
+COLUMNS = ["backbone", "precision@1", "MAP@R", "book score", "length", "parameters", "img/s",
+           "train img/s", "weights"]  # fmt: skip
 
 
-def compare(config: str | None, backbones: Sequence[str], overrides: Sequence[str]) -> list[dict]:
+def train_speed(cfg: Any, steps: int, batch: int = 16) -> float | None:
+    """Training images per second of the config's model (its frozen stages, amp and fp32
+    depthwise) on random images: forward, backward and an AdamW step, after one warm-up."""
+    import torch
+
+    from mltrain.model.network import build_model, data_config
+    from mltrain.model.precision import depthwise_in_fp32
+    from mltrain.runtime import Runtime, autocast
+
+    if steps < 1:
+        return None
+    runtime = Runtime.from_config(cfg)
+    model = build_model(cfg.model).to(runtime.device).train()
+    if cfg.train.depthwise_fp32:
+        depthwise_in_fp32(model)
+    x = torch.randn(batch, *data_config(model, cfg.model)["input_size"], device=runtime.device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    start = 0.0
+    for step in range(steps + 1):
+        if step == 1:
+            start = time.perf_counter()
+        with autocast(runtime.device, runtime.train_amp):
+            loss = model(x).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def _weights(cfg: Any, name: str, overrides: Sequence[str]) -> tuple[list[str], str]:
+    """Overrides that give `name` weights it can load, and what they are."""
+    from mltrain.model.network import OFFLINE_WEIGHTS
+
+    pretrained = cfg.model.pretrained
+    if pretrained == "offline" and name not in OFFLINE_WEIGHTS:
+        return ["model.pretrained=false"], "random"
+    labels = {True: "hub", False: "random", "offline": "offline"}
+    return [], labels.get(pretrained, str(pretrained)) if isinstance(pretrained, bool | str) else ""
+
+
+def compare(
+    config: str | None, backbones: Sequence[str], overrides: Sequence[str], train_steps: int = 0
+) -> list[dict]:
     """One row per backbone (see the module docstring); the data is prepared once."""
     from mltrain.config import load_config
     from mltrain.data.pipeline import prepare_data
@@ -39,8 +85,11 @@ def compare(config: str | None, backbones: Sequence[str], overrides: Sequence[st
     rows: list[dict[str, Any]] = []
     data = None
     for name in backbones:
-        untrained = ["model.frozen_stages=0", "train.cache_frozen=false"]  # any family's stages
+        untrained = ["model.frozen_stages=0", "model.trainable_stages=null",
+                     "train.cache_frozen=false"]  # fmt: skip
         cfg = load_config(config, [*overrides, f"model.backbone={name}", *untrained])
+        fix, weights = _weights(cfg, name, overrides)
+        cfg = load_config(config, [*overrides, f"model.backbone={name}", *untrained, *fix])
         data = data or prepare_data(cfg)
         held = data.split.heldout
         labels = data.folder.labels[held]
@@ -57,6 +106,12 @@ def compare(config: str | None, backbones: Sequence[str], overrides: Sequence[st
             "embedding_dim": int(emb.shape[1]),
             "parameters": sum(p.numel() for p in embedder.model.parameters()),
             "images_per_s": len(labels) / seconds,
+            "train_images_per_s": train_speed(
+                load_config(config, [*overrides, f"model.backbone={name}",
+                                     "model.pretrained=false"]),  # fmt: skip
+                train_steps,
+            ),
+            "weights": weights,
             "images": len(labels),
         })  # fmt: skip
     return rows
@@ -68,9 +123,14 @@ def markdown(rows: Sequence[dict]) -> str:
         book = "–" if r["book_score"] is None else f"{r['book_score']:.4f}"
         cells = [r["backbone"], f"{r['precision_at_1']:.4f}", f"{r['map_at_r']:.4f}", book,
                  str(r["embedding_dim"]), f"{r['parameters'] / 1e6:.1f} M",
-                 f"{r['images_per_s']:.1f}"]  # fmt: skip
+                 f"{r['images_per_s']:.1f}", _speed(r.get("train_images_per_s")),
+                 r.get("weights", "")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _speed(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,6 +140,8 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--backbones", nargs="+", default=OFFLINE, help="timm model names")
     p.add_argument("--out", help="output folder (default <output_dir>/compare/<time>)")
+    p.add_argument("--train-steps", type=int, default=3,
+                   help="timed training steps per backbone for train img/s (0: skip)")  # fmt: skip
     return p
 
 
@@ -92,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mltrain.config import check_inference_overrides, load_config
 
     check_inference_overrides(args.overrides, "compare")
-    rows = compare(args.config, args.backbones, args.overrides)
+    rows = compare(args.config, args.backbones, args.overrides, args.train_steps)
 
     base = Path(load_config(args.config, args.overrides).output_dir) / "compare"
     out = Path(args.out) if args.out else base / datetime.now().strftime("%Y%m%d-%H%M%S")

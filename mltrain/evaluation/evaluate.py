@@ -20,6 +20,7 @@ from mltrain.evaluation.metrics import (
     confused_pairs,
     mean_per_class_precision_at_1,
     one_shot_accuracy,
+    one_shot_within_accuracy,
     per_class_metrics,
     retrieval_metrics,
     verification_metrics,
@@ -68,7 +69,7 @@ def embed_split(embedder: Embedder, data: RunData) -> EmbeddedSplit:
         labels[held],
         data.paths(held),
         train_emb,
-        labels[train],
+        labels[held] if same else labels[train],  # none: held-out copies may have been dropped
         same,
     )
 
@@ -76,18 +77,28 @@ def embed_split(embedder: Embedder, data: RunData) -> EmbeddedSplit:
 def plan_for(cfg: Config, data: RunData, dim: int) -> EvalPlan:
     """The evaluation that fits this split, from counts alone (before embedding)."""
     held = data.folder.labels[data.split.heldout]
-    return _fitted_plan(cfg, held, len(data.split.train), data.split.kind == "none", dim)
+    parents = parents_of(data.folder.classes, held)
+    return _fitted_plan(cfg, held, len(data.split.train), data.split.kind == "none", dim,
+                        parents)  # fmt: skip
+
+
+def parents_of(classes: list[str], labels: np.ndarray) -> np.ndarray:
+    """Each image's parent folder, from its class's name (`Greek/character01`: `Greek`;
+    a top-level class: ""): the group of within-parent one-shot episodes."""
+    parent = np.array([c.rpartition("/")[0] for c in classes] or [""], dtype=object)
+    return parent[np.asarray(labels, dtype=np.int64)]
 
 
 def _fitted_plan(
-    cfg: Config, heldout_labels: np.ndarray, train_rows: int, same_set: bool, dim: int
+    cfg: Config, heldout_labels: np.ndarray, train_rows: int, same_set: bool, dim: int,
+    parents: np.ndarray | None = None,
 ) -> EvalPlan:
     """PCA fits on the training rows (the held-out ones when both are the same set); queries
     search the other held-out rows, or the training rows with `eval.gallery: train`."""
     n_train = len(heldout_labels) if same_set else train_rows
     use_train = cfg.eval.gallery == "train" and not same_set
     gallery = train_rows if use_train else len(heldout_labels) - 1
-    return plan_evaluation(cfg.eval, n_train, heldout_labels, dim, gallery)
+    return plan_evaluation(cfg.eval, n_train, heldout_labels, dim, gallery, parents)
 
 
 def compute_metrics(s: EmbeddedSplit, cfg: Config, plan: EvalPlan | None = None) -> EvalResult:
@@ -97,7 +108,8 @@ def compute_metrics(s: EmbeddedSplit, cfg: Config, plan: EvalPlan | None = None)
     e = cfg.eval
     if plan is None:
         dim = s.heldout_emb.shape[1]
-        plan = _fitted_plan(cfg, s.heldout_labels, len(s.train_emb), s.same_set, dim)
+        plan = _fitted_plan(cfg, s.heldout_labels, len(s.train_emb), s.same_set, dim,
+                            parents_of(s.classes, s.heldout_labels))  # fmt: skip
     gallery = {}
     if e.gallery == "train" and not s.same_set:
         gallery = {"gallery_emb": s.train_emb, "gallery_labels": s.train_labels}
@@ -126,6 +138,13 @@ def compute_metrics(s: EmbeddedSplit, cfg: Config, plan: EvalPlan | None = None)
         str(n): one_shot_accuracy(s.heldout_emb, s.heldout_labels, n, e.one_shot_episodes, cfg.seed)
         for n in plan.one_shot_ways
     }
+    if plan.one_shot_within_ways:  # nested classes: episodes within one parent folder
+        parents = parents_of(s.classes, s.heldout_labels)
+        metrics["one_shot_within_parent"] = {
+            str(n): one_shot_within_accuracy(s.heldout_emb, s.heldout_labels, parents, n,
+                                             e.one_shot_episodes, cfg.seed)  # fmt: skip
+            for n in plan.one_shot_within_ways
+        }
     rows = pca_sweep(s.train_emb, s.heldout_emb, s.heldout_labels, plan.pca_lengths, e.metric)
     metrics["pca"] = {str(r["length"]): r for r in rows}
     metrics["pca_shortest_within_0.5"] = shortest_within(rows)["length"]

@@ -46,13 +46,11 @@ TSNE_PCA_DIMS = 50
 TSNE_MAX_ITER = 750
 
 
+
+
 FIGURE_DPI = 120
 
-LABEL = 18  # characters of a class name over a query-grid tile
-
-
-# A log-x ROC only shows more than the linear one when FAR 1e-3 is resolvable: 1000 impostors.
-LOG_ROC_MIN_PAIRS = 2000
+LABEL = 20  # characters per line of a class or file name on a query-grid tile (2 lines)
 
 
 def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
@@ -84,56 +82,87 @@ def plot_roc(
     fpr: Sequence[float],
     tpr: Sequence[float],
     verification: Mapping[str, Any] | None = None,
-    log_x: bool = False,
 ) -> Figure:
-    """The verification ROC curve, AUC and EER in the title.
+    """The verification ROC on a log FAR axis, with the EER point and FAR 1e-3 marked.
 
-    `log_x` spreads the low-FAR end, where a deployed threshold lives; points at FAR 0 are
-    dropped then (log 0 is undefined).
+    One style everywhere (training's TensorBoard image and the report): the log axis spreads
+    the low-FAR end, where a deployed threshold lives. Points at FAR 0 are dropped (log 0 is
+    undefined); the axis starts just left of FAR 1e-3 or of the smallest measured FAR.
     """
     fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+    keep = fpr > 0
+    fpr, tpr = fpr[keep], tpr[keep]
+    low = min(5e-4, float(fpr.min()) / 2) if len(fpr) else 5e-4
     fig = new_figure(5, 4.5)
     ax = fig.add_subplot()
-    if log_x:
-        keep = fpr > 0
-        fpr, tpr = fpr[keep], tpr[keep]
-        ax.set_xscale("log")
-    else:
-        ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="chance")
-        ax.set_xlim(0, 1)
-    ax.plot(fpr, tpr, lw=2, label="ROC")
+    ax.set_xscale("log")
+    chance = np.logspace(np.log10(low), 0, 50)
+    ax.plot(chance, chance, ":", color="grey", lw=1, label="chance")
+    ax.plot(fpr, tpr, lw=2, color="tab:blue", label="ROC")
+    ax.set_xlim(low, 1)
     ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false accept rate (FAR)" + (", log scale" if log_x else ""))
+    ax.set_xlabel("false accept rate (FAR), log scale")
     ax.set_ylabel("true accept rate (TAR)")
     ver = verification or {}
+    if is_number(ver.get("eer")):
+        eer = float(ver["eer"])
+        ax.plot([max(eer, low)], [1 - eer], "o", color="tab:red", ms=7,
+                label=f"EER {eer:.4f} (FAR = 1 - TAR)")
+    resolvable = len(fpr) and float(fpr.min()) <= 1e-3
+    ax.axvline(1e-3, color="tab:green", ls="--", lw=1)
+    if is_number(ver.get("tar_at_far_1e-3")) and resolvable:
+        tar = float(ver["tar_at_far_1e-3"])
+        ax.plot([1e-3], [tar], "s", color="tab:green", ms=6, label=f"FAR 1e-3: TAR {tar:.4f}")
+    else:
+        ax.plot([], [], "--", color="tab:green", lw=1, label="FAR 1e-3 (too few impostor pairs)")
     title = "ROC"
-    if "roc_auc" in ver and "eer" in ver:
-        title = f"ROC: AUC {ver['roc_auc']:.4f}, EER {ver['eer']:.4f}"
+    if is_number(ver.get("roc_auc")):
+        title = f"ROC: AUC {float(ver['roc_auc']):.4f}"
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     return fig
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and np.isfinite(value)
 
 
 def plot_pca(rows: Sequence[Mapping[str, Any]], shortest: int | None = None) -> Figure:
     """Quality and latency against embedding length, to pick the shortest length to ship.
 
     precision@1 and MAP@R share the left axis (both fractions); per-query microseconds go on
-    a twin right axis. The lengths sit evenly spaced, one tick each: they are roughly powers
-    of two, and on a true log axis neighbours such as 100 and 128 print over each other. The
-    legend goes under the axes, where it cannot cover a curve.
+    a twin right axis. Lengths sit on a log axis, so 128 to 1280 spans what it is (ten
+    times) rather than one step like 8 to 16; each has a tick, and a label unless it would
+    print over its left neighbour's (100 next to 128 keeps one). The legend goes under the
+    axes, where it cannot cover a curve.
     """
     rows = sorted(rows, key=lambda r: r["length"])
     lengths = [r["length"] for r in rows]
-    x = np.arange(len(rows))
+    x = np.asarray(lengths, dtype=float)
     fig = new_figure(6, 4.4)
     ax = fig.add_subplot()
     ax.plot(x, [r["precision_at_1"] for r in rows], "o-", label="precision@1")
     ax.plot(x, [r["map_at_r"] for r in rows], "s-", label="MAP@R")
-    ax.set_xticks(x, [f"{n}\n(full)" if not r.get("pca", True) else str(n)
-                      for n, r in zip(lengths, rows, strict=True)])
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    span = max(np.log2(x[-1] / x[0]), 1.0) if len(x) else 1.0
+    labels, last = [], None
+    for i, (n, r) in enumerate(zip(lengths, rows, strict=True)):
+        full = not r.get("pca", True)
+        crowded = last is not None and np.log2(n / last) < 0.06 * span
+        if crowded and not full and i < len(rows) - 1:
+            labels.append("")
+            continue
+        if crowded and labels:  # the full length (or the last) wins over its neighbour
+            labels[-1] = ""
+        labels.append(f"{n}\n(full)" if full else str(n))
+        last = n
+    ax.set_xticks(x, labels)
+    if len(x):
+        ax.set_xlim(x[0] / 2 ** (0.04 * span), x[-1] * 2 ** (0.04 * span))
     ax.tick_params(axis="x", labelsize=8)
-    ax.set_xlabel("embedding length (PCA fitted on the training embeddings)")
+    ax.set_xlabel("embedding length, log scale (PCA fitted on the training embeddings)")
     ax.set_ylabel("score")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -150,7 +179,7 @@ def plot_pca(rows: Sequence[Mapping[str, Any]], shortest: int | None = None) -> 
             twin.set_ylim(bottom=0)
         handles = [*handles, *twin.get_lines()]
     if shortest is not None and shortest in lengths:
-        ax.axvline(lengths.index(shortest), color="tab:green", ls=":", lw=1.5)
+        ax.axvline(shortest, color="tab:green", ls=":", lw=1.5)
         handles = [*handles, Line2D([], [], color="tab:green", ls=":",
                                     label=f"shortest within 0.5 points ({shortest})")]
     fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncols=2,
@@ -201,6 +230,56 @@ def class_colours(n: int) -> np.ndarray:
     return matplotlib.colormaps["turbo"](np.linspace(0, 1, n))
 
 
+def spread_colours(centres: np.ndarray) -> np.ndarray:
+    """One colour per class (rows of `centres`, the classes' 2-D medians), placed so that
+    classes close on the plot get colours far apart.
+
+    Palettes hand out near-identical colours to neighbouring indices (tab20 pairs each colour
+    with its lighter twin), and neighbouring indices are often similar classes (cat_1, cat_2)
+    drawn side by side. Greedily, from the most crowded class outwards, each class takes the
+    unused colour farthest from those of its three nearest coloured classes; then swaps
+    widen the closest pair. Twins count as close whatever their RGB distance."""
+    n = len(centres)
+    palette = class_colours(n)
+    if n <= 2:
+        return palette
+    apart = np.abs(palette[:, None, :3] - palette[None, :, :3]).sum(-1)  # L1 in RGB
+    if 10 < n <= 20:  # tab20: index 2k and 2k + 1 are one hue, dark and light
+        twins = np.arange(n)[:, None] // 2 == np.arange(n)[None, :] // 2
+        apart = np.where(twins, apart * 0.25, apart)
+    dist = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    near = np.argsort(dist, axis=1)[:, 1:4]  # each class's three nearest
+    crowded = np.argsort(np.sort(dist, axis=1)[:, 1])
+    chosen: dict[int, int] = {}
+    unused = list(range(n))
+    for c in crowded:
+        coloured = [chosen[j] for j in np.argsort(dist[c]) if j in chosen][:3]
+        pick = unused[int(np.argmax([apart[u, coloured].min() for u in unused]))] \
+            if coloured else unused[0]
+        chosen[int(c)] = pick
+        unused.remove(pick)
+    order = np.array([chosen[c] for c in range(n)])
+
+    def score(colour_of: np.ndarray) -> tuple[float, float]:
+        gaps = apart[colour_of[:, None], colour_of[near]]
+        return float(gaps.min()), float(gaps.mean())
+
+    best = score(order)
+    for _ in range(3):
+        improved = False
+        for a in range(n):
+            for b in range(a + 1, n):
+                order[[a, b]] = order[[b, a]]
+                now = score(order)
+                if now > best:
+                    best, improved = now, True
+                else:
+                    order[[a, b]] = order[[b, a]]
+        if not improved:
+            break
+    return palette[order]
+
+
 def plot_tsne(
     emb: np.ndarray,
     labels: np.ndarray,
@@ -211,14 +290,17 @@ def plot_tsne(
     title: str = "t-SNE of held-out embeddings",
     highlight: Sequence[str] = (),
     highlight_title: str = "worst classes",
+    misses: np.ndarray | None = None,
 ) -> Figure:
     """t-SNE scatter of at most `max_points` seeded-sampled points.
 
     `keep_classes` (names) restricts the plot to those classes, e.g. the worst ones, which
-    a full plot drowns. Up to 20 classes get a colour each and a legend. Beyond that colours
-    no longer tell classes apart (and a 101-entry legend covers the plot), so every point is
-    grey, each class name is printed at the median of its points, and only the `highlight`
-    classes (e.g. the worst, at most 10) are coloured, with a legend.
+    a full plot drowns. Up to 20 classes get a colour each (`spread_colours`: neighbours on
+    the plot differ) and a legend. Beyond that colours no longer tell classes apart (and a
+    101-entry legend covers the plot), so every point is grey, each class name is printed at
+    the median of its points, and only the `highlight` classes (e.g. the worst, at most 10)
+    are coloured, with a legend. `misses` (one flag per row of `labels`) rings the points
+    whose top search result has another class.
     """
     labels = np.asarray(labels)
     rows = np.arange(len(labels))
@@ -232,7 +314,8 @@ def plot_tsne(
     many = len(present) > LEGEND_MAX_CLASSES
     names = {int(c): class_name(c, class_names) for c in present}
     coloured = [c for c in present if names[int(c)] in set(highlight)] if many else list(present)
-    colours = dict(zip(coloured, class_colours(len(coloured)), strict=True))
+    centres = np.array([np.median(xy[sampled == c], axis=0) for c in coloured]).reshape(-1, 2)
+    colours = dict(zip(coloured, spread_colours(centres), strict=True))
     fig = new_figure(7.5, 6)
     ax = fig.add_subplot()
     size = 6 if len(rows) > 1000 else 14
@@ -243,6 +326,11 @@ def plot_tsne(
         sel = sampled == label
         ax.scatter(xy[sel, 0], xy[sel, 1], s=size * (2 if many else 1), color=colour,
                    alpha=0.9, linewidths=0, label=names[int(label)])
+    missed = np.asarray(misses, dtype=bool)[rows] if misses is not None else None
+    if missed is not None and missed.any():
+        ax.scatter(xy[missed, 0], xy[missed, 1], s=size * 2.5, facecolors="none",
+                   edgecolors="black", linewidths=0.8,
+                   label=f"top result wrong ({int(missed.sum())})")
     if many:
         for label in present:
             centre = np.median(xy[sampled == label], axis=0)
@@ -250,10 +338,10 @@ def plot_tsne(
             ax.annotate(shortened(names[int(label)], 14), centre, fontsize=6 if hot else 5,
                         ha="center", va="center", color="black" if hot else "0.35",
                         fontweight="bold" if hot else "normal")
-    if colours:
-        heading = highlight_title if many else None
-        ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.01, 0.5),
-                  frameon=False, title=heading, title_fontsize=7)
+    if colours or (missed is not None and missed.any()):
+        heading = highlight_title if many and colours else None
+        ax.legend(fontsize=7, markerscale=1.5, loc="center left",
+                  bbox_to_anchor=(1.01, 0.5), frameon=False, title=heading, title_fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"{title} ({len(rows)} points, {len(present)} classes)", fontsize=10)
@@ -289,7 +377,7 @@ def select_queries(neighbours: Any, n: int = 8, seed: int = 0) -> np.ndarray:
     Failures show what the model confuses; successes show what "right" looks like.
     Lone queries (no correct answer exists) are never shown.
     """
-    scored, right = _top1_right(neighbours)
+    scored, right = top1_right(neighbours)
     rng = np.random.default_rng(seed)
     wrong_rows = rng.permutation(scored[~right])
     right_rows = rng.permutation(scored[right])
@@ -298,7 +386,7 @@ def select_queries(neighbours: Any, n: int = 8, seed: int = 0) -> np.ndarray:
     return np.concatenate([np.sort(wrong_rows[:n_wrong]), np.sort(right_rows[:n_right])])
 
 
-def _top1_right(neighbours: Any) -> tuple[np.ndarray, np.ndarray]:
+def top1_right(neighbours: Any) -> tuple[np.ndarray, np.ndarray]:
     """(scored query rows, whether each one's top result has its class)."""
     scored = np.flatnonzero(np.asarray(neighbours.scored))
     top = np.asarray(neighbours.labels)[scored, 0]
@@ -308,13 +396,23 @@ def _top1_right(neighbours: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def queries_note(neighbours: Any, rows: Sequence[int], seed: int) -> str:
     """How the grid's queries were chosen, in one sentence (under the grid, in report.md)."""
-    scored, right = _top1_right(neighbours)
+    scored, right = top1_right(neighbours)
     shown_wrong = int(np.isin(rows, scored[~right]).sum())
-    return (
-        f"{shown_wrong} queries drawn at random (seed {seed}) from the {int((~right).sum())} "
-        f"whose top result is wrong, then {len(rows) - shown_wrong} from the "
-        f"{int(right.sum())} whose top result is right, of {len(scored)} scored queries."
-    )
+    shown_right = len(rows) - shown_wrong
+    n_wrong, n_right = int((~right).sum()), int(right.sum())
+
+    def part(shown: int, of: int, what: str) -> str:
+        some = f"all {of}" if shown == of else f"{shown} of the {of}"
+        return f"{some} {'query' if of == 1 else 'queries'} whose top result is {what}"
+
+    parts = [part(k, n, w) for k, n, w in ((shown_wrong, n_wrong, "wrong"),
+                                           (shown_right, n_right, "right")) if k]  # fmt: skip
+    drawn = "" if shown_wrong == n_wrong and shown_right == n_right else \
+        f", drawn at random (seed {seed})"
+    text = f"{' and '.join(parts)}{drawn}, of {len(scored)} scored queries."
+    if n_wrong == 0:
+        text += " No query's top result is wrong."
+    return text[0].upper() + text[1:]
 
 
 def query_grid(
@@ -340,12 +438,13 @@ def query_grid(
     rows = select_queries(neighbours, n=n, seed=seed) if chosen else np.asarray(queries)
     top = min(top, np.asarray(neighbours.indices).shape[1])
     border = max(2, thumb // 24)
-    height = 1.75 * max(len(rows), 1) + 1.0
-    # A fixed layout: constrained layout costs more than the 50 images it arranges.
-    fig = new_figure(1.35 * (top + 1), height, layout=None)
+    height = 2.45 * max(len(rows), 1) + 0.9
+    # A fixed layout: constrained layout costs more than the 50 images it arranges. Each
+    # row: a title of up to 3 lines (rank, class in 2, score), the tile, 2 lines of file name.
+    fig = new_figure(1.6 * (top + 1), height, layout=None)
     fig.subplots_adjust(
-        left=0.01, right=0.99, bottom=0.65 / height, top=1 - 0.75 / height, wspace=0.1,
-        hspace=0.55,
+        left=0.01, right=0.99, bottom=0.7 / height, top=1 - 0.95 / height, wspace=0.12,
+        hspace=0.95,
     )
     axes = fig.subplots(max(len(rows), 1), top + 1, squeeze=False)
     for ax in axes.flat:
@@ -353,8 +452,8 @@ def query_grid(
     for r, q in enumerate(rows):
         truth = neighbours.query_labels[q]
         axes[r, 0].imshow(thumbnail(query_paths[q], thumb), interpolation="nearest")
-        query = shortened(class_name(truth, class_names), LABEL)
-        axes[r, 0].set_title(f"query: {query}", fontsize=7, fontweight="bold")
+        query = wrapped(class_name(truth, class_names), LABEL)
+        axes[r, 0].set_title(f"query:\n{query}", fontsize=8, fontweight="bold")
         _file_label(axes[r, 0], query_paths[q])
         for j in range(top):
             idx, label = int(neighbours.indices[q, j]), neighbours.labels[q, j]
@@ -362,14 +461,14 @@ def query_grid(
             ax = axes[r, j + 1]
             if idx < 0:
                 ax.imshow(np.full((thumb, thumb, 3), MISSING_GREY, np.uint8))
-                ax.set_title(f"{j + 1}. (none)", fontsize=7, color=np.asarray(RED) / 255)
+                ax.set_title(f"{j + 1}. (none)", fontsize=8, color=np.asarray(RED) / 255)
                 continue
             tile = thumbnail(gallery_paths[idx], thumb)
             ax.imshow(outline(tile, GREEN if hit else RED, border), interpolation="nearest")
-            name = shortened(class_name(label, class_names), LABEL)
+            name = wrapped(f"{j + 1}. {class_name(label, class_names)}", LABEL)
             ax.set_title(
-                f"{j + 1}. {name}\n{float(neighbours.scores[q, j]):.3f}",
-                fontsize=7,
+                f"{name}\n{float(neighbours.scores[q, j]):.3f}",
+                fontsize=8,
                 color=np.asarray(GREEN if hit else RED) / 255,
             )
             _file_label(ax, gallery_paths[idx])
@@ -380,18 +479,31 @@ def query_grid(
     )
     fig.suptitle(
         f"Example queries and their top results (green: same class, red: other; {score})",
-        fontsize=8,
+        fontsize=9,
         y=1 - 0.1 / height,
         va="top",
     )
     if chosen and len(rows):
-        fig.text(0.5, 0.1 / height, f"Shown: {queries_note(neighbours, rows, seed)}", fontsize=7,
+        fig.text(0.5, 0.1 / height, queries_note(neighbours, rows, seed), fontsize=8,
                  ha="center", va="bottom", wrap=True)
     return fig
 
 
+def wrapped(text: str, width: int, lines: int = 2) -> str:
+    """`text` in lines of at most `width` characters, broken after "_", "-", "." or a space
+    where one is near, at most `lines` of them; the last line of a longer text loses its
+    middle (`shortened`), keeping the end that tells numbered files apart."""
+    text, out = str(text), []
+    while len(text) > width and len(out) < lines - 1:
+        cut = max((text.rfind(c, width // 2, width) for c in "_-. /"), default=-1)
+        cut = cut + 1 if cut > 0 else width
+        out.append(text[:cut].rstrip())
+        text = text[cut:]
+    return "\n".join([*out, shortened(text, width)])
+
+
 def _file_label(ax: Any, path: str | Path) -> None:
-    ax.text(0.5, -0.03, shortened(Path(path).name, 22), transform=ax.transAxes, fontsize=5,
-            ha="center", va="top", color="0.3")
+    ax.text(0.5, -0.03, wrapped(Path(path).name, LABEL + 4), transform=ax.transAxes,
+            fontsize=7, ha="center", va="top", color="0.25", linespacing=1.1)
 
 

@@ -151,6 +151,73 @@ def worst_below_mean(metrics: Mapping[str, Any], n: int = WORST_CLASSES) -> list
     return [(name, p1) for name, p1 in worst if p1 < mean][:n]
 
 
+# The headline's figures: (key, label, lower is better).
+SUMMARY = (
+    ("precision_at_1", "precision@1", False),
+    ("map_at_r", "MAP@R", False),
+    ("roc_auc", "ROC AUC", False),
+    ("eer", "EER", True),
+)
+
+
+SPLITS = {
+    "per_class": "other images of the classes it trained on",
+    "class_disjoint": "classes it never trained on",
+    "none": "the images it trained on (split none: an optimistic figure)",
+}
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
+
+
+def summary_section(m: Mapping[str, Any], data: Mapping[str, Any] | None = None,
+                    baseline: Mapping[str, Any] | None = None) -> list[str]:
+    """The first thing a reader sees: what was measured on which data, and the main figures,
+    next to the untrained model's where `baseline` (its held-out metrics on the same images)
+    is known. `data` may hold heldout_images, heldout_classes, train_images, split."""
+    data = data or {}
+    lines = []
+    if "heldout_images" in data:
+        what = _count(int(data["heldout_images"]), "held-out image")
+        if "heldout_classes" in data:
+            what += f" of {_count(int(data['heldout_classes']), 'class')}"
+        split = data.get("split")
+        if split in SPLITS:
+            what += f", {SPLITS[split]}"
+        if data.get("train_images"):
+            what += f" (the model trained on {_count(int(data['train_images']), 'image')})"
+        lines += [f"Measured on {what}.", ""]
+    if m.get("source"):
+        lines += [f"Source: `{m['source']}`", ""]
+    ver = {**m, **(m.get("verification") or {})}
+    rows = [(key, label, lower) for key, label, lower in SUMMARY if is_scalar(ver.get(key))]
+    if not rows:
+        return lines
+    base = {**(baseline or {}), **((baseline or {}).get("verification") or {})}
+    if any(is_scalar(base.get(key)) for key, _, _ in rows):
+        table = []
+        for key, label, lower in rows:
+            now, then = float(ver[key]), base.get(key)
+            if not is_scalar(then):
+                table.append((label, f"**{fmt(now)}**", "n/a", ""))
+                continue
+            change = now - float(then)
+            better = (change < 0) if lower else (change > 0)
+            verdict = "better" if better else ("same" if change == 0 else "worse")
+            table.append((label, f"**{fmt(now)}**", fmt(float(then)),
+                          f"{change:+.4f} ({verdict})"))
+        lines += md_table(["", "this model", "untrained", "change"], table)
+    else:
+        lines += md_table(["", "this model"], [(label, f"**{fmt(float(ver[key]))}**")
+                                               for key, label, _ in rows])
+    lines.append("")
+    if m.get("num_queries") and m.get("precision_at_1") == 1.0:
+        lines += ["Every query's nearest image has its class: these held-out images are too "
+                  "few or too easy to tell models apart.", ""]
+    return lines
+
+
 def _headline_section(m: Mapping[str, Any]) -> list[str]:
     rows = [(label, fmt(m[key]), help) for key, label, help in HEADLINE if key in m]
     lines = ["## Retrieval", "", *md_table(["metric", "value", "what it measures"], rows), ""]
@@ -185,6 +252,13 @@ def verification_section(m: Mapping[str, Any]) -> list[str]:
         ]
         lines += ["## One-shot", "", *md_table(["episode", "accuracy"], rows), "", ONE_SHOT_HELP
                   + ".", ""]
+    within = m.get("one_shot_within_parent") or {}
+    if within:  # eval.one_shot_within: each episode's classes from one parent folder
+        rows = [(f"{n}-way", fmt(acc) if acc is not None else "n/a")
+                for n, acc in sorted(within.items(), key=lambda kv: int(kv[0]))]  # fmt: skip
+        lines += ["One-shot within one parent folder (every episode's classes siblings, as "
+                  "Omniglot's within-alphabet protocol):", "",
+                  *md_table(["episode", "accuracy"], rows), ""]  # fmt: skip
     return lines
 
 
@@ -207,18 +281,15 @@ def _classes_section(m: Mapping[str, Any]) -> list[str]:
         if mean is not None:
             lines += [f"Classes below the mean per-class precision@1 ({fmt(mean)}), "
                       f"lowest first, at most {WORST_CLASSES}.", ""]
-    elif m.get("worst_classes"):
-        lines += ["## Worst classes", "", "No class is below the mean per-class precision@1 "
+    elif m.get("worst_classes"):  # a sentence, not a heading over nothing
+        lines += ["No class is below the mean per-class precision@1 "
                   f"({fmt(mean)}): every class scores the same.", ""]
-    if "confused_pairs" in m:
-        pairs = m["confused_pairs"]
+    pairs = m.get("confused_pairs")
+    if pairs:
         lines += [f"## Most confused pairs (top-1, {len(pairs)} shown)", ""]
-        lines += (
-            md_table(["true class", "retrieved class", "count"], pairs)
-            if pairs
-            else ["No top-1 mistakes."]
-        )
-        lines.append("")
+        lines += [*md_table(["true class", "retrieved class", "count"], pairs), ""]
+    elif pairs is not None:
+        lines += ["No top-1 mistakes: every query's nearest image has its class.", ""]
     return lines
 
 
@@ -371,14 +442,16 @@ def markdown_report(
     figures: Sequence[str] = (),
     notes: Sequence[str] = (),
     timing: Mapping[str, float] | None = None,
+    data: Mapping[str, Any] | None = None,
+    baseline: Mapping[str, Any] | None = None,
 ) -> str:
     """The report as Markdown: one page that answers "how good, where does it fail, what to
-    ship". `figures` are PNG file names next to it; `notes` say what was skipped and why (the
+    ship", its summary first (`summary_section`: `data` and the untrained `baseline`).
+    `figures` are PNG file names next to it; `notes` say what was skipped and why (the
     evaluator's `metrics["notes"]` come first); `timing` adds the report's own steps to the
     evaluation timing."""
     lines = ["# Evaluation report", ""]
-    if metrics.get("source"):
-        lines += [f"Source: `{metrics['source']}`", ""]
+    lines += summary_section(metrics, data, baseline)
     lines += _headline_section(metrics)
     lines += verification_section(metrics)
     reliability = _reliability(metrics)

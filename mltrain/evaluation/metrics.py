@@ -521,13 +521,73 @@ def one_shot_accuracy(
     for e0 in range(0, episodes, 256):
         n_ep = min(256, episodes - e0)
         picked = np.stack([rng.choice(eligible, n_way, replace=False) for _ in range(n_ep)])
-        s = rng.integers(0, counts[picked])
-        q = rng.integers(0, counts[picked] - 1)
-        q = q + (q >= s)
-        support = x[order[starts[picked] + s]]  # (n_ep, n_way, dim)
-        query = x[order[starts[picked] + q]]
-        sim = np.einsum("eqd,esd->eqs", query, support)
-        if metric == "l2":  # negative squared distance; the query's own norm does not rank
-            sim = 2 * sim - np.einsum("esd,esd->es", support, support)[:, None, :]
-        correct += int((sim.argmax(axis=2) == np.arange(n_way)).sum())
+        correct += _one_shot_hits(x, order, starts, counts, picked, rng, metric)
+    return correct / (episodes * n_way)
+
+
+def _one_shot_hits(x: np.ndarray, order: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                   picked: np.ndarray, rng: np.random.Generator, metric: str) -> int:  # fmt: skip
+    """Right answers of one-shot episodes: `picked` (episodes, n_way) class blocks, one random
+    support and another random query image of each; a query is right when its most similar
+    support is its own class's (a tie goes to the first support)."""
+    s = rng.integers(0, counts[picked])
+    q = rng.integers(0, counts[picked] - 1)
+    q = q + (q >= s)
+    support = x[order[starts[picked] + s]]  # (n_ep, n_way, dim)
+    query = x[order[starts[picked] + q]]
+    sim = np.einsum("eqd,esd->eqs", query, support)
+    if metric == "l2":  # negative squared distance; the query's own norm does not rank
+        sim = 2 * sim - np.einsum("esd,esd->es", support, support)[:, None, :]
+    return int((sim.argmax(axis=2) == np.arange(picked.shape[1])).sum())
+
+
+def one_shot_groups(labels: np.ndarray, groups: np.ndarray, n_way: int) -> list[Any]:
+    """The groups (parent folders) holding `n_way` or more classes with 2 images each: those
+    a within-group N-way episode can be drawn from. `groups[i]` is image i's group."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    if groups.shape != labels.shape:
+        raise DataError(f"{len(groups)} group names for {len(labels)} labels")
+    classes, counts = np.unique(labels, return_counts=True)
+    group_of = {c: groups[np.flatnonzero(labels == c)[0]] for c in classes[counts >= 2]}
+    per_group: dict[Any, int] = {}
+    for g in group_of.values():
+        per_group[g] = per_group.get(g, 0) + 1
+    return sorted((g for g, n in per_group.items() if n >= n_way), key=str)
+
+
+def one_shot_within_accuracy(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    n_way: int,
+    episodes: int = 500,
+    seed: int = 0,
+    metric: str = "cosine",
+) -> float | None:
+    """N-way one-shot accuracy with every episode's classes from one group (`groups[i]` is
+    image i's parent folder: one alphabet of Omniglot): the standard protocol for nested data,
+    harder than drawing classes from anywhere, since sibling classes look alike. Episodes
+    take the eligible groups (`one_shot_groups`) in turn, so each weighs the same, and
+    otherwise run as in `one_shot_accuracy`. None when no group has `n_way` classes."""
+    check_metric(metric)
+    emb, labels = check_labelled(emb, labels)
+    if not isinstance(n_way, (int, np.integer)) or n_way < 2:
+        raise ConfigError(f"n_way must be an integer >= 2, got {n_way!r}")
+    if not isinstance(episodes, (int, np.integer)) or episodes < 1:
+        raise ConfigError(f"episodes must be a positive integer, got {episodes!r}")
+    eligible_groups = one_shot_groups(labels, groups, n_way)
+    if not eligible_groups:
+        return None
+    groups = np.asarray(groups)
+    order, _, starts, counts = class_blocks(labels)
+    block_group = groups[order[starts]]
+    members = [np.flatnonzero((block_group == g) & (counts >= 2)) for g in eligible_groups]
+    x = l2_normalize(emb) if metric == "cosine" else emb
+    rng = np.random.default_rng(seed)
+    correct = 0
+    for e0 in range(0, episodes, 256):
+        n_ep = min(256, episodes - e0)
+        picked = np.stack([rng.choice(members[(e0 + e) % len(members)], n_way, replace=False)
+                           for e in range(n_ep)])  # fmt: skip
+        correct += _one_shot_hits(x, order, starts, counts, picked, rng, metric)
     return correct / (episodes * n_way)

@@ -18,7 +18,8 @@ from mltrain.errors import ConfigError
 from mltrain.retrieval.index import INDEX_TYPES, check_index_config
 from mltrain.retrieval.pairs import distinct_pairs
 
-TSNE_MIN_POINTS = 10
+# Below this many points a t-SNE picture is mostly its own randomness: none is drawn.
+TSNE_MIN_POINTS = 50
 
 
 @dataclass
@@ -33,6 +34,8 @@ class EvalPlan:
     tsne: bool
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    # N-way one-shot with each episode's classes from one parent folder (eval.one_shot_within)
+    one_shot_within_ways: list[int] = field(default_factory=list)
 
     def skip(self, what: str, reason: str) -> None:
         self.skipped[what] = reason
@@ -49,10 +52,13 @@ def usable_ks(ks: list[int], available: int) -> list[int]:
 
 
 def plan_evaluation(
-    e: EvalConfig, n_train: int, heldout_labels: np.ndarray, dim: int, gallery_rows: int
+    e: EvalConfig, n_train: int, heldout_labels: np.ndarray, dim: int, gallery_rows: int,
+    parents: np.ndarray | None = None,
 ) -> EvalPlan:
     """Fit `e` to `n_train` PCA-fitting rows, the held-out labels (the queries, also the index
-    gallery and the pairs' source), `dim`-long embeddings and `gallery_rows` retrievable items."""
+    gallery and the pairs' source), `dim`-long embeddings and `gallery_rows` retrievable items.
+    `parents`: each held-out image's parent folder ("" for a top-level class), for one-shot
+    episodes within one parent."""
     labels = np.asarray(heldout_labels)
     plan = EvalPlan(usable_ks(e.ks, gallery_rows), [], [], 0, [], e.tsne)
     dropped = [k for k in e.ks if k not in plan.ks]
@@ -64,6 +70,8 @@ def plan_evaluation(
     _plan_indexes(plan, e, len(labels), dim)
     _plan_pairs(plan, e.verification_pairs, labels)
     _plan_one_shot(plan, e.one_shot_ways, labels)
+    if parents is not None:
+        _plan_one_shot_within(plan, e, labels, np.asarray(parents))
     if e.tsne and len(labels) < TSNE_MIN_POINTS:
         plan.tsne = False
         plan.skip("t-SNE", f"{len(labels)} held-out points (needs {TSNE_MIN_POINTS})")
@@ -126,4 +134,34 @@ def _plan_one_shot(plan: EvalPlan, ways: list[int], labels: np.ndarray) -> None:
         plan.skip(
             f"{_list(too_many)}-way one-shot",
             f"only {eligible} held-out classes have the 2 images an episode needs",
+        )
+
+
+def _plan_one_shot_within(plan: EvalPlan, e: EvalConfig, labels: np.ndarray,
+                          parents: np.ndarray) -> None:  # fmt: skip
+    """One-shot with each episode's classes from one parent folder. `auto`: where the
+    held-out classes sit in two or more parents (one parent for all would repeat the plain
+    figure); `parent`: wherever classes have a parent. Either way for the ways some parent
+    can fill (N classes with the 2 images an episode needs)."""
+    if e.one_shot_within == "none":
+        return
+    classes, counts = np.unique(labels, return_counts=True)
+    per_parent: dict[str, int] = {}
+    for c in classes[counts >= 2]:
+        parent = str(parents[np.flatnonzero(labels == c)[0]])
+        per_parent[parent] = per_parent.get(parent, 0) + 1
+    if not any(per_parent.keys() - {""}):
+        if e.one_shot_within == "parent":
+            plan.skip("one-shot within one parent",
+                      "the held-out classes have no parent folders (one folder per class)")
+        return
+    if e.one_shot_within == "auto" and len(per_parent) < 2:
+        return
+    most = max(per_parent.values())
+    plan.one_shot_within_ways = [n for n in e.one_shot_ways if n <= most]
+    too_many = [n for n in e.one_shot_ways if n > most]
+    if too_many:
+        plan.skip(
+            f"{_list(too_many)}-way one-shot within one parent",
+            f"no parent folder holds that many held-out classes with 2 images (at most {most})",
         )

@@ -13,6 +13,7 @@ and t-SNE runs on a bounded sample.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,6 @@ from PIL import Image
 
 from mltrain.evaluation.figures import (
     FIGURE_DPI,
-    LOG_ROC_MIN_PAIRS,
     plot_pca,
     plot_roc,
     plot_tsne,
@@ -32,8 +32,10 @@ from mltrain.evaluation.figures import (
     query_grid,
     render,
     select_queries,
+    top1_right,
 )
 from mltrain.evaluation.markdown import markdown_report, worst_below_mean
+from mltrain.evaluation.plan import TSNE_MIN_POINTS
 from mltrain.evaluation.tensorboard import (
     PROJECTOR_HEADER,
     PROJECTOR_MAX_POINTS,
@@ -72,6 +74,46 @@ def gallery_problem(
     return None
 
 
+def untrained_baseline(source: Any, step: int) -> dict[str, Any] | None:
+    """The held-out metrics training measured before its first step (metrics.json "start"),
+    for a checkpoint in `<run>/checkpoints/`: the same images this evaluation embeds, unless
+    the run chose its best on a separate validation part. None where unknown."""
+    if step <= 0 or not source:
+        return None
+    path = Path(str(source))
+    if path.suffix != ".pt" or path.parent.name != "checkpoints":
+        return None
+    try:
+        summary = json.loads((path.parent.parent / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    start = summary.get("start") if isinstance(summary, dict) else None
+    if not isinstance(start, dict) or summary.get("selected_on", "heldout") != "heldout":
+        return None
+    return start or None
+
+
+def data_summary(split: Any, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What report.md's first line says about the data: counts from the embedded split, the
+    split kind from the config."""
+    held = np.asarray(split.heldout_labels)
+    out: dict[str, Any] = {"heldout_images": len(held), "heldout_classes": len(np.unique(held))}
+    if not getattr(split, "same_set", False):
+        out["train_images"] = len(split.train_labels)
+    kind = ((config or {}).get("data") or {}).get("split")
+    if kind:
+        out["split"] = kind
+    return out
+
+
+def misses(neighbours: Any, n: int) -> np.ndarray:
+    """Per held-out row: whether it was scored and its top result has another class."""
+    wrong = np.zeros(n, dtype=bool)
+    scored, right = top1_right(neighbours)
+    wrong[scored[~right]] = True
+    return wrong
+
+
 def write_report(
     out_dir: Path,
     result: Any,
@@ -82,6 +124,7 @@ def write_report(
     step: int = 0,
     config: Mapping[str, Any] | None = None,
     metric: str = "cosine",
+    baseline: Mapping[str, Any] | None = None,
 ) -> None:
     """Write report.md, roc/pca/tsne/tsne_worst/queries PNGs and TensorBoard events to out_dir.
 
@@ -92,6 +135,8 @@ def write_report(
     `step` is the checkpoint's global optimizer step: the held-out scalars land on the
     training curves (see `write_tensorboard`); `config` (a config as a dict) goes to the
     HParams tab; `metric` names the search score on the query grid and the PR curve's pairs.
+    `baseline` (the untrained model's held-out metrics; by default found with
+    `untrained_baseline`) goes next to this model's in report.md's summary.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,13 +147,14 @@ def write_report(
     curves = result.curves or {}
     ver = m.get("verification") or {}
     if curves.get("fpr") and curves.get("tpr"):
-        log_x = ver.get("num_pairs", 0) >= LOG_ROC_MIN_PAIRS
-        figures["roc"] = plot_roc(curves["fpr"], curves["tpr"], ver, log_x=log_x)
+        figures["roc"] = plot_roc(curves["fpr"], curves["tpr"], ver)
     if m.get("pca"):
         figures["pca"] = plot_pca(list(m["pca"].values()), m.get("pca_shortest_within_0.5"))
     if tsne:
         start = time.perf_counter()
-        figures.update(_tsne_figures(split, m, tsne_max_points, seed, notes))
+        wrong = misses(result.neighbours, len(split.heldout_labels)) \
+            if result.neighbours is not None else None
+        figures.update(_tsne_figures(split, m, tsne_max_points, seed, notes, wrong))
         timing["report_tsne_seconds"] = time.perf_counter() - start
     if result.neighbours is not None:
         default = gallery_paths is None
@@ -135,8 +181,11 @@ def write_report(
     images = {name: render(fig, FIGURE_DPI) for name, fig in figures.items()}
     for name, image in images.items():
         Image.fromarray(image).save(out_dir / f"{name}.png")
+    if baseline is None:
+        baseline = untrained_baseline(m.get("source"), step)
+    data = data_summary(split, config)
     text = markdown_report(
-        m, [f"{name}.png" for name in figures], notes, timing
+        m, [f"{name}.png" for name in figures], notes, timing, data, baseline
     )
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     pairs = None
@@ -145,7 +194,7 @@ def write_report(
             split.heldout_emb, split.heldout_labels, metric, int(ver["num_pairs"]), seed
         )
     # TensorBoard shows the figures in its Images tab; relative image links would be broken.
-    text_only = markdown_report(m, (), notes, timing)
+    text_only = markdown_report(m, (), notes, timing, data, baseline)
     write_tensorboard(
         out_dir,
         m,
@@ -164,20 +213,27 @@ def write_report(
 
 
 def _tsne_figures(
-    split: Any, m: Mapping[str, Any], max_points: int, seed: int, notes: list[str]
+    split: Any, m: Mapping[str, Any], max_points: int, seed: int, notes: list[str],
+    wrong: np.ndarray | None = None,
 ) -> dict[str, Figure]:
+    """The held-out t-SNE and the worst classes' own, each only with `TSNE_MIN_POINTS` or
+    more points: on fewer the layout is mostly t-SNE's randomness, read as structure."""
     figures = {}
-    if len(split.heldout_labels) < 4:
-        notes.append("No t-SNE: fewer than 4 held-out embeddings.")
+    n = min(len(split.heldout_labels), max_points)
+    if n < TSNE_MIN_POINTS:
+        notes.append(f"No t-SNE: {n} held-out embeddings, fewer than the {TSNE_MIN_POINTS} "
+                     "a t-SNE picture needs to show more than chance.")
         return figures
     worst = [name for name, _ in worst_below_mean(m)]
     figures["tsne"] = plot_tsne(
-        split.heldout_emb, split.heldout_labels, split.classes, max_points, seed, highlight=worst
-    )
+        split.heldout_emb, split.heldout_labels, split.classes, max_points, seed,
+        highlight=worst, misses=wrong,
+    )  # fmt: skip
     ids = [i for i, name in enumerate(split.classes) if name in set(worst)]
+    in_worst = min(int(np.isin(split.heldout_labels, ids).sum()), max_points)
     if not worst:
-        notes.append("No worst-class t-SNE: no class is below the mean per-class precision@1.")
-    elif int(np.isin(split.heldout_labels, ids).sum()) >= 4:
+        pass  # nothing below the mean: the worst-class table says so
+    elif in_worst >= TSNE_MIN_POINTS:
         figures["tsne_worst"] = plot_tsne(
             split.heldout_emb,
             split.heldout_labels,
@@ -186,7 +242,10 @@ def _tsne_figures(
             seed,
             keep_classes=worst,
             title=f"t-SNE of the {len(worst)} worst classes",
+            misses=wrong,
         )
     else:
-        notes.append("No worst-class t-SNE: the worst classes have fewer than 4 embeddings.")
+        notes.append(f"No worst-class t-SNE: the {len(worst)} worst classes have {in_worst} "
+                     f"held-out embeddings, fewer than {TSNE_MIN_POINTS}; see them in tsne.png "
+                     "and in the worst-class table.")
     return figures

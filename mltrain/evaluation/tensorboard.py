@@ -1,4 +1,8 @@
-"""The report's TensorBoard part: held-out scalars, hparams, PR curves and the projector."""
+"""The report's TensorBoard part: held-out scalars, hparams, PR curves and the projector.
+
+Training and evaluation runs share one layout: a step axis (the global optimizer step), the
+`train` group (loss, lr, throughput; training only) listed before the held-out `val` group,
+the same curated hparams and the same declared metrics."""
 
 from __future__ import annotations
 
@@ -32,43 +36,44 @@ PROJECTOR_MAX_POINTS = 1000
 SPRITE_SIZE = 32
 
 
-# The training loop and evaluate.py write these under heldout/<key> at the global step.
-HELDOUT_RETRIEVAL = (
-    "r_precision",
-    "map_at_r",
-    "mean_average_precision",
-    "mean_per_class_precision_at_1",
-    "book_accuracy",
-)
+# Held-out figures go under this group, training's under "train": TensorBoard lists groups
+# alphabetically, so the loss chart comes first.
+HELDOUT = "val"
 
 
-HELDOUT_VERIFICATION = ("roc_auc", "eer", "tar_at_far_1e-2", "tar_at_far_1e-3")
+# The held-out curves, each telling something the others do not: precision@1 (the top result),
+# MAP@R (the whole ranking), ROC AUC and EER (verification overall and at its balance point)
+# and TAR at FAR 1e-3 (a strict deployed threshold). recall@1 equals precision@1 and mAP
+# tracks MAP@R; they stay in report.md and metrics.json, off the charts.
+HELDOUT_RETRIEVAL = ("precision_at_1", "map_at_r")
+
+
+HELDOUT_VERIFICATION = ("roc_auc", "eer", "tar_at_far_1e-3")
+
+
+# What the HParams tab compares, declared alike by training and evaluation runs (runs that
+# declare different lists lose one list's columns). Training logs the last evaluation's value.
+HPARAM_METRICS = tuple(f"{HELDOUT}/{k}" for k in (*HELDOUT_RETRIEVAL, *HELDOUT_VERIFICATION))
 
 
 PROJECTOR_HEADER = ["class", "top1_correct", "top1_class", "file", "worst_class"]
 
 
 def heldout_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The headline held-out metrics as TensorBoard tags heldout/<key>: precision@k and
-    recall@k, the R-based scores, mean per-class precision@1, the book score and the
-    verification figures (from `metrics["verification"]`, or flat keys as the training loop
-    keeps them).
+    """The held-out curves as TensorBoard tags val/<key>: `HELDOUT_RETRIEVAL`, and the
+    `HELDOUT_VERIFICATION` figures (from `metrics["verification"]`, or flat keys as the
+    training loop keeps them).
 
     The training loop and evaluate.py both write these tags at the global optimizer step, so
-    an evaluated checkpoint is a point on its training curve. Counts, sizes and timings are
-    not curves: they go to `diagnostics_markdown`.
+    an evaluated checkpoint is a point on its training curve. Counts, sizes, timings and the
+    other metrics are not curves worth a chart: they go to `diagnostics_markdown` and report.md.
     """
-    out = {
-        f"heldout/{k}": float(v)
-        for k, v in metrics.items()
-        if is_scalar(v)
-        and (k.startswith(("precision_at_", "recall_at_")) or k in HELDOUT_RETRIEVAL)
-    }
     ver = {**metrics, **(metrics.get("verification") or {})}
-    for k in HELDOUT_VERIFICATION:
-        if is_scalar(ver.get(k)):
-            out[f"heldout/{k}"] = float(ver[k])
-    return out
+    return {
+        f"{HELDOUT}/{k}": float(ver[k])
+        for k in (*HELDOUT_RETRIEVAL, *HELDOUT_VERIFICATION)
+        if is_scalar(ver.get(k))
+    }
 
 
 def diagnostics_markdown(metrics: Mapping[str, Any], timing: Mapping[str, float]) -> str:
@@ -89,38 +94,69 @@ def diagnostics_markdown(metrics: Mapping[str, Any], timing: Mapping[str, float]
     return "\n".join(lines)
 
 
-def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as dotted keys with values the hparams plugin stores: numbers, strings
-    and booleans as they are, None as "none", lists as their text."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flat_hparams(value, f"{name}."))
-        elif value is None:
-            out[name] = "none"
-        elif isinstance(value, (bool, int, float, str)):
-            out[name] = value
-        else:
-            out[name] = str(value)
-    return out
+def _name(component: Any) -> str:
+    """A config component's name (`{name: ..., args: ...}`), or "none"."""
+    if isinstance(component, Mapping):
+        return str(component.get("name") or "none")
+    return "none" if component is None else str(component)
+
+
+def _arg(component: Any, key: str, default: Any) -> Any:
+    args = component.get("args") if isinstance(component, Mapping) else None
+    value = (args or {}).get(key, default)
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def run_hparams(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The few settings that tell runs apart in the HParams table (the whole config is in the
+    Text tab): model, loss and batch composition, optimisation, data. A setting left to the
+    backbone (image size, embedding length) reads "auto"; strings stay strings so a column
+    has one type."""
+    data, model = config.get("data") or {}, config.get("model") or {}
+    train = config.get("train") or {}
+    optimizer, sampler = train.get("optimizer"), train.get("sampler")
+    size, dim = model.get("image_size"), model.get("embedding_dim")
+    frozen = model.get("frozen_stages")
+    trainable = model.get("trainable_stages")  # the other way to say frozen_stages
+    return {
+        "backbone": str(model.get("backbone", "none")),
+        "pretrained": str(model.get("pretrained", "none")),
+        "pooling": _name(model.get("pooling")),
+        "head": bool(model.get("head", False)),
+        "frozen_stages": "unset" if frozen is None else str(frozen),
+        "trainable_stages": "unset" if trainable is None else str(trainable),
+        "image_size": "auto" if size is None else str(size),
+        "embedding_dim": "auto" if dim is None else str(dim),
+        "loss": _name(train.get("loss")),
+        "miner": _name(train.get("miner")),
+        "sampler": _name(sampler),
+        "m_per_class": _arg(sampler, "m", 0),
+        "optimizer": _name(optimizer),
+        "lr": _arg(optimizer, "lr", 0.0),
+        "weight_decay": _arg(optimizer, "weight_decay", 0.0),
+        "epochs": int(train.get("epochs") or 0),
+        "batch_size": int(train.get("batch_size") or 0),
+        "split": str(data.get("split", "none")),
+        "train_fraction": float(data.get("train_fraction") or 0.0),
+        "seed": int(config.get("seed") or 0),
+    }
 
 
 def add_hparams(
     writer: SummaryWriter,
     config: Mapping[str, Any],
-    metric_tags: Sequence[str],
     step: int = 0,
     finished: bool = False,
 ) -> None:
-    """The hparams plugin's summaries in `writer`'s own run: the flattened config, and
-    `metric_tags` (scalar tags of this run) as the metrics the HParams tab shows for it.
+    """The hparams plugin's summaries in `writer`'s own run: `run_hparams(config)` and
+    `HPARAM_METRICS` (tags of this run) as the metrics the HParams tab shows for it.
 
     `SummaryWriter.add_hparams` would write into a new sub-folder, i.e. a second run next to
     the training curves; the plugin's summary protos (torch's `summary.hparams`) written to
-    this run keep the table and the curves together. `finished` adds the session's end.
+    this run keep the table and the curves together. `finished` adds the run's end.
     """
-    experiment, start, end = hparams(flat_hparams(config), dict.fromkeys(metric_tags, 0.0))
+    metrics = dict.fromkeys(HPARAM_METRICS, 0.0)
+    experiment, start, end = hparams(run_hparams(config), metrics)
     for summary in (experiment, start, end) if finished else (experiment, start):
         writer.file_writer.add_summary(summary, step)
 
@@ -239,7 +275,7 @@ def write_tensorboard(
     scalars = heldout_scalars(metrics)
     with SummaryWriter(str(out_dir)) as writer:
         if config is not None:
-            add_hparams(writer, config, sorted(scalars), step, finished=True)
+            add_hparams(writer, config, step, finished=True)
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
         for name, image in images.items():
@@ -249,7 +285,7 @@ def write_tensorboard(
         for tag, text in (texts or {}).items():
             writer.add_text(tag, text, step)
         if pairs is not None:
-            add_pr_curve(writer, "heldout/verification_pr", *pairs, step)
+            add_pr_curve(writer, f"{HELDOUT}/verification_pr", *pairs, step)
         if split is not None and len(split.heldout_paths) == len(split.heldout_labels):
             add_projector(
                 writer,

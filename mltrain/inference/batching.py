@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mltrain.errors import MltrainError
+from mltrain.progress import progress
 from mltrain.runtime import InferSpec, autocast, usable_cpus, workers_can_run_model
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -113,9 +113,7 @@ def iter_batches(
     one batch at a time; `run_batches` is the collecting form. `spec` says where the model
     runs (see `InferSpec`)."""
     total = len(loader) if isinstance(loader, Sized) else None
-    yield from tqdm(
-        batches(fn, loader, spec), desc=desc, total=total, leave=False, dynamic_ncols=True
-    )
+    yield from progress(batches(fn, loader, spec), desc=desc, total=total)
 
 
 @torch.inference_mode()

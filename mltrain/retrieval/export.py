@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
@@ -22,16 +21,15 @@ from mltrain.errors import ConfigError
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.bundle import (
     ARRAY_FORMAT,
-    DATA_FILES,
     EMBEDDINGS,
-    INDEX,
     MANIFEST,
     METADATA,
     MODEL,
     ONNX,
-    SHARDED_DATA_FILES,
     SHARDED_FORMAT,
     check_export_target,
+    clean_stale,
+    data_files,
     move_into_place,
     save_state_dict,
     sha256_file,
@@ -39,18 +37,12 @@ from mltrain.retrieval.bundle import (
     versions,
     write_metadata,
 )
-from mltrain.retrieval.index import (
-    INDEX_TYPES,
-    build_index,
-    check_index_args,
-    check_index_config,
-    save_index,
-)
+from mltrain.retrieval.gallery import Gallery, build_gallery, check_gallery
+from mltrain.retrieval.index import INDEX_TYPES, check_index_args
 from mltrain.retrieval.shards import (
     Shard,
     ShardReader,
     ShardWriter,
-    index_from_shards,
     training_rows,
 )
 from mltrain.retrieval.verify import calibrate, calibration_rows
@@ -108,6 +100,7 @@ def export_bundle(
         exp.shard_size = shard_size
     metric = cfg.eval.metric
     out_dir = Path(out_dir)
+    clean_stale(out_dir)  # killed writers' folders go first, whatever happens next
     check_export_target(out_dir)
     if not onnx and (out_dir / ONNX).is_file():
         print(f"note: the bundle at {out_dir} has a model.onnx that this export (without "
@@ -132,7 +125,8 @@ def export_bundle(
         check_export_target(out_dir)  # again, locked: an `add` may have ended while we waited
         onnx_record = _write_onnx(embedder, folder.paths, tmp) if onnx else None
         idx, dim, shards = _write_embeddings(
-            embedder, folder.paths, folder.labels, tmp, exp, metric
+            embedder, folder.paths, folder.labels, [r["path"] for r in rows], tmp, out_dir, exp,
+            metric,
         )
         manifest = {
             "format_version": SHARDED_FORMAT if shards else ARRAY_FORMAT,
@@ -159,9 +153,12 @@ def export_bundle(
         if calibration is not None:
             manifest["verification"] = calibration
         write_metadata(tmp / METADATA, rows)
-        save_index(idx, tmp / INDEX)
-        save_state_dict(embedder.model, tmp / MODEL)
-        finish_manifest(tmp, manifest, kind, exp.index_args, pca, idx)
+        try:
+            idx.save(tmp)
+            save_state_dict(embedder.model, tmp / MODEL)
+            finish_manifest(tmp, manifest, kind, exp.index_args, pca, idx)
+        finally:
+            idx.close()  # a database lets go of its files before the folder moves
         move_into_place(tmp, out_dir)
     return out_dir
 
@@ -211,7 +208,7 @@ def check_export_index(exp: ExportConfig, rows: int, dim: int, metric: str) -> s
     sharded = rows > exp.shard_size  # trained on a sample of the shards, else on every row
     n_train = training_rows(rows, exp.index_args.get("nlist")) if sharded else rows
     try:
-        note = check_index_config(exp.index, n_train, dim, metric, exp.pca_dim, exp.index_args)
+        note = check_gallery(exp.index, exp.index_args, rows, n_train, dim, metric, exp.pca_dim)
     except ConfigError as e:
         raise ConfigError(f"export.index {exp.index} for {rows} images: {e}") from None
     return f"export index {exp.index}: {note}" if note else None
@@ -221,11 +218,13 @@ def _write_embeddings(
     embedder: Embedder,
     paths: list[Path],
     labels: np.ndarray,
+    rel_paths: list[str],
     tmp: Path,
+    out_dir: Path,
     exp: ExportConfig,
     metric: str,
-) -> tuple[faiss.Index, int, list[dict[str, Any]] | None]:
-    """Embed `paths` into `tmp` and build the index: (index, dim, shard entries or None).
+) -> tuple[Gallery, int, list[dict[str, Any]] | None]:
+    """Embed `paths` into `tmp` and build the gallery: (gallery, dim, shard entries or None).
 
     Up to `exp.shard_size` images: one embeddings.npy and an index built in memory. More:
     shards filled batch by batch and an index trained on a sample of them and filled shard
@@ -234,7 +233,8 @@ def _write_embeddings(
     """
     if len(paths) <= exp.shard_size:
         emb = embedder.embed(paths, labels, desc="bundle embeddings")
-        idx = build_index(exp.index, emb, metric, exp.pca_dim, exp.index_args)
+        idx = build_gallery(exp.index, exp.index_args, exp.pca_dim, metric, emb, labels,
+                            rel_paths, tmp, out_dir)  # fmt: skip
         np.save(tmp / EMBEDDINGS, emb.astype(exp.dtype), allow_pickle=False)
         return idx, int(emb.shape[1]), None
     writer = ShardWriter(tmp, len(paths), exp.shard_size, exp.dtype)
@@ -242,7 +242,8 @@ def _write_embeddings(
         writer.write(batch)
     written = writer.close()
     reader = ShardReader([tmp / s.name for s in written])
-    idx = index_from_shards(exp.index, reader, metric, exp.pca_dim, exp.index_args)
+    idx = build_gallery(exp.index, exp.index_args, exp.pca_dim, metric, reader, labels,
+                        rel_paths, tmp, out_dir)  # fmt: skip
     return idx, reader.shape[1], shard_entries(tmp, written)
 
 
@@ -253,16 +254,18 @@ def shard_entries(folder: Path, shards: Sequence[Shard]) -> list[dict[str, Any]]
 
 
 def finish_manifest(
-    folder: Path, manifest: dict[str, Any], kind: str, args: dict, pca: int | None, idx
+    folder: Path, manifest: dict[str, Any], kind: str, args: dict, pca: int | None,
+    gallery: Gallery,
 ) -> None:
+    """The manifest's index record (the gallery's own description) and the sha256 of every
+    file, written last into the bundle folder `folder`."""
     manifest["index"] = {
         "kind": kind,
         "args": dict(args or {}),
         "pca_dim": pca,
-        "ntotal": int(idx.ntotal),
-        "bytes": (folder / INDEX).stat().st_size,  # as serialised; no second copy in memory
+        **gallery.describe(folder),
     }
-    names = SHARDED_DATA_FILES if manifest["format_version"] == SHARDED_FORMAT else DATA_FILES
+    names = data_files(manifest)
     if (folder / ONNX).is_file():
         names = (*names, ONNX)
     manifest["files"] = {name: sha256_file(folder / name) for name in names}

@@ -72,7 +72,6 @@ from mltrain.retrieval.bundle import (
     safe_image_path,
 )
 from mltrain.retrieval.index import (
-    check_index_metric,
     l2_normalize,
     prepare,
     timed_single_queries,
@@ -167,10 +166,12 @@ def search_images(
     k: int,
     rerank: str = "none",
     backend: str = "auto",
+    label: int | None = None,
 ) -> SearchRun:
-    """Embed `paths` with the bundle's model and search its index, one query per call.
+    """Embed `paths` with the bundle's model and search its gallery, one query per call.
 
-    `backend` runs the model with torch or onnxruntime (see `choose_backend`).
+    `backend` runs the model with torch or onnxruntime (see `choose_backend`); `label`
+    limits the hits to that class (`gallery.label_of` turns a class name into it).
 
     With `rerank` (see `mltrain.retrieval.rerank`) the index returns max(4k, 50) candidates,
     which are re-ordered with their stored embeddings, and the first k are kept; the timed
@@ -178,9 +179,9 @@ def search_images(
     max(4k, 50) candidates are scored again at full length (`exact_scores`)."""
     paths = [Path(p) for p in paths]
     results = [QueryResult(str(p)) for p in paths]
-    index, metric = bundle.index, bundle.metric
-    check_index_metric(index, metric)
-    k = max(1, min(k, index.ntotal))
+    gallery, metric = bundle.gallery, bundle.metric
+    gallery.check_metric(metric)
+    k = max(1, min(k, gallery.count()))
     candidates = _readable_queries(paths, results)
     if not candidates:  # every query is missing or a folder: no model to build
         return SearchRun(results, k, 0.0, 0.0, rerank, choose_backend(bundle, backend))
@@ -193,8 +194,8 @@ def search_images(
     deep = search_depth(bundle, k, rerank)
     order = list(embs)
     queries = (np.concatenate([prepare(embs[i][None, :], metric, "query") for i in order])
-               if order else np.empty((0, index.d), np.float32))  # fmt: skip
-    timed = timed_single_queries(lambda q: index.search(q, deep), queries)
+               if order else np.empty((0, gallery.dim), np.float32))  # fmt: skip
+    timed = timed_single_queries(lambda q: gallery.search(q, deep, label), queries)
     for n, (i, (seconds, (scores, rows))) in enumerate(zip(order, timed, strict=True)):
         results[i].search_us = seconds * 1e6
         results[i].hits = rank_hits(bundle, queries[n], scores[0], rows[0], k, rerank)
@@ -204,7 +205,7 @@ def search_images(
 def search_depth(bundle: Bundle, k: int, rerank: str) -> int:
     """How many candidates the index returns for k hits: k, or max(4k, 50) to re-rank or
     to re-score a PCA bundle's (whose reduced space may rank a true neighbour below k)."""
-    n = bundle.index.ntotal
+    n = bundle.gallery.count()
     deep = rerank != "none" or _has_pca(bundle)
     return min(n, max(4 * k, RERANK_CANDIDATES)) if deep else k
 

@@ -6,8 +6,9 @@ thread (Pillow releases the GIL), then handed to one embedding thread, the micro
 it takes the first waiting image, waits a few milliseconds for more and embeds up to
 `max_batch` of them in one model call. On CPU one call on 8 images costs far less than 8
 calls on one, so concurrent clients share the model's time instead of queueing behind each
-other, and the model is only ever used by that one thread. The Faiss index is searched under
-a lock; a flat search takes microseconds, so the lock is never what a client waits for.
+other, and the model is only ever used by that one thread. The gallery (Faiss index or Milvus
+collection) is searched under a lock; a flat search takes microseconds, so the lock is never
+what a client waits for.
 
 Results are ranked by `mltrain.retrieval.search.rank_hits`, the command line's own code, so
 an image searched here and with `mltrain search` gets the same hits and scores. Files are
@@ -30,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from mltrain.cli import check_number
 from mltrain.data.images import DEFAULT_MAX_PIXELS, decode_image_bytes
 from mltrain.data.pipeline import decode_size
 from mltrain.errors import BundleError, ConfigError, DataError, MltrainError
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.bundle import Bundle, bundle_embedder, load_bundle, safe_image_path
-from mltrain.retrieval.index import check_index_metric, prepare
+from mltrain.retrieval.index import prepare
 from mltrain.retrieval.rerank import RERANKERS
 from mltrain.retrieval.search import (
     QueryResult,
@@ -175,8 +177,9 @@ class SearchService:
         batch_wait_ms: float = 5.0,
         embedder_factory: Callable[[Bundle], Embedder] = bundle_embedder,
     ) -> None:
+        self._owns_bundle = not isinstance(bundle, Bundle)  # its gallery is ours to close
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, image_root)
-        check_index_metric(self.bundle.index, self.bundle.metric)
+        self.bundle.gallery.check_metric(self.bundle.metric)
         self.embedder = embedder_factory(self.bundle)
         self.max_upload_bytes, self.max_pixels = int(max_upload_bytes), int(max_pixels)
         self._size_hint = decode_size(self.embedder.dcfg)
@@ -203,6 +206,8 @@ class SearchService:
 
     def close(self) -> None:
         self.batcher.close()
+        if self._owns_bundle:
+            self.bundle.gallery.close()  # a Milvus Lite folder is unlocked for other commands
 
     # --- requests --------------------------------------------------------------------------
 
@@ -235,7 +240,8 @@ class SearchService:
         t1 = time.perf_counter()
         query = prepare(emb[None, :], self.bundle.metric, "query")
         with self._index_lock:
-            scores, rows = self.bundle.index.search(query, search_depth(self.bundle, k, rerank))
+            depth = search_depth(self.bundle, k, rerank)
+            scores, rows = self.bundle.gallery.search(query, depth)
         run = SearchRun([QueryResult(name)], k, 0.0, 0.0, rerank)
         run.results[0].hits = rank_hits(self.bundle, query[0], scores[0], rows[0], k, rerank)
         if cut is not None:
@@ -261,6 +267,8 @@ class SearchService:
             rate = DEFAULT_FAR if far in (None, "") else float(far)
         except ValueError:
             raise ConfigError(f"far must be a number such as 1e-3, got {far[:40]!r}") from None
+        check_number("far", rate, 0, 1, low_open=True, high_open=True,
+                     what="a false-accept rate, e.g. 1e-3")  # fmt: skip
         cal = threshold_for(self.bundle.manifest, rate, "far")  # before any work
         pixels = [self.decode(a, "image a"), self.decode(b, "image b")]
         score, same = pair_verdict(np.stack(self.embed(pixels)), self.bundle.metric, cal)
@@ -269,7 +277,12 @@ class SearchService:
 
     def _thumbnail_jpeg(self, row: int) -> bytes:
         meta = self.bundle.metadata[row]
-        img = thumbnail_image(safe_image_path(self.bundle, meta["path"]))
+        try:
+            path = safe_image_path(self.bundle, meta["path"])
+        except BundleError:  # its message names server paths: none goes to a client
+            raise BundleError(f"the image of row {row} lies outside the bundle's image root; "
+                              "refusing to send it") from None  # fmt: skip
+        img = thumbnail_image(path)
         if img is None:
             raise NotFound(f"the image of row {row} is missing or unreadable on this server")
         buf = io.BytesIO()

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from mltrain.errors import MltrainError
 from mltrain.inference.batching import run_batches, to_device
+from mltrain.progress import progress
 from mltrain.runtime import InferSpec, autocast
 
 
@@ -102,14 +102,13 @@ def train_one_epoch(
     batches = _skip_done(loader, state)
     images, wait = 0, 0.0
     start = tick = time.perf_counter()
-    bar = tqdm(
+    bar = progress(  # the epoch's closing line is the caller's (with held-out figures)
         batches,
         desc=f"epoch {state.epoch + 1}",
         total=len(loader) if isinstance(loader, Sized) else None,
         initial=state.batches_done,
-        leave=False,
-        dynamic_ncols=True,
-        disable=not settings.show_progress,
+        enabled=settings.show_progress,
+        end_line=False,
     )
     stopped = False
     step_loss, step_batches = 0.0, 0  # micro-batches accumulated into the next optimizer step

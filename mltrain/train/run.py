@@ -45,12 +45,14 @@ from mltrain.data.pipeline import (
     report_notes,
     train_dataset,
     train_loader,
+    validation_note,
 )
 from mltrain.data.samplers import build_sampler, fit_batch_size
 from mltrain.errors import ConfigError, DataError, MltrainError
 from mltrain.evaluation import figures, tensorboard
 from mltrain.evaluation.metrics import retrieval_metrics, verification_metrics
 from mltrain.evaluation.plan import usable_ks
+from mltrain.evaluation.tensorboard import HELDOUT
 from mltrain.files import atomic_save, check_free_space, check_writable
 from mltrain.inference.batching import extract_embeddings
 from mltrain.model.checkpoint import (
@@ -73,9 +75,6 @@ from mltrain.runtime import Runtime, resolve_device
 from mltrain.train.disk import checkpoint_bytes, prefix_bytes_per_image, run_space_needs
 from mltrain.train.loop import LoopSettings, StepState, compute_prefix, rng_state, train_one_epoch
 from mltrain.train.prefix_cache import cache_dir, cached, weights_identity
-
-# Held-out figures kept as "best/<key>" scalars (with train.best_metric) for the HParams tab.
-BEST_KEYS = ("precision_at_1", "map_at_r")
 
 
 def seed_everything(seed: int) -> None:
@@ -219,7 +218,12 @@ class Run:
                                           resuming=resuming)
         if cfg.data.split == "none":
             report_notes([SPLIT_NONE_NOTE], run_dir if self.main else None)
-        check_best_metric_fits(cfg, len(self.data.split.heldout))
+        split = self.data.split
+        if split.kind == "class_disjoint" and not len(split.val):
+            note = validation_note(self.data.folder, split, cfg.data.val_fraction)
+            report_notes([note], run_dir if self.main else None)
+        # the held-out loader, figures and best.pt: the validation side when there is one
+        check_best_metric_fits(cfg, len(split.selection))
         self._fit_batch_size()
         self._check_sampler()
         n_classes = len(self.data.train_classes)
@@ -291,9 +295,11 @@ class Run:
     def _build_loaders(self) -> None:
         cfg, data = self.cfg, self.data
         heldout = eval_loader(
-            cfg, data.paths(data.split.heldout), data.folder.labels[data.split.heldout], self.dcfg
+            cfg, data.paths(data.split.selection), data.folder.labels[data.split.selection],
+            self.dcfg,
         )
-        self.from_prefix = cfg.train.cache_frozen
+        # a family with no stage split trains whole (model.trainable_stages): nothing to cache
+        self.from_prefix = cfg.train.cache_frozen and self.model.frozen_stages > 0
         if not self.from_prefix:
             self.train_sets = [train_dataset(cfg, data, self.dcfg)]
             self.eval_batches = heldout
@@ -313,7 +319,7 @@ class Run:
         parts = {
             "backbone": cfg.model.backbone,
             "weights": weights_identity(cfg.model.pretrained),
-            "frozen_stages": cfg.model.frozen_stages,
+            "frozen_stages": self.model.frozen_stages,  # resolved from trainable_stages too
             "data_config": self.dcfg,
             "augment": cfg.data.augment if name == "train" else None,
             "seed": seed,
@@ -356,9 +362,9 @@ class Run:
         """Free space for the checkpoints (and the prefix cache) on the disks they go to; the
         estimate is described in `mltrain.train.disk`."""
         cache = None
-        if self.cfg.train.cache_frozen:
+        if self.cfg.train.cache_frozen and self.model.frozen_stages > 0:
             split = self.data.split
-            images = len(split.train) * self.cfg.train.cache_views + len(split.heldout)
+            images = len(split.train) * self.cfg.train.cache_views + len(split.selection)
             per_image = prefix_bytes_per_image(self.model, tuple(self.dcfg["input_size"]))
             cache = (cache_dir(), images * per_image)
         size = checkpoint_bytes([self.model, self.criterion.loss])
@@ -455,18 +461,18 @@ class Run:
             pairs = tensorboard.verification_pairs(
                 emb, labels, e.metric, ver["num_pairs"], self.cfg.seed
             )
-            tensorboard.add_pr_curve(self.writer, "heldout/verification_pr", *pairs, step)
-            roc = figures.plot_roc(ver["fpr"], ver["tpr"], ver)
-            self.writer.add_image("heldout/roc", figures.render(roc, 80), step, dataformats="HWC")
-            held = self.data.paths(self.data.split.heldout)
+            tensorboard.add_pr_curve(self.writer, f"{HELDOUT}/verification_pr", *pairs, step)
+            roc = figures.render(figures.plot_roc(ver["fpr"], ver["tpr"], ver), 80)
+            self.writer.add_image(f"{HELDOUT}/roc", roc, step, dataformats="HWC")
+            held = self.data.paths(self.data.split.selection)
             paths = [held[i] for i in indices]
             grid = figures.query_grid(
                 neighbours, paths, paths, self.data.folder.classes, top=4, thumb=64,
                 seed=self.cfg.seed, n=4, metric=e.metric,
             )
             image = figures.render(grid, figures.FIGURE_DPI)
-            self.writer.add_image("heldout/queries", image, step, dataformats="HWC")
-        return {k: ver[k] for k in tensorboard.HELDOUT_VERIFICATION}
+            self.writer.add_image(f"{HELDOUT}/queries", image, step, dataformats="HWC")
+        return {k: ver[k] for k in ("roc_auc", "eer", "tar_at_far_1e-2", "tar_at_far_1e-3")}
 
     def checkpoint(self) -> dict[str, Any]:
         return {
@@ -506,30 +512,30 @@ class Run:
         config = to_dict(self.cfg)
         text = yaml.safe_dump(config, sort_keys=False)
         self.writer.add_text("config", f"```yaml\n{text}```", self.state.step)
-        tensorboard.add_hparams(self.writer, config, _hparam_metrics(self.cfg), self.state.step)
+        tensorboard.add_hparams(self.writer, config, self.state.step)
 
 
     def log_epoch(self, epoch: int, stats: dict[str, float], metrics: dict[str, float]) -> None:
-        """Epoch aggregates and held-out metrics at the global step of the epoch's end: the
-        x-axis `train/loss` and `train/lr` are logged on, per optimizer step."""
+        """Throughput and the held-out curves at the global step of the epoch's end, the x-axis
+        `train/loss` and `train/lr` are logged on per optimizer step; one line on stderr.
+
+        The epoch's mean loss, data wait share and best-so-far figures stay in the history and
+        metrics.json: as charts they repeat `train/loss` and the held-out curves."""
         step = self.state.step
-        self.writer.add_scalar("train/epoch", epoch, step)
-        for k, v in stats.items():
-            self.writer.add_scalar(f"train/{k}_epoch" if k == "loss" else f"train/{k}", v, step)
+        self.writer.add_scalar("train/images_per_s", stats["images_per_s"], step)
         for tag, v in tensorboard.heldout_scalars(metrics).items():
             self.writer.add_scalar(tag, v, step)
-        if metrics:
-            for k in dict.fromkeys([self.cfg.train.best_metric, *BEST_KEYS]):
-                if k in self.best:
-                    self.writer.add_scalar(f"best/{k}", self.best[k], step)
         shown = ", ".join(
             f"{k} {metrics[k]:.4f}" for k in ("precision_at_1", "map_at_r") if k in metrics
         )
+        wait = stats.get("data_wait_share")
         print(
             f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
+            + (f" ({wait:.0%} waiting for data)" if wait is not None and wait >= 0.2 else "")
             + (f", held-out {shown}" if shown else "")
             + (" (pretrained BatchNorm statistics)" if metrics.get("pretrained_bn_stats") else ""),
             file=sys.stderr,
+            flush=True,
         )
 
 
@@ -561,6 +567,9 @@ class Run:
             self.writer.add_scalar(tag, v, 0)
         shown = ", ".join(f"{k} {self.start[k]:.4f}" for k in ("precision_at_1", "map_at_r"))
         print(f"untrained: held-out {shown}", file=sys.stderr)
+        if self.cfg.train.best_metric in self.start:  # the weights every epoch has to beat
+            self.best = {"epoch": 0, "step": self.state.step, **self.start}
+            self.save("best.pt")
 
     def evaluate_and_save(self, stats: dict[str, float]) -> None:
         """Held-out metrics every `eval_every` epochs and at the end; best.pt and last.pt."""
@@ -571,7 +580,10 @@ class Run:
             metrics = self.evaluate(figures=every > 0 and (done or epoch % every == 0))
         self.state.history.append({"epoch": epoch, "step": self.state.step, **stats, **metrics})
         key = cfg.train.best_metric
-        improved = key in metrics and not _better(key, self.best, metrics)  # ties: the later
+        improved = key in metrics and (
+            _better(key, metrics, self.best) if kept_start(self.best)  # the start: beat it
+            else not _better(key, self.best, metrics)  # between epochs, ties go to the later
+        )  # fmt: skip
         if improved:
             self.best = {"epoch": epoch, "step": self.state.step, **metrics}
         self.log_epoch(epoch, stats, metrics)
@@ -632,6 +644,12 @@ def _better(key: str, new: dict[str, Any], old: dict[str, Any]) -> bool:
     return sign * new[key] > sign * old[key]
 
 
+def kept_start(best: dict[str, Any]) -> bool:
+    """Whether `best` is the untrained model measured at step 0 (`train.eval_start`): no
+    evaluated epoch has beaten it, so best.pt holds the starting weights."""
+    return bool(best) and best.get("epoch") == 0
+
+
 def start_note(key: str, best: dict[str, Any], start: dict[str, Any],
                split: str = "class_disjoint") -> str | None:
     """A note when the best held-out `key` is no better than the untrained model's, so the user
@@ -649,19 +667,12 @@ def start_note(key: str, best: dict[str, Any], start: dict[str, Any],
     why = ("training specialised the backbone to the training classes at the held-out ones' "
            "expense; compare with evaluate.py --backbone, " if unseen else
            "training did not help on held-out images of its own classes; ")  # fmt: skip
+    kept = (" (best.pt holds the untrained starting weights, epoch 0, so it is never worse "
+            "than the start)" if kept_start(best) else "")  # fmt: skip
     return (f"held-out {key} {best[key]:.4f} (best epoch) never beat the untrained model's "
-            f"{start[key]:.4f}: {why}lower the learning rate (e.g. "
-            "train.optimizer.args.lr=1e-4), train fewer stages (model.frozen_stages) or add "
+            f"{start[key]:.4f}{kept}: {why}lower the learning rate (e.g. "
+            "train.optimizer.args.lr=1e-4), train fewer stages (model.trainable_stages) or add "
             f"training {'classes' if unseen else 'images'}")  # fmt: skip
-
-
-def _hparam_metrics(cfg: Config) -> list[str]:
-    """The scalar tags the HParams tab lists per run: the best and the final (latest)
-    held-out figures, and the last epoch's training loss."""
-    best = [f"best/{k}" for k in dict.fromkeys([cfg.train.best_metric, *BEST_KEYS])]
-    keys = ("precision_at_1", "map_at_r", *(("roc_auc", "eer") if cfg.train.figures_every else ()))
-    final = [f"heldout/{k}" for k in keys]
-    return [*best, *final, "train/loss_epoch"]
 
 
 def _position(state: StepState) -> str:
@@ -837,10 +848,8 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
             print("interrupted before the first checkpoint; nothing to resume", file=sys.stderr)
         raise SystemExit(130) from None
     else:
-        if run.writer:  # the HParams tab marks the session finished
-            tensorboard.add_hparams(
-                run.writer, to_dict(cfg), _hparam_metrics(cfg), run.state.step, True
-            )
+        if run.writer:  # the HParams tab marks the run finished
+            tensorboard.add_hparams(run.writer, to_dict(cfg), run.state.step, True)
     finally:
         if run.writer:
             run.writer.close()
@@ -853,6 +862,9 @@ def _train(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Path:
         "best": run.best,
         "best_metric": cfg.train.best_metric,
         "start": run.start,  # held-out metrics before training (train.eval_start)
+        "best_is_start": kept_start(run.best),  # best.pt holds the untrained weights
+        # the images best, start and the held-out curve are measured on (data.val_fraction)
+        "selected_on": "validation" if len(run.data.split.val) else "heldout",
         "epochs": run.state.epoch,
         "steps": run.state.step,
         "bad_steps": run.state.bad_steps_total,

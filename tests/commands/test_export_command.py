@@ -57,3 +57,55 @@ def test_a_thin_index_note_is_printed_once(tmp_path, capsys):
     assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 0
     err = capsys.readouterr().err
     assert err.count("note: export index ivf_flat: 1 coarse lists trained on 8 rows") == 1
+
+
+def _checkpoint_with(tmp_path, root, model_edit: dict) -> str:
+    """A checkpoint of a tiny random model whose stored config is edited as an older
+    version of mltrain could have written it."""
+    from mltrain.config import to_dict
+    from mltrain.files import atomic_save
+    from tests.conftest import tiny_embedder
+
+    embedder = tiny_embedder(root)
+    config = to_dict(embedder.cfg)
+    config["model"].update(model_edit)
+    path = tmp_path / "old.pt"
+    atomic_save({"model": embedder.model.state_dict(), "config": config, "train_classes": []},
+                path)  # fmt: skip
+    return str(path)
+
+
+def test_a_stored_training_only_key_this_code_refuses_is_read_at_its_default(tmp_path, capsys):
+    """Frozen stages decide what trains, never what a model embeds: export goes on, with a
+    note naming the checkpoint; the bundle records the value it used and loads."""
+    import json
+
+    from mltrain.config import Config
+    from mltrain.retrieval.bundle import load_bundle
+
+    root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
+    ckpt = _checkpoint_with(tmp_path, root, {"frozen_stages": 40})
+    sets = [f"data.root={root}", *TINY_EMBED, "export.index=flat"]
+    assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "b"),
+                 *(x for s in sets for x in ("--set", s))]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"note: checkpoint {ckpt}: its stored model.frozen_stages: 40 >= " in err
+    default = Config().model.frozen_stages
+    assert (f"only training reads model.frozen_stages, so it is read at its default "
+            f"({json.dumps(default)}) here") in err  # fmt: skip
+    assert load_bundle(tmp_path / "b").manifest["config"]["model"]["frozen_stages"] == default
+
+
+def test_a_stored_config_that_does_not_fit_names_the_checkpoint_and_the_set(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
+    ckpt = _checkpoint_with(tmp_path, root, {"pooling": {"name": "retired_pool", "args": {}}})
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "b"),
+              "--set", f"data.root={root}"])  # fmt: skip
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {ckpt}: its stored config does not fit this "
+                          "version of mltrain (") and "retired_pool" in err  # fmt: skip
+    assert err.endswith("override the stored value with --set KEY=VALUE (the checkpoint is not "
+                        "changed)\n") and err.count("\n") == 1  # fmt: skip
+    assert not (tmp_path / "b").exists()

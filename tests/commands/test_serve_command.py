@@ -142,3 +142,20 @@ def test_answers_carry_threshold_resolved(client, served_bundle):
     pair = {"a": ("a.png", path.read_bytes()), "b": ("b.png", path.read_bytes())}
     assert client.post("/verify", files=pair).json()["threshold_resolved"] is False
     assert client.get("/health").json()["threshold_resolved"] is False
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--max-pixels", "nan", "--max-pixels nan is not a finite number in (0, 1e+09]"),
+    ("--max-pixels", "inf", "--max-pixels inf is not a finite number in (0, 1e+09]"),
+    ("--max-pixels", "0", "--max-pixels 0 is not a finite number in (0, 1e+09]"),
+    ("--max-upload-mb", "nan", "--max-upload-mb nan is not a finite number in (0, 1024]"),
+    ("--max-upload-mb", "1e300", "--max-upload-mb 1e+300 is not a finite number in (0, 1024]"),
+    ("--max-batch", "100000", "--max-batch 100000 is not a finite number in [1, 1024]"),
+])  # fmt: skip
+def test_size_flags_must_be_finite_and_in_range(served_bundle, capsys, monkeypatch, flag, value,
+                                                says):  # fmt: skip
+    monkeypatch.setattr(serve_mod, "service_from_args",
+                        lambda *a: pytest.fail("the bundle was loaded for a bad flag"))
+    assert serve(str(served_bundle[1]), "--port", "0", flag, value) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {says}") and err.count("\n") == 1

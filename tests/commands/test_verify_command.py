@@ -43,3 +43,14 @@ def test_an_approximate_threshold_gets_a_note(served_bundle, capsys):
     assert verify(str(served_bundle[1]), a, b, "--far", "0.1") == 0  # 24 pairs resolve 1e-1
     assert ("note: threshold for FAR 0.1 rests on the held-out images of only 4 classes; treat "
             "it as approximate") in capsys.readouterr().err.splitlines()  # but 4 classes do not
+
+
+@pytest.mark.parametrize("far", ["nan", "inf", "0", "1", "-1e-3"])
+def test_far_must_be_a_finite_rate_between_0_and_1(served_bundle, capsys, monkeypatch, far):
+    monkeypatch.setattr(bundle_mod, "load_bundle",
+                        lambda *a: pytest.fail("the bundle was read for a bad --far"))
+    image = str(gallery(served_bundle[0])[0])
+    assert verify(str(served_bundle[1]), image, image, f"--far={far}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --far {float(far):g} is not a finite number in (0, 1)")
+    assert err.count("\n") == 1

@@ -491,9 +491,9 @@ def test_m_too_large_for_the_data_says_which_m_fits():
         "training images in 3 classes)"
     ]
     build_sampler({"name": "m_per_class", "args": {"m": 2}}, labels, size)
-    # A trial's m 20 over 44 images in 9 classes: the batch holds 2 classes, not 9 x 20
-    trial = np.repeat(np.arange(9), [5] * 8 + [4])
-    size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 20}}, trial, 64)
+    # m 20 over 44 images in 9 classes: the batch holds 2 classes, not 9 x 20
+    few = np.repeat(np.arange(9), [5] * 8 + [4])
+    size, notes = fit_batch_size({"name": "m_per_class", "args": {"m": 20}}, few, 64)
     assert size == 40 and notes[-1] == (
         "train.batch_size 64 lowered to 40 to fit the data (2 classes x m 20 per batch, from 44 "
         "training images in 9 classes)"
@@ -602,8 +602,8 @@ def test_labels_csv(tmp_path):
 def test_a_file_listed_with_two_labels_is_a_bad_row_and_skip_passes_over_missing_files(
     tmp_path,
 ):
-    """A trial's CSV listed one image as 'digit 0' and again as 'digit 1': it trained as both.
-    Its missing files stopped the run even with data.bad_images: skip, which offered no way."""
+    """A CSV listing one image as 'digit 0' and again as 'digit 1' is a bad row (it would train
+    as both); with data.bad_images: skip, rows naming missing files are left out with a note."""
     from tests.foreign_data import write_csv_folder
 
     csv_path = write_csv_folder(tmp_path / "cat", classes=2, per_class=4)
@@ -682,8 +682,8 @@ def test_a_class_depth_deeper_than_the_images_is_named(tmp_path, make_image_fold
 def test_empty_and_hidden_class_folders_are_noted_not_dropped_silently(
     tmp_path, make_image_folder
 ):
-    """A trial's `.2dot` class of 12 images and its `empty class` folder vanished without a
-    word; a hidden folder without images (.git) stays quiet."""
+    """A hidden `.2dot` class of 12 images and an `empty class` folder are left out with a
+    note, not silently; a hidden folder without images (.git) stays quiet."""
     root = make_image_folder(tmp_path / "d", classes=3, per_class=2)
     (root / "empty class").mkdir()
     (root / "b_only_hidden").mkdir()
@@ -698,3 +698,13 @@ def test_empty_and_hidden_class_folders_are_noted_not_dropped_silently(
         "hidden folders holding images were left out: .2dot (names starting with '.' are "
         "skipped; rename them to use them)",
     ]
+
+
+@pytest.mark.parametrize("text", ["path,label\n", "path,label\n\n  \n", "\ufefffile,class\n"])
+def test_labels_csv_with_only_a_header_says_it_has_no_rows(tmp_path, text):
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        scan_folder(csv_path)
+    assert str(info.value) == (f"labels file {csv_path} has a header row but no image rows; "
+                               "write one 'path,label' row per image below it")  # fmt: skip

@@ -74,3 +74,17 @@ def test_evaluate_a_backbone_of_another_family_under_a_config_with_frozen_stages
                             "eval.index_types=[flat]", "eval.rerank=false"]
                 for a in ("--set", s)]])  # fmt: skip
     assert (tmp_path / "e" / "metrics.json").is_file()
+
+
+def test_compare_across_families_times_training_and_names_the_weights(tmp_path):
+    """A ViT and a CNN side by side under a config whose weights are offline-only: both are
+    compared with random weights (said so), each with its token/feature width and a training
+    speed measured through the config's trainable stages."""
+    root = write_drawings(tmp_path / "d", alphabets=2, chars=3, per_class=6, size=32)
+    sets = [f"data.root={root}", "model.image_size=64", "data.num_workers=0",
+            f"output_dir={tmp_path / 'exp'}"]  # fmt: skip
+    rows = compare("configs/triplet.yaml", ["test_vit", "test_resnet"], sets, train_steps=1)
+    assert [r["embedding_dim"] for r in rows] == [64, 96]
+    assert [r["weights"] for r in rows] == ["random", "random"]
+    assert all(r["train_images_per_s"] > 0 for r in rows)
+    assert markdown(rows).splitlines()[2].endswith(" | random |")

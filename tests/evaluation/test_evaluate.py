@@ -65,8 +65,10 @@ def test_checkpoint_evaluation_writes_every_figure(tiny_run, tmp_path):
     assert {row["kind"] for row in m["indexes"]} == {"flat", "hnsw"}
     assert set(m["per_class"]) == {f"class_{i}" for i in range(4)}
     assert m["precision_at_1"] == pytest.approx(result.metrics["precision_at_1"])
-    for name in ("report.md", "roc.png", "pca.png", "tsne.png", "queries.png", "split.json"):
+    for name in ("report.md", "roc.png", "pca.png", "queries.png", "split.json"):
         assert (out / name).is_file(), name
+    assert not (out / "tsne.png").exists()  # 28 points: under TSNE_MIN_POINTS, said in `skipped`
+    assert "t-SNE" in m["skipped"], m["skipped"]
     assert np.load(out / "heldout_embeddings.npy").shape == (28, 1280)
 
 
@@ -150,9 +152,9 @@ def test_empty_heldout_split_is_a_clear_error(tmp_path):
 def test_a_changed_folder_cannot_score_the_runs_training_images_as_held_out(
     tiny_run, tmp_path, capsys
 ):
-    """A trial added one class folder to a copy of the data and evaluated the run on it: the
-    re-split put 13 of the run's training images among the 43 "held-out" ones, with no word.
-    Now they move to the training side with a note, for evaluate and export alike."""
+    """One class folder added to a copy of the data makes a re-split put 13 of the run's
+    training images among the 43 "held-out" ones; they move to the training side with a note,
+    for evaluate and export alike."""
     import shutil
 
     from mltrain.commands.evaluate import main as evaluate_main

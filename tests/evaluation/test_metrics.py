@@ -387,8 +387,8 @@ def test_map_looks_past_r_to_the_largest_classs_r_and_equals_map_at_r_for_equal_
 
 
 def test_the_verification_note_counts_each_kind_of_pair_as_it_was_drawn():
-    """A trial's 150 digits (10 classes x 15) read "1050 genuine + 10000 impostor pairs, all
-    the distinct pairs", though 10,125 impostor pairs exist: 125 fell to the cap."""
+    """On 150 digits (10 classes x 15) the note must not read "1050 genuine + 10000 impostor
+    pairs, all the distinct pairs", since 10,125 impostor pairs exist: 125 fall to the cap."""
     from mltrain.evaluation.plan import EvalPlan, _plan_pairs
 
     plan = EvalPlan(ks=[1], pca_lengths=[], index_types=[], verification_pairs=0,

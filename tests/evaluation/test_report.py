@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from mltrain.config import Config
-from mltrain.evaluation import figures, markdown, tensorboard
+from mltrain.evaluation import figures, markdown, report, tensorboard
 from mltrain.evaluation.evaluate import EmbeddedSplit, EvalResult, compute_metrics
 from mltrain.evaluation.figures import (
     GREEN,
@@ -79,8 +82,11 @@ def report_dir(result: EvalResult, tmp_path_factory: pytest.TempPathFactory) -> 
     # The real t-SNE, at sklearn's minimum iteration count: its picture is not under test.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(figures, "TSNE_MAX_ITER", 250)
+        mp.setattr(report, "TSNE_MIN_POINTS", 4)  # 30 points: drawn here, not by default
         write_report(out, result, tsne_max_points=25, seed=0, step=STEP,
-                     config={"name": "tiny", "train": {"lr": 0.1, "max_steps": None}})
+                     config={"name": "tiny", "model": {"backbone": "resnet18"},
+                             "train": {"optimizer": {"name": "sgd", "args": {"lr": 0.1}},
+                                       "max_steps": None}})
     return out
 
 
@@ -145,13 +151,13 @@ def test_tensorboard_holds_heldout_metrics_at_the_checkpoint_step(
     result: EvalResult, report_dir: Path
 ) -> None:
     acc = _events(report_dir)
-    (event,) = acc.Scalars("heldout/precision_at_1")
+    (event,) = acc.Scalars("val/precision_at_1")
     assert event.step == STEP
     assert event.value == pytest.approx(result.metrics["precision_at_1"], abs=1e-6)
-    (auc,) = acc.Scalars("heldout/roc_auc")
+    (auc,) = acc.Scalars("val/roc_auc")
     assert auc.value == pytest.approx(result.metrics["verification"]["roc_auc"], abs=1e-6)
     scalars = acc.Tags()["scalars"]
-    assert all(tag.startswith("heldout/") for tag in scalars)  # no one-dot count charts
+    assert sorted(scalars) == sorted(tensorboard.HPARAM_METRICS)  # no one-dot count charts
     assert {e.step for tag in scalars for e in acc.Scalars(tag)} == {STEP}
     assert {f"report/{Path(n).stem}" for n in PNGS} <= set(acc.Tags()["images"])
     assert {e.step for e in acc.Images("report/roc")} == {STEP}
@@ -171,11 +177,13 @@ def test_tensorboard_text_hparams_and_pr_curve(result: EvalResult, report_dir: P
     assert "| embed | 1.50 |" in diagnostics and "| hnsw |" in diagnostics
     content = acc.PluginTagToContent("hparams")
     hp = HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    assert hp.session_start_info.hparams["train.lr"].number_value == 0.1
-    assert hp.session_start_info.hparams["train.max_steps"].string_value == "none"
+    values = hp.session_start_info.hparams
+    assert values["lr"].number_value == 0.1 and values["optimizer"].string_value == "sgd"
+    assert values["backbone"].string_value == "resnet18" and len(values) <= 20
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert "heldout/precision_at_1" in {m.name.tag for m in experiment.metric_infos}
-    (pr,) = acc.Tensors("heldout/verification_pr")
+    declared = [m.name.tag for m in experiment.metric_infos]
+    assert sorted(declared) == sorted(tensorboard.HPARAM_METRICS)  # as training declares
+    (pr,) = acc.Tensors("val/verification_pr")
     assert pr.step == STEP
 
 
@@ -277,8 +285,9 @@ def test_worst_means_below_the_mean() -> None:
 def test_report_explains_metrics_and_flags_small_data(report_dir: Path) -> None:
     text = (report_dir / "report.md").read_text(encoding="utf-8")
     for key, label, _ in [*markdown.HEADLINE, *markdown.VERIFICATION]:
-        if f"| {label} |" in text:
-            row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        body = text.split("## Retrieval")[1]  # after the summary's short table
+        if f"| {label} |" in body:
+            row = next(line for line in body.splitlines() if line.startswith(f"| {label} |"))
             assert len(row.split("|")) == 5 and len(row.split("|")[3].strip()) > 10, key
     assert "book accuracy" in text and "share of its 4 nearest" in text
     trust = text.split("## How far to trust these numbers")[1].split("##")[0]
@@ -286,7 +295,8 @@ def test_report_explains_metrics_and_flags_small_data(report_dir: Path) -> None:
     assert "30 scored queries: one query moves precision@1 by 0.0333" in trust
     assert "TAR @ FAR 1e-3 is not resolved" in trust and "there are 100" in trust
     assert "TAR @ FAR 1e-2" not in trust  # 100 impostor pairs resolve FAR 1e-2
-    assert "queries.png: 2 queries drawn at random (seed 0) from the 2 whose top" in text
+    assert ("queries.png: All 2 queries whose top result is wrong and 6 of the 28 queries "
+            "whose top result is right, drawn at random (seed 0), of 30 scored queries.") in text
 
 
 def test_compressed_index_above_exact_is_commented() -> None:
@@ -327,27 +337,27 @@ def test_heldout_scalars_are_the_headline_fractions() -> None:
             "indexes": [{"kind": "hnsw", "query_us": 3.0}],
         }
     )
-    assert tags == {
-        "heldout/precision_at_1": 0.5,
-        "heldout/recall_at_5": 0.75,
-        "heldout/map_at_r": 0.25,
-        "heldout/eer": 0.1,
+    assert tags == {  # recall@k and the like stay in report.md, off the charts
+        "val/precision_at_1": 0.5,
+        "val/map_at_r": 0.25,
+        "val/eer": 0.1,
     }
     # the training loop keeps verification figures flat: same tags
-    assert heldout_scalars({"roc_auc": 0.9, "num_queries": 3}) == {"heldout/roc_auc": 0.9}
+    assert heldout_scalars({"roc_auc": 0.9, "num_queries": 3}) == {"val/roc_auc": 0.9}
 
 
 def test_plots_titles_and_axes(result: EvalResult) -> None:
     ver = result.metrics["verification"]
-    roc = plot_roc(result.curves["fpr"], result.curves["tpr"], ver, log_x=True)
+    roc = plot_roc(result.curves["fpr"], result.curves["tpr"], ver)
     assert f"AUC {ver['roc_auc']:.4f}" in roc.axes[0].get_title()
     assert roc.axes[0].get_xscale() == "log"
     rows = list(result.metrics["pca"].values())
     pca = plot_pca(rows, shortest=rows[0]["length"])
     assert len(pca.axes) == 2  # twin latency axis
     ticks = [t.get_text() for t in pca.axes[0].get_xticklabels()]
-    assert ticks == ["2", "4", "8\n(full)"]  # one tick per length, evenly spaced
-    assert np.allclose(pca.axes[0].get_xticks(), [0, 1, 2])
+    assert ticks == ["2", "4", "8\n(full)"]  # one tick per length, at the length
+    assert np.allclose(pca.axes[0].get_xticks(), [2, 4, 8])
+    assert pca.axes[0].get_xscale() == "log"
     (legend,) = pca.legends  # the figure's, under the axes: it cannot cover a curve
     assert pca.axes[0].get_legend() is None
     assert "shortest within 0.5 points (2)" in [t.get_text() for t in legend.get_texts()]
@@ -364,7 +374,8 @@ def test_markdown_escapes_pipes_and_notes_missing_one_shot() -> None:
     )
     assert "| a\\|b | 0.2500 | 4 |" in text
     assert "| 20-way | n/a (too few classes) |" in text
-    assert "No top-1 mistakes." in text
+    assert "No top-1 mistakes: every query's nearest image has its class." in text
+    assert "## Most confused" not in text
 
 
 def test_a_perfect_precision_is_not_given_a_standard_error_of_zero() -> None:
@@ -376,7 +387,7 @@ def test_a_perfect_precision_is_not_given_a_standard_error_of_zero() -> None:
 
 
 def test_class_names_the_font_lacks_draw_without_a_warning_per_glyph():
-    """A trial's CJK class names printed matplotlib's 'Glyph ... missing' lines during training."""
+    """CJK class names must not print matplotlib's 'Glyph ... missing' lines during training."""
     import warnings
 
     fig = figures.new_figure(2, 1)
@@ -385,3 +396,98 @@ def test_class_names_the_font_lacks_draw_without_a_warning_per_glyph():
         warnings.simplefilter("error")  # any warning fails the test
         pixels = figures.render(fig)
     assert pixels.ndim == 3 and pixels.shape[2] == 3
+
+
+def test_report_opens_with_the_data_and_the_main_figures(result: EvalResult, report_dir: Path):
+    text = (report_dir / "report.md").read_text(encoding="utf-8")
+    head = text.split("## Retrieval")[0]
+    assert "Measured on 30 held-out images of 3 classes." in head  # split none: same images
+    assert f"| precision@1 | **{result.metrics['precision_at_1']:.4f}** |" in head
+    ver = result.metrics["verification"]
+    assert f"| EER | **{ver['eer']:.4f}** |" in head
+
+
+def test_a_trained_checkpoint_is_compared_with_the_untrained_start(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    start = {"precision_at_1": 0.5, "map_at_r": 0.25, "eer": 0.2}
+    (run / "metrics.json").write_text(json.dumps({"start": start, "selected_on": "heldout"}))
+    source = str(run / "checkpoints" / "best.pt")
+    assert report.untrained_baseline(source, step=40) == start
+    assert report.untrained_baseline(source, step=0) is None  # the untrained model itself
+    assert report.untrained_baseline("resnet18", step=40) is None  # a backbone
+    (run / "metrics.json").write_text(json.dumps({"start": start, "selected_on": "validation"}))
+    assert report.untrained_baseline(source, step=40) is None  # other images: not comparable
+    m = {"precision_at_1": 0.75, "map_at_r": 0.25, "verification": {"eer": 0.1}}
+    text = markdown_report(m, data={"heldout_images": 40, "heldout_classes": 4,
+                                    "train_images": 60, "split": "class_disjoint"},
+                           baseline=start)  # fmt: skip
+    assert text.splitlines()[2] == ("Measured on 40 held-out images of 4 classes, classes it "
+                                    "never trained on (the model trained on 60 images).")
+    assert "| precision@1 | **0.7500** | 0.5000 | +0.2500 (better) |" in text
+    assert "| MAP@R | **0.2500** | 0.2500 | +0.0000 (same) |" in text
+    assert "| EER | **0.1000** | 0.2000 | -0.1000 (better) |" in text  # lower is better
+
+
+def test_a_perfect_run_has_no_empty_headings_or_zero_counts() -> None:
+    m = {"precision_at_1": 1.0, "num_queries": 12, "mean_per_class_precision_at_1": 1.0,
+         "worst_classes": [("a", 1.0), ("b", 1.0)], "per_class": {"a": {}, "b": {}},
+         "confused_pairs": []}  # fmt: skip
+    text = markdown_report(m)
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("#"):
+            following = next((x for x in lines[i + 1 :] if x.strip()), "#")
+            assert not following.startswith("#") or line.startswith("# "), line  # no empty section
+    assert "Worst" not in text and "Most confused" not in text
+    nb = SimpleNamespace(scored=np.ones(4, bool), labels=np.array([[0], [1], [0], [1]]),
+                         indices=np.array([[1], [0], [3], [2]]),
+                         query_labels=np.array([0, 1, 0, 1]))  # fmt: skip
+    note = figures.queries_note(nb, np.array([0, 2]), seed=0)
+    assert note == ("2 of the 4 queries whose top result is right, drawn at random (seed 0), of "
+                    "4 scored queries. No query's top result is wrong.")
+    assert " 0 " not in note
+
+
+def test_no_tsne_on_too_few_points(result: EvalResult, tmp_path: Path) -> None:
+    write_report(tmp_path, result, seed=0)  # 30 held-out points, under TSNE_MIN_POINTS
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert not list(tmp_path.glob("tsne*.png"))
+    assert f"No t-SNE: 30 held-out embeddings, fewer than the {report.TSNE_MIN_POINTS}" in text
+
+
+def test_tsne_colours_neighbouring_classes_apart_and_rings_misses(monkeypatch) -> None:
+    monkeypatch.setattr(figures, "tsne_2d", lambda emb, seed=0: np.asarray(emb)[:, :2])
+    # 20 classes in a row; tab20 gives classes 2k and 2k+1 a colour and its lighter twin
+    labels = np.repeat(np.arange(20), 3)
+    emb = np.zeros((60, 2))
+    emb[:, 0] = labels + np.tile([0.0, 0.1, 0.2], 20)
+    wrong = np.zeros(60, bool)
+    wrong[[0, 5]] = True
+    fig = plot_tsne(emb, labels, [f"c{i}" for i in range(20)], misses=wrong)
+    ax = fig.axes[0]
+    tab20 = matplotlib.colormaps["tab20"](np.arange(20))
+    drawn = [int(np.abs(tab20 - c.get_facecolor()[0]).sum(1).argmin()) for c in ax.collections[:20]]
+    assert sorted(drawn) == list(range(20))  # every class its own colour
+    assert all(a // 2 != b // 2 for a, b in zip(drawn, drawn[1:], strict=False))  # no twins
+    gaps = [np.abs(tab20[a, :3] - tab20[b, :3]).sum() for a, b in zip(drawn, drawn[1:],
+                                                                        strict=False)]
+    assert min(gaps) > 0.5  # well apart in RGB (the grey twins are 0.39 apart)
+    ring = ax.collections[20]
+    assert len(ring.get_offsets()) == 2
+    assert "top result wrong (2)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_roc_marks_the_eer_and_far_1e3(result: EvalResult) -> None:
+    ver = result.metrics["verification"]
+    roc = plot_roc(result.curves["fpr"], result.curves["tpr"], ver)
+    labels = [t.get_text() for t in roc.axes[0].get_legend().get_texts()]
+    assert f"EER {ver['eer']:.4f} (FAR = 1 - TAR)" in labels
+    assert any(label.startswith("FAR 1e-3") for label in labels)
+    assert any(list(line.get_xdata()) == [1e-3, 1e-3] for line in roc.axes[0].lines)
+
+
+def test_query_grid_names_are_legible() -> None:
+    assert figures.wrapped("Eurasian_collared_dove_Streptopelia_decaocto", 20) == (
+        "Eurasian_collared_\ndove_S…elia_decaocto")
+    assert figures.wrapped("img_0042.jpg", 20) == "img_0042.jpg"

@@ -1,6 +1,7 @@
 """TensorBoard events of training and evaluation, read back as TensorBoard reads them: one
-x-axis (the global optimizer step), hparams and text summaries, and an evaluated checkpoint
-landing on its own training curve with the same value."""
+x-axis (the global optimizer step), a few charts that each say something, curated hparams
+with one metric list for all runs, and an evaluated checkpoint landing on its own training
+curve with the same value. Also the training log as a file holds it: whole lines."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from mltrain.config import load_config
 from mltrain.evaluation.evaluate import evaluate
+from mltrain.evaluation.tensorboard import HPARAM_METRICS
 from mltrain.inference.batching import extract_embeddings
 from mltrain.inference.embedder import embedder_from_checkpoint
 from mltrain.model.checkpoint import load_checkpoint
@@ -60,9 +63,14 @@ def hparams(acc: EventAccumulator) -> dict[str, HParamsPluginData]:
 
 
 @pytest.fixture(scope="module")
-def train_py_run(tmp_path_factory) -> Path:
-    """`python train.py ... --set train.max_steps=5`, as a user runs it."""
-    tmp = tmp_path_factory.mktemp("tb")
+def tb_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tb")
+
+
+@pytest.fixture(scope="module")
+def train_py_run(tb_tmp: Path) -> Path:
+    """`python train.py ... --set train.max_steps=5 2> train.log`, as a user runs it."""
+    tmp = tb_tmp
     root = write_image_folder(tmp / "data", classes=4, per_class=8)
     sets = [*TINY_RUN, "train.epochs=3", f"train.max_steps={MAX_STEPS}", "eval.batch_size=16",
             f"data.root={root}", f"output_dir={tmp / 'exp'}", *SMALL_EVAL]
@@ -70,9 +78,33 @@ def train_py_run(tmp_path_factory) -> Path:
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "MLTRAIN_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    env.pop("TQDM_DISABLE", None)
+    log = tmp / "train.log"
+    with log.open("w") as err:
+        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err,
+                              text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, log.read_text()[-3000:]
     return Path(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_log_file_holds_whole_lines_not_progress_bars(train_py_run: Path, tb_tmp: Path):
+    text = (tb_tmp / "train.log").read_text()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == [
+        "epoch 1", "epoch 2", "epoch 3"
+    ]
+    assert all(len(line) < 400 for line in lines)
+
+
+def test_a_training_run_has_a_few_charts_train_first(train_py_run: Path) -> None:
+    tags = sorted(events(train_py_run).Tags()["scalars"])
+    assert tags == [
+        "train/images_per_s", "train/loss", "train/lr", "val/eer", "val/map_at_r",
+        "val/precision_at_1", "val/roc_auc", "val/tar_at_far_1e-3",
+    ]  # fmt: skip
+    assert len(tags) <= 10
+    assert sorted({t.split("/")[0] for t in tags})[0] == "train"  # listed first
 
 
 def test_train_loss_has_one_point_per_optimizer_step(train_py_run: Path) -> None:
@@ -85,27 +117,22 @@ def test_train_loss_has_one_point_per_optimizer_step(train_py_run: Path) -> None
 def test_epoch_tags_and_heldout_sit_at_global_steps(train_py_run: Path) -> None:
     acc = events(train_py_run)
     ends = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, MAX_STEPS]  # epochs 1, 2 and the cut-off 3
-    for tag in ("train/loss_epoch", "train/images_per_s", "train/epoch",
-                "heldout/roc_auc", "heldout/eer"):
+    for tag in ("train/images_per_s", "val/roc_auc", "val/eer"):
         assert steps(acc, tag) == ends, tag
-    for tag in ("heldout/precision_at_1", "heldout/map_at_r"):  # and the untrained start
+    for tag in ("val/precision_at_1", "val/map_at_r"):  # and the untrained start
         assert steps(acc, tag) == [0, *ends], tag
-    assert [e.value for e in acc.Scalars("train/epoch")] == [1, 2, 3]
     ckpt = load_checkpoint(train_py_run / "checkpoints" / "last.pt")
     history = ckpt["state"]["history"]
     assert [h["step"] for h in history] == ends
-    logged = [e.value for e in acc.Scalars("heldout/precision_at_1")]
+    logged = [e.value for e in acc.Scalars("val/precision_at_1")]
     assert logged[0] == pytest.approx(ckpt["start"]["precision_at_1"], abs=1e-6)
     assert logged[1:] == pytest.approx([h["precision_at_1"] for h in history], abs=1e-6)
-    # per-epoch means stay off train/loss, whose points are the steps' own losses
-    assert [e.value for e in acc.Scalars("train/loss_epoch")] == pytest.approx(
-        [h["loss"] for h in history], abs=1e-5
-    )
-    best = json.loads((train_py_run / "metrics.json").read_text())["best"]
-    assert acc.Scalars("best/precision_at_1")[-1].value == pytest.approx(best["precision_at_1"])
-    assert [e.step for e in acc.Tensors("heldout/verification_pr")] == ends
-    assert [e.step for e in acc.Images("heldout/queries")] == ends
-    assert "eval/precision_at_1" not in acc.Tags()["scalars"]
+    # the epoch means and the best-so-far figures are in the history and metrics.json
+    assert all("loss" in h and "data_wait_share" in h for h in history)
+    assert "precision_at_1" in json.loads((train_py_run / "metrics.json").read_text())["best"]
+    assert [e.step for e in acc.Tensors("val/verification_pr")] == ends
+    assert [e.step for e in acc.Images("val/queries")] == ends
+    assert [e.step for e in acc.Images("val/roc")] == ends
 
 
 def test_training_writes_hparams_and_config_text(train_py_run: Path) -> None:
@@ -114,12 +141,21 @@ def test_training_writes_hparams_and_config_text(train_py_run: Path) -> None:
     assert f"max_steps: {MAX_STEPS}" in config and "TripletMarginLoss" in config
     hp = hparams(acc)
     values = hp["_hparams_/session_start_info"].session_start_info.hparams
-    assert values["train.max_steps"].number_value == MAX_STEPS
-    assert values["model.backbone"].string_value == "tf_efficientnet_lite0"
-    assert values["train.optimizer.args.lr"].number_value == pytest.approx(1e-3)  # triplet.yaml
-    metrics = {m.name.tag for m in hp["_hparams_/experiment"].experiment.metric_infos}
-    assert {"best/precision_at_1", "heldout/precision_at_1", "train/loss_epoch"} <= metrics
-    assert metrics <= set(acc.Tags()["scalars"])  # every metric the tab lists has values
+    assert len(values) <= 20
+    assert values["backbone"].string_value == "tf_efficientnet_lite0"
+    assert values["loss"].string_value == "TripletMarginLoss"
+    assert values["miner"].string_value == "TripletMarginMiner"
+    assert values["lr"].number_value == pytest.approx(1e-3)  # triplet.yaml
+    assert values["epochs"].number_value == 3
+    assert values["m_per_class"].number_value == 2
+    logged = yaml.safe_load(config.removeprefix("```yaml\n").removesuffix("```"))
+    frozen, trainable = logged["model"]["frozen_stages"], logged["model"]["trainable_stages"]
+    assert values["frozen_stages"].string_value == ("unset" if frozen is None else str(frozen))
+    assert values["trainable_stages"].string_value == str(trainable)  # triplet.yaml sets it
+    assert values["image_size"].string_value == "32"  # TINY_RUN; "auto" when left unset
+    metrics = [m.name.tag for m in hp["_hparams_/experiment"].experiment.metric_infos]
+    assert sorted(metrics) == sorted(HPARAM_METRICS)
+    assert set(metrics) <= set(acc.Tags()["scalars"])  # every metric the tab lists has values
     assert "_hparams_/session_end_info" in hp  # finished
 
 
@@ -132,20 +168,26 @@ def test_evaluated_checkpoint_lands_on_its_training_curve(train_py_run: Path, tm
     out.mkdir()
     result = evaluate(embedder_from_checkpoint(best), out, "test")
     acc = events(out)
-    (point,) = acc.Scalars("heldout/precision_at_1")
+    (point,) = acc.Scalars("val/precision_at_1")
     assert point.step == step
     trained = events(train_py_run)
     shared = set(trained.Tags()["scalars"]) & set(acc.Tags()["scalars"])
-    assert {"heldout/precision_at_1", "heldout/map_at_r", "heldout/roc_auc"} <= shared
+    assert {"val/precision_at_1", "val/map_at_r", "val/roc_auc"} <= shared
     for tag in shared:
         at_step = {e.step: e.value for e in trained.Scalars(tag)}[step]
         assert acc.Scalars(tag)[0].value == pytest.approx(at_step, abs=1e-9), tag
     assert point.value == pytest.approx(result.metrics["precision_at_1"], abs=1e-6)
-    assert steps(acc, "heldout/map_at_r") == [step]
-    assert all(t.startswith("heldout/") for t in acc.Tags()["scalars"])
+    assert steps(acc, "val/map_at_r") == [step]
+    assert sorted(acc.Tags()["scalars"]) == sorted(HPARAM_METRICS)  # five charts, all held-out
     assert "| num queries |" in text(acc, "eval/diagnostics")
     assert text(acc, "eval/report").startswith("# Evaluation report")
-    assert "_hparams_/session_start_info" in hparams(acc)
+    evaluated, training = hparams(acc), hparams(trained)
+    assert [m.name.tag for m in evaluated["_hparams_/experiment"].experiment.metric_infos] == [
+        m.name.tag for m in training["_hparams_/experiment"].experiment.metric_infos
+    ]  # one metric list: the table keeps both runs' columns
+    assert set(evaluated["_hparams_/session_start_info"].session_start_info.hparams) == set(
+        training["_hparams_/session_start_info"].session_start_info.hparams
+    )
     header = next(out.glob("*/heldout/metadata.tsv")).read_text().splitlines()[0]
     assert header.split("\t") == ["class", "top1_correct", "top1_class", "file", "worst_class"]
 
@@ -176,10 +218,9 @@ def test_resume_purges_the_lost_runs_events(tmp_path, monkeypatch) -> None:
     trainer.fit(resume=run_dir)
     acc = events(run_dir)
     assert steps(acc, "train/loss") == [1, 2, 3, 4]
-    assert steps(acc, "heldout/precision_at_1") == [0, 2, 4]  # the start is not repeated
-    assert "heldout/roc_auc" not in acc.Tags()["scalars"]  # figures_every=0
+    assert steps(acc, "val/precision_at_1") == [0, 2, 4]  # the start is not repeated
     declared = hparams(acc)["_hparams_/experiment"].experiment.metric_infos
-    assert {m.name.tag for m in declared} <= set(acc.Tags()["scalars"])
+    assert sorted(m.name.tag for m in declared) == sorted(HPARAM_METRICS)
 
 
 def test_training_loop_embeds_held_out_images_as_evaluate_does(train_py_run: Path, tmp_path):

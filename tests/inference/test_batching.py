@@ -200,6 +200,7 @@ def test_training_run_caches_and_evaluates_in_workers(tmp_path, monkeypatch):
                 "eval.batch_size=4",
                 "eval.amp=off",
                 "train.amp=off",
+                "model.trainable_stages=null",
                 "model.frozen_stages=5",
                 "train.cache_views=1",
                 f"eval.model_in_workers={where}",

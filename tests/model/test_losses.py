@@ -113,7 +113,7 @@ def test_bad_loss_or_miner_args_name_the_component_and_what_it_takes():
     assert str(info.value).endswith(
         "'no_such_arg'; it takes margin, swap, smooth_loss, triplets_per_anchor"
     )
-    miner = {"name": "TripletMarginMiner", "args": {"margn": 0.2}}  # a trial's typo
+    miner = {"name": "TripletMarginMiner", "args": {"margn": 0.2}}  # a typo
     with pytest.raises(ConfigError) as info:
         build_criterion({"name": "TripletMarginLoss"}, miner, 5, 16, False)
     assert str(info.value).startswith("train.miner.args: TripletMarginMiner: ")

@@ -264,7 +264,7 @@ def test_max_pooling():
 
 
 def test_unknown_pooling_lists_names():
-    with pytest.raises(ConfigError, match="avg, gem, max"):
+    with pytest.raises(ConfigError, match="avg, cls, gem, max, mean_tokens"):
         POOLINGS.build({"name": "mean"})
 
 
@@ -324,7 +324,8 @@ def test_weights_file_round_trip(tmp_path):
 
 
 def _stage_bn(model: EmbeddingModel, stage: int) -> nn.BatchNorm2d:
-    return next(m for m in model._stages[stage].modules() if isinstance(m, nn.BatchNorm2d))
+    stages = trunk_stages(model.trunk)
+    return next(m for m in stages[stage].modules() if isinstance(m, nn.BatchNorm2d))
 
 
 def test_trainable_batchnorm_is_the_unfrozen_stages_only():

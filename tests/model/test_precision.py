@@ -121,7 +121,7 @@ def test_the_trainer_applies_train_depthwise_fp32(tmp_path, monkeypatch, switch)
             f"data.root={root}",
             f"output_dir={tmp_path / 'exp'}",
             "train.cache_frozen=false",
-            "model.frozen_stages=0",
+            "model.trainable_stages=null",
             f"train.depthwise_fp32={str(switch).lower()}",
         ],
     )

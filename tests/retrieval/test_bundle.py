@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import mltrain.retrieval.export as export_mod
+import mltrain.retrieval.gallery as gallery_mod
 from mltrain.errors import BundleError, ConfigError, DataError
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.add import add_images
@@ -226,7 +227,7 @@ def test_loading_and_one_query_rebuild_and_re_embed_nothing(exported, monkeypatc
     def forbidden(*a, **k):
         raise AssertionError("the index must not be rebuilt")
 
-    monkeypatch.setattr(export_mod, "build_index", forbidden)
+    monkeypatch.setattr(gallery_mod, "build_index", forbidden)
     monkeypatch.setattr(faiss.Index, "train", forbidden, raising=False)
     calls: list[int] = []
     original = Embedder.embed
@@ -262,7 +263,7 @@ def test_add_images_grows_the_bundle_and_finds_the_new_image(bundle_dir, tmp_pat
     assert hit.score == pytest.approx(1.0, abs=1e-3)
     assert add_images(bundle_dir, new) == 0  # the same files again: already copied in
     assert len(load_bundle(bundle_dir)) == n0 + 2
-    # The same file under another class was enrolled twice, two labels on one image (a trial)
+    # The same file under another class would be enrolled twice, two labels on one image
     one = new / "zebra" / "new_0.png"
     with pytest.raises(DataError) as info:
         add_images(bundle_dir, [one], "horse")
@@ -353,7 +354,7 @@ def test_interrupted_export_leaves_no_bundle(embedder, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_mod, "save_index", boom)
+    monkeypatch.setattr(gallery_mod, "save_index", boom)
     with pytest.raises(KeyboardInterrupt):
         export_bundle(embedder, tmp_path / "out", "test")
     assert list(tmp_path.iterdir()) == []
@@ -507,8 +508,8 @@ def test_a_bundle_from_a_gpu_machine_embeds_on_this_one(served_bundle, tmp_path)
 
 
 def test_export_refuses_to_drop_images_enrolled_since(served_bundle, tmp_path):
-    """Exporting over a bundle replaced it whole, silently dropping what `mltrain add` had
-    enrolled (a trial lost 8 images so). Over a bundle without additions it still replaces."""
+    """Exporting over a bundle would replace it whole, silently dropping what `mltrain add` had
+    enrolled; it is refused. Over a bundle without additions it still replaces."""
     root, bundle = served_bundle
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -532,8 +533,8 @@ def test_export_refuses_to_drop_images_enrolled_since(served_bundle, tmp_path):
 def test_export_refuses_to_delete_a_users_files_in_the_bundle_folder(
     served_bundle, tmp_path, capsys
 ):
-    """A trial kept MYNOTES.md in its bundle folder; re-exporting deleted it without a word.
-    A bundle's own files (shards, model.onnx, images/) are replaced as before."""
+    """A user's MYNOTES.md in the bundle folder must not be deleted by a re-export without a
+    word. A bundle's own files (shards, model.onnx, images/) are replaced as before."""
     root, bundle = served_bundle
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -576,8 +577,8 @@ def test_an_add_that_ends_while_export_embeds_is_not_dropped(served_bundle, tmp_
 
 
 def test_a_training_run_given_as_a_bundle_is_named_for_what_it_is(tmp_path):
-    """A trial passed its run folder to `search` and `serve` and read 'is not a complete
-    bundle; re-export the bundle', though nothing had ever been exported."""
+    """A run folder passed to `search` and `serve` is named as a training run, not answered
+    'is not a complete bundle; re-export the bundle', since nothing was ever exported."""
     run = tmp_path / "exp" / "triplet" / "20261129-000000"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("name: triplet\n")

@@ -80,8 +80,8 @@ def test_a_reranker_is_recommended_only_for_a_gain_clear_of_the_noise(n, recomme
 
 
 def test_a_reranker_that_clearly_loses_the_first_hit_is_not_the_default(monkeypatch):
-    """A trial's digits: k_reciprocal gained 7 points of MAP@R but cost 10 of precision@1, and
-    bundles then answered worse by default. Hand-made orders over 5 classes x 8 (R = 7):
+    """On digits k_reciprocal can gain 7 points of MAP@R but cost 10 of precision@1; bundles
+    must not then answer worse by default. Hand-made orders over 5 classes x 8 (R = 7):
     'none' gets each first hit right and nothing of the next 6; k_reciprocal each first hit
     wrong and the 7 after it right; alpha_qe the first two right."""
     import mltrain.evaluation.rerank_eval as rerank_eval

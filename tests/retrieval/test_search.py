@@ -234,7 +234,7 @@ def test_a_sheet_whose_hit_images_are_all_missing_says_where_it_looked(exported,
 
 
 def test_a_long_class_name_is_cut_in_the_table_only(capsys):
-    """A trial's 230-character class name made every row of the table 450 characters wide.
+    """A 230-character class name must not make every row of the table 450 characters wide.
     The cut is in the middle: nested names differ at their end."""
     from types import SimpleNamespace
 

@@ -129,8 +129,8 @@ def test_verify_agrees_with_verify_pair(service, served_bundle):
     assert got["threshold"] == expected["threshold"] and got["same"] == expected["same"]
     same = service.verify(a.read_bytes(), a.read_bytes())
     assert same["same"] and same["score"] == pytest.approx(1.0, abs=1e-4)
-    # `far` picks another calibrated threshold, as `verify --far` does (a trial's ?far=1e-4
-    # was answered at 1e-3 without a word)
+    # `far` picks another calibrated threshold, as `verify --far` does (?far=1e-4 must not be
+    # answered at 1e-3 without a word)
     loose = service.verify(a.read_bytes(), b.read_bytes(), "0.1")
     assert loose["far"] == 0.1
     assert loose["threshold"] == verify_pair(service.bundle, a, b, far=0.1)["threshold"]
@@ -242,3 +242,37 @@ def test_verify_needs_a_calibrated_bundle(service, served_bundle, tmp_path):
         assert status_of(e.value) == 409
     finally:
         plain.close()
+
+
+def test_a_thumbnail_outside_the_image_root_names_no_server_path(service, served_bundle,
+                                                                 tmp_path):  # fmt: skip
+    """A row whose image resolves outside the root (a symlink to /etc/passwd) is refused,
+    and the refusal names only the row id the request sent."""
+    from mltrain.commands.serve import status_of
+
+    root = tmp_path / "root"
+    shutil.copytree(served_bundle[0], root)
+    row = 3
+    victim = root / service.bundle.metadata[row]["path"]
+    victim.unlink()
+    victim.symlink_to("/etc/passwd")
+    other = SearchService(served_bundle[1], root, embedder_factory=lambda b: service.embedder)
+    try:
+        with pytest.raises(BundleError) as e:
+            other.thumbnail(str(row))
+        assert str(e.value) == (f"the image of row {row} lies outside the bundle's image root; "
+                                "refusing to send it")  # fmt: skip
+        assert status_of(e.value) == 409 and "/" not in str(e.value)
+        assert other.thumbnail("0")[:3] == b"\xff\xd8\xff"
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("far", ["nan", "inf", "-1", "0", "1"])
+def test_far_outside_0_1_is_a_400_naming_it(service, served_bundle, far):
+    from mltrain.commands.serve import status_of
+
+    image = gallery(served_bundle[0])[0].read_bytes()
+    with pytest.raises(ConfigError, match=r"^far .* is not a finite number in \(0, 1\)") as e:
+        service.verify(image, image, far)
+    assert status_of(e.value) == 400

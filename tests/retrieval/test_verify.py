@@ -25,8 +25,8 @@ def test_note_for_a_far_the_pairs_cannot_resolve():
 
 
 def test_note_for_a_threshold_calibrated_on_few_classes():
-    """A trial's class_disjoint bundle held out 2 classes: its threshold marked four hits of
-    four classes 'match', and the note spoke only of 144 impostor pairs."""
+    """A class_disjoint bundle holding out 2 classes has a threshold that can mark hits of four
+    classes 'match': the note names the class count, not only the 144 impostor pairs."""
     resolved = {**ROW, "resolved": True}
     assert calibration_note({**resolved, "classes": 2}) == (
         "threshold for FAR 0.0001 rests on the held-out images of only 2 classes; treat it as "

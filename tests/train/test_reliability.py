@@ -51,7 +51,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 # 6 classes x 8 training images in batches of 8: 6 optimizer steps per epoch
-KILL_EXTRA = ["train.epochs=4", "train.batch_size=8", "model.frozen_stages=0",
+KILL_EXTRA = ["train.epochs=4", "train.batch_size=8", "model.trainable_stages=null",
               "train.cache_frozen=false"]
 
 
@@ -360,7 +360,8 @@ def test_too_little_disk_space_fails_before_the_prefix_cache(tmp_path, monkeypat
     free = 5 * 2**20
     monkeypatch.setattr(storage.shutil, "disk_usage",
                         lambda path: SimpleNamespace(total=2**40, used=2**40 - free, free=free))
-    cfg = _cfg(root, tmp_path / "exp", "train.cache_frozen=true", "model.frozen_stages=3")
+    cfg = _cfg(root, tmp_path / "exp", "train.cache_frozen=true", "model.trainable_stages=null",
+               "model.frozen_stages=3")
     with pytest.raises(MltrainError, match="not enough disk space") as error:
         trainer.fit(cfg)
     message = str(error.value)
@@ -391,7 +392,7 @@ def test_full_disk_while_saving_says_previous_checkpoint_is_intact(tmp_path, mon
 
 
 def test_a_large_prefix_cache_says_how_large_when_it_grows(tmp_path, monkeypatch, capsys):
-    """A trial found 12 GB in ~/.cache/mltrain/prefix that no run had ever mentioned."""
+    """A prefix cache grown large (12 GB in ~/.cache/mltrain/prefix) is mentioned by the runs."""
     import torch
 
     from mltrain.train import prefix_cache

@@ -133,7 +133,7 @@ def test_a_freeze_longer_than_the_run_is_noted(tmp_path):
     cfg = load_config(REPO / "configs/classification.yaml",
                       [*TINY_RUN, f"data.root={root}", f"output_dir={tmp_path / 'exp'}",
                        "train.epochs=1", "train.freeze_backbone_epochs=2", "eval.tsne=false",
-                       "model.frozen_stages=0", "train.cache_frozen=false"])  # fmt: skip
+                       "model.trainable_stages=null", "train.cache_frozen=false"])  # fmt: skip
     run_dir = fit(cfg)
     assert ("train.freeze_backbone_epochs 2 >= train.epochs 1: the trunk stays frozen for the "
             "whole run; only what follows it trains") in (run_dir / "notes.txt").read_text()

@@ -64,6 +64,7 @@ def test_training_lowers_loss(tmp_path):
         "train.epochs=4",
         # a random trunk trained whole for 8 steps of 8 images is all noise; the last stage
         # and the head learn these colour classes within a few steps, for any seed
+        "model.trainable_stages=null",
         "model.frozen_stages=7",
         "train.cache_frozen=false",
         "train.optimizer.args.lr=3e-3",
@@ -155,8 +156,8 @@ def test_folder_without_images_is_a_note_not_a_class(tmp_path):
 
 
 def test_split_none_says_its_held_out_figures_are_the_training_images(tmp_path, capsys):
-    """A trial trained with data.split=none and read "held-out precision_at_1 0.6591" with no
-    word that the 88 "held-out" images were the 88 it trained on."""
+    """Training with data.split=none prints "held-out precision_at_1 ..." with a note that the
+    "held-out" images are the ones it trained on."""
     root = write_image_folder(tmp_path / "data", classes=3, per_class=4)
     run_dir = trainer.fit(tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp",
                                    "data.split=none", "train.max_steps=1"))  # fmt: skip
@@ -223,8 +224,8 @@ def test_unknown_component_names_are_config_errors(override, needle, tmp_path):
 
 
 def test_a_pretrained_typo_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
-    """A trial's `model.pretrained=ture` (read as a weights path) was refused only after the
-    130 MB Caltech archive had been extracted."""
+    """`model.pretrained=ture` (read as a weights path) is refused before the 130 MB Caltech
+    archive is extracted."""
     from mltrain.data import pipeline
 
     monkeypatch.setattr(pipeline, "resolve_root", lambda *a: pytest.fail("data read first"))
@@ -233,7 +234,8 @@ def test_a_pretrained_typo_is_refused_before_the_data_is_read(tmp_path, monkeypa
     with pytest.raises(ConfigError) as info:
         trainer.fit(cfg)
     assert str(info.value) == ("model.pretrained: 'ture' is neither true/false/offline nor an "
-                               "existing file")  # fmt: skip
+                               "existing file (.safetensors, .pth, .bin); an hf-hub:ORG/NAME id "
+                               "also works")  # fmt: skip
     assert not (tmp_path / "exp").exists()
 
 
@@ -305,7 +307,7 @@ def test_the_early_optimizer_check_leaves_layer_decay_to_the_model(caplog):
     lr decay has no effect" at every start, though the real optimizer decays 23 layers."""
     from mltrain.model.network import build_model
 
-    sets = ["model.pretrained=false", "model.frozen_stages=0", "train.cache_frozen=false",
+    sets = ["model.pretrained=false", "model.trainable_stages=null", "train.cache_frozen=false",
             "train.cache_views=1", "train.layer_decay=0.8"]  # fmt: skip
     cfg = load_config("configs/classification.yaml", sets)
     with caplog.at_level("WARNING"):
@@ -319,13 +321,13 @@ def test_the_early_optimizer_check_leaves_layer_decay_to_the_model(caplog):
 def test_best_metric_is_checked_and_eer_picks_the_lowest(tmp_path):
     with pytest.raises(ConfigError, match="train.best_metric: 'precision@1' is not a held-out"):
         load_config("configs/siamese.yaml", ["train.best_metric=precision@1"])
-    assert load_config("configs/siamese.yaml").train.best_metric == "map_at_r"
+    assert load_config("configs/siamese.yaml").train.best_metric == "roc_auc"
     root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
     cfg = tiny_cfg("configs/siamese.yaml", root, tmp_path / "exp",
                    "train.best_metric=eer", "train.epochs=3")  # fmt: skip
     run_dir = trainer.fit(cfg)
     summary = json.loads((run_dir / "metrics.json").read_text())
-    eers = [h["eer"] for h in trainer_history(run_dir)]
+    eers = [summary["start"]["eer"], *(h["eer"] for h in trainer_history(run_dir))]
     assert summary["best_metric"] == "eer" and summary["best"]["eer"] == min(eers)
 
 
