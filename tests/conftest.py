@@ -73,6 +73,17 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def one_thread_private_cache(monkeypatch, tmp_path):
+    """Training tests: one torch thread, and a prefix cache of the test's own (a shared one
+    would let one test's cached features answer another's)."""
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SHAPES = ("circle", "square", "stripes", "triangle")
 
 

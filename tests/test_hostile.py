@@ -372,11 +372,22 @@ def refuse_real_builds(monkeypatch) -> None:
 def test_manifest_naming_a_huge_backbone_is_refused_before_building_it(bundle, monkeypatch):
     def config(m):
         m["config"]["model"]["backbone"] = "vit_giant_patch14_224"
+        m["config"]["model"]["image_size"] = 224  # whole patches: the weights are compared
 
     edit_manifest(bundle, config)
 
     refuse_real_builds(monkeypatch)
     with pytest.raises(BundleError, match="do not fit.*vit_giant"):
+        bundle_mod.bundle_embedder(load_bundle(bundle))
+
+
+def test_manifest_config_that_does_not_build_names_the_bundle(bundle, monkeypatch):
+    """A stored config this version refuses (32 px is no whole number of 14 px patches) is
+    an error about the bundle, not a config key the user never wrote."""
+    edit_manifest(bundle, lambda m: m["config"]["model"].__setitem__(
+        "backbone", "vit_giant_patch14_224"))  # fmt: skip
+    refuse_real_builds(monkeypatch)
+    with pytest.raises(BundleError, match=r"does not build a model .*patch size 14"):
         bundle_mod.bundle_embedder(load_bundle(bundle))
 
 

@@ -27,6 +27,7 @@ from mltrain.data.splits import (
     Split,
     disjoint_note,
     duplicates_within,
+    entries,
     find_duplicates,
     make_split,
     save_split,
@@ -217,7 +218,8 @@ def check_same_split(recorded: Path, split: Split, folder: ImageFolder) -> None:
     images. `recorded` is the run's split.json (runs from before it existed are not checked)."""
     try:
         doc = json.loads(recorded.read_text())
-        old = {side: {tuple(e) for e in doc[side]} for side in ("train", "heldout")}
+        sides = ("train", "heldout", "val") if "val" in doc else ("train", "heldout")
+        old = {side: {tuple(e) for e in doc[side]} for side in sides}
     except FileNotFoundError:
         return
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -226,16 +228,19 @@ def check_same_split(recorded: Path, split: Split, folder: ImageFolder) -> None:
     current = split_doc(split, folder)
     now = {side: {tuple(e) for e in current[side]} for side in old}
     if now != old:
-        before, after = old["train"] | old["heldout"], now["train"] | now["heldout"]
+        before, after = set().union(*old.values()), set().union(*now.values())
         if before == after:  # the same images, sided differently: the split rule changed
             raise DataError(
                 f"--resume: the images are those the run started with, but this version of "
                 f"mltrain splits them differently from {recorded}; resume with the version that "
                 "started the run, or start a new run"
             )
+        # Gone: no longer in the folder at all (an image left out as a copy of a new one
+        # is still there); new: on a side of the split now and not before.
+        present = {tuple(e) for e in entries(np.arange(len(folder.paths)), folder)}
         raise DataError(
             f"--resume: the images under {folder.root} changed since the run started "
-            f"({len(before - after)} gone or relabelled, {len(after - before)} new, against "
+            f"({len(before - present)} gone or relabelled, {len(after - before)} new, against "
             f"{recorded}); restore them, or start a new run"
         )
 

@@ -136,7 +136,8 @@ def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int,
                  fraction)  # fmt: skip
 
 
-def _entries(indices: np.ndarray, folder: ImageFolder) -> list[list[str]]:
+def entries(indices: np.ndarray, folder: ImageFolder) -> list[list[str]]:
+    """[relative path, class name] of each image: how split.json names an image."""
     return [
         [folder.paths[i].relative_to(folder.root).as_posix(), folder.classes[folder.labels[i]]]
         for i in indices
@@ -150,9 +151,9 @@ def split_doc(split: Split, folder: ImageFolder) -> dict:
         "seed": split.seed,
         "train_fraction": split.train_fraction,
         "val_fraction": split.val_fraction,
-        "train": _entries(split.train, folder),  # [relative path, class name]
-        "val": _entries(split.val, folder),  # validation: picks best.pt, never trained on
-        "heldout": _entries(split.heldout, folder),  # test (or held-out images)
+        "train": entries(split.train, folder),  # [relative path, class name]
+        "val": entries(split.val, folder),  # validation: picks best.pt, never trained on
+        "heldout": entries(split.heldout, folder),  # test (or held-out images)
     }
 
 

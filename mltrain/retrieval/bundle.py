@@ -631,6 +631,9 @@ def _torch_embedder(bundle: Bundle) -> Embedder:
                                  described_by="the manifest's config")  # fmt: skip
     except CheckpointError as e:
         raise BundleError(f"{e}; {REEXPORT}") from None
+    except ConfigError as e:  # a stored config this version refuses: about the bundle
+        raise BundleError(f"{bundle.path / MANIFEST}: the manifest's config does not build a "
+                          f"model ({e}); {REEXPORT}") from None
     bundle._embedder = make_embedder(cfg, model)
     return bundle._embedder
 

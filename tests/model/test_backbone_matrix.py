@@ -38,13 +38,7 @@ QUICK_EVAL = ["eval.tsne=false", "eval.rerank=false", "eval.index_types=[flat]",
               "eval.pca_lengths=[8]", "eval.one_shot_episodes=10"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_private_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 
 @pytest.fixture(scope="module")

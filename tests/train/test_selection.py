@@ -18,13 +18,7 @@ TINY = [*TINY_RUN, "train.epochs=2", "eval.batch_size=16", "train.figures_every=
         "eval.rerank=false"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_private_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 
 def scripted_run(tmp_path, monkeypatch, key: str, values: list[float], *extra: str):

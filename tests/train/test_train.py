@@ -20,13 +20,7 @@ CONFIGS = sorted(Path("configs").glob("*.yaml"))
 TINY = [*TINY_RUN, "train.epochs=2", "eval.batch_size=16"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_private_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 
 def tiny_cfg(config: Path | str, root: Path, out: Path, *extra: str):
