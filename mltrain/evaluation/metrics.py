@@ -505,22 +505,39 @@ def one_shot_accuracy(
     Returns None (not an error) when fewer than n_way classes have two images, so small
     validation splits simply skip the figure.
     """
+    emb, labels = _check_one_shot(emb, labels, n_way, episodes, metric)
+    order, _, starts, counts = class_blocks(labels)
+    eligible = np.flatnonzero(counts >= 2)
+    if len(eligible) < n_way:
+        return None
+    return _episodes_accuracy(emb, order, starts, counts, [eligible], n_way, episodes, seed,
+                              metric)  # fmt: skip
+
+
+def _check_one_shot(emb: np.ndarray, labels: np.ndarray, n_way: int, episodes: int,
+                    metric: str) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The arguments every one-shot figure shares, checked: (emb, labels) as arrays."""
     check_metric(metric)
     emb, labels = check_labelled(emb, labels)
     if not isinstance(n_way, (int, np.integer)) or n_way < 2:
         raise ConfigError(f"n_way must be an integer >= 2, got {n_way!r}")
     if not isinstance(episodes, (int, np.integer)) or episodes < 1:
         raise ConfigError(f"episodes must be a positive integer, got {episodes!r}")
-    order, _, starts, counts = class_blocks(labels)
-    eligible = np.flatnonzero(counts >= 2)
-    if len(eligible) < n_way:
-        return None
+    return emb, labels
+
+
+def _episodes_accuracy(emb: np.ndarray, order: np.ndarray, starts: np.ndarray,
+                       counts: np.ndarray, pools: list[np.ndarray], n_way: int, episodes: int,
+                       seed: int, metric: str) -> float:  # fmt: skip
+    """Share of right answers over `episodes` one-shot episodes, episode e drawing its n_way
+    class blocks from `pools[e % len(pools)]` (one pool: any class; one per group: within)."""
     x = l2_normalize(emb) if metric == "cosine" else emb
     rng = np.random.default_rng(seed)
     correct = 0
     for e0 in range(0, episodes, 256):
         n_ep = min(256, episodes - e0)
-        picked = np.stack([rng.choice(eligible, n_way, replace=False) for _ in range(n_ep)])
+        picked = np.stack([rng.choice(pools[(e0 + e) % len(pools)], n_way, replace=False)
+                           for e in range(n_ep)])  # fmt: skip
         correct += _one_shot_hits(x, order, starts, counts, picked, rng, metric)
     return correct / (episodes * n_way)
 
@@ -569,12 +586,7 @@ def one_shot_within_accuracy(
     harder than drawing classes from anywhere, since sibling classes look alike. Episodes
     take the eligible groups (`one_shot_groups`) in turn, so each weighs the same, and
     otherwise run as in `one_shot_accuracy`. None when no group has `n_way` classes."""
-    check_metric(metric)
-    emb, labels = check_labelled(emb, labels)
-    if not isinstance(n_way, (int, np.integer)) or n_way < 2:
-        raise ConfigError(f"n_way must be an integer >= 2, got {n_way!r}")
-    if not isinstance(episodes, (int, np.integer)) or episodes < 1:
-        raise ConfigError(f"episodes must be a positive integer, got {episodes!r}")
+    emb, labels = _check_one_shot(emb, labels, n_way, episodes, metric)
     eligible_groups = one_shot_groups(labels, groups, n_way)
     if not eligible_groups:
         return None
@@ -582,12 +594,5 @@ def one_shot_within_accuracy(
     order, _, starts, counts = class_blocks(labels)
     block_group = groups[order[starts]]
     members = [np.flatnonzero((block_group == g) & (counts >= 2)) for g in eligible_groups]
-    x = l2_normalize(emb) if metric == "cosine" else emb
-    rng = np.random.default_rng(seed)
-    correct = 0
-    for e0 in range(0, episodes, 256):
-        n_ep = min(256, episodes - e0)
-        picked = np.stack([rng.choice(members[(e0 + e) % len(members)], n_way, replace=False)
-                           for e in range(n_ep)])  # fmt: skip
-        correct += _one_shot_hits(x, order, starts, counts, picked, rng, metric)
-    return correct / (episodes * n_way)
+    return _episodes_accuracy(emb, order, starts, counts, members, n_way, episodes, seed,
+                              metric)  # fmt: skip
