@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from mltrain.cli import run_main
+from mltrain.commands.common import run_main
 
 COMMANDS = {
     "train": ("mltrain.commands.train", "train a model from a config (train.py)"),

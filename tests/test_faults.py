@@ -25,7 +25,7 @@ import mltrain.evaluation.evaluate as evaluation_mod
 import mltrain.retrieval.add as add_mod
 import mltrain.retrieval.gallery as gallery_mod
 from mltrain import files as safefs
-from mltrain.cli import run_main
+from mltrain.commands.common import run_main
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import load_bundle
@@ -448,7 +448,7 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_and_the_handler_is_restored(caps
     import os
     import signal
 
-    from mltrain.cli import INTERRUPTED_LINE, run_main, term_as_interrupt
+    from mltrain.commands.common import INTERRUPTED_LINE, run_main, term_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
     cleaned = []

@@ -24,7 +24,6 @@ import torch
 import mltrain.data.images as images_mod
 import mltrain.model.network as network_mod
 import mltrain.retrieval.bundle as bundle_mod
-from mltrain.cli import error_line, os_error_message, printable
 from mltrain.config import Config, load_config, to_dict
 from mltrain.data.images import load_image
 from mltrain.errors import BundleError, CheckpointError, ConfigError, DataError, MltrainError
@@ -37,6 +36,7 @@ from mltrain.retrieval.bundle import load_bundle, safe_image_path, sha256_file
 from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.index import load_index
 from mltrain.retrieval.search import main as search_main
+from mltrain.text import error_line, os_error_message, printable
 from mltrain.train import run as trainer
 from tests.conftest import TINY_RUN, tiny_embedder, write_image_folder
 
@@ -716,7 +716,7 @@ def test_an_error_line_stays_short_whatever_the_value_in_it():
     `MAX_LINE` characters, its end kept; the advice for a too-long name is said."""
     import errno
 
-    from mltrain.cli import MAX_LINE
+    from mltrain.text import MAX_LINE
 
     path = "/data/" + "x" * 1_000_000 + "/end.jpg"
     line = error_line(OSError(errno.ENAMETOOLONG, "File name too long", path))

@@ -59,3 +59,74 @@ def test_no_module_imports_a_later_layer():
                 if _layer(target) > _layer(me):
                     upward.append(f"{me} -> {target}")
     assert not upward, upward
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): ast.parse(
+            p.read_text()
+        )
+        for p in sorted((ROOT / "mltrain").rglob("*.py"))
+    }
+
+
+def _imports(tree: ast.Module, known: set[str]) -> set[str]:
+    """Package modules `tree` imports anywhere (deferred imports inside functions included: a
+    circle through them is still a circle a reader has to untangle)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t in known}
+    return out
+
+
+def test_no_import_circle():
+    trees = _modules()
+    graph = {m: _imports(t, set(trees)) - {m} for m, t in trees.items()}
+    # A package's __init__ importing its own modules is how packages re-export: not a circle.
+    graph = {m: {t for t in ts if not t.startswith(m + ".")} for m, ts in graph.items()}
+    circles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                circles.append(" -> ".join(path[path.index(t):] + [m, t]) if t in path
+                               else f"{m} -> {t}")  # fmt: skip
+            elif t not in state:
+                visit(t, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert not circles, circles
+
+
+def test_argparse_only_in_commands():
+    users = [m for m, t in _modules().items() if "argparse" in _imports_any(t)
+             and not m.startswith("mltrain.commands")]  # fmt: skip
+    assert not users, f"argparse outside mltrain/commands/: {users}"
+
+
+def _imports_any(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_modules_stay_small():
+    sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines())
+             for p in (ROOT / "mltrain").rglob("*.py")}  # fmt: skip
+    large = {p: n for p, n in sizes.items() if n >= 500}
+    assert not large, f"modules of 500 lines or more (split them by job): {large}"

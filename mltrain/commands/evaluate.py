@@ -14,7 +14,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from mltrain.cli import parse_config_args, run_main
+from mltrain.commands.common import parse_config_args, run_main
 from mltrain.commands.source import add_source_args, embedder_from_args, leave_out_trained
 from mltrain.errors import ConfigError
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mltrain.cli import parse_config_args
+from mltrain.commands.common import parse_config_args
 from mltrain.commands.source import add_source_args, embedder_from_args, leave_out_trained
 
 

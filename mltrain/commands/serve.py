@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from mltrain.cli import check_number, printable
-from mltrain.errors import BundleError, ConfigError, DataError, MltrainError
+from mltrain.errors import BundleError, ConfigError, DataError, MltrainError, check_number
+from mltrain.text import printable
 
 INSTALL = "install the serve extra: pip install -e '.[serve]'"
 # Upper limits of the size flags: past them the server holds more than a machine has

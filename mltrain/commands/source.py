@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from mltrain.cli import add_config_args
+from mltrain.commands.common import add_config_args
 from mltrain.errors import ConfigError
 
 

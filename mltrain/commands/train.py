@@ -6,9 +6,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from mltrain.cli import add_config_args, counted, parse_config_args, run_main
+from mltrain.commands.common import add_config_args, parse_config_args, run_main
 from mltrain.config import load_config
 from mltrain.errors import ConfigError
+from mltrain.text import counted
 
 
 def summary_line(run_dir: Path) -> str:

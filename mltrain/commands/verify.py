@@ -12,7 +12,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mltrain.cli import check_number, printable
+from mltrain.errors import check_number
+from mltrain.text import printable
 
 
 def parser() -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from mltrain.cli import counted
 from mltrain.errors import DataError
+from mltrain.text import counted
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 _MARKER = ".mltrain-extracted"  # the size of the archive a folder came from, and its path

@@ -1,11 +1,8 @@
-"""Download public data sets into a folder layout `scan_folder` reads.
-
-Usage: python -m mltrain.data.download caltech101 DEST
-"""
+"""Download public data sets into a folder layout `scan_folder` reads
+(`python -m mltrain download caltech101 DEST`)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -31,22 +28,3 @@ def download_caltech101(dest: str | os.PathLike) -> Path:
 
 
 DATASETS = {"caltech101": download_caltech101}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Download a data set; a failed download exits 1 with one line."""
-    parser = argparse.ArgumentParser(prog="python -m mltrain.data.download", description=__doc__)
-    parser.add_argument("dataset", choices=sorted(DATASETS))
-    parser.add_argument("dest", type=Path, help="folder to download into")
-    args = parser.parse_args(argv)
-    try:
-        root = DATASETS[args.dataset](args.dest)
-    except DataError as e:
-        parser.exit(1, f"error: {e}\n")
-    print(f"{args.dataset} is in {root}; set data.root: {root}")
-
-
-if __name__ == "__main__":
-    from mltrain.cli import run_main  # Ctrl-C and disk errors: one line, no traceback
-
-    run_main(main)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from mltrain.cli import counted
 from mltrain.data.folder import (
     QUIET_EXCLUSIONS,
     ImageFolder,
@@ -22,6 +21,7 @@ from mltrain.data.folder import (
     natural_key,
 )
 from mltrain.errors import DataError
+from mltrain.text import counted
 
 PATH_COLUMNS = ("path", "file", "filename", "image")
 LABEL_COLUMNS = ("label", "class", "category")

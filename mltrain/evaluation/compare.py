@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mltrain.cli import add_config_args, parse_config_args, run_main
+from mltrain.commands.common import add_config_args, parse_config_args, run_main
 from mltrain.config import override_key
 from mltrain.errors import ConfigError
 

@@ -22,11 +22,11 @@ from PIL import Image, ImageOps
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from mltrain.cli import shortened
 from mltrain.data.images import load_image
 from mltrain.errors import DataError
 from mltrain.evaluation.metrics import class_name
 from mltrain.inference.vectors import l2_normalize
+from mltrain.text import shortened
 
 GREEN = (0, 160, 0)
 

@@ -17,7 +17,6 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from mltrain import files
-from mltrain.cli import counted
 from mltrain.data.folder import IMAGE_EXTENSIONS, images_by_class, is_image, natural_key
 from mltrain.data.images import load_image
 from mltrain.errors import BundleError, ConfigError, DataError
@@ -48,6 +47,7 @@ from mltrain.retrieval.shards import (
     ShardWriter,
     shard_number,
 )
+from mltrain.text import counted
 
 
 def _collect(

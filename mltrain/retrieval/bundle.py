@@ -60,7 +60,6 @@ import torch
 
 import mltrain
 from mltrain import files
-from mltrain.cli import counted
 from mltrain.config import from_dict
 from mltrain.data.folder import is_image, sniff_image
 from mltrain.errors import BundleError, CheckpointError, ConfigError
@@ -74,6 +73,7 @@ from mltrain.retrieval.shards import (
     SHARD_NAME,
     ShardReader,
 )
+from mltrain.text import counted
 
 ARRAY_FORMAT = 1  # embeddings in one embeddings.npy
 SHARDED_FORMAT = 2  # embeddings in the shards that the manifest lists

@@ -49,15 +49,7 @@ from typing import Any
 import numpy as np
 
 from mltrain import files
-from mltrain.cli import (
-    INTERRUPTED,
-    INTERRUPTED_LINE,
-    counted,
-    error_line,
-    printable,
-    shortened,
-    term_as_interrupt,
-)
+from mltrain.commands.common import INTERRUPTED, INTERRUPTED_LINE, term_as_interrupt
 from mltrain.data.images import load_image
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.files import check_writable
@@ -78,6 +70,7 @@ from mltrain.retrieval.index import (
 )
 from mltrain.retrieval.rerank import RERANKERS, rerank_candidates
 from mltrain.retrieval.verify import calibration_note, is_resolved, threshold_for
+from mltrain.text import counted, error_line, printable, shortened
 
 
 @dataclass

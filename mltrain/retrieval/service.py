@@ -31,10 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from mltrain.cli import check_number
 from mltrain.data.images import DEFAULT_MAX_PIXELS, decode_image_bytes
 from mltrain.data.pipeline import decode_size
-from mltrain.errors import BundleError, ConfigError, DataError, MltrainError
+from mltrain.errors import BundleError, ConfigError, DataError, MltrainError, check_number
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.bundle import Bundle, bundle_embedder, load_bundle, safe_image_path
 from mltrain.retrieval.index import prepare

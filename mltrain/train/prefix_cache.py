@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from mltrain.cli import counted
 from mltrain.files import atomic_save
+from mltrain.text import counted
 
 
 def cache_dir() -> Path:
