@@ -4,7 +4,9 @@
   python benchmarks/ann.py --bundle DIR --synthetic 0        # an exported bundle only
   python benchmarks/ann.py --embeddings emb.npy --synthetic 100000 --out /tmp/bench
 
-Compares Faiss Flat (exact), HNSW, IVF-Flat and IVF-PQ, plus Annoy and hnswlib when they are
+Compares Faiss Flat (exact), HNSW, IVF-Flat, IVF-Flat with an HNSW coarse quantizer
+(`IVF{nlist}_HNSW32,Flat`, the same k-means lists as IVF-Flat) and IVF-PQ, plus Annoy and
+hnswlib when they are
 importable (`pip install -e .[ann]`), on (a) exported embeddings (`--bundle` or
 `--embeddings`; a random 1,000 of them, at most 10%, become queries and leave the base) and
 (b) a synthetic clustered set: a mixture of a few thousand Gaussian clusters (N/250, at most
@@ -14,12 +16,14 @@ embeddings have a low intrinsic dimension), L2-normalised and searched by cosine
 are fresh draws from the same mixture, not in the base.
 
 Per index and search setting it reports build seconds, single-query latency (one query per
-call, after warm-up; median and p99 in microseconds), batched latency per query (one call
-with all queries, `--threads` threads), recall@10 against exact search, the serialised index
-size and the process RSS growth during the build. HNSW efSearch, IVF nprobe and Annoy
-search_k are swept so the table shows the speed/recall trade-off. Writes `results.md`,
-`results.json` and one PNG per data set (recall@10 against median latency) to `--out`, and
-prints the best setting with recall@10 >= 0.95 against the 200 us single-query target.
+call on `--query-threads` threads, default 1, after warm-up; median and p99 in microseconds),
+batched latency per query (one call with all queries, `--threads` threads), recall@10 against
+exact search, the serialised index size and the process RSS growth during the build. HNSW
+efSearch, IVF nprobe (with the quantizer's efSearch for ivf_hnsw) and Annoy search_k are swept
+so the table shows the speed/recall trade-off. Writes `results.md`, `results.json` and one PNG
+per data set (recall@10 against median latency) to `--out`, and prints the best setting with
+recall@10 >= 0.95 against the 40 us single-query target, and each index's fastest such
+setting as a ratio to IVF-Flat's in the same process.
 
 Timings are wall-clock on whatever else the machine is running; compare rows of one run.
 """
@@ -34,92 +38,39 @@ import os
 import platform
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mltrain.retrieval.index import INDEX_TYPES, timed_single_queries  # noqa: E402
+from mltrain.retrieval.index import timed_single_queries  # noqa: E402
+from mltrain.retrieval.index_types import INDEX_TYPES  # noqa: E402
 
-K = 10
-TARGET_RECALL = 0.95
-TARGET_US = 200.0
-
-
-# --- data ------------------------------------------------------------------------------------
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    """A unit-length float32 copy (never in place: `x` may be a read-only memory map)."""
-    x = np.array(x, dtype=np.float32, order="C", copy=True)
-    faiss.normalize_L2(x)
-    return x
-
-
-def clustered(
-    n: int, dim: int, n_queries: int, clusters: int, intrinsic: int, spread: float = 1.0,
-    groups: int = 0, group_spread: float = 0.7, seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """Base and query vectors from one mixture of Gaussian clusters (unit length).
-
-    With `groups`, cluster centres scatter around that many group centres (similar classes
-    lie near each other in real embedding spaces) instead of being independent.
-    """
-    rng = np.random.default_rng(seed)
-    intrinsic = min(intrinsic, dim)
-    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
-    if groups:
-        tops = rng.standard_normal((groups, dim), dtype=np.float32)
-        centres = tops[rng.integers(groups, size=clusters)] + group_spread * centres
-    scales = rng.uniform(0.5, 1.5, clusters).astype(np.float32)  # tight and loose clusters
-    weights = rng.dirichlet(np.full(clusters, 2.0))  # unequal cluster sizes
-
-    def draw(count: int, rng: np.random.Generator) -> np.ndarray:
-        ids = rng.choice(clusters, size=count, p=weights)
-        out = np.empty((count, dim), dtype=np.float32)
-        order = np.argsort(ids, kind="stable")
-        bounds = np.searchsorted(ids[order], np.arange(clusters + 1))
-        for c in range(clusters):
-            rows = order[bounds[c] : bounds[c + 1]]
-            if len(rows) == 0:
-                continue
-            basis_rng = np.random.default_rng([seed, c])  # the same subspace for base and queries
-            basis = basis_rng.standard_normal((intrinsic, dim), dtype=np.float32)
-            basis /= np.sqrt(intrinsic)
-            z = rng.standard_normal((len(rows), intrinsic), dtype=np.float32)
-            noise = rng.standard_normal((len(rows), dim), dtype=np.float32) * 0.15
-            out[rows] = centres[c] + spread * scales[c] * ((z @ basis) * 0.9 + noise)
-        return out
-
-    base = normalize(draw(n, rng))
-    queries = normalize(draw(n_queries, np.random.default_rng(seed + 1)))
-    where = f"around {groups} group centres" if groups else "independent"
-    desc = (
-        f"synthetic: {n:,} x {dim} float32, mixture of {clusters:,} Gaussian clusters (centres "
-        f"{where}, per-cluster scale 0.5-1.5, spread in a {intrinsic}-d subspace per cluster "
-        f"plus isotropic noise, Dirichlet cluster sizes), L2-normalised, cosine; {n_queries:,} "
-        "queries drawn from the same mixture, not in the base"
+try:
+    from benchmarks.ann_data import K, load_inputs
+    from benchmarks.ann_report import (
+        Row,
+        baseline_lines,
+        per_gb_lines,
+        plot,
+        table,
+        target_line,
     )
-    return base, queries, desc
-
-
-def from_embeddings(x: np.ndarray, n_queries: int, name: str, seed: int = 0):
-    x = normalize(np.asarray(x, dtype=np.float32))
-    n_q = min(n_queries, max(1, len(x) // 10))
-    perm = np.random.default_rng(seed).permutation(len(x))
-    queries, base = x[perm[:n_q]], x[perm[n_q:]]
-    if len(base) < K:
-        raise SystemExit(f"{name}: {len(x)} embeddings are too few to measure recall@{K}")
-    desc = (
-        f"{name}: {len(base):,} x {x.shape[1]} embeddings (L2-normalised, cosine); {n_q:,} "
-        "randomly chosen embeddings are the queries and are left out of the base"
+except ImportError:  # run as `python benchmarks/ann.py`
+    from ann_data import K, load_inputs  # type: ignore[no-redef]
+    from ann_report import (  # type: ignore[no-redef]
+        Row,
+        baseline_lines,
+        per_gb_lines,
+        plot,
+        table,
+        target_line,
     )
-    return np.ascontiguousarray(base), np.ascontiguousarray(queries), desc
 
 
 # --- measurement ---------------------------------------------------------------------------
@@ -128,26 +79,6 @@ def from_embeddings(x: np.ndarray, n_queries: int, name: str, seed: int = 0):
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@dataclass
-class Row:
-    dataset: str
-    index: str
-    params: str
-    search: str
-    build_s: float
-    median_us: float
-    p99_us: float
-    batch_us: float
-    recall: float
-    nbytes: int
-    rss_mb: float
-    ntotal: int
-
-    @property
-    def bytes_per_vector(self) -> float:
-        return self.nbytes / max(1, self.ntotal)
 
 
 def single_query_times(
@@ -188,9 +119,9 @@ class Built:
     rss_mb: float
     nbytes: int
     ntotal: int
-    knob: str  # efSearch | nprobe | search_k | ef | -
-    values: list[int]
-    set_knob: Callable[[int], None]
+    knob: str  # efSearch | nprobe | nprobe/efSearch | search_k | ef | -
+    values: list[Any]
+    set_knob: Callable[[Any], None]
     search_batch: Callable[[np.ndarray], np.ndarray]  # (n, d) -> (n, K) ids
     search_one: Callable[[np.ndarray], object]
     obj: object = None
@@ -205,7 +136,7 @@ def _faiss_built(name, params, index, build_s, rss_mb, knob, values, setter) -> 
 
 
 def package_index(name: str, base: np.ndarray, **args) -> faiss.Index:
-    """An empty index built the way exports build it (`mltrain.retrieval.index.INDEX_TYPES`),
+    """An empty index built the way exports build it (`mltrain.retrieval.index_types.INDEX_TYPES`),
     for cosine search on the unit vectors this benchmark uses."""
     spec = {"name": name, "args": args}
     return INDEX_TYPES.build(spec, dim=base.shape[1], metric_type=faiss.METRIC_INNER_PRODUCT,
@@ -287,6 +218,31 @@ def build_ivf_flat(base: np.ndarray, args) -> Built:
     params = f"nlist={nlist} train={len(train):,}"
     values = _nprobe_values(nlist, args)
     return _faiss_built("ivf_flat", params, index, build_s, rss, "nprobe", values, set_nprobe)
+
+
+def build_ivf_hnsw(base: np.ndarray, args) -> Built:
+    """IVF-Flat whose coarse quantizer is an HNSW graph over the same centroids (the factory
+    string `IVF{nlist}_HNSW32,Flat`): a query reaches its nearest lists in a few hundred
+    distance computations instead of one per list, so more lists (shorter ones) pay."""
+    d, nlist = base.shape[1], _nlist(len(base), args)
+    train = _train_sample(base, nlist, args)
+    flat, kmeans_s = coarse_quantizer(base, train, nlist, args)
+    r0, t = rss_bytes(), time.perf_counter() - kmeans_s
+    quantizer = faiss.IndexHNSWFlat(d, args.quantizer_m, faiss.METRIC_INNER_PRODUCT)
+    quantizer.hnsw.efConstruction = 2 * args.quantizer_m
+    quantizer.add(flat.reconstruct_n(0, nlist))
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.add(base)
+    build_s, rss = time.perf_counter() - t, (rss_bytes() - r0) / 2**20
+
+    def set_both(value: str) -> None:
+        nprobe, ef = (int(v) for v in value.split("/"))
+        index.nprobe, quantizer.hnsw.efSearch = nprobe, max(ef, nprobe)
+
+    params = f"IVF{nlist}_HNSW{args.quantizer_m},Flat train={len(train):,}"
+    values = [f"{n}/{ef}" for n in _nprobe_values(nlist, args) for ef in args.quantizer_ef]
+    return _faiss_built("ivf_hnsw", params, index, build_s, rss, "nprobe/efSearch", values,
+                        set_both)  # fmt: skip
 
 
 def build_ivf_pq(base: np.ndarray, args) -> Built:
@@ -375,6 +331,7 @@ FAMILIES: dict[str, Callable[[np.ndarray, argparse.Namespace], Built]] = {
     "flat": build_flat,
     "hnsw": build_hnsw,
     "ivf_flat": build_ivf_flat,
+    "ivf_hnsw": build_ivf_hnsw,
     "ivf_pq": build_ivf_pq,
     "annoy": build_annoy,
     "hnswlib": build_hnswlib,
@@ -418,7 +375,9 @@ def bench_dataset(name: str, base: np.ndarray, queries: np.ndarray, args) -> lis
         print(f"[{name}] {family} built in {built.build_s:.1f} s ({built.params})", flush=True)
         for value in built.values:
             built.set_knob(value)
+            faiss.omp_set_num_threads(args.query_threads)  # a lone query: one thread is fair
             times = single_query_times(built.search_one, queries, args.time_budget)
+            faiss.omp_set_num_threads(args.threads)
             t = time.perf_counter()
             found = built.search_batch(queries)
             batch_us = (time.perf_counter() - t) / len(queries) * 1e6
@@ -439,101 +398,6 @@ def bench_dataset(name: str, base: np.ndarray, queries: np.ndarray, args) -> lis
         del built
         gc.collect()
     return rows
-
-
-def table(rows: list[Row]) -> str:
-    head = (
-        "| index | build params | search | build s | median us | p99 us | batch us/q "
-        f"| recall@{K} | index MB | bytes/vec | RSS growth MB |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-    )
-    lines = [
-        f"| {r.index} | {r.params} | {r.search} | {r.build_s:.1f} | {r.median_us:.1f} | "
-        f"{r.p99_us:.1f} | {r.batch_us:.1f} | {r.recall:.3f} | {r.nbytes / 2**20:.1f} | "
-        f"{r.bytes_per_vector:.0f} | {r.rss_mb:.0f} |"
-        for r in rows
-    ]
-    return head + "\n".join(lines) + "\n"
-
-
-def target_line(rows: list[Row]) -> str:
-    good = [r for r in rows if r.recall >= TARGET_RECALL]
-    if not good:
-        return (
-            f"target: no index reached recall@{K} >= {TARGET_RECALL} "
-            f"(>= {TARGET_RECALL}, < {TARGET_US:.0f} us): not met"
-        )
-    best = min(good, key=lambda r: r.median_us)
-    met = "met" if best.median_us < TARGET_US else "not met"
-    label = best.index + (f" ({best.search})" if best.search != "-" else "")
-    return (
-        f"target: {label} answers single queries in {best.median_us:.0f} us median at "
-        f"recall@{K} {best.recall:.3f} (>= {TARGET_RECALL}, < {TARGET_US:.0f} us): {met}"
-    )
-
-
-def per_gb_lines(rows: list[Row]) -> list[str]:
-    seen: dict[str, Row] = {}
-    for r in rows:
-        seen.setdefault(r.index, r)
-    return [
-        f"vectors per GB: {r.index:8s} {1e9 / r.bytes_per_vector:>13,.0f}  "
-        f"({r.bytes_per_vector:.0f} bytes/vector, {r.params})"
-        for r in seen.values()
-    ]
-
-
-def plot(rows: list[Row], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name in dict.fromkeys(r.index for r in rows):
-        rs = sorted((r for r in rows if r.index == name), key=lambda r: r.median_us)
-        ax.plot([r.median_us for r in rs], [r.recall for r in rs], marker="o", label=name)
-        for r in rs:
-            if r.search != "-":
-                ax.annotate(r.search.split("=")[1], (r.median_us, r.recall), fontsize=7,
-                            xytext=(3, -9), textcoords="offset points")  # fmt: skip
-    ax.axhline(TARGET_RECALL, color="grey", ls="--", lw=0.8)
-    ax.axvline(TARGET_US, color="grey", ls=":", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("single-query latency, median (us, log scale)")
-    ax.set_ylabel(f"recall@{K}")
-    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def load_inputs(args) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
-    sets = []
-    if args.bundle:
-        from mltrain.retrieval.bundle import load_bundle
-
-        b = load_bundle(args.bundle)
-        if b.metric != "cosine":
-            print(f"note: bundle metric is {b.metric}; this benchmark searches by cosine")
-        name = f"bundle {args.bundle}"
-        sets.append((name, *from_embeddings(np.asarray(b.embeddings), args.queries, name)))
-    if args.embeddings:
-        x = np.load(args.embeddings, allow_pickle=False, mmap_mode="r")
-        if x.ndim != 2:
-            raise SystemExit(f"{args.embeddings}: expected a 2-D array, got shape {x.shape}")
-        name = f"embeddings {Path(args.embeddings).name}"
-        sets.append((name, *from_embeddings(x, args.queries, name)))
-    if args.synthetic:
-        clusters = args.clusters or int(np.clip(args.synthetic // 250, 2, 4000))
-        t = time.perf_counter()
-        base, queries, desc = clustered(args.synthetic, args.dim, args.queries, clusters,
-                                        args.intrinsic_dim, args.spread, args.groups)  # fmt: skip
-        print(f"generated the synthetic set in {time.perf_counter() - t:.1f} s")
-        sets.append((f"synthetic {args.synthetic:,}x{args.dim}", base, queries, desc))
-    return sets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -558,6 +422,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ef-values", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4*sqrt(N))")
     p.add_argument("--nprobe-values", type=int, nargs="+", default=[1, 4, 8, 16, 64])
+    p.add_argument("--quantizer-m", type=int, default=32, help="ivf_hnsw: HNSW M of the quantizer")
+    p.add_argument("--quantizer-ef", type=int, nargs="+", default=[16, 32, 64],
+                   help="ivf_hnsw: quantizer efSearch values, swept with each nprobe")
+    p.add_argument("--query-threads", type=int, default=1,
+                   help="threads for single-query timing (batch search uses --threads)")
     p.add_argument("--kmeans-iter", type=int, default=10)
     p.add_argument("--train-per-list", type=int, default=40, help="IVF training points per list")
     p.add_argument("--max-train", type=int, default=200_000)
@@ -588,7 +457,7 @@ def main(argv=None) -> None:
         rows = bench_dataset(name, base, queries, args)
         del base
         gc.collect()
-        target, per_gb = target_line(rows), per_gb_lines(rows)
+        target, per_gb = target_line(rows), baseline_lines(rows) + per_gb_lines(rows)
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
         plot(rows, desc, out / f"{slug}.png")
         md = table(rows)

@@ -24,8 +24,8 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not 
     sys.path.append(str(REPO))
 
 from mltrain.config import Config, load_config  # noqa: E402
-from mltrain.data.archive import resolve_root  # noqa: E402
-from mltrain.data.folder import ImageFolder, scan_folder  # noqa: E402
+from mltrain.data.labelled import ImageFolder  # noqa: E402
+from mltrain.data.readers import read_images, resolve_root  # noqa: E402
 
 CONFIGS = REPO / "configs"
 MODES = ("classification", "pooling", "siamese", "triplet")
@@ -75,7 +75,7 @@ def config_for(mode: str, root: Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def scan(cfg: Config) -> ImageFolder:
-    return scan_folder(resolve_root(cfg.data.root), exclude=cfg.data.exclude_classes)
+    return read_images(cfg.data.root, exclude=cfg.data.exclude_classes)
 
 
 def sample_evenly(folder: ImageFolder, n: int) -> np.ndarray:

@@ -13,6 +13,14 @@ On the same N images (default 1000, spread evenly over the classes; 0 = all), ti
 (f) the model in this process with all threads while the workers only decode
     (`eval.model_in_workers=false`), and (g) that with whole batches (`eval.cpu_chunk=0`);
 (d) decode-only throughput of both pipelines (no model).
+
+A second table (`--backends`, default onnx,openvino; add `compile` for torch.compile, whose
+compilation takes minutes on 2 cores) runs the other runners on the same images, decode
+included: onnxruntime fp32, OpenVINO fp32 and bf16 with one synchronous request per chunk of 8
+or its requests in flight together (chunks of 4, 8, 16), and torch.compile; with its model
+only throughput on `--model-images` decoded images, its setup seconds, its worst cosine to
+torch fp32 and its precision@1 against torch fp32's, and which runner `eval.backend: auto`
+takes for this many images.
 Variants run interleaved in `--rounds` rounds over disjoint parts of the images, each after
 an untimed warm-up batch, so that a shared machine's load hits them alike; every figure is
 also given as a ratio to the naive loop measured in the same process.
@@ -26,6 +34,7 @@ import math
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +52,16 @@ from mltrain.config import Config, load_config  # noqa: E402
 from mltrain.data.dataset import default_num_workers  # noqa: E402
 from mltrain.data.pipeline import decode_size, eval_loader, inference_workers  # noqa: E402
 from mltrain.evaluation.metrics import retrieval_metrics  # noqa: E402
+from mltrain.inference.backends import RUNNERS, fastest, job_seconds  # noqa: E402
+from mltrain.inference.batching import _embed_fn, apply, extract_embeddings  # noqa: E402
 from mltrain.inference.embedder import Embedder, embedder_from_backbone  # noqa: E402
+from mltrain.inference.onnx import (  # noqa: E402
+    OnnxSession,
+    export_bytes,
+    noise_probe,
+    onnxruntime_available,
+)
+from mltrain.inference.openvino import OpenVinoModel, openvino_available  # noqa: E402
 from mltrain.runtime import (  # noqa: E402
     resolve_amp,
     resolve_device,
@@ -102,12 +120,102 @@ def build(args: argparse.Namespace):
     overrides = common.model_overrides(args)
     probe = load_config(common.CONFIGS / "pooling.yaml", overrides)
     root = common.data_root(args.root, probe)
-    cfg = common.config_for("pooling", root, [*overrides, f"eval.batch_size={args.batch}"])
+    cfg = common.config_for("pooling", root, [*overrides, f"eval.batch_size={args.batch}",
+                                              "eval.backend=torch"])
     folder = common.scan(cfg)
     picked = common.sample_evenly(folder, args.images)
     paths = [folder.paths[i] for i in picked]
     labels = folder.labels[picked]
     return cfg, root, paths, labels
+
+
+class Compiled(torch.nn.Module):
+    """`torch.compile` of a model's `embed`, standing in for the model in the batching code.
+    A short last chunk is padded to `size` images: one compiled shape, no recompiling."""
+
+    def __init__(self, model: torch.nn.Module, size: int) -> None:
+        super().__init__()
+        self.model, self.normalize, self.size = model, model.normalize, size
+        self._embed = torch.compile(model.embed, dynamic=False)
+
+    def embed(self, x: torch.Tensor, from_prefix: bool = False) -> torch.Tensor:
+        n = len(x)
+        if n < self.size:
+            x = torch.cat([x, x.new_zeros(self.size - n, *x.shape[1:])])
+        return self._embed(x)[:n]
+
+
+def backend_variants(chosen: set[str], bf16: Embedder, fp32: Embedder) -> dict:
+    """{key: (label, embedder, spec)} of the other runners, the model in this process unless
+    the label says otherwise; loader workers decode."""
+    here = replace(fp32.spec, in_workers=False)
+    rows: dict = {}
+    graph = None
+    if chosen & {"onnx", "openvino"}:
+        graph = export_bytes(bf16.model, noise_probe(tuple(bf16.dcfg["input_size"]), 2))
+    if "onnx" in chosen and onnxruntime_available():
+        e = bf16.with_backend("onnx", OnnxSession(graph, bf16.model.normalize))
+        rows["ort"] = ("onnxruntime fp32, chunks of 8, model in the workers", e, e.spec)
+    if "openvino" in chosen and openvino_available():
+        precisions = ["f32"]
+        probe = OpenVinoModel(graph, bf16.model.normalize)
+        if probe.precision == "bf16":
+            precisions.append("bf16")
+        for prec in precisions:
+            for chunk, sync in ((8, True), (4, False), (8, False), (16, False)):
+                if prec == "f32" and chunk != 8:
+                    continue
+                runner = OpenVinoModel(graph, bf16.model.normalize, precision=prec, chunk=chunk)
+                e = replace(bf16, backend="openvino", openvino=runner, _on={})
+                spec = replace(e.spec, cpu_chunk=chunk) if sync else e.spec
+                how = ("one synchronous request per chunk of 8" if sync else
+                       f"chunks of {chunk} on all requests at once")
+                rows[f"ov {prec} {'sync' if sync else 'async'} {chunk}"] = (
+                    f"OpenVINO {prec}, {how}", e, spec)
+    if "compile" in chosen:
+        e = replace(bf16, _fast=Compiled(bf16.forward_model, bf16.cfg.eval.cpu_chunk), _on={})
+        rows["compile"] = ("torch.compile (BatchNorm folded, amp as (b)), chunks of 8", e,
+                           replace(here, amp=bf16.amp, channels_last=True))
+    return rows
+
+
+def model_only(model: torch.nn.Module, x: torch.Tensor, spec, batch: int):
+    """A round function: the model on decoded tensors `x` in loader-sized batches."""
+    fn = _embed_fn(model, False)
+
+    def run(_: int) -> int:
+        with torch.inference_mode():
+            for s in range(0, len(x), batch):
+                apply(fn, x[s : s + batch], spec)
+        return len(x)
+
+    return run
+
+
+def print_backends(rows: dict, rate: dict, counts: dict, out: dict, labels: np.ndarray,
+                   setup: dict, n: int, batch: int) -> dict:  # fmt: skip
+    """The second table: every runner against torch fp32 and the naive loop."""
+    base_p1 = precision_at_1(out["fp32"], labels)
+    table, summary = [], {}
+    for key, label in rows.items():
+        worst = float(np.min(np.sum(out[key] * out["fp32"], axis=1)))
+        diff = 100 * (precision_at_1(out[key], labels) - base_p1)
+        model = rate.get(f"model {key}", float("nan"))
+        table.append([label, counts[key], rate[key], rate[key] / rate["naive"], model,
+                      model / rate["model bf16"], setup.get(key, 0.0), f"{worst:.5f}", diff])
+        summary[key] = {"img_s": rate[key], "worst_cos": worst, "p1_points": diff}
+    print()
+    print(common.markdown_table(
+        ["runner (end to end: decode in loader workers)", "images", "img/s", "ratio vs naive",
+         "model-only img/s", "model ratio vs torch bf16", "setup s",
+         "worst cos vs torch fp32", "P@1 - torch fp32 (points)"], table))
+    seconds = {r: job_seconds(r, n, batch, traced=True) for r in RUNNERS if r != "onnx"}
+    print(f"eval.backend auto for {n} images in batches of {batch} (no ONNX graph at hand): "
+          f"{fastest(list(seconds), n, batch, traced=True)} (estimates from "
+          "mltrain.inference.backends.COSTS: "
+          + ", ".join(f"{r} {v:.1f} s" for r, v in seconds.items()) + ")")
+    print(f"{common.load_note()}")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,6 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--naive-limit", type=int, default=0,
                         help="time the naive loop on at most this many of the images, spread "
                              "evenly (it is slow); 0 = all of them")
+    parser.add_argument("--backends", default="onnx,openvino",
+                        help="other runners for the second table, comma-separated: onnx, "
+                             "openvino, compile (torch.compile); empty for none")
+    parser.add_argument("--model-images", type=int, default=128,
+                        help="decoded images held in memory for the model-only column")
     common.add_threads_arg(parser)
     common.add_model_args(parser)
     args = parser.parse_args(argv)
@@ -183,8 +296,13 @@ def main(argv: list[str] | None = None) -> dict:
     naive_decode(transform, warm, args.batch)
     project_decode(one_proc, bf16.dcfg, warm)
 
+    setup: dict[str, float] = {}
+    others = backend_variants({b for b in args.backends.split(",") if b}, bf16, fp32)
+    for key, (_, e, spec) in others.items():  # setup: compile or build, and the first batch
+        with common.stopwatch(setup, key):
+            extract_embeddings(e.forward_model, e._loader(warm, None), spec)
     out = {name: np.zeros((len(paths), bf16.model.embedding_dim), np.float32)
-           for name in ("naive", "bf16", "fp32", "nofold", "threads", "whole")}
+           for name in ("naive", "bf16", "fp32", "nofold", "threads", "whole", *others)}
 
     def e2e(name, fn, which):
         def run(r: int) -> int:
@@ -205,6 +323,14 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": e2e("threads", inproc.embed, parts),
         "whole": e2e("whole", whole.embed, parts),
     }
+    for key, (_, e, spec) in others.items():
+        variants[key] = e2e(key, lambda p, e=e, s=spec: extract_embeddings(
+            e.forward_model, e._loader(p, None), s)[0], parts)  # fmt: skip
+    x = torch.cat([b for b, _, _ in bf16._loader(paths[: max(args.model_images, 1)], None)])
+    model_variants = {"model bf16": model_only(bf16.forward_model, x, bf16.spec, args.batch),
+                      "model fp32": model_only(fp32.forward_model, x, fp32.spec, args.batch)}
+    for key, (_, e, spec) in others.items():
+        model_variants[f"model {key}"] = model_only(e.forward_model, x, spec, args.batch)
     decode_variants = {
         "naive decode": decode(lambda p: naive_decode(transform, p, args.batch), naive_parts),
         "project decode": decode(lambda p: project_decode(cfg, bf16.dcfg, p), parts),
@@ -216,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter()
     common.run_rounds(variants, rounds, times, counts, cpu)
     common.run_rounds(decode_variants, rounds, times, counts, cpu)
+    common.run_rounds(model_variants, rounds, times, counts)
     wall = time.perf_counter() - wall
 
     rate = {k: counts[k] / times[k] for k in times}
@@ -278,8 +405,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"peak RSS: main process {self_mb:.0f} MiB; largest loader worker {child_mb:.0f} MiB "
           "(ru_maxrss; workers share the parent's pages copy-on-write)")
     print(f"timed part {wall:.0f} s; {common.load_note()}")
+    backends = {}
+    if others:
+        rows = {"bf16": f"torch {amp_name} (row b, the project path)",
+                "fp32": "torch fp32 (row c)", **{k: v[0] for k, v in others.items()}}
+        backends = print_backends(rows, rate, counts, out,
+                                  labels, setup, len(paths), args.batch)  # fmt: skip
     sys.stdout.flush()
-    return {"rate": rate, "counts": counts, "cpu": cpu, "cpu_bound": bound, "p1": p1,
+    return {"backends": backends, "rate": rate, "counts": counts,
+            "cpu": cpu, "cpu_bound": bound, "p1": p1,
             "diff_points": diff, "cos": cos, "rss_mb": self_mb, "child_rss_mb": child_mb,
             "threads": threads}
 

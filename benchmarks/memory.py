@@ -165,7 +165,8 @@ def shard_child(mode: str, folder: str, n: int, dim: int, shard_size: int, kind:
                 nlist: int, seed: int) -> dict:
     """One sharded-export measurement in this (fresh) process: `write` the gallery into
     shards, or build a `kind` index from one `array` or from the `shards`."""
-    from mltrain.retrieval.index import build_index, index_nbytes
+    from mltrain.retrieval.index import index_nbytes
+    from mltrain.retrieval.index_types import build_index
     from mltrain.retrieval.shards import ShardReader, ShardWriter, index_from_shards
 
     rss_imports = _rss_mib()
@@ -199,7 +200,7 @@ def shard_child(mode: str, folder: str, n: int, dim: int, shard_size: int, kind:
 
 def shard_main(args: argparse.Namespace, common) -> list[dict]:
     kinds = [k.strip() for k in args.index.split(",") if k.strip()]
-    from mltrain.retrieval.index import default_nlist
+    from mltrain.retrieval.index_types import default_nlist
 
     nlist = args.nlist or min(1024, default_nlist(args.n))
     print(f"# memory benchmark: sharded export of {args.n:,} x {args.dim} float32 clustered "

@@ -16,6 +16,12 @@ offline ImageNet weights):
   `--backend onnx` on a bundle of `--gallery` of the images exported with `--onnx`
   (start-up, imports, bundle check, model build, one query).
 
+A second table puts OpenVINO (bf16 where the CPU has it, fp32 otherwise; `openvino` extra)
+beside them, and gives each runner's setup beyond the PyTorch model: folding BatchNorm (torch),
+building the session (onnxruntime), compiling and checking parity (OpenVINO, from the graph and
+from a trace of the model), each with its first batch of one. These feed
+`mltrain.inference.backends.COSTS`, from which `--backend auto` chooses.
+
 Rows run interleaved in `--rounds` rounds after an untimed warm-up; every figure is also a
 ratio to the PyTorch default measured in the same process, and the load average is printed.
 """
@@ -43,7 +49,8 @@ import torch  # noqa: E402
 from mltrain.config import load_config  # noqa: E402
 from mltrain.inference.batching import _embed_fn, apply  # noqa: E402
 from mltrain.inference.embedder import Embedder, embedder_from_backbone  # noqa: E402
-from mltrain.inference.onnx import OnnxSession, export_checked  # noqa: E402
+from mltrain.inference.onnx import OnnxSession, export_checked, noise_probe  # noqa: E402
+from mltrain.inference.openvino import checked_runner, openvino_available  # noqa: E402
 from mltrain.retrieval.export import export_bundle  # noqa: E402
 
 
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     threads = common.apply_threads(args.threads)
 
-    overrides = common.model_overrides(args)
+    overrides = [*common.model_overrides(args), "eval.backend=torch"]
     root = common.data_root(args.root, load_config(common.CONFIGS / "pooling.yaml", overrides))
     cfg = common.config_for("pooling", root, overrides)
     folder = common.scan(cfg)
@@ -132,9 +139,17 @@ def main(argv: list[str] | None = None) -> dict:
         run(-1)
     times: dict[str, float] = {}
     counts: dict[str, int] = {}
+    setup, extra = runner_setup(default, graph, x)
+    if "openvino" in extra:
+        ov = extra["openvino"]
+        variants["openvino, batch 1"] = model_rate(ov, small, 1)
+        variants["openvino, batch 32"] = model_rate(ov, x, 32)
+        variants["openvino, embed() end to end"] = lambda _: len(ov.embed(paths))
+        variants["openvino, batch 1"](-1)
+        variants["openvino, embed() end to end"](-1)
     common.run_rounds(variants, max(1, args.rounds), times, counts)
     rate = {k: counts[k] / times[k] for k in variants}
-    names = list(variants)
+    names = list(variants)[:8]
     base = {n: names[0] if "batch 1" in n else names[3] if "batch 32" in n else names[6]
             for n in names}  # fmt: skip
     rows = [[n, counts[n], times[n], rate[n], rate[n] / rate[base[n]]] for n in names]
@@ -146,9 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     bcfg.export.index = "flat"
     bundle = export_bundle(replace(default, cfg=bcfg), work / "bundle",
                            "benchmarks/onnx_backend.py", onnx=True)
-    proc: dict[str, list[float]] = {"torch": [], "onnx": []}
+    proc: dict[str, list[float]] = {b: [] for b in ("torch", "onnx", *extra)}
     for r in range(max(1, args.runs)):
-        for backend in common.interleaved_order(["torch", "onnx"], r):
+        for backend in common.interleaved_order(list(proc), r):
             proc[backend].append(process_seconds(bundle, paths[-1], backend))
     med = {k: statistics.median(v) for k, v in proc.items()}
     for k in ("torch", "onnx"):
@@ -162,8 +177,59 @@ def main(argv: list[str] | None = None) -> dict:
           f"rows: images = runs, img/s = searches/s, ratio of median seconds "
           f"{med['torch']:.2f} torch / {med['onnx']:.2f} onnx)")
     print(f"{common.load_note()}")
-    return {"rate": rate, "process": med, "parity": parity.worst_cosine, "names": names,
+    print_runners(names, rate, setup, med, amp)
+    return {"setup": setup, "rate": rate, "process": med,
+            "parity": parity.worst_cosine, "names": names,
             "threads": threads, "bundle": bundle}  # fmt: skip
+
+
+def runner_setup(default: Embedder, graph: bytes, x: torch.Tensor) -> tuple[dict, dict]:
+    """({runner: setup seconds}, {"openvino": its embedder} where openvino is installed):
+    what each runner costs before its first embedding, the first batch of one included."""
+    setup: dict[str, float] = {}
+    one = x[:1]
+    fresh = replace(default, _fast=None, _on={})
+    with common.stopwatch(setup, "torch"):
+        model_rate(fresh, one, 1)(0)
+    with common.stopwatch(setup, "onnx"):
+        model_rate(default.with_backend("onnx", OnnxSession(graph, default.model.normalize)),
+                   one, 1)(0)  # fmt: skip
+    extra = {}
+    if openvino_available():
+        probe = noise_probe(tuple(default.dcfg["input_size"]), 4)
+        for key, source in (("openvino", graph), ("openvino, traced", None)):
+            with common.stopwatch(setup, key):
+                runner, _ = checked_runner(default.model, probe, source)
+                ov = replace(default, backend="openvino", openvino=runner, _on={})
+                model_rate(ov, one, 1)(0)
+        extra["openvino"] = ov
+    return setup, extra
+
+
+def print_runners(names: list[str], rate: dict, setup: dict, med: dict, amp: str) -> None:
+    """Every runner's setup and speed, as ratios to the torch default."""
+    torch_1, torch_32, torch_e2e = names[0], names[3], names[6]
+    keys = {"torch": (torch_1, torch_32, torch_e2e),
+            "onnx": (names[2], names[5], names[7]),
+            "openvino": ("openvino, batch 1", "openvino, batch 32",
+                         "openvino, embed() end to end")}  # fmt: skip
+    rows = []
+    for runner, (b1, b32, e2e) in keys.items():
+        if b1 not in rate:
+            continue
+        rows.append([runner, setup[runner], rate[b1], rate[b1] / rate[torch_1], rate[b32],
+                     rate[b32] / rate[torch_32], rate[e2e] / rate[torch_e2e],
+                     med.get(runner, float("nan"))])  # fmt: skip
+    if "openvino, traced" in setup:
+        rows.append(["openvino, traced (no model.onnx)", setup["openvino, traced"]]
+                    + [float("nan")] * 6)
+    print()
+    print(common.markdown_table(
+        ["runner", "setup s", "batch 1 img/s", "ratio", "batch 32 img/s", "ratio",
+         "end to end ratio", "search process median s"], rows))
+    print(f"(ratios against torch {amp}, the search default's PyTorch path; setup: beyond the "
+          "PyTorch model, first batch of one included)")
+    print(common.load_note())
 
 
 if __name__ == "__main__":

@@ -180,7 +180,8 @@ def cli_latencies(bundle: Path, queries: list[tuple[Path, str]], runs: int,
 
 def in_process_latencies(bundle_dir: Path, queries: list[tuple[Path, str]], n: int,
                          backend: str = "auto"):  # fmt: skip
-    from mltrain.retrieval.bundle import bundle_embedder, load_bundle
+    from mltrain.retrieval.bundle import load_bundle
+    from mltrain.retrieval.bundle_model import bundle_embedder
     from mltrain.retrieval.search import search_images
 
     bundle = load_bundle(bundle_dir)

@@ -1,6 +1,8 @@
 """`python -m mltrain <command>` and the `mltrain` script: one family of commands with shared
-flags (`--config`, `--set`, `--checkpoint`, `--backbone`) and one-line errors. Only the chosen
-command's module is imported, so `mltrain verify` does not pay for training's imports."""
+flags (`--config`, `--set`, `--checkpoint`, `--backbone`) and one-line errors. Command NAME is
+the module `mltrain.commands.NAME`, and only the chosen one is imported, so `mltrain verify`
+does not pay for training's imports. The exit status is the command's own (search: 1 when
+some query failed), 2 for a failure, 130 for Ctrl-C."""
 
 from __future__ import annotations
 
@@ -11,19 +13,20 @@ from collections.abc import Sequence
 from mltrain.commands.common import run_main
 
 COMMANDS = {
-    "train": ("mltrain.commands.train", "train a model from a config (train.py)"),
-    "evaluate": ("mltrain.commands.evaluate", "evaluate a checkpoint or backbone (evaluate.py)"),
-    "export": ("mltrain.commands.export", "embed a folder into a search bundle, no evaluation"),
-    "search": ("mltrain.retrieval.search", "search a bundle with query images"),
-    "add": ("mltrain.retrieval.search", "enroll images (one per class is enough) into a bundle"),
-    "verify": ("mltrain.commands.verify", "same class or not, at a calibrated threshold"),
-    "serve": ("mltrain.commands.serve", "serve a bundle over HTTP: search API and web page"),
-    "compare": ("mltrain.evaluation.compare", "compare pretrained backbones on your data"),
+    "train": "train a model from a config (train.py)",
+    "evaluate": "evaluate a checkpoint or backbone (evaluate.py)",
+    "export": "embed a folder into a search bundle, no evaluation",
+    "search": "search a bundle with query images",
+    "add": "enroll images (one per class is enough) into a bundle",
+    "verify": "same class or not, at a calibrated threshold",
+    "serve": "serve a bundle over HTTP: search API and web page",
+    "compare": "compare pretrained backbones on your data",
+    "download": "fetch a public data set into a folder layout (needs network)",
 }
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
     return f"usage: python -m mltrain <command> [args]   (<command> -h for its help)\n\n{rows}"
 
 
@@ -36,11 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    if module.__name__ == "mltrain.retrieval.search":  # returns its own exit code
-        return module.main(rest, command=name)
-    run_main(lambda: module.main(rest))
-    return 0
+    module = importlib.import_module(f"mltrain.commands.{name}")
+    return run_main(lambda: module.main(rest))
 
 
 def entry() -> None:

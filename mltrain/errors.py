@@ -14,7 +14,13 @@ class MltrainError(Exception):
 
 
 class ConfigError(MltrainError):
-    """A config file or override is invalid."""
+    """A config file or override is invalid. `key` names the dotted config key at fault
+    where the raiser knows it, so a caller can act on that key (a checkpoint's stored value
+    that only training reads is read at its default) without reading the message."""
+
+    def __init__(self, message: str = "", key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class DataError(MltrainError):

@@ -26,11 +26,11 @@ import mltrain.retrieval.add as add_mod
 import mltrain.retrieval.gallery as gallery_mod
 from mltrain import files as safefs
 from mltrain.commands.common import run_main
+from mltrain.commands.search import script as search_main
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import load_bundle
 from mltrain.retrieval.export import export_bundle
-from mltrain.retrieval.search import main as search_main
 from tests.conftest import TINY_EMBED, tiny_embedder, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]

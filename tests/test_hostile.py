@@ -24,6 +24,7 @@ import torch
 import mltrain.data.images as images_mod
 import mltrain.model.network as network_mod
 import mltrain.retrieval.bundle as bundle_mod
+from mltrain.commands.search import script as search_main
 from mltrain.config import Config, load_config, to_dict
 from mltrain.data.images import load_image
 from mltrain.errors import BundleError, CheckpointError, ConfigError, DataError, MltrainError
@@ -33,9 +34,10 @@ from mltrain.model.checkpoint import load_checkpoint
 from mltrain.model.network import build_model, create_backbone
 from mltrain.retrieval.add import add_images
 from mltrain.retrieval.bundle import load_bundle, safe_image_path, sha256_file
+from mltrain.retrieval.bundle_model import bundle_embedder
+from mltrain.retrieval.bundle_write import check_export_target
 from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.index import load_index
-from mltrain.retrieval.search import main as search_main
 from mltrain.text import error_line, os_error_message, printable
 from mltrain.train import run as trainer
 from tests.conftest import TINY_RUN, tiny_embedder, write_image_folder
@@ -378,7 +380,7 @@ def test_manifest_naming_a_huge_backbone_is_refused_before_building_it(bundle, m
 
     refuse_real_builds(monkeypatch)
     with pytest.raises(BundleError, match="do not fit.*vit_giant"):
-        bundle_mod.bundle_embedder(load_bundle(bundle))
+        bundle_embedder(load_bundle(bundle))
 
 
 def test_manifest_config_that_does_not_build_names_the_bundle(bundle, monkeypatch):
@@ -388,7 +390,7 @@ def test_manifest_config_that_does_not_build_names_the_bundle(bundle, monkeypatc
         "backbone", "vit_giant_patch14_224"))  # fmt: skip
     refuse_real_builds(monkeypatch)
     with pytest.raises(BundleError, match=r"does not build a model .*patch size 14"):
-        bundle_mod.bundle_embedder(load_bundle(bundle))
+        bundle_embedder(load_bundle(bundle))
 
 
 def test_checkpoint_naming_a_huge_backbone_is_refused_before_building_it(tmp_path, monkeypatch):
@@ -446,7 +448,7 @@ def test_fifo_config_and_checkpoint_fail_fast(tmp_path, deadline):
 
 def test_sheet_pointing_at_a_folder_fails_before_searching(exported, tmp_path, capsys,
                                                            monkeypatch):  # fmt: skip
-    import mltrain.retrieval.search as search_mod
+    import mltrain.commands.search as search_mod
 
     monkeypatch.setattr(search_mod, "search_images", lambda *a: pytest.fail("searched"))
     query = exported[0] / "class_0" / "img_000.jpg"
@@ -667,7 +669,7 @@ def test_deeply_nested_manifest_is_one_line_in_search(bundle, exported, capsys, 
     assert search_main([str(bundle), str(image)]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "manifest.json nests 200,000 levels deep, more than the 64 allowed" in line
-    bundle_mod.check_export_target(bundle)  # the export's look at the old manifest: no crash
+    check_export_target(bundle)  # the export's look at the old manifest: no crash
 
 
 @pytest.mark.parametrize("content, says", [

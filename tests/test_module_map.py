@@ -32,11 +32,10 @@ def test_module_map_names_every_module():
     assert not named - modules, f"docs/architecture.md names missing {sorted(named - modules)}"
 
 
-# The layers, lowest first; modules directly in mltrain/ are the base. The entry shims
-# (`python -m mltrain`, `python -m mltrain.search`, `python -m mltrain.compare`) sit above
-# everything.
+# The layers, lowest first; modules directly in mltrain/ are the base. The entry point
+# `python -m mltrain` (mltrain/__main__.py, every command by name) sits above everything.
 LAYERS = ["data", "model", "inference", "retrieval", "evaluation", "train", "commands"]
-SHIMS = {"mltrain.search", "mltrain.compare", "mltrain.__main__"}
+SHIMS = {"mltrain.__main__"}
 
 
 def _layer(module: str) -> int:

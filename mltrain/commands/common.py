@@ -73,7 +73,7 @@ def _interrupt_in(owner: int) -> Callable:
 def term_as_interrupt():
     """SIGTERM (`kill`, `timeout`, job schedulers) stops a command as Ctrl-C does, so the same
     clean-up runs: without this it would die at once and leave staging folders behind.
-    Training installs its own handlers (see `mltrain.train.run`) and restores this one."""
+    Training installs its own handlers (see `mltrain.train.signals`) and restores this one."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -84,15 +84,26 @@ def term_as_interrupt():
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def run_main(main: Callable[[], object]) -> None:
-    """Run `main`; every failure is one line on stderr without a traceback: exit 2, or 130
-    for Ctrl-C or SIGTERM (commands remove their half-written output before it arrives)."""
+def run_main(main: Callable[[], int | None]) -> int:
+    """Run `main` and return its own exit status (None counts as 0: a command that returns
+    nothing succeeded; search returns 1 when some query failed). Every failure is one line
+    on stderr without a traceback: exit 2, or 130 for Ctrl-C or SIGTERM (commands remove
+    their half-written output before it arrives)."""
     try:
         with term_as_interrupt():
-            main()
+            return main() or 0
     except KeyboardInterrupt:
         print(INTERRUPTED_LINE, file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
     except (MltrainError, OSError, MemoryError) as e:
         print(error_line(e), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def exit_status(main: Callable[[], int | None]) -> int:
+    """`run_main`, with the exit status returned instead of raised: what a console script
+    hands to `sys.exit`, and what a program running a command in-process can check."""
+    try:
+        return run_main(main)
+    except SystemExit as e:  # a failure, or argparse's own exit (-h, a bad flag)
+        return 0 if e.code is None else int(e.code)

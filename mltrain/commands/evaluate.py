@@ -46,13 +46,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.export and args.checkpoint and len(args.checkpoint) > 1:
         raise ConfigError("--export takes one --checkpoint: a bundle holds one model; "
                           "evaluate the ensemble without --export")  # fmt: skip
-    embedder, base, source = embedder_from_args(args, "evaluate", ensemble=True)
+    model = embedder_from_args(args, "evaluate", ensemble=True)
+    embedder, base, source = model.embedder, model.base, model.text
     out = Path(args.out) if args.out else new_eval_dir(base, create=False)
     export = Path(args.export) if args.export else None
     from mltrain.data.pipeline import prepare_data
 
     data = prepare_data(embedder.cfg)  # scanned and checked once: checks, evaluation, export
-    data = leave_out_trained(args, data)
+    data = leave_out_trained(model, data)
     check_targets(embedder, out, export, len(data.folder), args.onnx)
     result, out = evaluate_into(embedder, out, source, bool(args.out), base, data)
     m = result.metrics
@@ -81,7 +82,7 @@ def check_targets(
     and model (twice with `onnx`: model.onnx holds the weights again). The export's index
     settings must fit the `images` it will hold."""
     from mltrain.files import check_output_folders
-    from mltrain.retrieval.bundle import check_export_target
+    from mltrain.retrieval.bundle_write import check_export_target
     from mltrain.retrieval.export import bundle_bytes, check_export_index
 
     if out.exists() and not (out.is_dir() and (is_eval_dir(out) or not any(out.iterdir()))):

@@ -59,9 +59,10 @@ def parser() -> argparse.ArgumentParser:
                    help="largest accepted image, pixels (default 40e6)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="most uploads embedded in one model call (default 16)")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
-                   help="embed uploads with PyTorch or the bundle's model.onnx (export --onnx);"
-                        " auto: the graph where the bundle has one (faster per query)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino"), default="auto",
+                   help="embed uploads with PyTorch, the bundle's model.onnx (export --onnx) "
+                        "or OpenVINO (the openvino extra); auto: the fastest measured for a "
+                        "server's many single queries")
     return p
 
 
@@ -230,11 +231,13 @@ def service_from_args(args: argparse.Namespace, embedder_factory: Any = None):
     """The service for parsed arguments. `embedder_factory(bundle) -> Embedder` picks the
     inference backend; by default `--backend` does (a bundle without model.onnx asked for
     onnx stops here, before the server starts)."""
-    from mltrain.retrieval.bundle import bundle_embedder
+    from mltrain.inference.backends import SERVICE_IMAGES
+    from mltrain.retrieval.bundle_model import bundle_embedder
     from mltrain.retrieval.service import SearchService
 
     backend = getattr(args, "backend", "auto")
-    embedder_factory = embedder_factory or (lambda b: bundle_embedder(b, backend))
+    embedder_factory = embedder_factory or (
+        lambda b: bundle_embedder(b, backend, images=SERVICE_IMAGES, per_call=1))
 
     return SearchService(args.bundle, args.image_root,
                          max_upload_bytes=int(args.max_upload_mb * 2**20),

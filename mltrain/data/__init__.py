@@ -1,9 +1,10 @@
-"""Data: image folders and archives, splits, decoding, transforms, datasets and samplers."""
+"""Data: readers (folders, CSVs, archives), splits, decoding, transforms, datasets, samplers."""
 
-from mltrain.data.archive import resolve_root
 from mltrain.data.dataset import ImageDataset, default_num_workers, make_loader
-from mltrain.data.folder import IMAGE_EXTENSIONS, ImageFolder, scan_folder
+from mltrain.data.folder import IMAGE_EXTENSIONS
 from mltrain.data.images import check_images, load_image
+from mltrain.data.labelled import ImageFolder, Reader
+from mltrain.data.readers import READERS, open_reader, read_images, resolve_root
 from mltrain.data.samplers import SAMPLERS, build_sampler
 from mltrain.data.splits import (
     SPLIT_KINDS,
@@ -18,10 +19,12 @@ from mltrain.data.transforms import DEFAULT_AUGMENT, eval_transform, train_trans
 __all__ = [
     "DEFAULT_AUGMENT",
     "IMAGE_EXTENSIONS",
+    "READERS",
     "SAMPLERS",
     "SPLIT_KINDS",
     "ImageDataset",
     "ImageFolder",
+    "Reader",
     "Split",
     "build_sampler",
     "check_images",
@@ -32,8 +35,9 @@ __all__ = [
     "load_split",
     "make_loader",
     "make_split",
+    "open_reader",
+    "read_images",
     "resolve_root",
     "save_split",
-    "scan_folder",
     "train_transform",
 ]

@@ -1,4 +1,4 @@
-"""Archived data roots: a `.tar.gz` (or similar) of an image folder, extracted once.
+"""The archive reader: a `.tar.gz` (or similar) of an image folder, extracted once.
 
 Extraction goes to a temporary sibling that is renamed into place, so a folder that exists
 is always complete and later runs (and other ranks) reuse it without re-reading the archive.
@@ -14,7 +14,10 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
+from mltrain.data.folder import scan_folder
+from mltrain.data.labelled import ImageFolder, ReadOptions
 from mltrain.errors import DataError
 from mltrain.text import counted
 
@@ -122,42 +125,8 @@ def _extract(archive: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def absolute_root(root: str) -> str:
-    """An existing `root` as an absolute path (symlinks kept), so a run's stored config finds
-    its data from any working folder; anything else as given, for `resolve_root` to judge."""
-    path = Path(root).expanduser()
-    return os.path.abspath(path) if path.exists() else root
-
-
-def readable_root(root: str | os.PathLike) -> Path | None:
-    """The folder `root` reads images from, where that is there now and nothing needs
-    extracting (None otherwise): for comparing a run's files with a folder's, cheaply."""
-    path = Path(root).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_file() and path.suffix.lower() == ".csv":
-        return path.parent
-    if path.is_file() and _archive_stem(path) is not None:
-        dest = extraction_dir(path)
-        return dest if dest.is_dir() else None
-    return None
-
-
-def resolve_root(root: str | os.PathLike) -> Path:
-    """`root` ready to scan: a folder or a `.csv` of labels as is, an archive extracted."""
-    path = Path(root).expanduser()
-    if not path.exists():
-        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
-        raise DataError(f"data root {path} does not exist{where}; check data.root, or pass "
-                        "--set data.root=PATH where a checkpoint's config names it")  # fmt: skip
-    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".csv"):
-        return path
-    if _archive_stem(path) is None:
-        raise DataError(
-            f"data root {path} is neither a folder, a .csv of labels nor a "
-            f"{'/'.join(ARCHIVE_SUFFIXES)} archive; point data.root at a folder of class "
-            "sub-folders, a path,label CSV or such an archive"
-        )
+def extracted(path: Path) -> Path:
+    """The folder archive `path` extracts to, extracting it first when it is not there yet."""
     dest = extraction_dir(path)
     if not dest.is_dir():
         sibling = _sibling(path)
@@ -173,3 +142,29 @@ def resolve_root(root: str | os.PathLike) -> Path:
             f"delete {dest} so that it is extracted again"
         )
     return dest
+
+
+class ArchiveReader:
+    """A `.tar.gz` (or similar) of an image folder, read as that folder once extracted."""
+
+    kind: ClassVar[str] = "archive"
+    what: ClassVar[str] = f"a {'/'.join(ARCHIVE_SUFFIXES)} archive"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @staticmethod
+    def claims(path: Path) -> bool:
+        return path.is_file() and _archive_stem(path) is not None
+
+    def prepare(self) -> Path:
+        return extracted(self.path)
+
+    def base(self) -> Path | None:
+        if not self.path.is_file():
+            return None
+        dest = extraction_dir(self.path)
+        return dest if dest.is_dir() else None
+
+    def read(self, options: ReadOptions) -> ImageFolder:
+        return scan_folder(self.prepare(), options.exclude, options.class_depth)

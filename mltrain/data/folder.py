@@ -1,10 +1,8 @@
-"""Labelled images from a folder tree or a CSV: which files are images, and their classes.
+"""The folder-tree reader: which files are images, and their classes.
 
-Layouts:
-- a tree of class folders, classes at a fixed depth (`class_depth: 1` is one sub-folder per
-  class; deeper images belong to their ancestor at that depth) or, with `class_depth: auto`,
-  the deepest folders holding images, named by their relative path (`Greek/character01`);
-- a CSV of `path,label` rows, paths relative to the CSV file (see `mltrain.data.labels_csv`).
+A tree of class folders, classes at a fixed depth (`class_depth: 1` is one sub-folder per
+class; deeper images belong to their ancestor at that depth) or, with `class_depth: auto`, the
+deepest folders holding images, named by their relative path (`Greek/character01`).
 
 Any format Pillow can decode counts as an image, by extension; a file whose extension names no
 image format (`subject01.glasses`, `scan_0042`) counts by its content when its first bytes are
@@ -20,14 +18,22 @@ from __future__ import annotations
 
 import functools
 import os
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-import numpy as np
 from PIL import EpsImagePlugin, Image, ImageFile
 
+from mltrain.data.labelled import (
+    QUIET_EXCLUSIONS,
+    ImageFolder,
+    ReadOptions,
+    exclusion_of,
+    labelled_images,
+    listing,
+    natural_key,
+)
 from mltrain.errors import DataError
 
 # Formats Pillow identifies but cannot decode here: a video, or PostScript without Ghostscript.
@@ -51,20 +57,6 @@ def image_extensions() -> frozenset[str]:
 
 
 IMAGE_EXTENSIONS = image_extensions()
-
-
-@dataclass
-class ImageFolder:
-    """Labelled images: `labels[i]` indexes `classes` for `paths[i]`; paths lie under `root`."""
-
-    root: Path
-    paths: list[Path]
-    labels: np.ndarray
-    classes: list[str]
-    notes: list[str] = field(default_factory=list)  # what was skipped or adapted, and why
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
 
 def is_image(path: Path) -> bool:
@@ -94,12 +86,6 @@ def sniff_image(path: Path) -> str | None:
     except Exception:  # noqa: BLE001 - whatever Pillow raises, the file is no image here
         return None
     return fmt if fmt and fmt not in _UNDECODABLE else None
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that orders digit runs by value: s2 < s10, 2 < 10, then by the text itself."""
-    parts = re.split(r"(\d+)", name)
-    return (tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name)
 
 
 @dataclass
@@ -194,34 +180,16 @@ def images_by_class(root: Path, class_depth: int | str = "auto") -> tuple[dict, 
     return group_by_class(_walk(root), class_depth)
 
 
-def exclusion_of(name: str, exclude: Sequence[str]) -> str | None:
-    """The exclusion that removes class `name`: itself or a folder above it."""
-    for e in exclude:
-        if name == e or name.startswith(e.rstrip("/") + "/"):
-            return e
-    return None
-
-
-def listing(items: Iterable[str], n: int = 5) -> str:
-    items = list(items)
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
 def scan_folder(
     root: str | os.PathLike,
     exclude: Sequence[str] | str = (),
     class_depth: int | str = "auto",
-    bad_images: str = "error",
 ) -> ImageFolder:
-    """Images under `root` (a folder, or a `path,label` CSV) with their classes, both sorted
-    naturally (class s2 before s10). Notes say what was skipped; errors name what to fix.
-    `bad_images: skip` also leaves out a CSV's rows that name no file."""
+    """Images under the folder `root` with their classes, both sorted naturally (class s2
+    before s10). Notes say what was skipped; errors name what to fix. Data roots of any kind
+    are read through `mltrain.data.readers.read_images`."""
     root = Path(root)
     exclude = [exclude] if isinstance(exclude, str) else [str(e) for e in exclude]
-    if root.is_file() and root.suffix.lower() == ".csv":
-        from mltrain.data.labels_csv import read_labels_csv
-
-        return read_labels_csv(root, exclude, skip_missing=bad_images == "skip")
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; check data.root")
     walk = _walk(root)
@@ -241,11 +209,6 @@ def scan_folder(
         where = "in the data root" if class_depth == "auto" else f"above depth {class_depth}"
         notes.append(f"ignored {len(above)} images {where} (no class folder), e.g. {above[0]}")
     return _labelled(root, by_class, exclude, notes, walk, class_depth)
-
-
-# Excluded by default (Caltech101's clutter folder): absent from most folders, so its absence
-# is not worth a note on every run; a name the user wrote and that matches nothing is.
-QUIET_EXCLUSIONS = frozenset({"BACKGROUND_Google"})
 
 
 def _labelled(root, by_class, exclude, notes, walk: _Walk, depth) -> ImageFolder:
@@ -278,17 +241,24 @@ def _labelled(root, by_class, exclude, notes, walk: _Walk, depth) -> ImageFolder
     return labelled_images(root, {c: by_class[c] for c in classes}, notes)
 
 
-def labelled_images(root: Path, by_class: dict[str, list[Path]], notes: list[str]) -> ImageFolder:
-    """An `ImageFolder` from class -> files (classes in the order given, files sorted)."""
-    if len(by_class) < 2:
-        raise DataError(
-            f"data root {root} has {len(by_class)} class ({', '.join(by_class)}) after "
-            "data.exclude_classes; metric learning needs at least 2 classes"
-        )
-    paths: list[Path] = []
-    labels: list[int] = []
-    for label, files in enumerate(by_class.values()):
-        files = sorted(files, key=lambda p: natural_key(p.as_posix()))
-        paths += files
-        labels += [label] * len(files)
-    return ImageFolder(root, paths, np.asarray(labels, dtype=np.int64), list(by_class), notes)
+class FolderReader:
+    """A folder of class sub-folders (nested ones with `data.class_depth`)."""
+
+    kind: ClassVar[str] = "folder"
+    what: ClassVar[str] = "a folder"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @staticmethod
+    def claims(path: Path) -> bool:
+        return path.is_dir()
+
+    def prepare(self) -> Path:
+        return self.path
+
+    def base(self) -> Path | None:
+        return self.path if self.path.is_dir() else None
+
+    def read(self, options: ReadOptions) -> ImageFolder:
+        return scan_folder(self.path, options.exclude, options.class_depth)

@@ -10,11 +10,14 @@ are used and others ignored; without one, the first two columns are path and lab
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
-from mltrain.data.folder import (
+from mltrain.data.labelled import (
     QUIET_EXCLUSIONS,
     ImageFolder,
+    ReadOptions,
     exclusion_of,
     labelled_images,
     listing,
@@ -47,7 +50,9 @@ def _rows(csv_path: Path) -> list[tuple[int, list[str]]]:
         raise DataError(f"cannot read labels file {csv_path} ({e}); save it as UTF-8 CSV") from e
 
 
-def read_labels_csv(csv_path: Path, exclude: list[str], skip_missing: bool = False) -> ImageFolder:
+def read_labels_csv(
+    csv_path: Path, exclude: Sequence[str], skip_missing: bool = False
+) -> ImageFolder:
     """Labelled images listed in `csv_path`; every problem row is named by its line number.
     A file listed again with another label is a problem row (it would train as both
     classes); listed again with the same label, the repeat is left out with a note (as
@@ -123,3 +128,27 @@ def _problem(base: Path, real_base: Path, rel: str, label: str) -> str | None:
     if not path.is_file():
         return f"{rel} is not a file" if path.exists() else f"{rel} {MISSING}"
     return None
+
+
+class LabelsCsvReader:
+    """A `.csv` of `path,label` rows (any other name with the `csv:` prefix)."""
+
+    kind: ClassVar[str] = "csv"
+    what: ClassVar[str] = "a .csv of labels"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @staticmethod
+    def claims(path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() == ".csv"
+
+    def prepare(self) -> Path:
+        return self.path
+
+    def base(self) -> Path | None:
+        return self.path.parent if self.path.is_file() else None
+
+    def read(self, options: ReadOptions) -> ImageFolder:
+        skip = options.bad_images == "skip"
+        return read_labels_csv(self.path, options.exclude, skip_missing=skip)

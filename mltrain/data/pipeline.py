@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from mltrain import distributed
 from mltrain.config import Config
-from mltrain.data.archive import readable_root, resolve_root
 from mltrain.data.dataset import ImageDataset, make_loader, worth_workers
-from mltrain.data.folder import ImageFolder, scan_folder
 from mltrain.data.images import check_images
+from mltrain.data.labelled import ImageFolder
+from mltrain.data.readers import read_images, readable_root
 from mltrain.data.samplers import build_sampler
 from mltrain.data.splits import (
     AUTO_VAL_FRACTION,
@@ -30,6 +30,8 @@ from mltrain.data.splits import (
     entries,
     find_duplicates,
     make_split,
+    parent_of,
+    parents_note,
     save_split,
     split_doc,
 )
@@ -66,24 +68,21 @@ def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = Tr
     inflate held-out figures, so a command that reports none (export) passes False.
     `resuming`: the run's `split.json` must still describe the data (`check_same_split`)."""
     d = cfg.data
-    folder = scan_folder(resolve_root(d.root), exclude=d.exclude_classes,
-                         class_depth=d.class_depth, bad_images=d.bad_images)  # fmt: skip
+    folder = read_images(d.root, exclude=d.exclude_classes, class_depth=d.class_depth,
+                         bad_images=d.bad_images)  # fmt: skip
     report_notes(folder.notes, run_dir)
     if cfg.data.check_images:
         folder = _drop_bad_images(folder, cfg, run_dir)
     val_fraction = d.val_fraction
     if resuming and run_dir is not None and _two_way(run_dir / "split.json"):
         val_fraction = d.val_fraction = 0.0  # a run from before validation classes: as it was
-    split = make_split(folder.labels, d.split, d.train_fraction, cfg.seed, val_fraction)
+    parents = ([parent_of(c) for c in folder.classes]
+               if d.split_by == "parent" and d.split == "class_disjoint" else None)  # fmt: skip
+    split = make_split(folder.labels, d.split, d.train_fraction, cfg.seed, val_fraction, parents)
     if duplicates:
         split = _drop_evaluated_copies(folder, split, run_dir)
     if split.kind == "class_disjoint":
-        note = disjoint_note(d.train_fraction, len(np.unique(folder.labels)))
-        report_notes([note] if note else [], run_dir)
-        if len(split.val):  # without them, training says so (`validation_note`)
-            note = validation_note(folder, split, val_fraction)
-            report_notes([note], run_dir)
-            folder.notes.append(note)  # evaluate's report says which classes it reports on
+        _disjoint_notes(folder, split, d.train_fraction, val_fraction, run_dir)
     if len(split.train) == 0 or len(split.heldout) == 0:
         raise DataError(f"data.split {cfg.data.split} left an empty side; add images")
     if resuming and run_dir is not None:
@@ -93,6 +92,23 @@ def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = Tr
     if duplicates and split.kind != "none":
         _report_duplicates(folder, split, run_dir)
     return RunData(folder, split, _train_classes(folder, split))
+
+
+def _disjoint_notes(folder: ImageFolder, split: Split, train_fraction: float,
+                    val_fraction: float | str, run_dir: Path | None) -> None:  # fmt: skip
+    """Say what a class_disjoint split did: the parents on each side (`split_by: parent`) or
+    any change to train_fraction, and which classes choose best.pt. The notes naming the
+    evaluated classes go into `folder.notes` too, so evaluate's report carries them."""
+    if split.split_by == "parent":
+        note = parents_note(split, folder)
+        folder.notes.append(note)
+    else:
+        note = disjoint_note(train_fraction, len(np.unique(folder.labels)))
+    report_notes([note] if note else [], run_dir)
+    if len(split.val):  # without them, training says so (`validation_note`)
+        note = validation_note(folder, split, val_fraction)
+        report_notes([note], run_dir)
+        folder.notes.append(note)
 
 
 def _two_way(recorded: Path) -> bool:
@@ -388,7 +404,7 @@ def inference_workers(cfg: Config, images: int) -> int | None:
 
 def inference_loader(cfg: Config, dataset: Dataset, seed: int = 0) -> DataLoader:
     """Ordered batches of `dataset` for an inference pass with deterministic transforms (the
-    worker count may follow the core count; augmented passes must not, see `Run._cache_view`)."""
+    worker count may follow the core count; augmented passes must not, see `Loaders._cache_view`)."""
     workers = inference_workers(cfg, len(dataset))
     return make_loader(dataset, cfg.eval.batch_size, num_workers=workers, seed=seed)
 

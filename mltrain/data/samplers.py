@@ -12,7 +12,7 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.utils import common_functions as pml_common
 from torch.utils.data import Sampler
 
-from mltrain.data.folder import listing
+from mltrain.data.labelled import listing
 from mltrain.errors import ConfigError, DataError
 from mltrain.registry import Registry
 

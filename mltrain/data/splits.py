@@ -9,6 +9,11 @@ A class_disjoint split can be three-way (`val_fraction`): validation classes, ta
 training side, pick the best checkpoint, and the test classes (`heldout`) are only reported
 on. The test classes are those of the two-way split with the same seed and train_fraction,
 so a run with validation classes and an untrained backbone evaluate the same classes.
+
+`split_by: parent` makes a class_disjoint split put whole parent folders on one side (the
+alphabets of Omniglot's `alphabet/character/`), as the one-shot protocol needs: test
+characters from alphabets never trained on. The class counts of train_fraction and
+val_fraction are met as closely as whole parents allow (see `parent_split`).
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ import hashlib
 import json
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mltrain.data.folder import ImageFolder
+from mltrain.data.labelled import ImageFolder, listing, natural_key
 from mltrain.errors import ConfigError, DataError
+from mltrain.text import counted
 
 SPLIT_KINDS = ("per_class", "class_disjoint", "none")
+SPLIT_BY = ("class", "parent")  # what a class_disjoint split shuffles to sides
 
 
 @dataclass
@@ -40,6 +48,7 @@ class Split:
     train_fraction: float
     val: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     val_fraction: float = 0.0
+    split_by: str = "class"  # parent: whole parent folders on each side (class_disjoint)
 
     @property
     def selection(self) -> np.ndarray:
@@ -98,9 +107,12 @@ def val_classes(val_fraction: float | str, n: int, n_train: int) -> int:
 
 
 def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int,
-               val_fraction: float | str = 0.0) -> Split:  # fmt: skip
+               val_fraction: float | str = 0.0,
+               parents: Sequence[str] | None = None) -> Split:  # fmt: skip
     """Split image indices by `kind`; deterministic for a given `seed`. `val_fraction` (of
-    the classes; class_disjoint only) moves validation classes out of the training side."""
+    the classes; class_disjoint only) moves validation classes out of the training side.
+    `parents` (class_disjoint only): each class's parent folder, indexed by label; whole
+    parents then go to one side (`data.split_by: parent`)."""
     labels = np.asarray(labels, dtype=np.int64)
     if kind not in SPLIT_KINDS:
         raise ConfigError(f"unknown split kind '{kind}'; valid kinds: {', '.join(SPLIT_KINDS)}")
@@ -122,6 +134,12 @@ def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int,
             idx = rng.permutation(np.flatnonzero(labels == c))
             train_parts.append(idx[: _n_train(train_fraction, len(idx))])
         train = np.concatenate(train_parts) if train_parts else np.empty(0, np.int64)
+    elif parents is not None:
+        train_classes, val_side = parent_split(classes, parents, train_fraction, val_fraction,
+                                               rng)  # fmt: skip
+        train = np.flatnonzero(np.isin(labels, train_classes))
+        val = np.flatnonzero(np.isin(labels, val_side))
+        n_val = len(val_side)
     else:
         shuffled = rng.permutation(classes)
         n_train = disjoint_train_classes(train_fraction, len(classes))
@@ -132,8 +150,105 @@ def make_split(labels: np.ndarray, kind: str, train_fraction: float, seed: int,
     train = np.sort(train).astype(np.int64)
     heldout = np.setdiff1d(np.arange(len(labels), dtype=np.int64), np.union1d(train, val))
     fraction = n_val / len(classes) if n_val else 0.0
+    by = "parent" if parents is not None and kind == "class_disjoint" else "class"
     return Split(train, heldout, kind, int(seed), float(train_fraction), val.astype(np.int64),
-                 fraction)  # fmt: skip
+                 fraction, by)  # fmt: skip
+
+
+def parent_of(name: str) -> str:
+    """The folder above class `name` (`Greek/character01`: `Greek`); "" for a top-level class."""
+    return name.rpartition("/")[0]
+
+
+def parent_split(classes: np.ndarray, parents: Sequence[str], train_fraction: float,
+                 val_fraction: float | str, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(training classes, validation classes) of a class_disjoint split that keeps each parent
+    folder on one side. The parents are shuffled; the first ones, as many as bring the test
+    classes closest to (1 - train_fraction) of all, are the test side (whatever val_fraction,
+    as in the class split); the next ones closest to val_fraction validate; the rest train.
+    Each side keeps 2 or more classes."""
+    groups = _parent_groups(classes, parents)
+    names = sorted(groups, key=natural_key)
+    order = [names[i] for i in rng.permutation(len(names))]
+    sizes = [len(groups[g]) for g in order]
+    n = len(classes)
+    k = _closest_prefix(sizes, (1 - float(train_fraction)) * n)
+    if k is None:
+        raise DataError(
+            f"data.split_by parent: {counted(len(names), 'parent folder')} ({listing(names, 3)}) "
+            "cannot make training and test sides of 2 or more classes each from whole parents; "
+            "add parent folders, or set data.split_by=class"
+        )
+    n_val = val_classes(val_fraction, n, n - sum(sizes[:k]))
+    j = _closest_prefix(sizes[k:], n_val) if n_val else 0
+    if j is None and val_fraction == "auto":
+        j = 0  # no validation side; `validation_note` says so
+    elif j is None:
+        rest = order[k:]
+        raise DataError(
+            f"data.split_by parent: the {counted(len(rest), 'parent folder')} left beside the "
+            f"test side ({listing(rest, 3)}) cannot make validation and training sides of 2 or "
+            "more classes each; set data.val_fraction=0, or data.split_by=class"
+        )
+    return _members(groups, order[k + j :]), _members(groups, order[k : k + j])
+
+
+def _members(groups: dict[str, np.ndarray], picked: list[str]) -> np.ndarray:
+    return np.concatenate([groups[g] for g in picked] or [np.zeros(0, np.int64)])
+
+
+def _parent_groups(classes: np.ndarray, parents: Sequence[str]) -> dict[str, np.ndarray]:
+    """Classes by parent folder, or a DataError naming classes with no parent."""
+    groups: dict[str, list[int]] = {}
+    for c in classes:
+        groups.setdefault(str(parents[int(c)]), []).append(int(c))
+    loose = groups.pop("", [])
+    if loose:
+        raise DataError(
+            f"data.split_by parent: {len(loose)} of {len(classes)} classes have no parent folder "
+            "to group them by (they lie directly in the data root); nest classes as "
+            "<parent>/<class>/<image> with data.class_depth auto, or set data.split_by=class"
+        )
+    return {g: np.asarray(members, dtype=np.int64) for g, members in groups.items()}
+
+
+def _closest_prefix(sizes: list[int], target: float) -> int | None:
+    """How many of `sizes`, taken in order, sum closest to `target` while both the taken and
+    the remaining ones sum to 2 or more (the fewest on a tie); None where no count does."""
+    total, taken, best = sum(sizes), 0, None
+    for k in range(1, len(sizes)):
+        taken += sizes[k - 1]
+        if taken >= 2 and total - taken >= 2 and (
+                best is None or abs(taken - target) < abs(best[1] - target)):  # fmt: skip
+            best = (k, taken)
+    return None if best is None else best[0]
+
+
+def parents_by_side(split: Split, folder: ImageFolder) -> dict[str, list[str]]:
+    """The parent folders on each side of `split`, sorted naturally (split.json's record of
+    a `split_by: parent` split)."""
+    def names(idx: np.ndarray) -> list[str]:
+        found = {parent_of(folder.classes[c]) for c in np.unique(folder.labels[idx])}
+        return sorted(found, key=natural_key)
+
+    return {"train": names(split.train), "val": names(split.val), "heldout": names(split.heldout)}
+
+
+def parents_note(split: Split, folder: ImageFolder) -> str:
+    """Which parent folders each side of a `split_by: parent` split holds, in one line."""
+    sides = parents_by_side(split, folder)
+    labels = folder.labels
+
+    def side(what: str, key: str, idx: np.ndarray) -> str:
+        n = len(np.unique(labels[idx]))
+        return f"{what} {listing(sides[key], 8)} ({n} classes)"
+
+    parts = [side("test", "heldout", split.heldout)]
+    if len(split.val):
+        parts.append(side("validation", "val", split.val))
+    parts.append(side("training", "train", split.train))
+    return f"data.split_by parent: whole parent folders on each side: {'; '.join(parts)}"
 
 
 def entries(indices: np.ndarray, folder: ImageFolder) -> list[list[str]]:
@@ -154,6 +269,8 @@ def split_doc(split: Split, folder: ImageFolder) -> dict:
         "train": entries(split.train, folder),  # [relative path, class name]
         "val": entries(split.val, folder),  # validation: picks best.pt, never trained on
         "heldout": entries(split.heldout, folder),  # test (or held-out images)
+        "split_by": split.split_by,
+        **({"parents": parents_by_side(split, folder)} if split.split_by == "parent" else {}),
     }
 
 
@@ -198,8 +315,9 @@ def load_split(path: str | os.PathLike, folder: ImageFolder) -> Split:
             f"split file {path} lists {len(bad)} images that {what} data root {folder.root} "
             f"(e.g. {', '.join(bad[:3])}); restore the images, or delete {path} to make a new split"
         )
+    by = str(doc.get("split_by", "class"))  # a split.json from before split_by: by class
     return Split(out["train"], out["heldout"], kind, int(seed), float(fraction), out["val"],
-                 float(doc.get("val_fraction", 0.0)))  # fmt: skip
+                 float(doc.get("val_fraction", 0.0)), by)  # fmt: skip
 
 
 def _sha1(path: Path) -> str:

@@ -1,8 +1,5 @@
-"""Compare pretrained backbones on your data, as the book compared five networks.
-
-    python -m mltrain.compare --config configs/pooling.yaml
-    python -m mltrain.compare --config configs/pooling.yaml --backbones resnet50 convnext_tiny \
-        --set model.pretrained=true          # any timm names, with network access
+"""Compare pretrained backbones on your data, as the book compared five networks (the
+command is `mltrain compare`, `mltrain.commands.compare`).
 
 Each backbone embeds the config's held-out images untrained; the table has held-out
 precision@1, MAP@R, the book score (each image's 4 nearest others by L2, share of its class),
@@ -16,17 +13,11 @@ scanned and split once, so every backbone sees the same images. Written to
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-from mltrain.commands.common import add_config_args, parse_config_args, run_main
-from mltrain.config import override_key
-from mltrain.errors import ConfigError
 
 OFFLINE = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
 COLUMNS = ["backbone", "precision@1", "MAP@R", "book score", "length", "parameters", "img/s",
@@ -133,37 +124,10 @@ def _speed(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mltrain compare", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    add_config_args(p)
-    p.add_argument("--backbones", nargs="+", default=OFFLINE, help="timm model names")
-    p.add_argument("--out", help="output folder (default <output_dir>/compare/<time>)")
-    p.add_argument("--train-steps", type=int, default=3,
-                   help="timed training steps per backbone for train img/s (0: skip)")  # fmt: skip
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_config_args(parser(), argv)
-    for item in args.overrides:  # each backbone replaces it: name them with --backbones
-        if override_key(item) == "model.backbone":
-            raise ConfigError(f"--set {item}: compare sets model.backbone itself; name the "
-                              "networks with --backbones NAME [NAME ...]")  # fmt: skip
-    from mltrain.config import check_inference_overrides, load_config
-
-    check_inference_overrides(args.overrides, "compare")
-    rows = compare(args.config, args.backbones, args.overrides, args.train_steps)
-
-    base = Path(load_config(args.config, args.overrides).output_dir) / "compare"
-    out = Path(args.out) if args.out else base / datetime.now().strftime("%Y%m%d-%H%M%S")
+def write_comparison(rows: Sequence[dict], out: Path) -> str:
+    """compare.md (the table) and compare.json (every row) in `out`; returns the table."""
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
     (out / "compare.md").write_text(table + "\n")
     (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"{rows[0]['images']} held-out images\n{table}\nwritten to {out}")
-
-
-if __name__ == "__main__":
-    run_main(main)
+    return table

@@ -15,20 +15,22 @@ from mltrain.config import Config, save_config, to_dict
 from mltrain.data.pipeline import RunData, prepare_data, record_data
 from mltrain.errors import DataError
 from mltrain.evaluation.metrics import (
-    CURVE_KEYS,
     book_accuracy,
     confused_pairs,
     mean_per_class_precision_at_1,
-    one_shot_accuracy,
-    one_shot_within_accuracy,
     per_class_metrics,
     retrieval_metrics,
-    verification_metrics,
     worst_classes,
 )
 from mltrain.evaluation.plan import EvalPlan, plan_evaluation
 from mltrain.evaluation.rerank_eval import rerank_comparison
 from mltrain.evaluation.sweeps import index_comparison, pca_sweep, shortest_within
+from mltrain.evaluation.verification import (
+    CURVE_KEYS,
+    one_shot_accuracy,
+    one_shot_within_accuracy,
+    verification_metrics,
+)
 from mltrain.inference.embedder import Embedder
 
 

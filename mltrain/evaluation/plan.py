@@ -15,7 +15,7 @@ import numpy as np
 
 from mltrain.config import EvalConfig
 from mltrain.errors import ConfigError
-from mltrain.retrieval.index import INDEX_TYPES, check_index_config
+from mltrain.retrieval.index_types import INDEX_TYPES, check_index_config
 from mltrain.retrieval.pairs import distinct_pairs
 
 # Below this many points a t-SNE picture is mostly its own randomness: none is drawn.

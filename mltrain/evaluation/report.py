@@ -23,17 +23,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from mltrain.evaluation.figures import (
-    FIGURE_DPI,
-    plot_pca,
-    plot_roc,
-    plot_tsne,
-    queries_note,
-    query_grid,
-    render,
-    select_queries,
-    top1_right,
-)
+from mltrain.evaluation.contact_sheet import queries_note, query_grid, select_queries, top1_right
+from mltrain.evaluation.figures import FIGURE_DPI, plot_pca, plot_roc, plot_tsne, render
 from mltrain.evaluation.markdown import markdown_report, worst_below_mean
 from mltrain.evaluation.plan import TSNE_MIN_POINTS
 from mltrain.evaluation.tensorboard import (

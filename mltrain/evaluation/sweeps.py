@@ -24,18 +24,20 @@ from mltrain.evaluation.metrics import (
     score_neighbours,
 )
 from mltrain.retrieval.index import (
-    INDEX_TYPES,
-    apply_transforms,
-    build_index,
     drop_self,
     exact_index,
     faiss_metric,
     index_nbytes,
-    pca_transforms,
     prepare,
     search_chunks,
-    shorter_pca,
     timed_single_queries,
+)
+from mltrain.retrieval.index_types import (
+    INDEX_TYPES,
+    apply_transforms,
+    build_index,
+    pca_transforms,
+    shorter_pca,
     with_transforms,
 )
 
@@ -142,7 +144,7 @@ def index_comparison(
 
     `same_set=True` means the queries are the gallery rows (leave-one-out: a query's own row
     is dropped from its results). `args` maps an index kind to its builder args (see
-    `mltrain.retrieval.index.INDEX_TYPES`). Search k is min(max_k, largest R), so map_at_r is
+    `mltrain.retrieval.index_types.INDEX_TYPES`). Search k is min(max_k, largest R), so map_at_r is
     exact up to max_k; an approximate index returning fewer items simply scores lower.
 
     Row keys: kind, precision_at_1, map_at_r, build_seconds, query_us, bytes.

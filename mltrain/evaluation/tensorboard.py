@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from mltrain.evaluation.figures import FIGURE_DPI, render, sample_rows, thumbnail
+from mltrain.evaluation.contact_sheet import thumbnail
+from mltrain.evaluation.figures import FIGURE_DPI, render, sample_rows
 from mltrain.evaluation.markdown import (
     fmt,
     index_section,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,41 @@ from mltrain.errors import CheckpointError
 CHECKPOINT_FORMAT = 1  # the layout of a training checkpoint's dict
 
 
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A checkpoint found and read once, for everything a command does with it: `given` as
+    the user wrote it (messages name it; `str()` gives it), the .pt `file` it resolved to, the
+    `run` folder it belongs to (results, its split.json) and its contents `data`."""
+
+    given: str
+    file: Path
+    run: Path
+    data: dict[str, Any] = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.given
+
+    def config(self, overrides: list[str] | None = None) -> Config:
+        """The stored config for inference, here: `overrides` on top, the `MACHINE_KEYS`
+        at this machine's defaults (see `checkpoint_config`)."""
+        return checkpoint_config(self.data, overrides, f"config stored in checkpoint "
+                                 f"{self.given}", elsewhere=True)  # fmt: skip
+
+
+def open_checkpoint(path: str | Path, prefer: str = "best.pt") -> Checkpoint:
+    """`path` (a .pt file, or a run folder: its `prefer` checkpoint) resolved and loaded once."""
+    file = checkpoint_file(path, prefer)
+    return Checkpoint(str(path), file, run_folder(path), _read(file))
+
+
 def load_checkpoint(path: str | Path, prefer: str = "last.pt") -> dict[str, Any]:
     """Load a checkpoint written by `atomic_save`, refusing anything but tensors and plain data.
     A run folder means its `prefer` checkpoint (see `resolve_checkpoint`)."""
+    return _read(checkpoint_file(path, prefer))
+
+
+def checkpoint_file(path: str | Path, prefer: str = "last.pt") -> Path:
+    """The regular file `path` names: itself, or a run folder's `prefer` checkpoint."""
     path = Path(path)
     if path.is_dir():
         path = resolve_checkpoint(path, prefer)
@@ -26,6 +59,10 @@ def load_checkpoint(path: str | Path, prefer: str = "last.pt") -> dict[str, Any]
         if path.exists():  # a FIFO or device would hang the read
             raise CheckpointError(f"checkpoint {path} is not a regular file; pass a .pt file")
         raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
@@ -124,7 +161,7 @@ def resolve_checkpoint(path: str | Path, prefer: str = "last.pt") -> Path:
 # Settings of the machine a run trained on, not of its model. A checkpoint opened for inference
 # elsewhere (trained on a GPU with 7 loader workers, evaluated on a 2-core laptop) takes this
 # machine's defaults for them; `--set` still names them.
-MACHINE_KEYS = (("train", "device"), ("data", "num_workers"))
+MACHINE_KEYS = (("train", "device"), ("data", "num_workers"), ("eval", "backend"))
 
 
 def checkpoint_config(

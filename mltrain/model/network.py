@@ -21,6 +21,7 @@ from mltrain.model.weights import (  # noqa: F401 - re-exported: callers import 
     check_pretrained,
     create_backbone,
 )
+from mltrain.model.whitening import Whitening
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -54,12 +55,13 @@ def _resolve_frozen(
     if frozen and plan is None:
         raise ConfigError(
             f"model.frozen_stages: stage splitting is not known for {family}; "
-            "use train.freeze_backbone_epochs instead"
+            "use train.freeze_backbone_epochs instead", key="model.frozen_stages"
         )
     if plan is not None and frozen >= len(plan.stages):
         raise ConfigError(
             f"model.frozen_stages: {frozen} >= {len(plan.stages)} stages of {family}; use "
-            f"model.trainable_stages (1 to {len(plan.level_ends)}: the top feature levels train)"
+            f"model.trainable_stages (1 to {len(plan.level_ends)}: the top feature levels train)",
+            key="model.frozen_stages",
         )
     return frozen
 
@@ -96,6 +98,7 @@ class EmbeddingModel(nn.Module):
         feat_dim = trunk.num_features
         self.neck = nn.Linear(feat_dim, embedding_dim) if embedding_dim else nn.Identity()
         self.embedding_dim = embedding_dim or feat_dim
+        self.trained_dim = self.embedding_dim  # before any whitening
         # BNNeck (re-identification baselines): the metric loss sees the feature, the classifier
         # and retrieval its batch-normalised form, so the two objectives do not pull one space
         self.bnneck = nn.BatchNorm1d(self.embedding_dim) if bnneck else None
@@ -114,6 +117,13 @@ class EmbeddingModel(nn.Module):
             stage.requires_grad_(False)
 
         self.trunk_frozen = False
+        self.whiten: Whitening | None = None  # fitted after training (`train.whiten`)
+
+    def set_whitening(self, layer: Whitening | None) -> None:
+        """Attach (or remove) a fitted whitening: `embed` then returns its output, of
+        `layer`'s dimensions, so every path that embeds applies it."""
+        self.whiten = layer
+        self.embedding_dim = layer.matrix.shape[1] if layer is not None else self.trained_dim
 
     def restage(self) -> None:
         """Rebuild the stage list from the trunk (after its modules were replaced)."""
@@ -208,15 +218,18 @@ class EmbeddingModel(nn.Module):
         if self.bnneck is not None:
             emb = self.bnneck(emb)
         emb = emb.float()
-        return F.normalize(emb, dim=1) if self.normalize else emb
+        emb = F.normalize(emb, dim=1) if self.normalize else emb
+        return emb if self.whiten is None else self.whiten(emb)
 
 
-def build_model(model_cfg: Any, num_classes: int = 0) -> EmbeddingModel:
-    """Build from a `ModelConfig`; `num_classes` sizes the head when `head` is on."""
+def build_model(model_cfg: Any, num_classes: int = 0, whitening: tuple[int, int] | None = None
+                ) -> EmbeddingModel:  # fmt: skip
+    """Build from a `ModelConfig`; `num_classes` sizes the head when `head` is on;
+    `whitening` (input, output dimensions) adds an empty whitening layer for saved weights."""
     trunk = create_backbone(model_cfg.backbone, model_cfg.pretrained, num_classes=0,
                             image_size=model_cfg.image_size)  # fmt: skip
     trunk.reset_classifier(0, global_pool="")
-    return EmbeddingModel(
+    model = EmbeddingModel(
         trunk,
         POOLINGS.build(model_cfg.pooling),
         embedding_dim=model_cfg.embedding_dim,
@@ -228,6 +241,15 @@ def build_model(model_cfg: Any, num_classes: int = 0) -> EmbeddingModel:
         trainable_stages=getattr(model_cfg, "trainable_stages", None),
         pooling_name=str(model_cfg.pooling.get("name")),
     )
+    if whitening is not None:
+        model.set_whitening(Whitening(*whitening))
+    return model
+
+
+def whitening_shape(state: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The shape of the fitted whitening saved weights carry, if any (see `set_whitening`)."""
+    matrix = state.get("whiten.matrix")
+    return tuple(matrix.shape) if isinstance(matrix, torch.Tensor) and matrix.ndim == 2 else None
 
 
 def check_state_fits(
@@ -241,7 +263,7 @@ def check_state_fits(
     meta_cfg = copy.copy(model_cfg)
     meta_cfg.pretrained = False
     with torch.device("meta"):
-        meta_model = build_model(meta_cfg, num_classes)
+        meta_model = build_model(meta_cfg, num_classes, whitening_shape(state))
     own = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
     bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
     missing = sorted(set(own) - set(state))
@@ -276,7 +298,7 @@ def model_from_state(
     model_cfg = copy.deepcopy(model_cfg)
     model_cfg.pretrained = False  # the state carries the weights
     check_state_fits(model_cfg, num_classes, state, source)
-    model = build_model(model_cfg, num_classes=num_classes)
+    model = build_model(model_cfg, num_classes=num_classes, whitening=whitening_shape(state))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

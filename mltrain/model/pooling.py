@@ -31,7 +31,8 @@ class Pooling(nn.Module):
         if self.tokens_only and layout != "NLC":
             raise ConfigError(
                 f"model.pooling: {name} needs token outputs (ViT, DeiT, DINOv2); "
-                f"{family or 'this backbone'} gives feature maps; use avg or gem"
+                f"{family or 'this backbone'} gives feature maps; use avg or gem",
+                key="model.pooling",
             )
         self.layout, self.num_prefix_tokens = layout, num_prefix_tokens
 
@@ -70,7 +71,7 @@ class ClassToken(Pooling):
         super().configure(layout, num_prefix_tokens, name, family)
         if num_prefix_tokens < 1:
             raise ConfigError("model.pooling: cls needs a class token and this transformer has "
-                              "none; use mean_tokens or gem")  # fmt: skip
+                              "none; use mean_tokens or gem", key="model.pooling")  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0]

@@ -131,7 +131,8 @@ def check_backbone_name(name: str) -> None:
     """An unknown timm model name is a ConfigError with the closest names (cheap: callers
     check it before scanning data or creating folders)."""
     if not timm.is_model(name.split(".")[0]):
-        raise ConfigError(f"model.backbone: unknown timm model '{name}'{_similar_models(name)}")
+        raise ConfigError(f"model.backbone: unknown timm model '{name}'{_similar_models(name)}",
+                          key="model.backbone")  # fmt: skip
 
 
 def _fixed_size(name: str) -> bool:
@@ -149,7 +150,8 @@ def check_image_size(model: nn.Module, name: str, image_size: int | None) -> Non
     if image_size % step:
         low, high = image_size // step * step, (image_size // step + 1) * step
         raise ConfigError(f"model.image_size: {image_size} is not a multiple of {name}'s patch "
-                          f"size {step}; use {low or high} or {high}")  # fmt: skip
+                          f"size {step}; use {low or high} or {high}",
+                          key="model.image_size")  # fmt: skip
 
 
 def _cached_hub_file(repo: str) -> Path | None:

@@ -21,6 +21,7 @@ from mltrain.data.folder import IMAGE_EXTENSIONS, images_by_class, is_image, nat
 from mltrain.data.images import load_image
 from mltrain.errors import BundleError, ConfigError, DataError
 from mltrain.files import check_free_space, check_writable
+from mltrain.inference.ray_embed import RayOptions, on_ray
 from mltrain.retrieval.bundle import (
     BUNDLE_PREFIX,
     EMBEDDINGS,
@@ -33,14 +34,17 @@ from mltrain.retrieval.bundle import (
     SHARDED_FORMAT,
     Bundle,
     bundle_config,
-    bundle_embedder,
-    clean_stale,
     load_bundle,
+)
+from mltrain.retrieval.bundle_model import bundle_embedder
+from mltrain.retrieval.bundle_write import (
+    clean_stale,
+    finish_manifest,
     move_into_place,
+    shard_entries,
     staged,
     write_metadata,
 )
-from mltrain.retrieval.export import finish_manifest, shard_entries
 from mltrain.retrieval.index import prepare
 from mltrain.retrieval.shards import (
     CHUNK_ROWS,
@@ -184,8 +188,10 @@ def add_images(
     bundle_path: str | os.PathLike,
     paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
     label_names: str | Sequence[str] | None = None,
+    ray: RayOptions | None = None,
 ) -> int:
-    """Embed new images with the bundle's own model and add them to its index and metadata.
+    """Embed new images with the bundle's own model and add them to its index and metadata;
+    with `ray`, on a pool of Ray actors (`mltrain.inference.ray_embed`).
 
     Approximate indexes (IVF, PQ, HNSW) are added to, not retrained. Images under the image
     root are referenced in place; others are copied into the bundle's `images/<class>/`.
@@ -201,13 +207,14 @@ def add_images(
                    "make the folder writable, or copy the bundle to a writable disk")  # fmt: skip
     with files.lock(bundle_path):
         clean_stale(bundle_path)  # even when there turns out to be nothing to add
-        return _add_locked(bundle_path, paths_or_folder, label_names)
+        return _add_locked(bundle_path, paths_or_folder, label_names, ray)
 
 
 def _add_locked(
     bundle_path: Path,
     paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
     label_names: str | Sequence[str] | None,
+    ray: RayOptions | None = None,
 ) -> int:
     bundle = load_bundle(bundle_path)
     paths, names = _collect(paths_or_folder, label_names)
@@ -252,8 +259,9 @@ def _add_locked(
         print(f"note: {note}", file=sys.stderr)
     _check_add_space(bundle, [p for p, _, rel in plan if rel is None], len(plan))
 
-    embedder = bundle_embedder(bundle, "torch")  # many images in batches: torch's bf16 is faster
-    emb = embedder.embed([p for p, _, _ in plan], desc="adding images")
+    embedder = bundle_embedder(bundle, "auto", images=len(plan))  # the fastest for this many
+    with on_ray(embedder, ray) as embedding:
+        emb = embedding.embed([p for p, _, _ in plan], desc="adding images")
     if emb.shape[1] != bundle.manifest["embedding_dim"]:
         raise BundleError(
             f"the bundle's model gives {emb.shape[1]}-d embeddings, the bundle holds "

@@ -28,11 +28,10 @@ truncated, edited or mismatched file is a `BundleError` that names it, never a w
 Bundles also come from other people, so everything in one is untrusted: every file must be a
 regular file that resolves inside the bundle (`mltrain.files.inside`), `images/` a real
 folder, the image root no file-system root, system or home folder, class names strings
-(printed escaped), and model.pt must fit the config before that model is built.
-Exports and `add_images` write a complete new folder beside the old one and swap it into
-place under a per-bundle lock (`mltrain.files.replace_dir`): the path never stands empty,
-or, where the system has no atomic exchange, the next load puts the old bundle back; staging
-folders of killed writers are deleted by the next writer.
+(printed escaped), and model.pt must fit the config before that model is built
+(`mltrain.retrieval.bundle_model`). Writers swap a complete new folder into place
+(`mltrain.retrieval.bundle_write`); where the system has no atomic exchange, the next load
+puts the old bundle back.
 
 Rows of images added later with `add_images` that lie outside the image root are copied into
 the bundle's own `images/` folder; their metadata path reads `bundle:images/<class>/<file>`.
@@ -41,39 +40,26 @@ the bundle's own `images/` folder; their metadata path reads `bundle:images/<cla
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import hashlib
 import os
-import platform
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import faiss
 import numpy as np
-import timm
-import torch
 
-import mltrain
 from mltrain import files
 from mltrain.config import from_dict
 from mltrain.data.folder import is_image, sniff_image
-from mltrain.errors import BundleError, CheckpointError, ConfigError
-from mltrain.files import torch_save
-from mltrain.inference.embedder import BACKENDS as RUNNERS
-from mltrain.inference.embedder import Embedder, make_embedder
+from mltrain.errors import BundleError, ConfigError
+from mltrain.inference.embedder import Embedder
 from mltrain.model.checkpoint import for_this_machine
-from mltrain.model.network import model_from_state
-from mltrain.retrieval.gallery import INDEX, Gallery, hashed_files, open_gallery, own_names
-from mltrain.retrieval.shards import (
-    SHARD_NAME,
-    ShardReader,
-)
-from mltrain.text import counted
+from mltrain.retrieval.gallery import INDEX, Gallery, hashed_files, open_gallery
+from mltrain.retrieval.shards import SHARD_NAME, ShardReader
 
 ARRAY_FORMAT = 1  # embeddings in one embeddings.npy
 SHARDED_FORMAT = 2  # embeddings in the shards that the manifest lists
@@ -139,9 +125,6 @@ class Bundle:
         return len(self.metadata)
 
 
-# --- small helpers -------------------------------------------------------------------------
-
-
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -150,59 +133,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def versions() -> dict[str, str]:
-    return {
-        "mltrain": mltrain.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "faiss": faiss.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def is_bundle_dir(path: Path) -> bool:
     return (path / MANIFEST).is_file() or (path.is_dir() and not any(path.iterdir()))
-
-
-def staged(out_dir: Path, tag: str) -> contextlib.AbstractContextManager[Path]:
-    """`files.staging` for a bundle: a previous bundle that a killed swap set aside is put
-    back first, so it is not deleted as a stale folder."""
-    return files.staging(out_dir, tag, recover=_recover)
-
-
-def clean_stale(out_dir: Path) -> None:
-    """What killed writers left beside `out_dir`, cleared under its lock: a previous bundle
-    that a killed swap set aside is put back, then every `.NAME.adding-*`, `.partial-*` and
-    `.old-*` folder is deleted. Writers (export, add) call this first, whether or not they
-    go on to write: an `add` with nothing new still clears a killed add's copy of the old
-    bundle. Nothing happens where the folder's parent is missing or read-only (the writer's
-    own checks say so, naming what to do)."""
-    if not out_dir.parent.is_dir() or not os.access(out_dir.parent, os.W_OK):
-        return
-    with files.lock(out_dir):
-        _recover(out_dir)
-        files.clean_stale(out_dir)
-
-
-def move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Put the finished `tmp` folder at `out_dir`, replacing an older bundle there.
-
-    `out_dir` is at every moment the old complete bundle or the new complete one (see
-    `mltrain.files.replace_dir`; where the swap takes two renames, `load_bundle` puts the
-    old bundle back after a kill between them). Callers hold `files.lock(out_dir)` (and
-    `staged` removes `tmp` when this raises).
-    """
-    _check_replaceable(out_dir)  # again: the folder may have changed while we wrote
-    files.replace_dir(tmp, out_dir)
-
-
-def write_metadata(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow([r["path"], int(r["label"]), r["class"], r["split"]])
 
 
 def _read_metadata(path: Path) -> list[dict[str, Any]]:
@@ -244,16 +176,7 @@ def _unsafe_reason(rel: str) -> str | None:
     return None
 
 
-def save_state_dict(model: torch.nn.Module, path: Path) -> None:
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with open(path, "wb") as f:
-        torch_save(state, f, path)  # a full disk: an OSError naming the file
-
-
-# --- loading -------------------------------------------------------------------------------
-
-
-def _bundle_file(folder: Path, name: str) -> Path:
+def bundle_file(folder: Path, name: str) -> Path:
     """`folder/name` as a regular file inside the bundle. A symlink out of the bundle is
     refused before anything is read, and so are FIFOs and devices (reading one hangs)."""
     path = folder / name
@@ -265,7 +188,7 @@ def _bundle_file(folder: Path, name: str) -> Path:
     return path
 
 
-def _recover(path: Path) -> None:
+def recover(path: Path) -> None:
     """A kill between the two renames of a swap left no bundle at `path`: put the old one back."""
     if path.exists() or path.is_symlink():
         return
@@ -284,7 +207,7 @@ def _recover(path: Path) -> None:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    _recover(path)
+    recover(path)
     mpath = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"search bundle {path} is not a folder; pass the folder that holds "
@@ -295,7 +218,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
                               f"first: python -m mltrain export --checkpoint {path} --out "
                               "BUNDLE")  # fmt: skip
         raise BundleError(f"{mpath} is missing: {path} is not a complete bundle; {REEXPORT}")
-    _bundle_file(path, MANIFEST)
+    bundle_file(path, MANIFEST)
     manifest = files.read_json(mpath, BundleError, MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH,
                                REEXPORT)  # fmt: skip
     if not isinstance(manifest, dict):
@@ -486,7 +409,7 @@ def _check_images_dir(path: Path) -> None:
 
 
 def _check_digest(path: Path, name: str, expected: str | None) -> None:
-    _bundle_file(path, name)
+    bundle_file(path, name)
     if not expected:
         raise BundleError(f"{path / MANIFEST} records no sha256 for {name}; {REEXPORT}")
     if sha256_file(path / name) != expected:
@@ -546,98 +469,6 @@ def bundle_config(bundle: Bundle):
     return from_dict(stored, f"{bundle.path / MANIFEST}")
 
 
-BACKENDS = ("auto", *RUNNERS)  # what --backend takes: a runner, or auto to choose one
-
-# Whether `auto` runs model.onnx for queries. Measured on the quiet 2-core AVX512-BF16
-# machine (README "Performance (CPU)", benchmarks/onnx_batches.py): onnxruntime fp32 against
-# torch (bf16 autocast, BatchNorm folded) embeds 4.1-4.3x as fast at batch 1, 2.3-2.4x at 2,
-# 1.5x at 4, 0.93-1.18x at 8-16; one in-process search takes 5.6 against 17.1 ms, the server
-# with one client 11.8 against 16.9 ms (p50), with eight clients level. Queries come alone or
-# in micro-batches of a few: ONNX. Bulk embedding (add, export) stays on torch.
-AUTO_PREFERS_ONNX = True
-
-
-def choose_backend(bundle: Bundle, backend: str = "auto") -> str:
-    """"torch" or "onnx" for `backend` ("auto", "torch" or "onnx").
-
-    `auto` takes ONNX where the bundle has model.onnx, onnxruntime is installed and
-    `AUTO_PREFERS_ONNX` says the graph is faster for queries (it is, 1.5-4x for the one to
-    four images a query brings, on the CPU measured); torch otherwise. Asking for onnx
-    without model.onnx is an error that says how to get one.
-    """
-    from mltrain.inference.onnx import onnxruntime_available
-
-    if backend not in BACKENDS:
-        raise BundleError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        fast = AUTO_PREFERS_ONNX and bundle.has_onnx and onnxruntime_available()
-        return "onnx" if fast else "torch"
-    if backend == "onnx" and not bundle.has_onnx:
-        raise BundleError(f"{bundle.path} has no {ONNX} for --backend onnx; {REEXPORT_ONNX}")
-    return backend
-
-
-def bundle_embedder(bundle: Bundle, backend: str = "auto") -> Embedder:
-    """The bundle's model, rebuilt from its config with its own weights (no download), run
-    by `backend` (see `choose_backend`; the default suits every caller).
-
-    model.pt is read first and compared, key by key and shape by shape, with the config's
-    model built on the meta device: a manifest naming a huge backbone is refused before
-    that backbone is allocated. The onnx backend also builds the PyTorch model (its
-    preprocessing and sizes come from it) and runs model.onnx, whose bytes are checked
-    against the manifest as they are handed to onnxruntime.
-    """
-    chosen = choose_backend(bundle, backend)
-    embedder = _torch_embedder(bundle)
-    if chosen == "torch":
-        return embedder
-    if bundle._onnx_embedder is None:
-        from mltrain.inference.onnx import OnnxSession
-
-        session = OnnxSession(_onnx_graph(bundle), embedder.model.normalize)
-        bundle._onnx_embedder = embedder.with_backend("onnx", session)
-    return bundle._onnx_embedder
-
-
-def _onnx_graph(bundle: Bundle) -> bytes:
-    """model.onnx's bytes, refused unless they are the ones the manifest hashed."""
-    path = _bundle_file(bundle.path, ONNX)
-    graph = path.read_bytes()
-    if hashlib.sha256(graph).hexdigest() != bundle.manifest["files"].get(ONNX):
-        raise BundleError(f"{path} does not match its sha256 in {MANIFEST} (changed, replaced "
-                          f"or from another export); {REEXPORT_ONNX}")  # fmt: skip
-    return graph
-
-
-def _torch_embedder(bundle: Bundle) -> Embedder:
-    if bundle._embedder is not None:
-        return bundle._embedder
-    cfg = bundle_config(bundle)
-    mpath = bundle.path / MODEL
-    try:
-        state = torch.load(mpath, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise BundleError(
-            f"{mpath} is not a loadable tensor state_dict ({type(e).__name__}); {REEXPORT}"
-        ) from None
-    if not isinstance(state, dict):
-        raise BundleError(f"{mpath} holds no state_dict; {REEXPORT}")
-    num_classes = bundle.manifest.get("num_classes", 0)
-    if type(num_classes) is not int or num_classes < 0:
-        raise BundleError(f"{bundle.path / MANIFEST}: num_classes {num_classes!r} is not a "
-                          f"count; {REEXPORT}")  # fmt: skip
-    try:
-        model = model_from_state(cfg.model, num_classes, state, str(mpath),
-                                 described_by="the manifest's config")  # fmt: skip
-    except CheckpointError as e:
-        raise BundleError(f"{e}; {REEXPORT}") from None
-    except ConfigError as e:  # a stored config this version refuses: about the bundle
-        raise BundleError(f"{bundle.path / MANIFEST}: the manifest's config does not build a "
-                          f"model ({e}); {REEXPORT}") from None
-    bundle._embedder = make_embedder(cfg, model)
-    return bundle._embedder
-
-
 def safe_image_path(bundle: Bundle, rel: str) -> Path:
     """The file a metadata path names, refusing anything that leaves its root.
 
@@ -660,53 +491,3 @@ def safe_image_path(bundle: Bundle, rel: str) -> Path:
         raise BundleError(f"metadata path {rel!r} is not an image file; refusing to read it")
     return path
 
-
-__all__ = ["Bundle", "bundle_embedder", "choose_backend", "load_bundle", "safe_image_path"]
-
-
-def check_export_target(out_dir: Path) -> None:
-    """A bundle is only exported to a new folder or over an older bundle (never over other
-    files, nor over images enrolled since); callers check this before long work."""
-    _check_replaceable(out_dir)
-    foreign = _foreign_files(out_dir) if out_dir.is_dir() else []
-    if foreign:
-        raise BundleError(
-            f"{out_dir} holds files that are no part of a bundle ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); exporting over it would delete them: "
-            "move them out, or choose another folder"
-        )
-    added = _added_rows(out_dir) if out_dir.is_dir() else 0
-    if added:
-        raise BundleError(
-            f"{out_dir} holds {counted(added, 'image')} enrolled with "
-            "`mltrain add` since its export; "
-            "exporting over it would drop them: choose another folder, or remove the bundle "
-            "first to start over"
-        )
-
-
-def _foreign_files(bundle_dir: Path) -> list[str]:
-    """Names in a bundle folder that no export or `add` writes (a user's notes, say)."""
-    own = {MANIFEST, *DATA_FILES, ONNX, IMAGES_DIR, *own_names()}
-    return sorted(p.name for p in bundle_dir.iterdir()
-                  if p.name not in own and not SHARD_NAME.fullmatch(p.name))  # fmt: skip
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    if (out_dir.exists() or out_dir.is_symlink()) and not (
-        out_dir.is_dir() and is_bundle_dir(out_dir)
-    ):
-        raise BundleError(
-            f"{out_dir} exists and is not a search bundle; choose another folder or remove it"
-        )
-
-
-def _added_rows(bundle_dir: Path) -> int:
-    """Rows `mltrain add` put into an existing bundle (0 when its manifest cannot be read:
-    nothing to protect that we can see)."""
-    try:
-        manifest = files.read_json(bundle_dir / MANIFEST, BundleError, MAX_MANIFEST_BYTES,
-                                   MAX_MANIFEST_DEPTH, REEXPORT)  # fmt: skip
-        return sum(int(a.get("count", 0)) for a in manifest.get("added", []))
-    except (OSError, ValueError, TypeError, AttributeError, OverflowError, BundleError):
-        return 0

@@ -4,10 +4,9 @@ the manifest into a staging folder, and swap it into place (format: `mltrain.ret
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
-from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,25 +21,25 @@ from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.bundle import (
     ARRAY_FORMAT,
     EMBEDDINGS,
-    MANIFEST,
     METADATA,
     MODEL,
     ONNX,
     SHARDED_FORMAT,
+)
+from mltrain.retrieval.bundle_write import (
     check_export_target,
     clean_stale,
-    data_files,
+    finish_manifest,
     move_into_place,
     save_state_dict,
-    sha256_file,
+    shard_entries,
     staged,
     versions,
     write_metadata,
 )
 from mltrain.retrieval.gallery import Gallery, build_gallery, check_gallery
-from mltrain.retrieval.index import INDEX_TYPES, check_index_args
+from mltrain.retrieval.index_types import INDEX_TYPES, check_index_args
 from mltrain.retrieval.shards import (
-    Shard,
     ShardReader,
     ShardWriter,
     training_rows,
@@ -124,6 +123,8 @@ def export_bundle(
     with staged(out_dir, "partial") as tmp:
         check_export_target(out_dir)  # again, locked: an `add` may have ended while we waited
         onnx_record = _write_onnx(embedder, folder.paths, tmp) if onnx else None
+        if onnx:  # OpenVINO, where it embeds, compiles this graph rather than a trace
+            embedder = replace(embedder, graph=(tmp / ONNX).read_bytes())
         idx, dim, shards = _write_embeddings(
             embedder, folder.paths, folder.labels, [r["path"] for r in rows], tmp, out_dir, exp,
             metric,
@@ -246,27 +247,3 @@ def _write_embeddings(
                         rel_paths, tmp, out_dir)  # fmt: skip
     return idx, reader.shape[1], shard_entries(tmp, written)
 
-
-def shard_entries(folder: Path, shards: Sequence[Shard]) -> list[dict[str, Any]]:
-    """The manifest's record of written shards: name, rows and sha256 of each."""
-    return [{"name": s.name, "rows": s.rows, "sha256": sha256_file(folder / s.name)}
-            for s in shards]  # fmt: skip
-
-
-def finish_manifest(
-    folder: Path, manifest: dict[str, Any], kind: str, args: dict, pca: int | None,
-    gallery: Gallery,
-) -> None:
-    """The manifest's index record (the gallery's own description) and the sha256 of every
-    file, written last into the bundle folder `folder`."""
-    manifest["index"] = {
-        "kind": kind,
-        "args": dict(args or {}),
-        "pca_dim": pca,
-        **gallery.describe(folder),
-    }
-    names = data_files(manifest)
-    if (folder / ONNX).is_file():
-        names = (*names, ONNX)
-    manifest["files"] = {name: sha256_file(folder / name) for name in names}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

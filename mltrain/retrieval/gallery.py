@@ -26,14 +26,12 @@ import numpy as np
 
 from mltrain.errors import BundleError, ConfigError
 from mltrain.registry import Registry
-from mltrain.retrieval.index import (
+from mltrain.retrieval.index import check_index_metric, load_index, save_index
+from mltrain.retrieval.index_types import (
     INDEX_TYPES,
     build_index,
     check_index_args,
     check_index_config,
-    check_index_metric,
-    load_index,
-    save_index,
 )
 from mltrain.retrieval.shards import ShardReader, index_from_shards
 

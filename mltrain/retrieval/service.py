@@ -35,7 +35,8 @@ from mltrain.data.images import DEFAULT_MAX_PIXELS, decode_image_bytes
 from mltrain.data.pipeline import decode_size
 from mltrain.errors import BundleError, ConfigError, DataError, MltrainError, check_number
 from mltrain.inference.embedder import Embedder
-from mltrain.retrieval.bundle import Bundle, bundle_embedder, load_bundle, safe_image_path
+from mltrain.retrieval.bundle import Bundle, load_bundle, safe_image_path
+from mltrain.retrieval.bundle_model import bundle_embedder
 from mltrain.retrieval.index import prepare
 from mltrain.retrieval.rerank import RERANKERS
 from mltrain.retrieval.search import (
@@ -48,9 +49,7 @@ from mltrain.retrieval.search import (
     search_depth,
     threshold_value,
 )
-from mltrain.retrieval.search import (
-    thumbnail as thumbnail_image,
-)
+from mltrain.retrieval.sheet import thumbnail as thumbnail_image
 from mltrain.retrieval.verify import DEFAULT_FAR, is_resolved, pair_verdict, threshold_for
 
 DEFAULT_MAX_UPLOAD = 20 * 2**20  # bytes: a large camera JPEG is under 15 MB

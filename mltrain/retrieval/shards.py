@@ -27,7 +27,8 @@ from numpy.lib.format import open_memmap
 
 from mltrain.errors import ConfigError, DataError
 from mltrain.files import reserve
-from mltrain.retrieval.index import INDEX_TYPES, default_nlist, faiss_metric, prepare, train_index
+from mltrain.retrieval.index import faiss_metric, prepare
+from mltrain.retrieval.index_types import INDEX_TYPES, default_nlist, train_index
 
 SHARD_PREFIX = "embeddings"
 SHARD_NAME = re.compile(rf"{SHARD_PREFIX}-\d{{5,}}\.npy")

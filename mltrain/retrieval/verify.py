@@ -18,6 +18,7 @@ import numpy as np
 
 from mltrain.errors import BundleError, ConfigError, DataError
 from mltrain.retrieval.pairs import calibrate_threshold, distinct_pairs, pair_scores, sample_pairs
+from mltrain.retrieval.queries import query_problem
 
 FARS = (1e-1, 1e-2, 1e-3, 1e-4)
 DEFAULT_FAR = 1e-3
@@ -111,8 +112,6 @@ def calibration_note(cal: dict[str, Any]) -> str | None:
 def check_pair_paths(*paths: str | Path) -> None:
     """A missing image or a folder stops verification with one line, before any model is
     built (an unreadable file is reported when it is decoded)."""
-    from mltrain.retrieval.search import query_problem
-
     for path in paths:
         problem = query_problem(Path(path))
         if problem:
@@ -129,7 +128,7 @@ def pair_verdict(emb: np.ndarray, metric: str, cal: dict[str, Any]) -> tuple[flo
 def verify_pair(bundle: Any, a: str | Path, b: str | Path, far: float = DEFAULT_FAR) -> dict:
     """Similarity of images `a` and `b` under the bundle's model and metric, against its
     threshold at `far`: {'similarity', 'threshold', 'same', ...calibration}."""
-    from mltrain.retrieval.bundle import bundle_embedder
+    from mltrain.retrieval.bundle_model import bundle_embedder  # the model: only when used
 
     cal = threshold_for(bundle.manifest, far)  # before the model is built
     check_pair_paths(a, b)

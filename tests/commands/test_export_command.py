@@ -3,6 +3,8 @@ any image is embedded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mltrain.__main__ import main
@@ -75,19 +77,26 @@ def _checkpoint_with(tmp_path, root, model_edit: dict) -> str:
     return str(path)
 
 
-def test_a_stored_training_only_key_this_code_refuses_is_read_at_its_default(tmp_path, capsys):
+def test_a_stored_training_only_key_this_code_refuses_is_read_at_its_default(tmp_path, capsys,
+                                                                          monkeypatch):  # fmt: skip
     """Frozen stages decide what trains, never what a model embeds: export goes on, with a
-    note naming the checkpoint; the bundle records the value it used and loads."""
+    note naming the checkpoint; the bundle records the value it used and loads. The model is
+    built twice, the checkpoint file read once."""
     import json
 
+    import mltrain.model.checkpoint as checkpoint_mod
     from mltrain.config import Config
     from mltrain.retrieval.bundle import load_bundle
 
     root = write_image_folder(tmp_path / "data", 2, 4, (32, 32))
     ckpt = _checkpoint_with(tmp_path, root, {"frozen_stages": 40})
     sets = [f"data.root={root}", *TINY_EMBED, "export.index=flat"]
+    reads = []
+    real_read = checkpoint_mod._read
+    monkeypatch.setattr(checkpoint_mod, "_read", lambda p: reads.append(p) or real_read(p))
     assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "b"),
                  *(x for s in sets for x in ("--set", s))]) == 0  # fmt: skip
+    assert reads == [Path(ckpt)]
     err = capsys.readouterr().err
     assert f"note: checkpoint {ckpt}: its stored model.frozen_stages: 40 >= " in err
     default = Config().model.frozen_stages

@@ -16,10 +16,9 @@ import torch
 from PIL import Image
 
 from mltrain.data import dataset as dataset_mod
-from mltrain.data.archive import absolute_root, resolve_root
 from mltrain.data.dataset import ImageDataset, make_loader
-from mltrain.data.folder import scan_folder
 from mltrain.data.images import check_images, load_image
+from mltrain.data.readers import absolute_root, read_images, resolve_root
 from mltrain.data.samplers import SAMPLERS, build_sampler, fit_batch_size
 from mltrain.data.splits import disjoint_note, find_duplicates, load_split, make_split, save_split
 from mltrain.data.transforms import DEFAULT_AUGMENT, eval_transform, train_transform
@@ -44,7 +43,7 @@ def test_scan_orders_classes_and_files_and_labels(tmp_path, make_image_folder):
     (root / "zebra" / ".hidden.jpg").write_bytes(b"")
     (root / ".cache").mkdir()  # hidden folder: not a class
     shutil.copy(root / "zebra" / "img_000.jpg", root / "zebra" / "UPPER.JPG")
-    folder = scan_folder(root)
+    folder = read_images(root)
     assert folder.classes == ["a b", "zebra", "été"]
     assert [p.relative_to(root).as_posix() for p in folder.paths] == [
         "a b/img_000.jpg", "a b/img_001.png", "a b/img_002.jpg",
@@ -56,37 +55,37 @@ def test_scan_orders_classes_and_files_and_labels(tmp_path, make_image_folder):
 
 
 def test_scan_exclude(tiny_folder):
-    folder = scan_folder(tiny_folder, exclude=["class_1"])
+    folder = read_images(tiny_folder, exclude=["class_1"])
     assert folder.classes == ["class_0", "class_2"]
     assert len(folder) == 12 and set(folder.labels.tolist()) == {0, 1}
-    assert scan_folder(tiny_folder, exclude="class_0").classes == ["class_1", "class_2"]
+    assert read_images(tiny_folder, exclude="class_0").classes == ["class_1", "class_2"]
 
 
 def test_scan_errors(tmp_path, make_image_folder):
     with pytest.raises(DataError, match="does not exist"):
         resolve_root(tmp_path / "nope")
     (tmp_path / "file.zip").write_bytes(b"PK")
-    with pytest.raises(DataError, match="neither a folder, a .csv"):
+    with pytest.raises(DataError, match=r"neither a \.tar\.gz/.* archive, a \.csv of labels nor"):
         resolve_root(tmp_path / "file.zip")
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "x.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="no class sub-folders"):
-        scan_folder(tmp_path / "flat")
+        read_images(tmp_path / "flat")
     root = make_image_folder(tmp_path / "d", classes=2, per_class=2)
     with pytest.raises(DataError, match="at least 2 class"):
-        scan_folder(root, exclude=["class_0"])
+        read_images(root, exclude=["class_0"])
 
 
 def test_scan_notes_missing_exclusion_and_folders_without_images(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "d", classes=3, per_class=2)
     (root / "empty").mkdir()
     (root / "empty" / "readme.txt").write_text("x")
-    folder = scan_folder(root, exclude=["BACKGROUND_Google", "clas_1"])
+    folder = read_images(root, exclude=["BACKGROUND_Google", "clas_1"])
     assert folder.classes == ["class_0", "class_1", "class_2"]
     assert any("no class 'clas_1'" in n for n in folder.notes)  # a name the user wrote
     assert not any("BACKGROUND_Google" in n for n in folder.notes)  # the default: no noise
     assert any("empty" in n and ".txt" in n for n in folder.notes)
-    assert scan_folder(root, exclude=["class_1"]).notes == [
+    assert read_images(root, exclude=["class_1"]).notes == [
         "folders with files but no images were left out: empty (files: .txt)"
     ]
 
@@ -102,7 +101,7 @@ def test_archive_extracted_once_beside_it(tmp_path, tiny_folder, capsys, monkeyp
     root = resolve_root(archive)
     assert root == tmp_path / "cats"
     assert "extracting" in capsys.readouterr().err
-    assert len(scan_folder(root)) == 18
+    assert len(read_images(root)) == 18
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     mtime = root.stat().st_mtime_ns
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("extracted twice"))
@@ -115,7 +114,7 @@ def test_archive_without_top_folder_and_unsafe_member(tmp_path, tiny_folder):
     with tarfile.open(flat, "w:gz") as tar:
         for cls in ("class_0", "class_1"):
             tar.add(tiny_folder / cls, arcname=cls)
-    assert scan_folder(resolve_root(flat)).classes == ["class_0", "class_1"]
+    assert read_images(resolve_root(flat)).classes == ["class_0", "class_1"]
     evil = tmp_path / "evil.tar"
     with tarfile.open(evil, "w") as tar:
         info = tarfile.TarInfo("../escaped.txt")
@@ -162,7 +161,7 @@ def test_a_cached_extraction_survives_a_new_mtime_and_older_ones_are_named(
         _tar(archive, make_image_folder(tmp_path / "more", classes=3, per_class=9), "cats")
         shelf.chmod(0o555)
         new = resolve_root(archive)
-        assert new != root and len(scan_folder(new)) == 27 and len(scan_folder(root)) == 18
+        assert new != root and len(read_images(new)) == 27 and len(read_images(root)) == 18
         err = capsys.readouterr().err
         assert f"note: 1 older extraction of cats.tar.gz (0 MB) remain: {root}; delete them" \
             in err
@@ -185,10 +184,10 @@ def test_a_folder_beside_the_archive_that_mltrain_did_not_extract_is_not_used(
     make_image_folder(tmp_path / "cats", classes=3, per_class=2)  # the user's own, changed since
     monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
     root = resolve_root(archive)
-    assert root.parent == tmp_path / "cache" and len(scan_folder(root)) == 18  # the archive's
+    assert root.parent == tmp_path / "cache" and len(read_images(root)) == 18  # the archive's
     err = capsys.readouterr().err
     assert f"note: {tmp_path / 'cats'} was not extracted from cats.tar.gz" in err
-    assert len(scan_folder(tmp_path / "cats")) == 6  # left as it was
+    assert len(read_images(tmp_path / "cats")) == 6  # left as it was
 
 
 def test_a_relative_root_is_stored_absolute_and_a_missing_one_says_where_it_looked(
@@ -265,27 +264,27 @@ def test_split_none_and_errors():
 
 def test_save_load_split_round_trip_and_missing(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "d", classes=["a", "b c"], per_class=4)
-    folder = scan_folder(root)
+    folder = read_images(root)
     split = make_split(folder.labels, "per_class", 0.5, seed=1)
     path = tmp_path / "run" / "split.json"
     save_split(path, split, folder)
     doc = json.loads(path.read_text())
     assert doc["kind"] == "per_class" and doc["train"][0][1] in ("a", "b c")
-    loaded = load_split(path, scan_folder(root))
+    loaded = load_split(path, read_images(root))
     assert np.array_equal(loaded.train, split.train)
     assert np.array_equal(loaded.heldout, split.heldout)
     assert (loaded.kind, loaded.seed, loaded.train_fraction) == ("per_class", 1, 0.5)
     gone = folder.paths[int(split.heldout[0])]
     gone.unlink()
     with pytest.raises(DataError, match=f"1 images .*{gone.name}"):
-        load_split(path, scan_folder(root))
+        load_split(path, read_images(root))
     path.write_text("{not json")
     with pytest.raises(DataError, match="cannot read split file"):
         load_split(path, folder)
 
 
 def test_find_duplicates(tiny_folder):
-    folder = scan_folder(tiny_folder)
+    folder = read_images(tiny_folder)
     copy = tiny_folder / "class_2" / "copy_of_0.jpg"
     shutil.copy(folder.paths[0], copy)
     paths = folder.paths + [copy]
@@ -349,7 +348,7 @@ def test_load_image_bad_files_name_the_path(tmp_path):
 
 def test_check_images_lists_exactly_the_bad_ones(tmp_path, tiny_folder):
     bad = _bad_files(tmp_path)
-    paths = scan_folder(tiny_folder).paths[:4] + [bad[0]] + [tmp_path / "good.jpg"] + bad[1:]
+    paths = read_images(tiny_folder).paths[:4] + [bad[0]] + [tmp_path / "good.jpg"] + bad[1:]
     found = check_images(paths, num_workers=2)
     assert [p for p, _ in found] == [str(p) for p in bad]
     assert all(reason for _, reason in found)
@@ -413,7 +412,7 @@ def test_train_transform_sizes_and_errors():
 
 
 def test_dataset_and_reproducible_loader(tiny_folder):
-    folder = scan_folder(tiny_folder)
+    folder = read_images(tiny_folder)
     too_big = train_transform(CONFIG, [{"name": "RandomCrop", "args": {"height": 64, "width": 64}}])
     with pytest.raises(DataError, match="img_000.jpg.*cannot crop a 32x40 image"):
         ImageDataset(folder.paths, folder.labels, too_big)[0]
@@ -431,7 +430,7 @@ def test_dataset_and_reproducible_loader(tiny_folder):
 
 def test_worker_augmentations_differ_and_repeat(tiny_folder, monkeypatch):
     monkeypatch.setattr(dataset_mod, "default_num_workers", lambda: 2)
-    folder = scan_folder(tiny_folder)
+    folder = read_images(tiny_folder)
     flip = [{"name": "HorizontalFlip", "args": {"p": 0.5}}, {"name": "ColorJitter"}]
     ds = ImageDataset([folder.paths[0]] * 8, [0] * 8, train_transform(CONFIG, flip))
 
@@ -449,7 +448,7 @@ def test_worker_augmentations_differ_and_repeat(tiny_folder, monkeypatch):
 
 
 def test_m_per_class_batches(tmp_path, make_image_folder):
-    folder = scan_folder(make_image_folder(tmp_path / "d", classes=4, per_class=[3, 5, 2, 6]))
+    folder = read_images(make_image_folder(tmp_path / "d", classes=4, per_class=[3, 5, 2, 6]))
     sampler = build_sampler({"name": "m_per_class", "args": {"m": 2}}, folder.labels, 4, seed=1)
     ds = ImageDataset(folder.paths, folder.labels, eval_transform(CONFIG))
     batches = [b[1].tolist() for b in make_loader(ds, 4, sampler=sampler, num_workers=0)]
@@ -541,29 +540,29 @@ def test_nested_classes_auto_and_fixed_depth(tmp_path):
     from tests.foreign_data import write_drawings
 
     root = write_drawings(tmp_path / "d", alphabets=2, chars=3, per_class=2, size=16)
-    folder = scan_folder(root)
+    folder = read_images(root)
     assert folder.classes == [f"alphabet_{a}/char_{c:02d}" for a in range(2) for c in range(3)]
     assert len(folder) == 12 and np.bincount(folder.labels).tolist() == [2] * 6
     assert load_image(folder.paths[0]).shape == (16, 16, 3)  # greyscale PGM read as RGB
-    top = scan_folder(root, class_depth=1)
+    top = read_images(root, class_depth=1)
     assert top.classes == ["alphabet_0", "alphabet_1"] and len(top) == 12
-    assert scan_folder(root, exclude=["alphabet_1"]).classes == [
+    assert read_images(root, exclude=["alphabet_1"]).classes == [
         f"alphabet_0/char_{c:02d}" for c in range(3)
     ]
     with pytest.raises(DataError, match="no class sub-folders"):
-        scan_folder(root, class_depth=3)
+        read_images(root, class_depth=3)
 
 
 def test_natural_order_of_numeric_names(tmp_path):
     from tests.foreign_data import write_photos
 
     root = write_photos(tmp_path / "p", classes=12, per_class=2)
-    folder = scan_folder(root)
+    folder = read_images(root)
     assert folder.classes[:3] == ["c1", "c2", "c3"] and folder.classes[-1] == "c12"
     for i in (10, 2):
         shutil.copy(root / "c1" / "0.jpg", root / "c1" / f"{i}.jpg")
     assert [p.name for p in folder.paths[:2]] == ["0.jpg", "1.jpg"]
-    assert [p.name for p in scan_folder(root).paths[:4]] == ["0.jpg", "1.jpg", "2.jpg", "10.jpg"]
+    assert [p.name for p in read_images(root).paths[:4]] == ["0.jpg", "1.jpg", "2.jpg", "10.jpg"]
 
 
 def test_numeric_exclusion_from_yaml(tmp_path, make_image_folder):
@@ -572,31 +571,31 @@ def test_numeric_exclusion_from_yaml(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "d", classes=["2", "10", "7"], per_class=2)
     cfg = load_config(None, [f"data.root={root}", "data.exclude_classes=[10]"])
     assert cfg.data.exclude_classes == ["10"]
-    assert scan_folder(root, exclude=cfg.data.exclude_classes).classes == ["2", "7"]
+    assert read_images(root, exclude=cfg.data.exclude_classes).classes == ["2", "7"]
 
 
 def test_labels_csv(tmp_path):
     from tests.foreign_data import write_csv_folder
 
     csv_path = write_csv_folder(tmp_path / "cat", classes=3, per_class=4)
-    folder = scan_folder(resolve_root(csv_path), exclude=["product 2", "nothing"])
+    folder = read_images(csv_path, exclude=["product 2", "nothing"])
     assert folder.root == csv_path.parent and folder.classes == ["product 0", "product 1"]
     assert folder.paths[0] == csv_path.parent / "images" / "0000.png" and len(folder) == 8
     assert folder.notes == [f"data.exclude_classes: no label 'nothing' in {csv_path}; "
                             "nothing excluded for it"]  # fmt: skip
     headerless = tmp_path / "cat" / "plain.csv"
     headerless.write_text("images/0000.png,a\nimages/0001.png,a\nimages/0005.png,b\n")
-    assert scan_folder(headerless).classes == ["a", "b"]
+    assert read_images(headerless).classes == ["a", "b"]
     bad = tmp_path / "cat" / "bad.csv"
     bad.write_text("path,label\nimages/0000.png,a\n../../etc/passwd,b\nmissing.png,b\nonly\n")
     with pytest.raises(DataError, match=r"3 bad rows in .*line 3: \.\./\.\./etc/passwd lies "
                                         r"outside.*line 4: missing.png does not exist.*line 5"):
-        scan_folder(bad)
+        read_images(bad)
     inside = tmp_path / "cat" / "images" / "0000.png"  # inside, but absolute: not taken
     bad.write_text(f"path,label\n{inside},a\n")
     with pytest.raises(DataError, match=rf"line 2: {inside} is an absolute path; write it "
                                         rf"relative to {tmp_path / 'cat'}"):
-        scan_folder(bad)
+        read_images(bad)
 
 
 def test_a_file_listed_with_two_labels_is_a_bad_row_and_skip_passes_over_missing_files(
@@ -611,14 +610,14 @@ def test_a_file_listed_with_two_labels_is_a_bad_row_and_skip_passes_over_missing
     twice.write_text("path,label\nimages/0000.png,a\nimages/0001.png,a\nimages/0004.png,b\n"
                      "./images/0000.png,b\nimages/0001.png,a\n")  # fmt: skip
     with pytest.raises(DataError) as info:
-        scan_folder(twice)
+        read_images(twice)
     assert str(info.value) == (
         f"1 bad row in {twice}: line 5: ./images/0000.png is listed again as 'b' (line 2 says "
         "'a'); paths are relative to the CSV's folder; fix or delete those rows"
     )  # a repeat with the same label (line 6) is no problem: see below
     twice.write_text("path,label\nimages/0000.png,a\nimages/0001.png,a\nimages/0004.png,b\n"
                      "images/0005.png,b\nimages/0001.png,a\n")  # fmt: skip
-    folder = scan_folder(twice)
+    folder = read_images(twice)
     assert len(folder) == 4 and folder.notes == [
         f"left out 1 repeated row of {twice} (the same file and label as an earlier row): "
         "line 6 (as line 3)"]
@@ -626,12 +625,12 @@ def test_a_file_listed_with_two_labels_is_a_bad_row_and_skip_passes_over_missing
     gaps.write_text("path,label\nimages/0000.png,a\nimages/0001.png,a\ngone.png,a\n"
                     "images/0004.png,b\nimages/0005.png,b\n")  # fmt: skip
     with pytest.raises(DataError, match="line 4: gone.png does not exist"):
-        scan_folder(gaps)
-    folder = scan_folder(gaps, bad_images="skip")
+        read_images(gaps)
+    folder = read_images(gaps, bad_images="skip")
     assert len(folder) == 4 and folder.notes == [
         f"data.bad_images: skip left out 1 row of {gaps} naming no file: line 4: gone.png does "
         "not exist"]
-    assert scan_folder(csv_path, bad_images="skip").notes == []
+    assert read_images(csv_path, bad_images="skip").notes == []
 
 
 def test_hostile_trees_skip_loops_fifos_and_symlinked_folders(tmp_path, make_image_folder):
@@ -642,7 +641,7 @@ def test_hostile_trees_skip_loops_fifos_and_symlinked_folders(tmp_path, make_ima
     (root / "class_1" / "stolen.jpg").symlink_to(outside / "class_0" / "img_000.jpg")
     (root / "class_1" / "alias.png").symlink_to(root / "class_0" / "img_001.png")
     os.mkfifo(root / "class_0" / "pipe.jpg")
-    folder = scan_folder(root)
+    folder = read_images(root)
     assert folder.classes == ["class_0", "class_1"]
     names = [p.relative_to(root).as_posix() for p in folder.paths]
     assert names == ["class_0/img_000.jpg", "class_0/img_001.png", "class_0/img_002.jpg",
@@ -676,7 +675,7 @@ def test_a_class_depth_deeper_than_the_images_is_named(tmp_path, make_image_fold
     root = make_image_folder(tmp_path / "d", classes=2, per_class=2)
     with pytest.raises(DataError, match=r"data.class_depth 3 may be deeper than the images: try "
                                         r"auto$"):
-        scan_folder(root, class_depth=3)
+        read_images(root, class_depth=3)
 
 
 def test_empty_and_hidden_class_folders_are_noted_not_dropped_silently(
@@ -691,7 +690,7 @@ def test_empty_and_hidden_class_folders_are_noted_not_dropped_silently(
     shutil.copytree(root / "class_0", root / ".2dot")
     (root / ".git" / "objects").mkdir(parents=True)
     (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
-    folder = scan_folder(root)
+    folder = read_images(root)
     assert folder.classes == ["class_0", "class_1", "class_2"]
     assert folder.notes == [
         "empty folders were left out: b_only_hidden, empty class",
@@ -705,6 +704,6 @@ def test_labels_csv_with_only_a_header_says_it_has_no_rows(tmp_path, text):
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError) as info:
-        scan_folder(csv_path)
+        read_images(csv_path)
     assert str(info.value) == (f"labels file {csv_path} has a header row but no image rows; "
                                "write one 'path,label' row per image below it")  # fmt: skip

@@ -72,7 +72,7 @@ def test_shipped_config_on_nested_greyscale_drawings(config, drawings, tmp_path)
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["classes"] == DRAWING_CLASSES and manifest["count"] == 200
     query = drawings / "alphabet_2" / "char_03" / "7.pgm"
-    found = run("-m", "mltrain.search", str(tmp_path / "b"), str(query), "--json", cwd=tmp_path)
+    found = run("-m", "mltrain", "search", str(tmp_path / "b"), str(query), "--json", cwd=tmp_path)
     top = json.loads(found.stdout)["queries"][0]["results"][0]
     assert top["path"] == "alphabet_2/char_03/7.pgm" and top["class"] == "alphabet_2/char_03"
 

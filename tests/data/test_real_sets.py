@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from mltrain.config import load_config
-from mltrain.data.folder import scan_folder, sniff_image
+from mltrain.data.folder import sniff_image
 from mltrain.data.images import load_image
 from mltrain.data.pipeline import prepare_data
+from mltrain.data.readers import read_images
 from mltrain.data.splits import duplicates_within
 from mltrain.errors import DataError
 from tests.conftest import TINY_EMBED, write_image_folder
@@ -33,7 +34,7 @@ def test_images_without_an_image_extension_are_read_by_their_content(tmp_path):
     root = write_faces(tmp_path / "yale")
     (root / "subject01" / "README").write_text("P5 is not a picture")  # a signature, no image
     (root / "subject01" / "info.glasses").write_bytes(b"GIF89a but truncated")
-    folder = scan_folder(root)
+    folder = read_images(root)
     assert folder.classes == ["subject01", "subject02"]
     assert [p.name for p in folder.paths] == [
         "subject01.glasses", "subject01.happy", "subject01.sad",
@@ -56,7 +57,7 @@ def test_a_flat_folder_of_images_says_where_they_are(tmp_path):
     with pytest.raises(DataError, match=r"no class sub-folders with images, but 3 images lie in "
                        r"it \(e\.g\. subject01\.glasses\); move each class's images into a "
                        "folder of its own"):  # fmt: skip
-        scan_folder(root)
+        read_images(root)
 
 
 def test_duplicates_within_keeps_the_first_of_each_identical_group(tmp_path):
@@ -100,9 +101,9 @@ def test_copies_among_evaluated_images_are_left_out_with_a_note(tmp_path, capsys
 
 def test_a_folder_of_extensionless_images_exports_loads_and_searches(tmp_path, capsys):
     """The bundle of such a folder loads, and its rows are read back as images."""
+    from mltrain.commands.search import script as search_main
     from mltrain.retrieval.bundle import load_bundle, safe_image_path
     from mltrain.retrieval.export import export_bundle
-    from mltrain.retrieval.search import main as search_main
     from tests.conftest import tiny_embedder
 
     root = write_faces(tmp_path / "yale", people=("subject01", "subject02", "subject03"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mltrain.evaluation.compare import compare, main, markdown
+from mltrain.commands.compare import main
+from mltrain.evaluation.compare import compare, markdown
 from tests.foreign_data import write_drawings
 
 
@@ -28,7 +29,6 @@ def test_compare_backbones_on_the_same_images(tmp_path, capsys):
 
 def test_a_backbone_set_in_overrides_is_refused_for_backbones():
     from mltrain.errors import ConfigError
-    from mltrain.evaluation.compare import main
 
     with pytest.raises(ConfigError) as info:
         main(["--set", "model.backbone=tf_efficientnet_lite1"])
@@ -46,8 +46,7 @@ def test_a_training_key_in_set_is_refused_before_any_work(command, tmp_path):
 
     from mltrain.errors import ConfigError
 
-    module = {"compare": "mltrain.evaluation.compare"}.get(command, f"mltrain.commands.{command}")
-    main_ = importlib.import_module(module).main
+    main_ = importlib.import_module(f"mltrain.commands.{command}").main
     source = [] if command == "compare" else ["--backbone", "tf_efficientnet_lite0"]
     extra = ["--out", str(tmp_path / "o")] if command == "export" else []
     base = [*source, "--config", "configs/pooling.yaml", *extra,

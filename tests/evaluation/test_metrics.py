@@ -13,17 +13,15 @@ from mltrain.evaluation.metrics import (
     mean_average_precision,
     mean_per_class_precision_at_1,
     num_relevant,
-    one_shot_accuracy,
     per_class_metrics,
     precision_at_k,
     r_precision,
     recall_at_k,
     retrieval_metrics,
-    roc_summary,
     score_neighbours,
-    verification_metrics,
     worst_classes,
 )
+from mltrain.evaluation.verification import one_shot_accuracy, roc_summary, verification_metrics
 from mltrain.retrieval.index import knn_chunks
 from mltrain.retrieval.pairs import calibrate_threshold, distinct_pairs, pair_scores, sample_pairs
 

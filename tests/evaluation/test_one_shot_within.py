@@ -9,12 +9,12 @@ import pytest
 from mltrain.config import load_config
 from mltrain.errors import ConfigError, DataError
 from mltrain.evaluation.evaluate import EmbeddedSplit, compute_metrics, parents_of
-from mltrain.evaluation.metrics import (
+from mltrain.evaluation.plan import plan_evaluation
+from mltrain.evaluation.verification import (
     one_shot_accuracy,
     one_shot_groups,
     one_shot_within_accuracy,
 )
-from mltrain.evaluation.plan import plan_evaluation
 
 # Two images per class. Parent A: classes 0 and 1 point different ways, so an episode within A
 # is always right. Parent B: classes 2 and 3 are the same vector, so within B the tie goes to

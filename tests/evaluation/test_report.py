@@ -15,19 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from mltrain.config import Config
-from mltrain.evaluation import figures, markdown, report, tensorboard
+from mltrain.evaluation import contact_sheet, figures, markdown, report, tensorboard
+from mltrain.evaluation.contact_sheet import GREEN, RED, query_grid, select_queries
 from mltrain.evaluation.evaluate import EmbeddedSplit, EvalResult, compute_metrics
-from mltrain.evaluation.figures import (
-    GREEN,
-    RED,
-    plot_pca,
-    plot_roc,
-    plot_tsne,
-    query_grid,
-    render,
-    sample_rows,
-    select_queries,
-)
+from mltrain.evaluation.figures import plot_pca, plot_roc, plot_tsne, render, sample_rows
 from mltrain.evaluation.markdown import markdown_report, worst_below_mean
 from mltrain.evaluation.report import write_report
 from mltrain.evaluation.tensorboard import heldout_scalars
@@ -443,7 +434,7 @@ def test_a_perfect_run_has_no_empty_headings_or_zero_counts() -> None:
     nb = SimpleNamespace(scored=np.ones(4, bool), labels=np.array([[0], [1], [0], [1]]),
                          indices=np.array([[1], [0], [3], [2]]),
                          query_labels=np.array([0, 1, 0, 1]))  # fmt: skip
-    note = figures.queries_note(nb, np.array([0, 2]), seed=0)
+    note = contact_sheet.queries_note(nb, np.array([0, 2]), seed=0)
     assert note == ("2 of the 4 queries whose top result is right, drawn at random (seed 0), of "
                     "4 scored queries. No query's top result is wrong.")
     assert " 0 " not in note
@@ -488,6 +479,6 @@ def test_roc_marks_the_eer_and_far_1e3(result: EvalResult) -> None:
 
 
 def test_query_grid_names_are_legible() -> None:
-    assert figures.wrapped("Eurasian_collared_dove_Streptopelia_decaocto", 20) == (
+    assert contact_sheet.wrapped("Eurasian_collared_dove_Streptopelia_decaocto", 20) == (
         "Eurasian_collared_\ndove_S…elia_decaocto")
-    assert figures.wrapped("img_0042.jpg", 20) == "img_0042.jpg"
+    assert contact_sheet.wrapped("img_0042.jpg", 20) == "img_0042.jpg"

@@ -19,7 +19,8 @@ import mltrain.retrieval.gallery as gallery_mod
 from mltrain.errors import BundleError, ConfigError, DataError
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.add import add_images
-from mltrain.retrieval.bundle import bundle_embedder, load_bundle, safe_image_path, sha256_file
+from mltrain.retrieval.bundle import load_bundle, safe_image_path, sha256_file
+from mltrain.retrieval.bundle_model import bundle_embedder
 from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.index import search
 from mltrain.retrieval.search import search_images
@@ -318,14 +319,14 @@ def test_adding_a_nested_folder_notes_its_classes_beside_the_bundles_nested_ones
 def test_an_empty_class_name_is_refused_and_a_repeat_add_says_why_nothing_was_added(
     bundle_dir, tmp_path, capsys
 ):
-    from mltrain.retrieval.search import main
+    from mltrain.commands.add import main
 
     new = write_new_class(tmp_path / "new", "zebra", 1)
     with pytest.raises(ConfigError, match="^a class name is empty; pass a name with --class NAME$"):
         add_images(bundle_dir, new, label_names=" ")
-    assert main([str(bundle_dir), str(new)], command="add") == 0
+    assert main([str(bundle_dir), str(new)]) == 0
     capsys.readouterr()
-    assert main([str(bundle_dir), str(new)], command="add") == 0
+    assert main([str(bundle_dir), str(new)]) == 0
     total = len(load_bundle(bundle_dir))
     assert capsys.readouterr().out.strip() == (
         f"added 0 images to {bundle_dir} (now {total}): every one was already in it"

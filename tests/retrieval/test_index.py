@@ -10,19 +10,21 @@ from mltrain.errors import BundleError, ConfigError, DataError
 from mltrain.evaluation.metrics import retrieval_metrics
 from mltrain.evaluation.sweeps import index_comparison, pca_sweep, shortest_within
 from mltrain.retrieval.index import (
-    INDEX_TYPES,
-    build_index,
-    check_index_config,
-    default_nlist,
     drop_self,
-    fitted_m,
-    fitted_nbits,
     index_nbytes,
     knn,
     l2_normalize,
     load_index,
     save_index,
     search,
+)
+from mltrain.retrieval.index_types import (
+    INDEX_TYPES,
+    build_index,
+    check_index_config,
+    default_nlist,
+    fitted_m,
+    fitted_nbits,
 )
 
 
@@ -276,7 +278,8 @@ def test_a_shorter_pca_cut_from_a_longer_one_equals_training_it():
     the shorter ones from it; the cut must project exactly as a PCA trained to that length."""
     import gc
 
-    from mltrain.retrieval.index import apply_transforms, pca_transforms, prepare, shorter_pca
+    from mltrain.retrieval.index import prepare
+    from mltrain.retrieval.index_types import apply_transforms, pca_transforms, shorter_pca
 
     x = prepare(random_data(200, 32, seed=3), "cosine")
     longest = pca_transforms(x, 16, "cosine")

@@ -98,7 +98,7 @@ def test_add_and_serve_answer_alike(pair, tmp_path):
 
 
 def _torch(bundle):
-    from mltrain.retrieval.bundle import bundle_embedder
+    from mltrain.retrieval.bundle_model import bundle_embedder
 
     return bundle_embedder(bundle, "torch")
 

@@ -11,19 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-import mltrain.retrieval.bundle as bundle_mod
+import mltrain.retrieval.bundle_model as bundle_model
+from mltrain.commands.search import script as main
 from mltrain.errors import BundleError, MltrainError
 from mltrain.model.network import build_model
 from mltrain.retrieval.add import add_images
-from mltrain.retrieval.bundle import (
-    ONNX,
-    bundle_embedder,
-    choose_backend,
-    load_bundle,
-    sha256_file,
-)
+from mltrain.retrieval.bundle import ONNX, load_bundle, sha256_file
+from mltrain.retrieval.bundle_model import bundle_embedder, choose_backend
 from mltrain.retrieval.export import export_bundle
-from mltrain.retrieval.search import main
 from tests.conftest import tiny_embedder, write_image_folder
 
 pytest.importorskip("onnxruntime")
@@ -90,9 +85,9 @@ def test_onnx_embedder_reproduces_the_stored_embeddings(exported):
 def test_auto_takes_onnx_only_where_measured_faster(exported, monkeypatch):
     _, bundle, without = exported
     b, plain = load_bundle(bundle), load_bundle(without)
-    assert choose_backend(b) == ("onnx" if bundle_mod.AUTO_PREFERS_ONNX else "torch")
+    assert choose_backend(b) == ("onnx" if bundle_model.AUTO_PREFERS_ONNX else "torch")
     assert bundle_embedder(plain).backend == "torch"  # the serve path: default argument
-    monkeypatch.setattr(bundle_mod, "AUTO_PREFERS_ONNX", True)
+    monkeypatch.setattr(bundle_model, "AUTO_PREFERS_ONNX", True)
     assert choose_backend(b) == "onnx" and choose_backend(plain) == "torch"
     monkeypatch.setattr(onnx_mod, "onnxruntime_available", lambda: False)
     assert choose_backend(b) == "torch"

@@ -1,4 +1,5 @@
-"""The search command line: tables, JSON, contact sheets, bad queries and bad bundles."""
+"""The search command line (`mltrain.commands.search`): tables, JSON, contact sheets, bad
+queries and bad bundles."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mltrain.commands.search import script as main
 from mltrain.retrieval.bundle import load_bundle
 from mltrain.retrieval.export import export_bundle
-from mltrain.retrieval.search import COLOURS, PAD, THUMB, main
+from mltrain.retrieval.sheet import COLOURS, PAD, THUMB
 from tests.conftest import tiny_embedder, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -238,14 +240,15 @@ def test_a_long_class_name_is_cut_in_the_table_only(capsys):
     The cut is in the middle: nested names differ at their end."""
     from types import SimpleNamespace
 
-    from mltrain.retrieval.search import CLASS_COLUMN, Hit, QueryResult, SearchRun, _print_table
+    from mltrain.commands.search import CLASS_COLUMN, print_table
+    from mltrain.retrieval.search import Hit, QueryResult, SearchRun
 
     magi = "images_background/Alphabet_of_the_Magi_and_Other_Scripts/character"
     hits = [Hit(1, 0.9, 0, magi + "01", "a.png"), Hit(2, 0.8, 1, magi + "02", "b.png"),
             Hit(3, 0.7, 2, "b", "c.png")]  # fmt: skip
     run = SearchRun([QueryResult("q.png", search_us=5.0, hits=hits)], k=3, embed_ms=1.0,
                     model_ms=1.0)  # fmt: skip
-    _print_table(run, SimpleNamespace(metric="cosine"))
+    print_table(run, SimpleNamespace(metric="cosine"))
     rows = capsys.readouterr().out.splitlines()
     assert "     1    0.9000  images_backgr…_Other_Scripts/character01  a.png" in rows
     assert "     2    0.8000  images_backgr…_Other_Scripts/character02  b.png" in rows

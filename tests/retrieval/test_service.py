@@ -16,7 +16,7 @@ from PIL import Image
 from mltrain.data.images import ImageTooLarge, decode_image_bytes, load_image
 from mltrain.data.pipeline import decode_size
 from mltrain.errors import BundleError, ConfigError, DataError, MltrainError
-from mltrain.retrieval.bundle import bundle_embedder
+from mltrain.retrieval.bundle_model import bundle_embedder
 from mltrain.retrieval.search import search_images
 from mltrain.retrieval.service import MicroBatcher, NotFound, SearchService, UploadTooLarge
 from mltrain.retrieval.verify import verify_pair

@@ -12,7 +12,8 @@ import pytest
 import mltrain.retrieval.shards as shards_mod
 from mltrain.config import load_config
 from mltrain.errors import ConfigError, DataError
-from mltrain.retrieval.index import build_index, default_nlist, prepare, search
+from mltrain.retrieval.index import prepare, search
+from mltrain.retrieval.index_types import build_index, default_nlist
 from mltrain.retrieval.shards import (
     ShardReader,
     ShardWriter,

@@ -52,11 +52,10 @@ def test_bundles_without_the_flag_are_judged_from_their_counts():
 
 def test_verify_pair_refuses_a_missing_image_before_building_the_model(served_bundle, tmp_path,
                                                                       monkeypatch):  # fmt: skip
-    import mltrain.retrieval.bundle as bundle_mod
-    import mltrain.retrieval.search  # noqa: F401 - imported now, it would keep the patch below
+    import mltrain.retrieval.bundle_model as bundle_model
 
     bundle = load_bundle(served_bundle[1])
-    monkeypatch.setattr(bundle_mod, "bundle_embedder", lambda *a: pytest.fail("model built"))
+    monkeypatch.setattr(bundle_model, "bundle_embedder", lambda *a: pytest.fail("model built"))
     good = gallery(served_bundle[0])[0]
     missing = re.escape(str(tmp_path / "b.png"))
     with pytest.raises(DataError, match=rf"^image {missing} does not exist; check the path$"):

@@ -377,14 +377,16 @@ def test_full_disk_while_saving_says_previous_checkpoint_is_intact(tmp_path, mon
 
     monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
     root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
-    real = trainer.atomic_save
+    from mltrain.train import checkpoints
+
+    real = checkpoints.atomic_save
 
     def full_from_epoch_2(obj, path):
         if obj["state"]["epoch"] >= 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(obj, path)
 
-    monkeypatch.setattr(trainer, "atomic_save", full_from_epoch_2)
+    monkeypatch.setattr(checkpoints, "atomic_save", full_from_epoch_2)
     with pytest.raises(MltrainError, match="No space left.*last.pt is intact.*--resume"):
         trainer.fit(_cfg(root, tmp_path / "exp", "train.epochs=3"))
     last = next((tmp_path / "exp").glob("*/*/checkpoints/last.pt"))
@@ -413,3 +415,23 @@ def test_a_large_prefix_cache_says_how_large_when_it_grows(tmp_path, monkeypatch
     monkeypatch.setattr(prefix_cache, "_NOTED", set())
     prefix_cache.cached({"b": 2}, lambda: (torch.zeros(4),))
     assert capsys.readouterr().err == ""  # small: quiet
+
+
+def test_sigterm_interrupts_setup_and_the_callers_handlers_come_back():
+    """During setup SIGTERM stops at once, as Ctrl-C does; afterwards, even after an error,
+    the handlers installed before the run are back."""
+    from mltrain.train.signals import setup_handlers
+
+    def mine(signum, frame):
+        return None
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(KeyboardInterrupt), setup_handlers():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

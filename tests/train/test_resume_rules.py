@@ -10,7 +10,8 @@ import pytest
 from mltrain.config import Config, load_config
 from mltrain.data.pipeline import prepare_data
 from mltrain.errors import ConfigError, DataError
-from mltrain.train.run import check_best_metric_fits, check_resume_overrides, fit
+from mltrain.train.checkpoints import check_best_metric_fits, check_resume_overrides
+from mltrain.train.run import fit
 from tests.conftest import TINY_RUN, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,13 +108,13 @@ def test_fit_stops_before_training_when_best_metric_cannot_be_computed(tmp_path)
 
 
 def test_a_random_sampler_argument_is_refused_before_the_prefix_cache(tmp_path, monkeypatch):
-    import mltrain.train.run as run_mod
+    from mltrain.train.loaders import Loaders
 
     root = write_image_folder(tmp_path / "data", classes=3, per_class=4)
     cfg = load_config(REPO / "configs/classification.yaml",
                       [*TINY_RUN, f"data.root={root}", f"output_dir={tmp_path / 'exp'}",
                        "train.sampler={name: random, args: {m: 4}}"])  # fmt: skip
-    monkeypatch.setattr(run_mod.Run, "_cache_view", lambda *a: pytest.fail("prefix cached"))
+    monkeypatch.setattr(Loaders, "_cache_view", lambda *a: pytest.fail("prefix cached"))
     with pytest.raises(ConfigError, match=r"^sampler 'random': bad args \['m'\]"):
         fit(cfg)
 

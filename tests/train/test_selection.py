@@ -15,7 +15,7 @@ from mltrain.train import run as trainer
 from tests.conftest import TINY_RUN, write_image_folder
 
 TINY = [*TINY_RUN, "train.epochs=2", "eval.batch_size=16", "train.figures_every=0",
-        "eval.rerank=false"]  # fmt: skip
+        "eval.rerank=false", "train.whiten=off"]  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
@@ -68,6 +68,19 @@ def test_an_epoch_must_beat_the_start_not_tie_it_while_later_epochs_win_ties(
     assert summary["best"]["epoch"] == 2 and summary["best_is_start"] is False
     assert ckpt(run_dir, "best.pt")["state"]["epoch"] == 2
     assert not any("never beat" in n for n in summary.get("notes", []))
+
+
+def test_improves_needs_a_strict_gain_over_the_start_and_a_tie_over_an_epoch():
+    from mltrain.train.checkpoints import improves
+
+    start = {"epoch": 0, "map_at_r": 0.7, "eer": 0.2}
+    epoch = {"epoch": 1, "map_at_r": 0.7, "eer": 0.2}
+    assert not improves("map_at_r", {"map_at_r": 0.7}, start)  # a tie keeps the start
+    assert improves("map_at_r", {"map_at_r": 0.7}, epoch)  # a tie goes to the later epoch
+    assert not improves("map_at_r", {"map_at_r": 0.69}, epoch)
+    assert improves("eer", {"eer": 0.1}, start) and not improves("eer", {"eer": 0.3}, epoch)
+    assert not improves("map_at_r", {}, epoch)  # an epoch not evaluated never replaces best.pt
+    assert improves("map_at_r", {"map_at_r": 0.1}, {})  # the first evaluated epoch
 
 
 def test_eer_selects_the_lowest_and_roc_auc_the_highest_start_included(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from mltrain.config import load_config
 from mltrain.errors import ConfigError, DataError, MltrainError
 from mltrain.model.checkpoint import load_checkpoint
 from mltrain.train import run as trainer
+from mltrain.train.setup import SPLIT_NONE_NOTE
 from tests.conftest import TINY_RUN, write_image_folder, write_shapes_gallery
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
@@ -155,10 +156,10 @@ def test_split_none_says_its_held_out_figures_are_the_training_images(tmp_path, 
     root = write_image_folder(tmp_path / "data", classes=3, per_class=4)
     run_dir = trainer.fit(tiny_cfg("configs/triplet.yaml", root, tmp_path / "exp",
                                    "data.split=none", "train.max_steps=1"))  # fmt: skip
-    assert trainer.SPLIT_NONE_NOTE in (run_dir / "notes.txt").read_text()
-    assert f"note: {trainer.SPLIT_NONE_NOTE}" in capsys.readouterr().err
-    assert trainer.SPLIT_NONE_NOTE.startswith("data.split: none trains on every image, so its "
-                                              "held-out figures (and the pick of best.pt)")
+    assert SPLIT_NONE_NOTE in (run_dir / "notes.txt").read_text()
+    assert f"note: {SPLIT_NONE_NOTE}" in capsys.readouterr().err
+    assert SPLIT_NONE_NOTE.startswith("data.split: none trains on every image, so its "
+                                      "held-out figures (and the pick of best.pt)")
 
 
 def test_class_with_one_image_under_pair_sampler(tmp_path):
@@ -222,7 +223,7 @@ def test_a_pretrained_typo_is_refused_before_the_data_is_read(tmp_path, monkeypa
     archive is extracted."""
     from mltrain.data import pipeline
 
-    monkeypatch.setattr(pipeline, "resolve_root", lambda *a: pytest.fail("data read first"))
+    monkeypatch.setattr(pipeline, "read_images", lambda *a, **k: pytest.fail("data read first"))
     cfg = tiny_cfg("configs/siamese.yaml", tmp_path / "any", tmp_path / "exp",
                    "model.pretrained=ture")  # fmt: skip
     with pytest.raises(ConfigError) as info:
@@ -349,7 +350,7 @@ def test_bnneck_hybrid_trains_and_embeds_through_the_neck(tmp_path):
 
 
 def test_start_note_when_training_never_beats_the_untrained_model():
-    from mltrain.train.run import start_note
+    from mltrain.train.checkpoints import start_note
 
     start = {"map_at_r": 0.65, "eer": 0.04}
     note = start_note("map_at_r", {"map_at_r": 0.60}, start)

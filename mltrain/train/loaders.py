@@ -1,0 +1,96 @@
+"""What the steps and the held-out evaluation read: image loaders, or, when the trunk's bottom
+stays frozen (`train.cache_frozen`), that frozen prefix's outputs computed once per image and
+augmented view and kept in the shared disk cache (`mltrain.train.prefix_cache`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mltrain.config import Config
+from mltrain.data.dataset import make_loader
+from mltrain.data.pipeline import CachedFeatures, RunData, eval_loader, train_dataset, train_loader
+from mltrain.model.network import EmbeddingModel
+from mltrain.runtime import InferSpec
+from mltrain.train.heldout import inference_model
+from mltrain.train.loop import compute_prefix
+from mltrain.train.prefix_cache import cached, weights_identity
+
+
+class Loaders:
+    """The training sets (one per cached view, else the image dataset) and the held-out
+    batches. `from_prefix`: batches hold cached prefix features, not images."""
+
+    def __init__(
+        self, cfg: Config, data: RunData, model: EmbeddingModel, dcfg: dict[str, Any],
+        infer_spec: InferSpec,
+    ) -> None:  # fmt: skip
+        self.cfg, self.data, self.model, self.dcfg = cfg, data, model, dcfg
+        self.infer_spec = infer_spec
+        split = data.split
+        heldout = eval_loader(cfg, data.paths(split.selection), data.folder.labels[split.selection],
+                              dcfg)  # fmt: skip
+        # a family with no stage split trains whole (model.trainable_stages): nothing to cache
+        self.from_prefix = cfg.train.cache_frozen and model.frozen_stages > 0
+        self.eval_batches: Iterable
+        if not self.from_prefix:
+            self.train_sets = [train_dataset(cfg, data, dcfg)]
+            self.eval_batches = heldout
+            return
+        self.train_sets = [self._cache_view(v) for v in range(cfg.train.cache_views)]
+        folded = inference_model(cfg, model, tuple(dcfg["input_size"]), infer_spec.device)
+        feats = self._prefix("heldout", heldout, "caching held-out prefix", model=folded)
+        self.eval_batches = DataLoader(CachedFeatures(*feats), batch_size=cfg.eval.batch_size)
+
+    def epoch_loader(self, epoch: int) -> DataLoader:
+        """The training batches of `epoch`: the views take turns, the order follows the seed."""
+        dataset = self.train_sets[epoch % len(self.train_sets)]
+        return train_loader(self.cfg, self.data, dataset, seed=self.cfg.seed * 1000 + epoch)
+
+    def _cache_view(self, view: int) -> CachedFeatures:
+        """One augmented pass over the training images through the frozen prefix."""
+        seed = self.cfg.seed * 1000 + 500 + view
+        # Augmentation streams follow the worker seeds, so the worker count stays the loader
+        # default (at most 4) rather than one per core: the same views on any machine of 4+.
+        loader = make_loader(
+            train_dataset(self.cfg, self.data, self.dcfg),
+            self.cfg.eval.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            seed=seed,
+        )
+        return CachedFeatures(
+            *self._prefix("train", loader, f"caching train prefix (view {view + 1})", seed)
+        )
+
+    def _prefix(
+        self, name: str, loader: DataLoader, desc: str, seed: int | None = None,
+        model: EmbeddingModel | None = None,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """Frozen-prefix outputs of a loader's images (through `model`, default the training
+        model), via the shared disk cache."""
+        cfg, model = self.cfg, self.model if model is None else model
+        parts = {
+            "backbone": cfg.model.backbone,
+            "weights": weights_identity(cfg.model.pretrained),
+            "frozen_stages": self.model.frozen_stages,  # resolved from trainable_stages too
+            "data_config": self.dcfg,
+            "augment": cfg.data.augment if name == "train" else None,
+            "seed": seed,
+            "amp": str(self.infer_spec.amp),
+            "paths": [str(p) for p in loader.dataset.paths],
+            "labels": loader.dataset.labels.tolist(),
+            "workers": loader.num_workers,
+            # 2: chunked forward, in the workers on CPU (mltrain.inference.batching).
+            # eval.cpu_chunk and where the model runs move bf16 results by rounding only, so they
+            # are not keyed.
+            "version": 2,
+        }
+        if name == "heldout":  # the inference model: BatchNorm folded or not (eval.fold_bn)
+            parts["fold_bn"] = model is not self.model
+        return cached(
+            parts,
+            lambda: compute_prefix(model, loader, self.infer_spec, desc),
+        )

@@ -1,0 +1,76 @@
+"""The whitening fitted after the last epoch: kept in best.pt only when it beats best.pt on
+the selection metric, and then applied by everything that rebuilds the model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mltrain.config import load_config
+from mltrain.inference.embedder import embedder_from_checkpoint
+from mltrain.train import run as trainer
+from mltrain.train import whiten
+from tests.conftest import TINY_RUN, write_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
+
+
+def tiny_run(tmp_path, *extra: str):
+    root = write_image_folder(tmp_path / "data", classes=6, per_class=6)
+    cfg = load_config("configs/triplet.yaml", [
+        *TINY_RUN, f"data.root={root}", f"output_dir={tmp_path / 'exp'}", "train.epochs=1",
+        "eval.batch_size=16", "train.figures_every=0", "data.split=class_disjoint",
+        "data.train_fraction=0.67", "data.val_fraction=0.34", *extra])  # fmt: skip
+    run_dir = trainer.fit(cfg)
+    return root, run_dir, torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+
+
+def test_a_whitening_that_wins_is_saved_in_best_pt_and_applied_on_load(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(whiten, "better", lambda key, new, old: True)  # every fit "wins"
+    root, run_dir, best = tiny_run(tmp_path)
+    matrix = best["model"]["whiten.matrix"]
+    width, dims = matrix.shape
+    assert best["best"]["whiten_dims"] == dims and dims <= min(width, 256)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["best"]["whiten_dims"] == dims
+    assert "whiten.matrix" not in torch.load(run_dir / "checkpoints" / "last.pt",
+                                             weights_only=True)["model"]  # fmt: skip
+    assert "best.pt embeds through it" in capsys.readouterr().err
+    embedder = embedder_from_checkpoint(str(run_dir / "checkpoints" / "best.pt"))
+    assert embedder.embedding_dim == dims
+    emb = np.asarray(embedder.embed(sorted(root.rglob("*.png"))[:4]))
+    assert emb.shape == (4, dims)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-4)
+
+
+def test_a_whitening_that_loses_leaves_best_pt_as_it_was(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(whiten, "better", lambda key, new, old: False)
+    _, run_dir, best = tiny_run(tmp_path)
+    assert not any(k.startswith("whiten.") for k in best["model"])
+    assert "whiten_dims" not in best["best"]
+    assert "best.pt stays as it was" in capsys.readouterr().err
+
+
+def test_off_fits_nothing(tmp_path, capsys):
+    _, _, best = tiny_run(tmp_path, "train.whiten=off")
+    assert not any(k.startswith("whiten.") for k in best["model"])
+    assert "whitening:" not in capsys.readouterr().err
+
+
+def test_training_rows_are_capped_evenly_across_classes():
+    class Data:  # the two attributes training_rows reads
+        class split:
+            train = np.arange(100)
+
+        class folder:
+            labels = np.repeat([0, 1, 2, 3], 25)
+
+    rows = whiten.training_rows(Data, seed=0, most=40)
+    assert len(rows) == 40 and len(set(rows)) == 40
+    assert np.bincount(Data.folder.labels[rows]).tolist() == [10, 10, 10, 10]
+    assert whiten.training_rows(Data, seed=0, most=200).tolist() == list(range(100))
