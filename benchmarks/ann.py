@@ -52,7 +52,7 @@ from mltrain.retrieval.index import timed_single_queries  # noqa: E402
 from mltrain.retrieval.index_types import INDEX_TYPES  # noqa: E402
 
 try:
-    from benchmarks.ann_data import K, load_inputs
+    from benchmarks.ann_data import K, clustered, load_inputs
     from benchmarks.ann_report import (
         Row,
         baseline_lines,
@@ -62,7 +62,7 @@ try:
         target_line,
     )
 except ImportError:  # run as `python benchmarks/ann.py`
-    from ann_data import K, load_inputs  # type: ignore[no-redef]
+    from ann_data import K, clustered, load_inputs  # type: ignore[no-redef]
     from ann_report import (  # type: ignore[no-redef]
         Row,
         baseline_lines,
@@ -72,6 +72,8 @@ except ImportError:  # run as `python benchmarks/ann.py`
         target_line,
     )
 
+
+__all__ = ["clustered", "main"]  # the generator is also imported from here
 
 # --- measurement ---------------------------------------------------------------------------
 

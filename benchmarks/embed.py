@@ -61,7 +61,7 @@ from mltrain.inference.onnx import (  # noqa: E402
     noise_probe,
     onnxruntime_available,
 )
-from mltrain.inference.openvino import OpenVinoModel, openvino_available  # noqa: E402
+from mltrain.inference.openvino import BULK_CHUNK, OpenVinoModel, openvino_available  # noqa: E402
 from mltrain.runtime import (  # noqa: E402
     resolve_amp,
     resolve_device,
@@ -163,7 +163,7 @@ def backend_variants(chosen: set[str], bf16: Embedder, fp32: Embedder) -> dict:
             precisions.append("bf16")
         for prec in precisions:
             for chunk, sync in ((8, True), (4, False), (8, False), (16, False)):
-                if prec == "f32" and chunk != 8:
+                if prec == "f32" and not sync and chunk != BULK_CHUNK:
                     continue
                 runner = OpenVinoModel(graph, bf16.model.normalize, precision=prec, chunk=chunk)
                 e = replace(bf16, backend="openvino", openvino=runner, _on={})

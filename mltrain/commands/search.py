@@ -45,6 +45,7 @@ from mltrain.commands.common import exit_status
 from mltrain.errors import ConfigError
 from mltrain.retrieval.bundle import Bundle, load_bundle
 from mltrain.retrieval.bundle_model import BACKENDS
+from mltrain.retrieval.gallery import label_of
 from mltrain.retrieval.rerank import RERANKERS
 from mltrain.retrieval.search import (
     SearchRun,
@@ -72,7 +73,8 @@ def parser(prog: str = "mltrain search") -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--image-root", help="the bundle's images are now here (thumbnails)")
     p.add_argument("--add", action="store_true", help="add the images to the bundle instead")
-    p.add_argument("--class", dest="class_name", help="with --add: class of every new image")
+    p.add_argument("--class", dest="class_name",
+                   help="a search: hits of this class only; with --add: class of every new image")
     p.add_argument("--rerank", default="auto", choices=("auto", *RERANKERS),
                    help="re-order the top candidates: k_reciprocal or alpha_qe; auto (default): "
                         "what the evaluation that exported the bundle found helps, else none")
@@ -104,8 +106,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "mltrain search") -> int
             raise ConfigError(f"{', '.join(ignored)} only {verb} to a search, not with --add")
         enroll(args.bundle, args.images, args.class_name)
         return 0
-    if args.class_name:
-        raise ConfigError("--class only applies with --add")
     if args.sheet:
         check_sheet_target(args.sheet)
     t0 = time.perf_counter()
@@ -119,8 +119,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "mltrain search") -> int
               file=sys.stderr)  # fmt: skip
     threshold, cal = (None, None) if args.threshold is None else threshold_value(
         bundle, args.threshold)  # fmt: skip
+    label = label_of(bundle.classes, args.class_name)
     run = search_images(bundle, args.images, k, default_rerank(bundle, args.rerank),
-                        args.backend)  # fmt: skip
+                        args.backend, label)  # fmt: skip
     if threshold is not None:
         apply_threshold(run, threshold)
     report(run, bundle, args.json, load_ms, threshold, cal)

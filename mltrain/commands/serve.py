@@ -1,7 +1,8 @@
 """Serve a bundle over HTTP: python -m mltrain serve BUNDLE [--host 127.0.0.1] [--port 8000]
 
-  POST /search   multipart field `image`; `k`, `rerank`, `threshold` (auto, none or a
-                 cosine in [-1, 1]) as form fields or in the query string -> {"results":
+  POST /search   multipart field `image`; `k`, `rerank`, `class` (hits of that class only),
+                 `threshold` (auto, none or a cosine in [-1, 1]) as form fields or in the
+                 query string -> {"results":
                  [{rank, score, class, path, id, thumb, match?}], "k", "rerank",
                  "threshold"?, "threshold_resolved"?, "answer"?, "embed_ms", "search_ms"}
   POST /verify   multipart fields `a` and `b`, optional `far` (a calibrated FAR, default
@@ -147,11 +148,13 @@ def create_app(service: Any):
             k_text = param(request, form, "k")
             rerank = param(request, form, "rerank") or "auto"
             threshold = param(request, form, "threshold")
+            class_name = param(request, form, "class")
         try:
             k = None if k_text in (None, "") else int(k_text)
         except ValueError:
             raise ConfigError(f"k must be an integer, got {k_text[:40]!r}") from None
-        return await run_in_threadpool(service.search, data, k, rerank, threshold, "image")
+        return await run_in_threadpool(service.search, data, k, rerank, threshold, "image",
+                                       class_name)  # fmt: skip
 
     @app.post("/verify")
     async def verify(request: Request):

@@ -404,7 +404,7 @@ def inference_workers(cfg: Config, images: int) -> int | None:
 
 def inference_loader(cfg: Config, dataset: Dataset, seed: int = 0) -> DataLoader:
     """Ordered batches of `dataset` for an inference pass with deterministic transforms (the
-    worker count may follow the core count; augmented passes must not, see `Loaders._cache_view`)."""
+    worker count may follow the core count; augmented passes must not: `Loaders._cache_view`)."""
     workers = inference_workers(cfg, len(dataset))
     return make_loader(dataset, cfg.eval.batch_size, num_workers=workers, seed=seed)
 

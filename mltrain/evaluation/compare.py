@@ -1,15 +1,7 @@
-"""Compare pretrained backbones on your data, as the book compared five networks (the
-command is `mltrain compare`, `mltrain.commands.compare`).
-
-Each backbone embeds the config's held-out images untrained; the table has held-out
-precision@1, MAP@R, the book score (each image's 4 nearest others by L2, share of its class),
-embedding length, parameters, embedding speed and training speed on this machine (a few steps
-on random images with the config's trainable_stages; `--train-steps 0` skips it) and where the
-weights came from. A backbone with no offline weights under `pretrained: offline` is compared
-with random weights (its quality columns then mean nothing; its speeds still hold). The data is
-scanned and split once, so every backbone sees the same images. Written to
-`<output_dir>/compare/<time>/compare.md` and `compare.json`.
-"""
+"""Compare pretrained backbones on your data, as the book compared five networks: every
+backbone embeds the same held-out images untrained, and one row per backbone holds its
+quality, size and speeds. What the columns mean and where they are written: the command,
+`mltrain compare` (`mltrain.commands.compare`)."""
 
 from __future__ import annotations
 

@@ -6,12 +6,13 @@ beyond the PyTorch model (which every runner builds: preprocessing and parity co
 plus `images` times the runner's seconds per image at that call size, decode included.
 
 `COSTS` holds those figures for tf_efficientnet_lite0 at 224 px on the 2-core AVX512-BF16
-machine. torch's and onnxruntime's per-image figures were measured quiet (docs/performance.md);
-OpenVINO's are torch's divided by its ratio to torch measured in the same process under load
-(benchmarks/embed.py: bulk 1.24-1.67x at load 4-5, 0.5-0.8x at load 7; benchmarks/onnx_backend.py:
-one image 0.73x onnxruntime), and the setups are rounded up from loaded runs. Re-measure on a
-quiet machine with those two benchmarks and change `COSTS`: nothing else holds these numbers.
-On other hardware the order may differ; `--backend` / `eval.backend` names a runner outright.
+machine, from runs at load average 1.2-2.4 (docs/performance.md): one image per call is the
+model alone at batch 1 (benchmarks/onnx_backend.py; decoding a query costs every runner the
+same); bulk is torch's quiet end-to-end 172 img/s, with onnxruntime and OpenVINO at their
+end-to-end ratios to it (0.68x, 1.33x; benchmarks/embed.py); setup is the runner's build and
+first image, OpenVINO's with its import, and TRACE_S the trace where no model.onnx is at hand.
+Re-measure with those two benchmarks and change `COSTS`: nothing else holds these numbers. On
+other hardware the order may differ; `--backend` / `eval.backend` names a runner outright.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ class Cost:
 
 
 COSTS = {
-    "torch": Cost(0.3, 17.0, 5.8),  # setup: BatchNorm folded; bulk: 172 img/s end to end
-    "onnx": Cost(0.15, 5.6, 6.0),  # one query 5.6 ms against torch's 17.1 in-process
-    "openvino": Cost(0.8, 7.7, 3.9),  # compile and parity; bulk 1.5x torch, single 0.73x onnx
+    "torch": Cost(0.14, 11.6, 5.8),  # setup: BatchNorm folded
+    "onnx": Cost(0.06, 8.3, 8.5),
+    "openvino": Cost(1.0, 4.3, 4.4),  # setup: import, compile, parity check
 }
 # Tracing the model into an ONNX graph when none is at hand (OpenVINO without model.onnx).
-TRACE_S = 3.0
+TRACE_S = 0.5
 
 
 def check_backend(backend: str, where: str = "backend") -> str:

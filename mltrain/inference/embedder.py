@@ -98,8 +98,7 @@ class Embedder:
         if "openvino" not in self._on:
             try:
                 probe = noise_probe(tuple(self.dcfg["input_size"]), PROBE_IMAGES)
-                chunk = self.cfg.eval.cpu_chunk or self.cfg.eval.batch_size
-                runner, _ = checked_runner(self.model, probe, self.graph, chunk=chunk)
+                runner, _ = checked_runner(self.model, probe, self.graph)
                 self._on["openvino"] = replace(self, backend="openvino", openvino=runner)
             except MltrainError as e:
                 if isinstance(e, OpenVinoUnavailable) and self.backend == "openvino":

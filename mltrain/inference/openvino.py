@@ -8,11 +8,14 @@ for the trace of tf_efficientnet_lite0 on the same (loaded) machine. Reading a g
 0.05 s, compiling 0.15-0.5 s.
 
 Two compiled copies share the read model, each made when first needed:
-- LATENCY (one stream on every thread) runs a call of at most `chunk` images synchronously:
-  queries, whose latency is what a user waits for;
+- LATENCY (one stream on every thread) runs a call of at most `single_max` images as one
+  synchronous request: queries, whose latency is what a user waits for;
 - THROUGHPUT (one single-threaded stream per thread) runs a larger call as chunks of `chunk`
-  images spread over its requests (`AsyncInferQueue`): bulk embedding, where a stream
-  preempted by a decoding loader worker stalls only itself, not a team of threads.
+  images spread over its requests (`AsyncInferQueue`): bulk embedding.
+
+End to end on 400 Caltech101 images (benchmarks/embed.py, load average 1.9, decode in 2
+loader workers), chunks of 4 on the requests ran 156 img/s, one synchronous request per chunk
+of 8 157, chunks of 8 137 and of 16 120 (torch bf16: 118): `BULK_CHUNK` is 4.
 
 Precision: the CPU's bf16 (`INFERENCE_PRECISION_HINT`) where `OPTIMIZATION_CAPABILITIES`
 lists BF16, else fp32. A runner is only used once it reproduces PyTorch fp32 on a probe
@@ -37,6 +40,8 @@ from mltrain.errors import MltrainError
 from mltrain.inference.onnx import PARITY_MIN, _Embed, export_bytes, worst_cosine
 from mltrain.model.network import EmbeddingModel
 
+BULK_CHUNK = 4  # images per request in bulk calls (measured, see above)
+SINGLE_MAX = 8  # calls of up to this many images run as one synchronous request
 OPENVINO_EXTRA = "install the openvino extra: pip install -e '.[openvino]'"
 # bf16 embeddings of tf_efficientnet_lite0 (GeM) against PyTorch fp32: worst cosine 0.99970 on
 # 8 noise images, 0.9950 over 256 Caltech101 images, where PyTorch's own bf16 autocast gives
@@ -73,12 +78,13 @@ class OpenVinoModel:
     from several threads); the requests within a call run in parallel."""
 
     def __init__(self, graph: Any, normalize: bool, threads: int | None = None,
-                 precision: str | None = None, chunk: int = 8) -> None:  # fmt: skip
+                 precision: str | None = None, chunk: int = BULK_CHUNK,
+                 single_max: int = SINGLE_MAX) -> None:  # fmt: skip
         """`graph`: ONNX bytes, or an `openvino.Model` already converted."""
         ov = _ov()
         self.normalize = normalize  # read by flip TTA, like EmbeddingModel.normalize
         self.threads = threads or torch.get_num_threads()
-        self.chunk = max(chunk, 1)
+        self.chunk, self.single_max = max(chunk, 1), single_max
         self._core = ov.Core()
         self._model = graph
         if isinstance(graph, bytes):
@@ -110,7 +116,7 @@ class OpenVinoModel:
             raise MltrainError("the OpenVINO model embeds images, not cached prefix features")
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         with self._lock:
-            out = self._single(arr) if len(arr) <= self.chunk else self._bulk(arr)
+            out = self._single(arr) if len(arr) <= self.single_max else self._bulk(arr)
         return torch.from_numpy(out)
 
     __call__ = embed
@@ -168,7 +174,7 @@ def from_torch(model: EmbeddingModel, probe: torch.Tensor) -> Any:
 
 def checked_runner(
     model: EmbeddingModel, probe: torch.Tensor, graph: bytes | None = None,
-    threads: int | None = None, chunk: int = 8,
+    threads: int | None = None, chunk: int = BULK_CHUNK,
 ) -> tuple[OpenVinoModel, float]:  # fmt: skip
     """(runner, worst cosine on `probe`) for `model`, from `graph` (its ONNX graph) or a
     trace of it. Raises `MltrainError` when the runner's embeddings differ from PyTorch

@@ -32,7 +32,7 @@ BACKENDS = ("auto", *RUNNERS)  # what --backend takes: a runner, or auto to choo
 # torch (bf16 autocast, BatchNorm folded) embeds 4.1-4.3x as fast at batch 1, 2.3-2.4x at 2,
 # 1.5x at 4, 0.93-1.18x at 8-16; one in-process search takes 5.6 against 17.1 ms, the server
 # with one client 11.8 against 16.9 ms (p50), with eight clients level. Queries come alone or
-# in micro-batches of a few: ONNX. Bulk embedding (add, export) stays on torch.
+# in micro-batches of a few: ONNX, where `mltrain.inference.backends.COSTS` agrees.
 AUTO_PREFERS_ONNX = True
 
 

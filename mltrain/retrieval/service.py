@@ -37,6 +37,7 @@ from mltrain.errors import BundleError, ConfigError, DataError, MltrainError, ch
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.bundle import Bundle, load_bundle, safe_image_path
 from mltrain.retrieval.bundle_model import bundle_embedder
+from mltrain.retrieval.gallery import label_of
 from mltrain.retrieval.index import prepare
 from mltrain.retrieval.rerank import RERANKERS
 from mltrain.retrieval.search import (
@@ -225,13 +226,16 @@ class SearchService:
         return [f.result(timeout=RESULT_TIMEOUT_S) for f in futures]
 
     def search(self, image: bytes, k: int | None = None, rerank: str = "auto",
-               threshold: str | None = None, name: str = "image") -> dict[str, Any]:  # fmt: skip
+               threshold: str | None = None, name: str = "image",
+               class_name: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Top-k hits for an uploaded image: {"results", "k", "rerank", "threshold",
         "threshold_resolved", "answer", "embed_ms", "search_ms"}; `threshold` None means the
         bundle's calibrated one where it has one, "none" none, "auto" or a number as
         `mltrain search`. `threshold_resolved` comes with a calibrated threshold: false when
-        too few impostor pairs backed it to resolve its FAR (it is approximate)."""
+        too few impostor pairs backed it to resolve its FAR (it is approximate). `class_name`
+        limits the hits to that class."""
         k, rerank, cut, cal = self._search_args(k, rerank, threshold)
+        label = label_of(self.bundle.classes, class_name or None)
         pixels = self.decode(image, name)
         t0 = time.perf_counter()
         (emb,) = self.embed([pixels])
@@ -239,7 +243,7 @@ class SearchService:
         query = prepare(emb[None, :], self.bundle.metric, "query")
         with self._index_lock:
             depth = search_depth(self.bundle, k, rerank)
-            scores, rows = self.bundle.gallery.search(query, depth)
+            scores, rows = self.bundle.gallery.search(query, depth, label)
         run = SearchRun([QueryResult(name)], k, 0.0, 0.0, rerank)
         run.results[0].hits = rank_hits(self.bundle, query[0], scores[0], rows[0], k, rerank)
         if cut is not None:

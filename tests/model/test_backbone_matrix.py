@@ -169,7 +169,7 @@ def test_every_family_trains_every_shipped_config(family, config, data, tmp_path
         return
     from mltrain.commands import evaluate as evaluate_cmd
     from mltrain.commands import export as export_cmd
-    from mltrain.retrieval import search as search_cmd
+    from mltrain.commands import search as search_cmd
 
     quick = [arg for item in QUICK_EVAL for arg in ("--set", item)]
     evaluate_cmd.main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "eval"), *quick])

@@ -78,6 +78,29 @@ def test_a_class_filter_keeps_only_that_class_through_either_backend(pair):
         mb.gallery.close()
 
 
+def test_search_command_and_service_filter_by_class_through_either_backend(pair, capsys):
+    from mltrain.commands.search import main as search_main
+
+    root, _, faiss_dir, milvus_dir = pair
+    query = gallery(root)[0]  # of class_0; only class_2 hits are asked for
+    answers = []
+    for d in (faiss_dir, milvus_dir):
+        assert search_main([str(d), str(query), "-k", "3", "--class", "class_2", "--json",
+                            "--backend", "torch"]) == 0  # fmt: skip
+        hits = json.loads(capsys.readouterr().out)["queries"][0]["results"]
+        service = SearchService(d, embedder_factory=lambda b: _torch(b))
+        try:
+            doc = service.search(query.read_bytes(), k=3, threshold="none", class_name="class_2")
+        finally:
+            service.close()
+        assert [h["class"] for h in hits] == ["class_2"] * 3
+        assert [h["id"] for h in doc["results"]] == [h["row"] for h in hits]
+        answers.append([h["row"] for h in hits])
+    assert answers[0] == answers[1]
+    with pytest.raises(ConfigError, match="no class of this bundle"):
+        search_main([str(faiss_dir), str(query), "--class", "nobody"])
+
+
 def test_add_and_serve_answer_alike(pair, tmp_path):
     root, _, faiss_dir, milvus_dir = pair
     # the fourth class's colour: unlike every image of the bundle (no tied scores)
