@@ -49,6 +49,14 @@ OPENVINO_EXTRA = "install the openvino extra: pip install -e '.[openvino]'"
 BF16_MIN = 0.999
 
 
+# Every OpenVINO runner of this process, kept until it exits. Freeing compiled models and then
+# forking (DataLoader workers) crashed the parent later with a segmentation fault (measured with
+# openvino 2026.4: two runners built, used and freed, a loader forked, then a subprocess started);
+# runners kept alive never did. A process builds one or two, so keeping them costs little.
+_KEPT: list[Any] = []
+_CORE: list[Any] = []  # the one openvino.Core of this process, made on first use
+
+
 class OpenVinoUnavailable(MltrainError):
     """openvino is not installed."""
 
@@ -85,7 +93,9 @@ class OpenVinoModel:
         self.normalize = normalize  # read by flip TTA, like EmbeddingModel.normalize
         self.threads = threads or torch.get_num_threads()
         self.chunk, self.single_max = max(chunk, 1), single_max
-        self._core = ov.Core()
+        if not _CORE:
+            _CORE.append(ov.Core())
+        self._core = _CORE[0]
         self._model = graph
         if isinstance(graph, bytes):
             try:
@@ -98,6 +108,7 @@ class OpenVinoModel:
         self._request: Any = None
         self._queue: Any = None
         self._lock = threading.Lock()
+        _KEPT.append(self)
 
     def compiled(self, hint: str) -> Any:
         """The model compiled for `hint` ("LATENCY" or "THROUGHPUT"), once."""

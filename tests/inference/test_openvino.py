@@ -178,3 +178,45 @@ def test_without_the_tracer_openvino_converts_the_model_itself(monkeypatch):
     assert not isinstance(ov_mod.from_torch(net, probe), bytes)  # openvino's own converter
     runner, cos = ov_mod.checked_runner(net, probe)
     assert cos >= (ov_mod.BF16_MIN if runner.precision == "bf16" else ov_mod.PARITY_MIN)
+
+
+FREED_THEN_FORKED = """
+import subprocess, sys, torch
+from dataclasses import replace
+from pathlib import Path
+from mltrain.config import Config
+from mltrain.inference import batching
+from mltrain.inference.embedder import make_embedder
+from mltrain.model.network import build_model
+from tests.conftest import gallery, write_image_folder
+
+torch.set_num_threads(1)
+batching.usable_cpus = lambda: 2  # the torch pass runs the model in 2 forked workers
+root = write_image_folder(Path(sys.argv[1]), 3, 8, (48, 40))
+cfg = Config()
+cfg.model.backbone, cfg.model.pretrained, cfg.model.image_size = "test_efficientnet", False, 32
+cfg.data.root, cfg.data.exclude_classes, cfg.data.num_workers = str(root), [], 2
+cfg.eval.batch_size, cfg.eval.amp, cfg.eval.backend = 8, "off", "torch"
+emb = make_embedder(cfg, build_model(cfg.model))
+for _ in range(2):  # two runners built, used and dropped
+    replace(emb, backend="openvino", _on={}).embed(gallery(root))
+emb.embed(gallery(root))  # 3 batches: the loader forks its workers, which run the model
+subprocess.run([sys.executable, "-c", "pass"], check=True)
+print("ok")
+"""
+
+
+def test_runners_dropped_before_a_fork_leave_the_process_whole(tmp_path):
+    """Freed OpenVINO models and a fork afterwards crashed the process (SIGSEGV); runners
+    are kept until exit. In a process of its own, so a crash fails only this test."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", FREED_THEN_FORKED, str(tmp_path / "data")],
+                          cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
