@@ -5,7 +5,8 @@
   python benchmarks/ann.py --embeddings emb.npy --synthetic 100000 --out /tmp/bench
 
 Compares Faiss Flat (exact), HNSW, IVF-Flat, IVF-Flat with an HNSW coarse quantizer
-(`IVF{nlist}_HNSW32,Flat`, the same k-means lists as IVF-Flat) and IVF-PQ, plus Annoy and
+(`IVF{nlist}_HNSW32,Flat`, the same k-means lists as IVF-Flat; `--ivf-codec SQfp16|SQ8` stores
+its lists scalar-quantised, as the export's `ivf_hnsw` does) and IVF-PQ, plus Annoy and
 hnswlib when they are
 importable (`pip install -e .[ann]`), on (a) exported embeddings (`--bundle` or
 `--embeddings`; a random 1,000 of them, at most 10%, become queries and leave the base) and
@@ -233,7 +234,13 @@ def build_ivf_hnsw(base: np.ndarray, args) -> Built:
     quantizer = faiss.IndexHNSWFlat(d, args.quantizer_m, faiss.METRIC_INNER_PRODUCT)
     quantizer.hnsw.efConstruction = 2 * args.quantizer_m
     quantizer.add(flat.reconstruct_n(0, nlist))
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    if args.ivf_codec == "Flat":
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:  # scalar-quantised lists: a quarter (SQ8) or half (SQfp16) of the bytes to scan
+        qtype = {"SQ8": faiss.ScalarQuantizer.QT_8bit, "SQfp16": faiss.ScalarQuantizer.QT_fp16}
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, qtype[args.ivf_codec],
+                                              faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+        index.train(train)  # the codec only: the quantizer already holds its lists
     index.add(base)
     build_s, rss = time.perf_counter() - t, (rss_bytes() - r0) / 2**20
 
@@ -241,7 +248,7 @@ def build_ivf_hnsw(base: np.ndarray, args) -> Built:
         nprobe, ef = (int(v) for v in value.split("/"))
         index.nprobe, quantizer.hnsw.efSearch = nprobe, max(ef, nprobe)
 
-    params = f"IVF{nlist}_HNSW{args.quantizer_m},Flat train={len(train):,}"
+    params = f"IVF{nlist}_HNSW{args.quantizer_m},{args.ivf_codec} train={len(train):,}"
     values = [f"{n}/{ef}" for n in _nprobe_values(nlist, args) for ef in args.quantizer_ef]
     return _faiss_built("ivf_hnsw", params, index, build_s, rss, "nprobe/efSearch", values,
                         set_both)  # fmt: skip
@@ -425,6 +432,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4*sqrt(N))")
     p.add_argument("--nprobe-values", type=int, nargs="+", default=[1, 4, 8, 16, 64])
     p.add_argument("--quantizer-m", type=int, default=32, help="ivf_hnsw: HNSW M of the quantizer")
+    p.add_argument("--ivf-codec", choices=["Flat", "SQ8", "SQfp16"], default="Flat",
+                   help="ivf_hnsw: how the lists store vectors (full floats or scalar-quantised)")
     p.add_argument("--quantizer-ef", type=int, nargs="+", default=[16, 32, 64],
                    help="ivf_hnsw: quantizer efSearch values, swept with each nprobe")
     p.add_argument("--query-threads", type=int, default=1,

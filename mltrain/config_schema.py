@@ -128,7 +128,9 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    index: str = "hnsw"  # flat | hnsw | ivf_flat | ivf_pq (Faiss) | milvus
+    # auto (hnsw below 500,000 rows, else ivf_hnsw) | flat | hnsw | ivf_flat | ivf_hnsw |
+    # ivf_pq (Faiss) | milvus
+    index: str = "auto"
     index_args: dict[str, Any] = field(default_factory=dict)
     pca_dim: int | None = None  # PCA length inside the index; None keeps the full length
     dtype: str = "float32"  # stored embeddings: float32 | float16

@@ -19,10 +19,14 @@ import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mltrain.commands.common import parse_config_args
 from mltrain.commands.ray_args import add_ray_args, ray_options
 from mltrain.commands.source import add_source_args, embedder_from_args, leave_out_trained
+
+if TYPE_CHECKING:
+    from mltrain.inference.ray_start import RayOptions
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +48,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mltrain.inference.onnx import require_onnx
 
         require_onnx()  # before the model is built
+    from mltrain.inference.ray_start import MODEL_IMPORTS, ray_started_early
+
+    # --ray: a local Ray starts while torch and what writes the bundle are imported
+    with ray_started_early(ray, (*MODEL_IMPORTS, "mltrain.retrieval.export")):
+        _export(args, ray)
+
+
+def _export(args: argparse.Namespace, ray: RayOptions | None) -> None:
     from mltrain.data.pipeline import prepare_data
     from mltrain.files import check_output_folders
     from mltrain.inference.ray_embed import on_ray

@@ -22,7 +22,8 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
                    help="actors in the pool (default: the cluster's CPUs / --ray-threads, or "
                         "GPUs / --ray-gpus)")
     g.add_argument("--ray-threads", type=int, metavar="N",
-                   help="CPU threads per actor (default 1; 4 decoders for an actor on a GPU)")
+                   help="CPU threads per actor (default: a local Ray's CPUs / the actors, 1 on "
+                        "a cluster; 4 decoders for an actor on a GPU)")
     g.add_argument("--ray-gpus", type=float, metavar="G",
                    help="GPUs per actor, e.g. 1 or 0.5 (default 1 when the model runs on CUDA, "
                         "else 0)")  # fmt: skip
@@ -38,7 +39,7 @@ def ray_options(args: argparse.Namespace):
         if given:
             raise ConfigError(f"{given[0]} sizes the Ray pool; add --ray to embed with Ray")
         return None
-    from mltrain.inference.ray_embed import RayOptions, check_reachable, require_ray
+    from mltrain.inference.ray_start import RayOptions, check_reachable, require_ray
 
     require_ray()
     address = None if args.ray == LOCAL else args.ray

@@ -1,11 +1,16 @@
-"""Data: readers (folders, CSVs, archives), splits, decoding, transforms, datasets, samplers."""
+"""Data: readers (folders, CSVs, archives), splits, decoding, transforms, datasets, samplers.
+
+The samplers load on first use: pytorch-metric-learning's brings scikit-learn, scipy and pandas
+(about a second), which export, search and serve never need.
+"""
+
+from typing import Any
 
 from mltrain.data.dataset import ImageDataset, default_num_workers, make_loader
 from mltrain.data.folder import IMAGE_EXTENSIONS
 from mltrain.data.images import check_images, load_image
 from mltrain.data.labelled import ImageFolder, Reader
 from mltrain.data.readers import READERS, open_reader, read_images, resolve_root
-from mltrain.data.samplers import SAMPLERS, build_sampler
 from mltrain.data.splits import (
     SPLIT_KINDS,
     Split,
@@ -41,3 +46,11 @@ __all__ = [
     "save_split",
     "train_transform",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("SAMPLERS", "build_sampler"):
+        from mltrain.data import samplers
+
+        return getattr(samplers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,6 @@ from mltrain.data.dataset import ImageDataset, make_loader, worth_workers
 from mltrain.data.images import check_images
 from mltrain.data.labelled import ImageFolder
 from mltrain.data.readers import read_images, readable_root
-from mltrain.data.samplers import build_sampler
 from mltrain.data.splits import (
     AUTO_VAL_FRACTION,
     AUTO_VAL_MIN_CLASSES,
@@ -370,6 +369,8 @@ def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
     Built afresh each epoch with an epoch-derived `seed`: order and augmentations then depend
     only on (seed, epoch), which makes a resumed run repeat an uninterrupted one.
     """
+    from mltrain.data.samplers import build_sampler  # training only (see mltrain.data)
+
     labels, batch = data.train_labels, cfg.train.batch_size
     sampler = build_sampler(cfg.train.sampler, labels, batch, seed=seed)
     if distributed.world()[1] > 1:  # this rank's slice of every global batch

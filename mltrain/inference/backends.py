@@ -8,8 +8,8 @@ plus `images` times the runner's seconds per image at that call size, decode inc
 `COSTS` holds those figures for tf_efficientnet_lite0 at 224 px on the 2-core AVX512-BF16
 machine, from runs at load average 1.2-2.4 (docs/performance.md): one image per call is the
 model alone at batch 1 (benchmarks/onnx_backend.py; decoding a query costs every runner the
-same); bulk is torch's quiet end-to-end 172 img/s, with onnxruntime and OpenVINO at their
-end-to-end ratios to it (0.68x, 1.33x; benchmarks/embed.py); setup is the runner's build and
+same); bulk is each runner's end-to-end img/s on 1,000 Caltech101 images with nothing else
+running (benchmarks/embed.py: torch 161, onnxruntime 112, OpenVINO 204); setup is the build and
 first image, OpenVINO's with its import, and TRACE_S the trace where no model.onnx is at hand.
 Re-measure with those two benchmarks and change `COSTS`: nothing else holds these numbers. On
 other hardware the order may differ; `--backend` / `eval.backend` names a runner outright.
@@ -36,9 +36,9 @@ class Cost:
 
 
 COSTS = {
-    "torch": Cost(0.14, 11.6, 5.8),  # setup: BatchNorm folded
-    "onnx": Cost(0.06, 8.3, 8.5),
-    "openvino": Cost(1.0, 4.3, 4.4),  # setup: import, compile, parity check
+    "torch": Cost(0.14, 11.6, 6.2),  # setup: BatchNorm folded
+    "onnx": Cost(0.06, 8.3, 8.9),
+    "openvino": Cost(1.0, 4.3, 4.9),  # setup: import, compile, parity check
 }
 # Tracing the model into an ONNX graph when none is at hand (OpenVINO without model.onnx).
 TRACE_S = 0.5

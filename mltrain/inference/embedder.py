@@ -79,15 +79,22 @@ class Embedder:
         instead, after one note line."""
         if self.backend in ("torch", "onnx") or self.openvino is not None:
             return self
+        choice = self.runner_for(images, per_call)
+        return self._on_openvino() if choice == "openvino" else self._on_runner(choice)
+
+    def runner_for(self, images: int, per_call: int) -> str:
+        """The runner `for_job` takes for such a job, named without building it (a Ray
+        export traces the graph for OpenVINO once, for every actor)."""
+        if self.backend in ("torch", "onnx") or self.openvino is not None:
+            return self.backend
         if self.backend == "openvino":
-            return self._on_openvino()
+            return "openvino"
         if self.device.type != "cpu":  # the other runners are CPU-only here
-            return self._on_runner("torch")
+            return "torch"
         runners = ["torch", *(["onnx"] if self.onnx is not None else []),
                    *(["openvino"] if openvino_available() else [])]  # fmt: skip
         ready = {*self._on, *(["torch"] if self._fast is not None else [])}
-        choice = fastest(runners, images, per_call, traced=self.graph is None, ready=ready)
-        return self._on_openvino() if choice == "openvino" else self._on_runner(choice)
+        return fastest(runners, images, per_call, traced=self.graph is None, ready=ready)
 
     def _on_runner(self, runner: str) -> Embedder:
         if runner not in self._on:

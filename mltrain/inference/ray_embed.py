@@ -8,10 +8,13 @@ row for row, the embeddings of a single-process one.
 
 Each actor rebuilds the model once from the weights this process sends through the object
 store (nothing is downloaded on the workers), then decodes and embeds whole batches with the
-same dataset, transform, chunks and precision as `Embedder.embed`. Rows come back in path
-order (Ray Data's `preserve_order`), checked as they arrive. On a cluster every node needs
-the same mltrain installed and the images at the same absolute paths (a shared file system).
+same dataset, transform, chunks and precision as `Embedder.embed`, on the runner that this
+process's `Embedder` would take for the whole job (OpenVINO's graph traced here, once). Rows
+come back in path order (Ray Data's `preserve_order`), checked as they arrive. On a cluster
+every node needs the same mltrain installed and the images at the same absolute paths (a
+shared file system).
 
+Starting Ray and the pool flags are `mltrain.inference.ray_start`'s (it imports no torch).
 Failures are one line: Ray missing, an unreachable address, an unreadable image (the actor
 returns the loader's message rather than crash, so it names the file as a plain export does),
 or an actor that died (the last line of its error and where Ray keeps its logs).
@@ -21,156 +24,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
-import signal
-import socket
 import sys
-import threading
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 
 from mltrain.errors import ConfigError, DataError, MltrainError
-from mltrain.inference.embedder import Embedder
+from mltrain.inference.embedder import PROBE_IMAGES, Embedder
+from mltrain.inference.ray_start import RayOptions, last_line, ray_runtime
 from mltrain.progress import progress
-from mltrain.runtime import usable_cpus
-from mltrain.text import counted, shortened
+from mltrain.text import counted
 
-RAY_EXTRA = "pip install -e '.[ray]'"
-LOCAL_OBJECT_STORE = 256 * 2**20  # rows of paths and embeddings only; the minimum is 75 MiB
-CONNECT_TIMEOUT_S = 5.0  # Ray Client would retry for 30 s before saying anything
 MAX_BLOCKS = 2000  # input blocks of a dataset: a gallery of millions gets blocks of batches
 GPU_THREADS = 4  # decoding threads of an actor that feeds a GPU
 # An actor's start (a new process importing torch, the model built) costs about what it takes
 # to embed 4 batches on a CPU core, so the default pool has at most one actor per 4 batches.
 MIN_BATCHES_PER_ACTOR = 4
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide: `address` None starts a local Ray on this machine; `auto`, a
-    `host:port` or `ray://host:10001` joins a running cluster. `actors` None sizes the pool
-    to the cluster (CPUs / `threads`, or GPUs / `gpus`); `gpus` None means one per actor when
-    this process's model runs on CUDA, else none."""
-
-    address: str | None = None
-    actors: int | None = None
-    threads: int | None = None
-    gpus: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.actors is not None and self.actors < 1:
-            raise ConfigError(f"--ray-actors {self.actors}: give at least 1 actor")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--ray-threads {self.threads}: give at least 1 thread per actor")
-        if self.gpus is not None and not 0 <= self.gpus <= 64:
-            raise ConfigError(f"--ray-gpus {self.gpus:g}: give GPUs per actor, from 0 to 64 "
-                              "(0.5: two actors share a GPU)")
-
-
-def require_ray() -> Any:
-    """The `ray` module with Ray Data, or a one-line ConfigError saying how to install it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401 - the extra, not only the core
-    except ImportError as e:
-        raise ConfigError(f"--ray needs Ray Data, which is not installed ({e.name or e}); "
-                          f"install it with {RAY_EXTRA}") from None  # fmt: skip
-    return ray
-
-
-def check_reachable(address: str) -> None:
-    """A TCP connect to a `ray://host:port` or `host:port` address, so a wrong one is named at
-    once (Ray itself retries for half a minute); `auto` is left to Ray."""
-    if address == "auto":
-        return
-    parts = urlsplit(address if "://" in address else f"ray-gcs://{address}")
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        host, port = None, None
-    if not host or port is None:
-        raise ConfigError(f"--ray {address}: not a Ray address; give auto, host:6379 or "
-                          "ray://host:10001 (a bare --ray takes the next argument as its "
-                          "address: put it last)")  # fmt: skip
-    try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        raise ConfigError(
-            f"--ray {address}: cannot reach the Ray cluster ({e.strerror or e}); start it there "
-            "with `ray start --head`, check the host and port, or give --ray without an "
-            "address to run Ray on this machine"
-        ) from None
-
-
-@contextlib.contextmanager
-def ray_runtime(address: str | None = None) -> Iterator[Any]:
-    """Ray connected for the body: a running cluster at `address`, else a new local Ray sized
-    to this process's CPUs with a small object store, no dashboard and workers' output kept
-    out of the terminal. A Ray this process already runs is used as it is and left running."""
-    ray = require_ray()
-    if address is not None:
-        check_reachable(address)
-    started = not ray.is_initialized()
-    if started:
-        _init(ray, address)
-    try:
-        with _quiet_ordered_data():
-            yield ray
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _init(ray: Any, address: str | None) -> None:
-    """`ray.init`, keeping this process's SIGTERM handler: Ray's would exit at once, where
-    the commands' handler stops as Ctrl-C does (`mltrain.commands.common.term_as_interrupt`)."""
-    local = {"num_cpus": usable_cpus(), "object_store_memory": LOCAL_OBJECT_STORE}
-    main = threading.current_thread() is threading.main_thread()
-    handler = signal.getsignal(signal.SIGTERM) if main else None
-    try:
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR, **({} if address else local))  # fmt: skip
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise ConfigError(f"--ray: cannot start or join {where} ({_last_line(e)}); check "
-                          "`ray status` there, or run without --ray") from None  # fmt: skip
-    finally:
-        if main and handler is not None:
-            signal.signal(signal.SIGTERM, handler)
-
-
-@contextlib.contextmanager
-def _quiet_ordered_data() -> Iterator[None]:
-    """Ray Data for the body: rows in input order, its progress bars, start lines and error
-    tracebacks off (the export has its own progress line, and a failure becomes one line
-    of ours that points at the logs)."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    before = (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
-              ctx.print_on_execution_start)  # fmt: skip
-    loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
-    levels = [logger.level for logger in loggers]
-    ctx.execution_options.preserve_order = True  # rows must come back in path order
-    ctx.enable_progress_bars = ctx.print_on_execution_start = False
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
-         ctx.print_on_execution_start) = before  # fmt: skip
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 @dataclass
@@ -206,7 +82,7 @@ class RayEmbedder(Embedder):
                 yield np.asarray(out["embedding"], dtype=np.float32)
         except ray.exceptions.RayError as e:
             raise MltrainError(
-                f"a Ray embedding actor failed ({_last_line(e)}); see the worker logs "
+                f"a Ray embedding actor failed ({last_line(e)}); see the worker logs "
                 "under /tmp/ray/session_latest/logs on its node"
             ) from None
         if expected != len(paths):
@@ -223,23 +99,35 @@ class RayEmbedder(Embedder):
         table = pa.table({"row": np.arange(n, dtype=np.int64),
                           "path": [str(Path(p).absolute()) for p in paths]})  # fmt: skip
         blocks = [table.slice(s, rows) for s in range(0, n, rows)]
-        # Unasked, a few batches get fewer actors: starting one costs batches' worth of time
-        per_actor = 1 if self.options.actors else MIN_BATCHES_PER_ACTOR
-        actors = min(self.pool_size(), math.ceil(len(blocks) / per_actor))
+        actors, threads = self.shape(len(blocks))
+        # The runner a single process would take for the whole job; torch on actors' GPUs
+        runner = "torch" if self.gpus_per_actor else self.runner_for(n, min(n, batch))
         with warnings.catch_warnings():  # max_restarts is named in no other way yet
             warnings.simplefilter("ignore", DeprecationWarning)
-            ds = self._mapped(ray.data.from_arrow(blocks), actors)
+            ds = self._mapped(ray.data.from_arrow(blocks), actors, threads, runner)
         return ds, len(blocks)
 
-    def _mapped(self, ds: Any, actors: int) -> Any:
+    def _graph(self, runner: str) -> Any:
+        """For OpenVINO, the model's ONNX graph in the object store: the bundle's, else one
+        traced in this process rather than in every actor (a trace costs seconds of CPU on
+        a busy machine). None where the tracer cannot run: the actors then convert it."""
+        import ray
+
+        if runner != "openvino":
+            return None
+        graph = self.graph or _trace(self)
+        return None if graph is None else ray.put(graph)
+
+    def _mapped(self, ds: Any, actors: int, threads: int, runner: str) -> Any:
         import ray.data
 
-        gpus, threads = self.gpus_per_actor, self.threads
+        gpus = self.gpus_per_actor
         return ds.map_batches(
             _EmbedActor,
             fn_constructor_kwargs={
                 "cfg": self.cfg, "num_classes": _num_classes(self), "weights": self.weights,
-                "threads": threads, "device": "cuda" if gpus else "cpu",
+                "threads": threads, "device": "cuda" if gpus else "cpu", "runner": runner,
+                "graph": self._graph(runner),
             },
             batch_size=None,  # one block is one batch
             batch_format="numpy",
@@ -255,30 +143,36 @@ class RayEmbedder(Embedder):
             return float(self.options.gpus)
         return 1.0 if self.device.type == "cuda" else 0.0
 
-    @property
-    def threads(self) -> int:
-        """CPU threads per actor: 1 on CPU (one per core is fastest, see
-        `mltrain.inference.batching`), `GPU_THREADS` decoders beside a GPU."""
-        return self.options.threads or (GPU_THREADS if self.gpus_per_actor else 1)
-
-    def pool_size(self) -> int:
-        """`options.actors`, else as many as the cluster's CPUs (or GPUs) hold. A local Ray
-        cannot grow, so a pool larger than it is refused rather than left waiting."""
+    def shape(self, blocks: int | None = None) -> tuple[int, int]:
+        """(actors, CPU threads per actor) for a job of `blocks` batches (None: the largest
+        pool). Actors: `options.actors`, else as many as the cluster's CPUs (or GPUs) hold,
+        and unasked at most one per `MIN_BATCHES_PER_ACTOR` batches (starting one costs
+        batches' worth of time); never more than batches. Threads: `options.threads`; else
+        `GPU_THREADS` decoders beside a GPU; on a local Ray its CPUs shared among the actors
+        (one actor on 2 CPUs uses both); 1 on a cluster, one single-threaded actor per core.
+        A local Ray cannot grow, so a pool larger than it is refused rather than left
+        waiting."""
         import ray
 
-        gpus, threads = self.gpus_per_actor, self.threads
+        gpus, local = self.gpus_per_actor, self.options.address is None
         have = ray.cluster_resources()
         cpus, gpus_there = int(have.get("CPU", 1)), float(have.get("GPU", 0))
+        threads = self.options.threads or (GPU_THREADS if gpus else 1)
         fits = int(gpus_there // gpus) if gpus else cpus // threads
         actors = self.options.actors or max(1, fits)
-        if self.options.address is None and actors > fits:
+        if local and actors > fits:
             need = f"{gpus:g} GPU" if gpus else f"{threads} CPU"
             raise ConfigError(
                 f"a pool of {counted(actors, 'Ray actor')} x {need} does not fit this machine's "
                 f"Ray ({cpus} CPUs, {gpus_there:g} GPUs); give fewer with --ray-actors or "
                 "--ray-threads (--ray-gpus 0 embeds on CPU), or join a cluster with --ray ADDRESS"
             )
-        return actors
+        if blocks is not None:  # no actor without a batch of its own
+            per_actor = 1 if self.options.actors else MIN_BATCHES_PER_ACTOR
+            actors = min(actors, max(1, math.ceil(blocks / per_actor)))
+        if local and not gpus and not self.options.threads:
+            threads = max(1, cpus // actors)
+        return actors, threads
 
 
 def _num_classes(embedder: Embedder) -> int:
@@ -299,18 +193,18 @@ def _checked_rows(out: dict[str, np.ndarray], expected: int) -> int:
     return expected + len(rows)
 
 
-def _last_line(e: BaseException) -> str:
-    """The message of a Ray error, whose text is a remote traceback: its last line."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return shortened(lines[-1] if lines else type(e).__name__, 300)
-
-
 class _EmbedActor:
     """One actor of the pool: builds the model once, then embeds one batch of paths a call,
-    as `Embedder.embed` would (same dataset, transform, chunks, precision and flip)."""
+    as `Embedder.embed` would (same dataset, transform, chunks, precision and flip).
 
-    def __init__(self, cfg: Any, num_classes: int, weights: Any, threads: int,
-                 device: str) -> None:  # fmt: skip
+    Its `threads` decode a batch together, then run the model: OpenVINO as one stream each;
+    torch on the CPU as one single-threaded model call each on its share of the batch's
+    chunks, the way the single-process export runs one single-threaded worker per core
+    (a team of OpenMP threads stalls whenever another process preempts one of them: on a
+    loaded 2-core machine 2 OpenMP threads embedded 15-40 img/s, one thread 90-120)."""
+
+    def __init__(self, cfg: Any, num_classes: int, weights: Any, threads: int, device: str,
+                 runner: str = "torch", graph: Any = None) -> None:  # fmt: skip
         import ray
 
         from mltrain.data.pipeline import decode_size
@@ -318,23 +212,32 @@ class _EmbedActor:
         from mltrain.inference.embedder import make_embedder
         from mltrain.model.network import model_from_state
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # OpenVINO's streams follow it
         cfg = copy.deepcopy(cfg)
         cfg.train.device = device
-        state = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
+        # `runner`: the one `eval.backend` takes for the whole job in the exporting process
+        # (`Embedder.runner_for`; under auto, OpenVINO from about 1,000 images), built now,
+        # once, from its `graph`; an OpenVINO runner lives until the actor's process exits.
+        cfg.eval.backend = runner
+        state, graph = (ray.get(x) if isinstance(x, ray.ObjectRef) else x
+                        for x in (weights, graph))  # fmt: skip
         model = model_from_state(cfg.model, num_classes, state, "the model sent to Ray")
-        self.embedder = make_embedder(cfg, model)
+        embedder = replace(make_embedder(cfg, model), graph=graph)
+        self.embedder = embedder.for_job(1, 1)  # the runner named: no choice left to make
+        self.model = self.embedder.forward_model  # BatchNorm folded now, not in two threads
+        self.spec = self.embedder.spec
         self.transform = eval_transform(self.embedder.dcfg)
         self.size = decode_size(self.embedder.dcfg)
-        self.decoders = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.shares = 1
+        if self.pool is not None and self.embedder.backend == "torch" and device == "cpu":
+            torch.set_num_threads(1)
+            self.shares = threads
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mltrain.inference.batching import embed_tensor
-
         n, dim = len(batch["row"]), self.embedder.embedding_dim
         try:
-            x = self._tensors([str(p) for p in batch["path"]])
-            emb, error = embed_tensor(self.embedder.forward_model, x, self.embedder.spec), ""
+            emb, error = self._embed(self._tensors([str(p) for p in batch["path"]])), ""
         except MltrainError as e:  # an unreadable image: the driver raises it, named
             emb, error = np.zeros((n, dim), np.float32), str(e)
         return {"row": batch["row"], "embedding": emb, "error": np.array([error] * n)}
@@ -343,8 +246,33 @@ class _EmbedActor:
         from mltrain.data.dataset import ImageDataset
 
         ds = ImageDataset(paths, np.zeros(len(paths), np.int64), self.transform, self.size)
-        items = (self.decoders.map if self.decoders else map)(ds.__getitem__, range(len(ds)))
+        items = (self.pool.map if self.pool else map)(ds.__getitem__, range(len(ds)))
         return torch.stack([x for x, _, _ in items])
+
+    def _embed(self, x: torch.Tensor) -> np.ndarray:
+        """The batch's embeddings, its whole chunks shared among `shares` threads."""
+        chunk = max(self.spec.cpu_chunk, 1)
+        step = chunk * math.ceil(len(x) / (chunk * self.shares))
+        if self.pool is None or len(x) <= step:
+            return self._one(x)
+        return np.concatenate(list(self.pool.map(self._one, torch.split(x, step))))
+
+    def _one(self, x: torch.Tensor) -> np.ndarray:
+        from mltrain.inference.batching import embed_tensor
+
+        return embed_tensor(self.model, x, self.spec)
+
+
+def _trace(embedder: Embedder) -> bytes | None:
+    """The model's ONNX graph for OpenVINO, traced on `Embedder`'s probe; None where the
+    tracer cannot run."""
+    from mltrain.inference.onnx import export_bytes, noise_probe
+
+    try:
+        return export_bytes(embedder.model, noise_probe(tuple(embedder.dcfg["input_size"]),
+                                                        PROBE_IMAGES))  # fmt: skip
+    except MltrainError:
+        return None
 
 
 @contextlib.contextmanager
@@ -357,7 +285,7 @@ def ray_embedder(embedder: Embedder, options: RayOptions) -> Iterator[RayEmbedde
         state = {k: v.detach().cpu() for k, v in embedder.model.state_dict().items()}
         own = {f.name: getattr(embedder, f.name) for f in fields(Embedder) if f.init}
         pool = RayEmbedder(**own, options=options, weights=ray.put(state))
-        pool.pool_size()  # a pool this Ray cannot hold is refused now
+        pool.shape()  # a pool this Ray cannot hold is refused now
         if pool.gpus_per_actor == 0 and embedder.device.type == "cuda":
             print("note: --ray-gpus 0: the actors embed on CPU", file=sys.stderr)
         yield pool

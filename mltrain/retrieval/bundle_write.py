@@ -137,6 +137,20 @@ def _check_replaceable(out_dir: Path) -> None:
         )
 
 
+def replaced_index(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest's index record of the bundle at `out_dir` that a swap is about to replace
+    (None where there is none, or it cannot be read): read before the folder goes."""
+    if not out_dir.is_dir():
+        return None
+    try:
+        manifest = files.read_json(out_dir / MANIFEST, BundleError, MAX_MANIFEST_BYTES,
+                                   MAX_MANIFEST_DEPTH, REEXPORT)  # fmt: skip
+    except (OSError, BundleError):
+        return None
+    index = manifest.get("index") if isinstance(manifest, dict) else None
+    return index if isinstance(index, dict) else None
+
+
 def _added_rows(bundle_dir: Path) -> int:
     """Rows `mltrain add` put into an existing bundle (0 when its manifest cannot be read:
     nothing to protect that we can see)."""

@@ -7,9 +7,10 @@ or in a vector database (`mltrain.retrieval.milvus`) without those commands chan
 A backend is a class registered in `GALLERIES` (a loader, so its client library is only
 imported when a bundle uses it) with three class methods, `check` (settings, before anything
 is embedded), `build` (a new gallery while a bundle is exported into a staging folder) and
-`open` (the gallery of a loaded bundle), and the instance methods of `Gallery`. Which backend
+`open` (the gallery of a loaded bundle), and the instance methods of `Gallery`; a backend
+whose vectors may live outside the bundle also has `retire` (`retire_replaced`). Which backend
 an `export.index` kind belongs to is `backend_of`: a backend's own name (`milvus`), else one
-of Faiss's index types (`flat`, `hnsw`, `ivf_flat`, `ivf_pq`).
+of Faiss's index types (`flat`, `hnsw`, `ivf_flat`, `ivf_hnsw`, `ivf_pq`).
 
 Every vector given to or searched in a gallery is already prepared (`index.prepare`: float32,
 unit length for cosine); rows are the bundle's metadata rows, 0 to count - 1.
@@ -132,6 +133,18 @@ def build_gallery(kind: str, args: Any, pca_dim: int | None, metric: str,
     return cls.build(kind, args, pca_dim, metric, source, labels, paths, folder, target)
 
 
+def retire_replaced(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
+    """After an export swapped its bundle (manifest index `new`) in over one whose manifest
+    index was `old`: the old backend lets go of what only the replaced bundle used outside
+    its folder (Milvus: a collection mltrain named on a server). Returns a line to print, or
+    None; never raises (the export is done)."""
+    name = (old or {}).get("backend")
+    if not isinstance(name, str) or name not in GALLERIES:
+        return None
+    retire = getattr(backend_class(name), "retire", None)
+    return retire(old, new) if retire is not None else None
+
+
 # --- Faiss ---------------------------------------------------------------------------------
 
 
@@ -225,16 +238,19 @@ class FaissGallery:
 
 
 def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:
-    """Re-apply efSearch / nprobe from the manifest (Faiss stores them, this is a safeguard)."""
+    """Re-apply efSearch / nprobe from the manifest (Faiss stores them, this is a safeguard).
+    An IVF's HNSW quantizer (`ivf_hnsw`) takes the efSearch, never below nprobe."""
     inner = index
     if isinstance(index, faiss.IndexPreTransform):
         inner = faiss.downcast_index(index.index)
     inner = faiss.downcast_index(inner)
-    if "ef_search" in args and hasattr(inner, "hnsw"):
-        inner.hnsw.efSearch = int(args["ef_search"])
     ivf = faiss.try_extract_index_ivf(inner)
     if ivf is not None and "nprobe" in args:
         ivf.nprobe = min(int(args["nprobe"]), ivf.nlist)
+    graph = inner if ivf is None else faiss.downcast_index(ivf.quantizer)
+    if "ef_search" in args and hasattr(graph, "hnsw"):
+        floor = 1 if ivf is None else ivf.nprobe
+        graph.hnsw.efSearch = max(int(args["ef_search"]), floor)
 
 
 def _milvus() -> type:

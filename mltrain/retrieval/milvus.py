@@ -32,6 +32,7 @@ import numpy as np
 from mltrain.errors import BundleError, ConfigError
 from mltrain.retrieval.index import prepare
 from mltrain.retrieval.shards import CHUNK_ROWS, ShardReader
+from mltrain.text import shortened
 
 LITE_FILE = "gallery.db"  # Milvus Lite's database folder inside the bundle
 IN_BUNDLE_COLLECTION = "gallery"
@@ -41,6 +42,7 @@ ARGS = ("uri", "collection", "index_type")
 INSERT_ROWS = 1000  # rows per insert call: well under gRPC's 64 MB message limit at 1280-d
 MAX_PATH = 4096
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+GENERATED = re.compile(r"mltrain_\w*_\d+")  # `_new_name`'s collections: an export may drop them
 METRICS = {"cosine": "IP", "l2": "L2"}
 _REMOTE = ("http://", "https://", "tcp://", "grpc://", "unix:")
 _lite_users: dict[str, int] = {}  # Lite folder -> open galleries in this process
@@ -65,16 +67,24 @@ def _in_bundle(uri: str | None) -> bool:
     return uri in (None, LITE_FILE, f"./{LITE_FILE}")
 
 
-def _connect(uri: str, where: str) -> Any:
-    """A client for `uri`, or one line naming it and the fix."""
+def _client(uri: str, where: str) -> Any:
+    """A client for `uri` that has answered once; the client library's own error if not."""
     client_cls = _client_class()
     for name in ("pymilvus", "milvus_lite", "grpc"):  # their tracebacks become our one line
         logging.getLogger(name).setLevel(logging.CRITICAL)
     if not is_remote(uri):
         _need_lite(uri, where)
+    client = client_cls(uri=uri, timeout=10) if is_remote(uri) else client_cls(uri=uri)
+    client.list_collections()
+    return client
+
+
+def _connect(uri: str, where: str) -> Any:
+    """A client for `uri`, or one line naming it and the fix."""
     try:
-        client = client_cls(uri=uri, timeout=10) if is_remote(uri) else client_cls(uri=uri)
-        client.list_collections()
+        client = _client(uri, where)
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 - pymilvus raises many types for one failure
         why = _why(e)
         if not is_remote(uri):  # Milvus Lite: one process at a time holds the folder's lock
@@ -303,6 +313,38 @@ class MilvusGallery:
             gallery.close()
             raise
         return gallery
+
+
+    @classmethod
+    def retire(cls, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+        """After an export swapped its bundle in over one whose manifest index was `old`:
+        drop the replaced bundle's collection where it sits outside the bundle (a server, a
+        shared Lite folder), mltrain named it (`_new_name`; never a user-named
+        `export.index_args.collection`) and the new bundle (index `new`) does not use it.
+        Returns the line to print: what was dropped, or a note that it was left and how to
+        drop it (never raises); None when there is nothing to drop."""
+        uri, name = old.get("uri"), old.get("collection")
+        if (not isinstance(uri, str) or not isinstance(name, str) or _in_bundle(uri)
+                or not GENERATED.fullmatch(name) or (old.get("args") or {}).get("collection")
+                or (new.get("backend"), new.get("uri"), new.get("collection"))
+                == (cls.backend, uri, name)):  # fmt: skip
+            return None
+        if not is_remote(uri) and not (os.path.isabs(uri) and os.path.isdir(uri)):
+            return None  # a Lite folder that is gone (or never was one) holds nothing
+        try:
+            client = _client(uri, "the replaced bundle's gallery")
+            try:
+                if not client.has_collection(name):
+                    return None  # dropped already
+                client.drop_collection(name)
+            finally:
+                client.close()
+        except Exception as e:  # noqa: BLE001 - the export is done: one note, never a failure
+            return (f"note: the replaced bundle's Milvus collection {name} at {uri} was left "
+                    f"({shortened(_why(e), 160)}); drop it when no bundle names it: python -c "
+                    f"\"from pymilvus import MilvusClient; MilvusClient('{uri}')"
+                    f".drop_collection('{name}')\"")  # fmt: skip
+        return f"dropped Milvus collection {name} at {uri} (the replaced bundle's gallery)"
 
 
 def _open_lite(path: Path, where: str) -> Any:

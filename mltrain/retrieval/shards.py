@@ -28,7 +28,7 @@ from numpy.lib.format import open_memmap
 from mltrain.errors import ConfigError, DataError
 from mltrain.files import reserve
 from mltrain.retrieval.index import faiss_metric, prepare
-from mltrain.retrieval.index_types import INDEX_TYPES, default_nlist, train_index
+from mltrain.retrieval.index_types import INDEX_TYPES, fitted_nlist, train_index
 
 SHARD_PREFIX = "embeddings"
 SHARD_NAME = re.compile(rf"{SHARD_PREFIX}-\d{{5,}}\.npy")
@@ -234,10 +234,15 @@ class ShardReader:
         return f"ShardReader({len(self.paths)} shards, shape={self.shape}, dtype={self.dtype})"
 
 
-def training_rows(total: int, nlist: int | None) -> int:
-    """Rows to train an index on: what Faiss's k-means would use at most, 100k at least."""
-    want = MIN_TRAIN_ROWS if nlist is None else max(MIN_TRAIN_ROWS, POINTS_PER_LIST * nlist)
+def training_rows(total: int, nlist: int | None, per_list: int = POINTS_PER_LIST) -> int:
+    """Rows to train an index on: what its k-means would use at most, 100k at least."""
+    want = MIN_TRAIN_ROWS if nlist is None else max(MIN_TRAIN_ROWS, per_list * nlist)
     return min(total, want)
+
+
+def _kmeans_rows_per_list(index: faiss.Index) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    return POINTS_PER_LIST if ivf is None else int(ivf.cp.max_points_per_centroid)
 
 
 def _takes_nlist(kind: str) -> bool:
@@ -260,12 +265,12 @@ def index_from_shards(
     """
     args = dict(args or {})
     if _takes_nlist(kind) and args.get("nlist") is None:
-        args["nlist"] = default_nlist(len(reader))
+        args["nlist"] = fitted_nlist(kind, len(reader))
     spec = {"name": kind, "args": args}  # building it checks the args, as build_index does
     index = INDEX_TYPES.build(spec, dim=reader.shape[1], metric_type=faiss_metric(metric),
                               n_train=len(reader))  # fmt: skip
     if pca_dim is not None or not index.is_trained:  # flat and HNSW alone need no sample
-        rows = training_rows(len(reader), args.get("nlist"))
+        rows = training_rows(len(reader), args.get("nlist"), _kmeans_rows_per_list(index))
         train = prepare(reader.sample(rows), metric, "shard sample")
         index = train_index(kind, train, metric, pca_dim, args)
         del train

@@ -14,10 +14,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("index, args, words", [
-    ("hnsw", "{nlist: 1000}", "hnsw takes M, ef_construction, ef_search (got nlist)"),
-    ("hnsw", "{efSearch: 8, M: 16}", "hnsw takes M, ef_construction, ef_search (got efSearch)"),
-    ("flat", "{dim: 8}", "flat takes no arguments (got dim)"),
-    ("ivf_flat", "{M: 8}", "ivf_flat takes nlist, nprobe (got M)"),
+    ("hnsw", "{nlist: 1000}", ": hnsw takes M, ef_construction, ef_search (got nlist)"),
+    ("hnsw", "{efSearch: 8, M: 16}", ": hnsw takes M, ef_construction, ef_search (got efSearch)"),
+    ("flat", "{dim: 8}", ": flat takes no arguments (got dim)"),
+    ("ivf_flat", "{M: 8}", ": ivf_flat takes nlist, nprobe (got M)"),
+    ("ivf_hnsw", "{efSearch: 8}", ": ivf_hnsw takes nlist, nprobe, ef_search, M, codec (got "
+                                  "efSearch)"),
+    ("auto", "{M: 16}", " need a named export.index (auto picks hnsw or ivf_hnsw by gallery "
+                        "size)"),
 ])  # fmt: skip
 def test_wrong_index_args_name_only_the_users_keys(tmp_path, capsys, monkeypatch, index, args,
                                                    words):  # fmt: skip
@@ -32,7 +36,7 @@ def test_wrong_index_args_name_only_the_users_keys(tmp_path, capsys, monkeypatch
     with pytest.raises(SystemExit) as e:
         main([*argv, *(x for s in sets for x in ("--set", s))])
     assert e.value.code == 2
-    assert capsys.readouterr().err == f"error: export.index_args: {words}\n"
+    assert capsys.readouterr().err == f"error: export.index_args{words}\n"
     assert not (tmp_path / "b").exists()
 
 

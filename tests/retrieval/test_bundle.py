@@ -443,6 +443,40 @@ def test_sharded_export_with_pca_float16_and_hnsw_finds_every_image(exported, em
         assert root / r.hits[0].path == Path(r.query)
 
 
+def test_auto_index_is_hnsw_for_a_small_gallery_and_ivf_hnsw_past_the_threshold(
+        exported, embedder, tmp_path, monkeypatch):  # fmt: skip
+    root = exported[0]
+    small = load_bundle(export_bundle(embedder, tmp_path / "small", "test", index="auto"))
+    assert small.manifest["index"]["kind"] == "hnsw"
+    assert small.manifest["config"]["export"]["index"] == "hnsw"  # what ran, never auto
+    monkeypatch.setattr(export_mod, "AUTO_IVF_HNSW_ROWS", 10)  # the 15 images are past it
+    out = export_bundle(embedder, tmp_path / "large", "test", index="auto", shard_size=6)
+    b = load_bundle(out)
+    assert b.manifest["index"]["kind"] == b.manifest["config"]["export"]["index"] == "ivf_hnsw"
+    assert len(b.embeddings.paths) == 3  # the sharded path, trained on a sample
+    graph = faiss.downcast_index(faiss.extract_index_ivf(b.index).quantizer)
+    assert isinstance(graph, faiss.IndexHNSWFlat) and graph.hnsw.efSearch == 16
+    for r in search_images(b, image_paths(root), k=2).results:
+        assert root / r.hits[0].path == Path(r.query)
+
+
+def test_auto_index_resolves_by_rows_and_takes_no_index_args(monkeypatch):
+    from mltrain.config import ExportConfig
+    from mltrain.retrieval.export import check_export_index, resolve_index
+
+    assert resolve_index("auto", {}, 499_999) == "hnsw"
+    assert resolve_index("auto", {}, 500_000) == "ivf_hnsw"
+    assert resolve_index("ivf_flat", {"nlist": 4}, 10) == "ivf_flat"  # a named kind stays
+    assert ExportConfig().index == "auto"
+    with pytest.raises(ConfigError, match=r"^export.index_args need a named export.index "
+                       r"\(auto picks hnsw or ivf_hnsw by gallery size\)$"):  # fmt: skip
+        check_export_index(ExportConfig(index_args={"M": 16}), 100, 16, "cosine")
+    monkeypatch.setattr(export_mod, "AUTO_IVF_HNSW_ROWS", 10)
+    with pytest.raises(ConfigError, match=r"^export.index auto \(ivf_hnsw\) for 20 images: "
+                       r"pca_dim=32 "):  # fmt: skip
+        check_export_index(ExportConfig(pca_dim=32), 20, 16, "cosine")
+
+
 @pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
 def test_load_refuses_a_tampered_or_missing_shard(sharded_dir, how):
     path = sharded_dir / SHARDS[2]

@@ -25,6 +25,7 @@ from mltrain.retrieval.index_types import (
     default_nlist,
     fitted_m,
     fitted_nbits,
+    graph_nlist,
 )
 
 
@@ -112,7 +113,7 @@ def test_default_nlist_by_hand():
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_flat", "ivf_pq"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_flat", "ivf_hnsw", "ivf_pq"])
 def test_every_index_type_finds_the_exact_neighbour(kind, metric):
     gallery, queries = random_data(400), random_data(40, seed=1)
     index = build_index(kind, gallery, metric=metric)
@@ -124,7 +125,7 @@ def test_every_index_type_finds_the_exact_neighbour(kind, metric):
 
 def test_unknown_index_type_and_bad_args_are_config_errors():
     x = random_data(300)
-    with pytest.raises(ConfigError, match="flat, hnsw, ivf_flat, ivf_pq"):
+    with pytest.raises(ConfigError, match="flat, hnsw, ivf_flat, ivf_hnsw, ivf_pq"):
         build_index("annoy", x)
     with pytest.raises(ConfigError, match=r"^index_args: hnsw takes M, ef_construction, "
                        r"ef_search \(got efsearch\)$"):  # fmt: skip
@@ -139,7 +140,7 @@ def test_unknown_index_type_and_bad_args_are_config_errors():
         build_index("ivf_pq", x[:100], args={"nbits": 8})
     with pytest.raises(ConfigError, match="ivf_pq needs at least 160 training vectors .*got 100"):
         build_index("ivf_pq", x[:100])  # unset nbits is fitted, and 100 rows are too few
-    assert INDEX_TYPES.names() == ["flat", "hnsw", "ivf_flat", "ivf_pq"]
+    assert INDEX_TYPES.names() == ["flat", "hnsw", "ivf_flat", "ivf_hnsw", "ivf_pq"]
 
 
 @pytest.mark.parametrize("pca_dim", [0, 17])
@@ -181,6 +182,62 @@ def test_search_params_are_stored_in_the_index(tmp_path):
     save_index(ivf, tmp_path / "i.index")
     assert faiss.downcast_index(load_index(tmp_path / "h.index")).hnsw.efSearch == 7
     assert faiss.extract_index_ivf(load_index(tmp_path / "i.index")).nprobe == 3
+
+
+def test_graph_nlist_by_hand():
+    assert graph_nlist(1_000_000) == 8192  # 8 * 1000 = 8000, nearest power of two
+    assert graph_nlist(500_000) == 4096  # 8 * 707 = 5657: 2**12.47 rounds to 2**12
+    assert graph_nlist(100_000) == 2048  # 8 * 316 = 2530, under 100000 // 39 = 2564
+    assert graph_nlist(10_000) == 256  # 8 * 100 = 800 -> 1024, capped at 10000 // 39
+    assert graph_nlist(5_000) == 128  # 566 -> 512, capped at 5000 // 39
+    assert graph_nlist(100) == 2
+    assert graph_nlist(10) == 1
+
+
+def test_ivf_hnsw_trains_its_graph_by_k_means_and_finds_the_neighbours():
+    """k-means fills the empty HNSW quantizer with the list centroids inside `train`; with
+    most lists probed the result is near exact."""
+    gallery, _ = clusters(classes=16, per_class=250, dim=32)  # 4,000 rows: nlist 102
+    queries = gallery[::40] + 0.05 * random_data(100, dim=32, seed=3)
+    for codec in ("flat", "fp16", "sq8"):
+        index = build_index("ivf_hnsw", gallery, args={"nprobe": 32, "codec": codec})
+        ivf = faiss.extract_index_ivf(index)
+        graph = faiss.downcast_index(ivf.quantizer)
+        assert isinstance(graph, faiss.IndexHNSWFlat) and graph.ntotal == ivf.nlist == 102
+        assert ivf.nprobe == 32 and graph.hnsw.efSearch == 32  # raised from 16 to nprobe
+        _, exact = knn(queries, gallery, 10)
+        _, got = search(index, queries, 10)
+        recall = np.mean([len(set(e) & set(g)) / 10 for e, g in zip(exact, got, strict=True)])
+        assert recall >= 0.9, (codec, recall)
+
+
+def test_ivf_hnsw_args_are_checked_by_name():
+    x = random_data(400)
+    index = faiss.downcast_index(build_index("ivf_hnsw", x))
+    assert isinstance(index, faiss.IndexIVFScalarQuantizer)  # fp16 lists by default
+    assert (index.nlist, index.nprobe) == (10, 5)  # 400 // 39 lists, nprobe 5
+    with pytest.raises(ConfigError, match=r"^index arg codec must be one of flat, fp16, sq8, "
+                       r"got 'pq'$"):  # fmt: skip
+        build_index("ivf_hnsw", x, args={"codec": "pq"})
+    with pytest.raises(ConfigError, match=r"^index arg M must be a positive integer, got 0$"):
+        build_index("ivf_hnsw", x, args={"M": 0})
+    with pytest.raises(ConfigError, match=r"^index_args: ivf_hnsw takes nlist, nprobe, "
+                       r"ef_search, M, codec \(got efSearch\)$"):  # fmt: skip
+        build_index("ivf_hnsw", x, args={"efSearch": 8})
+
+
+def test_ivf_hnsw_keeps_nprobe_and_the_graphs_ef_search_through_save_and_open(tmp_path):
+    from mltrain.retrieval.gallery import _apply_search_params
+
+    index = build_index("ivf_hnsw", random_data(800), pca_dim=8,
+                        args={"nlist": 8, "nprobe": 3, "ef_search": 24})  # fmt: skip
+    save_index(index, tmp_path / "g.index")
+    loaded = load_index(tmp_path / "g.index")
+    ivf = faiss.extract_index_ivf(loaded)
+    graph = faiss.downcast_index(ivf.quantizer)
+    assert (ivf.nprobe, graph.hnsw.efSearch, graph.ntotal) == (3, 24, 8)
+    _apply_search_params(loaded, {"nprobe": 6, "ef_search": 4})  # a manifest's args
+    assert (ivf.nprobe, graph.hnsw.efSearch) == (6, 6)  # efSearch never below nprobe
 
 
 def test_load_missing_or_corrupt_index_is_bundle_error(tmp_path):

@@ -186,13 +186,28 @@ def test_the_benchmark_prints_every_backend_with_ratios(capsys):
     assert "| faiss ivf_flat | " in out and " | 1 | " in out
 
 
-def test_a_gallery_outside_the_bundle_gets_a_collection_per_export(pair, tmp_path):
+def _collections(db) -> list[str]:
+    from pymilvus import MilvusClient
+
+    from mltrain.retrieval.milvus import _release_lite
+
+    client = MilvusClient(str(db))
+    try:
+        return sorted(client.list_collections())
+    finally:
+        client.close()
+        _release_lite(db)
+
+
+def test_a_gallery_outside_the_bundle_gets_a_collection_per_export(pair, tmp_path, capsys):
     """A URI outside the bundle (a server, here a shared Lite folder) works like the default,
-    and a second export writes a new collection, so the bundle it replaces kept its own."""
+    and a second export writes a new collection, so the bundle it replaces keeps its own
+    until the swap; then the replaced one, which no bundle names any more, is dropped."""
     root, embedder, faiss_dir, _ = pair
     exp = embedder.cfg.export
     old = exp.index, exp.index_args
-    exp.index, exp.index_args = "milvus", {"uri": str(tmp_path / "shared.db")}
+    db = tmp_path / "shared.db"
+    exp.index, exp.index_args = "milvus", {"uri": str(db)}
     try:
         first = json.loads((export_bundle(embedder, tmp_path / "b", "t") / "manifest.json")
                            .read_text())["index"]  # fmt: skip
@@ -202,10 +217,61 @@ def test_a_gallery_outside_the_bundle_gets_a_collection_per_export(pair, tmp_pat
             assert _rows(b, queries)[0] == _rows(load_bundle(faiss_dir), queries)[0]
         finally:
             b.gallery.close()
+        capsys.readouterr()
         second = json.loads((export_bundle(embedder, tmp_path / "b", "t") / "manifest.json")
                             .read_text())["index"]  # fmt: skip
+        b = load_bundle(tmp_path / "b")
+        try:
+            assert _rows(b, queries)[0] == _rows(load_bundle(faiss_dir), queries)[0]
+        finally:
+            b.gallery.close()
     finally:
         exp.index, exp.index_args = old
     assert not (tmp_path / "b" / "gallery.db").exists()
     assert first["collection"].startswith("mltrain_b_")
     assert second["collection"] != first["collection"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dropped Milvus collection {first['collection']} at {db} (the replaced bundle's "
+        "gallery)"]  # fmt: skip
+    assert _collections(db) == [second["collection"]]
+
+
+def test_a_user_named_collection_survives_a_reexport_to_another_name(pair, tmp_path, capsys):
+    _, embedder, _, _ = pair
+    exp = embedder.cfg.export
+    old = exp.index, exp.index_args
+    db = tmp_path / "shared.db"
+    try:
+        for name in ("kept", "next"):
+            exp.index, exp.index_args = "milvus", {"uri": str(db), "collection": name}
+            export_bundle(embedder, tmp_path / "b", "t")
+        exp.index, exp.index_args = "milvus", {"uri": str(db)}  # a generated one, then Faiss
+        export_bundle(embedder, tmp_path / "c", "t")
+        generated = json.loads((tmp_path / "c" / "manifest.json").read_text())["index"]
+        exp.index, exp.index_args = "flat", {}
+        export_bundle(embedder, tmp_path / "c", "t")
+    finally:
+        exp.index, exp.index_args = old
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dropped Milvus collection {generated['collection']} at {db} (the replaced bundle's "
+        "gallery)"]  # fmt: skip
+    assert _collections(db) == ["kept", "next"]
+
+
+def test_a_replaced_collection_is_left_with_a_note_where_the_server_is_down():
+    from mltrain.retrieval.gallery import retire_replaced
+
+    old = {"backend": "milvus", "uri": "http://127.0.0.1:9", "collection": "mltrain_b_1",
+           "args": {"uri": "http://127.0.0.1:9"}}  # fmt: skip
+    line = retire_replaced(old, {"kind": "flat", "ntotal": 15})
+    assert line.startswith("note: the replaced bundle's Milvus collection mltrain_b_1 at "
+                           "http://127.0.0.1:9 was left (")  # fmt: skip
+    assert "MilvusClient('http://127.0.0.1:9').drop_collection('mltrain_b_1')" in line
+    assert "\n" not in line
+    # nothing to drop, nothing connected to: in the bundle, user-named, or still in use
+    for other in ({"uri": "gallery.db", "collection": "gallery"},
+                  {"collection": "mltrain_b_1", "args": {"collection": "mltrain_b_1"}},
+                  {"collection": "mine"}):  # fmt: skip
+        assert retire_replaced({**old, **other}, {"kind": "flat"}) is None
+    assert retire_replaced(old, {**old, "kind": "milvus"}) is None
+    assert retire_replaced(None, old) is None

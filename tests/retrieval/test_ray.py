@@ -195,3 +195,84 @@ def test_an_actor_that_dies_is_one_line_naming_its_error(local_ray, work, capfd)
     assert str(e.value).startswith("a Ray embedding actor failed (mltrain.errors.CheckpointError:"
                                    " the model sent to Ray: the weights do not fit")
     assert "\n" not in str(e.value) and "Traceback" not in capfd.readouterr().err
+
+
+def test_the_actors_embed_with_the_runner_the_config_names(local_ray, work, tmp_path):
+    """`eval.backend` reaches the actors: OpenVINO there too, so the rows match OpenVINO's
+    (torch's differ by bf16 rounding, about 2e-3, on a CPU that OpenVINO runs in bf16)."""
+    pytest.importorskip("openvino")
+    sets = [*SETS, "eval.backend=openvino"]
+    assert export(work, tmp_path / "single", sets=sets) == 0
+    assert export(work, tmp_path / "ray", "--ray", "--ray-actors", "1", sets=sets) == 0
+    assert_same_bundle(tmp_path / "single", tmp_path / "ray")
+    np.testing.assert_allclose(rows(tmp_path / "ray"), rows(tmp_path / "single"), atol=1e-5)
+
+
+def test_a_local_pool_shares_the_machine_s_cpus_among_its_actors(local_ray, work):
+    from mltrain.inference.ray_embed import RayOptions, ray_embedder
+
+    ray, _, _ = local_ray
+    cpus = int(ray.cluster_resources()["CPU"])
+    embedder = tiny_embedder(work / "data")
+    shapes = {}
+    for options in (RayOptions(actors=1), RayOptions(), RayOptions(threads=1)):
+        with ray_embedder(embedder, options) as pool:
+            shapes[options] = pool.shape(40), pool.shape(5), pool.shape(1)
+    assert shapes[RayOptions(actors=1)] == ((1, cpus),) * 3  # one actor: every CPU
+    assert shapes[RayOptions()] == ((cpus, 1), (min(cpus, 2), cpus // min(cpus, 2)), (1, cpus))
+    assert shapes[RayOptions(threads=1)] == ((cpus, 1), (min(cpus, 2), 1), (1, 1))
+
+
+def _run_alone(argv: list[str]) -> tuple[int, str, str, list[str]]:
+    """(exit code, stdout, stderr, processes of its Ray session still running) of a command
+    in a process of its own (Ray names a session after its driver's pid)."""
+    import os
+    import subprocess
+
+    proc = subprocess.Popen(argv, env={**os.environ, "TQDM_DISABLE": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    out, err = proc.communicate(timeout=300)
+    left = subprocess.run(["pgrep", "-f", f"session_[0-9_-]+_{proc.pid}([^0-9]|$)"],
+                          capture_output=True, text=True).stdout.split()  # fmt: skip
+    return proc.returncode, out, err, left
+
+
+def test_a_ray_export_in_its_own_process_starts_ray_early_and_leaves_nothing(work, tmp_path):
+    """The command starts its local Ray while torch is imported (`ray_started_early`), and
+    shuts it down at the end, also after an error that comes before any embedding."""
+    import sys
+
+    pytest.importorskip("ray")
+    argv = [sys.executable, "-m", "mltrain", "export", "--checkpoint", str(work / "model.pt"),
+            *(x for s in [f"data.root={work / 'data'}", *SETS] for x in ("--set", s))]  # fmt: skip
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    code, _, err, left = _run_alone([*argv, "--out", str(tmp_path / "taken"), "--ray"])
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "is not a search bundle" in err and left == []
+    code, out, err, left = _run_alone([*argv, "--out", str(tmp_path / "ray"), "--ray"])
+    assert code == 0 and "exported 18 images" in out and left == [], err[-2000:]
+    assert "Traceback" not in err
+    assert export(work, tmp_path / "single") == 0
+    assert_same_bundle(tmp_path / "single", tmp_path / "ray")
+
+
+def test_an_actor_s_threads_share_a_batch_by_whole_chunks(work):
+    """Torch on the CPU: each thread runs the model single-threaded on whole chunks of the
+    batch, so the rows are those of one call over the batch."""
+    import copy
+
+    import torch
+
+    from mltrain.inference.batching import embed_tensor
+    from mltrain.inference.ray_embed import _EmbedActor
+
+    pytest.importorskip("ray")
+    embedder = tiny_embedder(work / "data")
+    cfg = copy.deepcopy(embedder.cfg)
+    cfg.eval.cpu_chunk = 2
+    actor = _EmbedActor(cfg, 0, embedder.model.state_dict(), threads=3, device="cpu",
+                        runner="torch")  # fmt: skip
+    assert actor.shares == 3 and torch.get_num_threads() == 1
+    x = torch.randn(11, 3, 32, 32)  # shares of 4, 4 and 3 rows: chunks as in one call
+    np.testing.assert_array_equal(actor._embed(x), embed_tensor(actor.model, x, actor.spec))

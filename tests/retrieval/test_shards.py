@@ -13,7 +13,7 @@ import mltrain.retrieval.shards as shards_mod
 from mltrain.config import load_config
 from mltrain.errors import ConfigError, DataError
 from mltrain.retrieval.index import prepare, search
-from mltrain.retrieval.index_types import build_index, default_nlist
+from mltrain.retrieval.index_types import build_index, default_nlist, graph_nlist
 from mltrain.retrieval.shards import (
     ShardReader,
     ShardWriter,
@@ -172,6 +172,17 @@ def test_ivf_from_shards_sizes_nlist_for_the_whole_gallery(tmp_path):
     assert rows[:, 0].tolist() == [0, 1, 2, 3, 4]  # each row finds itself
     with pytest.raises(ConfigError, match="nlist must be a positive integer"):
         index_from_shards("ivf_flat", r, args={"nlist": "many"})
+
+
+def test_ivf_hnsw_from_shards_sizes_its_lists_by_its_own_rule(tmp_path):
+    x = np.random.default_rng(3).standard_normal((2000, 8), dtype=np.float32)
+    r = write(tmp_path, x, shard_rows=500, batch=300)
+    index = index_from_shards("ivf_hnsw", r, "cosine", args={"nprobe": 8})
+    ivf = faiss.extract_index_ivf(index)
+    assert ivf.nlist == graph_nlist(2000) == 51 and index.ntotal == 2000  # 2000 // 39
+    assert faiss.downcast_index(ivf.quantizer).ntotal == 51  # trained on the sample
+    _, rows = index.search(prepare(x[:5], "cosine"), 1)
+    assert rows[:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_training_sample_is_bounded_by_what_faiss_would_use():

@@ -40,7 +40,8 @@ def test_a_whitening_that_wins_is_saved_in_best_pt_and_applied_on_load(
     assert summary["best"]["whiten_dims"] == dims
     assert "whiten.matrix" not in torch.load(run_dir / "checkpoints" / "last.pt",
                                              weights_only=True)["model"]  # fmt: skip
-    assert "best.pt embeds through it" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "best.pt embeds through it" in err and "refitted with the" in err
     embedder = embedder_from_checkpoint(str(run_dir / "checkpoints" / "best.pt"))
     assert embedder.embedding_dim == dims
     emb = np.asarray(embedder.embed(sorted(root.rglob("*.png"))[:4]))
@@ -74,3 +75,60 @@ def test_training_rows_are_capped_evenly_across_classes():
     assert len(rows) == 40 and len(set(rows)) == 40
     assert np.bincount(Data.folder.labels[rows]).tolist() == [10, 10, 10, 10]
     assert whiten.training_rows(Data, seed=0, most=200).tolist() == list(range(100))
+
+
+def test_mirror_averaging_that_wins_is_stored_in_best_pt_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(whiten, "better", lambda key, new, old: True)  # the last candidate wins
+    root, run_dir, best = tiny_run(tmp_path)  # triplet.yaml flips images: mirrors are tried
+    err = capsys.readouterr().err
+    assert "and their mirror images" in err and "mirror averaging on" in err
+    assert best["config"]["eval"]["flip_tta"] is True and best["best"]["flip_tta"] == 1.0
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["config"]["eval"]["flip_tta"] is False
+    embedder = embedder_from_checkpoint(str(run_dir / "checkpoints" / "best.pt"))
+    assert embedder.spec.flip
+
+
+def test_no_mirrors_where_the_augmentation_does_not_flip(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(whiten, "better", lambda key, new, old: True)
+    _, _, best = tiny_run(
+        tmp_path, "data.augment=[{name: RandomResizedCrop, args: {scale: [0.6, 1.0]}}]"
+    )
+    assert "mirror" not in capsys.readouterr().err
+    assert best["config"]["eval"]["flip_tta"] is False
+
+
+def test_flips_images_reads_the_augmentation():
+    def cfg(augment):
+        return load_config("configs/triplet.yaml", [f"data.augment={json.dumps(augment)}"])
+
+    assert whiten.flips_images(cfg([{"name": "HorizontalFlip"}]))
+    assert whiten.flips_images(cfg([{"name": "HorizontalFlip", "args": {"p": 0.5}}]))
+    assert not whiten.flips_images(cfg([{"name": "HorizontalFlip", "args": {"p": 0}}]))
+    assert not whiten.flips_images(cfg([{"name": "VerticalFlip"}]))
+    assert not whiten.flips_images(cfg([]))
+
+
+def test_mirror_averaging_matches_the_flip_of_the_inference_path():
+    from mltrain.inference.batching import embed_tensor
+    from mltrain.model.network import build_model
+    from mltrain.runtime import InferSpec
+
+    cfg = load_config("configs/triplet.yaml", TINY_RUN)
+    model = build_model(cfg.model).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    spec = InferSpec(torch.device("cpu"), None, False, 0, False, False)
+    plain = embed_tensor(model, x, spec)
+    mirror = embed_tensor(whiten.Mirrored(model), x, spec)
+    np.testing.assert_allclose(mirror, embed_tensor(model, x.flip(3), spec), atol=1e-6)
+    flipped = embed_tensor(model, x, InferSpec(torch.device("cpu"), None, False, 0, False, True))
+    np.testing.assert_allclose(whiten.averaged(plain, mirror, model.normalize), flipped,
+                               atol=1e-5)  # fmt: skip
+
+
+def test_two_way_splits_never_fit_on_the_test_side(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(whiten, "better", lambda key, new, old: True)
+    _, _, best = tiny_run(tmp_path, "data.val_fraction=0")  # two-way: held-out is the test side
+    err = capsys.readouterr().err
+    assert "best.pt embeds through it" in err and "refitted" not in err
+    assert "whiten.matrix" in best["model"]
