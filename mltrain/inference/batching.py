@@ -138,10 +138,16 @@ def _embed_fn(
         return lambda x: model.embed(x, from_prefix=from_prefix).float()
 
     def both(x: torch.Tensor) -> torch.Tensor:
-        emb = model.embed(x).float() + model.embed(x.flip(3)).float()
-        return F.normalize(emb, dim=1) if model.normalize else emb / 2
+        return mirror_mean(model.embed(x), model.embed(x.flip(3)), model.normalize)
 
     return both
+
+
+def mirror_mean(emb: torch.Tensor, mirror: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The flip average of an image's and its mirror's embeddings (re-normalised when the
+    model normalises): what `eval.flip_tta` embeds."""
+    out = emb.float() + mirror.float()
+    return F.normalize(out, dim=1) if normalize else out / 2
 
 
 def _checked(emb: torch.Tensor) -> np.ndarray:

@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mltrain.config import Config
 from mltrain.data.pipeline import RunData, eval_loader
-from mltrain.inference.batching import extract_embeddings
+from mltrain.inference.batching import extract_embeddings, mirror_mean
 from mltrain.model.checkpoint import load_checkpoint
 from mltrain.model.network import EmbeddingModel
 from mltrain.model.whitening import (
@@ -80,9 +79,8 @@ def flips_images(cfg: Config) -> bool:
 
 
 def averaged(a: np.ndarray, b: np.ndarray, normalize: bool) -> np.ndarray:
-    """Mirror averaging as `eval.flip_tta` computes it (mltrain.inference.batching)."""
-    out = torch.from_numpy(a).float() + torch.from_numpy(b).float()
-    return (F.normalize(out, dim=1) if normalize else out / 2).numpy()
+    """Mirror averaging of embeddings already computed, as `eval.flip_tta` embeds it."""
+    return mirror_mean(torch.from_numpy(a), torch.from_numpy(b), normalize).numpy()
 
 
 def whiten_best(
