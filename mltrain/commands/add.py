@@ -49,6 +49,11 @@ def enroll(bundle: str, images: Sequence[str], class_name: str | None, ray=None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mltrain.inference.ray_start import MODEL_IMPORTS, ray_started_early
+
     args = parser().parse_args(argv)
-    enroll(args.bundle, args.images, args.class_name, ray_options(args))
+    ray = ray_options(args)
+    # --ray: a local Ray and its actors start while torch and the bundle's code are imported
+    with ray_started_early(ray, (*MODEL_IMPORTS, "mltrain.retrieval.add")):
+        enroll(args.bundle, args.images, args.class_name, ray)
     return 0

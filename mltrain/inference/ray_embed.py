@@ -1,20 +1,23 @@
 """Embedding an image list with a pool of Ray actors, on one machine or a Ray cluster.
 
 `ray_embedder` connects to Ray (or starts a small local Ray) and yields a `RayEmbedder`: an
-`Embedder` whose `embed` and `embed_batches` send the paths through a Ray dataset to a pool
-of actors. Everything else an export or an add does (shards, metadata, manifest, index) runs
-in this process on the streamed result, so a bundle written this way has the layout and,
-row for row, the embeddings of a single-process one.
+`Embedder` whose `embed` and `embed_batches` send the paths, in blocks of one batch, to a
+pool of actors (`ray.util.ActorPool`, results in path order, checked as they arrive).
+Everything else an export or an add does (shards, metadata, manifest, index) runs in this
+process on the streamed result, so a bundle written this way has the layout and, row for
+row, the embeddings of a single-process one.
 
 Each actor rebuilds the model once from the weights this process sends through the object
 store (nothing is downloaded on the workers), then decodes and embeds whole batches with the
 same dataset, transform, chunks and precision as `Embedder.embed`, on the runner that this
-process's `Embedder` would take for the whole job (OpenVINO's graph traced here, once). Rows
-come back in path order (Ray Data's `preserve_order`), checked as they arrive. On a cluster
-every node needs the same mltrain installed and the images at the same absolute paths (a
-shared file system).
+process's `Embedder` would take for the whole job (OpenVINO's graph traced here, once). On a
+cluster every node needs the same mltrain installed and the images at the same absolute
+paths (a shared file system).
 
-Starting Ray and the pool flags are `mltrain.inference.ray_start`'s (it imports no torch).
+The pool's actors are plain Ray actors rather than Ray Data's `map_batches` pool, whose
+actors start only once its dataset runs: an actor's start (a process importing torch and
+timm, 4-6 s on 2 cores) then waits for the whole model build. These can start with Ray
+itself (`mltrain.inference.ray_start.ray_started_early`), beside the command's imports.
 Failures are one line: Ray missing, an unreachable address, an unreadable image (the actor
 returns the loader's message rather than crash, so it names the file as a plain export does),
 or an actor that died (the last line of its error and where Ray keeps its logs).
@@ -26,7 +29,6 @@ import contextlib
 import copy
 import math
 import sys
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
@@ -38,15 +40,18 @@ import torch
 
 from mltrain.errors import ConfigError, DataError, MltrainError
 from mltrain.inference.embedder import PROBE_IMAGES, Embedder
-from mltrain.inference.ray_start import RayOptions, last_line, ray_runtime
+from mltrain.inference.ray_start import (
+    RayOptions,
+    early_actors,
+    kill,
+    last_line,
+    pool_shape,
+    ray_runtime,
+    start_pool,
+)
 from mltrain.progress import progress
-from mltrain.text import counted
 
-MAX_BLOCKS = 2000  # input blocks of a dataset: a gallery of millions gets blocks of batches
-GPU_THREADS = 4  # decoding threads of an actor that feeds a GPU
-# An actor's start (a new process importing torch, the model built) costs about what it takes
-# to embed 4 batches on a CPU core, so the default pool has at most one actor per 4 batches.
-MIN_BATCHES_PER_ACTOR = 4
+MAX_BLOCKS = 2000  # blocks of a job: a gallery of millions gets blocks of several batches
 
 
 @dataclass
@@ -56,6 +61,8 @@ class RayEmbedder(Embedder):
 
     options: RayOptions = field(default_factory=RayOptions)
     weights: Any = field(default=None, repr=False)  # object ref of the model's state dict
+    actors: list[Any] = field(default_factory=list, init=False, repr=False)
+    loaded: tuple[int, int, str] | None = field(default=None, init=False, repr=False)
 
     def embed(
         self, paths: list[Path], labels: np.ndarray | None = None, desc: str = "embedding"
@@ -68,19 +75,22 @@ class RayEmbedder(Embedder):
     def embed_batches(
         self, paths: list[Path], labels: np.ndarray | None = None, desc: str = "embedding"
     ) -> Iterator[np.ndarray]:
-        """Embeddings (float32) in `paths` order, one actor batch at a time."""
+        """Embeddings (float32) in `paths` order, one block at a time."""
         import ray
+        from ray.util import ActorPool
 
         if not paths:
             return
-        ds, blocks = self._dataset(paths)
+        blocks = _blocks(paths, self.cfg.eval.batch_size)
         expected = 0
         try:
-            for out in progress(ds.iter_batches(batch_size=None, batch_format="numpy"),
-                                desc=desc, total=blocks):  # fmt: skip
+            pool = ActorPool(self._pool(len(paths), len(blocks)))
+            done = pool.map(lambda actor, block: actor.embed.remote(block), blocks)
+            for out in progress(done, desc=desc, total=len(blocks)):
                 expected = _checked_rows(out, expected)
                 yield np.asarray(out["embedding"], dtype=np.float32)
         except ray.exceptions.RayError as e:
+            self.close()  # an actor may still be busy with the blocks after the failed one
             raise MltrainError(
                 f"a Ray embedding actor failed ({last_line(e)}); see the worker logs "
                 "under /tmp/ray/session_latest/logs on its node"
@@ -88,24 +98,32 @@ class RayEmbedder(Embedder):
         if expected != len(paths):
             raise MltrainError(f"Ray returned {expected} of {len(paths)} embeddings")
 
-    def _dataset(self, paths: list[Path]) -> tuple[Any, int]:
-        """The Ray dataset of (row, path) blocks mapped through the actor pool, and its block
-        count (one output block per input block)."""
-        import pyarrow as pa
-        import ray.data
+    def _pool(self, n: int, blocks: int) -> list[Any]:
+        """The pool's actors for a job of `n` images in `blocks` blocks, each with the model
+        loaded on the runner a single process would take for the whole job (torch on
+        actors' GPUs); started (or taken from `ray_started_early`) and loaded the first
+        time, and again only for a job of another shape."""
+        import ray
 
-        n, batch = len(paths), self.cfg.eval.batch_size
-        rows = batch * max(1, math.ceil(n / (batch * MAX_BLOCKS)))
-        table = pa.table({"row": np.arange(n, dtype=np.int64),
-                          "path": [str(Path(p).absolute()) for p in paths]})  # fmt: skip
-        blocks = [table.slice(s, rows) for s in range(0, n, rows)]
-        actors, threads = self.shape(len(blocks))
-        # The runner a single process would take for the whole job; torch on actors' GPUs
-        runner = "torch" if self.gpus_per_actor else self.runner_for(n, min(n, batch))
-        with warnings.catch_warnings():  # max_restarts is named in no other way yet
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ds = self._mapped(ray.data.from_arrow(blocks), actors, threads, runner)
-        return ds, len(blocks)
+        actors, threads = self.shape(blocks)
+        batch, gpus = self.cfg.eval.batch_size, self.gpus_per_actor
+        runner = "torch" if gpus else self.runner_for(n, min(n, batch))
+        if self.loaded == (actors, threads, runner):
+            return self.actors
+        self.close()
+        self.actors = early_actors(actors, threads, gpus)
+        self.actors += start_pool(ray, actors - len(self.actors), threads, gpus)
+        load = {"cfg": self.cfg, "num_classes": _num_classes(self), "weights": self.weights,
+                "threads": threads, "device": "cuda" if gpus else "cpu", "runner": runner,
+                "graph": self._graph(runner)}  # fmt: skip
+        ray.get([actor.load.remote(_EmbedActor, **load) for actor in self.actors])
+        self.loaded = (actors, threads, runner)
+        return self.actors
+
+    def close(self) -> None:
+        """Stop the pool's actors (a local Ray's shutdown would too; a cluster's would not)."""
+        kill(self.actors)
+        self.actors, self.loaded = [], None
 
     def _graph(self, runner: str) -> Any:
         """For OpenVINO, the model's ONNX graph in the object store: the bundle's, else one
@@ -118,25 +136,6 @@ class RayEmbedder(Embedder):
         graph = self.graph or _trace(self)
         return None if graph is None else ray.put(graph)
 
-    def _mapped(self, ds: Any, actors: int, threads: int, runner: str) -> Any:
-        import ray.data
-
-        gpus = self.gpus_per_actor
-        return ds.map_batches(
-            _EmbedActor,
-            fn_constructor_kwargs={
-                "cfg": self.cfg, "num_classes": _num_classes(self), "weights": self.weights,
-                "threads": threads, "device": "cuda" if gpus else "cpu", "runner": runner,
-                "graph": self._graph(runner),
-            },
-            batch_size=None,  # one block is one batch
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=threads,
-            num_gpus=gpus,
-            max_restarts=0,  # a crash is reported, not retried on the same image for ever
-        )  # fmt: skip
-
     @property
     def gpus_per_actor(self) -> float:
         if self.options.gpus is not None:
@@ -145,34 +144,21 @@ class RayEmbedder(Embedder):
 
     def shape(self, blocks: int | None = None) -> tuple[int, int]:
         """(actors, CPU threads per actor) for a job of `blocks` batches (None: the largest
-        pool). Actors: `options.actors`, else as many as the cluster's CPUs (or GPUs) hold,
-        and unasked at most one per `MIN_BATCHES_PER_ACTOR` batches (starting one costs
-        batches' worth of time); never more than batches. Threads: `options.threads`; else
-        `GPU_THREADS` decoders beside a GPU; on a local Ray its CPUs shared among the actors
-        (one actor on 2 CPUs uses both); 1 on a cluster, one single-threaded actor per core.
-        A local Ray cannot grow, so a pool larger than it is refused rather than left
-        waiting."""
+        pool), by `mltrain.inference.ray_start.pool_shape` on this Ray's resources."""
         import ray
 
-        gpus, local = self.gpus_per_actor, self.options.address is None
         have = ray.cluster_resources()
-        cpus, gpus_there = int(have.get("CPU", 1)), float(have.get("GPU", 0))
-        threads = self.options.threads or (GPU_THREADS if gpus else 1)
-        fits = int(gpus_there // gpus) if gpus else cpus // threads
-        actors = self.options.actors or max(1, fits)
-        if local and actors > fits:
-            need = f"{gpus:g} GPU" if gpus else f"{threads} CPU"
-            raise ConfigError(
-                f"a pool of {counted(actors, 'Ray actor')} x {need} does not fit this machine's "
-                f"Ray ({cpus} CPUs, {gpus_there:g} GPUs); give fewer with --ray-actors or "
-                "--ray-threads (--ray-gpus 0 embeds on CPU), or join a cluster with --ray ADDRESS"
-            )
-        if blocks is not None:  # no actor without a batch of its own
-            per_actor = 1 if self.options.actors else MIN_BATCHES_PER_ACTOR
-            actors = min(actors, max(1, math.ceil(blocks / per_actor)))
-        if local and not gpus and not self.options.threads:
-            threads = max(1, cpus // actors)
-        return actors, threads
+        return pool_shape(self.options, int(have.get("CPU", 1)), float(have.get("GPU", 0)),
+                          self.gpus_per_actor, blocks)  # fmt: skip
+
+
+def _blocks(paths: list[Path], batch: int) -> list[dict[str, np.ndarray]]:
+    """(row, absolute path) blocks of whole batches, at most `MAX_BLOCKS` of them."""
+    n = len(paths)
+    rows = batch * max(1, math.ceil(n / (batch * MAX_BLOCKS)))
+    names = np.array([str(Path(p).absolute()) for p in paths])
+    return [{"row": np.arange(s, min(s + rows, n), dtype=np.int64), "path": names[s:s + rows]}
+            for s in range(0, n, rows)]  # fmt: skip
 
 
 def _num_classes(embedder: Embedder) -> int:
@@ -194,8 +180,9 @@ def _checked_rows(out: dict[str, np.ndarray], expected: int) -> int:
 
 
 class _EmbedActor:
-    """One actor of the pool: builds the model once, then embeds one batch of paths a call,
-    as `Embedder.embed` would (same dataset, transform, chunks, precision and flip).
+    """What one actor of the pool runs (`ray_start.PoolWorker`): builds the model once, then
+    embeds one block of paths a call, as `Embedder.embed` would (same dataset, transform,
+    chunks, precision and flip).
 
     Its `threads` decode a batch together, then run the model: OpenVINO as one stream each;
     torch on the CPU as one single-threaded model call each on its share of the batch's
@@ -288,7 +275,10 @@ def ray_embedder(embedder: Embedder, options: RayOptions) -> Iterator[RayEmbedde
         pool.shape()  # a pool this Ray cannot hold is refused now
         if pool.gpus_per_actor == 0 and embedder.device.type == "cuda":
             print("note: --ray-gpus 0: the actors embed on CPU", file=sys.stderr)
-        yield pool
+        try:
+            yield pool
+        finally:
+            pool.close()
 
 
 def on_ray(embedder: Embedder, options: RayOptions | None) -> contextlib.AbstractContextManager:

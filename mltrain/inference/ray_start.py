@@ -1,8 +1,10 @@
 """Ray for the commands that embed on it (`mltrain.inference.ray_embed`): the pool flags as
-`RayOptions`, Ray's presence and a cluster's address checked, and Ray started or joined for a
-body (`ray_runtime`). Nothing here imports torch, so `ray_started_early` can start a local
-Ray (6-10 s on 2 cores) while a command's imports of torch and the model's modules go on
-beside it.
+`RayOptions`, Ray's presence and a cluster's address checked, Ray started or joined for a
+body (`ray_runtime`), and the pool's actors (`PoolWorker`, `start_pool`, `pool_shape`).
+Nothing here imports torch, so `ray_started_early` can start a local Ray (6-10 s on 2 cores)
+and then the pool's actors while a command's imports of torch and the model's modules go on
+beside them: an actor's own start, a process importing torch and timm, is then off the
+critical path.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,9 +25,14 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from mltrain.errors import ConfigError
-from mltrain.text import shortened
+from mltrain.text import counted, shortened
 
 RAY_EXTRA = "pip install -e '.[ray]'"
+GPU_THREADS = 4  # decoding threads of an actor that feeds a GPU
+# An actor's start (a new process importing torch, the model built) costs about what it takes
+# to embed 4 batches on a CPU core, so a cluster's default pool has at most one actor per 4
+# batches.
+MIN_BATCHES_PER_ACTOR = 4
 LOCAL_OBJECT_STORE = 256 * 2**20  # rows of paths and embeddings only; the minimum is 75 MiB
 CONNECT_TIMEOUT_S = 5.0  # Ray Client would retry for 30 s before saying anything
 
@@ -60,12 +68,12 @@ class RayOptions:
 
 
 def require_ray() -> Any:
-    """The `ray` module with Ray Data, or a one-line ConfigError saying how to install it."""
+    """The `ray` module, or a one-line ConfigError saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401 - the extra, not only the core
+        import ray.util  # noqa: F401 - ActorPool
     except ImportError as e:
-        raise ConfigError(f"--ray needs Ray Data, which is not installed ({e.name or e}); "
+        raise ConfigError(f"--ray needs Ray, which is not installed ({e.name or e}); "
                           f"install it with {RAY_EXTRA}") from None  # fmt: skip
     return ray
 
@@ -107,8 +115,7 @@ def ray_runtime(address: str | None = None) -> Iterator[Any]:
     if started:
         _init(ray, address)
     try:
-        with _quiet_ordered_data():
-            yield ray
+        yield ray
     finally:
         if started:
             ray.shutdown()
@@ -144,16 +151,113 @@ MODEL_IMPORTS = ("torch", "timm", "mltrain.inference.embedder", "mltrain.data.pi
                  "mltrain.inference.ray_embed")  # fmt: skip
 
 
+class PoolWorker:
+    """One actor of the embedding pool (`start_pool`). Its class lives here, free of torch,
+    so its process is up at once; `warm` then imports torch and the model's modules, which
+    `ray_started_early` has it do while the command is still importing and building its
+    own model. `load` builds what embeds (`make`, the class `ray_embed` sends: its model,
+    once), `embed` runs one block of paths on it."""
+
+    def __init__(self) -> None:
+        self.embedder: Any = None
+
+    def warm(self) -> None:
+        _import_all(MODEL_IMPORTS)
+
+    def load(self, make: Callable[..., Any], **kwargs: Any) -> None:
+        self.embedder = make(**kwargs)
+
+    def embed(self, block: dict[str, Any]) -> dict[str, np.ndarray]:
+        return self.embedder(block)
+
+
+@dataclass
+class Pool:
+    """Actors started for a pool of `threads` CPUs and `gpus` GPUs each."""
+
+    actors: list[Any]
+    threads: int
+    gpus: float
+
+    def take(self, n: int, threads: int, gpus: float) -> list[Any]:
+        """Up to `n` of the actors where their shape is the one asked for; the rest are
+        killed, and the pool is empty afterwards."""
+        fits = (threads, gpus) == (self.threads, self.gpus)
+        taken, rest = (self.actors[:n], self.actors[n:]) if fits else ([], self.actors)
+        kill(rest)
+        self.actors = []
+        return taken
+
+
+def start_pool(ray: Any, n: int, threads: int, gpus: float) -> list[Any]:
+    """`n` new actors, each already importing torch and the model's modules (`warm`)."""
+    cls = ray.remote(PoolWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=0)
+    actors = [cls.remote() for _ in range(n)]
+    for actor in actors:
+        actor.warm.remote()
+    return actors
+
+
+def kill(actors: Sequence[Any]) -> None:
+    if actors:
+        import ray
+
+        for actor in actors:
+            ray.kill(actor)
+
+
+def pool_shape(options: RayOptions, cpus: int, gpus_there: float, gpus: float,
+               blocks: int | None = None) -> tuple[int, int]:  # fmt: skip
+    """(actors, CPU threads per actor) for a job of `blocks` batches (None: the largest pool)
+    on a Ray of `cpus` CPUs and `gpus_there` GPUs, `gpus` per actor.
+
+    Actors: `options.actors`; else on a local Ray without `options.threads` one CPU actor (a
+    second on the same machine adds a process start and a model on the same cores);
+    otherwise as many as the Ray's CPUs (or GPUs) hold, at most one per
+    `MIN_BATCHES_PER_ACTOR` batches (starting one costs batches' worth of time); never more
+    than batches. Threads: `options.threads`; else `GPU_THREADS` decoders beside a GPU; on a
+    local Ray its CPUs shared among the actors; 1 on a cluster, one single-threaded actor
+    per core. A local Ray cannot grow, so a pool larger than it is refused rather than left
+    waiting."""
+    local = options.address is None
+    threads = options.threads or (GPU_THREADS if gpus else 1)
+    fits = int(gpus_there // gpus) if gpus else cpus // threads
+    unasked = 1 if local and not gpus and not options.threads else max(1, fits)
+    actors = options.actors or unasked
+    if local and actors > fits:
+        need = f"{gpus:g} GPU" if gpus else f"{threads} CPU"
+        raise ConfigError(
+            f"a pool of {counted(actors, 'Ray actor')} x {need} does not fit this machine's "
+            f"Ray ({cpus} CPUs, {gpus_there:g} GPUs); give fewer with --ray-actors or "
+            "--ray-threads (--ray-gpus 0 embeds on CPU), or join a cluster with --ray ADDRESS"
+        )
+    if blocks is not None:  # no actor without a batch of its own
+        per_actor = 1 if options.actors else MIN_BATCHES_PER_ACTOR
+        actors = min(actors, max(1, math.ceil(blocks / per_actor)))
+    if local and not gpus and not options.threads:
+        threads = max(1, cpus // actors)
+    return actors, threads
+
+
+_early: Pool | None = None  # `ray_started_early`'s actors, until a pool takes them
+
+
+def early_actors(n: int, threads: int, gpus: float) -> list[Any]:
+    """Up to `n` actors `ray_started_early` started with this shape (the others stop)."""
+    global _early
+    pool, _early = _early, None
+    return pool.take(n, threads, gpus) if pool is not None else []
+
+
 @contextlib.contextmanager
 def ray_started_early(options: RayOptions | None,
                       imports: Sequence[str] = MODEL_IMPORTS) -> Iterator[None]:  # fmt: skip
     """For the body: where `options` ask for a new local Ray, it starts now (6-10 s on 2
     cores, mostly spent waiting for Ray's own processes) while a second thread imports
     `imports`, which the body would otherwise import after it; `ray_runtime` in the body uses
-    it, and it is shut down at the end. Once it is up, a third thread runs Ray Data's first
-    task (a dataset's block metadata: a worker importing Ray Data, about 1 s) while the body
-    builds its model. Without `options`, for a cluster, or where Ray runs already: the body
-    alone."""
+    it, and it is shut down at the end. Once it is up, the pool's actors start too
+    (`early_actors` hands them to the body's pool), importing torch while the body builds its
+    model. Without `options`, for a cluster, or where Ray runs already: the body alone."""
     ray = require_ray() if options is not None and options.address is None else None
     if ray is None or ray.is_initialized():
         yield
@@ -163,58 +267,39 @@ def ray_started_early(options: RayOptions | None,
     loader.start()
     try:
         with ray_runtime(None):
-            warm = threading.Thread(target=_first_data_task, daemon=True, name="mltrain-ray-warm")
-            warm.start()
+            _start_early(ray, options)
             loader.join()
             try:
                 yield
             finally:
-                warm.join(timeout=30)  # a second or so; a task Ray never ran gives up below
+                kill(early_actors(0, 0, 0))
     finally:
         loader.join()
 
 
-def _import_all(names: tuple[str, ...]) -> None:
+def _start_early(ray: Any, options: RayOptions) -> None:
+    """The largest pool this local Ray's shape asks for, where the actors' GPUs are known
+    (`--ray-gpus`, or a Ray without GPUs); a pool it cannot hold is left to the body to
+    refuse."""
+    global _early
+    have = ray.cluster_resources()
+    cpus, gpus_there = int(have.get("CPU", 1)), float(have.get("GPU", 0))
+    if options.gpus is None and gpus_there:
+        return  # one GPU per actor or none: the model's device decides, once it is built
+    gpus = options.gpus or 0.0
+    try:
+        actors, threads = pool_shape(options, cpus, gpus_there, gpus)
+    except ConfigError:
+        return
+    _early = Pool(start_pool(ray, actors, threads, gpus), threads, gpus)
+
+
+def _import_all(names: Sequence[str]) -> None:
     for name in names:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001,S110 - the body's own import says what is wrong
             return
-
-
-def _first_data_task() -> None:
-    try:
-        import pyarrow as pa
-        import ray.data
-
-        ray.data.from_arrow(pa.table({"row": np.zeros(1, np.int64)}))
-    except Exception:  # noqa: BLE001,S110 - only a warm-up: the real dataset says what fails
-        pass
-
-
-@contextlib.contextmanager
-def _quiet_ordered_data() -> Iterator[None]:
-    """Ray Data for the body: rows in input order, its progress bars, start lines and error
-    tracebacks off (the export has its own progress line, and a failure becomes one line
-    of ours that points at the logs)."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    before = (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
-              ctx.print_on_execution_start)  # fmt: skip
-    loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
-    levels = [logger.level for logger in loggers]
-    ctx.execution_options.preserve_order = True  # rows must come back in path order
-    ctx.enable_progress_bars = ctx.print_on_execution_start = False
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
-         ctx.print_on_execution_start) = before  # fmt: skip
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def last_line(e: BaseException) -> str:

@@ -175,7 +175,7 @@ def test_without_ray_installed_the_extra_is_named(work, tmp_path, capsys, monkey
     with pytest.raises(SystemExit):
         export(work, tmp_path / "b", "--ray")
     assert capsys.readouterr().err == (
-        "error: --ray needs Ray Data, which is not installed (ray); install it with "
+        "error: --ray needs Ray, which is not installed (ray); install it with "
         "pip install -e '.[ray]'\n"
     )
 
@@ -219,8 +219,43 @@ def test_a_local_pool_shares_the_machine_s_cpus_among_its_actors(local_ray, work
         with ray_embedder(embedder, options) as pool:
             shapes[options] = pool.shape(40), pool.shape(5), pool.shape(1)
     assert shapes[RayOptions(actors=1)] == ((1, cpus),) * 3  # one actor: every CPU
-    assert shapes[RayOptions()] == ((cpus, 1), (min(cpus, 2), cpus // min(cpus, 2)), (1, cpus))
+    assert shapes[RayOptions()] == ((1, cpus),) * 3  # unasked on a local Ray: one actor too
     assert shapes[RayOptions(threads=1)] == ((cpus, 1), (min(cpus, 2), 1), (1, 1))
+
+
+def test_the_pool_takes_the_actors_started_with_ray_or_stops_them(local_ray, work):
+    """`ray_started_early` starts the pool's actors with Ray, so they import torch while the
+    command builds its model: a pool of their shape embeds on them; one of another shape
+    stops them and starts its own."""
+    from mltrain.inference import ray_start
+    from mltrain.inference.ray_embed import RayOptions, ray_embedder
+
+    ray, _, _ = local_ray
+    embedder = tiny_embedder(work / "data")
+    embedder.cfg.eval.batch_size = 2  # three blocks: work for both actors
+    paths = sorted((work / "data").rglob("img_*"))[:6]
+    for options, reused in ((RayOptions(actors=2), True), (RayOptions(threads=1), False)):
+        ray_start._start_early(ray, RayOptions(actors=2))
+        early = list(ray_start._early.actors)
+        assert len(early) == 2
+        with ray_embedder(embedder, options) as pool:
+            assert pool.embed(paths).shape == (6, embedder.model.embedding_dim)
+            assert (pool.actors == early) is reused and ray_start._early is None
+        assert all(_stops(ray, actor) for actor in early)  # with the pool, or at its start
+
+
+def _stops(ray, actor, tries: int = 100) -> bool:
+    """Whether a killed actor is gone within seconds (a kill reaches it through Ray's control
+    plane; a call sent straight after may still run)."""
+    import time
+
+    for _ in range(tries):
+        try:
+            ray.get(actor.warm.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _run_alone(argv: list[str]) -> tuple[int, str, str, list[str]]:
