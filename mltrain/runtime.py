@@ -7,13 +7,13 @@ every entry point picks the same device and precision for the same config.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
 from mltrain.config import Config
+from mltrain.cpus import usable_cpus as usable_cpus  # re-exported: callers import it here
 from mltrain.errors import MltrainError
 
 
@@ -71,13 +71,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def workers_can_run_model() -> bool:
     """Forked workers that inherit the model: Linux only (fork elsewhere is unsafe or absent)."""
     return sys.platform.startswith("linux")
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def infer_spec(cfg: Config, device: torch.device, amp: torch.dtype | None) -> InferSpec:

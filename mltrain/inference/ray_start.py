@@ -13,7 +13,6 @@ import contextlib
 import importlib
 import logging
 import math
-import os
 import signal
 import socket
 import threading
@@ -24,6 +23,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from mltrain.cpus import usable_cpus
 from mltrain.errors import ConfigError
 from mltrain.text import counted, shortened
 
@@ -35,14 +35,6 @@ GPU_THREADS = 4  # decoding threads of an actor that feeds a GPU
 MIN_BATCHES_PER_ACTOR = 4
 LOCAL_OBJECT_STORE = 256 * 2**20  # rows of paths and embeddings only; the minimum is 75 MiB
 CONNECT_TIMEOUT_S = 5.0  # Ray Client would retry for 30 s before saying anything
-
-
-def usable_cpus() -> int:
-    """CPUs this process may use (`mltrain.runtime.usable_cpus`, which imports torch)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
