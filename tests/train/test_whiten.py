@@ -18,6 +18,26 @@ from tests.conftest import TINY_RUN, write_image_folder
 pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 
+def every_fit_wins(monkeypatch) -> None:
+    """Every candidate beats the one before, whatever its precision@1 (no guard)."""
+    monkeypatch.setattr(whiten, "better", lambda key, new, old: True)
+    monkeypatch.setattr(whiten, "GUARD", "no_such_metric")
+
+
+def test_a_whitening_chosen_on_another_metric_may_not_lower_precision_at_1():
+    """On Caltech101 the candidate best on MAP@R cost 0.5 points of precision@1: a candidate
+    that lowers best.pt's precision@1 is passed over, whatever its MAP@R."""
+    base = ({"map_at_r": 0.84, "precision_at_1": 0.953}, None, False, 0)
+    higher_but_worse_p1 = ({"map_at_r": 0.88, "precision_at_1": 0.948}, "a", False, 0)
+    higher_same_p1 = ({"map_at_r": 0.86, "precision_at_1": 0.953}, "b", False, 0)
+    assert whiten._pick("map_at_r", 0.953, base, higher_but_worse_p1) is base
+    assert whiten._pick("map_at_r", 0.953, base, higher_same_p1) is higher_same_p1
+    assert whiten._pick("map_at_r", 0.953, higher_same_p1, higher_but_worse_p1) is higher_same_p1
+    # chosen on precision@1 itself, the metric alone decides
+    p1 = ({"precision_at_1": 0.96}, "c", False, 0)
+    assert whiten._pick("precision_at_1", 0.953, base, p1) is p1
+
+
 def tiny_run(tmp_path, *extra: str):
     root = write_image_folder(tmp_path / "data", classes=6, per_class=6)
     cfg = load_config("configs/triplet.yaml", [
@@ -31,7 +51,7 @@ def tiny_run(tmp_path, *extra: str):
 def test_a_whitening_that_wins_is_saved_in_best_pt_and_applied_on_load(
     tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(whiten, "better", lambda key, new, old: True)  # every fit "wins"
+    every_fit_wins(monkeypatch)  # every fit "wins"
     root, run_dir, best = tiny_run(tmp_path)
     matrix = best["model"]["whiten.matrix"]
     width, dims = matrix.shape
@@ -78,7 +98,7 @@ def test_training_rows_are_capped_evenly_across_classes():
 
 
 def test_mirror_averaging_that_wins_is_stored_in_best_pt_config(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(whiten, "better", lambda key, new, old: True)  # the last candidate wins
+    every_fit_wins(monkeypatch)  # the last candidate wins
     root, run_dir, best = tiny_run(tmp_path)  # triplet.yaml flips images: mirrors are tried
     err = capsys.readouterr().err
     assert "and their mirror images" in err and "mirror averaging on" in err
@@ -90,7 +110,7 @@ def test_mirror_averaging_that_wins_is_stored_in_best_pt_config(tmp_path, monkey
 
 
 def test_no_mirrors_where_the_augmentation_does_not_flip(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(whiten, "better", lambda key, new, old: True)
+    every_fit_wins(monkeypatch)
     _, _, best = tiny_run(
         tmp_path, "data.augment=[{name: RandomResizedCrop, args: {scale: [0.6, 1.0]}}]"
     )
@@ -127,7 +147,7 @@ def test_mirror_averaging_matches_the_flip_of_the_inference_path():
 
 
 def test_two_way_splits_never_fit_on_the_test_side(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(whiten, "better", lambda key, new, old: True)
+    every_fit_wins(monkeypatch)
     _, _, best = tiny_run(tmp_path, "data.val_fraction=0")  # two-way: held-out is the test side
     err = capsys.readouterr().err
     assert "best.pt embeds through it" in err and "refitted" not in err
