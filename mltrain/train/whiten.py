@@ -20,6 +20,7 @@ tenth lower again; the validation side decides, as for the whitening itself."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -124,13 +125,8 @@ def whiten_best(
         mirror = embed(mirrored, held, held_labels, "held-out mirror embeddings")
         train_mirror = embed(mirrored, data.paths(rows), labels, "training mirror embeddings")
         sources.append((np.vstack([train_emb, train_mirror]), np.concatenate([labels, labels])))
-        chosen = pick(chosen, (score(averaged(emb, mirror, model.normalize)), None, True, 0))
-    for source, (x, y) in enumerate(sources):
-        for fit in whitening_candidates(x, y, DIMS, SHRINKAGES):
-            chosen = pick(chosen, (score(fit.apply(emb)), fit, False, source))
-            if mirror is not None:
-                both = averaged(fit.apply(emb), fit.apply(mirror), model.normalize)
-                chosen = pick(chosen, (score(both), fit, True, source))
+    for x, fit, flip, source in _candidates(sources, emb, mirror, model.normalize):
+        chosen = pick(chosen, (score(x), fit, flip, source))
     seen = f"{len(rows)} training images of {len(np.unique(labels))} classes"
     seen += " and their mirror images" if mirror is not None else ""
     scored, fit, flip, source = chosen
@@ -140,6 +136,20 @@ def whiten_best(
         seen += f", refitted with the {len(emb)} validation images"
         seen += " and mirrors" if source == 1 else ""
     return _keep(cfg, ckpt, model, run_dir, base, (scored, fit, flip), seen)
+
+
+def _candidates(sources: list[tuple[np.ndarray, np.ndarray]], emb: np.ndarray,
+                mirror: np.ndarray | None, normalize: bool) -> Iterator[tuple]:  # fmt: skip
+    """Every (held-out embeddings, fit, mirror averaged, source) to score: mirror averaging
+    alone (where there are mirrors), then each whitening fitted on each source of training
+    embeddings, plain and mirror averaged."""
+    if mirror is not None:
+        yield averaged(emb, mirror, normalize), None, True, 0
+    for source, (x, y) in enumerate(sources):
+        for fit in whitening_candidates(x, y, DIMS, SHRINKAGES):
+            yield fit.apply(emb), fit, False, source
+            if mirror is not None:
+                yield averaged(fit.apply(emb), fit.apply(mirror), normalize), fit, True, source
 
 
 def _refit(fit: WhiteningFit, x: np.ndarray, y: np.ndarray, more: list[np.ndarray],
