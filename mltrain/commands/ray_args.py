@@ -19,8 +19,9 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
                         "ray://host:10001, a running cluster (images at the same paths on "
                         "every node). Put a bare --ray after the positional arguments")
     g.add_argument("--ray-actors", type=int, metavar="N",
-                   help="actors in the pool (default: one on a local Ray, or one per GPU; "
-                        "the cluster's CPUs / --ray-threads, or GPUs / --ray-gpus)")
+                   help="actors in the pool (default on a local Ray: one, one per GPU, or "
+                        "its CPUs / --ray-threads; on a cluster: its CPUs / --ray-threads, "
+                        "or GPUs / --ray-gpus)")
     g.add_argument("--ray-threads", type=int, metavar="N",
                    help="CPU threads per actor (default: a local Ray's CPUs / the actors, 1 on "
                         "a cluster; 4 decoders for an actor on a GPU)")
