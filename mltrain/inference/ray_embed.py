@@ -46,6 +46,7 @@ from mltrain.inference.ray_start import (
     kill,
     last_line,
     pool_shape,
+    ray_resources,
     ray_runtime,
     start_pool,
 )
@@ -147,9 +148,8 @@ class RayEmbedder(Embedder):
         pool), by `mltrain.inference.ray_start.pool_shape` on this Ray's resources."""
         import ray
 
-        have = ray.cluster_resources()
-        return pool_shape(self.options, int(have.get("CPU", 1)), float(have.get("GPU", 0)),
-                          self.gpus_per_actor, blocks)  # fmt: skip
+        cpus, gpus_there = ray_resources(ray)
+        return pool_shape(self.options, cpus, gpus_there, self.gpus_per_actor, blocks)
 
 
 def _blocks(paths: list[Path], batch: int) -> list[dict[str, np.ndarray]]:

@@ -41,7 +41,8 @@ CONNECT_TIMEOUT_S = 5.0  # Ray Client would retry for 30 s before saying anythin
 class RayOptions:
     """Where and how wide: `address` None starts a local Ray on this machine; `auto`, a
     `host:port` or `ray://host:10001` joins a running cluster. `actors` None sizes the pool
-    to the cluster (CPUs / `threads`, or GPUs / `gpus`); `gpus` None means one per actor when
+    by `pool_shape` (one actor on a local Ray; a cluster's CPUs / `threads`, or GPUs /
+    `gpus`); `gpus` None means one per actor when
     this process's model runs on CUDA, else none."""
 
     address: str | None = None
@@ -212,10 +213,10 @@ def pool_shape(options: RayOptions, cpus: int, gpus_there: float, gpus: float,
     per core. A local Ray cannot grow, so a pool larger than it is refused rather than left
     waiting."""
     local = options.address is None
+    shares_cpus = local and not gpus and not options.threads  # the actors split its CPUs
     threads = options.threads or (GPU_THREADS if gpus else 1)
     fits = int(gpus_there // gpus) if gpus else cpus // threads
-    unasked = 1 if local and not gpus and not options.threads else max(1, fits)
-    actors = options.actors or unasked
+    actors = options.actors or (1 if shares_cpus else max(1, fits))
     if local and actors > fits:
         need = f"{gpus:g} GPU" if gpus else f"{threads} CPU"
         raise ConfigError(
@@ -226,9 +227,15 @@ def pool_shape(options: RayOptions, cpus: int, gpus_there: float, gpus: float,
     if blocks is not None:  # no actor without a batch of its own
         per_actor = 1 if options.actors else MIN_BATCHES_PER_ACTOR
         actors = min(actors, max(1, math.ceil(blocks / per_actor)))
-    if local and not gpus and not options.threads:
+    if shares_cpus:
         threads = max(1, cpus // actors)
     return actors, threads
+
+
+def ray_resources(ray: Any) -> tuple[int, float]:
+    """(CPUs, GPUs) of the Ray this process is connected to."""
+    have = ray.cluster_resources()
+    return int(have.get("CPU", 1)), float(have.get("GPU", 0))
 
 
 _early: Pool | None = None  # `ray_started_early`'s actors, until a pool takes them
@@ -239,6 +246,14 @@ def early_actors(n: int, threads: int, gpus: float) -> list[Any]:
     global _early
     pool, _early = _early, None
     return pool.take(n, threads, gpus) if pool is not None else []
+
+
+def _stop_early() -> None:
+    """Stop the early actors no pool took."""
+    global _early
+    pool, _early = _early, None
+    if pool is not None:
+        kill(pool.actors)
 
 
 @contextlib.contextmanager
@@ -264,7 +279,7 @@ def ray_started_early(options: RayOptions | None,
             try:
                 yield
             finally:
-                kill(early_actors(0, 0, 0))
+                _stop_early()
     finally:
         loader.join()
 
@@ -274,8 +289,7 @@ def _start_early(ray: Any, options: RayOptions) -> None:
     (`--ray-gpus`, or a Ray without GPUs); a pool it cannot hold is left to the body to
     refuse."""
     global _early
-    have = ray.cluster_resources()
-    cpus, gpus_there = int(have.get("CPU", 1)), float(have.get("GPU", 0))
+    cpus, gpus_there = ray_resources(ray)
     if options.gpus is None and gpus_there:
         return  # one GPU per actor or none: the model's device decides, once it is built
     gpus = options.gpus or 0.0
