@@ -139,9 +139,9 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.model.crop_pct is not None and not 0 < cfg.model.crop_pct <= 1:
         raise ConfigError(f"model.crop_pct: must be in (0, 1], got {cfg.model.crop_pct}")
-    if cfg.model.crop_mode not in (None, "center", "squash", "border"):
+    if cfg.model.crop_mode not in (None, "auto", "center", "squash", "border"):
         raise ConfigError(
-            f"model.crop_mode: {cfg.model.crop_mode!r} is not one of center, squash, border"
+            f"model.crop_mode: {cfg.model.crop_mode!r} is not one of auto, center, squash, border"
         )
     if not BEST_METRICS.fullmatch(cfg.train.best_metric):
         raise ConfigError(

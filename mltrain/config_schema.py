@@ -61,7 +61,8 @@ class ModelConfig:
     # Eval geometry: resize to image_size / crop_pct, then crop (timm's data config keys);
     # None keeps the backbone's (0.875, center). 1.0 keeps whole objects in frame.
     crop_pct: float | None = None
-    crop_mode: str | None = None  # center | squash | border
+    # center | squash | border | auto (training picks center or squash on the validation images)
+    crop_mode: str | None = None
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -211,6 +212,10 @@ def evaluate(
         raise DataError("the held-out split has fewer than 2 classes; nothing to retrieve")
     plan = plan_for(cfg, data, embedder.embedding_dim)  # size checks before embedding
     plan.notes[:0] = data.folder.notes
+    if cfg.model.crop_mode == "auto":  # a checkpoint's config holds what training chose
+        plan.notes.append("model.crop_mode auto: the backbone's own geometry (center crop); "
+                          "training chooses center or squash on its validation images")
+        print(f"note: {plan.notes[-1]}", file=sys.stderr)
     start = time.perf_counter()
     split = embed_split(embedder, data)
     embed_s = time.perf_counter() - start

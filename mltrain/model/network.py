@@ -310,12 +310,13 @@ def model_from_state(
 
 def data_config(model: EmbeddingModel, model_cfg: Any = None) -> dict[str, Any]:
     """Preprocessing the backbone was trained with (timm `resolve_data_config`), with the
-    config's `image_size`, `crop_pct` and `crop_mode` where set."""
+    config's `image_size`, `crop_pct` and `crop_mode` where set (`crop_mode: auto`, which
+    training resolves on its validation images, is the backbone's own until then)."""
     args: dict[str, Any] = {}
     if model_cfg is not None:
         if model_cfg.image_size:
             args["input_size"] = (3, model_cfg.image_size, model_cfg.image_size)
         for key in ("crop_pct", "crop_mode"):
-            if getattr(model_cfg, key) is not None:
+            if getattr(model_cfg, key) not in (None, "auto"):
                 args[key] = getattr(model_cfg, key)
     return timm.data.resolve_data_config(args, model=model.trunk)

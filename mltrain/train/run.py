@@ -39,6 +39,7 @@ from mltrain.train.checkpoints import (
     save_checkpoint,
     trained_all,
 )
+from mltrain.train.geometry import choose_crop_mode
 from mltrain.train.heldout import HeldOut, pretrained_bn_stats
 from mltrain.train.loaders import Loaders
 from mltrain.train.loop import LoopSettings, StepState, rng_state, train_one_epoch
@@ -91,6 +92,11 @@ class Run:
         )
         check_disk_space(cfg, self.data, self.model, self.criterion.loss, self.dcfg, run_dir)
         place_model(cfg, self.model, self.criterion.loss, self.device)
+        if cfg.model.crop_mode == "auto":  # the eval geometry the validation images prefer
+            cfg.model.crop_mode = choose_crop_mode(cfg, self.data, self.model, self.infer_spec)
+            self.dcfg = data_config(self.model, cfg.model)
+            if writes is not None:
+                save_config(cfg, writes / "config.yaml")
 
         # what the steps and the evaluation read
         with distributed.main_first():  # rank 0 fills the prefix cache, the others read it
