@@ -125,12 +125,19 @@ def mean(value: float) -> float:
     return float(t.item() / dist.get_world_size())
 
 
+def broadcast_object(value):
+    """Rank 0's `value` (a string, number or None) on every rank: one decision for all."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_path(path):
     """Rank 0's value (e.g. the new run folder) on every rank."""
     if not dist.is_initialized():
         return path
-    box = [str(path) if path is not None else None]
-    dist.broadcast_object_list(box, src=0)
     from pathlib import Path
 
-    return Path(box[0])
+    return Path(broadcast_object(str(path) if path is not None else None))

@@ -213,8 +213,9 @@ def evaluate(
     plan = plan_for(cfg, data, embedder.embedding_dim)  # size checks before embedding
     plan.notes[:0] = data.folder.notes
     if cfg.model.crop_mode == "auto":  # a checkpoint's config holds what training chose
-        plan.notes.append("model.crop_mode auto: the backbone's own geometry (center crop); "
-                          "training chooses center or squash on its validation images")
+        plan.notes.append(f"model.crop_mode auto: the backbone's own geometry "
+                          f"({embedder.dcfg.get('crop_mode', 'center')}); training chooses "
+                          "center or squash on its validation images")
         print(f"note: {plan.notes[-1]}", file=sys.stderr)
     start = time.perf_counter()
     split = embed_split(embedder, data)

@@ -30,20 +30,12 @@ class Loaders:
     ) -> None:  # fmt: skip
         self.cfg, self.data, self.model, self.dcfg = cfg, data, model, dcfg
         self.infer_spec = infer_spec
-        split = data.split
-        heldout = eval_loader(cfg, data.paths(split.selection), data.folder.labels[split.selection],
-                              dcfg)  # fmt: skip
-        # a family with no stage split trains whole (model.trainable_stages): nothing to cache
-        self.from_prefix = cfg.train.cache_frozen and model.frozen_stages > 0
-        self.eval_batches: Iterable
+        self.from_prefix = from_prefix(cfg, model)
         if not self.from_prefix:
             self.train_sets = [train_dataset(cfg, data, dcfg)]
-            self.eval_batches = heldout
-            return
-        self.train_sets = [self._cache_view(v) for v in range(cfg.train.cache_views)]
-        folded = inference_model(cfg, model, tuple(dcfg["input_size"]), infer_spec.device)
-        feats = self._prefix("heldout", heldout, "caching held-out prefix", model=folded)
-        self.eval_batches = DataLoader(CachedFeatures(*feats), batch_size=cfg.eval.batch_size)
+        else:
+            self.train_sets = [self._cache_view(v) for v in range(cfg.train.cache_views)]
+        self.eval_batches = heldout_batches(cfg, data, model, dcfg, infer_spec)
 
     def epoch_loader(self, epoch: int) -> DataLoader:
         """The training batches of `epoch`: the views take turns, the order follows the seed."""
@@ -65,32 +57,56 @@ class Loaders:
             *self._prefix("train", loader, f"caching train prefix (view {view + 1})", seed)
         )
 
-    def _prefix(
-        self, name: str, loader: DataLoader, desc: str, seed: int | None = None,
-        model: EmbeddingModel | None = None,
-    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        """Frozen-prefix outputs of a loader's images (through `model`, default the training
-        model), via the shared disk cache."""
-        cfg, model = self.cfg, self.model if model is None else model
-        parts = {
-            "backbone": cfg.model.backbone,
-            "weights": weights_identity(cfg.model.pretrained),
-            "frozen_stages": self.model.frozen_stages,  # resolved from trainable_stages too
-            "data_config": self.dcfg,
-            "augment": cfg.data.augment if name == "train" else None,
-            "seed": seed,
-            "amp": str(self.infer_spec.amp),
-            "paths": [str(p) for p in loader.dataset.paths],
-            "labels": loader.dataset.labels.tolist(),
-            "workers": loader.num_workers,
-            # 2: chunked forward, in the workers on CPU (mltrain.inference.batching).
-            # eval.cpu_chunk and where the model runs move bf16 results by rounding only, so they
-            # are not keyed.
-            "version": 2,
-        }
-        if name == "heldout":  # the inference model: BatchNorm folded or not (eval.fold_bn)
-            parts["fold_bn"] = model is not self.model
-        return cached(
-            parts,
-            lambda: compute_prefix(model, loader, self.infer_spec, desc),
-        )
+    def _prefix(self, name: str, loader: DataLoader, desc: str,
+                seed: int | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        return prefix_features(self.cfg, self.model, self.dcfg, self.infer_spec, name, loader,
+                               desc, seed)  # fmt: skip
+
+
+def from_prefix(cfg: Config, model: EmbeddingModel) -> bool:
+    """Whether steps and held-out evaluation read cached frozen-prefix features (a family with
+    no stage split trains whole, `model.trainable_stages`: nothing to cache)."""
+    return cfg.train.cache_frozen and model.frozen_stages > 0
+
+
+def heldout_batches(cfg: Config, data: RunData, model: EmbeddingModel, dcfg: dict[str, Any],
+                    spec: InferSpec) -> Iterable:  # fmt: skip
+    """The held-out (validation) batches under the preprocessing `dcfg`: images, or, where
+    `from_prefix`, their frozen-prefix features through the inference model, from the disk
+    cache (so a second look at the same images under the same `dcfg` costs nothing)."""
+    rows = data.split.selection
+    images = eval_loader(cfg, data.paths(rows), data.folder.labels[rows], dcfg)
+    if not from_prefix(cfg, model):
+        return images
+    folded = inference_model(cfg, model, tuple(dcfg["input_size"]), spec.device)
+    feats = prefix_features(cfg, model, dcfg, spec, "heldout", images, "caching held-out prefix",
+                            through=folded)  # fmt: skip
+    return DataLoader(CachedFeatures(*feats), batch_size=cfg.eval.batch_size)
+
+
+def prefix_features(
+    cfg: Config, model: EmbeddingModel, dcfg: dict[str, Any], spec: InferSpec, name: str,
+    loader: DataLoader, desc: str, seed: int | None = None, through: EmbeddingModel | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Frozen-prefix outputs of a loader's images (through `through`, default the training
+    `model`), via the shared disk cache."""
+    net = model if through is None else through
+    parts = {
+        "backbone": cfg.model.backbone,
+        "weights": weights_identity(cfg.model.pretrained),
+        "frozen_stages": model.frozen_stages,  # resolved from trainable_stages too
+        "data_config": dcfg,
+        "augment": cfg.data.augment if name == "train" else None,
+        "seed": seed,
+        "amp": str(spec.amp),
+        "paths": [str(p) for p in loader.dataset.paths],
+        "labels": loader.dataset.labels.tolist(),
+        "workers": loader.num_workers,
+        # 2: chunked forward, in the workers on CPU (mltrain.inference.batching).
+        # eval.cpu_chunk and where the model runs move bf16 results by rounding only, so they
+        # are not keyed.
+        "version": 2,
+    }
+    if name == "heldout":  # the inference model: BatchNorm folded or not (eval.fold_bn)
+        parts["fold_bn"] = net is not model
+    return cached(parts, lambda: compute_prefix(net, loader, spec, desc))

@@ -1,7 +1,8 @@
 """On-disk cache of frozen-prefix features, shared by runs that would compute the same ones.
 
 Runs with the same backbone weights, frozen stages, preprocessing, augmentation seed and
-image list get identical prefix outputs; the four shipped configs do, so only the first pays.
+image list get identical prefix outputs: the shipped configs share the held-out images'
+entry, and those with the same augmentation (all but the Siamese one) their training views.
 Files hold tensors only and load with `weights_only=True`.
 """
 

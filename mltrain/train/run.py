@@ -93,7 +93,10 @@ class Run:
         check_disk_space(cfg, self.data, self.model, self.criterion.loss, self.dcfg, run_dir)
         place_model(cfg, self.model, self.criterion.loss, self.device)
         if cfg.model.crop_mode == "auto":  # the eval geometry the validation images prefer
-            cfg.model.crop_mode = choose_crop_mode(cfg, self.data, self.model, self.infer_spec)
+            mode = None  # rank 0 decides: a near tie must not split the ranks
+            if self.main:
+                mode = choose_crop_mode(cfg, self.data, self.model, self.infer_spec, writes)
+            cfg.model.crop_mode = distributed.broadcast_object(mode)
             self.dcfg = data_config(self.model, cfg.model)
             if writes is not None:
                 save_config(cfg, writes / "config.yaml")

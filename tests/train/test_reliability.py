@@ -190,7 +190,9 @@ def test_isolated_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 
 def test_two_process_ddp_matches_single_process(tmp_path):
     root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
-    extra = ["train.epochs=2", "train.batch_size=16", "model.freeze_bn=true"]
+    # crop_mode auto: rank 0 chooses the eval geometry and every rank takes its choice
+    extra = ["train.epochs=2", "train.batch_size=16", "model.freeze_bn=true",
+             "model.crop_mode=auto"]
     env = _env(tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", "29517"]
@@ -202,6 +204,10 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     dir_two = Path(two.stdout.strip().splitlines()[-1])
     dir_one = Path(one.stdout.strip().splitlines()[-1])
     assert len(list((tmp_path / "two").glob("*/*"))) == 1  # rank 0 alone writes a run folder
+    assert two.stderr.count("model.crop_mode auto:") == 1
+    chosen = {d: load_checkpoint(d / "checkpoints/last.pt")["config"]["model"]["crop_mode"]
+              for d in (dir_one, dir_two)}  # fmt: skip
+    assert chosen[dir_one] == chosen[dir_two] in ("center", "squash")
     a, b = _weights(dir_one), _weights(dir_two)
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst < 1e-4, f"2-process weights differ from 1-process by {worst}"
