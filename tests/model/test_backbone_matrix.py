@@ -154,7 +154,8 @@ def _train(config: Path, name: str, size: int, data: Path, out: Path) -> Path:
     cfg = load_config(config, [*TINY_RUN, f"model.backbone={name}", f"model.image_size={size}",
                                f"data.root={data}", f"output_dir={out}", "train.max_steps=1",
                                "train.epochs=1", "train.cache_views=1", "eval.batch_size=32",
-                               "train.eval_start=false", "train.figures_every=0"])  # fmt: skip
+                               "train.eval_start=false", "train.figures_every=0",
+                               "data.split=per_class", "data.split_by=class"])  # fmt: skip
     return trainer.fit(cfg)
 
 
