@@ -53,14 +53,9 @@ class Loaders:
             num_workers=self.cfg.data.num_workers,
             seed=seed,
         )
-        return CachedFeatures(
-            *self._prefix("train", loader, f"caching train prefix (view {view + 1})", seed)
-        )
-
-    def _prefix(self, name: str, loader: DataLoader, desc: str,
-                seed: int | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        return prefix_features(self.cfg, self.model, self.dcfg, self.infer_spec, name, loader,
-                               desc, seed)  # fmt: skip
+        desc = f"caching train prefix (view {view + 1})"
+        return CachedFeatures(*prefix_features(self.cfg, self.model, self.dcfg, self.infer_spec,
+                                               "train", loader, desc, seed))  # fmt: skip
 
 
 def from_prefix(cfg: Config, model: EmbeddingModel) -> bool:
