@@ -54,6 +54,14 @@ class RunData:
         lookup = {c: i for i, c in enumerate(self.train_classes)}
         return np.array([lookup[self.folder.classes[c]] for c in original], dtype=np.int64)
 
+    @property
+    def train_groups(self) -> np.ndarray:
+        """Each training image's parent folder as a number, for samplers that batch by it."""
+        parents = sorted({parent_of(c) for c in self.train_classes})
+        lookup = {c: parents.index(parent_of(c)) for c in self.train_classes}
+        per_class = np.array([lookup[c] for c in self.train_classes], dtype=np.int64)
+        return per_class[self.train_labels]
+
     def paths(self, idx: np.ndarray) -> list[Path]:
         return [self.folder.paths[i] for i in idx]
 
@@ -372,7 +380,7 @@ def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):
     from mltrain.data.samplers import build_sampler  # training only (see mltrain.data)
 
     labels, batch = data.train_labels, cfg.train.batch_size
-    sampler = build_sampler(cfg.train.sampler, labels, batch, seed=seed)
+    sampler = build_sampler(cfg.train.sampler, labels, batch, seed=seed, groups=data.train_groups)
     if distributed.world()[1] > 1:  # this rank's slice of every global batch
         m = cfg.train.sampler.get("args", {}).get("m", 4) if sampler is not None else None
         local = distributed.local_batch_size(batch, m)

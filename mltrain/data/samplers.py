@@ -1,5 +1,8 @@
 """Batch samplers by name. Pair and triplet losses need positives in every batch: `m_per_class`
 puts `m` images of each of `batch_size / m` classes in each batch; `random` just shuffles.
+On nested data (`alphabet/character`) `m_per_class` can also draw each batch's classes from
+a few parent folders (`parents`), so that the negatives are the near look-alikes a
+within-parent one-shot episode asks the model to tell apart.
 """
 
 from __future__ import annotations
@@ -37,8 +40,53 @@ class SeededMPerClassSampler(MPerClassSampler):
             pml_common.NUMPY_RANDOM = saved
 
 
+class ParentBatchSampler(Sampler[int]):
+    """m images of each of batch_size/m classes per batch, the classes drawn from `parents`
+    parent folders, a folder as likely as its share of the classes (one with too few classes
+    is topped up from the next one drawn).
+
+    Like pml's sampler, a class with fewer than m images repeats some of them, and an epoch
+    holds about as many images as there are."""
+
+    def __init__(self, labels: np.ndarray, groups: np.ndarray, m: int, batch_size: int,
+                 parents: int, seed: int | None) -> None:  # fmt: skip
+        self.m, self.batch, self.parents = m, batch_size, parents
+        self.by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+        group_of = {c: int(groups[idx[0]]) for c, idx in self.by_class.items()}
+        self.by_group = [np.array([c for c, g in group_of.items() if g == k])
+                         for k in sorted(set(group_of.values()))]  # fmt: skip
+        sizes = np.array([len(g) for g in self.by_group], dtype=float)
+        self.weights = sizes / sizes.sum()  # each class as likely as under pml's sampler
+        self.n_batches = len(labels) // batch_size
+        self.rng = np.random.default_rng(seed)
+
+    def _batch(self) -> list[int]:
+        want, quota = self.batch // self.m, -(-self.batch // self.m // self.parents)
+        chosen: list[int] = []
+        order = self.rng.choice(len(self.by_group), len(self.by_group), replace=False,
+                                p=self.weights)  # fmt: skip
+        for k in order:
+            left = min(quota, want - len(chosen))
+            if left <= 0:
+                break
+            group = self.by_group[k]
+            chosen += self.rng.choice(group, min(left, len(group)), replace=False).tolist()
+        out = []
+        for c in chosen:
+            idx = self.by_class[c]
+            out += self.rng.choice(idx, self.m, replace=len(idx) < self.m).tolist()
+        return out
+
+    def __iter__(self):
+        return iter([i for _ in range(self.n_batches) for i in self._batch()])
+
+    def __len__(self) -> int:
+        return self.n_batches * self.batch
+
+
 @SAMPLERS.register("random")
-def random_sampler(labels: Any = None, batch_size: Any = None, seed: Any = None) -> None:
+def random_sampler(labels: Any = None, batch_size: Any = None, seed: Any = None,
+                   groups: Any = None) -> None:  # fmt: skip
     """No sampler: the loader shuffles. It takes what every sampler is given, and no
     arguments of its own, so a misplaced one (`args: {m: 4}`) is an error, not ignored."""
     return None
@@ -70,9 +118,14 @@ def m_per_class_sampler(
     batch_size: int,
     m: int = 4,
     seed: int | None = None,
+    parents: int | None = None,
+    groups: np.ndarray | None = None,
 ) -> Sampler:
     """m images of each of batch_size/m classes per batch. Classes with a single training image
-    are left out (`fit_batch_size` notes which): they have no positive to pair with."""
+    are left out (`fit_batch_size` notes which): they have no positive to pair with.
+
+    `parents`: draw each batch's classes from this many parent folders (`groups` gives each
+    image's), for negatives as alike as the within-parent one-shot episodes; None: anywhere."""
     labels = np.asarray(labels, dtype=np.int64)
     if m < 1 or batch_size % m or batch_size < 2 * m:
         raise ConfigError(
@@ -97,10 +150,29 @@ def m_per_class_sampler(
             f"sampler m_per_class: {len(keep)} training images are fewer than batch_size "
             f"{batch_size}; lower batch_size"
         )
-    inner = SeededMPerClassSampler(
-        labels[keep], m, batch_size=batch_size, length_before_new_iter=len(keep), seed=seed
-    )
+    if parents is not None:
+        inner = ParentBatchSampler(labels[keep], _checked_groups(groups, parents, keep), m,
+                                   batch_size, parents, seed)  # fmt: skip
+    else:
+        inner = SeededMPerClassSampler(
+            labels[keep], m, batch_size=batch_size, length_before_new_iter=len(keep), seed=seed
+        )
     return inner if len(keep) == len(labels) else _Subset(inner, keep)
+
+
+def _checked_groups(groups: np.ndarray | None, parents: Any, keep: np.ndarray) -> np.ndarray:
+    """Each kept image's parent folder, once `parents` is known to make sense for them."""
+    if isinstance(parents, bool) or not isinstance(parents, (int, np.integer)) or parents < 1:
+        raise ConfigError(f"train.sampler.args.parents must be a positive whole number or "
+                          f"null, got {parents!r}")  # fmt: skip
+    found = 0 if groups is None else len(np.unique(np.asarray(groups)[keep]))
+    if found < 2:
+        raise ConfigError(
+            f"train.sampler.args.parents {parents}: the training classes sit in {found} parent "
+            "folders; it needs nested data (<parent>/<class>/<image>) with two or more "
+            "parents: remove train.sampler.args.parents"
+        )
+    return np.asarray(groups)[keep]
 
 
 def fit_batch_size(
@@ -195,11 +267,13 @@ def build_sampler(
     labels: np.ndarray,
     batch_size: int,
     seed: int | None = None,
+    groups: np.ndarray | None = None,
 ) -> Sampler | None:
-    """Sampler from `{name, args}` (or a bare name); None means 'let the loader shuffle'."""
+    """Sampler from `{name, args}` (or a bare name); None means 'let the loader shuffle'.
+    `groups`: each image's parent folder as a number, for samplers that batch by parent."""
     if isinstance(spec, str):
         spec = {"name": spec}
-    extra: dict[str, Any] = {"labels": labels, "batch_size": batch_size}
+    extra: dict[str, Any] = {"labels": labels, "batch_size": batch_size, "groups": groups}
     if seed is not None:
         extra["seed"] = seed
     return SAMPLERS.build(spec, **extra)

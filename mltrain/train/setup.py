@@ -112,7 +112,7 @@ def check_sampler(cfg: Config, data: RunData, resuming: bool) -> None:
     t = cfg.train
     if resuming and t.sampler.get("name") == "random" and t.sampler.get("args"):
         t.sampler = {"name": "random"}
-    build_sampler(t.sampler, data.train_labels, t.batch_size, cfg.seed)
+    build_sampler(t.sampler, data.train_labels, t.batch_size, cfg.seed, data.train_groups)
 
 
 def check_disk_space(

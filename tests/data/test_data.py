@@ -511,6 +511,48 @@ def test_m_too_large_for_the_data_says_which_m_fits():
             fit_batch_size({"name": "m_per_class", "args": {"m": bad}}, labels, 64)
 
 
+def test_parents_draws_each_batch_from_that_many_parent_folders():
+    # 12 classes of 5 images in 3 parents of 4, 5 and 3 classes; batches of 4 classes x m 2
+    labels = np.repeat(np.arange(12), 5)
+    groups = np.repeat([0] * 4 + [1] * 5 + [2] * 3, 5)
+    spec = {"name": "m_per_class", "args": {"m": 2, "parents": 2}}
+    sampler = build_sampler(spec, labels, 8, seed=3, groups=groups)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 56  # 60 images: 7 whole batches
+    for start in range(0, 56, 8):
+        batch = labels[order[start:start + 8]]
+        classes, counts = np.unique(batch, return_counts=True)
+        assert counts.tolist() == [2, 2, 2, 2]  # m of each of 4 classes
+        spread = np.unique(groups[order[start:start + 8]], return_counts=True)[1]
+        assert spread.tolist() == [4, 4]  # 2 classes from each of 2 parents
+    again = build_sampler(spec, labels, 8, seed=3, groups=groups)
+    assert list(again) == order and list(sampler) != order  # reproducible; epochs differ
+    # one parent per batch: a parent of 3 classes is topped up from the next one drawn
+    one = list(build_sampler({"name": "m_per_class", "args": {"m": 2, "parents": 1}}, labels, 8,
+                             seed=0, groups=groups))  # fmt: skip
+    spans = [len(np.unique(groups[one[s:s + 8]])) for s in range(0, 56, 8)]
+    assert set(spans) <= {1, 2} and 1 in spans
+    for s in range(0, 56, 8):
+        parts = np.unique(groups[one[s:s + 8]])
+        assert len(parts) == 1 or 2 in parts  # only the 3-class parent needs topping up
+
+
+def test_parents_needs_nested_data_and_a_whole_number():
+    labels = np.repeat(np.arange(4), 3)
+    flat = np.zeros(12, dtype=np.int64)
+    with pytest.raises(ConfigError, match=r"parents 2: the training classes sit in 1 parent "
+                                          r"folders; it needs nested data"):
+        build_sampler({"name": "m_per_class", "args": {"m": 2, "parents": 2}}, labels, 4,
+                      groups=flat)  # fmt: skip
+    with pytest.raises(ConfigError, match="sit in 0 parent folders"):
+        build_sampler({"name": "m_per_class", "args": {"m": 2, "parents": 2}}, labels, 4)
+    for bad in (0, "two", True):
+        with pytest.raises(ConfigError, match="train.sampler.args.parents must be a positive"):
+            build_sampler({"name": "m_per_class", "args": {"m": 2, "parents": bad}}, labels, 4,
+                          groups=np.repeat([0, 1], 6))  # fmt: skip
+    assert build_sampler("random", labels, 4, groups=flat) is None
+
+
 def test_sampler_errors():
     labels = np.repeat([0, 1, 2], [4, 1, 4])
     with pytest.raises(ConfigError, match="batch_size 6 .* m 4"):

@@ -11,6 +11,7 @@ import pytest
 
 from mltrain.config import load_config
 from mltrain.data.pipeline import prepare_data
+from mltrain.data.samplers import build_sampler
 from mltrain.data.splits import load_split, make_split, parent_of
 from mltrain.errors import ConfigError, DataError
 from tests.conftest import TINY_EMBED, write_image_folder
@@ -69,6 +70,22 @@ def test_split_json_records_the_parents_and_evaluate_sees_the_same_test_side(tmp
     np.testing.assert_array_equal(again.split.heldout, data.split.heldout)
     by_class = prepare_data(load_config(None, [*sets[:-3], "data.train_fraction=0.75"]))
     assert by_class.split.split_by == "class"
+
+
+def test_training_batches_can_be_drawn_from_one_alphabet(tmp_path):
+    root = write_image_folder(tmp_path / "omni", classes=nested_names(), per_class=2,
+                              size=(16, 16))  # fmt: skip
+    sets = [*TINY_EMBED, f"data.root={root}", "data.split=class_disjoint", "data.split_by=parent",
+            "data.train_fraction=0.75", "data.val_fraction=0"]  # fmt: skip
+    data = prepare_data(load_config(None, sets))
+    groups, names = data.train_groups, sorted({parent_of(c) for c in data.train_classes})
+    parents = [parent_of(data.train_classes[c]) for c in data.train_labels]
+    assert [names[g] for g in groups] == parents and len(names) >= 2
+    spec = {"name": "m_per_class", "args": {"m": 2, "parents": 1}}
+    order = list(build_sampler(spec, data.train_labels, 4, seed=0, groups=groups))
+    assert len(order) == len(data.train_labels) // 4 * 4
+    for start in range(0, len(order), 4):  # every parent here has 2 or more classes
+        assert len({parents[i] for i in order[start:start + 4]}) == 1
 
 
 def test_data_without_parents_or_with_too_few_is_one_line(tmp_path):
