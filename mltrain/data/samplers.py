@@ -61,16 +61,19 @@ class ParentBatchSampler(Sampler[int]):
         self.rng = np.random.default_rng(seed)
 
     def _batch(self) -> list[int]:
-        want, quota = self.batch // self.m, -(-self.batch // self.m // self.parents)
+        want = self.batch // self.m
         chosen: list[int] = []
         order = self.rng.choice(len(self.by_group), len(self.by_group), replace=False,
                                 p=self.weights)  # fmt: skip
-        for k in order:
-            left = min(quota, want - len(chosen))
-            if left <= 0:
-                break
-            group = self.by_group[k]
-            chosen += self.rng.choice(group, min(left, len(group)), replace=False).tolist()
+        # first up to a share of the classes from each parent drawn; where small parents leave
+        # the batch short, the parents drawn first give more
+        for cap in (-(-want // self.parents), want):
+            for k in order:
+                left = min(cap, want - len(chosen))
+                free = np.setdiff1d(self.by_group[k], chosen)
+                if left <= 0 or not len(free):
+                    continue
+                chosen += self.rng.choice(free, min(left, len(free)), replace=False).tolist()
         out = []
         for c in chosen:
             idx = self.by_class[c]

@@ -535,6 +535,13 @@ def test_parents_draws_each_batch_from_that_many_parent_folders():
     for s in range(0, 56, 8):
         parts = np.unique(groups[one[s:s + 8]])
         assert len(parts) == 1 or 2 in parts  # only the 3-class parent needs topping up
+    # a parent of one class beside one of 6: batches stay whole (4 classes x m 2)
+    small = list(build_sampler(spec, np.repeat(np.arange(7), 4), 8, seed=0,
+                               groups=np.repeat([0] * 6 + [1], 4)))  # fmt: skip
+    assert len(small) == 24
+    for s in range(0, 24, 8):
+        assert np.unique(np.repeat(np.arange(7), 4)[small[s:s + 8]], return_counts=True)[
+            1].tolist() == [2, 2, 2, 2]  # fmt: skip
 
 
 def test_parents_needs_nested_data_and_a_whole_number():
