@@ -209,10 +209,11 @@ def test_training_run_caches_and_evaluates_in_workers(tmp_path, monkeypatch):
         run_dir = trainer.fit(cfg)
         finals.append(json.loads((run_dir / "metrics.json").read_text())["final"])
         if where == "true":
-            # train view, held-out prefix, and the whitening fit's training images, held-out
-            # mirrors and training mirrors (the config flips; the cached tail: no workers)
-            assert len(calls) == 5
-    assert len(calls) == 5  # nothing more with model_in_workers=false
+            # the held-out images squashed (crop_mode auto's second look), train view,
+            # held-out prefix, and the whitening fit's training images, held-out mirrors and
+            # training mirrors (the config flips; the cached tail: no workers)
+            assert len(calls) == 6
+    assert len(calls) == 6  # nothing more with model_in_workers=false
     assert finals[0]["loss"] == pytest.approx(finals[1]["loss"], rel=1e-4)
 
 
