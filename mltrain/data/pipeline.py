@@ -57,10 +57,9 @@ class RunData:
     @property
     def train_groups(self) -> np.ndarray:
         """Each training image's parent folder as a number, for samplers that batch by it."""
-        parents = sorted({parent_of(c) for c in self.train_classes})
-        lookup = {c: parents.index(parent_of(c)) for c in self.train_classes}
-        per_class = np.array([lookup[c] for c in self.train_classes], dtype=np.int64)
-        return per_class[self.train_labels]
+        names = [parent_of(c) for c in self.train_classes]
+        number = {p: i for i, p in enumerate(sorted(set(names)))}
+        return np.array([number[p] for p in names], dtype=np.int64)[self.train_labels]
 
     def paths(self, idx: np.ndarray) -> list[Path]:
         return [self.folder.paths[i] for i in idx]

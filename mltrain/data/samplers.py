@@ -165,9 +165,7 @@ def m_per_class_sampler(
 
 def _checked_groups(groups: np.ndarray | None, parents: Any, keep: np.ndarray) -> np.ndarray:
     """Each kept image's parent folder, once `parents` is known to make sense for them."""
-    if isinstance(parents, bool) or not isinstance(parents, (int, np.integer)) or parents < 1:
-        raise ConfigError(f"train.sampler.args.parents must be a positive whole number or "
-                          f"null, got {parents!r}")  # fmt: skip
+    _whole("parents", parents, " or null")
     found = 0 if groups is None else len(np.unique(np.asarray(groups)[keep]))
     if found < 2:
         raise ConfigError(
@@ -240,10 +238,15 @@ def _repeat_note(labels: np.ndarray, m: int, class_names: Sequence[str]) -> list
 
 def sampler_m(spec: Mapping[str, Any]) -> int:
     """The m of an m_per_class spec, checked: a positive whole number."""
-    m = (spec.get("args") or {}).get("m", 4)
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise ConfigError(f"train.sampler.args.m must be a positive whole number, got {m!r}")
-    return int(m)
+    return _whole("m", (spec.get("args") or {}).get("m", 4))
+
+
+def _whole(key: str, value: Any, also: str = "") -> int:
+    """`value` of `train.sampler.args.<key>`, checked: a positive whole number."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"train.sampler.args.{key} must be a positive whole number{also}, "
+                          f"got {value!r}")  # fmt: skip
+    return int(value)
 
 
 def _balanced_fit(labels: np.ndarray, m: int) -> int:
