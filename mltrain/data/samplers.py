@@ -18,6 +18,7 @@ from torch.utils.data import Sampler
 from mltrain.data.labelled import listing
 from mltrain.errors import ConfigError, DataError
 from mltrain.registry import Registry
+from mltrain.text import counted
 
 SAMPLERS = Registry("sampler")
 
@@ -169,9 +170,9 @@ def _checked_groups(groups: np.ndarray | None, parents: Any, keep: np.ndarray) -
     found = 0 if groups is None else len(np.unique(np.asarray(groups)[keep]))
     if found < 2:
         raise ConfigError(
-            f"train.sampler.args.parents {parents}: the training classes sit in {found} parent "
-            "folders; it needs nested data (<parent>/<class>/<image>) with two or more "
-            "parents: remove train.sampler.args.parents"
+            f"train.sampler.args.parents {parents}: the training classes sit in "
+            f"{counted(found, 'parent folder')}; it needs nested data (<parent>/<class>/<image>) "
+            "with two or more parents: remove train.sampler.args.parents"
         )
     return np.asarray(groups)[keep]
 

@@ -548,7 +548,7 @@ def test_parents_needs_nested_data_and_a_whole_number():
     labels = np.repeat(np.arange(4), 3)
     flat = np.zeros(12, dtype=np.int64)
     with pytest.raises(ConfigError, match=r"parents 2: the training classes sit in 1 parent "
-                                          r"folders; it needs nested data"):
+                                          r"folder; it needs nested data"):
         build_sampler({"name": "m_per_class", "args": {"m": 2, "parents": 2}}, labels, 4,
                       groups=flat)  # fmt: skip
     with pytest.raises(ConfigError, match="sit in 0 parent folders"):
