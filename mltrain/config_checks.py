@@ -12,6 +12,7 @@ from typing import Any
 from mltrain.config_schema import (
     BEST_METRICS,
     CHOICES,
+    CLASS_TURNS,
     RANGES,
     Bound,
     Config,
@@ -169,11 +170,36 @@ def validate(cfg: Config) -> Config:
     _check_name(cfg.name)
     _check_gem(cfg.model.pooling)
     _check_val_fraction(cfg.data)
+    _check_class_augment(cfg.data.class_augment, cfg.data.augment)
     if cfg.data.split_by == "parent" and cfg.data.split != "class_disjoint":
         raise ConfigError(f"data.split_by parent: whole parent folders go to one side only with "
                           f"data.split=class_disjoint (now {cfg.data.split}); set it, or "
                           "data.split_by=class")  # fmt: skip
     return cfg
+
+
+# data.augment transforms that would blur a turned copy into its class, or back (any name)
+_UNDOES = {"mirror": ("HorizontalFlip",), "rotate": ("RandomRotate90", "D4")}
+
+
+def _check_class_augment(names: list[str], augment: list[Spec]) -> None:
+    """Each a known turn, none twice (a repeat would make two classes of one), and no
+    augmentation that turns an image the same way: it would make a class's copy of itself."""
+    for name in names:
+        if name not in CLASS_TURNS:
+            raise ConfigError(f"data.class_augment: {name!r} is not one of "
+                              f"{', '.join(CLASS_TURNS)}")  # fmt: skip
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"data.class_augment: {', '.join(repeated)} listed more than once; "
+                          "list each turn once")  # fmt: skip
+    used = {a.get("name") for a in augment if isinstance(a, dict)}
+    for name in names:
+        clash = sorted(used & set(_UNDOES[name.rstrip("0123456789")]))
+        if clash:
+            raise ConfigError(f"data.class_augment {name}: data.augment's {clash[0]} turns "
+                              f"images the same way, so a class would also train as its "
+                              f"{name} copy; drop one of the two")  # fmt: skip
 
 
 def _check_val_fraction(d: DataConfig) -> None:

@@ -32,6 +32,9 @@ class DataConfig:
     # Omniglot's alphabet: test classes from parents never trained on)
     split_by: str = "class"
     augment: list[Spec] = field(default_factory=list)  # albumentations transforms by name
+    # Turns of every training image that make new classes (CLASS_TURNS): a rotated or mirrored
+    # character is another character (mltrain.data.class_augment)
+    class_augment: list[str] = field(default_factory=list)
     bad_images: str = "error"  # error | skip
     check_images: bool = True
     num_workers: int | None = None  # None: min(cores, 4)
@@ -162,6 +165,7 @@ def best_metric_k(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+CLASS_TURNS = ("rotate90", "rotate180", "rotate270", "mirror")  # data.class_augment's names
 CHOICES = {
     "data.split": ("per_class", "class_disjoint", "none"),
     "data.split_by": ("class", "parent"),

@@ -21,8 +21,10 @@ def shortened(text: str, limit: int) -> str:
 
 
 def counted(n: int, noun: str) -> str:
-    """`1 image`, `2 images`: messages count in words."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    """`1 image`, `2 images`, `2 classes`: messages count in words."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'sh', 'tch')) else 's'}"  # 2 epochs
 
 
 def printable(text: object, keep_newlines: bool = False) -> str:

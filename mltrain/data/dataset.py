@@ -12,13 +12,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mltrain.data.class_augment import turn
 from mltrain.data.images import load_image
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.runtime import usable_cpus
 
 
 class ImageDataset(Dataset):
-    """Items are `(image tensor, label, index)`; the index lets callers map embeddings back."""
+    """Items are `(image tensor, label, index)`; the index lets callers map embeddings back.
+    `turns`: each item's `data.class_augment` turn, applied before `transform` ("" for none)."""
 
     def __init__(
         self,
@@ -26,19 +28,24 @@ class ImageDataset(Dataset):
         labels: Sequence[int] | np.ndarray,
         transform: Callable[[np.ndarray], torch.Tensor],
         size_hint: int | None = None,
+        turns: Sequence[str] | None = None,
     ) -> None:
-        if len(paths) != len(labels):
-            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        if len(paths) != len(labels) or (turns is not None and len(turns) != len(paths)):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels"
+                             + ("" if turns is None else f" and {len(turns)} turns"))
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.size_hint = size_hint  # see load_image: cheap JPEG downscaling while decoding
+        self.turns = list(turns) if turns is not None and any(turns) else None  # class_augment
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         image = load_image(self.paths[index], self.size_hint)
+        if self.turns is not None:
+            image = turn(image, self.turns[index])
         try:
             tensor = self.transform(image)
         except MltrainError as e:  # say which image, e.g. one too small for a fixed crop

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mltrain import distributed
 from mltrain.config import Config
+from mltrain.data.class_augment import turned_name
 from mltrain.data.dataset import ImageDataset, make_loader, worth_workers
 from mltrain.data.images import check_images
 from mltrain.data.labelled import ImageFolder
@@ -37,22 +38,40 @@ from mltrain.data.splits import (
 from mltrain.data.transforms import eval_transform, train_transform
 from mltrain.errors import DataError
 from mltrain.runtime import resolve_device, usable_cpus, workers_can_run_model
+from mltrain.text import counted
 
 
 @dataclass
 class RunData:
-    """The images of a run: the folder, its split, and training labels made contiguous."""
+    """The images of a run: the folder, its split, and training labels made contiguous.
+
+    The training items are the training images, once more for each `data.class_augment` turn
+    (`train_rows`, `train_turns`), each turned copy of a class a class of its own."""
 
     folder: ImageFolder
     split: Split
-    train_classes: list[str]  # classes seen in training, indexed by the remapped labels
+    train_classes: list[str]  # classes trained on (turned copies last), by remapped label
+    class_augment: tuple[str, ...] = ()
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        """Each training item's image (a row of `folder`): the training side, once per turn."""
+        return np.tile(self.split.train, 1 + len(self.class_augment))
+
+    @property
+    def train_turns(self) -> list[str]:
+        """Each training item's turn (`mltrain.data.class_augment`); "" leaves it as it is."""
+        return [t for t in ("", *self.class_augment) for _ in self.split.train]
 
     @property
     def train_labels(self) -> np.ndarray:
-        """Training labels remapped to 0..len(train_classes)-1 (class_disjoint leaves gaps)."""
+        """Each training item's label in 0..len(train_classes)-1 (class_disjoint leaves gaps
+        in the folder's labels); a turned copy's label follows all of the unturned ones."""
         original = self.folder.labels[self.split.train]
         lookup = {c: i for i, c in enumerate(self.train_classes)}
-        return np.array([lookup[self.folder.classes[c]] for c in original], dtype=np.int64)
+        base = np.array([lookup[self.folder.classes[c]] for c in original], dtype=np.int64)
+        n = len(self.train_classes) // (1 + len(self.class_augment))
+        return np.concatenate([base + k * n for k in range(1 + len(self.class_augment))])
 
     @property
     def train_groups(self) -> np.ndarray:
@@ -97,7 +116,14 @@ def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = Tr
         save_split(run_dir / "split.json", split, folder)
     if duplicates and split.kind != "none":
         _report_duplicates(folder, split, run_dir)
-    return RunData(folder, split, _train_classes(folder, split))
+    turns = tuple(d.class_augment)
+    data = RunData(folder, split, _train_classes(folder, split, turns), turns)
+    if turns and run_dir is not None:  # said once, by training (evaluate trains nothing)
+        n = len(data.train_classes) // (1 + len(turns))
+        report_notes([f"data.class_augment {', '.join(turns)}: the {counted(n, 'training class')} "
+                      f"and their turned copies train as {len(data.train_classes)} classes "
+                      f"({len(data.train_rows)} images an epoch)"], run_dir)  # fmt: skip
+    return data
 
 
 def _disjoint_notes(folder: ImageFolder, split: Split, train_fraction: float,
@@ -145,9 +171,11 @@ def validation_note(folder: ImageFolder, split: Split, asked: float | str) -> st
             "optimistic; set data.val_fraction (e.g. 0.15) for a validation side")
 
 
-def _train_classes(folder: ImageFolder, split: Split) -> list[str]:
-    """The classes with training images, in folder order (`RunData.train_labels` maps them)."""
-    return [folder.classes[c] for c in sorted({int(c) for c in folder.labels[split.train]})]
+def _train_classes(folder: ImageFolder, split: Split, turns: tuple[str, ...] = ()) -> list[str]:
+    """The classes with training images, in folder order, then their turned copies, turn by
+    turn (`RunData.train_labels` maps them)."""
+    names = [folder.classes[c] for c in sorted({int(c) for c in folder.labels[split.train]})]
+    return names + [turned_name(c, t) for t in turns for c in names]
 
 
 def _drop_evaluated_copies(folder: ImageFolder, split: Split, run_dir: Path | None) -> Split:
@@ -304,7 +332,8 @@ def without_rows(data: RunData, rows: np.ndarray) -> RunData:
         raise DataError(f"every held-out image of data.root {data.folder.root} trained this "
                         "model, so there is nothing to evaluate; evaluate on other images")
     moved = replace(split, train=np.union1d(split.train, rows), heldout=kept)
-    return RunData(data.folder, moved, _train_classes(data.folder, moved))
+    turns = data.class_augment
+    return RunData(data.folder, moved, _train_classes(data.folder, moved, turns), turns)
 
 
 def _run_root(run_dir: Path) -> Path | None:
@@ -365,9 +394,8 @@ def decode_size(dcfg: dict) -> int:
 
 def train_dataset(cfg: Config, data: RunData, dcfg: dict) -> ImageDataset:
     transform = train_transform(dcfg, cfg.data.augment)
-    return ImageDataset(
-        data.paths(data.split.train), data.train_labels, transform, decode_size(dcfg)
-    )
+    return ImageDataset(data.paths(data.train_rows), data.train_labels, transform,
+                        decode_size(dcfg), turns=data.train_turns)  # fmt: skip
 
 
 def train_loader(cfg: Config, data: RunData, dataset: Dataset, seed: int):

@@ -102,6 +102,8 @@ def prefix_features(
         # are not keyed.
         "version": 2,
     }
+    if getattr(loader.dataset, "turns", None):  # data.class_augment (keyed only where used)
+        parts["turns"] = loader.dataset.turns
     if name == "heldout":  # the inference model: BatchNorm folded or not (eval.fold_bn)
         parts["fold_bn"] = net is not model
     return cached(parts, lambda: compute_prefix(net, loader, spec, desc))

@@ -124,7 +124,7 @@ def check_disk_space(
     cache = None
     if cfg.train.cache_frozen and model.frozen_stages > 0:
         split = data.split
-        images = len(split.train) * cfg.train.cache_views + len(split.selection)
+        images = len(data.train_rows) * cfg.train.cache_views + len(split.selection)
         per_image = prefix_bytes_per_image(model, tuple(dcfg["input_size"]))
         cache = (cache_dir(), images * per_image)
     size = checkpoint_bytes([model, loss])
