@@ -179,7 +179,7 @@ def validate(cfg: Config) -> Config:
 
 
 # data.augment transforms that would blur a turned copy into its class, or back (any name)
-_UNDOES = {"mirror": ("HorizontalFlip",), "rotate": ("RandomRotate90", "D4")}
+_UNDOES = {"mirror": ("HorizontalFlip", "D4"), "rotate": ("RandomRotate90", "D4")}
 
 
 def _check_class_augment(names: list[str], augment: list[Spec]) -> None:
