@@ -141,8 +141,8 @@ def from_dict(data: dict, source: str = "<dict>") -> Config:
 
 
 # export, compare) refuse these in --set instead of silently ignoring them.
-TRAINING_ONLY = ("train", "data.augment", "model.frozen_stages", "model.trainable_stages",
-                 "model.freeze_bn", "model.bn_stats")
+TRAINING_ONLY = ("train", "data.augment", "data.class_augment", "model.frozen_stages",
+                 "model.trainable_stages", "model.freeze_bn", "model.bn_stats")
 READ_BY_INFERENCE = ("train.device", "train.channels_last")
 INFERENCE_TWIN = {"train.amp": "eval.amp", "train.batch_size": "eval.batch_size"}
 

@@ -171,6 +171,10 @@ def validate(cfg: Config) -> Config:
     _check_gem(cfg.model.pooling)
     _check_val_fraction(cfg.data)
     _check_class_augment(cfg.data.class_augment, cfg.data.augment)
+    if "mirror" in cfg.data.class_augment and cfg.eval.flip_tta:
+        raise ConfigError("eval.flip_tta embeds each image as the mean of it and its mirror, "
+                          "while data.class_augment mirror trains mirrors as other classes; "
+                          "drop one of the two")  # fmt: skip
     if cfg.data.split_by == "parent" and cfg.data.split != "class_disjoint":
         raise ConfigError(f"data.split_by parent: whole parent folders go to one side only with "
                           f"data.split=class_disjoint (now {cfg.data.split}); set it, or "
@@ -178,8 +182,10 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# data.augment transforms that would blur a turned copy into its class, or back (any name)
-_UNDOES = {"mirror": ("HorizontalFlip", "D4"), "rotate": ("RandomRotate90", "D4")}
+# data.augment transforms that would turn a class into one of its turned copies (any rotation;
+# SquareSymmetry is albumentations' newer name for D4; Transpose and VerticalFlip mirror too)
+_UNDOES = {"mirror": ("HorizontalFlip", "VerticalFlip", "Transpose", "D4", "SquareSymmetry"),
+           "rotate": ("RandomRotate90", "D4", "SquareSymmetry")}  # fmt: skip
 
 
 def _check_class_augment(names: list[str], augment: list[Spec]) -> None:

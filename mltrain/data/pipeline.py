@@ -68,9 +68,10 @@ class RunData:
         """Each training item's label in 0..len(train_classes)-1 (class_disjoint leaves gaps
         in the folder's labels); a turned copy's label follows all of the unturned ones."""
         original = self.folder.labels[self.split.train]
-        lookup = {c: i for i, c in enumerate(self.train_classes)}
-        base = np.array([lookup[self.folder.classes[c]] for c in original], dtype=np.int64)
         n = len(self.train_classes) // (1 + len(self.class_augment))
+        # the unturned names only: a folder may also hold a class named "a (mirror)"
+        lookup = {c: i for i, c in enumerate(self.train_classes[:n])}
+        base = np.array([lookup[self.folder.classes[c]] for c in original], dtype=np.int64)
         return np.concatenate([base + k * n for k in range(1 + len(self.class_augment))])
 
     @property

@@ -58,6 +58,22 @@ def test_each_turn_makes_a_copy_of_every_training_class(tmp_path):
         parent_of(data.train_classes[c]) for c in data.train_labels]  # fmt: skip
 
 
+def test_a_class_named_like_a_turned_copy_keeps_its_own_label(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=["a", "a (mirror)", "b"], per_class=2)
+    data = prepare_data(load_config(None, [*TINY_EMBED, f"data.root={root}", "data.split=none",
+                                           "data.class_augment=[mirror]"]))  # fmt: skip
+    assert data.train_classes == ["a", "a (mirror)", "b", "a (mirror)", "a (mirror) (mirror)",
+                                  "b (mirror)"]  # fmt: skip
+    assert data.train_labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_inference_commands_refuse_it():
+    from mltrain.config import check_inference_overrides
+
+    with pytest.raises(ConfigError, match=r"^--set data.class_augment: only training reads it"):
+        check_inference_overrides(["data.class_augment=[mirror]"], "evaluate")
+
+
 def test_the_dataset_turns_an_item_before_its_transform(tmp_path):
     pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10  # 3 wide, 2 high
     Image.fromarray(pixels).save(tmp_path / "a.png")
@@ -80,6 +96,10 @@ def test_the_dataset_turns_an_item_before_its_transform(tmp_path):
      "data.class_augment mirror: data.augment's HorizontalFlip turns images the same way"),
     (["data.class_augment=[rotate270]", "data.augment=[{name: RandomRotate90}]"],
      "data.class_augment rotate270: data.augment's RandomRotate90 turns images the same way"),
+    (["data.class_augment=[rotate90, mirror]", "data.augment=[{name: Transpose}]"],
+     "data.class_augment mirror: data.augment's Transpose turns images the same way"),
+    (["data.class_augment=[mirror]", "eval.flip_tta=true"],
+     "eval.flip_tta embeds each image as the mean of it and its mirror, while"),
 ])  # fmt: skip
 def test_bad_class_augment_is_a_one_line_config_error(sets, needle):
     with pytest.raises(ConfigError) as e:
