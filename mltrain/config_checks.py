@@ -170,11 +170,7 @@ def validate(cfg: Config) -> Config:
     _check_name(cfg.name)
     _check_gem(cfg.model.pooling)
     _check_val_fraction(cfg.data)
-    _check_class_augment(cfg.data.class_augment, cfg.data.augment)
-    if "mirror" in cfg.data.class_augment and cfg.eval.flip_tta:
-        raise ConfigError("eval.flip_tta embeds each image as the mean of it and its mirror, "
-                          "while data.class_augment mirror trains mirrors as other classes; "
-                          "drop one of the two")  # fmt: skip
+    _check_class_augment(cfg.data.class_augment, cfg.data.augment, cfg.eval.flip_tta)
     if cfg.data.split_by == "parent" and cfg.data.split != "class_disjoint":
         raise ConfigError(f"data.split_by parent: whole parent folders go to one side only with "
                           f"data.split=class_disjoint (now {cfg.data.split}); set it, or "
@@ -182,15 +178,17 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# data.augment transforms that would turn a class into one of its turned copies (any rotation;
-# SquareSymmetry is albumentations' newer name for D4; Transpose and VerticalFlip mirror too)
+# data.augment transforms that would turn a class into one of its turned copies
+# (SquareSymmetry is albumentations' newer name for D4; Transpose and VerticalFlip mirror too)
+_ROTATES = ("RandomRotate90", "D4", "SquareSymmetry")
 _UNDOES = {"mirror": ("HorizontalFlip", "VerticalFlip", "Transpose", "D4", "SquareSymmetry"),
-           "rotate": ("RandomRotate90", "D4", "SquareSymmetry")}  # fmt: skip
+           "rotate90": _ROTATES, "rotate180": _ROTATES, "rotate270": _ROTATES}  # fmt: skip
 
 
-def _check_class_augment(names: list[str], augment: list[Spec]) -> None:
-    """Each a known turn, none twice (a repeat would make two classes of one), and no
-    augmentation that turns an image the same way: it would make a class's copy of itself."""
+def _check_class_augment(names: list[str], augment: list[Spec], flip_tta: bool) -> None:
+    """Each a known turn, none twice (a repeat would make two classes of one), and nothing
+    that undoes a turn: an augmentation that turns an image the same way would make a class's
+    copy of itself, and mirror averaging (eval.flip_tta) embeds mirrors alike."""
     for name in names:
         if name not in CLASS_TURNS:
             raise ConfigError(f"data.class_augment: {name!r} is not one of "
@@ -201,11 +199,15 @@ def _check_class_augment(names: list[str], augment: list[Spec]) -> None:
                           "list each turn once")  # fmt: skip
     used = {a.get("name") for a in augment if isinstance(a, dict)}
     for name in names:
-        clash = sorted(used & set(_UNDOES[name.rstrip("0123456789")]))
+        clash = sorted(used & set(_UNDOES[name]))
         if clash:
             raise ConfigError(f"data.class_augment {name}: data.augment's {clash[0]} turns "
                               f"images the same way, so a class would also train as its "
                               f"{name} copy; drop one of the two")  # fmt: skip
+    if "mirror" in names and flip_tta:
+        raise ConfigError("eval.flip_tta embeds each image as the mean of it and its mirror, "
+                          "while data.class_augment mirror trains mirrors as other classes; "
+                          "drop one of the two")  # fmt: skip
 
 
 def _check_val_fraction(d: DataConfig) -> None:

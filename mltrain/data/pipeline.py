@@ -54,6 +54,11 @@ class RunData:
     class_augment: tuple[str, ...] = ()
 
     @property
+    def unturned_classes(self) -> int:
+        """How many of `train_classes` are the folder's own (the rest are turned copies)."""
+        return len(self.train_classes) // (1 + len(self.class_augment))
+
+    @property
     def train_rows(self) -> np.ndarray:
         """Each training item's image (a row of `folder`): the training side, once per turn."""
         return np.tile(self.split.train, 1 + len(self.class_augment))
@@ -68,7 +73,7 @@ class RunData:
         """Each training item's label in 0..len(train_classes)-1 (class_disjoint leaves gaps
         in the folder's labels); a turned copy's label follows all of the unturned ones."""
         original = self.folder.labels[self.split.train]
-        n = len(self.train_classes) // (1 + len(self.class_augment))
+        n = self.unturned_classes
         # the unturned names only: a folder may also hold a class named "a (mirror)"
         lookup = {c: i for i, c in enumerate(self.train_classes[:n])}
         base = np.array([lookup[self.folder.classes[c]] for c in original], dtype=np.int64)
@@ -120,7 +125,7 @@ def prepare_data(cfg: Config, run_dir: Path | None = None, duplicates: bool = Tr
     turns = tuple(d.class_augment)
     data = RunData(folder, split, _train_classes(folder, split, turns), turns)
     if turns and run_dir is not None:  # said once, by training (evaluate trains nothing)
-        n = len(data.train_classes) // (1 + len(turns))
+        n = data.unturned_classes
         report_notes([f"data.class_augment {', '.join(turns)}: the {counted(n, 'training class')} "
                       f"and their turned copies train as {len(data.train_classes)} classes "
                       f"({len(data.train_rows)} images an epoch)"], run_dir)  # fmt: skip
