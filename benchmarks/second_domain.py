@@ -3,11 +3,13 @@
 Measures the real sets in ../shared/data (see its README) with the whole commands, unseen
 classes only:
 
-- `omniglot`: handwriting, alphabet-disjoint. Five alphabets train (Greek, Japanese_(katakana),
-  Latin, Sanskrit, Tagalog: 156 characters; 15% of them are held out to pick best.pt), three
-  alphabets never seen in training are the test (Balinese, Early_Aramaic, Korean: 86
-  characters, 1,720 drawings), with 5- and 20-way one-shot drawn from one alphabet at a time
-  (`one_shot_within_parent`) as well as from all of them.
+- `omniglot`: handwriting, alphabet-disjoint, as `configs/handwriting.yaml` ships: whole
+  alphabets train, validate and test (`data.split_by: parent`; `--seed N` draws another
+  split, seed 0 tests Greek and Korean), with 5- and 20-way one-shot drawn from one alphabet
+  at a time (`one_shot_within_parent`) as well as from all of them.
+- `omniglot-5+3`: an earlier fixed split, copied into two folders: five alphabets train
+  (Greek, Japanese_(katakana), Latin, Sanskrit, Tagalog: 156 characters; 15% of them are held
+  out to pick best.pt), three are the test (Balinese, Early_Aramaic, Korean: 86 characters).
 - `omniglot-chars`: character-disjoint over all 8 alphabets (`data.split=class_disjoint
   data.train_fraction=0.8`; the test characters' alphabets are seen in training).
 - `AR`, `GeorgiaTech`, `UMIST`, `IMM`: faces, people-disjoint (`data.train_fraction=0.75`;
@@ -17,19 +19,16 @@ classes only:
 
 For each set and config it runs
 
-    python evaluate.py --backbone tf_efficientnet_lite0 --config CFG --set data.root=TEST ...
+    python evaluate.py --backbone BACKBONE --config CFG --set data.root=TEST ...
     python train.py --config CFG --set data.root=TRAIN --set data.split=class_disjoint ...
     python evaluate.py --checkpoint <run>/checkpoints/best.pt [--set data.root=TEST ...]
 
-and prints a table (one row per model, with the command). Usage:
+(BACKBONE: the config's `model.backbone`) and prints a table (one row per model, with the
+command). Usage:
 
     python benchmarks/second_domain.py --sets IMM UMIST           # configs/siamese.yaml
     python benchmarks/second_domain.py --sets AR --configs siamese triplet
-    python benchmarks/second_domain.py --sets omniglot --set model.trainable_stages=2 \
-        --set train.epochs=12 --set train.cache_views=4 \
-        --set "data.augment=[{name: Affine, args: {rotate: [-10, 10], shear: [-15, 15], \
-        scale: [0.85, 1.15], translate_percent: [-0.05, 0.05], fill: 255, p: 0.8}}, \
-        {name: RandomResizedCrop, args: {scale: [0.8, 1.0]}}]"   # the best handwriting run
+    python benchmarks/second_domain.py --sets omniglot --seed 1    # configs/handwriting.yaml
     python benchmarks/second_domain.py --sets drawings            # smoke: generated drawings
 
 Figures measured with it are in docs/results-real-data.md.
@@ -59,7 +58,10 @@ OMNIGLOT_TRAIN = ["Greek", "Japanese_(katakana)", "Latin", "Sanskrit", "Tagalog"
 OMNIGLOT_TEST = ["Balinese", "Early_Aramaic", "Korean"]
 # set -> (archive, folder inside it, class-disjoint train fraction, default config)
 SETS = {
-    "omniglot": ("omniglot_background_small.tar.gz", "omniglot_background", 0.85, "siamese"),
+    "omniglot": ("omniglot_background_small.tar.gz", "omniglot_background", 0.75,
+                 "handwriting"),
+    "omniglot-5+3": ("omniglot_background_small.tar.gz", "omniglot_background", 0.85,
+                     "siamese"),
     "omniglot-chars": ("omniglot_background_small.tar.gz", "omniglot_background", 0.8,
                        "siamese"),
     "AR": ("faces_small.tar.gz", "faces_small/AR", 0.75, "siamese"),
@@ -113,6 +115,13 @@ def omniglot_alphabets(folder: Path, work: Path) -> tuple[Path, Path]:
     return roots
 
 
+def backbone(mode: str, overrides: list[str]) -> str:
+    """The backbone `configs/{mode}.yaml` trains with `overrides`: the pretrained row's."""
+    from mltrain.config import load_config
+
+    return load_config(REPO / "configs" / f"{mode}.yaml", overrides).model.backbone
+
+
 def plan(name: str, data: Path, work: Path, args: argparse.Namespace):
     """(train flags, test flags for evaluate, train fraction) for one set."""
     archive, inner, fraction, _ = SETS.get(name, CUSTOM)
@@ -126,7 +135,7 @@ def plan(name: str, data: Path, work: Path, args: argparse.Namespace):
         root = extract(data, archive, inner, work)
     fraction = args.train_fraction or fraction
     split = ["--set", "data.split=class_disjoint", "--set", f"data.train_fraction={fraction}"]
-    if name == "omniglot" and not args.root:
+    if name == "omniglot-5+3" and not args.root:
         train_root, test_root = omniglot_alphabets(root, work)
         # held-out characters of the training alphabets pick best.pt; the test alphabets are
         # evaluated whole (data.split none: none of their images trained)
@@ -149,6 +158,7 @@ def main() -> None:
     p.add_argument("--work", help="where archives are extracted and runs written (default: temp)")
     p.add_argument("--root", help="your own folder instead (one set, class-disjoint)")
     p.add_argument("--train-fraction", type=float, help="share of classes on the training side")
+    p.add_argument("--seed", type=int, help="the run's seed, which also draws the split")
     p.add_argument("--no-pretrained", action="store_true", help="skip the untrained rows")
     p.add_argument("--alphabets", type=int, default=10, help="drawings: alphabets")
     p.add_argument("--chars", type=int, default=12, help="drawings: characters each")
@@ -162,6 +172,7 @@ def main() -> None:
     data = Path(args.data).resolve()
     flags = lambda key, sets: [a for s in sets for a in (key, s)]  # noqa: E731
     evals = flags("--set", ["eval.tsne=false", "eval.rerank=false", *args.eval_extra])
+    seed = ["--set", f"seed={args.seed}"] if args.seed is not None else []
     rows = []
     for name in ["custom"] if args.root else args.sets:
         train, test = plan(name, data, work, args)
@@ -169,11 +180,12 @@ def main() -> None:
             cfg = ["--config", f"configs/{mode}.yaml"]
             where = test or train
             if not args.no_pretrained:
-                cmd = ["evaluate.py", "--backbone", "tf_efficientnet_lite0", *cfg, *where, *evals]
+                cmd = ["evaluate.py", "--backbone", backbone(mode, args.extra), *cfg, *where,
+                       *seed, *evals]  # fmt: skip
                 out, secs = run(cmd)
                 rows.append((name, f"{mode}: pretrained", figures(Path(out.removeprefix(
                     "results: "))), secs, cmd))  # fmt: skip
-            cmd = ["train.py", *cfg, *train, "--set", f"output_dir={work / 'exp'}",
+            cmd = ["train.py", *cfg, *train, *seed, "--set", f"output_dir={work / 'exp'}",
                    "--set", f"name={name}-{mode}", *flags("--set", args.extra)]  # fmt: skip
             run_dir, train_s = run(cmd)
             out, _ = run(["evaluate.py", "--checkpoint", f"{run_dir}/checkpoints/best.pt",

@@ -3,13 +3,15 @@
 Runs with the same backbone weights, frozen stages, preprocessing, augmentation seed and
 image list get identical prefix outputs: the shipped configs share the held-out images'
 entry, and those with the same augmentation (all but the Siamese one) their training views.
-Files hold tensors only and load with `weights_only=True`.
+Files hold tensors only and load with `weights_only=True`. The folder is capped
+(`MLTRAIN_CACHE_GB`, 20 by default): past it the least recently used entries go.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mltrain.errors import ConfigError
 from mltrain.files import atomic_save
 from mltrain.text import counted
 
@@ -44,29 +47,69 @@ def cached(parts: dict[str, Any], compute: Callable[[], tuple[torch.Tensor, ...]
     path = cache_dir() / f"{cache_key(parts)}.pt"
     if path.is_file():
         try:
-            return tuple(torch.load(path, map_location="cpu", weights_only=True))
+            result = tuple(torch.load(path, map_location="cpu", weights_only=True))
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
             path.unlink(missing_ok=True)
+        else:
+            _touch(path)  # recently used: the last to be evicted
+            return result
     result = compute()
     try:
         atomic_save(list(result), path)
     except OSError:
         return result  # a read-only cache only costs time
-    size_note(path.parent)
+    evict(path.parent, keep=path)
     return result
 
 
-NOTE_BYTES = 5 * 2**30  # past this, a new entry says how large the cache has grown
-_NOTED: set[Path] = set()
+DEFAULT_GB = 20.0
 
 
-def size_note(folder: Path) -> None:
-    """Entries are never evicted (any later run may want them), so the cache grows with each
-    new backbone, image size, view count or data set: say so once it is large."""
-    sizes = [f.stat().st_size for f in folder.glob("*.pt")]
-    if sum(sizes) > NOTE_BYTES and folder not in _NOTED:
-        _NOTED.add(folder)  # once a process: a run writes two or three entries
-        held = f"{sum(sizes) / 2**30:.1f} GiB in {counted(len(sizes), 'file')}"
-        print(f"note: the prefix cache {folder} holds {held}; delete it to free the space "
-              "(runs recompute what they need), or set MLTRAIN_CACHE to put it elsewhere",
+def cache_limit() -> int:
+    """The bytes the cache may hold: `MLTRAIN_CACHE_GB` GiB (20 when unset). Training checks it
+    before any work, so a mistyped value fails in seconds."""
+    raw = os.environ.get("MLTRAIN_CACHE_GB", "").strip()
+    if not raw:
+        return int(DEFAULT_GB * 2**30)
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = math.nan
+    if not (math.isfinite(gb) and gb > 0):
+        raise ConfigError(f"MLTRAIN_CACHE_GB={raw!r}: give the most GiB the prefix cache may "
+                          f"hold, a positive number (unset: {DEFAULT_GB:g})")  # fmt: skip
+    return int(gb * 2**30)
+
+
+def evict(folder: Path, keep: Path) -> None:
+    """Delete the least recently used entries (a hit touches its file) until the folder fits
+    `cache_limit()`, never `keep`, the entry just written; a note says what went. Another
+    process may evict beside this one: a file already gone is skipped."""
+    entries = []
+    for f in folder.glob("*.pt"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((st.st_mtime_ns, st.st_size, f))
+    total, limit = sum(size for _, size, _ in entries), cache_limit()
+    freed: list[int] = []
+    for _, size, f in sorted(entries):
+        if total <= limit:
+            break
+        if f != keep:
+            f.unlink(missing_ok=True)
+            total -= size
+            freed.append(size)
+    if freed:
+        print(f"note: the prefix cache {folder} passed MLTRAIN_CACHE_GB ({limit / 2**30:g} GiB): "
+              f"removed the {counted(len(freed), 'file')} used least recently "
+              f"({sum(freed) / 2**30:.1f} GiB); set MLTRAIN_CACHE_GB to keep more",
               file=sys.stderr)  # fmt: skip
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache is read in any order

@@ -22,7 +22,7 @@ from mltrain.files import check_free_space, check_writable
 from mltrain.model.network import EmbeddingModel
 from mltrain.model.precision import depthwise_in_fp32
 from mltrain.train.disk import checkpoint_bytes, prefix_bytes_per_image, run_space_needs
-from mltrain.train.prefix_cache import cache_dir
+from mltrain.train.prefix_cache import cache_dir, cache_limit
 
 SPLIT_NONE_NOTE = (
     "data.split: none trains on every image, so its held-out figures (and the pick of "
@@ -127,6 +127,7 @@ def check_disk_space(
         images = len(data.train_rows) * cfg.train.cache_views + len(split.selection)
         per_image = prefix_bytes_per_image(model, tuple(dcfg["input_size"]))
         cache = (cache_dir(), images * per_image)
+        cache_limit()  # a bad MLTRAIN_CACHE_GB fails here, not after the prefix is computed
     size = checkpoint_bytes([model, loss])
     check_free_space(run_space_needs(run_dir, size, cache))
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mltrain.config import load_config
-from mltrain.errors import MltrainError
+from mltrain.errors import ConfigError, MltrainError
 from mltrain.model.checkpoint import load_checkpoint
 from mltrain.model.losses import Criterion
 from mltrain.train import run as trainer
@@ -399,28 +399,48 @@ def test_full_disk_while_saving_says_previous_checkpoint_is_intact(tmp_path, mon
     assert load_checkpoint(last)["state"]["epoch"] == 1
 
 
-def test_a_large_prefix_cache_says_how_large_when_it_grows(tmp_path, monkeypatch, capsys):
-    """A prefix cache grown large (12 GB in ~/.cache/mltrain/prefix) is mentioned by the runs."""
+def test_the_prefix_cache_evicts_the_least_recently_used_past_its_cap(tmp_path, monkeypatch,
+                                                                       capsys):  # fmt: skip
+    """A prefix cache that grew large (12 GB in ~/.cache/mltrain/prefix) stays under
+    MLTRAIN_CACHE_GB: the entries used least recently go, the new one and recent hits stay."""
     import torch
 
     from mltrain.train import prefix_cache
 
     monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(prefix_cache, "NOTE_BYTES", 0)  # any size counts as large here
-    monkeypatch.setattr(prefix_cache, "_NOTED", set())
-    first = prefix_cache.cached({"a": 1}, lambda: (torch.zeros(4),))
-    err = capsys.readouterr().err
     folder = tmp_path / "cache" / "prefix"
-    assert err.startswith(f"note: the prefix cache {folder} holds 0.0 GiB in 1 file; delete "
-                          "it to free the space")  # fmt: skip
-    prefix_cache.cached({"c": 3}, lambda: (torch.zeros(4),))  # a run's next entry: said once
-    assert capsys.readouterr().err == ""
+    entry = lambda key: folder / f"{prefix_cache.cache_key(key)}.pt"  # noqa: E731
+    for i, key in enumerate(({"a": 1}, {"b": 2}, {"c": 3})):
+        prefix_cache.cached(key, lambda: (torch.zeros(256),))
+        os.utime(entry(key), ns=(i * 10**9, i * 10**9))  # a oldest, c newest
+    assert capsys.readouterr().err == ""  # the default 20 GiB: nothing goes
+    size = entry({"a": 1}).stat().st_size
+    first = prefix_cache.cached({"a": 1}, lambda: pytest.fail("recomputed"))  # a hit: touched
+    monkeypatch.setenv("MLTRAIN_CACHE_GB", str(2.5 * size / 2**30))  # room for two entries
+    prefix_cache.cached({"d": 4}, lambda: (torch.ones(256),))
+    assert sorted(folder.glob("*.pt")) == sorted([entry({"a": 1}), entry({"d": 4})])
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: the prefix cache {folder} passed MLTRAIN_CACHE_GB (")
+    assert "removed the 2 files used least recently" in err and err.count("\n") == 1
     again = prefix_cache.cached({"a": 1}, lambda: pytest.fail("recomputed"))
-    assert torch.equal(first[0], again[0]) and capsys.readouterr().err == ""  # a hit: no note
-    monkeypatch.setattr(prefix_cache, "NOTE_BYTES", 2**30)
-    monkeypatch.setattr(prefix_cache, "_NOTED", set())
-    prefix_cache.cached({"b": 2}, lambda: (torch.zeros(4),))
-    assert capsys.readouterr().err == ""  # small: quiet
+    assert torch.equal(first[0], again[0])
+    monkeypatch.setenv("MLTRAIN_CACHE_GB", str(0.5 * size / 2**30))  # smaller than one entry
+    prefix_cache.cached({"e": 5}, lambda: (torch.ones(256),))
+    assert list(folder.glob("*.pt")) == [entry({"e": 5})]  # the new entry always stays
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "nan", "inf"])
+def test_a_bad_cache_cap_is_refused_before_training(tmp_path, monkeypatch, value):
+    from mltrain.train import prefix_cache
+
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLTRAIN_CACHE_GB", value)
+    with pytest.raises(ConfigError, match=f"^MLTRAIN_CACHE_GB='{value}': give the most GiB"):
+        prefix_cache.cache_limit()
+    with pytest.raises(ConfigError, match="MLTRAIN_CACHE_GB"):
+        trainer.fit(_cfg(root, tmp_path / "exp", "train.epochs=1"))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_sigterm_interrupts_setup_and_the_callers_handlers_come_back():
