@@ -29,7 +29,7 @@ from mltrain.evaluation.sweeps import index_comparison, pca_sweep, shortest_with
 from mltrain.evaluation.verification import (
     CURVE_KEYS,
     one_shot_accuracy,
-    one_shot_within_accuracy,
+    one_shot_within,
     verification_metrics,
 )
 from mltrain.inference.embedder import Embedder
@@ -143,11 +143,12 @@ def compute_metrics(s: EmbeddedSplit, cfg: Config, plan: EvalPlan | None = None)
     }
     if plan.one_shot_within_ways:  # nested classes: episodes within one parent folder
         parents = parents_of(s.classes, s.heldout_labels)
-        metrics["one_shot_within_parent"] = {
-            str(n): one_shot_within_accuracy(s.heldout_emb, s.heldout_labels, parents, n,
-                                             e.one_shot_episodes, cfg.seed)  # fmt: skip
-            for n in plan.one_shot_within_ways
-        }
+        within = {str(n): one_shot_within(s.heldout_emb, s.heldout_labels, parents, n,
+                                          e.one_shot_episodes, cfg.seed)
+                  for n in plan.one_shot_within_ways}  # fmt: skip
+        metrics["one_shot_within_parent"] = {n: None if w is None else w[0]
+                                             for n, w in within.items()}  # fmt: skip
+        metrics["one_shot_within_parent_by_group"] = {n: w[1] for n, w in within.items() if w}
     rows = pca_sweep(s.train_emb, s.heldout_emb, s.heldout_labels, plan.pca_lengths, e.metric)
     metrics["pca"] = {str(r["length"]): r for r in rows}
     metrics["pca_shortest_within_0.5"] = shortest_within(rows)["length"]

@@ -258,8 +258,21 @@ def verification_section(m: Mapping[str, Any]) -> list[str]:
                 for n, acc in sorted(within.items(), key=lambda kv: int(kv[0]))]  # fmt: skip
         lines += ["One-shot within one parent folder (every episode's classes siblings, as "
                   "Omniglot's within-alphabet protocol):", "",
-                  *md_table(["episode", "accuracy"], rows), ""]  # fmt: skip
+                  *md_table(["episode", "accuracy"], rows), "", *_by_group(m)]  # fmt: skip
     return lines
+
+
+def _by_group(m: Mapping[str, Any]) -> list[str]:
+    """Within-parent one-shot per parent folder: the hard ones, and why splits differ."""
+    by_group = m.get("one_shot_within_parent_by_group") or {}
+    ways = sorted(by_group, key=int)
+    groups = sorted({g for n in ways for g in by_group[n]})
+    if len(groups) < 2:
+        return []
+    rows = [(g, *(fmt(by_group[n][g]) if g in by_group[n] else "n/a" for n in ways))
+            for g in groups]  # fmt: skip
+    return ["Per parent folder (each scored on its own episodes):", "",
+            *md_table(["parent", *(f"{n}-way" for n in ways)], rows), ""]  # fmt: skip
 
 
 def _classes_section(m: Mapping[str, Any]) -> list[str]:

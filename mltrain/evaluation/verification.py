@@ -3,8 +3,8 @@
 - verification: balanced genuine / impostor pairs scored by similarity, summarised by their ROC
   (AUC, EER, TAR at a FAR, the best threshold) as face and signature checks report it;
 - one-shot: N-way episodes, one support image per class, a query right when its most similar
-  support is its own class's; `one_shot_within_accuracy` draws an episode's classes from one
-  group (an alphabet of Omniglot), the standard protocol for nested data.
+  support is its own class's; `one_shot_within` draws an episode's classes from one group (an
+  alphabet of Omniglot), the standard protocol for nested data, and scores each group too.
 
 Retrieval metrics (precision@k, MAP@R, per-class views) are in `mltrain.evaluation.metrics`.
 """
@@ -93,8 +93,8 @@ def one_shot_accuracy(
     eligible = np.flatnonzero(counts >= 2)
     if len(eligible) < n_way:
         return None
-    return _episodes_accuracy(emb, order, starts, counts, [eligible], n_way, episodes, seed,
-                              metric)  # fmt: skip
+    hits = _episodes_hits(emb, order, starts, counts, [eligible], n_way, episodes, seed, metric)
+    return int(hits.sum()) / (episodes * n_way)
 
 
 def _check_one_shot(emb: np.ndarray, labels: np.ndarray, n_way: int, episodes: int,
@@ -109,27 +109,27 @@ def _check_one_shot(emb: np.ndarray, labels: np.ndarray, n_way: int, episodes: i
     return emb, labels
 
 
-def _episodes_accuracy(emb: np.ndarray, order: np.ndarray, starts: np.ndarray,
-                       counts: np.ndarray, pools: list[np.ndarray], n_way: int, episodes: int,
-                       seed: int, metric: str) -> float:  # fmt: skip
-    """Share of right answers over `episodes` one-shot episodes, episode e drawing its n_way
+def _episodes_hits(emb: np.ndarray, order: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                   pools: list[np.ndarray], n_way: int, episodes: int, seed: int,
+                   metric: str) -> np.ndarray:  # fmt: skip
+    """Right answers per pool over `episodes` one-shot episodes, episode e drawing its n_way
     class blocks from `pools[e % len(pools)]` (one pool: any class; one per group: within)."""
     x = l2_normalize(emb) if metric == "cosine" else emb
     rng = np.random.default_rng(seed)
-    correct = 0
+    hits = np.zeros(len(pools), dtype=np.int64)
     for e0 in range(0, episodes, 256):
-        n_ep = min(256, episodes - e0)
-        picked = np.stack([rng.choice(pools[(e0 + e) % len(pools)], n_way, replace=False)
-                           for e in range(n_ep)])  # fmt: skip
-        correct += _one_shot_hits(x, order, starts, counts, picked, rng, metric)
-    return correct / (episodes * n_way)
+        pool_of = (e0 + np.arange(min(256, episodes - e0))) % len(pools)
+        picked = np.stack([rng.choice(pools[p], n_way, replace=False) for p in pool_of])
+        np.add.at(hits, pool_of, _one_shot_hits(x, order, starts, counts, picked, rng, metric))
+    return hits
 
 
 def _one_shot_hits(x: np.ndarray, order: np.ndarray, starts: np.ndarray, counts: np.ndarray,
-                   picked: np.ndarray, rng: np.random.Generator, metric: str) -> int:  # fmt: skip
-    """Right answers of one-shot episodes: `picked` (episodes, n_way) class blocks, one random
-    support and another random query image of each; a query is right when its most similar
-    support is its own class's (a tie goes to the first support)."""
+                   picked: np.ndarray, rng: np.random.Generator,
+                   metric: str) -> np.ndarray:  # fmt: skip
+    """Right answers of each one-shot episode: `picked` (episodes, n_way) class blocks, one
+    random support and another random query image of each; a query is right when its most
+    similar support is its own class's (a tie goes to the first support)."""
     s = rng.integers(0, counts[picked])
     q = rng.integers(0, counts[picked] - 1)
     q = q + (q >= s)
@@ -138,7 +138,7 @@ def _one_shot_hits(x: np.ndarray, order: np.ndarray, starts: np.ndarray, counts:
     sim = np.einsum("eqd,esd->eqs", query, support)
     if metric == "l2":  # negative squared distance; the query's own norm does not rank
         sim = 2 * sim - np.einsum("esd,esd->es", support, support)[:, None, :]
-    return int((sim.argmax(axis=2) == np.arange(picked.shape[1])).sum())
+    return (sim.argmax(axis=2) == np.arange(picked.shape[1])).sum(axis=1)
 
 
 def one_shot_groups(labels: np.ndarray, groups: np.ndarray, n_way: int) -> list[Any]:
@@ -155,6 +155,39 @@ def one_shot_groups(labels: np.ndarray, groups: np.ndarray, n_way: int) -> list[
     return sorted((g for g, n in per_group.items() if n >= n_way), key=str)
 
 
+def one_shot_within(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    n_way: int,
+    episodes: int = 500,
+    seed: int = 0,
+    metric: str = "cosine",
+) -> tuple[float, dict[str, float]] | None:
+    """N-way one-shot accuracy with every episode's classes from one group (`groups[i]` is
+    image i's parent folder: one alphabet of Omniglot): the standard protocol for nested data,
+    harder than drawing classes from anywhere, since sibling classes look alike. Episodes
+    take the eligible groups (`one_shot_groups`) in turn, so each weighs the same, and
+    otherwise run as in `one_shot_accuracy`.
+
+    Returns (accuracy, {group: accuracy over its own episodes}): the groups differ widely (one
+    alphabet's characters are far more alike than another's), which is what makes one split
+    of a few groups score unlike another. None when no group has `n_way` classes."""
+    emb, labels = _check_one_shot(emb, labels, n_way, episodes, metric)
+    eligible_groups = one_shot_groups(labels, groups, n_way)
+    if not eligible_groups:
+        return None
+    groups = np.asarray(groups)
+    order, _, starts, counts = class_blocks(labels)
+    block_group = groups[order[starts]]
+    members = [np.flatnonzero((block_group == g) & (counts >= 2)) for g in eligible_groups]
+    hits = _episodes_hits(emb, order, starts, counts, members, n_way, episodes, seed, metric)
+    trials = np.bincount(np.arange(episodes) % len(members), minlength=len(members)) * n_way
+    per_group = {str(g): int(h) / int(t) for g, h, t in zip(eligible_groups, hits, trials,
+                                                             strict=True) if t}  # fmt: skip
+    return int(hits.sum()) / (episodes * n_way), per_group
+
+
 def one_shot_within_accuracy(
     emb: np.ndarray,
     labels: np.ndarray,
@@ -164,18 +197,6 @@ def one_shot_within_accuracy(
     seed: int = 0,
     metric: str = "cosine",
 ) -> float | None:
-    """N-way one-shot accuracy with every episode's classes from one group (`groups[i]` is
-    image i's parent folder: one alphabet of Omniglot): the standard protocol for nested data,
-    harder than drawing classes from anywhere, since sibling classes look alike. Episodes
-    take the eligible groups (`one_shot_groups`) in turn, so each weighs the same, and
-    otherwise run as in `one_shot_accuracy`. None when no group has `n_way` classes."""
-    emb, labels = _check_one_shot(emb, labels, n_way, episodes, metric)
-    eligible_groups = one_shot_groups(labels, groups, n_way)
-    if not eligible_groups:
-        return None
-    groups = np.asarray(groups)
-    order, _, starts, counts = class_blocks(labels)
-    block_group = groups[order[starts]]
-    members = [np.flatnonzero((block_group == g) & (counts >= 2)) for g in eligible_groups]
-    return _episodes_accuracy(emb, order, starts, counts, members, n_way, episodes, seed,
-                              metric)  # fmt: skip
+    """The accuracy of `one_shot_within` alone."""
+    out = one_shot_within(emb, labels, groups, n_way, episodes, seed, metric)
+    return None if out is None else out[0]

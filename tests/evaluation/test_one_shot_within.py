@@ -13,6 +13,7 @@ from mltrain.evaluation.plan import plan_evaluation
 from mltrain.evaluation.verification import (
     one_shot_accuracy,
     one_shot_groups,
+    one_shot_within,
     one_shot_within_accuracy,
 )
 
@@ -39,6 +40,17 @@ def test_within_parent_episodes_take_the_parents_in_turn():
     assert one_shot_within_accuracy(EMB, one_image, parents, 2, episodes=5) == 0.5
     # the plain 4-way figure: A's two queries right, one of B's two (3 of 4 per episode)
     assert one_shot_accuracy(EMB, LABELS, 4, episodes=7) == 0.75
+
+
+def test_each_parent_is_scored_on_its_own_episodes():
+    # 4 episodes: A, B, A, B -> A 4 of 4 right, B 2 of 4
+    assert one_shot_within(EMB, LABELS, PARENTS, 2, episodes=4) == (0.75, {"A": 1.0, "B": 0.5})
+    # 3 episodes: A, B, A -> A 4 of 4, B 1 of 2; the whole figure weighs A's two episodes
+    assert one_shot_within(EMB, LABELS, PARENTS, 2, episodes=3) == (
+        pytest.approx(5 / 6), {"A": 1.0, "B": 0.5})
+    # 1 episode: B draws none and is left out rather than scored 0
+    assert one_shot_within(EMB, LABELS, PARENTS, 2, episodes=1) == (1.0, {"A": 1.0})
+    assert one_shot_within(EMB, LABELS, PARENTS, 3, episodes=4) is None
 
 
 def test_within_parent_rejects_mismatched_groups():
@@ -85,6 +97,7 @@ def test_metrics_json_gets_within_parent_figures_beside_the_plain_ones():
     split = EmbeddedSplit(classes, EMB, LABELS, [], EMB, LABELS, False)
     m = compute_metrics(split, cfg).metrics
     assert m["one_shot_within_parent"] == {"2": 0.75}
+    assert m["one_shot_within_parent_by_group"] == {"2": {"A": 1.0, "B": 0.5}}
     assert set(m["one_shot"]) == {"2", "4"} and m["one_shot"]["4"] == 0.75
     assert "4-way one-shot within one parent" in m["skipped"]
     flat = EmbeddedSplit(["a", "b", "c", "d"], EMB, LABELS, [], EMB, LABELS, False)
@@ -99,3 +112,8 @@ def test_report_md_shows_the_within_parent_table_after_the_plain_one():
     plain, within = text.index("| 5-way | 0.9000 |"), text.index("| 5-way | 0.7500 |")
     assert plain < text.index("One-shot within one parent folder") < within
     assert "within one parent" not in markdown_report(base)
+    groups = {"5": {"Balinese": 0.6, "Latin": 0.9}, "20": {"Balinese": 0.55}}
+    text = markdown_report({**base, "one_shot_within_parent": {"5": 0.75, "20": 0.5},
+                            "one_shot_within_parent_by_group": groups})  # fmt: skip
+    assert text.index("| 20-way | 0.5000 |") < text.index("| parent | 5-way | 20-way |")
+    assert "| Balinese | 0.6000 | 0.5500 |" in text and "| Latin | 0.9000 | n/a |" in text
