@@ -186,17 +186,3 @@ def one_shot_within(
     per_group = {str(g): int(h) / int(t) for g, h, t in zip(eligible_groups, hits, trials,
                                                              strict=True) if t}  # fmt: skip
     return int(hits.sum()) / (episodes * n_way), per_group
-
-
-def one_shot_within_accuracy(
-    emb: np.ndarray,
-    labels: np.ndarray,
-    groups: np.ndarray,
-    n_way: int,
-    episodes: int = 500,
-    seed: int = 0,
-    metric: str = "cosine",
-) -> float | None:
-    """The accuracy of `one_shot_within` alone."""
-    out = one_shot_within(emb, labels, groups, n_way, episodes, seed, metric)
-    return None if out is None else out[0]
