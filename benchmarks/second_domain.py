@@ -131,6 +131,8 @@ def plan(name: str, data: Path, work: Path, args: argparse.Namespace):
         from tests.foreign_data import write_drawings
 
         root = write_drawings(work / "drawings", args.alphabets, args.chars, args.per_class)
+    elif name == "omniglot":  # the archive itself, as configs/handwriting.yaml reads it
+        root = data / archive
     else:
         root = extract(data, archive, inner, work)
     fraction = args.train_fraction or fraction
@@ -142,6 +144,8 @@ def plan(name: str, data: Path, work: Path, args: argparse.Namespace):
         train = ["--set", f"data.root={train_root}", *split, "--set", "data.val_fraction=0"]
         test = ["--set", f"data.root={test_root}", "--set", "data.split=none"]
         return train, test
+    if name == "omniglot":  # whole alphabets, whatever the config
+        split += ["--set", "data.split_by=parent"]
     train = ["--set", f"data.root={root}", *split]
     return train, None
 

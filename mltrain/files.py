@@ -372,11 +372,17 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """`1.5 GiB`, `20.0 MiB`, `512 bytes`: sizes as messages quote them."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
-            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
-    return f"{n:,} bytes"
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:,} byte{'' if n == 1 else 's'}"
+
+
+def _size(n: int) -> str:
+    """The size with its exact byte count, for the disk-space error."""
+    return size_text(n) if n < 2**10 else f"{size_text(n)} ({n:,} bytes)"
 
 
 def check_free_space(needs: list[tuple[Path, str, int]], what_to_do: str | None = None) -> None:

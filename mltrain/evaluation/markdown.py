@@ -263,14 +263,14 @@ def verification_section(m: Mapping[str, Any]) -> list[str]:
 
 
 def _by_group(m: Mapping[str, Any]) -> list[str]:
-    """Within-parent one-shot per parent folder: the hard ones, and why splits differ."""
+    """Within-parent one-shot per parent folder, by name: which parents are hard, and so why
+    one split of a few parents scores unlike another."""
     by_group = m.get("one_shot_within_parent_by_group") or {}
     ways = sorted(by_group, key=int)
     groups = sorted({g for n in ways for g in by_group[n]})
     if len(groups) < 2:
         return []
-    rows = [(g, *(fmt(by_group[n][g]) if g in by_group[n] else "n/a" for n in ways))
-            for g in groups]  # fmt: skip
+    rows = [(g or "(top level)", *(fmt(by_group[n].get(g)) for n in ways)) for g in groups]
     return ["Per parent folder (each scored on its own episodes):", "",
             *md_table(["parent", *(f"{n}-way" for n in ways)], rows), ""]  # fmt: skip
 

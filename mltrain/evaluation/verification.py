@@ -182,7 +182,7 @@ def one_shot_within(
     block_group = groups[order[starts]]
     members = [np.flatnonzero((block_group == g) & (counts >= 2)) for g in eligible_groups]
     hits = _episodes_hits(emb, order, starts, counts, members, n_way, episodes, seed, metric)
-    trials = np.bincount(np.arange(episodes) % len(members), minlength=len(members)) * n_way
-    per_group = {str(g): int(h) / int(t) for g, h, t in zip(eligible_groups, hits, trials,
+    queries = np.bincount(np.arange(episodes) % len(members), minlength=len(members)) * n_way
+    per_group = {str(g): int(h) / int(t) for g, h, t in zip(eligible_groups, hits, queries,
                                                              strict=True) if t}  # fmt: skip
     return int(hits.sum()) / (episodes * n_way), per_group

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from mltrain.errors import ConfigError
-from mltrain.files import atomic_save
+from mltrain.files import atomic_save, size_text
 from mltrain.text import counted
 
 
@@ -83,13 +84,18 @@ def cache_limit() -> int:
 
 def evict(folder: Path, keep: Path) -> None:
     """Delete the least recently used entries (a hit touches its file) until the folder fits
-    `cache_limit()`, never `keep`, the entry just written; a note says what went. Another
-    process may evict beside this one: a file already gone is skipped."""
-    entries = []
-    for f in folder.glob("*.pt"):
+    `cache_limit()`, never `keep`, the entry just written, and a day-old temporary file that a
+    killed write left; a note says what went. Eviction only saves space, so a file that will
+    not go (gone already, another user's) is passed over rather than stopping the run."""
+    entries, now = [], time.time()
+    for f in [*folder.glob("*.pt"), *folder.glob(".*.pt.*.tmp")]:
         try:
             st = f.stat()
-        except FileNotFoundError:
+        except OSError:
+            continue
+        if f.suffix == ".tmp":
+            if now - st.st_mtime > STALE_TMP_S:
+                _remove(f)
             continue
         entries.append((st.st_mtime_ns, st.st_size, f))
     total, limit = sum(size for _, size, _ in entries), cache_limit()
@@ -97,15 +103,25 @@ def evict(folder: Path, keep: Path) -> None:
     for _, size, f in sorted(entries):
         if total <= limit:
             break
-        if f != keep:
-            f.unlink(missing_ok=True)
+        if f != keep and _remove(f):
             total -= size
             freed.append(size)
     if freed:
-        print(f"note: the prefix cache {folder} passed MLTRAIN_CACHE_GB ({limit / 2**30:g} GiB): "
-              f"removed the {counted(len(freed), 'file')} used least recently "
-              f"({sum(freed) / 2**30:.1f} GiB); set MLTRAIN_CACHE_GB to keep more",
+        print(f"note: the prefix cache {folder} passed its cap of {size_text(limit)} "
+              f"(MLTRAIN_CACHE_GB): removed the {counted(len(freed), 'file')} used least "
+              f"recently ({size_text(sum(freed))}); set MLTRAIN_CACHE_GB to keep more",
               file=sys.stderr)  # fmt: skip
+
+
+STALE_TMP_S = 24 * 3600  # a write still going on is minutes old, never a day
+
+
+def _remove(path: Path) -> bool:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
 
 
 def _touch(path: Path) -> None:

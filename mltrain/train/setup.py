@@ -18,7 +18,7 @@ from mltrain.config import Config, save_config
 from mltrain.data.pipeline import RunData, report_notes, validation_note
 from mltrain.data.samplers import build_sampler, fit_batch_size
 from mltrain.errors import MltrainError
-from mltrain.files import check_free_space, check_writable
+from mltrain.files import check_free_space, check_writable, size_text
 from mltrain.model.network import EmbeddingModel
 from mltrain.model.precision import depthwise_in_fp32
 from mltrain.train.disk import checkpoint_bytes, prefix_bytes_per_image, run_space_needs
@@ -127,7 +127,12 @@ def check_disk_space(
         images = len(data.train_rows) * cfg.train.cache_views + len(split.selection)
         per_image = prefix_bytes_per_image(model, tuple(dcfg["input_size"]))
         cache = (cache_dir(), images * per_image)
-        cache_limit()  # a bad MLTRAIN_CACHE_GB fails here, not after the prefix is computed
+        need, limit = images * per_image, cache_limit()  # a bad MLTRAIN_CACHE_GB fails here
+        if need > limit:
+            report_notes([f"this run's prefix cache entries (about {size_text(need)}) exceed "
+                          f"the cache's cap of {size_text(limit)} (MLTRAIN_CACHE_GB): later "
+                          "runs will compute them again; raise MLTRAIN_CACHE_GB to keep them"],
+                         run_dir)  # fmt: skip
     size = checkpoint_bytes([model, loss])
     check_free_space(run_space_needs(run_dir, size, cache))
 

@@ -25,23 +25,24 @@ LABELS = np.array([0, 0, 1, 1, 2, 2, 3, 3])
 PARENTS = np.array(["A", "A", "A", "A", "B", "B", "B", "B"], dtype=object)
 
 
-def one_shot_within_accuracy(*args, **kwargs) -> float | None:
+def _accuracy(*args, **kwargs) -> float | None:
+    """The whole figure of `one_shot_within`, without the per-parent ones."""
     out = one_shot_within(*args, **kwargs)
     return None if out is None else out[0]
 
 
 def test_within_parent_episodes_take_the_parents_in_turn():
     # 4 episodes: A, B, A, B -> (2 + 1 + 2 + 1) / 8 right answers
-    assert one_shot_within_accuracy(EMB, LABELS, PARENTS, 2, episodes=4) == 0.75
+    assert _accuracy(EMB, LABELS, PARENTS, 2, episodes=4) == 0.75
     # 3 episodes: A, B, A -> (2 + 1 + 2) / 6
-    assert one_shot_within_accuracy(EMB, LABELS, PARENTS, 2, episodes=3) == pytest.approx(5 / 6)
+    assert _accuracy(EMB, LABELS, PARENTS, 2, episodes=3) == pytest.approx(5 / 6)
     # no parent holds 3 classes
-    assert one_shot_within_accuracy(EMB, LABELS, PARENTS, 3, episodes=4) is None
+    assert _accuracy(EMB, LABELS, PARENTS, 3, episodes=4) is None
     # only B holds 2 classes when A's second class has a single image: every episode is B's
     one_image = np.array([0, 0, 1, 9, 2, 2, 3, 3])  # class 1 keeps one image, 9 another
     parents = np.array(["A", "A", "A", "C", "B", "B", "B", "B"], dtype=object)
     assert one_shot_groups(one_image, parents, 2) == ["B"]
-    assert one_shot_within_accuracy(EMB, one_image, parents, 2, episodes=5) == 0.5
+    assert _accuracy(EMB, one_image, parents, 2, episodes=5) == 0.5
     # the plain 4-way figure: A's two queries right, one of B's two (3 of 4 per episode)
     assert one_shot_accuracy(EMB, LABELS, 4, episodes=7) == 0.75
 
@@ -59,7 +60,7 @@ def test_each_parent_is_scored_on_its_own_episodes():
 
 def test_within_parent_rejects_mismatched_groups():
     with pytest.raises(DataError, match="3 group names for 8 labels"):
-        one_shot_within_accuracy(EMB, LABELS, PARENTS[:3], 2)
+        _accuracy(EMB, LABELS, PARENTS[:3], 2)
 
 
 def plan(parents, setting="auto", ways=(2, 3)):

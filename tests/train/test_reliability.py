@@ -15,6 +15,7 @@ import torch
 
 from mltrain.config import load_config
 from mltrain.errors import ConfigError, MltrainError
+from mltrain.files import size_text
 from mltrain.model.checkpoint import load_checkpoint
 from mltrain.model.losses import Criterion
 from mltrain.train import run as trainer
@@ -420,13 +421,46 @@ def test_the_prefix_cache_evicts_the_least_recently_used_past_its_cap(tmp_path, 
     prefix_cache.cached({"d": 4}, lambda: (torch.ones(256),))
     assert sorted(folder.glob("*.pt")) == sorted([entry({"a": 1}), entry({"d": 4})])
     err = capsys.readouterr().err
-    assert err.startswith(f"note: the prefix cache {folder} passed MLTRAIN_CACHE_GB (")
-    assert "removed the 2 files used least recently" in err and err.count("\n") == 1
+    assert err.startswith(f"note: the prefix cache {folder} passed its cap of ")
+    gone = size_text(2 * size)  # the two entries are the same size
+    assert f"(MLTRAIN_CACHE_GB): removed the 2 files used least recently ({gone})" in err
+    assert err.count("\n") == 1
     again = prefix_cache.cached({"a": 1}, lambda: pytest.fail("recomputed"))
     assert torch.equal(first[0], again[0])
     monkeypatch.setenv("MLTRAIN_CACHE_GB", str(0.5 * size / 2**30))  # smaller than one entry
+    stale, fresh = folder / ".x.pt.1.tmp", folder / ".y.pt.2.tmp"  # left by killed writes
+    stale.write_bytes(b"0" * 10)
+    fresh.write_bytes(b"0" * 10)
+    os.utime(stale, (0, 0))
     prefix_cache.cached({"e": 5}, lambda: (torch.ones(256),))
     assert list(folder.glob("*.pt")) == [entry({"e": 5})]  # the new entry always stays
+    assert fresh.exists() and not stale.exists()  # a write may still be going on: a day old
+
+
+def test_eviction_passes_over_a_file_it_cannot_remove(tmp_path, monkeypatch, capsys):
+    """Another user's entry in a shared cache (or one already gone) only costs space."""
+    import torch
+
+    from mltrain.train import prefix_cache
+
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    prefix_cache.cached({"a": 1}, lambda: (torch.zeros(256),))
+    prefix_cache.cached({"b": 2}, lambda: (torch.zeros(256),))
+    real_unlink = Path.unlink
+
+    def refuse(self, missing_ok=False):
+        if self.name.startswith(prefix_cache.cache_key({"a": 1})):
+            raise PermissionError(13, "Permission denied", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    monkeypatch.setenv("MLTRAIN_CACHE_GB", "1e-9")  # 1 byte: everything but the new entry
+    out = prefix_cache.cached({"c": 3}, lambda: (torch.ones(2),))
+    assert torch.equal(out[0], torch.ones(2))
+    names = sorted(f.name for f in (tmp_path / "cache" / "prefix").glob("*.pt"))
+    keys = sorted(f"{prefix_cache.cache_key(k)}.pt" for k in ({"a": 1}, {"c": 3}))
+    assert names == keys
+    assert "removed the 1 file used least recently" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-3", "nan", "inf"])
@@ -441,6 +475,16 @@ def test_a_bad_cache_cap_is_refused_before_training(tmp_path, monkeypatch, value
     with pytest.raises(ConfigError, match="MLTRAIN_CACHE_GB"):
         trainer.fit(_cfg(root, tmp_path / "exp", "train.epochs=1"))
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_cap_below_the_runs_own_entries_is_noted_before_training(tmp_path, monkeypatch,
+                                                                   capsys):  # fmt: skip
+    root = write_image_folder(tmp_path / "data", classes=4, per_class=8)
+    monkeypatch.setenv("MLTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLTRAIN_CACHE_GB", "1e-9")
+    run_dir = trainer.fit(_cfg(root, tmp_path / "exp", "train.epochs=1"))
+    note = "exceed the cache's cap of 1 byte (MLTRAIN_CACHE_GB): later runs will compute"
+    assert note in capsys.readouterr().err and note in (run_dir / "notes.txt").read_text()
 
 
 def test_sigterm_interrupts_setup_and_the_callers_handlers_come_back():
