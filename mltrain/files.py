@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import math
 import os
@@ -447,6 +448,15 @@ def torch_save(obj: Any, f: BinaryIO, name: str | Path) -> None:
             raise
         e = recorder.error
         raise OSError(e.errno, e.strerror, str(name)) from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The file's SHA-256, read in chunks: a bundle's files are checked against these."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

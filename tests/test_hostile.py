@@ -22,18 +22,19 @@ import pytest
 import torch
 
 import mltrain.data.images as images_mod
+import mltrain.files as files_mod
 import mltrain.model.network as network_mod
 import mltrain.retrieval.bundle as bundle_mod
 from mltrain.commands.search import script as search_main
 from mltrain.config import Config, load_config, to_dict
 from mltrain.data.images import load_image
 from mltrain.errors import BundleError, CheckpointError, ConfigError, DataError, MltrainError
-from mltrain.files import atomic_save
+from mltrain.files import atomic_save, sha256_file
 from mltrain.inference import embedder as inference
 from mltrain.model.checkpoint import load_checkpoint
 from mltrain.model.network import build_model, create_backbone
 from mltrain.retrieval.add import add_images
-from mltrain.retrieval.bundle import load_bundle, safe_image_path, sha256_file
+from mltrain.retrieval.bundle import load_bundle, safe_image_path
 from mltrain.retrieval.bundle_model import bundle_embedder
 from mltrain.retrieval.bundle_write import check_export_target
 from mltrain.retrieval.export import export_bundle
@@ -234,8 +235,8 @@ def test_root_paths_must_name_images(bundle, exported, tmp_path):
 @pytest.mark.parametrize("name", ["model.pt", "index.faiss", "metadata.csv", "embeddings.npy"])
 def test_bundle_file_symlinked_out_is_refused_before_reading(bundle, outside, name, monkeypatch):
     hashed = []
-    real = bundle_mod.sha256_file
-    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
+    real = files_mod.sha256_file
+    monkeypatch.setattr(files_mod, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
     secret = outside / "copy"
     secret.write_bytes((bundle / name).read_bytes())
     (bundle / name).unlink()
@@ -448,7 +449,7 @@ def test_fifo_config_and_checkpoint_fail_fast(tmp_path, deadline):
 
 def test_sheet_pointing_at_a_folder_fails_before_searching(exported, tmp_path, capsys,
                                                            monkeypatch):  # fmt: skip
-    import mltrain.commands.search as search_mod
+    import mltrain.retrieval.search as search_mod  # what the command imports when it searches
 
     monkeypatch.setattr(search_mod, "search_images", lambda *a: pytest.fail("searched"))
     query = exported[0] / "class_0" / "img_000.jpg"

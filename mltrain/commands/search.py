@@ -13,8 +13,9 @@ warm-up search) and once the time spent embedding the queries.
 
   -k N          neighbours per query (default: the bundle's export.k)
   --sheet PNG   contact sheet: each query beside its top-k thumbnails with class names;
-                results are outlined green when their class equals the query's folder name,
-                red when it differs, grey when the query's folder is no class of the bundle
+                results are outlined green when their class is the one the query's folders
+                name (Latin/character07/q.png: Latin/character07 in a nested bundle), red
+                when it differs, grey when they name no class of the bundle
   --json        one JSON document on stdout instead of the table
   --image-root  where the bundle's images are now, if they moved (thumbnails only)
   --backend B   what embeds the queries: torch, onnx (the bundle's model.onnx, written by
@@ -36,28 +37,20 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mltrain.commands.add import enroll
 from mltrain.commands.common import exit_status
 from mltrain.errors import ConfigError
-from mltrain.retrieval.bundle import Bundle, load_bundle
-from mltrain.retrieval.bundle_model import BACKENDS
-from mltrain.retrieval.gallery import label_of
+from mltrain.inference.backends import BACKENDS
 from mltrain.retrieval.rerank import RERANKERS
-from mltrain.retrieval.search import (
-    SearchRun,
-    apply_threshold,
-    default_rerank,
-    hit_dict,
-    search_images,
-    threshold_value,
-)
-from mltrain.retrieval.sheet import check_sheet_target, write_sheet
-from mltrain.retrieval.verify import calibration_note, is_resolved
 from mltrain.text import printable, shortened
+
+if TYPE_CHECKING:  # the bundle, the model and Faiss load after the arguments are checked
+    from mltrain.retrieval.bundle import Bundle
+    from mltrain.retrieval.search import SearchRun
 
 CLASS_COLUMN = 40  # the table's class column; --json keeps every name whole
 
@@ -66,7 +59,7 @@ def parser(prog: str = "mltrain search") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("bundle", help="search bundle folder (written by evaluate.py --export)")
+    p.add_argument("bundle", help="search bundle folder (written by python -m mltrain export)")
     p.add_argument("images", nargs="+", help="query images (with --add: images or folders)")
     p.add_argument("-k", type=int, default=None, help="neighbours per query")
     p.add_argument("--sheet", metavar="PNG", help="write a contact sheet to this file")
@@ -99,6 +92,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "mltrain search") -> int
     """`mltrain search`: 0 when every query was answered, 1 when some query failed (each
     named on stderr); a bad bundle or argument raises, for `run_main` to print."""
     args = parser(prog).parse_args(argv)
+    if args.k is not None and args.k < 1:
+        raise ConfigError(f"-k must be at least 1, got {args.k}")
     if args.add:
         ignored = search_only_flags(args)
         if ignored:
@@ -106,6 +101,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "mltrain search") -> int
             raise ConfigError(f"{', '.join(ignored)} only {verb} to a search, not with --add")
         enroll(args.bundle, args.images, args.class_name)
         return 0
+    # the bundle, its model and Faiss import only now: -h and a bad argument answer at once
+    from mltrain.retrieval.bundle import load_bundle
+    from mltrain.retrieval.gallery import label_of
+    from mltrain.retrieval.search import (
+        apply_threshold,
+        default_rerank,
+        search_images,
+        threshold_value,
+    )
+    from mltrain.retrieval.sheet import check_sheet_target, write_sheet
+
     if args.sheet:
         check_sheet_target(args.sheet)
     t0 = time.perf_counter()
@@ -128,13 +134,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "mltrain search") -> int
     if args.sheet:
         out = write_sheet(run, bundle, args.sheet)
         print(f"contact sheet: {printable(out)}", file=sys.stderr if args.json else sys.stdout)
-    return 1 if any(r.error is not None for r in run.results) else 0
+    failed = sum(r.error is not None for r in run.results)
+    return 2 if failed == len(run.results) else 1 if failed else 0  # 2: nothing was answered
 
 
 def report(run: SearchRun, bundle: Bundle, as_json: bool, load_ms: float,
            threshold: float | None, cal: dict[str, Any] | None) -> None:  # fmt: skip
     """Failed queries and a loose threshold on stderr; the answer on stdout, as one JSON
     document or as a header and a table per query."""
+    from mltrain.retrieval.verify import calibration_note, is_resolved
+
     for r in run.results:
         if r.error is not None:
             print(f"error: query {printable(r.query)}: {printable(r.error)}", file=sys.stderr)
@@ -194,6 +203,8 @@ def print_table(run: SearchRun, bundle: Bundle) -> None:
 
 def json_doc(run: SearchRun, bundle: Bundle, load_ms: float) -> dict[str, Any]:
     """The --json answer: the bundle's index, the settings that ran and every query's hits."""
+    from mltrain.retrieval.search import hit_dict
+
     info = bundle.manifest["index"]
     return {
         "bundle": str(bundle.path),

@@ -88,18 +88,18 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-def load_image(path: str | os.PathLike, size_hint: int | None = None) -> np.ndarray:
+def load_image(path: str | os.PathLike, size_hint: int | None = None,
+               what_to_do: str = "replace or delete the file") -> np.ndarray:  # fmt: skip
     """Read `path` as an H x W x 3 uint8 RGB array, EXIF orientation applied.
 
     With `size_hint`, JPEGs are decoded at a reduced scale whose sides are still >= the hint
     (pass the size the transform resizes the shorter side to); other formats ignore it.
+    `what_to_do` ends the error: a data set's file is replaced, a query is another file.
     """
     try:
         return _decode(path, size_hint)
     except Exception as e:  # any decoder failure means this file is unusable
-        raise DataError(
-            f"cannot read image {path} ({_reason(e)}); replace or delete the file"
-        ) from e
+        raise DataError(f"cannot read image {path} ({_reason(e)}); {what_to_do}") from e
 
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: any camera photo; a 1 KB PNG "bomb" claims far more

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -76,7 +75,7 @@ IMAGES_DIR = "images"  # copies of added images that lie outside the image root
 BUNDLE_PREFIX = "bundle:"  # metadata paths under the bundle folder rather than the image root
 _REQUIRED_KEYS = ("format_version", "config", "metric", "embedding_dim", "count", "dtype",
                   "index", "files", "image_root", "classes")  # fmt: skip
-REEXPORT = "re-export the bundle (python evaluate.py --checkpoint ... --export DIR)"
+REEXPORT = "re-export the bundle (python -m mltrain export --checkpoint ... --out DIR)"
 REEXPORT_ONNX = "re-export the bundle with --onnx (python -m mltrain export ... --onnx)"
 MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest of a million classes is about 50 MB
 MAX_MANIFEST_DEPTH = 64  # an export writes about 6 levels (config sections, their arguments)
@@ -98,6 +97,7 @@ class Bundle:
     root: Path
     _embedder: Embedder | None = field(default=None, repr=False)
     _onnx_embedder: Embedder | None = field(default=None, repr=False)
+    _labels: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def index(self) -> faiss.Index:
@@ -124,13 +124,11 @@ class Bundle:
     def __len__(self) -> int:
         return len(self.metadata)
 
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    def rows_of_class(self, label: int) -> np.ndarray:
+        """The metadata rows of class `label` (labels read once; enrolment appends rows)."""
+        if self._labels is None or len(self._labels) != len(self.metadata):
+            self._labels = np.array([r["label"] for r in self.metadata], np.int64)
+        return np.flatnonzero(self._labels == label)
 
 
 def is_bundle_dir(path: Path) -> bool:
@@ -206,17 +204,25 @@ def recover(path: Path) -> None:
               file=sys.stderr)  # fmt: skip
 
 
+def _not_a_bundle(path: Path, why: str, checkpoint: object) -> BundleError:
+    return BundleError(f"{path} {why}; export one first: python -m mltrain export --checkpoint "
+                       f"{checkpoint} --out BUNDLE")  # fmt: skip
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     recover(path)
     mpath = path / MANIFEST
+    if path.is_file() and path.suffix == ".pt":
+        raise _not_a_bundle(path, "is a checkpoint, not a search bundle", path)
     if not path.is_dir():
         raise BundleError(f"search bundle {path} is not a folder; pass the folder that holds "
                           f"{MANIFEST}")  # fmt: skip
     if not mpath.exists():
         if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-            raise BundleError(f"{path} is a training run, not a search bundle; export one "
-                              f"first: python -m mltrain export --checkpoint {path} --out "
-                              "BUNDLE")  # fmt: skip
+            raise _not_a_bundle(path, "is a training run, not a search bundle", path)
+        if not any((path / name).exists() for name in (*DATA_FILES, ONNX)):
+            raise _not_a_bundle(path, f"holds no search bundle (no {MANIFEST})",
+                                "RUN/checkpoints/best.pt")
         raise BundleError(f"{mpath} is missing: {path} is not a complete bundle; {REEXPORT}")
     bundle_file(path, MANIFEST)
     manifest = files.read_json(mpath, BundleError, MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH,
@@ -412,7 +418,7 @@ def _check_digest(path: Path, name: str, expected: str | None) -> None:
     bundle_file(path, name)
     if not expected:
         raise BundleError(f"{path / MANIFEST} records no sha256 for {name}; {REEXPORT}")
-    if sha256_file(path / name) != expected:
+    if files.sha256_file(path / name) != expected:
         raise BundleError(
             f"{path / name} does not match its sha256 in {MANIFEST} (changed, truncated or "
             f"from another export); {REEXPORT}"

@@ -23,7 +23,7 @@ import torch
 import mltrain
 from mltrain import files
 from mltrain.errors import BundleError
-from mltrain.files import torch_save
+from mltrain.files import sha256_file, torch_save
 from mltrain.retrieval.bundle import (
     COLUMNS,
     DATA_FILES,
@@ -36,7 +36,6 @@ from mltrain.retrieval.bundle import (
     data_files,
     is_bundle_dir,
     recover,
-    sha256_file,
 )
 from mltrain.retrieval.gallery import Gallery, own_names
 from mltrain.retrieval.shards import SHARD_NAME, Shard

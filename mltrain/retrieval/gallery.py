@@ -60,11 +60,9 @@ class Gallery(Protocol):
         """Refuse a metric other than the one it ranks by (a wrong one ranks silently wrong)."""
         ...
 
-    def search(
-        self, queries: np.ndarray, k: int, label: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows), each (n_queries, k); with `label`, rows of that class only.
-        Unfilled slots have row -1."""
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (n_queries, k); unfilled slots have row -1. A class filter
+        is `mltrain.retrieval.search.gallery_search`'s: exact, from the stored embeddings."""
         ...
 
     def add(self, vectors: np.ndarray, labels: Sequence[int], paths: Sequence[str]) -> None:
@@ -155,9 +153,8 @@ class FaissGallery:
     FILES = (INDEX,)
     NAMES = (INDEX,)
 
-    def __init__(self, index: faiss.Index, labels: np.ndarray | None = None) -> None:
+    def __init__(self, index: faiss.Index) -> None:
         self.index = index
-        self._labels = labels  # each row's class, for filtered searches
 
     @property
     def dim(self) -> int:
@@ -169,31 +166,11 @@ class FaissGallery:
     def check_metric(self, metric: str) -> None:
         check_index_metric(self.index, metric)
 
-    def search(
-        self, queries: np.ndarray, k: int, label: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if label is None:
-            return self.index.search(queries, k)
-        # faiss.contrib.torch_utils, once imported, wraps search without params; the numpy one
-        search = getattr(self.index, "search_numpy", self.index.search)
-        return search(queries, k, params=self._only(label))
-
-    def _only(self, label: int) -> faiss.SearchParameters:
-        """Search parameters that admit the rows of class `label` alone (IVF keeps nprobe)."""
-        labels = np.zeros(0, np.int64) if self._labels is None else self._labels
-        sel = faiss.IDSelectorBatch(np.flatnonzero(labels == label).astype(np.int64))
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
-        else:
-            params = faiss.SearchParameters(sel=sel)
-        params._sel = sel  # the selector must outlive the call: Faiss holds a raw pointer
-        return params
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, k)
 
     def add(self, vectors: np.ndarray, labels: Sequence[int], paths: Sequence[str]) -> None:
         self.index.add(vectors)
-        if self._labels is not None:
-            self._labels = np.concatenate([self._labels, np.asarray(labels, np.int64)])
 
     def save(self, folder: Path) -> list[str]:
         save_index(self.index, folder / INDEX)
@@ -221,7 +198,7 @@ class FaissGallery:
             index = index_from_shards(kind, source, metric, pca_dim, args)
         else:
             index = build_index(kind, source, metric, pca_dim, args)
-        return cls(index, np.asarray(labels, np.int64))
+        return cls(index)
 
     @classmethod
     def open(cls, folder: Path, manifest: dict[str, Any], metadata: list[dict]) -> FaissGallery:
@@ -233,8 +210,7 @@ class FaissGallery:
         if index.d != dim:
             raise BundleError(f"{folder / INDEX} takes {index.d}-d queries, embeddings are {dim}-d")
         _apply_search_params(index, manifest["index"].get("args") or {})
-        labels = np.fromiter((r["label"] for r in metadata), np.int64, len(metadata))
-        return cls(index, labels)
+        return cls(index)
 
 
 def _apply_search_params(index: faiss.Index, args: dict[str, Any]) -> None:

@@ -176,10 +176,8 @@ class MilvusGallery:
             raise ConfigError(f"metric '{metric}' does not match this Milvus collection "
                               f"({self.metric})")  # fmt: skip
 
-    def search(
-        self, queries: np.ndarray, k: int, label: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        where = f"id < {self._count}" + ("" if label is None else f" and label == {int(label)}")
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        where = f"id < {self._count}"
         try:
             found = self.client.search(self.collection, data=[q.tolist() for q in queries],
                                        limit=int(k), filter=where, output_fields=[],

@@ -48,7 +48,7 @@ def embed_queries(embedder: Embedder, paths: list[Path], candidates: list[int],
     ok: list[int] = []
     for i in candidates:
         try:
-            load_image(paths[i], 64)
+            load_image(paths[i], 64, "pass an image file (JPEG, PNG, ...)")
             ok.append(i)
         except MltrainError as e:
             errors[i] = str(e)

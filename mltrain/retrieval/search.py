@@ -96,7 +96,7 @@ def search_images(
     order = list(embs)
     queries = (np.concatenate([prepare(embs[i][None, :], metric, "query") for i in order])
                if order else np.empty((0, gallery.dim), np.float32))  # fmt: skip
-    timed = timed_single_queries(lambda q: gallery.search(q, deep, label), queries)
+    timed = timed_single_queries(lambda q: gallery_search(bundle, q, deep, label), queries)
     for n, (i, (seconds, (scores, rows))) in enumerate(zip(order, timed, strict=True)):
         results[i].search_us = seconds * 1e6
         results[i].hits = rank_hits(bundle, queries[n], scores[0], rows[0], k, rerank)
@@ -154,9 +154,60 @@ def exact_scores(cand: np.ndarray, query: np.ndarray, metric: str) -> tuple[np.n
     score a user sees is on the threshold's scale."""
     if metric == "cosine":
         scores = l2_normalize(cand) @ query
-        return scores, np.argsort(-scores, kind="stable")
-    scores = ((cand - query[None, :]) ** 2).sum(axis=1)
-    return scores, np.argsort(scores, kind="stable")
+    else:
+        scores = ((cand - query[None, :]) ** 2).sum(axis=1)
+    return scores, _best_first(scores, metric)
+
+
+def _best_first(scores: np.ndarray, metric: str) -> np.ndarray:
+    return np.argsort(-scores if metric == "cosine" else scores, kind="stable")
+
+
+def gallery_search(
+    bundle: Bundle, queries: np.ndarray, depth: int, label: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows), each (n_queries, depth), for prepared `queries`; unfilled slots have
+    row -1. The gallery's index answers, except where it cannot answer in full:
+
+    - `label` (one class's hits): an approximate index filtered to a few rows misses some of
+      them (HNSW's graph found 16 of a class's 20 images), so the class is scored whole from
+      its stored embeddings (`exact_search`).
+    - a query the index returns fewer than `depth` rows for, of a gallery holding that many
+      (HNSW reaches only part of its graph for a large k): scored whole the same way."""
+    if label is not None:
+        return exact_search(bundle, queries, depth, bundle.rows_of_class(label))
+    scores, rows = bundle.gallery.search(queries, depth)
+    short = (rows >= 0).sum(axis=1) < min(depth, len(bundle))
+    if short.any():
+        scores, rows = scores.copy(), rows.copy()
+        scores[short], rows[short] = exact_search(bundle, queries[short], depth)
+    return scores, rows
+
+
+EXACT_CHUNK = 65536  # stored embeddings scored this many rows at a time (memory-mapped pages)
+
+
+def exact_search(
+    bundle: Bundle, queries: np.ndarray, depth: int, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best `depth` of `rows` (all rows when None) for each prepared query, scored from the
+    stored full-length embeddings as `exact_scores` scores them; unfilled slots have row -1."""
+    n = len(bundle) if rows is None else len(rows)
+    best = [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in queries]
+    for start in range(0, n, EXACT_CHUNK):
+        ids = np.arange(start, min(n, start + EXACT_CHUNK)) if rows is None else (
+            np.asarray(rows[start : start + EXACT_CHUNK], np.int64))  # fmt: skip
+        cand = _rows_of(bundle, ids.tolist())
+        for i, q in enumerate(queries):
+            scores = np.concatenate([best[i][0], exact_scores(cand, q, bundle.metric)[0]])
+            found = np.concatenate([best[i][1], ids])
+            keep = _best_first(scores, bundle.metric)[:depth]
+            best[i] = (scores[keep], found[keep])
+    out_scores = np.full((len(queries), depth), np.nan, np.float32)
+    out_rows = np.full((len(queries), depth), -1, np.int64)
+    for i, (scores, found) in enumerate(best):
+        out_scores[i, : len(found)], out_rows[i, : len(found)] = scores, found
+    return out_scores, out_rows
 
 
 RERANK_CANDIDATES = 50

@@ -45,6 +45,7 @@ from mltrain.retrieval.search import (
     SearchRun,
     apply_threshold,
     default_rerank,
+    gallery_search,
     hit_dict,
     rank_hits,
     search_depth,
@@ -243,7 +244,7 @@ class SearchService:
         query = prepare(emb[None, :], self.bundle.metric, "query")
         with self._index_lock:
             depth = search_depth(self.bundle, k, rerank)
-            scores, rows = self.bundle.gallery.search(query, depth, label)
+            scores, rows = gallery_search(self.bundle, query, depth, label)
         run = SearchRun([QueryResult(name)], k, 0.0, 0.0, rerank)
         run.results[0].hits = rank_hits(self.bundle, query[0], scores[0], rows[0], k, rerank)
         if cut is not None:

@@ -1,6 +1,7 @@
 """The contact sheet of a search: each answered query beside its hits as thumbnails, outlined
-green where a hit's class is the query's folder name, red where it differs, grey where the
-query's folder is no class of the bundle. The server's thumbnails come from here too."""
+green where a hit's class is the one the query's folders name (`query_class`), red where it
+differs, grey where they name no class of the bundle. The server's thumbnails come from here
+too."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def write_sheet(run: SearchRun, bundle: Bundle, out: str | Path) -> Path:
     missing = 0
     for r_i, r in enumerate(rows):
         qpath = Path(r.query)
-        qclass = qpath.parent.name
+        qclass = query_class(qpath, classes)
         img = thumbnail(qpath) or _placeholder("unreadable")
         cell(r_i, 0, img, COLOURS["query"], ["query", printable(qpath.name)])
         for h in r.hits:
@@ -78,7 +79,7 @@ def write_sheet(run: SearchRun, bundle: Bundle, out: str | Path) -> Path:
             img = thumbnail(safe_image_path(bundle, h.path))
             missing += img is None
             img = img or _placeholder("missing")
-            if qclass not in classes:
+            if qclass is None:
                 outline = COLOURS["unknown"]
             else:
                 outline = COLOURS["match"] if h.cls == qclass else COLOURS["miss"]
@@ -90,6 +91,18 @@ def write_sheet(run: SearchRun, bundle: Bundle, out: str | Path) -> Path:
     out = Path(out)
     files.atomic_write(out, lambda f: sheet.save(f, format="PNG"))  # no half-written PNG
     return out
+
+
+def query_class(path: Path, classes: set[str]) -> str | None:
+    """The bundle class the query's folders name, the longest that matches:
+    `.../Latin/character07/q.png` is `Latin/character07` in a nested bundle and `character07`
+    in a flat one. None when no trailing run of its folders is a class."""
+    parts = path.parent.parts
+    for n in range(len(parts), 0, -1):
+        name = "/".join(parts[-n:])
+        if name in classes:
+            return name
+    return None
 
 
 def check_sheet_target(out: str | Path) -> None:

@@ -17,9 +17,10 @@ from PIL import Image
 import mltrain.retrieval.export as export_mod
 import mltrain.retrieval.gallery as gallery_mod
 from mltrain.errors import BundleError, ConfigError, DataError
+from mltrain.files import sha256_file
 from mltrain.inference.embedder import Embedder
 from mltrain.retrieval.add import add_images
-from mltrain.retrieval.bundle import load_bundle, safe_image_path, sha256_file
+from mltrain.retrieval.bundle import load_bundle, safe_image_path
 from mltrain.retrieval.bundle_model import bundle_embedder
 from mltrain.retrieval.export import export_bundle
 from mltrain.retrieval.index import search
@@ -621,3 +622,20 @@ def test_a_training_run_given_as_a_bundle_is_named_for_what_it_is(tmp_path):
         load_bundle(run)
     assert str(info.value) == (f"{run} is a training run, not a search bundle; export one "
                                f"first: python -m mltrain export --checkpoint {run} --out BUNDLE")
+
+
+def test_a_checkpoint_or_an_image_folder_given_as_a_bundle_is_named_for_what_it_is(tmp_path):
+    """`best.pt` or a folder of images passed where a bundle goes: told to export one, not to
+    re-export a bundle that never was."""
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"\0")
+    with pytest.raises(BundleError) as info:
+        load_bundle(ckpt)
+    assert str(info.value) == (f"{ckpt} is a checkpoint, not a search bundle; export one "
+                               f"first: python -m mltrain export --checkpoint {ckpt} --out BUNDLE")
+    images = write_image_folder(tmp_path / "images", 2, 2)
+    with pytest.raises(BundleError) as info:
+        load_bundle(images)
+    assert str(info.value) == (f"{images} holds no search bundle (no manifest.json); export one "
+                               "first: python -m mltrain export --checkpoint "
+                               "RUN/checkpoints/best.pt --out BUNDLE")

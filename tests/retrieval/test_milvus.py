@@ -18,7 +18,7 @@ from mltrain.retrieval.add import add_images  # noqa: E402
 from mltrain.retrieval.bundle import load_bundle  # noqa: E402
 from mltrain.retrieval.export import check_export_index, export_bundle  # noqa: E402
 from mltrain.retrieval.index import prepare  # noqa: E402
-from mltrain.retrieval.search import search_images  # noqa: E402
+from mltrain.retrieval.search import gallery_search, search_images  # noqa: E402
 from mltrain.retrieval.service import SearchService  # noqa: E402
 from mltrain.retrieval.verify import verify_pair  # noqa: E402
 from tests.conftest import gallery, tiny_embedder, write_image_folder  # noqa: E402
@@ -70,8 +70,8 @@ def test_a_class_filter_keeps_only_that_class_through_either_backend(pair):
     fb, mb = load_bundle(faiss_dir), load_bundle(milvus_dir)
     try:
         q = prepare(np.asarray(fb.embeddings[:2], np.float32), "cosine")
-        f_scores, f_rows = fb.gallery.search(q, 5, label=2)
-        m_scores, m_rows = mb.gallery.search(q, 5, label=2)
+        f_scores, f_rows = gallery_search(fb, q, 5, label=2)
+        m_scores, m_rows = gallery_search(mb, q, 5, label=2)
         np.testing.assert_array_equal(f_rows, m_rows)
         assert all(fb.metadata[r]["label"] == 2 for r in f_rows.ravel())
     finally:

@@ -14,9 +14,10 @@ import torch
 import mltrain.retrieval.bundle_model as bundle_model
 from mltrain.commands.search import script as main
 from mltrain.errors import BundleError, MltrainError
+from mltrain.files import sha256_file
 from mltrain.model.network import build_model
 from mltrain.retrieval.add import add_images
-from mltrain.retrieval.bundle import ONNX, load_bundle, sha256_file
+from mltrain.retrieval.bundle import ONNX, load_bundle
 from mltrain.retrieval.bundle_model import bundle_embedder, choose_backend
 from mltrain.retrieval.export import export_bundle
 from tests.conftest import tiny_embedder, write_image_folder

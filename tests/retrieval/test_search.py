@@ -68,7 +68,7 @@ def test_unreadable_query_is_reported_and_others_still_run(exported, tmp_path, c
 
 def test_missing_query_file_is_an_error_line(exported, tmp_path, capsys):
     root, out = exported
-    assert main([str(out), str(tmp_path / "nope.jpg")]) == 1
+    assert main([str(out), str(tmp_path / "nope.jpg")]) == 2  # nothing answered: a mistake
     assert "nope.jpg" in capsys.readouterr().err
 
 
@@ -168,7 +168,7 @@ def test_missing_query_and_folder_are_named_without_the_data_check_advice(
         raise AssertionError("the model was built for queries that do not exist")
 
     monkeypatch.setattr(search_mod, "bundle_embedder", no_model)
-    assert main([str(out), str(missing), str(root)]) == 1
+    assert main([str(out), str(missing), str(root)]) == 2
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert f"error: query {missing}: does not exist; check the path" in lines
@@ -254,3 +254,65 @@ def test_a_long_class_name_is_cut_in_the_table_only(capsys):
     assert "     2    0.8000  images_backgr…_Other_Scripts/character02  b.png" in rows
     assert f"     3    0.7000  {'b':<{CLASS_COLUMN}}  c.png" in rows
     assert run.results[0].hits[0].cls == magi + "01"  # --json reads the hits: whole
+
+
+def test_a_class_filter_and_a_short_index_answer_are_scored_exactly(exported):
+    """An approximate index filtered to one class misses members (HNSW found 16 of a class's
+    20), and past the part of its graph it reaches leaves slots empty: both are answered
+    from the stored embeddings instead, every row of the class or gallery, best first."""
+    from mltrain.retrieval.index import l2_normalize, prepare
+    from mltrain.retrieval.search import gallery_search
+
+    bundle = load_bundle(exported[1])
+    emb = np.asarray(bundle.embeddings, np.float32)
+    q = prepare(emb[[0, 7]], bundle.metric)
+    cosines = l2_normalize(emb) @ q.T  # (rows, queries): the full-length scores
+    members = [r for r, m in enumerate(bundle.metadata) if m["label"] == 1]
+    assert len(members) == 5
+    scores, rows = gallery_search(bundle, q, 8, label=1)
+    for i in range(2):
+        best = sorted(members, key=lambda r: -cosines[r, i])
+        assert rows[i, :5].tolist() == best and (rows[i, 5:] == -1).all()
+        np.testing.assert_allclose(scores[i, :5], cosines[best, i], atol=1e-5)
+
+    class Short:  # an index that fills 3 slots of each answer
+        def count(self):
+            return len(emb)
+
+        def search(self, queries, k):
+            rows = np.full((len(queries), k), -1, np.int64)
+            rows[:, :3] = [4, 5, 6]
+            return np.zeros((len(queries), k), np.float32), rows
+
+    bundle.gallery = Short()
+    scores, rows = gallery_search(bundle, q, 15)
+    for i in range(2):
+        np.testing.assert_array_equal(rows[i], np.argsort(-cosines[:, i], kind="stable"))
+        np.testing.assert_allclose(scores[i], np.sort(cosines[:, i])[::-1], atol=1e-5)
+    assert gallery_search(bundle, q, 3)[1].tolist() == [[4, 5, 6], [4, 5, 6]]  # full: as is
+
+
+def test_the_query_class_is_the_longest_run_of_its_folders_that_names_a_class():
+    from mltrain.retrieval.sheet import query_class
+
+    nested = {"Latin/character07", "Greek/character07"}
+    q = Path("/data/omniglot/Latin/character07/q.png")
+    assert query_class(q, nested) == "Latin/character07"  # not "character07", nor a miss
+    assert query_class(q, {"character07"}) == "character07"
+    assert query_class(q, nested | {"character07"}) == "Latin/character07"
+    assert query_class(Path("q.png"), nested) is None
+    assert query_class(Path("/data/Korean/character07/q.png"), nested) is None
+
+
+def test_help_and_a_bad_k_answer_before_the_bundle_and_model_import():
+    """`search -h` and `-k 0` took 6 s importing torch, timm and Faiss before saying a word."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mltrain.commands.search import main\n"
+            "try:\n    main(['bundle', 'q.png', '-k', '0'])\nexcept Exception as e:\n"
+            "    print(type(e).__name__, e)\n"
+            "print(sorted(m for m in ('torch', 'faiss', 'timm') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert out == "ConfigError -k must be at least 1, got 0\n[]\n"
