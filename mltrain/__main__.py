@@ -2,7 +2,7 @@
 flags (`--config`, `--set`, `--checkpoint`, `--backbone`) and one-line errors. Command NAME is
 the module `mltrain.commands.NAME`, and only the chosen one is imported, so `mltrain verify`
 does not pay for training's imports. The exit status is the command's own (search: 1 when
-some query failed), 2 for a failure, 130 for Ctrl-C."""
+some query failed), 2 for a failure (search: when no query was answered), 130 for Ctrl-C."""
 
 from __future__ import annotations
 

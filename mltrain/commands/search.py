@@ -8,8 +8,8 @@ Loads and validates the bundle (no index is rebuilt, nothing in it is re-embedde
 the query images with the bundle's own model and prints, per query, the ranked neighbours:
 rank, score, class and path (relative to the image root). Scores are cosine similarities
 (higher is closer) for cosine bundles, squared L2 distances (lower is closer) for l2 bundles.
-Per query it prints the index search time in microseconds (the Faiss call alone, after one
-warm-up search) and once the time spent embedding the queries.
+Per query it prints the search time in microseconds (the index call, or the exact scoring
+of a --class filter, after one warm-up search) and once the time spent embedding the queries.
 
   -k N          neighbours per query (default: the bundle's export.k)
   --sheet PNG   contact sheet: each query beside its top-k thumbnails with class names;
@@ -90,10 +90,9 @@ def search_only_flags(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None, prog: str = "mltrain search") -> int:
     """`mltrain search`: 0 when every query was answered, 1 when some query failed (each
-    named on stderr); a bad bundle or argument raises, for `run_main` to print."""
+    named on stderr), 2 when none was answered; a bad bundle or argument raises, for
+    `run_main` to print."""
     args = parser(prog).parse_args(argv)
-    if args.k is not None and args.k < 1:
-        raise ConfigError(f"-k must be at least 1, got {args.k}")
     if args.add:
         ignored = search_only_flags(args)
         if ignored:
@@ -101,6 +100,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "mltrain search") -> int
             raise ConfigError(f"{', '.join(ignored)} only {verb} to a search, not with --add")
         enroll(args.bundle, args.images, args.class_name)
         return 0
+    if args.k is not None and args.k < 1:
+        raise ConfigError(f"-k must be at least 1, got {args.k}")
     # the bundle, its model and Faiss import only now: -h and a bad argument answer at once
     from mltrain.retrieval.bundle import load_bundle
     from mltrain.retrieval.gallery import label_of

@@ -221,7 +221,7 @@ def _add_locked(
     bad = []
     for p in paths:
         try:
-            load_image(p, 64)
+            load_image(p, 64, "leave it out, or pass another file")
         except DataError as e:
             bad.append(str(e))
     if bad:

@@ -212,7 +212,7 @@ def _not_a_bundle(path: Path, why: str, checkpoint: object) -> BundleError:
 def read_manifest(path: Path) -> dict[str, Any]:
     recover(path)
     mpath = path / MANIFEST
-    if path.is_file() and path.suffix == ".pt":
+    if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt"):
         raise _not_a_bundle(path, "is a checkpoint, not a search bundle", path)
     if not path.is_dir():
         raise BundleError(f"search bundle {path} is not a folder; pass the folder that holds "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,9 @@ def search_images(
 
     With `rerank` (see `mltrain.retrieval.rerank`) the index returns max(4k, 50) candidates,
     which are re-ordered with their stored embeddings, and the first k are kept; the timed
-    search is the index call alone. Scores are the index's, except a PCA bundle's: its
-    max(4k, 50) candidates are scored again at full length (`exact_scores`)."""
+    search is `gallery_search` (the index call, or the exact scoring of a class filter).
+    Scores are the index's, except a PCA bundle's, whose max(4k, 50) candidates are scored
+    again at full length (`exact_scores`), and those `gallery_search` scores exactly."""
     paths = [Path(p) for p in paths]
     results = [QueryResult(str(p)) for p in paths]
     gallery, metric = bundle.gallery, bundle.metric
@@ -159,32 +161,46 @@ def exact_scores(cand: np.ndarray, query: np.ndarray, metric: str) -> tuple[np.n
     return scores, _best_first(scores, metric)
 
 
-def _best_first(scores: np.ndarray, metric: str) -> np.ndarray:
-    return np.argsort(-scores if metric == "cosine" else scores, kind="stable")
+def _best_first(scores: np.ndarray, metric: str, depth: int | None = None) -> np.ndarray:
+    """Positions of the best `depth` scores (all when None), best first."""
+    key = -scores if metric == "cosine" else scores
+    if depth is not None and depth < len(key):
+        part = np.argpartition(key, depth - 1)[:depth]
+        return part[np.argsort(key[part], kind="stable")]
+    return np.argsort(key, kind="stable")
 
 
 def gallery_search(
-    bundle: Bundle, queries: np.ndarray, depth: int, label: int | None = None
+    bundle: Bundle,
+    queries: np.ndarray,
+    depth: int,
+    label: int | None = None,
+    lock: AbstractContextManager | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, rows), each (n_queries, depth), for prepared `queries`; unfilled slots have
-    row -1. The gallery's index answers, except where it cannot answer in full:
+    row -1. The gallery's index answers (under `lock`, where the caller shares it), except
+    where it cannot answer in full:
 
     - `label` (one class's hits): an approximate index filtered to a few rows misses some of
       them (HNSW's graph found 16 of a class's 20 images), so the class is scored whole from
       its stored embeddings (`exact_search`).
     - a query the index returns fewer than `depth` rows for, of a gallery holding that many
-      (HNSW reaches only part of its graph for a large k): scored whole the same way."""
+      (HNSW reaches only part of its graph for a large k): scored whole the same way, where
+      the gallery's embeddings are at most `EXACT_FALLBACK_BYTES`; a larger one keeps the
+      index's partial answer rather than read gigabytes for one query."""
     if label is not None:
         return exact_search(bundle, queries, depth, bundle.rows_of_class(label))
-    scores, rows = bundle.gallery.search(queries, depth)
+    with lock or nullcontext():
+        scores, rows = bundle.gallery.search(queries, depth)
     short = (rows >= 0).sum(axis=1) < min(depth, len(bundle))
-    if short.any():
+    if short.any() and len(bundle) * bundle.gallery.dim * 4 <= EXACT_FALLBACK_BYTES:
         scores, rows = scores.copy(), rows.copy()
         scores[short], rows[short] = exact_search(bundle, queries[short], depth)
     return scores, rows
 
 
-EXACT_CHUNK = 65536  # stored embeddings scored this many rows at a time (memory-mapped pages)
+EXACT_CHUNK_BYTES = 32 * 2**20  # stored embeddings are scored about this much at a time
+EXACT_FALLBACK_BYTES = 512 * 2**20  # a short answer is completed exactly up to this gallery
 
 
 def exact_search(
@@ -193,15 +209,19 @@ def exact_search(
     """The best `depth` of `rows` (all rows when None) for each prepared query, scored from the
     stored full-length embeddings as `exact_scores` scores them; unfilled slots have row -1."""
     n = len(bundle) if rows is None else len(rows)
+    step = max(1, EXACT_CHUNK_BYTES // (4 * queries.shape[1]))
     best = [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in queries]
-    for start in range(0, n, EXACT_CHUNK):
-        ids = np.arange(start, min(n, start + EXACT_CHUNK)) if rows is None else (
-            np.asarray(rows[start : start + EXACT_CHUNK], np.int64))  # fmt: skip
-        cand = _rows_of(bundle, ids.tolist())
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        if rows is None:  # a slice reads the memory map (or the shards) in order
+            ids, cand = np.arange(start, end), np.asarray(bundle.embeddings[start:end], np.float32)
+        else:
+            ids = np.asarray(rows[start:end], np.int64)
+            cand = _rows_of(bundle, ids.tolist())
         for i, q in enumerate(queries):
             scores = np.concatenate([best[i][0], exact_scores(cand, q, bundle.metric)[0]])
             found = np.concatenate([best[i][1], ids])
-            keep = _best_first(scores, bundle.metric)[:depth]
+            keep = _best_first(scores, bundle.metric, depth)
             best[i] = (scores[keep], found[keep])
     out_scores = np.full((len(queries), depth), np.nan, np.float32)
     out_rows = np.full((len(queries), depth), -1, np.int64)

@@ -8,7 +8,8 @@ it takes the first waiting image, waits a few milliseconds for more and embeds u
 calls on one, so concurrent clients share the model's time instead of queueing behind each
 other, and the model is only ever used by that one thread. The gallery (Faiss index or Milvus
 collection) is searched under a lock; a flat search takes microseconds, so the lock is never
-what a client waits for.
+what a client waits for. Exact scoring (a class filter, an answer the index left short) runs
+outside it, on the stored embeddings.
 
 Results are ranked by `mltrain.retrieval.search.rank_hits`, the command line's own code, so
 an image searched here and with `mltrain search` gets the same hits and scores. Files are
@@ -242,9 +243,8 @@ class SearchService:
         (emb,) = self.embed([pixels])
         t1 = time.perf_counter()
         query = prepare(emb[None, :], self.bundle.metric, "query")
-        with self._index_lock:
-            depth = search_depth(self.bundle, k, rerank)
-            scores, rows = gallery_search(self.bundle, query, depth, label)
+        depth = search_depth(self.bundle, k, rerank)
+        scores, rows = gallery_search(self.bundle, query, depth, label, self._index_lock)
         run = SearchRun([QueryResult(name)], k, 0.0, 0.0, rerank)
         run.results[0].hits = rank_hits(self.bundle, query[0], scores[0], rows[0], k, rerank)
         if cut is not None:

@@ -71,7 +71,7 @@ def write_sheet(run: SearchRun, bundle: Bundle, out: str | Path) -> Path:
     missing = 0
     for r_i, r in enumerate(rows):
         qpath = Path(r.query)
-        qclass = query_class(qpath, classes)
+        qclass = query_class(qpath.absolute(), classes)  # q.png: the current folder's
         img = thumbnail(qpath) or _placeholder("unreadable")
         cell(r_i, 0, img, COLOURS["query"], ["query", printable(qpath.name)])
         for h in r.hits:

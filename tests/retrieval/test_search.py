@@ -276,6 +276,8 @@ def test_a_class_filter_and_a_short_index_answer_are_scored_exactly(exported):
         np.testing.assert_allclose(scores[i, :5], cosines[best, i], atol=1e-5)
 
     class Short:  # an index that fills 3 slots of each answer
+        dim = emb.shape[1]
+
         def count(self):
             return len(emb)
 
@@ -290,6 +292,33 @@ def test_a_class_filter_and_a_short_index_answer_are_scored_exactly(exported):
         np.testing.assert_array_equal(rows[i], np.argsort(-cosines[:, i], kind="stable"))
         np.testing.assert_allclose(scores[i], np.sort(cosines[:, i])[::-1], atol=1e-5)
     assert gallery_search(bundle, q, 3)[1].tolist() == [[4, 5, 6], [4, 5, 6]]  # full: as is
+
+
+def test_a_short_answer_from_a_large_gallery_stays_as_the_index_gave_it(exported, monkeypatch):
+    """Past EXACT_FALLBACK_BYTES one query would read gigabytes: the partial answer stands.
+    The index is searched under the caller's lock, the exact scoring outside it."""
+    import threading
+
+    import mltrain.retrieval.search as search_mod
+
+    bundle = load_bundle(exported[1])
+    q = np.asarray(bundle.embeddings[:1], np.float32)
+    lock, held = threading.Lock(), []
+
+    class Short:
+        dim = q.shape[1]
+
+        def search(self, queries, k):
+            held.append(lock.locked())
+            rows = np.full((len(queries), k), -1, np.int64)
+            rows[:, 0] = 3
+            return np.zeros((len(queries), k), np.float32), rows
+
+    bundle.gallery = Short()
+    monkeypatch.setattr(search_mod, "exact_search", lambda *a: pytest.fail("scanned"))
+    monkeypatch.setattr(search_mod, "EXACT_FALLBACK_BYTES", 4 * q.shape[1] * len(bundle) - 1)
+    assert search_mod.gallery_search(bundle, q, 4, lock=lock)[1].tolist() == [[3, -1, -1, -1]]
+    assert held == [True] and not lock.locked()
 
 
 def test_the_query_class_is_the_longest_run_of_its_folders_that_names_a_class():
