@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+
+from mltrain.__main__ import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,3 +135,16 @@ def test_modules_stay_small():
              for p in (ROOT / "mltrain").rglob("*.py")}  # fmt: skip
     large = {p: n for p, n in sizes.items() if n >= 500}
     assert not large, f"modules of 500 lines or more (split them by job): {large}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_commands_help_answers_before_torch_faiss_or_timm_import(command):
+    """`-h` (and a mistyped flag) should answer at once: torch, timm and Faiss take 2-6 s to
+    import, so each command imports them only after its arguments are checked."""
+    code = ("import sys\nfrom mltrain.__main__ import main\n"
+            f"try:\n    main([{command!r}, '-h'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'faiss', 'timm') if m in sys.modules), "
+            "file=sys.stderr)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=ROOT)  # fmt: skip
+    assert done.stdout.startswith("usage:") and done.stderr.splitlines()[-1] == "[]"

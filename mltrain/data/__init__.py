@@ -1,12 +1,13 @@
 """Data: readers (folders, CSVs, archives), splits, decoding, transforms, datasets, samplers.
 
-The samplers load on first use: pytorch-metric-learning's brings scikit-learn, scipy and pandas
-(about a second), which export, search and serve never need.
+The datasets, transforms and samplers load on first use: torch, albumentations and
+pytorch-metric-learning's scikit-learn, scipy and pandas take seconds to import, which
+`mltrain download` and the readers alone never need.
 """
 
+import importlib
 from typing import Any
 
-from mltrain.data.dataset import ImageDataset, default_num_workers, make_loader
 from mltrain.data.folder import IMAGE_EXTENSIONS
 from mltrain.data.images import check_images, load_image
 from mltrain.data.labelled import ImageFolder, Reader
@@ -19,7 +20,6 @@ from mltrain.data.splits import (
     make_split,
     save_split,
 )
-from mltrain.data.transforms import DEFAULT_AUGMENT, eval_transform, train_transform
 
 __all__ = [
     "DEFAULT_AUGMENT",
@@ -48,9 +48,20 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("SAMPLERS", "build_sampler"):
-        from mltrain.data import samplers
+_LAZY = {
+    "ImageDataset": "dataset",
+    "default_num_workers": "dataset",
+    "make_loader": "dataset",
+    "DEFAULT_AUGMENT": "transforms",
+    "eval_transform": "transforms",
+    "train_transform": "transforms",
+    "SAMPLERS": "samplers",
+    "build_sampler": "samplers",
+}
 
-        return getattr(samplers, name)
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f"mltrain.data.{_LAZY[name]}")
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
