@@ -205,3 +205,21 @@ def test_add_has_its_own_help():
     assert usage.startswith("usage: mltrain add [-h] [--class CLASS_NAME]")
     assert " ".join(usage.split()).endswith("bundle images [images ...]")
     assert "--sheet" not in proc.stdout and "--threshold" not in proc.stdout  # search's own
+
+
+def test_the_done_line_names_what_was_scored_and_an_untrained_best(tmp_path):
+    """Figures of validation classes are not called held-out, a best at epoch 0 is the
+    untrained start, and a random-init model's statistics are not called pretrained."""
+    from mltrain.commands.train import summary_line
+
+    metrics = {"epochs": 2, "steps": 4, "setup_seconds": 1.0, "train_seconds": 2.0,
+               "best": {"epoch": 0, "eer": 0.2, "pretrained_bn_stats": 1},
+               "best_metric": "roc_auc", "selected_on": "validation"}  # fmt: skip
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert summary_line(tmp_path).endswith(", best validation EER 0.2000 (the untrained start, "
+                                           "epoch 0, picked by roc_auc, starting BatchNorm "
+                                           "statistics)")  # fmt: skip
+    plain = {**metrics, "best": {"epoch": 3, "eer": 0.1}, "selected_on": "heldout"}
+    (tmp_path / "metrics.json").write_text(json.dumps(plain))
+    assert summary_line(tmp_path).endswith(", best held-out EER 0.1000 (epoch 3, picked by "
+                                           "roc_auc)")  # fmt: skip

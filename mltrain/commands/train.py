@@ -17,10 +17,13 @@ def summary_line(run_dir: Path) -> str:
     best = s.get("best") or {}
     shown = [(k, n) for k, n in (("map_at_r", "MAP@R"), ("precision_at_1", "precision@1"),
                                   ("eer", "EER")) if k in best]  # fmt: skip
+    side = "validation" if s.get("selected_on") == "validation" else "held-out"
+    epoch = f"epoch {best.get('epoch')}"
+    epoch = "the untrained start, epoch 0" if best.get("epoch") == 0 else epoch
     p1 = (
-        f", best held-out {', '.join(f'{n} {best[k]:.4f}' for k, n in shown)} "
-        f"(epoch {best['epoch']}, picked by {s.get('best_metric', 'map_at_r')}"
-        + (", pretrained BatchNorm statistics" if best.get("pretrained_bn_stats") else "")
+        f", best {side} {', '.join(f'{n} {best[k]:.4f}' for k, n in shown)} "
+        f"({epoch}, picked by {s.get('best_metric', 'map_at_r')}"
+        + (", starting BatchNorm statistics" if best.get("pretrained_bn_stats") else "")
         + ")"
         if shown
         else ""

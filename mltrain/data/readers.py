@@ -58,8 +58,9 @@ def open_reader(root: str | os.PathLike) -> Reader:
     kind, path = _prefixed(root)
     if not path.exists():
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
-        raise DataError(f"data root {path} does not exist{where}; check data.root, or pass "
-                        "--set data.root=PATH where a checkpoint's config names it")  # fmt: skip
+        raise DataError(f"data root {path} does not exist{where}; fix the path with --set "
+                        "data.root=PATH (also where a checkpoint's config names a folder that "
+                        "has moved)")  # fmt: skip
     if kind is not None:
         return READERS.get(kind)()(path)
     kinds = [READERS.get(name)() for name in READERS.names()]

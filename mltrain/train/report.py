@@ -27,17 +27,23 @@ def log_start(writer: SummaryWriter, cfg: Config, step: int) -> None:
     tensorboard.add_hparams(writer, config, step)
 
 
-def log_untrained(writer: SummaryWriter, start: dict[str, float]) -> None:
+def scored_side(validation: bool) -> str:
+    """What the training-time figures score: the validation classes when the split has them
+    (the test classes are only evaluated afterwards), else the held-out images."""
+    return "validation" if validation else "held-out"
+
+
+def log_untrained(writer: SummaryWriter, start: dict[str, float], side: str = "held-out") -> None:
     """The untrained model's held-out figures at step 0, where the curves start."""
     for tag, v in tensorboard.heldout_scalars(start).items():
         writer.add_scalar(tag, v, 0)
     shown = ", ".join(f"{k} {start[k]:.4f}" for k in ("precision_at_1", "map_at_r"))
-    print(f"untrained: held-out {shown}", file=sys.stderr)
+    print(f"untrained: {side} {shown}", file=sys.stderr)
 
 
 def log_epoch(
     writer: SummaryWriter, epoch: int, step: int, stats: dict[str, float],
-    metrics: dict[str, float],
+    metrics: dict[str, float], side: str = "held-out",
 ) -> None:  # fmt: skip
     """Throughput and the held-out curves at the global step of the epoch's end, the x-axis
     `train/loss` and `train/lr` are logged on per optimizer step; one line on stderr.
@@ -54,8 +60,8 @@ def log_epoch(
     print(
         f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
         + (f" ({wait:.0%} waiting for data)" if wait is not None and wait >= 0.2 else "")
-        + (f", held-out {shown}" if shown else "")
-        + (" (pretrained BatchNorm statistics)" if metrics.get("pretrained_bn_stats") else ""),
+        + (f", {side} {shown}" if shown else "")
+        + (" (starting BatchNorm statistics)" if metrics.get("pretrained_bn_stats") else ""),
         file=sys.stderr,
         flush=True,
     )

@@ -76,6 +76,7 @@ class Run:
 
         # data: images, the recorded split, a batch size it can fill
         self.data: RunData = prepare_data(cfg, writes, resuming=resuming)
+        self.side = report.scored_side(bool(len(self.data.split.val)))
         report_split_notes(cfg, self.data, writes)
         check_best_metric_fits(cfg, len(self.data.split.selection))
         fit_batch_to_data(cfg, self.data, writes)
@@ -153,7 +154,7 @@ class Run:
         improved = improves(cfg.train.best_metric, metrics, self.best)
         if improved:
             self.best = {"epoch": epoch, "step": self.state.step, **metrics}
-        report.log_epoch(self.writer, epoch, self.state.step, stats, metrics)
+        report.log_epoch(self.writer, epoch, self.state.step, stats, metrics, self.side)
         if improved:
             self.save("best.pt")
         self.save("last.pt")
@@ -162,7 +163,7 @@ class Run:
         """Held-out metrics of the untrained model, logged at step 0: where the curve starts,
         and what training has to beat (`start_note`)."""
         self.start = self.evaluate()
-        report.log_untrained(self.writer, self.start)
+        report.log_untrained(self.writer, self.start, self.side)
         if self.cfg.train.best_metric in self.start:  # the weights every epoch has to beat
             self.best = {"epoch": 0, "step": self.state.step, **self.start}
             self.save("best.pt")
