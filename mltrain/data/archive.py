@@ -19,6 +19,7 @@ from typing import ClassVar
 from mltrain.data.folder import scan_folder
 from mltrain.data.labelled import ImageFolder, ReadOptions
 from mltrain.errors import DataError
+from mltrain.files import inside
 from mltrain.text import counted
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
@@ -150,21 +151,36 @@ class ArchiveReader:
     kind: ClassVar[str] = "archive"
     what: ClassVar[str] = f"a {'/'.join(ARCHIVE_SUFFIXES)} archive"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, inner: Path | None = None) -> None:
         self.path = path
+        self.inner = inner  # a folder inside the archive (`faces_small.tar.gz/IMM`), or None
 
     @staticmethod
     def claims(path: Path) -> bool:
         return path.is_file() and _archive_stem(path) is not None
 
     def prepare(self) -> Path:
-        return extracted(self.path)
+        return self._inside(extracted(self.path))
 
     def base(self) -> Path | None:
         if not self.path.is_file():
             return None
         dest = extraction_dir(self.path)
-        return dest if dest.is_dir() else None
+        return self._inside(dest) if dest.is_dir() else None
+
+    def _inside(self, dest: Path) -> Path:
+        """The extracted folder, or the folder `inner` names inside it: never outside it."""
+        if self.inner is None:
+            return dest
+        what = f"data root {self.path / self.inner}"
+        if self.inner.is_absolute() or ".." in self.inner.parts:
+            raise DataError(f"{what}: name a folder inside the archive, without '..'")
+        folder = inside(dest, self.inner.as_posix(), DataError, what)
+        if not folder.is_dir():
+            tops = sorted(p.name for p in dest.iterdir() if p.is_dir())
+            raise DataError(f"{what}: the archive holds no folder {self.inner.as_posix()}; its "
+                            f"folders: {', '.join(tops) or 'none'}")  # fmt: skip
+        return folder
 
     def read(self, options: ReadOptions) -> ImageFolder:
         return scan_folder(self.prepare(), options.exclude, options.class_depth)

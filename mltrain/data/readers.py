@@ -56,6 +56,8 @@ def open_reader(root: str | os.PathLike) -> Reader:
     """The reader of data root `root` (a path, or `kind:path`), or a DataError that says
     what a data root can be."""
     kind, path = _prefixed(root)
+    if not path.exists() and kind in (None, "archive") and (found := _in_archive(path)):
+        return READERS.get("archive")()(*found)
     if not path.exists():
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
         raise DataError(f"data root {path} does not exist{where}; fix the path with --set "
@@ -73,6 +75,19 @@ def open_reader(root: str | os.PathLike) -> Reader:
         f"at one of them, or name its reader before the path (csv:labels.txt; readers: "
         f"{', '.join(READERS.names())})"
     )
+
+
+def _in_archive(path: Path) -> tuple[Path, Path] | None:
+    """(archive, folder inside it) where `path` names a folder inside an archive file
+    (`faces_small.tar.gz/IMM`: one set of several in one archive), else None."""
+    from mltrain.data.archive import ArchiveReader
+
+    for parent in path.parents:
+        if ArchiveReader.claims(parent):
+            return parent, path.relative_to(parent)
+        if parent.exists():  # a real folder above it: the path is simply missing
+            return None
+    return None
 
 
 def read_images(
@@ -107,6 +122,6 @@ def absolute_root(root: str) -> str:
     run's stored config finds its data from any working folder; anything else as given, for
     `open_reader` to judge."""
     kind, path = _prefixed(root)
-    if not path.exists():
+    if not (path.exists() or _in_archive(path)):
         return root
     return f"{kind}:{os.path.abspath(path)}" if kind else os.path.abspath(path)

@@ -75,3 +75,25 @@ def test_readers_do_not_import_each_other_or_the_entry_point():
         tree = ast.parse((DATA / name).read_text())
         found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert {m for m in found if m and m.startswith("mltrain.data")} == ok, name
+
+
+def test_a_folder_inside_an_archive_is_a_data_root(tmp_path, tiny_folder, monkeypatch):
+    """`faces_small.tar.gz/IMM`: one set of an archive that holds several, read and recorded
+    like a folder; a missing or escaping folder is one line naming the archive's folders."""
+    monkeypatch.chdir(tmp_path)
+    archive = tmp_path / "sets.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_folder, arcname="sets/A")
+        tar.add(tiny_folder / "class_0", arcname="sets/B/x")
+        tar.add(tiny_folder / "class_1", arcname="sets/B/y")
+    assert read_images("sets.tar.gz/A").classes == ["class_0", "class_1", "class_2"]
+    assert read_images("sets.tar.gz/B").classes == ["x", "y"]
+    assert readable_root("sets.tar.gz/A") == tmp_path / "sets" / "A"
+    assert absolute_root("sets.tar.gz/A") == str(tmp_path / "sets.tar.gz" / "A")
+    with pytest.raises(DataError, match=r"^data root sets.tar.gz/C: the archive holds no "
+                       "folder C; its folders: A, B$"):  # fmt: skip
+        read_images("sets.tar.gz/C")
+    with pytest.raises(DataError, match="without '..'"):
+        read_images("sets.tar.gz/../x")
+    with pytest.raises(DataError, match="does not exist"):
+        read_images("nothing.tar.gz/A")
