@@ -56,9 +56,9 @@ def open_reader(root: str | os.PathLike) -> Reader:
     """The reader of data root `root` (a path, or `kind:path`), or a DataError that says
     what a data root can be."""
     kind, path = _prefixed(root)
-    if not path.exists() and kind in (None, "archive") and (found := _in_archive(path)):
-        return READERS.get("archive")()(*found)
     if not path.exists():
+        if kind in (None, "archive") and (found := _in_archive(path)):
+            return READERS.get("archive")()(*found)
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
         raise DataError(f"data root {path} does not exist{where}; fix the path with --set "
                         "data.root=PATH (also where a checkpoint's config names a folder that "

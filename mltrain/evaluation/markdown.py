@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from mltrain.files import size_text
+
 WORST_CLASSES = 10
 
 
@@ -119,11 +121,8 @@ def fmt(value: Any) -> str:
 
 
 def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} GiB"
+    """Index sizes as the messages quote sizes (`size_text`), bytes shortened to `B`."""
+    return f"{nbytes:.0f} B" if nbytes < 1024 else size_text(int(nbytes))
 
 
 def _cell(text: Any) -> str:

@@ -154,11 +154,14 @@ def exact_scores(cand: np.ndarray, query: np.ndarray, metric: str) -> tuple[np.n
     full-length ones that `verify` reports and the calibrated threshold was set on; so its
     candidates are scored again here (a refinement step, like Faiss's IndexRefine), and every
     score a user sees is on the threshold's scale."""
-    if metric == "cosine":
-        scores = l2_normalize(cand) @ query
-    else:
-        scores = ((cand - query[None, :]) ** 2).sum(axis=1)
+    scores = _scores(cand, query, metric)
     return scores, _best_first(scores, metric)
+
+
+def _scores(cand: np.ndarray, query: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "cosine":
+        return l2_normalize(cand) @ query
+    return ((cand - query[None, :]) ** 2).sum(axis=1)
 
 
 def _best_first(scores: np.ndarray, metric: str, depth: int | None = None) -> np.ndarray:
@@ -207,7 +210,8 @@ def exact_search(
     bundle: Bundle, queries: np.ndarray, depth: int, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best `depth` of `rows` (all rows when None) for each prepared query, scored from the
-    stored full-length embeddings as `exact_scores` scores them; unfilled slots have row -1."""
+    stored full-length embeddings as `exact_scores` scores them (each chunk ranked only for
+    its best `depth`); unfilled slots have row -1."""
     n = len(bundle) if rows is None else len(rows)
     step = max(1, EXACT_CHUNK_BYTES // (4 * queries.shape[1]))
     best = [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in queries]
@@ -219,7 +223,7 @@ def exact_search(
             ids = np.asarray(rows[start:end], np.int64)
             cand = _rows_of(bundle, ids.tolist())
         for i, q in enumerate(queries):
-            scores = np.concatenate([best[i][0], exact_scores(cand, q, bundle.metric)[0]])
+            scores = np.concatenate([best[i][0], _scores(cand, q, bundle.metric)])
             found = np.concatenate([best[i][1], ids])
             keep = _best_first(scores, bundle.metric, depth)
             best[i] = (scores[keep], found[keep])

@@ -126,8 +126,8 @@ def check_disk_space(
         split = data.split
         images = len(data.train_rows) * cfg.train.cache_views + len(split.selection)
         per_image = prefix_bytes_per_image(model, tuple(dcfg["input_size"]))
-        cache = (cache_dir(), images * per_image)
         need, limit = images * per_image, cache_limit()  # a bad MLTRAIN_CACHE_GB fails here
+        cache = (cache_dir(), need)
         if need > limit:
             report_notes([f"this run's prefix cache entries (about {size_text(need)}) exceed "
                           f"the cache's cap of {size_text(limit)} (MLTRAIN_CACHE_GB): later "
