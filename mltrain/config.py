@@ -8,6 +8,7 @@ This module builds and loads configs; every config name is importable from here.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -131,12 +132,26 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
     return cls(**values)
 
 
-def from_dict(data: dict, source: str = "<dict>") -> Config:
-    """Build a validated `Config`; errors name `source` (the file) and the key."""
+def from_dict(data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Config:
+    """Build a validated `Config`; errors name `source` (the file), the `--set` overrides
+    that wrote the key at fault (all of them when none names it) and the key."""
     try:
         return validate(_from_dict(Config, data or {}, ""))
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{with_sets(source, overrides, str(e))}: {e}") from None
+
+
+def with_sets(source: str, overrides: list[str] | None, message: str) -> str:
+    """`source` and the overrides behind `message`: a mistake in one `--set` among ten names
+    that one, not all ten."""
+    if not overrides:
+        return source
+    named = [o for o in overrides if any(_names(message, k) for k in _set_keys(o))]
+    return f"{source} with --set {' '.join(map(clipped, named or overrides))}"
+
+
+def _names(message: str, key: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message) is not None
 
 
 
@@ -200,7 +215,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     # overrides apply on top of the filled-in defaults, so `--set train.optimizer.args.lr=..`
     # works when the file leaves the optimizer out
     data = apply_overrides(to_dict(from_dict(data, source)), overrides)
-    return from_dict(data, f"{source} with --set {' '.join(map(clipped, overrides))}")
+    return from_dict(data, source, overrides)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -208,6 +208,18 @@ def test_override_unknown_key_names_key_and_override():
         load_config(None, ["train.nokey=1"])
 
 
+def test_an_error_names_only_the_override_that_wrote_its_key():
+    sets = ["seed=3", "train.epochs=2", "train.batchsize=8", "data={split: none}"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, sets)
+    assert str(info.value).startswith("defaults with --set train.batchsize=8: unknown key")
+    with pytest.raises(ConfigError, match=r"^defaults with --set data=\{split: bogus\}: data\."):
+        load_config(None, ["seed=3", "data={split: bogus}"])  # a mapping names its leaves
+    # a key no override wrote (the file's own value): every override is named
+    with pytest.raises(ConfigError, match=r"^f\.yaml with --set seed=3 train\.epochs=2: train\."):
+        from_dict({"train": {"batch_size": 0}}, "f.yaml", ["seed=3", "train.epochs=2"])
+
+
 def test_override_wrong_type_names_key():
     with pytest.raises(ConfigError, match=r"train\.epochs.*'ten'"):
         load_config(None, ["train.epochs=ten"])

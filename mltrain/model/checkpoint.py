@@ -176,8 +176,7 @@ def checkpoint_config(
         data = for_this_machine(data)
     if overrides:  # a mistake in them is the user's, not the checkpoint's: say both
         data = apply_overrides(data, overrides)
-        source = f"{source} with --set {' '.join(overrides)}"
-    return from_dict(data, source)
+    return from_dict(data, source, overrides)
 
 
 def for_this_machine(config: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from mltrain.model.stages import StagePlan, stage_plan
 from mltrain.model.weights import (  # noqa: F401 - re-exported: callers import them from here
     OFFLINE_WEIGHTS,
     check_backbone_name,
+    check_patch_size,
     check_pretrained,
     create_backbone,
 )

@@ -154,6 +154,16 @@ def check_image_size(model: nn.Module, name: str, image_size: int | None) -> Non
                           key="model.image_size")  # fmt: skip
 
 
+def check_patch_size(name: str, image_size: int | None) -> None:
+    """`check_image_size` before any data is read: the model built on the meta device, which
+    allocates nothing, only for families of one input size (patch models)."""
+    if not image_size or not _fixed_size(name):
+        return
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
+    check_image_size(model, name, image_size)
+
+
 def _cached_hub_file(repo: str) -> Path | None:
     """The weights file of hub repo `repo` in the local Hugging Face cache, if it is there."""
     try:

@@ -44,7 +44,7 @@ def improves(key: str, metrics: dict[str, Any], best: dict[str, Any]) -> bool:
 
 
 def start_note(key: str, best: dict[str, Any], start: dict[str, Any],
-               split: str = "class_disjoint") -> str | None:
+               split: str = "class_disjoint", side: str = "held-out") -> str | None:
     """A note when the best held-out `key` is no better than the untrained model's, so the user
     knows before shipping the result. On unseen classes (class_disjoint) fine-tuning on a few
     others can specialise the backbone away from them; on the training classes' own held-out
@@ -53,7 +53,7 @@ def start_note(key: str, best: dict[str, Any], start: dict[str, Any],
     if key not in start or key not in best or better(key, best, start):
         return None
     if start[key] == (0.0 if key in LOWER_IS_BETTER else 1.0):
-        return (f"held-out {key} was already {start[key]:.4f} before training: these held-out "
+        return (f"{side} {key} was already {start[key]:.4f} before training: these {side} "
                 "images are too few or too easy to show what training changed; hold out more "
                 "images (data.train_fraction) to judge it")  # fmt: skip
     unseen = split == "class_disjoint"
@@ -62,7 +62,7 @@ def start_note(key: str, best: dict[str, Any], start: dict[str, Any],
            "training did not help on held-out images of its own classes; ")  # fmt: skip
     kept = (" (best.pt holds the untrained starting weights, epoch 0, so it is never worse "
             "than the start)" if kept_start(best) else "")  # fmt: skip
-    return (f"held-out {key} {best[key]:.4f} (best epoch) never beat the untrained model's "
+    return (f"{side} {key} {best[key]:.4f} (best epoch) never beat the untrained model's "
             f"{start[key]:.4f}{kept}: {why}lower the learning rate (e.g. "
             "train.optimizer.args.lr=1e-4), train fewer stages (model.trainable_stages) or add "
             f"training {'classes' if unseen else 'images'}")  # fmt: skip

@@ -88,7 +88,7 @@ def write_summary(
         "setup_seconds": seconds[0],  # data checks, model, prefix cache
         "train_seconds": seconds[1],
     }
-    note = start_note(cfg.train.best_metric, best, start, cfg.data.split)
+    note = start_note(cfg.train.best_metric, best, start, cfg.data.split, scored_side(validation))
     if note:
         report_notes([note], run_dir)
     notes = run_dir / "notes.txt"

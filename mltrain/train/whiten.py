@@ -43,6 +43,7 @@ from mltrain.model.whitening import (
 )
 from mltrain.train.checkpoints import better, save_checkpoint
 from mltrain.train.heldout import HeldOut
+from mltrain.train.report import scored_side
 
 DIMS = [128, 256, 512, 1024]  # output dimensions tried (capped by what the data can estimate)
 SHRINKAGES = [0.03, 0.1, 0.3, 1.0]  # towards the identity, as a fraction of the mean eigenvalue
@@ -110,6 +111,7 @@ def whiten_best(
     train_emb = embed(inference, data.paths(rows), labels, "training embeddings")
     emb, held_labels, indices = heldout.embed()
     verify = key in ("eer", "roc_auc")
+    side = scored_side(bool(len(data.split.val)))
 
     def score(x: np.ndarray) -> dict[str, float]:
         return heldout.score(x, held_labels, indices, with_verification=verify)[0]
@@ -122,7 +124,7 @@ def whiten_best(
     if flips_images(cfg) and not cfg.eval.flip_tta:
         mirrored = Mirrored(inference)
         held = data.paths(data.split.selection[indices])  # in the order heldout.embed gave
-        mirror = embed(mirrored, held, held_labels, "held-out mirror embeddings")
+        mirror = embed(mirrored, held, held_labels, f"{side} mirror embeddings")
         train_mirror = embed(mirrored, data.paths(rows), labels, "training mirror embeddings")
         sources.append((np.vstack([train_emb, train_mirror]), np.concatenate([labels, labels])))
     for x, fit, flip, source in _candidates(sources, emb, mirror, model.normalize):
@@ -135,7 +137,7 @@ def whiten_best(
         fit = _refit(fit, *sources[source], more, held_labels)
         seen += f", refitted with the {len(emb)} validation images"
         seen += " and mirrors" if source == 1 else ""
-    return _keep(cfg, ckpt, model, run_dir, base, (scored, fit, flip), seen)
+    return _keep(cfg, ckpt, model, run_dir, base, (scored, fit, flip), (seen, side))
 
 
 def _candidates(sources: list[tuple[np.ndarray, np.ndarray]], emb: np.ndarray,
@@ -178,14 +180,15 @@ def _pick(key: str, floor: float, chosen: Chosen, candidate: Chosen) -> Chosen:
 
 
 def _keep(cfg: Config, ckpt: dict, model: EmbeddingModel, run_dir: Path, base: dict[str, float],
-          chosen: tuple, seen: str) -> dict[str, Any] | None:  # fmt: skip
-    """Write the chosen whitening and mirror averaging into best.pt and say so."""
-    key = cfg.train.best_metric
+          chosen: tuple, said: tuple[str, str]) -> dict[str, Any] | None:  # fmt: skip
+    """Write the chosen whitening and mirror averaging into best.pt and say so: `said` is
+    what it was fitted on and which side scored it."""
+    key, (seen, side) = cfg.train.best_metric, said
     scored, fit, flip = chosen
     if fit is None and not flip:
         figure = base.get(key, float("nan"))
         kept = "" if key == GUARD else f" without lowering its {GUARD} {base.get(GUARD, 0):.4f}"
-        print(f"whitening: fitted on {seen}, none beat best.pt's held-out {key} {figure:.4f}"
+        print(f"whitening: fitted on {seen}, none beat best.pt's {side} {key} {figure:.4f}"
               f"{kept}; best.pt stays as it was", file=sys.stderr)  # fmt: skip
         return None
     if fit is not None:
@@ -200,6 +203,6 @@ def _keep(cfg: Config, ckpt: dict, model: EmbeddingModel, run_dir: Path, base: d
     what = f"{fit.dims} dimensions, shrinkage {fit.shrinkage:g}" if fit else "no whitening"
     if flip:
         what += "; mirror averaging on: each image and its mirror embedded, 2x the time"
-    print(f"whitening: fitted on {seen}; held-out {key} {base[key]:.4f} -> {scored[key]:.4f} "
+    print(f"whitening: fitted on {seen}; {side} {key} {base[key]:.4f} -> {scored[key]:.4f} "
           f"({what}); best.pt embeds through it", file=sys.stderr)  # fmt: skip
     return best

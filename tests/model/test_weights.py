@@ -12,7 +12,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from mltrain.config import ModelConfig
+from mltrain.config import ModelConfig, load_config
 from mltrain.errors import ConfigError, MltrainError
 from mltrain.model.network import build_model, create_backbone
 
@@ -51,6 +51,18 @@ def test_patch_size_constraint_is_one_line():
     with pytest.raises(ConfigError, match=r"model.image_size: 50 is not a multiple of "
                        r"test_vit's patch size 16; use 48 or 64"):  # fmt: skip
         create_backbone("test_vit", False, image_size=50)
+
+
+def test_training_checks_the_patch_size_before_reading_data(tmp_path):
+    from mltrain.train.optim import check_optimization
+
+    cfg = load_config("configs/siamese.yaml", [
+        "model.backbone=vit_tiny_patch16_224", "model.pretrained=false", "model.image_size=100",
+        f"data.root={tmp_path / 'absent'}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"100 is not a multiple of .* use 96 or 112"):
+        check_optimization(cfg)  # before the missing data root is ever looked at
+    cfg.model.image_size = 112
+    check_optimization(cfg)
 
 
 def _fake_hf_cache(root: Path, repo: str, state: dict) -> None:

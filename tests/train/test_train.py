@@ -367,6 +367,8 @@ def test_start_note_when_training_never_beats_the_untrained_model():
     perfect = start_note("map_at_r", {"map_at_r": 1.0}, {"map_at_r": 1.0}, "per_class")
     assert "was already 1.0000 before training: these held-out images are too few" in perfect
     assert "too few" in start_note("eer", {"eer": 0.0}, {"eer": 0.0})
+    val = start_note("eer", {"eer": 0.05}, start, "class_disjoint", "validation")
+    assert val.startswith("validation eer 0.0500 (best epoch) never beat")  # the side it scored
 
 
 def test_bn_stats_auto_keeps_the_better_statistics(tmp_path):

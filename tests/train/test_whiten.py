@@ -62,6 +62,7 @@ def test_a_whitening_that_wins_is_saved_in_best_pt_and_applied_on_load(
                                              weights_only=True)["model"]  # fmt: skip
     err = capsys.readouterr().err
     assert "best.pt embeds through it" in err and "refitted with the" in err
+    assert "; validation " in err  # the side that scored it, not the test side
     embedder = embedder_from_checkpoint(str(run_dir / "checkpoints" / "best.pt"))
     assert embedder.embedding_dim == dims
     emb = np.asarray(embedder.embed(sorted(root.rglob("*.png"))[:4]))
@@ -151,4 +152,5 @@ def test_two_way_splits_never_fit_on_the_test_side(tmp_path, monkeypatch, capsys
     _, _, best = tiny_run(tmp_path, "data.val_fraction=0")  # two-way: held-out is the test side
     err = capsys.readouterr().err
     assert "best.pt embeds through it" in err and "refitted" not in err
+    assert "; held-out " in err
     assert "whiten.matrix" in best["model"]
