@@ -96,7 +96,7 @@ class EmbeddingModel(nn.Module):
         if isinstance(pooling, Pooling):
             tokens, family = int(getattr(trunk, "num_prefix_tokens", 0)), type(trunk).__name__
             pooling.configure(trunk_layout(trunk), tokens, pooling_name, family)
-        feat_dim = trunk.num_features
+        feat_dim = trunk.num_features * getattr(pooling, "cells", 1)
         self.neck = nn.Linear(feat_dim, embedding_dim) if embedding_dim else nn.Identity()
         self.embedding_dim = embedding_dim or feat_dim
         self.trained_dim = self.embedding_dim  # before any whitening

@@ -20,6 +20,7 @@ class Pooling(nn.Module):
     """Base: `patches` turns any layout into (B, C, L) over image positions only."""
 
     tokens_only = False  # cls and mean_tokens need a token trunk
+    cells = 1  # vectors per image, concatenated: the embedding is cells x the trunk's width
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,11 +92,49 @@ class GeM(Pooling):
         return pooled.pow(1.0 / p)
 
 
+class GridPool(Pooling):
+    """Means over a `size` x `size` grid of image regions, concatenated: keeps where in the
+    image a feature fired, which one global mean discards. On handwriting, where a stroke sits
+    is what tells two characters apart. The embedding is `size`**2 times the trunk's width."""
+
+    def __init__(self, size: int = 2) -> None:
+        super().__init__()
+        if type(size) is not int or not 1 <= size <= 8:
+            raise ConfigError(f"model.pooling.args.size: {size!r} is not a grid side from 1 to 8; "
+                              "use 2 (a 2 x 2 grid)", key="model.pooling")  # fmt: skip
+        self.size = size
+        self.cells = size * size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self._map(x)
+        h, w, g = grid.shape[-2], grid.shape[-1], self.size
+        if h < g or w < g:
+            raise ConfigError(f"model.pooling: grid size {g} needs feature maps of {g} x {g} or "
+                              f"more, got {h} x {w}; use a smaller size or larger images "
+                              "(model.image_size)", key="model.pooling")  # fmt: skip
+        rows = [(h * i // g, h * (i + 1) // g) for i in range(g)]
+        cols = [(w * j // g, w * (j + 1) // g) for j in range(g)]
+        cells = [grid[:, :, a:b, c:d].mean(dim=(2, 3)) for a, b in rows for c, d in cols]
+        return torch.cat(cells, dim=1)
+
+    def _map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) whatever the trunk's layout; tokens must form a square."""
+        if x.dim() == 4:
+            return x.permute(0, 3, 1, 2) if self.layout == "NHWC" else x
+        patches = self.patches(x)
+        side = int(round(patches.shape[-1] ** 0.5))
+        if side * side != patches.shape[-1]:
+            raise ConfigError(f"model.pooling: grid needs a square of patch tokens, got "
+                              f"{patches.shape[-1]}; use avg", key="model.pooling")  # fmt: skip
+        return patches.unflatten(-1, (side, side))
+
+
 POOLINGS.register("avg", AvgPool)
 POOLINGS.register("max", MaxPool)
 POOLINGS.register("gem", GeM)
 POOLINGS.register("cls", ClassToken)
 POOLINGS.register("mean_tokens", MeanTokens)
+POOLINGS.register("grid", GridPool)
 
 
 def trunk_layout(trunk: nn.Module, output: torch.Tensor | None = None) -> str:

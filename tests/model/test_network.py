@@ -263,8 +263,51 @@ def test_max_pooling():
     assert torch.equal(out, torch.tensor([[4.0, 8.0]]))
 
 
+def test_grid_pooling_keeps_each_region_apart():
+    x = torch.arange(16.0).view(1, 1, 4, 4)  # rows 0-3, 4-7, 8-11, 12-15
+    # quadrants: top left mean(0, 1, 4, 5), top right mean(2, 3, 6, 7), then the bottom two
+    out = POOLINGS.build({"name": "grid", "args": {"size": 2}})(x)
+    assert torch.equal(out, torch.tensor([[2.5, 4.5, 10.5, 12.5]]))
+    # channel-major per region: region (0, 0) of both channels first; 5 x 5 splits 2 + 3
+    two = torch.stack([torch.ones(5, 5), torch.arange(25.0).view(5, 5)]).unsqueeze(0)
+    got = POOLINGS.build({"name": "grid", "args": {"size": 2}})(two)
+    assert torch.equal(got[0, :2], torch.tensor([1.0, (0 + 1 + 5 + 6) / 4]))
+    assert POOLINGS.build({"name": "grid", "args": {"size": 1}})(two).shape == (1, 2)
+
+
+def test_grid_pooling_on_channels_last_maps_and_tokens():
+    grid = POOLINGS.build({"name": "grid", "args": {"size": 2}})
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    grid.configure("NHWC", 0, "grid")
+    assert torch.equal(grid(x.permute(0, 2, 3, 1)), torch.tensor([[2.5, 4.5, 10.5, 12.5]]))
+    grid.configure("NLC", 1, "grid")  # a class token, then 16 patch tokens row by row
+    tokens = torch.cat([torch.full((1, 1, 1), 99.0), x.flatten(2).transpose(1, 2)], dim=1)
+    assert torch.equal(grid(tokens), torch.tensor([[2.5, 4.5, 10.5, 12.5]]))
+    with pytest.raises(ConfigError, match="square of patch tokens, got 15"):
+        grid(tokens[:, :16])
+
+
+def test_grid_pooling_errors_name_the_fix():
+    with pytest.raises(ConfigError, match=r"size: 0 is not a grid side from 1 to 8"):
+        POOLINGS.build({"name": "grid", "args": {"size": 0}})
+    with pytest.raises(ConfigError, match=r"needs feature maps of 3 x 3 or more, got 2 x 2"):
+        POOLINGS.build({"name": "grid", "args": {"size": 3}})(hand_tensor())
+
+
+def test_a_grid_widens_the_embedding_by_its_cells():
+    class Maps(nn.Module):
+        num_features = 3
+
+        def forward_features(self, x):
+            return x[:, :3]
+
+    model = EmbeddingModel(Maps(), POOLINGS.build({"name": "grid", "args": {"size": 2}}),
+                           embedding_dim=5)  # fmt: skip
+    assert model.neck.in_features == 12 and model.embed(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
 def test_unknown_pooling_lists_names():
-    with pytest.raises(ConfigError, match="avg, cls, gem, max, mean_tokens"):
+    with pytest.raises(ConfigError, match="avg, cls, gem, grid, max, mean_tokens"):
         POOLINGS.build({"name": "mean"})
 
 
