@@ -37,6 +37,7 @@ def tiny_cfg(root=None, **model) -> Config:
     {"pooling": {"name": "gem"}, "embedding_dim": 16},
     {"pooling": {"name": "gem"}, "embedding_dim": 16, "head": True, "bnneck": True,
      "normalize": False},
+    {"pooling": {"name": "grid", "args": {"size": 2}}},  # 64 px: a 2 x 2 final map
 ])  # fmt: skip
 def test_random_model_parity_with_a_dynamic_batch(model):
     torch.manual_seed(0)
