@@ -223,3 +223,21 @@ def test_the_done_line_names_what_was_scored_and_an_untrained_best(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps(plain))
     assert summary_line(tmp_path).endswith(", best held-out EER 0.1000 (epoch 3, picked by "
                                            "roc_auc)")  # fmt: skip
+
+
+def test_the_done_line_shows_the_picking_metric_and_what_came_after_the_epoch(tmp_path):
+    """The best figures are the epoch's after the whitening: the line says so, or they would
+    not match that epoch's own line; and the figure best.pt was picked on is shown."""
+    from mltrain.commands.train import summary_line
+
+    best = {"epoch": 2, "map_at_r": 0.83, "eer": 0.11, "roc_auc": 0.97, "whiten_dims": 256,
+            "flip_tta": 1.0}  # fmt: skip
+    metrics = {"epochs": 2, "steps": 4, "setup_seconds": 1.0, "train_seconds": 2.0,
+               "best": best, "best_metric": "roc_auc", "selected_on": "validation"}  # fmt: skip
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert summary_line(tmp_path).endswith(
+        ", best validation MAP@R 0.8300, EER 0.1100, ROC AUC 0.9700 (epoch 2 with the whitening "
+        "fitted after training and mirror averaging, picked by roc_auc)")
+    (tmp_path / "metrics.json").write_text(json.dumps(
+        {**metrics, "best": {**best, "flip_tta": 0.0}}))  # fmt: skip
+    assert "(epoch 2 with the whitening fitted after training, picked" in summary_line(tmp_path)

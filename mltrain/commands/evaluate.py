@@ -57,10 +57,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_targets(embedder, out, export, len(data.folder), args.onnx)
     result, out = evaluate_into(embedder, out, source, bool(args.out), base, data)
     m = result.metrics
+    ver = m.get("verification") or {}
     print(
         f"precision@1 {m['precision_at_1']:.4f}  MAP@R {m['map_at_r']:.4f}  "
         f"mean per-class P@1 {m['mean_per_class_precision_at_1']:.4f}  "
-        f"({m['num_queries']} queries, {m['embedding_dim']}-d)"
+        + (f"EER {ver['eer']:.4f}  ROC AUC {ver['roc_auc']:.4f}  " if "eer" in ver else "")
+        + f"({m['num_queries']} queries, {m['embedding_dim']}-d)"
     )
     if args.export:
         from mltrain.retrieval.export import export_bundle

@@ -15,14 +15,21 @@ from mltrain.text import counted
 def summary_line(run_dir: Path) -> str:
     s = json.loads((run_dir / "metrics.json").read_text())
     best = s.get("best") or {}
-    shown = [(k, n) for k, n in (("map_at_r", "MAP@R"), ("precision_at_1", "precision@1"),
-                                  ("eer", "EER")) if k in best]  # fmt: skip
+    key = s.get("best_metric", "map_at_r")
+    names = {"map_at_r": "MAP@R", "precision_at_1": "precision@1", "eer": "EER", key: key}
+    names["roc_auc"] = "ROC AUC"
+    shown = [(k, names[k]) for k in dict.fromkeys(("map_at_r", "precision_at_1", "eer", key))
+             if k in best]  # fmt: skip
     side = "validation" if s.get("selected_on") == "validation" else "held-out"
     epoch = f"epoch {best.get('epoch')}"
     epoch = "the untrained start, epoch 0" if best.get("epoch") == 0 else epoch
+    after = [w for w, on in (("the whitening fitted after training", "whiten_dims" in best),
+                             ("mirror averaging", best.get("flip_tta"))) if on]  # fmt: skip
+    if after:  # the figures are the epoch's with these, not its epoch line's
+        epoch += f" with {' and '.join(after)}"
     p1 = (
         f", best {side} {', '.join(f'{n} {best[k]:.4f}' for k, n in shown)} "
-        f"({epoch}, picked by {s.get('best_metric', 'map_at_r')}"
+        f"({epoch}, picked by {key}"
         + (", starting BatchNorm statistics" if best.get("pretrained_bn_stats") else "")
         + ")"
         if shown

@@ -55,6 +55,12 @@ class Split:
         """The images best.pt is chosen on: the validation side when there is one."""
         return self.val if len(self.val) else self.heldout
 
+    @property
+    def selection_side(self) -> str:
+        """What `selection` is, as messages name it: the test classes are only evaluated
+        afterwards, so figures scored during training are validation ones where there are any."""
+        return "validation" if len(self.val) else "held-out"
+
 
 def _n_train(fraction: float, n: int) -> int:
     # At least one on each side when there are two or more.

@@ -96,6 +96,11 @@ FAR_MIN_IMPOSTORS = {"tar_at_far_1e-2": 100, "tar_at_far_1e-3": 1000}
 
 
 FEW_CLASS_QUERIES = 5
+# Held-out classes named in the report's first line where there are at most this many.
+NAMED_CLASSES = 25
+# Verification on fewer classes: on the face sets (5-25 test people) an EER moved by 1-3 points
+# between near-identical models.
+FEW_VERIFICATION_CLASSES = 30
 
 
 FIGURE_TITLES = {
@@ -181,6 +186,9 @@ def summary_section(m: Mapping[str, Any], data: Mapping[str, Any] | None = None,
         what = _count(int(data["heldout_images"]), "held-out image")
         if "heldout_classes" in data:
             what += f" of {_count(int(data['heldout_classes']), 'class')}"
+            names = list(m.get("per_class") or {})
+            if 0 < len(names) <= NAMED_CLASSES:  # few enough to say which (unseen people)
+                what += f" ({_cell(', '.join(names))})"
         split = data.get("split")
         if split in SPLITS:
             what += f", {SPLITS[split]}"
@@ -438,6 +446,10 @@ def _reliability(m: Mapping[str, Any]) -> list[str]:
                     f"are {impostors}."
                 )
     per_class = m.get("per_class") or {}
+    if pairs and "eer" in ver and 2 <= len(per_class) < FEW_VERIFICATION_CLASSES:
+        out.append(f"EER and ROC AUC rest on pairs of only {len(per_class)} classes: another "
+                   f"{len(per_class)} would move the EER by points, so compare runs on the same "
+                   "classes only.")  # fmt: skip
     few = [k for k, v in per_class.items() if v.get("num_queries", 0) < FEW_CLASS_QUERIES]
     if few:
         step = 1 / (FEW_CLASS_QUERIES - 1)

@@ -49,13 +49,16 @@ from mltrain.retrieval.verify import calibrate, calibration_rows
 
 
 def _splits_of(data) -> list[str]:
-    """Each image's side of the run's split: train, heldout, or all for split kind none."""
+    """Each image's side of the run's split: train, val (the validation classes, which chose
+    best.pt and its whitening), heldout (the test side), or all for split kind none. Only
+    heldout rows calibrate: validation classes would promise a FAR the test side misses."""
     n = len(data.folder)
     if data.split.kind == "none":
         return ["all"] * n
     out = ["heldout"] * n
-    for i in data.split.train:
-        out[int(i)] = "train"
+    for side, rows in (("train", data.split.train), ("val", data.split.val)):
+        for i in rows:
+            out[int(i)] = side
     return out
 
 

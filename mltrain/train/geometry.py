@@ -69,6 +69,7 @@ def choose_crop_mode(cfg: Config, data: RunData, model: EmbeddingModel, spec: In
         if better(key, scores[mode], scores[chosen]):
             chosen = mode
     said = ", ".join(f"{m} {scores[m].get(key, float('nan')):.4f}" for m in CANDIDATES)
-    report_notes([f"model.crop_mode auto: {chosen} (untrained model's held-out {key}: {said})"],
+    side = data.split.selection_side
+    report_notes([f"model.crop_mode auto: {chosen} (untrained model's {side} {key}: {said})"],
                  notes_dir)  # fmt: skip
     return chosen

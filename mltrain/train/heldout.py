@@ -119,7 +119,7 @@ class HeldOut:
             self.batches,
             self.infer_spec,
             from_prefix=self.from_prefix,
-            desc="held-out embeddings",
+            desc=f"{self.data.split.selection_side} embeddings",
         )
 
     def score(

@@ -74,8 +74,8 @@ def heldout_batches(cfg: Config, data: RunData, model: EmbeddingModel, dcfg: dic
     if not from_prefix(cfg, model):
         return images
     folded = inference_model(cfg, model, tuple(dcfg["input_size"]), spec.device)
-    feats = prefix_features(cfg, model, dcfg, spec, "heldout", images, "caching held-out prefix",
-                            through=folded)  # fmt: skip
+    desc = f"caching {data.split.selection_side} prefix"
+    feats = prefix_features(cfg, model, dcfg, spec, "heldout", images, desc, through=folded)
     return DataLoader(CachedFeatures(*feats), batch_size=cfg.eval.batch_size)
 
 

@@ -27,12 +27,6 @@ def log_start(writer: SummaryWriter, cfg: Config, step: int) -> None:
     tensorboard.add_hparams(writer, config, step)
 
 
-def scored_side(validation: bool) -> str:
-    """What the training-time figures score: the validation classes when the split has them
-    (the test classes are only evaluated afterwards), else the held-out images."""
-    return "validation" if validation else "held-out"
-
-
 def log_untrained(writer: SummaryWriter, start: dict[str, float], side: str = "held-out") -> None:
     """The untrained model's held-out figures at step 0, where the curves start."""
     for tag, v in tensorboard.heldout_scalars(start).items():
@@ -88,7 +82,8 @@ def write_summary(
         "setup_seconds": seconds[0],  # data checks, model, prefix cache
         "train_seconds": seconds[1],
     }
-    note = start_note(cfg.train.best_metric, best, start, cfg.data.split, scored_side(validation))
+    side = "validation" if validation else "held-out"
+    note = start_note(cfg.train.best_metric, best, start, cfg.data.split, side)
     if note:
         report_notes([note], run_dir)
     notes = run_dir / "notes.txt"

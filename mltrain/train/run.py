@@ -76,7 +76,7 @@ class Run:
 
         # data: images, the recorded split, a batch size it can fill
         self.data: RunData = prepare_data(cfg, writes, resuming=resuming)
-        self.side = report.scored_side(bool(len(self.data.split.val)))
+        self.side = self.data.split.selection_side
         report_split_notes(cfg, self.data, writes)
         check_best_metric_fits(cfg, len(self.data.split.selection))
         fit_batch_to_data(cfg, self.data, writes)

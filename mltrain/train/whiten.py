@@ -19,7 +19,6 @@ tenth lower again; the validation side decides, as for the whitening itself."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from mltrain.config import Config
-from mltrain.data.pipeline import RunData, eval_loader
+from mltrain.data.pipeline import RunData, eval_loader, report_notes
 from mltrain.inference.batching import extract_embeddings, mirror_mean
 from mltrain.model.checkpoint import load_checkpoint
 from mltrain.model.network import EmbeddingModel
@@ -43,7 +42,6 @@ from mltrain.model.whitening import (
 )
 from mltrain.train.checkpoints import better, save_checkpoint
 from mltrain.train.heldout import HeldOut
-from mltrain.train.report import scored_side
 
 DIMS = [128, 256, 512, 1024]  # output dimensions tried (capped by what the data can estimate)
 SHRINKAGES = [0.03, 0.1, 0.3, 1.0]  # towards the identity, as a fraction of the mean eigenvalue
@@ -101,8 +99,8 @@ def whiten_best(
     rows = training_rows(data, cfg.seed)
     labels = data.folder.labels[rows]
     if max_dims(len(rows), len(np.unique(labels)), model.trained_dim) < 2:
-        print("whitening: too few training images per class to fit one; best.pt stays as it was",
-              file=sys.stderr)  # fmt: skip
+        report_notes(["whitening: too few training images per class to fit one; best.pt stays "
+                      "as it was"], run_dir)  # fmt: skip
         return None
     ckpt = load_checkpoint(path)
     model.load_state_dict(ckpt["model"], strict=True)
@@ -111,7 +109,7 @@ def whiten_best(
     train_emb = embed(inference, data.paths(rows), labels, "training embeddings")
     emb, held_labels, indices = heldout.embed()
     verify = key in ("eer", "roc_auc")
-    side = scored_side(bool(len(data.split.val)))
+    side = data.split.selection_side
 
     def score(x: np.ndarray) -> dict[str, float]:
         return heldout.score(x, held_labels, indices, with_verification=verify)[0]
@@ -188,8 +186,8 @@ def _keep(cfg: Config, ckpt: dict, model: EmbeddingModel, run_dir: Path, base: d
     if fit is None and not flip:
         figure = base.get(key, float("nan"))
         kept = "" if key == GUARD else f" without lowering its {GUARD} {base.get(GUARD, 0):.4f}"
-        print(f"whitening: fitted on {seen}, none beat best.pt's {side} {key} {figure:.4f}"
-              f"{kept}; best.pt stays as it was", file=sys.stderr)  # fmt: skip
+        report_notes([f"whitening: fitted on {seen}, none beat best.pt's {side} {key} "
+                      f"{figure:.4f}{kept}; best.pt stays as it was"], run_dir)  # fmt: skip
         return None
     if fit is not None:
         model.set_whitening(Whitening.from_fit(fit))
@@ -203,6 +201,6 @@ def _keep(cfg: Config, ckpt: dict, model: EmbeddingModel, run_dir: Path, base: d
     what = f"{fit.dims} dimensions, shrinkage {fit.shrinkage:g}" if fit else "no whitening"
     if flip:
         what += "; mirror averaging on: each image and its mirror embedded, 2x the time"
-    print(f"whitening: fitted on {seen}; {side} {key} {base[key]:.4f} -> {scored[key]:.4f} "
-          f"({what}); best.pt embeds through it", file=sys.stderr)  # fmt: skip
+    report_notes([f"whitening: fitted on {seen}; {side} {key} {base[key]:.4f} -> "
+                  f"{scored[key]:.4f} ({what}); best.pt embeds through it"], run_dir)  # fmt: skip
     return best

@@ -102,7 +102,8 @@ def test_cli_backbone_mode_prints_summary(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "precision@1" in done.stdout
-    assert (tmp_path / "o" / "metrics.json").is_file()
+    ver = json.loads((tmp_path / "o" / "metrics.json").read_text())["verification"]
+    assert f"EER {ver['eer']:.4f}  ROC AUC {ver['roc_auc']:.4f}" in done.stdout
 
 
 def test_not_a_checkpoint_is_refused_without_traceback(tmp_path):

@@ -377,6 +377,17 @@ def test_a_perfect_precision_is_not_given_a_standard_error_of_zero() -> None:
     assert "standard error is about 0.0300" in usual  # sqrt(0.9 * 0.1 / 100)
 
 
+def test_an_eer_on_few_classes_is_flagged_as_coarse() -> None:
+    ver = {"num_pairs": 2000, "num_impostor": 1000, "eer": 0.08, "roc_auc": 0.97}
+    five = {f"p{i}": {"num_queries": 19} for i in range(5)}
+    lines = markdown._reliability({"verification": ver, "per_class": five})
+    assert "EER and ROC AUC rest on pairs of only 5 classes: another 5 would move the EER by " \
+           "points" in "\n".join(lines)
+    many = {f"p{i}": {"num_queries": 19} for i in range(markdown.FEW_VERIFICATION_CLASSES)}
+    assert not any("EER" in r for r in markdown._reliability({"verification": ver,
+                                                              "per_class": many}))  # fmt: skip
+
+
 def test_class_names_the_font_lacks_draw_without_a_warning_per_glyph():
     """CJK class names must not print matplotlib's 'Glyph ... missing' lines during training."""
     import warnings
@@ -392,7 +403,7 @@ def test_class_names_the_font_lacks_draw_without_a_warning_per_glyph():
 def test_report_opens_with_the_data_and_the_main_figures(result: EvalResult, report_dir: Path):
     text = (report_dir / "report.md").read_text(encoding="utf-8")
     head = text.split("## Retrieval")[0]
-    assert "Measured on 30 held-out images of 3 classes." in head  # split none: same images
+    assert "Measured on 30 held-out images of 3 classes (alpha, beta, gamma)." in head  # named
     assert f"| precision@1 | **{result.metrics['precision_at_1']:.4f}** |" in head
     ver = result.metrics["verification"]
     assert f"| EER | **{ver['eer']:.4f}** |" in head

@@ -104,3 +104,23 @@ def test_a_pca_bundle_searches_deeper_so_re_scoring_can_recover_neighbours(tmp_p
     assert search_depth(flat, 3, "none") == 3
     assert search_depth(pca, 3, "none") == 50  # max(4k, 50) candidates, scored at full length
     assert search_depth(pca, 20, "none") == 64  # never past the gallery
+
+
+def test_only_the_test_side_calibrates_never_the_validation_classes():
+    """Validation classes chose best.pt and its whitening: pairs of theirs score too well, and a
+    threshold set on them would promise a FAR the test classes miss."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from mltrain.retrieval.export import _splits_of
+    from mltrain.retrieval.verify import calibration_rows
+
+    split = SimpleNamespace(kind="class_disjoint", train=np.array([0, 1]), val=np.array([2, 3]),
+                            heldout=np.array([4, 5]))  # fmt: skip
+    splits = _splits_of(SimpleNamespace(folder=range(6), split=split))
+    assert splits == ["train", "train", "val", "val", "heldout", "heldout"]
+    rows, source = calibration_rows(splits)
+    assert rows.tolist() == [4, 5] and source == "heldout"
+    none = SimpleNamespace(kind="none", train=np.arange(3), val=np.zeros(0, int), heldout=None)
+    assert calibration_rows(_splits_of(SimpleNamespace(folder=range(3), split=none)))[1] == "all"

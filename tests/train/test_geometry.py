@@ -58,7 +58,7 @@ def test_auto_squashes_images_whose_class_a_center_crop_would_cut_off(tmp_path, 
     err = capsys.readouterr().err
     assert "model.crop_mode auto: squash" in err
     # each geometry's held-out prefix once: the training run reads the winner's from the cache
-    assert computed.count("caching held-out prefix") == 2, computed
+    assert computed.count("caching validation prefix") == 2, computed
     assert "crop_mode: squash" in (run_dir / "config.yaml").read_text()
     assert "model.crop_mode auto: squash" in (run_dir / "notes.txt").read_text()
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
@@ -70,7 +70,8 @@ def test_auto_squashes_images_whose_class_a_center_crop_would_cut_off(tmp_path, 
 def test_auto_keeps_the_center_crop_where_the_class_is_in_the_middle(tmp_path, capsys):
     """The other way round, chosen on a lower-is-better metric."""
     run_dir = run_auto(tmp_path, write_banded_portraits(tmp_path / "data", middle=True), "eer")
-    assert "model.crop_mode auto: center (untrained model's held-out eer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.crop_mode auto: center (untrained model's validation eer" in err
     assert "crop_mode: center" in (run_dir / "config.yaml").read_text()
 
 

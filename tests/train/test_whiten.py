@@ -63,6 +63,7 @@ def test_a_whitening_that_wins_is_saved_in_best_pt_and_applied_on_load(
     err = capsys.readouterr().err
     assert "best.pt embeds through it" in err and "refitted with the" in err
     assert "; validation " in err  # the side that scored it, not the test side
+    assert "best.pt embeds through it" in (run_dir / "notes.txt").read_text()  # kept with the run
     embedder = embedder_from_checkpoint(str(run_dir / "checkpoints" / "best.pt"))
     assert embedder.embedding_dim == dims
     emb = np.asarray(embedder.embed(sorted(root.rglob("*.png"))[:4]))
