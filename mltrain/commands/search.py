@@ -72,8 +72,9 @@ def parser(prog: str = "mltrain search") -> argparse.ArgumentParser:
                    help="re-order the top candidates: k_reciprocal or alpha_qe; auto (default): "
                         "what the evaluation that exported the bundle found helps, else none")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="embed queries with torch or onnx (the bundle's model.onnx, from "
-                        "export --onnx); auto (default): onnx where the bundle has it, else torch")
+                   help="embed queries with torch, onnx (the bundle's model.onnx, from "
+                        "export --onnx) or openvino; auto (default): the runner with the least "
+                        "measured time for this many queries")
     p.add_argument("--threshold", metavar="auto|T",
                    help="mark hits as match / no match at this similarity; auto: the bundle's "
                         "calibrated threshold at FAR 1e-3; 'unknown' when the best hit is below")

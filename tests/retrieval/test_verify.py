@@ -63,6 +63,10 @@ def test_verify_pair_refuses_a_missing_image_before_building_the_model(served_bu
     folder = re.escape(str(tmp_path))
     with pytest.raises(DataError, match=rf"^image {folder} is a folder; pass image files$"):
         verify_pair(bundle, tmp_path, good)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    with pytest.raises(DataError, match=r"^cannot read image .*notes\.txt .*; pass an image file"):
+        verify_pair(bundle, good, notes)  # a query's advice, not a data set's
 
 
 def test_a_pca_bundle_scores_hits_on_the_verify_and_threshold_scale(tmp_path):
