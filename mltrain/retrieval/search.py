@@ -142,6 +142,7 @@ def rank_hits(
     hits = []
     for score, row in found[:k]:
         meta = bundle.metadata[row]
+        score = min(max(score, -1.0), 1.0) if bundle.metric == "cosine" else score  # fp32 1.0000001
         hits.append(Hit(len(hits) + 1, score, row, meta["class"], meta["path"]))
     return hits
 

@@ -124,6 +124,7 @@ def pair_verdict(emb: np.ndarray, metric: str, cal: dict[str, Any]) -> tuple[flo
     """Similarity of the two rows of `emb` and whether it reaches `cal`'s threshold: the one
     rule behind `mltrain verify` and the server's /verify."""
     score = float(pair_scores(emb, np.array([0]), np.array([1]), metric)[0])
+    score = min(max(score, -1.0), 1.0) if metric == "cosine" else score  # fp32 rounding
     return score, score >= float(cal["threshold"])
 
 

@@ -345,3 +345,20 @@ def test_help_and_a_bad_k_answer_before_the_bundle_and_model_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
     assert out == "ConfigError -k must be at least 1, got 0\n[]\n"
+
+
+def test_cosine_scores_stay_within_minus_one_and_one(exported):
+    """fp32 rounding lets an image's cosine with itself come out at 1.0000001: a score on the
+    cosine scale is kept inside [-1, 1], as every caller reads it (search, the server, verify)."""
+    from mltrain.retrieval.bundle import load_bundle
+    from mltrain.retrieval.search import rank_hits
+    from mltrain.retrieval.verify import pair_verdict
+
+    bundle = load_bundle(exported[1])
+    assert bundle.metric == "cosine"
+    query = np.zeros(64, dtype=np.float32)  # unused: no PCA, no re-ranking
+    hits = rank_hits(bundle, query, np.array([1.0000001, -1.0000001], dtype=np.float32),
+                     np.array([0, 1]), 2, "none")  # fmt: skip
+    assert [h.score for h in hits] == [1.0, -1.0]
+    same = np.ones((2, 4), dtype=np.float32) * np.float32(0.5000001)
+    assert pair_verdict(same, "cosine", {"threshold": 0.9})[0] <= 1.0
