@@ -138,20 +138,26 @@ def from_dict(data: dict, source: str = "<dict>", overrides: list[str] | None = 
     try:
         return validate(_from_dict(Config, data or {}, ""))
     except ConfigError as e:
-        raise ConfigError(f"{with_sets(source, overrides, str(e))}: {e}") from None
+        raise ConfigError(f"{with_sets(source, overrides, e)}: {e}") from None
 
 
-def with_sets(source: str, overrides: list[str] | None, message: str) -> str:
-    """`source` and the overrides behind `message`: a mistake in one `--set` among ten names
-    that one, not all ten."""
+def with_sets(source: str, overrides: list[str] | None, error: ConfigError) -> str:
+    """`source` and the overrides behind `error`: those that wrote its key (or a key above or
+    below it), so that a mistake in one `--set` among ten names that one; all of them where
+    the key at fault is not known or none wrote it."""
     if not overrides:
         return source
-    named = [o for o in overrides if any(_names(message, k) for k in _set_keys(o))]
+    fault = error.key or _fault_key(str(error))
+    named = [o for o in overrides
+             if fault and any(_under(k, fault) or _under(fault, k) for k in _set_keys(o))]
     return f"{source} with --set {' '.join(map(clipped, named or overrides))}"
 
 
-def _names(message: str, key: str) -> bool:
-    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message) is not None
+def _fault_key(message: str) -> str | None:
+    """The dotted key a validation message is about: "unknown key 'K'" or a leading "K: "."""
+    found = re.match(r"unknown key '([^']+)'", message) or re.match(r"([A-Za-z_][\w.]*): ",
+                                                                     message)  # fmt: skip
+    return found.group(1) if found else None
 
 
 

@@ -241,3 +241,10 @@ def test_the_done_line_shows_the_picking_metric_and_what_came_after_the_epoch(tm
     (tmp_path / "metrics.json").write_text(json.dumps(
         {**metrics, "best": {**best, "flip_tta": 0.0}}))  # fmt: skip
     assert "(epoch 2 with the whitening fitted after training, picked" in summary_line(tmp_path)
+    for key, name in (("map_at_r", "MAP@R 0.8300"), ("eer", "EER 0.1100"),
+                      ("precision_at_1", "precision@1 0.9000")):  # fmt: skip
+        picked = {**metrics, "best_metric": key, "best": {"epoch": 1, "map_at_r": 0.83,
+                                                          "eer": 0.11, "precision_at_1": 0.9}}
+        (tmp_path / "metrics.json").write_text(json.dumps(picked))
+        line = summary_line(tmp_path)
+        assert name in line and key not in line.split("picked by")[0], line  # named, not raw

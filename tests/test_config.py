@@ -215,6 +215,10 @@ def test_an_error_names_only_the_override_that_wrote_its_key():
     assert str(info.value).startswith("defaults with --set train.batchsize=8: unknown key")
     with pytest.raises(ConfigError, match=r"^defaults with --set data=\{split: bogus\}: data\."):
         load_config(None, ["seed=3", "data={split: bogus}"])  # a mapping names its leaves
+    with pytest.raises(ConfigError, match=r"^defaults with --set trian\.epochs=2: unknown key"):
+        load_config(None, ["seed=3", "trian.epochs=2"])  # 'seed' is among the valid keys listed
+    with pytest.raises(ConfigError, match=r"^defaults with --set model\.pooling\.argz\.size=2: "):
+        load_config(None, ["name=x", "model.pooling.argz.size=2"])  # the message says "name"
     # a key no override wrote (the file's own value): every override is named
     with pytest.raises(ConfigError, match=r"^f\.yaml with --set seed=3 train\.epochs=2: train\."):
         from_dict({"train": {"batch_size": 0}}, "f.yaml", ["seed=3", "train.epochs=2"])

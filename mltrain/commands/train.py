@@ -16,10 +16,10 @@ def summary_line(run_dir: Path) -> str:
     s = json.loads((run_dir / "metrics.json").read_text())
     best = s.get("best") or {}
     key = s.get("best_metric", "map_at_r")
-    names = {"map_at_r": "MAP@R", "precision_at_1": "precision@1", "eer": "EER", key: key}
-    names["roc_auc"] = "ROC AUC"
-    shown = [(k, names[k]) for k in dict.fromkeys(("map_at_r", "precision_at_1", "eer", key))
-             if k in best]  # fmt: skip
+    names = {"map_at_r": "MAP@R", "precision_at_1": "precision@1", "eer": "EER",
+             "roc_auc": "ROC AUC"}  # fmt: skip
+    shown = [(k, names.get(k, k)) for k in dict.fromkeys(("map_at_r", "precision_at_1", "eer",
+                                                          key)) if k in best]  # fmt: skip
     side = "validation" if s.get("selected_on") == "validation" else "held-out"
     epoch = f"epoch {best.get('epoch')}"
     epoch = "the untrained start, epoch 0" if best.get("epoch") == 0 else epoch

@@ -186,7 +186,7 @@ def summary_section(m: Mapping[str, Any], data: Mapping[str, Any] | None = None,
         what = _count(int(data["heldout_images"]), "held-out image")
         if "heldout_classes" in data:
             what += f" of {_count(int(data['heldout_classes']), 'class')}"
-            names = list(m.get("per_class") or {})
+            names = list(data.get("heldout_class_names") or [])
             if 0 < len(names) <= NAMED_CLASSES:  # few enough to say which (unseen people)
                 what += f" ({_cell(', '.join(names))})"
         split = data.get("split")
@@ -446,10 +446,10 @@ def _reliability(m: Mapping[str, Any]) -> list[str]:
                     f"are {impostors}."
                 )
     per_class = m.get("per_class") or {}
-    if pairs and "eer" in ver and 2 <= len(per_class) < FEW_VERIFICATION_CLASSES:
-        out.append(f"EER and ROC AUC rest on pairs of only {len(per_class)} classes: another "
-                   f"{len(per_class)} would move the EER by points, so compare runs on the same "
-                   "classes only.")  # fmt: skip
+    n = int(ver.get("num_classes") or len(per_class))  # the classes the pairs were drawn from
+    if pairs and "eer" in ver and 2 <= n < FEW_VERIFICATION_CLASSES:
+        out.append(f"EER and ROC AUC rest on pairs of only {n} classes: another {n} would "
+                   "move the EER by points, so compare runs on the same classes only.")
     few = [k for k, v in per_class.items() if v.get("num_queries", 0) < FEW_CLASS_QUERIES]
     if few:
         step = 1 / (FEW_CLASS_QUERIES - 1)

@@ -88,7 +88,11 @@ def data_summary(split: Any, config: Mapping[str, Any] | None) -> dict[str, Any]
     """What report.md's first line says about the data: counts from the embedded split, the
     split kind from the config."""
     held = np.asarray(split.heldout_labels)
-    out: dict[str, Any] = {"heldout_images": len(held), "heldout_classes": len(np.unique(held))}
+    present = np.unique(held)
+    out: dict[str, Any] = {"heldout_images": len(held), "heldout_classes": len(present)}
+    classes = getattr(split, "classes", None)
+    if classes is not None:
+        out["heldout_class_names"] = [classes[int(i)] for i in present]
     if not getattr(split, "same_set", False):
         out["train_images"] = len(split.train_labels)
     kind = ((config or {}).get("data") or {}).get("split")

@@ -61,7 +61,8 @@ def verification_metrics(
     with FAR <= the target), best_threshold (accept a pair when score >= it; a cosine
     similarity, or a negative L2 distance for metric="l2"), best_accuracy,
     threshold_at_far_1e-3 (the lowest score that keeps FAR <= 1e-3 on these pairs, as a bundle
-    calibrates it for `mltrain verify`), num_pairs, num_genuine, num_impostor.
+    calibrates it for `mltrain verify`), num_pairs, num_genuine, num_impostor, num_classes
+    (the classes the pairs are drawn from: few make the EER coarse, whatever the pair count).
     Lists (`CURVE_KEYS`): "fpr" and "tpr", the ROC curve for plotting.
     """
     emb, labels = check_labelled(emb, labels)
@@ -71,6 +72,7 @@ def verification_metrics(
     out["threshold_at_far_1e-3"] = calibrate_threshold(same, scores, 1e-3)["threshold"]
     out["num_pairs"] = int(len(same))
     out["num_genuine"], out["num_impostor"] = int(same.sum()), int((~same).sum())
+    out["num_classes"] = int(np.unique(labels).size)
     return out
 
 

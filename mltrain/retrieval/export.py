@@ -50,13 +50,15 @@ from mltrain.retrieval.verify import calibrate, calibration_rows
 
 def _splits_of(data) -> list[str]:
     """Each image's side of the run's split: train, val (the validation classes, which chose
-    best.pt and its whitening), heldout (the test side), or all for split kind none. Only
-    heldout rows calibrate: validation classes would promise a FAR the test side misses."""
+    best.pt and its whitening), heldout (the test side), copy (a byte-identical copy that
+    evaluation left out), or all for split kind none. Only heldout rows calibrate: validation
+    classes would promise a FAR the test side misses, and a copy is a perfect genuine pair."""
     n = len(data.folder)
     if data.split.kind == "none":
         return ["all"] * n
-    out = ["heldout"] * n
-    for side, rows in (("train", data.split.train), ("val", data.split.val)):
+    out = ["copy"] * n
+    for side, rows in (("train", data.split.train), ("val", data.split.val),
+                       ("heldout", data.split.heldout)):  # fmt: skip
         for i in rows:
             out[int(i)] = side
     return out

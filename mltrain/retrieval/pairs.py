@@ -107,14 +107,15 @@ def sample_pairs(
 def pair_scores(
     emb: np.ndarray, i: np.ndarray, j: np.ndarray, metric: str = "cosine", chunk: int = 65536
 ) -> np.ndarray:
-    """Similarity of each pair: cosine similarity, or negative L2 distance (higher = closer)."""
+    """Similarity of each pair: cosine similarity (kept within [-1, 1]: fp32 rounding puts an
+    image with itself at 1.0000005), or negative L2 distance (higher = closer)."""
     check_metric(metric)
     x = l2_normalize(emb) if metric == "cosine" else np.asarray(emb, dtype=np.float32)
     out = np.empty(len(i), dtype=np.float64)
     for s in range(0, len(i), chunk):
         a, b = x[i[s : s + chunk]], x[j[s : s + chunk]]
         if metric == "cosine":
-            out[s : s + chunk] = np.einsum("nd,nd->n", a, b)
+            out[s : s + chunk] = np.clip(np.einsum("nd,nd->n", a, b), -1.0, 1.0)
         else:
             out[s : s + chunk] = -np.linalg.norm(a - b, axis=1)
     return out

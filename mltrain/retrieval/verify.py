@@ -124,17 +124,19 @@ def pair_verdict(emb: np.ndarray, metric: str, cal: dict[str, Any]) -> tuple[flo
     """Similarity of the two rows of `emb` and whether it reaches `cal`'s threshold: the one
     rule behind `mltrain verify` and the server's /verify."""
     score = float(pair_scores(emb, np.array([0]), np.array([1]), metric)[0])
-    score = min(max(score, -1.0), 1.0) if metric == "cosine" else score  # fp32 rounding
     return score, score >= float(cal["threshold"])
 
 
-def verify_pair(bundle: Any, a: str | Path, b: str | Path, far: float = DEFAULT_FAR) -> dict:
+def verify_pair(bundle: Any, a: str | Path, b: str | Path, far: float = DEFAULT_FAR,
+                checked: bool = False) -> dict:  # fmt: skip
     """Similarity of images `a` and `b` under the bundle's model and metric, against its
-    threshold at `far`: {'similarity', 'threshold', 'same', ...calibration}."""
+    threshold at `far`: {'similarity', 'threshold', 'same', ...calibration}. `checked`: the
+    caller already ran `check_pair_paths` on them."""
     from mltrain.retrieval.bundle_model import bundle_embedder  # the model: only when used
 
     cal = threshold_for(bundle.manifest, far)  # before the model is built
-    check_pair_paths(a, b)
+    if not checked:
+        check_pair_paths(a, b)
     emb = bundle_embedder(bundle).embed([Path(a), Path(b)], desc="embedding the pair")
     score, same = pair_verdict(emb, bundle.metric, cal)
     return {**cal, "similarity": score, "same": same}

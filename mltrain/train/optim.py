@@ -15,7 +15,12 @@ from timm.scheduler.scheduler import Scheduler
 
 from mltrain.config import Config
 from mltrain.errors import ConfigError
-from mltrain.model.network import check_backbone_name, check_patch_size, check_pretrained
+from mltrain.model.network import (
+    POOLINGS,
+    check_backbone_name,
+    check_patch_size,
+    check_pretrained,
+)
 
 
 def make_optimizer(
@@ -74,6 +79,7 @@ def check_optimization(cfg: Config) -> None:
     check_backbone_name(cfg.model.backbone)
     check_pretrained(cfg.model.backbone, cfg.model.pretrained)
     check_patch_size(cfg.model.backbone, cfg.model.image_size)
+    POOLINGS.build(cfg.model.pooling)  # its name and args (a grid's size), before the data
     # One parameter has no layers to decay (timm would warn so): layer_decay waits for the model.
     cfg = replace(cfg, train=replace(cfg.train, layer_decay=None))
     try:

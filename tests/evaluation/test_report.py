@@ -383,6 +383,9 @@ def test_an_eer_on_few_classes_is_flagged_as_coarse() -> None:
     lines = markdown._reliability({"verification": ver, "per_class": five})
     assert "EER and ROC AUC rest on pairs of only 5 classes: another 5 would move the EER by " \
            "points" in "\n".join(lines)
+    wide = {**ver, "num_classes": 40}  # the pairs' classes count, not only those with queries
+    assert not any("EER" in r for r in markdown._reliability({"verification": wide,
+                                                              "per_class": five}))  # fmt: skip
     many = {f"p{i}": {"num_queries": 19} for i in range(markdown.FEW_VERIFICATION_CLASSES)}
     assert not any("EER" in r for r in markdown._reliability({"verification": ver,
                                                               "per_class": many}))  # fmt: skip
@@ -426,6 +429,9 @@ def test_a_trained_checkpoint_is_compared_with_the_untrained_start(tmp_path: Pat
                            baseline=start)  # fmt: skip
     assert text.splitlines()[2] == ("Measured on 40 held-out images of 4 classes, classes it "
                                     "never trained on (the model trained on 60 images).")
+    named = markdown_report(m, data={"heldout_images": 40, "heldout_classes": 2,
+                                     "heldout_class_names": ["ann", "bob"]})  # fmt: skip
+    assert named.splitlines()[2] == "Measured on 40 held-out images of 2 classes (ann, bob)."
     assert "| precision@1 | **0.7500** | 0.5000 | +0.2500 (better) |" in text
     assert "| MAP@R | **0.2500** | 0.2500 | +0.0000 (same) |" in text
     assert "| EER | **0.1000** | 0.2000 | -0.1000 (better) |" in text  # lower is better

@@ -63,6 +63,9 @@ def test_training_checks_the_patch_size_before_reading_data(tmp_path):
         check_optimization(cfg)  # before the missing data root is ever looked at
     cfg.model.image_size = 112
     check_optimization(cfg)
+    cfg.model.pooling = {"name": "grid", "args": {"size": 0}}
+    with pytest.raises(ConfigError, match=r"size: 0 is not a grid side"):
+        check_optimization(cfg)  # pooling args too, before the data
 
 
 def _fake_hf_cache(root: Path, repo: str, state: dict) -> None:

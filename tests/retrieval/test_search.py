@@ -360,5 +360,8 @@ def test_cosine_scores_stay_within_minus_one_and_one(exported):
     hits = rank_hits(bundle, query, np.array([1.0000001, -1.0000001], dtype=np.float32),
                      np.array([0, 1]), 2, "none")  # fmt: skip
     assert [h.score for h in hits] == [1.0, -1.0]
-    same = np.ones((2, 4), dtype=np.float32) * np.float32(0.5000001)
-    assert pair_verdict(same, "cosine", {"threshold": 0.9})[0] <= 1.0
+    from mltrain.inference.vectors import l2_normalize
+
+    twin = l2_normalize(np.random.default_rng(1).standard_normal((1, 1280)).astype(np.float32))
+    assert np.einsum("nd,nd->n", twin, twin)[0] > 1.0  # this vector with itself, unclipped
+    assert pair_verdict(np.vstack([twin, twin]), "cosine", {"threshold": 0.9})[0] == 1.0

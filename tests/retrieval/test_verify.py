@@ -121,9 +121,9 @@ def test_only_the_test_side_calibrates_never_the_validation_classes():
     from mltrain.retrieval.verify import calibration_rows
 
     split = SimpleNamespace(kind="class_disjoint", train=np.array([0, 1]), val=np.array([2, 3]),
-                            heldout=np.array([4, 5]))  # fmt: skip
-    splits = _splits_of(SimpleNamespace(folder=range(6), split=split))
-    assert splits == ["train", "train", "val", "val", "heldout", "heldout"]
+                            heldout=np.array([4, 5]))  # 6, 7: copies evaluation left out
+    splits = _splits_of(SimpleNamespace(folder=range(8), split=split))
+    assert splits == ["train", "train", "val", "val", "heldout", "heldout", "copy", "copy"]
     rows, source = calibration_rows(splits)
     assert rows.tolist() == [4, 5] and source == "heldout"
     none = SimpleNamespace(kind="none", train=np.arange(3), val=np.zeros(0, int), heldout=None)
