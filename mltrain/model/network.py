@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -321,3 +322,20 @@ def data_config(model: EmbeddingModel, model_cfg: Any = None) -> dict[str, Any]:
             if getattr(model_cfg, key) not in (None, "auto"):
                 args[key] = getattr(model_cfg, key)
     return timm.data.resolve_data_config(args, model=model.trunk)
+
+
+def check_pooling_fits(model_cfg: Any) -> None:
+    """A grid pooling needs a last feature map at least its size: checked before any data is
+    read, on the meta device (shapes only: nothing is allocated or computed). A family the
+    meta device cannot run is left to its first forward, which says the same."""
+    if getattr(POOLINGS.build(model_cfg.pooling), "cells", 1) == 1:
+        return
+    try:
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(model_cfg, pretrained=False)).eval()
+            size = data_config(model, model_cfg)["input_size"]
+            model.pool(model.trunk.forward_features(torch.empty(1, *size)))
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - only the early check is lost
+        return

@@ -16,9 +16,9 @@ from timm.scheduler.scheduler import Scheduler
 from mltrain.config import Config
 from mltrain.errors import ConfigError
 from mltrain.model.network import (
-    POOLINGS,
     check_backbone_name,
     check_patch_size,
+    check_pooling_fits,
     check_pretrained,
 )
 
@@ -79,7 +79,7 @@ def check_optimization(cfg: Config) -> None:
     check_backbone_name(cfg.model.backbone)
     check_pretrained(cfg.model.backbone, cfg.model.pretrained)
     check_patch_size(cfg.model.backbone, cfg.model.image_size)
-    POOLINGS.build(cfg.model.pooling)  # its name and args (a grid's size), before the data
+    check_pooling_fits(cfg.model)  # its name and args, and a grid within the last feature map
     # One parameter has no layers to decay (timm would warn so): layer_decay waits for the model.
     cfg = replace(cfg, train=replace(cfg.train, layer_decay=None))
     try:

@@ -66,6 +66,12 @@ def test_training_checks_the_patch_size_before_reading_data(tmp_path):
     cfg.model.pooling = {"name": "grid", "args": {"size": 0}}
     with pytest.raises(ConfigError, match=r"size: 0 is not a grid side"):
         check_optimization(cfg)  # pooling args too, before the data
+    cfg.model.pooling = {"name": "grid", "args": {"size": 8}}  # ViT-Ti/16 at 112 px: 7 x 7
+    with pytest.raises(ConfigError, match=r"grid size 8 needs feature maps of 8 x 8 or more, "
+                                          r"got 7 x 7"):  # fmt: skip
+        check_optimization(cfg)
+    cfg.model.pooling = {"name": "grid", "args": {"size": 7}}
+    check_optimization(cfg)
 
 
 def _fake_hf_cache(root: Path, repo: str, state: dict) -> None:
