@@ -155,3 +155,26 @@ def test_two_way_splits_never_fit_on_the_test_side(tmp_path, monkeypatch, capsys
     assert "best.pt embeds through it" in err and "refitted" not in err
     assert "; held-out " in err
     assert "whiten.matrix" in best["model"]
+
+
+def test_a_kept_whitening_re_measures_the_verification_figures_training_measured(
+    tmp_path, monkeypatch
+):
+    """best.pt's EER must describe the whitened model it embeds with, not the epoch before
+    it: where training measured one (epochs that draw figures), the whitening measures it too."""
+    from mltrain.train.heldout import HeldOut
+
+    every_fit_wins(monkeypatch)
+    asked = []
+    score = HeldOut.score
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs.get("with_verification", False))
+        return score(self, *args, **kwargs)
+
+    monkeypatch.setattr(HeldOut, "score", spy)
+    _, _, best = tiny_run(tmp_path / "a", "train.figures_every=1", "train.eval_start=false")
+    assert "eer" in best["best"] and asked[-1] is True
+    asked.clear()
+    _, _, best = tiny_run(tmp_path / "b")  # no figures drawn: no EER to keep current
+    assert "eer" not in best["best"] and asked[-1] is False
