@@ -8,6 +8,7 @@ This module builds and loads configs; every config name is importable from here.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -134,11 +135,33 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
 
 def from_dict(data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Config:
     """Build a validated `Config`; errors name `source` (the file), the `--set` overrides
-    that wrote the key at fault (all of them when none names it) and the key."""
+    that wrote the key at fault (all of them when none names it) and the key. Several unknown
+    keys are named at once, each with its closest valid key, so typos are fixed in one go."""
     try:
+        unknown = _unknown_keys(Config, data or {}, "")
+        if len(unknown) > 1:
+            raise ConfigError("unknown keys " + ", ".join(unknown))
         return validate(_from_dict(Config, data or {}, ""))
     except ConfigError as e:
         raise ConfigError(f"{with_sets(source, overrides, e)}: {e}") from None
+
+
+def _unknown_keys(cls: type, data: Any, prefix: str) -> list[str]:
+    """Every key of `data` that `cls` (a config dataclass) lacks, nested sections included,
+    as "'dotted.key' (did you mean 'close_key'?)"."""
+    if not isinstance(data, dict):
+        return []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = []
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            out.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        elif dataclasses.is_dataclass(hints[k]):
+            out += _unknown_keys(hints[k], v, key)
+    return out
 
 
 def with_sets(source: str, overrides: list[str] | None, error: ConfigError) -> str:
@@ -147,17 +170,19 @@ def with_sets(source: str, overrides: list[str] | None, error: ConfigError) -> s
     the key at fault is not known or none wrote it."""
     if not overrides:
         return source
-    fault = error.key or _fault_key(str(error))
+    faults = [error.key] if error.key else _fault_keys(str(error))
     named = [o for o in overrides
-             if fault and any(_under(k, fault) or _under(fault, k) for k in _set_keys(o))]
+             if any(_under(k, f) or _under(f, k) for k in _set_keys(o) for f in faults)]
     return f"{source} with --set {' '.join(map(clipped, named or overrides))}"
 
 
-def _fault_key(message: str) -> str | None:
-    """The dotted key a validation message is about: "unknown key 'K'" or a leading "K: "."""
-    found = re.match(r"unknown key '([^']+)'", message) or re.match(r"([A-Za-z_][\w.]*): ",
-                                                                     message)  # fmt: skip
-    return found.group(1) if found else None
+def _fault_keys(message: str) -> list[str]:
+    """The dotted keys a validation message is about: "unknown key(s) 'K', ..." (the quoted
+    keys before any hint) or a leading "K: "."""
+    if message.startswith("unknown key"):
+        return re.findall(r"(?:^unknown keys? |, )'([^']+)'", message)
+    found = re.match(r"([A-Za-z_][\w.]*): ", message)
+    return [found.group(1)] if found else []
 
 
 

@@ -224,6 +224,18 @@ def test_an_error_names_only_the_override_that_wrote_its_key():
         from_dict({"train": {"batch_size": 0}}, "f.yaml", ["seed=3", "train.epochs=2"])
 
 
+def test_several_unknown_keys_are_named_at_once_with_their_closest_valid_key():
+    sets = ["data.train_fracton=0.75", "train.epoch=1", "model.imagesize=64", "seed=2"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, sets)
+    assert str(info.value) == (
+        "defaults with --set data.train_fracton=0.75 train.epoch=1 model.imagesize=64: unknown "
+        "keys 'data.train_fracton' (did you mean 'train_fraction'?), 'model.imagesize' (did you "
+        "mean 'image_size'?), 'train.epoch' (did you mean 'epochs'?)")  # seed=2 is fine
+    with pytest.raises(ConfigError, match=r"unknown keys 'bogus', 'train\.zzz'$"):
+        from_dict({"bogus": 1, "train": {"zzz": 2}})  # nothing close: no guess
+
+
 def test_override_wrong_type_names_key():
     with pytest.raises(ConfigError, match=r"train\.epochs.*'ten'"):
         load_config(None, ["train.epochs=ten"])

@@ -183,4 +183,9 @@ class ArchiveReader:
         return folder
 
     def read(self, options: ReadOptions) -> ImageFolder:
-        return scan_folder(self.prepare(), options.exclude, options.class_depth)
+        folder = self.prepare()
+        try:
+            return scan_folder(folder, options.exclude, options.class_depth)
+        except DataError as e:  # name the archive the user gave, not the extraction cache
+            given = self.path / self.inner if self.inner is not None else self.path
+            raise DataError(str(e).replace(str(folder), str(given))) from None

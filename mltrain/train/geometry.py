@@ -56,6 +56,8 @@ def choose_crop_mode(cfg: Config, data: RunData, model: EmbeddingModel, spec: In
     center on a tie or on square images. The scores go into `notes_dir`'s notes.txt."""
     rows = data.split.selection
     if all_square(data.paths(rows)):
+        report_notes([f"model.crop_mode auto: {CANDIDATES[0]} (the images are square, where a "
+                      "centre crop and the squashed whole image are the same)"], notes_dir)
         return CANDIDATES[0]
     key, scores = cfg.train.best_metric, {}
     for mode in CANDIDATES:

@@ -97,3 +97,6 @@ def test_a_folder_inside_an_archive_is_a_data_root(tmp_path, tiny_folder, monkey
         read_images("sets.tar.gz/../x")
     with pytest.raises(DataError, match="does not exist"):
         read_images("nothing.tar.gz/A")
+    # a folder of images without class folders: the error names the archive, not the cache
+    with pytest.raises(DataError, match=r"^data root sets.tar.gz/B/x has no class sub-folders"):
+        read_images("sets.tar.gz/B/x")

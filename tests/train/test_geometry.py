@@ -80,7 +80,8 @@ def test_square_images_are_not_embedded_twice(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(geometry, "heldout_batches", lambda *a, **k: pytest.fail("embedded"))
     run_dir = run_auto(tmp_path, root)
     assert "crop_mode: center" in (run_dir / "config.yaml").read_text()
-    assert "model.crop_mode auto" not in capsys.readouterr().err
+    assert "model.crop_mode auto: center (the images are square" in capsys.readouterr().err
+    assert "images are square" in (run_dir / "notes.txt").read_text()  # said, not silent
 
 
 def test_all_square_reads_headers(tmp_path):
