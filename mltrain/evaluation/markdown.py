@@ -90,16 +90,11 @@ ONE_SHOT_HELP = (
 
 # Below these counts a figure moves in steps too coarse to compare runs by (see _reliability).
 FEW_QUERIES = 200
-
-
 FAR_MIN_IMPOSTORS = {"tar_at_far_1e-2": 100, "tar_at_far_1e-3": 1000}
-
-
 FEW_CLASS_QUERIES = 5
 # Held-out classes named in the report's first line where there are at most this many.
 NAMED_CLASSES = 25
-# Verification on fewer classes: on the face sets (5-25 test people) an EER moved by 1-3 points
-# between near-identical models.
+# Verification on fewer classes: on 5-25 test people an EER moved 1-3 points between runs.
 FEW_VERIFICATION_CLASSES = 30
 
 
@@ -340,9 +335,14 @@ def pca_section(m: Mapping[str, Any]) -> list[str]:
         "",
     ]
     if "pca_shortest_within_0.5" in m:
+        short = next((r for r in rows if r["length"] == m["pca_shortest_within_0.5"]), rows[-1])
+        saturated = (f" Precision@1 is saturated ({rows[-1]['precision_at_1']:.4f}): judge the "
+                     f"length by MAP@R, {short['map_at_r']:.4f} there against {full_map:.4f}."
+                     if rows[-1].get("precision_at_1", 0) >= 0.995 and short is not rows[-1]
+                     and (full_map := rows[-1].get("map_at_r")) is not None else "")  # fmt: skip
         lines += [
             f"The shortest length within 0.5 points of full-length precision@1: "
-            f"{m['pca_shortest_within_0.5']} (full length {rows[-1]['length']}).",
+            f"{m['pca_shortest_within_0.5']} (full length {rows[-1]['length']}).{saturated}",
             "",
         ]
     full = rows[-1]

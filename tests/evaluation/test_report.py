@@ -377,6 +377,17 @@ def test_a_perfect_precision_is_not_given_a_standard_error_of_zero() -> None:
     assert "standard error is about 0.0300" in usual  # sqrt(0.9 * 0.1 / 100)
 
 
+def test_a_saturated_precision_points_the_pca_length_to_map_at_r() -> None:
+    rows = {"8": {"length": 8, "pca": True, "precision_at_1": 1.0, "map_at_r": 0.919},
+            "512": {"length": 512, "pca": False, "precision_at_1": 1.0, "map_at_r": 0.977}}
+    text = markdown.pca_section({"pca": rows, "pca_shortest_within_0.5": 8})
+    assert ("full-length precision@1: 8 (full length 512). Precision@1 is saturated (1.0000): "
+            "judge the length by MAP@R, 0.9190 there against 0.9770.") in "\n".join(text)
+    rows["512"]["precision_at_1"] = rows["8"]["precision_at_1"] = 0.9
+    assert "saturated" not in "\n".join(markdown.pca_section({"pca": rows,
+                                                              "pca_shortest_within_0.5": 8}))
+
+
 def test_an_eer_on_few_classes_is_flagged_as_coarse() -> None:
     ver = {"num_pairs": 2000, "num_impostor": 1000, "eer": 0.08, "roc_auc": 0.97}
     five = {f"p{i}": {"num_queries": 19} for i in range(5)}
