@@ -123,12 +123,8 @@ def _check_spec(value: Any, key: str) -> Spec:
 
 
 def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    """`cls` from `data`, whose keys `from_dict` has checked (`_unknown_keys`)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(names)}")
     values = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**values)
 
@@ -138,30 +134,41 @@ def from_dict(data: dict, source: str = "<dict>", overrides: list[str] | None = 
     that wrote the key at fault (all of them when none names it) and the key. Several unknown
     keys are named at once, each with its closest valid key, so typos are fixed in one go."""
     try:
-        unknown = _unknown_keys(Config, data or {}, "")
-        if len(unknown) > 1:
-            raise ConfigError("unknown keys " + ", ".join(unknown))
+        _check_keys(_unknown_keys(Config, data or {}, ""))
         return validate(_from_dict(Config, data or {}, ""))
     except ConfigError as e:
         raise ConfigError(f"{with_sets(source, overrides, e)}: {e}") from None
 
 
-def _unknown_keys(cls: type, data: Any, prefix: str) -> list[str]:
-    """Every key of `data` that `cls` (a config dataclass) lacks, nested sections included,
-    as "'dotted.key' (did you mean 'close_key'?)"."""
+def _unknown_keys(cls: type, data: Any, prefix: str) -> list[tuple[str, list[str]]]:
+    """Every key of `data` that `cls` (a config dataclass) lacks, nested sections included:
+    (dotted key, the valid keys of its section)."""
     if not isinstance(data, dict):
-        return []
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+        return []  # not a section: `_coerce` says so
+    names = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
     out = []
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in fields:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
-            out.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        if k not in names:
+            out.append((key, names))
         elif dataclasses.is_dataclass(hints[k]):
             out += _unknown_keys(hints[k], v, key)
     return out
+
+
+def _check_keys(unknown: list[tuple[str, list[str]]]) -> None:
+    """One unknown key with its section's valid keys; several at once, each with its closest
+    valid key, so that typos are fixed in one go."""
+    if len(unknown) == 1:
+        key, names = unknown[0]
+        raise ConfigError(f"unknown key '{key}'; valid keys here: {', '.join(names)}")
+    if unknown:
+        guesses = [(key, difflib.get_close_matches(key.rpartition(".")[2], names, n=1))
+                   for key, names in unknown]  # fmt: skip
+        raise ConfigError("unknown keys " + ", ".join(
+            f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+            for key, close in guesses))  # fmt: skip
 
 
 def with_sets(source: str, overrides: list[str] | None, error: ConfigError) -> str:
