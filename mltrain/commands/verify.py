@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mltrain.retrieval.verify import calibration_note, check_pair_paths, verify_pair
 
     check_pair_paths(args.a, args.b)  # a mistyped path fails before the bundle is read
-    r = verify_pair(load_bundle(args.bundle), args.a, args.b, args.far, checked=True)
+    r = verify_pair(load_bundle(args.bundle), args.a, args.b, args.far)
     if note := calibration_note(r):
         print(f"note: {note}", file=sys.stderr)
     print(

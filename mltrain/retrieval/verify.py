@@ -111,13 +111,12 @@ def calibration_note(cal: dict[str, Any]) -> str | None:
 
 
 def check_pair_paths(*paths: str | Path) -> None:
-    """A missing image, a folder or a file that is no image stops verification with one line,
-    before any model is built (a decode at a reduced scale: cheap next to the model)."""
+    """A missing image or a folder stops verification with one line, before the bundle is
+    read (a stat each: cheap enough to check again in `verify_pair`)."""
     for path in paths:
         problem = query_problem(Path(path))
         if problem:
             raise DataError(f"image {path} {problem}")
-        load_image(path, 64, "pass an image file (JPEG, PNG, ...)")
 
 
 def pair_verdict(emb: np.ndarray, metric: str, cal: dict[str, Any]) -> tuple[float, bool]:
@@ -127,16 +126,16 @@ def pair_verdict(emb: np.ndarray, metric: str, cal: dict[str, Any]) -> tuple[flo
     return score, score >= float(cal["threshold"])
 
 
-def verify_pair(bundle: Any, a: str | Path, b: str | Path, far: float = DEFAULT_FAR,
-                checked: bool = False) -> dict:  # fmt: skip
+def verify_pair(bundle: Any, a: str | Path, b: str | Path, far: float = DEFAULT_FAR) -> dict:
     """Similarity of images `a` and `b` under the bundle's model and metric, against its
-    threshold at `far`: {'similarity', 'threshold', 'same', ...calibration}. `checked`: the
-    caller already ran `check_pair_paths` on them."""
+    threshold at `far`: {'similarity', 'threshold', 'same', ...calibration}. A file that is
+    no image is refused before the model is built (a decode at a reduced scale)."""
     from mltrain.retrieval.bundle_model import bundle_embedder  # the model: only when used
 
     cal = threshold_for(bundle.manifest, far)  # before the model is built
-    if not checked:
-        check_pair_paths(a, b)
+    check_pair_paths(a, b)
+    for path in (a, b):
+        load_image(path, 64, "pass an image file (JPEG, PNG, ...)")
     emb = bundle_embedder(bundle).embed([Path(a), Path(b)], desc="embedding the pair")
     score, same = pair_verdict(emb, bundle.metric, cal)
     return {**cal, "similarity": score, "same": same}
